@@ -1,0 +1,129 @@
+"""The ``spannorm`` command: argument parsing, one-line errors, exit codes. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .config import ConfigError, SpannormError, coerce_enum
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2, no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _config_args(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--config", default=default,
+                   help="a YAML file or a preset name (tiny, small)" + (f"; default {default}" if default else ""))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set model.scheme=post (repeatable)")
+    p.add_argument("--corpus", help="a text file or directory to train on instead of the default corpus "
+                                    "(same as --set data.corpus=PATH)")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="spannorm", description="Train and compare normalization schemes for deep Transformers.")
+    parser.add_argument("--version", action="version", version=f"spannorm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    data = sub.add_parser("data", help="corpus and tokenizer tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
+    prep = data_sub.add_parser("prepare", help="fetch the corpus and tokenize it into memmaps (cached)")
+    _config_args(prep, "tiny")
+
+    tr = sub.add_parser("train", help="train one model")
+    _config_args(tr, None)
+    tr.add_argument("--out", type=Path, help="run directory (default runs/<config>-<scheme>-<time>)")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    cmp_ = sub.add_parser("compare", help="train several schemes and compare them (the main job)")
+    _config_args(cmp_, "small")
+    cmp_.add_argument("--schemes", default="pre,post,span", help="comma-separated schemes (default pre,post,span)")
+    cmp_.add_argument("--out", type=Path, default=Path("runs/compare"), help="output directory (default runs/compare)")
+    cmp_.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def _load(args):
+    from .train import load_config
+
+    overrides = list(args.overrides) + ([f"data.corpus={args.corpus}"] if args.corpus else [])
+    return load_config(args.config, overrides)
+
+
+def cmd_data_prepare(args) -> None:
+    import json
+
+    from .data import prepare
+
+    path = prepare(_load(args).data)
+    meta = json.loads((path / "meta.json").read_text())
+    print(f"{meta['corpus']}: {len(meta['train_documents'])} train / {len(meta['val_documents'])} val documents "
+          f"(split by {meta['split']}), {meta['train_tokens']:,} / {meta['val_tokens']:,} tokens, "
+          f"{meta['tokenizer']} vocab {meta['vocab_size']} -> {path}")
+
+
+def cmd_train(args) -> None:
+    from .train import load_run, train
+
+    if args.resume:
+        if args.out is None:
+            raise ConfigError("--resume needs --out RUN_DIR, the run to continue")
+        if args.config or args.overrides or args.corpus:
+            raise ConfigError("--resume uses the run's saved config.yaml: drop --config, --set and --corpus")
+        cfg = load_run(args.out)
+        out = args.out
+    else:
+        if not args.config:
+            raise ConfigError("--config is required: a YAML file or a preset name (tiny, small)")
+        cfg = _load(args)
+        out = args.out or Path("runs") / f"{Path(args.config).stem}-{cfg.model.scheme.value}-{time.strftime('%Y%m%d-%H%M%S')}"
+    summary = train(cfg, out, resume=args.resume, progress=not args.quiet)
+    val = summary["final_val_loss"]
+    print(f"{summary['scheme']}: {summary['steps']} steps, final val loss "
+          f"{'—' if val is None else f'{val:.4f}'}, diverged {'yes' if summary['diverged'] else 'no'}, "
+          f"{summary['tokens_per_s'] or 0:,.0f} tokens/s -> {out}")
+
+
+def cmd_compare(args) -> None:
+    from .compare import compare, table
+    from .schemes import Scheme
+
+    schemes = [coerce_enum(Scheme, "--schemes", s.strip()) for s in args.schemes.split(",") if s.strip()]
+    if not schemes:
+        raise ConfigError(f"--schemes {args.schemes!r} is invalid: expected a comma-separated list of "
+                          + ", ".join(s.value for s in Scheme))
+    base = _load(args)
+    command = "spannorm " + " ".join(shlex.quote(a) for a in args.argv)
+    summaries = compare(base, schemes, args.out, command, progress=not args.quiet)
+    print()
+    print(table(summaries))
+    print(f"\nreport: {args.out / 'report.md'}  plot: {args.out / 'loss_curves.png'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    handler = {"data": cmd_data_prepare, "train": cmd_train, "compare": cmd_compare}[args.command]
+    try:
+        handler(args)
+    except SpannormError as e:
+        print(f"spannorm: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spannorm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Configuration plumbing: user-facing errors, enum/field coercion, YAML presets, ``--set`` overrides.
+
+Every config is a dataclass whose fields carry a comment. Values are validated once, at the
+edge: an invalid value raises :class:`ConfigError` naming the field, the value and what is
+valid. Unknown keys are errors that list the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class SpannormError(Exception):
+    """An error caused by user input; the CLI prints it on one line and exits with code 2."""
+
+
+class ConfigError(SpannormError, ValueError):
+    """An invalid configuration value."""
+
+
+def invalid(field: str, value: Any, valid: str) -> ConfigError:
+    return ConfigError(f"{field}={value!r} is invalid: expected {valid}")
+
+
+def require(ok: bool, field: str, value: Any, valid: str) -> None:
+    """Raise a ConfigError naming ``field`` and ``value`` unless ``ok``."""
+    if not ok:
+        raise invalid(field, value, valid)
+
+
+def coerce_enum(enum_cls: type[enum.Enum], field: str, value: Any) -> enum.Enum:
+    """Turn a string (or enum member) into a member of ``enum_cls``; never fall back silently."""
+    if isinstance(value, enum_cls):
+        return value
+    names = [m.value for m in enum_cls]
+    if isinstance(value, str) and value in names:
+        return enum_cls(value)
+    raise invalid(field, value, "one of " + ", ".join(names))
+
+
+def _coerce(tp: Any, field: str, value: Any) -> Any:
+    """Check/convert one YAML value against a dataclass field type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], field, value)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return coerce_enum(tp, field, value)
+    if tp is bool:
+        require(isinstance(value, bool), field, value, "true or false")
+        return value
+    if tp is int:
+        require(isinstance(value, int) and not isinstance(value, bool), field, value, "an integer")
+        return value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        require(ok, field, value, "a number")
+        return float(value)
+    if tp is str:
+        require(isinstance(value, str), field, value, "a string")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {field}")  # a bug, not user input
+
+
+def from_dict(cls: type, data: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking keys and value types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise invalid(prefix, data, "a mapping of " + ", ".join(f.name for f in dataclasses.fields(cls)))
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"unknown key {prefix}.{key}; valid keys: " + ", ".join(f"{prefix}.{n}" for n in names))
+    kwargs = {}
+    for key, value in data.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, f"{prefix}.{key}")
+        else:
+            kwargs[key] = _coerce(tp, f"{prefix}.{key}", value)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass as plain YAML-safe data (enums become their string values)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    return obj
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` strings to a nested dict; values are parsed as YAML scalars."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r} is invalid: expected KEY=VALUE, e.g. model.scheme=span")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r} is invalid: {part} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: Path) -> dict:
+    """Read a YAML mapping, with one-line errors for a missing or malformed file."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
+    return data

@@ -1,0 +1,113 @@
+"""The decoder-only language model: embedding → scheme entry → blocks → scheme exit → head."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import coerce_enum, require
+from .nn import NormType, Role, make_norm, rope_cache
+from .schemes import SCHEMES, InitMode, Scheme, SpanScale, shared_init
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256  # number of token ids (256 for the byte tokenizer)
+    d_model: int = 128  # width of the residual stream
+    n_layers: int = 6  # number of transformer blocks L
+    n_heads: int = 4  # attention heads; must divide d_model, head size must be even (RoPE)
+    d_ff: int | None = None  # SwiGLU hidden width; None: 8/3·d_model rounded up to a multiple of 32
+    scheme: Scheme = Scheme.SPAN  # normalization placement: pre, post or span
+    norm: NormType = NormType.RMS  # norm type N: rms or layer
+    norm_eps: float = 1e-6  # epsilon inside every norm
+    final_norm: bool | None = None  # norm before the LM head; None: the scheme's default
+    tie_embeddings: bool = True  # share the token embedding with the LM head
+    rope_theta: float = 10000.0  # rotary embedding base
+    init: InitMode = InitMode.RECOMMENDED  # recommended (each scheme's own rule) or shared
+    init_std: float = 0.02  # base std of the init rules
+    span_scale: SpanScale = SpanScale.INIT  # SpanNorm scaling strategy: init, multiplier or none
+    span_c: float = 1.0  # SpanNorm's c: target branch variance c/L
+
+    def __post_init__(self):
+        self.scheme = coerce_enum(Scheme, "model.scheme", self.scheme)
+        self.norm = coerce_enum(NormType, "model.norm", self.norm)
+        self.init = coerce_enum(InitMode, "model.init", self.init)
+        self.span_scale = coerce_enum(SpanScale, "model.span_scale", self.span_scale)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                    f"model.{name}", value, "a positive integer")
+        require(self.d_model % self.n_heads == 0, "model.d_model", self.d_model,
+                f"a multiple of model.n_heads={self.n_heads}")
+        require((self.d_model // self.n_heads) % 2 == 0, "model.n_heads", self.n_heads,
+                f"a divisor of d_model={self.d_model} that leaves an even head size (RoPE)")
+        require(self.d_ff is None or (isinstance(self.d_ff, int) and self.d_ff > 0), "model.d_ff", self.d_ff,
+                "a positive integer or null")
+        for name in ("norm_eps", "init_std", "span_c", "rope_theta"):
+            value = getattr(self, name)
+            require(isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
+                    f"model.{name}", value, "a positive number")
+
+    @property
+    def ffn_dim(self) -> int:
+        """The SwiGLU hidden width actually used."""
+        return self.d_ff if self.d_ff is not None else 32 * math.ceil(8 * self.d_model / 3 / 32)
+
+    @property
+    def use_final_norm(self) -> bool:
+        return SCHEMES[self.scheme].final_norm if self.final_norm is None else self.final_norm
+
+
+class LM(nn.Module):
+    """Causal language model; ``forward(idx, targets=None) -> (logits, loss)``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        block = SCHEMES[cfg.scheme]
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed.role = Role.EMBED
+        self.embed_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps) if block.embed_norm else nn.Identity()
+        self.blocks = nn.ModuleList(block(cfg, layer) for layer in range(cfg.n_layers))
+        self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps) if cfg.use_final_norm else nn.Identity()
+        self.head = None
+        if not cfg.tie_embeddings:
+            self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            self.head.role = Role.HEAD
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Apply the init rule: a std per weight role, norms to gain 1 (and bias 0)."""
+        cfg = self.cfg
+        stds = SCHEMES[cfg.scheme].init_stds(cfg) if cfg.init is InitMode.RECOMMENDED else shared_init(cfg)
+        for module in self.modules():
+            role = getattr(module, "role", None)
+            if isinstance(role, tuple):  # fused weight: one role per equal row block
+                for rows, r in zip(module.weight.data.chunk(len(role)), role):
+                    nn.init.normal_(rows, std=stds[r])
+            elif role is not None:
+                nn.init.normal_(module.weight, std=stds[role])
+            elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
+                module.reset_parameters()
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        T = idx.shape[1]
+        rope = rope_cache(T, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta, idx.device)
+        x = self.embed_norm(self.embed(idx))
+        for block in self.blocks:
+            x = block(x, rope)
+        x = self.final_norm(x)
+        logits = F.linear(x, self.embed.weight) if self.head is None else self.head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+
+def build_model(cfg: ModelConfig) -> LM:
+    """Build and initialize a model; ``cfg`` was validated when it was constructed."""
+    return LM(cfg)

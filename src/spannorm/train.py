@@ -1,0 +1,332 @@
+"""Training: run config, AdamW with warmup + cosine, checkpoints, resume, metrics.
+
+A run is a directory::
+
+    config.yaml         the resolved config (what --resume reloads)
+    metrics.jsonl       one row per log step: step, loss, val_loss, lr, grad_norm, tokens_per_s
+    summary.json        written when the run ends: final validation loss, diverged, tokens/s
+    checkpoints/latest  name of the newest complete checkpoint directory
+    checkpoints/step-N/ model.safetensors, state.pt (optimizer, RNG, step), manifest.json (sha256)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_model, save_model
+
+from .config import ConfigError, SpannormError, apply_overrides, coerce_enum, from_dict, read_yaml, require, to_dict
+from .data import DataConfig, TokenData, prepare
+from .io import atomic_dir, atomic_write_text
+from .model import LM, ModelConfig, build_model
+
+
+class Precision(str, enum.Enum):
+    """Numeric precision of the forward/backward pass (weights and optimizer stay fp32)."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"  # bf16 autocast (fast on CPUs with AMX)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1337  # seeds the init and the data order
+    batch_size: int = 16  # sequences per step
+    seq_len: int = 128  # tokens per sequence
+    max_steps: int = 500  # optimizer steps in the run
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr (cosine decay)
+    warmup_steps: int = 50  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, on weight matrices only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global gradient norm to this value; 0 disables
+    precision: Precision = Precision.FP32  # fp32 or bf16 (autocast)
+    log_interval: int = 10  # steps between metrics rows
+    eval_interval: int = 100  # steps between validation passes (and one at the end)
+    eval_batches: int = 8  # validation batches per pass
+    ckpt_interval: int = 100  # steps between checkpoints (and one at the end)
+    threads: int | None = None  # torch intra-op threads; None: torch's default
+
+    def __post_init__(self):
+        self.precision = coerce_enum(Precision, "train.precision", self.precision)
+        for name in ("batch_size", "seq_len", "max_steps", "log_interval", "eval_interval", "eval_batches",
+                     "ckpt_interval"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value > 0, f"train.{name}", value, "a positive integer")
+        require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "train.warmup_steps",
+                self.warmup_steps, "an integer >= 0")
+        require(math.isfinite(self.lr) and self.lr > 0, "train.lr", self.lr, "a positive number")
+        require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+        require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
+        require(0 <= self.beta1 < 1, "train.beta1", self.beta1, "a number in [0, 1)")
+        require(0 <= self.beta2 < 1, "train.beta2", self.beta2, "a number in [0, 1)")
+        require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "a number >= 0 (0 disables clipping)")
+        require(self.threads is None or self.threads > 0, "train.threads", self.threads, "a positive integer or null")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)  # the model (vocab_size comes from data)
+    data: DataConfig = field(default_factory=DataConfig)  # corpus and tokenizer
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimization and bookkeeping
+
+
+PRESETS = resources.files("spannorm") / "configs"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in PRESETS.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_config_path(name: str) -> Path:
+    """A YAML path, or the name of a preset shipped in spannorm/configs/."""
+    path = Path(name)
+    if path.is_file() or path.suffix in (".yaml", ".yml"):
+        return path
+    if name in preset_names():
+        return Path(str(PRESETS / f"{name}.yaml"))
+    raise ConfigError(f"--config {name!r} is neither a YAML file nor a preset; presets: " + ", ".join(preset_names()))
+
+
+def run_config_from_dict(data: dict) -> RunConfig:
+    """Validate a nested dict into a RunConfig; model.vocab_size is derived from the tokenizer."""
+    sections = ("model", "data", "train")
+    for key in data:
+        if key not in sections:
+            raise ConfigError(f"unknown key {key}; valid top-level keys: " + ", ".join(sections))
+    data_cfg = from_dict(DataConfig, data.get("data"), "data")
+    model = data.get("model") or {}
+    if isinstance(model, dict):  # (a non-mapping is reported by from_dict)
+        model = dict(model)
+        vocab = model.get("vocab_size", data_cfg.model_vocab_size)
+        require(vocab == data_cfg.model_vocab_size, "model.vocab_size", vocab,
+                f"{data_cfg.model_vocab_size}, the tokenizer's vocabulary (set data.tokenizer/data.vocab_size)")
+        model["vocab_size"] = data_cfg.model_vocab_size
+    return RunConfig(model=from_dict(ModelConfig, model, "model"), data=data_cfg,
+                     train=from_dict(TrainConfig, data.get("train"), "train"))
+
+
+def load_config(config: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Load a preset or YAML file and apply ``section.key=value`` overrides."""
+    return run_config_from_dict(apply_overrides(read_yaml(resolve_config_path(str(config))), list(overrides)))
+
+
+def load_run(run_dir: Path) -> RunConfig:
+    """The resolved config saved in a run directory."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--out {str(run_dir)!r} holds no run to resume (no config.yaml)")
+    return run_config_from_dict(read_yaml(path))
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Learning rate of update ``step`` (0-based): linear warmup, then cosine to lr·min_lr_ratio."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+    low = t.lr * t.min_lr_ratio
+    return low + 0.5 * (t.lr - low) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: LM, t: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
+
+
+def autocast(t: TrainConfig):
+    if t.precision is Precision.BF16:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: LM, data: TokenData, t: TrainConfig) -> float:
+    model.eval()
+    losses = []
+    for x, y in data.val_batches(t.batch_size, t.eval_batches):
+        with autocast(t):
+            losses.append(model(x, y)[1].item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_checkpoint(run_dir: Path, step: int, model: LM, opt: torch.optim.Optimizer, gen: torch.Generator):
+    ckpts = run_dir / "checkpoints"
+    name = f"step-{step:07d}"
+    if (ckpts / name).exists():
+        shutil.rmtree(ckpts / name)
+    with atomic_dir(ckpts / name) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))
+        state = {"step": step, "optimizer": opt.state_dict(), "data_rng": gen.get_state(),
+                 "torch_rng": torch.get_rng_state()}
+        torch.save(state, tmp / "state.pt")
+        manifest = {f: _digest(tmp / f) for f in ("model.safetensors", "state.pt")}
+        atomic_write_text(tmp / "manifest.json", json.dumps(manifest))
+    atomic_write_text(ckpts / "latest", name)
+    for old in ckpts.glob("step-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(run_dir: Path, model: LM, opt: torch.optim.Optimizer, gen: torch.Generator) -> int:
+    """Restore the newest checkpoint; returns its step (0 if the run has none yet)."""
+    latest = run_dir / "checkpoints" / "latest"
+    if not latest.is_file():
+        return 0
+    ckpt = run_dir / "checkpoints" / latest.read_text().strip()
+    bad = f"checkpoint {str(ckpt)!r} is corrupt or truncated"
+    try:
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        raise SpannormError(f"{bad}: cannot read manifest.json ({type(e).__name__})") from None
+    for fname, digest in manifest.items():
+        if not (ckpt / fname).is_file() or _digest(ckpt / fname) != digest:
+            raise SpannormError(f"{bad}: {fname} is missing or does not match its sha256")
+    try:
+        missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
+        state = torch.load(ckpt / "state.pt", weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
+    except Exception as e:  # any failure here means the files do not fit this run
+        raise SpannormError(f"{bad} or does not match the run's config: {str(e).splitlines()[0]}") from None
+    if missing or unexpected:
+        raise SpannormError(f"{bad} or does not match the run's config: missing {missing}, unexpected {unexpected}")
+    return int(state["step"])
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def is_diverged(rows: list[dict]) -> bool:
+    """A run diverged if a loss became non-finite or the last training loss is not below the first."""
+    losses = [r["loss"] for r in rows]
+    if not losses:
+        return False
+    return not all(math.isfinite(x) for x in losses) or losses[-1] >= losses[0]
+
+
+def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool = True,
+          stop_after: int | None = None) -> dict:
+    """Train (or with ``resume`` continue) the run in ``run_dir``; returns the summary.
+
+    ``stop_after`` ends the session after that many total steps without finishing the run,
+    as if it had been killed right after a checkpoint (used by tests).
+    """
+    run_dir = Path(run_dir)
+    t = cfg.train
+    if not resume and (run_dir / "config.yaml").exists():
+        raise ConfigError(f"--out {str(run_dir)!r} already holds a run: pass --resume to continue it "
+                          "or choose another --out")
+    dataset = TokenData(prepare(cfg.data), t.seq_len)  # validates before any file is written
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model)
+    opt = make_optimizer(model, t)
+    gen = torch.Generator().manual_seed(t.seed)
+    step = 0
+    if resume:
+        step = load_checkpoint(run_dir, model, opt, gen)
+        rows = [r for r in read_metrics(run_dir) if r["step"] <= step]
+        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        (run_dir / "summary.json").unlink(missing_ok=True)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        atomic_write_text(run_dir / "metrics.jsonl", "")
+
+    start_step, tokens_per_step = step, t.batch_size * t.seq_len
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.max_steps, initial=step, desc=f"{cfg.model.scheme.value}", unit="step",
+                   dynamic_ncols=True, leave=False)
+    metrics = open(run_dir / "metrics.jsonl", "a")
+    train_time, window_time, window_tokens = 0.0, 0.0, 0
+    last_val, diverged = None, False
+    model.train()
+    try:
+        while step < t.max_steps and (stop_after is None or step < stop_after):
+            t0 = time.perf_counter()
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, t)
+            x, y = dataset.sample(gen, t.batch_size)
+            with autocast(t):
+                _, loss = model(x, y)
+            loss.backward()
+            clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            loss_value = loss.item()
+            dt = time.perf_counter() - t0
+            train_time += dt
+            window_time += dt
+            window_tokens += tokens_per_step
+            finite = math.isfinite(loss_value)
+            done = step == t.max_steps or not finite
+            val = evaluate(model, dataset, t) if step % t.eval_interval == 0 or (done and finite) else None
+            last_val = val if val is not None else last_val
+            if step % t.log_interval == 0 or done or val is not None:
+                row = {"step": step, "loss": loss_value, "val_loss": val, "lr": lr_at(step - 1, t),
+                       "grad_norm": grad_norm,
+                       "tokens_per_s": window_tokens / window_time}
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                window_time, window_tokens = 0.0, 0
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
+            if not finite:
+                diverged = True
+                break
+            if step % t.ckpt_interval == 0 or step == t.max_steps:
+                save_checkpoint(run_dir, step, model, opt, gen)
+    finally:
+        metrics.close()
+        if bar is not None:
+            bar.close()
+    if step < t.max_steps and not diverged:
+        return {"step": step, "finished": False}
+    rows = read_metrics(run_dir)
+    summary = {
+        "scheme": cfg.model.scheme.value,
+        "steps": step,
+        "finished": True,
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "final_val_loss": last_val if not diverged else None,
+        "diverged": diverged or is_diverged(rows),
+        "tokens_per_s": ((step - start_step) * tokens_per_step / train_time) if train_time else None,
+        "n_params": sum(p.numel() for p in model.parameters()),
+    }
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+    return summary

@@ -1,0 +1,35 @@
+import random
+
+import pytest
+
+WORDS = ("the king and queen of england went to war with france for love of honour and gold "
+         "while the fool sang songs of night and day to every lord and lady in the hall").split()
+
+
+def write_corpus(root, n_docs=6, words_per_doc=3000, seed=0):
+    """A small deterministic multi-document corpus of pseudo-English."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        lines = []
+        for _ in range(words_per_doc // 10):
+            lines.append(" ".join(rng.choice(WORDS) for _ in range(10)).capitalize() + ".")
+        (root / f"doc{i:02d}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test uses a private cache, never ~/.cache/spannorm."""
+    monkeypatch.setenv("SPANNORM_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture
+def tiny_overrides(corpus):
+    """--set overrides that make the tiny preset train on the local test corpus."""
+    return [f"data.corpus={corpus}"]

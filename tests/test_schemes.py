@@ -1,0 +1,173 @@
+"""Each scheme's forward against a direct transcription of its equations (tests/reference.py)."""
+
+import math
+
+import pytest
+import torch
+
+from spannorm import ModelConfig, build_model
+from spannorm.nn import Role, rope_cache
+
+import reference
+
+SCHEMES = ["pre", "post", "span"]
+# The model is float64 but its RoPE tables are float32 (as in every LM), hence 1e-6, not 1e-12;
+# a wrong equation is off by O(1).
+TOL = dict(rtol=1e-6, atol=1e-6)
+
+
+def tiny(scheme, **kw):
+    base = dict(vocab_size=50, d_model=16, n_layers=3, n_heads=2, scheme=scheme)
+    return ModelConfig(**(base | kw))
+
+
+def randomized(cfg, seed=0):
+    """A float64 model whose norm gains/biases are random too, so they cannot hide in the test."""
+    torch.manual_seed(seed)
+    model = build_model(cfg).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_block_matches_equation(scheme, norm):
+    cfg = tiny(scheme, norm=norm)
+    model = randomized(cfg)
+    x = torch.randn(2, 5, cfg.d_model, dtype=torch.float64) * 3
+    block = model.blocks[1]
+    rope = rope_cache(5, cfg.d_model // cfg.n_heads, cfg.rope_theta)
+    got = block(x, tuple(t.double() for t in rope))
+    want = reference.BLOCKS[scheme](x, block, cfg)
+    torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("span_scale", ["init", "multiplier", "none"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_model_logits_match_equation(scheme, span_scale):
+    cfg = tiny(scheme, span_scale=span_scale, span_c=2.0)
+    model = randomized(cfg, seed=1)
+    idx = torch.randint(0, cfg.vocab_size, (2, 6))
+    logits, loss = model(idx, idx)
+    want = reference.lm_logits(idx, model, cfg)
+    torch.testing.assert_close(logits, want, **TOL)
+    ce = torch.nn.functional.cross_entropy(want.reshape(-1, cfg.vocab_size), idx.reshape(-1))
+    torch.testing.assert_close(loss, ce.float(), rtol=1e-6, atol=1e-6)
+
+
+def test_span_multiplier_is_applied():
+    cfg = tiny("span", span_scale="multiplier", span_c=2.0, n_layers=8)
+    assert cfg.n_layers == 8
+    model = build_model(cfg)
+    assert all(b.s == pytest.approx(math.sqrt(2.0 / 8)) for b in model.blocks)
+    assert all(isinstance(b.s, float) for b in model.blocks)  # a Python float, not a buffer
+    assert not any("s" == n.split(".")[-1] for n, _ in model.named_buffers())
+
+
+def _zero_ffn(block):
+    with torch.no_grad():
+        block.ffn.down.weight.zero_()
+
+
+def test_span_skip_goes_from_block_input_to_final_sum():
+    """With the FFN branch silenced, x' = N_2(x) whatever N_1 and the attention do: the skip
+    carries the block input itself to the final sum and never passes through N_1."""
+    cfg = tiny("span")
+    model = randomized(cfg)
+    block = model.blocks[0]
+    _zero_ffn(block)
+    x = torch.randn(2, 5, cfg.d_model, dtype=torch.float64) * 3
+    rope = tuple(t.double() for t in rope_cache(5, cfg.d_model // cfg.n_heads, cfg.rope_theta))
+    out = block(x, rope)
+    torch.testing.assert_close(out, reference.norm(x, block.norm2, cfg.norm_eps), rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # a wild N_1 gain changes nothing on the skip path
+        block.norm1.weight.mul_(100.0)
+    torch.testing.assert_close(block(x, rope), out, rtol=1e-12, atol=1e-12)
+    # PostNorm, by contrast, routes the residual through N_1: silencing its FFN does not give N_2(x).
+    post = randomized(tiny("post")).blocks[0]
+    _zero_ffn(post)
+    assert not torch.allclose(post(x, rope), reference.norm(x, post.norm2, cfg.norm_eps))
+
+
+def test_span_gradient_reaches_input_through_skip_only():
+    """With attention and FFN silenced, dx'/dx is exactly the Jacobian of N_2 at x."""
+    cfg = tiny("span")
+    model = randomized(cfg)
+    block = model.blocks[0]
+    _zero_ffn(block)
+    rope = tuple(t.double() for t in rope_cache(1, cfg.d_model // cfg.n_heads, cfg.rope_theta))
+    x = torch.randn(1, 1, cfg.d_model, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda z: block(z, rope), x)
+    want = torch.autograd.functional.jacobian(lambda z: reference.norm(z, block.norm2, cfg.norm_eps), x)
+    torch.testing.assert_close(jac, want)
+
+
+def _ffn_branch_rms(cfg, seed=0):
+    """RMS of s·FFN(y) over all blocks, measured by forward hooks on a real forward pass."""
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    seen = []
+    hooks = [b.ffn.register_forward_hook(lambda m, i, o, b=b: seen.append((b.s * o).pow(2).mean().item()))
+             for b in model.blocks]
+    with torch.no_grad():
+        model(torch.randint(0, cfg.vocab_size, (4, 64)))
+    for h in hooks:
+        h.remove()
+    return math.sqrt(sum(seen) / len(seen))
+
+
+@pytest.mark.parametrize("c", [1.0, 4.0])
+@pytest.mark.parametrize("span_scale", ["init", "multiplier"])
+@pytest.mark.parametrize("L", [4, 16, 64])
+def test_span_branch_rms_is_sqrt_c_over_L_at_init(L, span_scale, c):
+    cfg = ModelConfig(vocab_size=256, d_model=64, n_heads=4, n_layers=L, scheme="span",
+                      span_scale=span_scale, span_c=c)
+    rms = _ffn_branch_rms(cfg)
+    assert rms == pytest.approx(math.sqrt(c / L), rel=0.1)
+
+
+@pytest.mark.parametrize("L", [4, 64])
+def test_span_without_scaling_has_unit_branch(L):
+    cfg = ModelConfig(vocab_size=256, d_model=64, n_heads=4, n_layers=L, scheme="span", span_scale="none")
+    assert _ffn_branch_rms(cfg) == pytest.approx(1.0, rel=0.1)
+
+
+@pytest.mark.parametrize("L", [2, 12])
+def test_init_rules(L):
+    """Measured weight stds follow each scheme's rule at two depths."""
+    def stds(cfg):
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        b = model.blocks[0]
+        d = cfg.d_model
+        return {Role.ATTN_QK: b.attn.qkv.weight[:2 * d].std().item(), Role.ATTN_V: b.attn.qkv.weight[2 * d:].std().item(),
+                Role.ATTN_OUT: b.attn.out.weight.std().item(), Role.FFN_UP: b.ffn.up.weight.std().item(),
+                Role.FFN_DOWN: b.ffn.down.weight.std().item(), Role.EMBED: model.embed.weight.std().item()}
+
+    d = 128
+    pre = stds(ModelConfig(d_model=d, n_layers=L, scheme="pre"))
+    assert pre[Role.ATTN_OUT] == pytest.approx(0.02 / math.sqrt(2 * L), rel=0.05)
+    assert pre[Role.FFN_DOWN] == pytest.approx(0.02 / math.sqrt(2 * L), rel=0.05)
+    assert pre[Role.FFN_UP] == pytest.approx(0.02, rel=0.05)
+    post = stds(ModelConfig(d_model=d, n_layers=L, scheme="post"))
+    assert all(v == pytest.approx(0.02, rel=0.05) for v in post.values())
+    span = stds(ModelConfig(d_model=d, n_layers=L, scheme="span"))
+    assert span[Role.ATTN_QK] == pytest.approx(d ** -0.5, rel=0.05)
+    # attention out: RMS d·σ_v·σ_out = sqrt(1/L) for an identity mixing
+    assert span[Role.ATTN_OUT] == pytest.approx(math.sqrt(1 / L) / (d * d ** -0.5), rel=0.05)
+    shared = stds(ModelConfig(d_model=d, n_layers=L, scheme="span", init="shared"))
+    assert all(v == pytest.approx(0.02, rel=0.05) for v in shared.values())
+
+
+def test_final_norm_and_head_options():
+    cfg = tiny("span", final_norm=True, tie_embeddings=False)
+    model = build_model(cfg)
+    assert isinstance(model.final_norm, torch.nn.RMSNorm)
+    assert model.head is not None and model.head.weight is not model.embed.weight
+    assert isinstance(build_model(tiny("pre")).final_norm, torch.nn.RMSNorm)
+    assert isinstance(build_model(tiny("post")).final_norm, torch.nn.Identity)
+    assert isinstance(build_model(tiny("pre", final_norm=False)).final_norm, torch.nn.Identity)
+    assert isinstance(build_model(tiny("pre", norm="layer")).final_norm, torch.nn.LayerNorm)
