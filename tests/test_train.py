@@ -1,0 +1,103 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from spannorm.train import TrainConfig, load_config, load_run, lr_at, read_metrics, train
+
+
+def tiny(corpus, *more):
+    return load_config("tiny", [f"data.corpus={corpus}", *more])
+
+
+def losses(run_dir):
+    return [(r["step"], r["loss"], r["val_loss"]) for r in read_metrics(run_dir)]
+
+
+@pytest.mark.parametrize("scheme", ["pre", "post", "span"])
+def test_tiny_preset_trains(corpus, tmp_path, scheme):
+    cfg = tiny(corpus, f"model.scheme={scheme}")
+    summary = train(cfg, tmp_path / "run", progress=False)
+    rows = read_metrics(tmp_path / "run")
+    assert set(rows[0]) == {"step", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s"}
+    assert [r["step"] for r in rows] == list(range(5, 41, 5))
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
+    assert summary["finished"] and not summary["diverged"] and summary["final_val_loss"] == rows[-1]["val_loss"]
+    assert load_run(tmp_path / "run") == cfg  # the resolved config round-trips
+    assert (tmp_path / "run" / "checkpoints" / "step-0000040" / "model.safetensors").is_file()
+
+
+def test_bf16_autocast_trains(corpus, tmp_path):
+    summary = train(tiny(corpus, "train.precision=bf16"), tmp_path / "run", progress=False)
+    assert not summary["diverged"] and math.isfinite(summary["final_val_loss"])
+
+
+def test_resume_reproduces_uninterrupted_run(corpus, tmp_path):
+    cfg = tiny(corpus, "train.ckpt_interval=10")
+    train(cfg, tmp_path / "full", progress=False)
+    # killed at step 25: the last checkpoint is step 20, steps 21-25 are redone after resume
+    partial = train(cfg, tmp_path / "cut", progress=False, stop_after=25)
+    assert partial == {"step": 25, "finished": False}
+    assert max(r["step"] for r in read_metrics(tmp_path / "cut")) == 25
+    train(cfg, tmp_path / "cut", resume=True, progress=False)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")  # exactly, not approximately
+
+
+def test_resume_after_sigkill(corpus, tmp_path):
+    """A real kill -9 of the CLI mid-run, then `spannorm train --resume`: identical losses."""
+    sets = ["--set", f"data.corpus={corpus}", "--set", "train.max_steps=300", "--set", "train.ckpt_interval=5",
+            "--set", "train.log_interval=5", "--set", "train.eval_interval=100"]
+    cli = [sys.executable, "-m", "spannorm.cli", "train", "--config", "tiny", "--quiet", *sets]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    subprocess.run([*cli, "--out", str(tmp_path / "full")], check=True, env=env, capture_output=True)
+    proc = subprocess.Popen([*cli, "--out", str(tmp_path / "cut")], env=env)
+    latest = tmp_path / "cut" / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (latest.is_file() and latest.read_text() >= "step-0000030"):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut" / "summary.json").exists(), "the run finished before it could be killed"
+    res = subprocess.run([sys.executable, "-m", "spannorm.cli", "train", "--out", str(tmp_path / "cut"),
+                          "--resume", "--quiet"], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+
+
+def test_lr_schedule():
+    t = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, t) == pytest.approx(0.1) and lr_at(9, t) == pytest.approx(1.0)
+    assert lr_at(60, t) == pytest.approx(0.55)
+    assert lr_at(110, t) == pytest.approx(0.1)
+    assert all(lr_at(s, t) >= lr_at(s + 1, t) for s in range(10, 110))
+
+
+# Golden curve (torchtitan-style): the tiny preset on the test corpus, fp32, seed 1337. A change to
+# the model, init, data order or optimizer moves these numbers; update them only on purpose.
+GOLDEN = {"pre": [5.2047, 4.5716, 4.1656, 3.9872], "post": [5.3572, 4.7057, 4.1920, 4.0162],
+          "span": [5.3112, 4.7381, 4.2992, 4.1173]}
+
+
+@pytest.mark.parametrize("scheme", sorted(GOLDEN))
+def test_golden_loss_curve(corpus, tmp_path, scheme):
+    train(tiny(corpus, f"model.scheme={scheme}", "train.max_steps=20", "train.log_interval=5"),
+          tmp_path / "run", progress=False)
+    got = [r["loss"] for r in read_metrics(tmp_path / "run")]
+    assert got == pytest.approx(GOLDEN[scheme], rel=2e-3), got
+
+
+def test_train_cli_prints_summary(corpus, tmp_path, capsys):
+    from spannorm.cli import main
+
+    assert main(["train", "--config", "tiny", "--corpus", str(corpus), "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("span: 40 steps, final val loss ") and str(tmp_path / "r") in out
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert f"{summary['final_val_loss']:.4f}" in out
