@@ -46,8 +46,20 @@ def test_resume_reproduces_uninterrupted_run(corpus, tmp_path):
     partial = train(cfg, tmp_path / "cut", progress=False, stop_after=25)
     assert partial == {"step": 25, "finished": False}
     assert max(r["step"] for r in read_metrics(tmp_path / "cut")) == 25
-    train(cfg, tmp_path / "cut", resume=True, progress=False)
+    summary = train(cfg, tmp_path / "cut", resume=True, progress=False)
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")  # exactly, not approximately
+    # resuming a finished run changes nothing
+    assert train(cfg, tmp_path / "cut", resume=True, progress=False) == summary
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+
+
+def test_divergence_verdict():
+    from spannorm.train import is_diverged
+
+    assert not is_diverged([{"loss": 5.0}, {"loss": 3.0}])
+    assert not is_diverged([{"loss": 5.0}])
+    assert is_diverged([{"loss": 5.0}, {"loss": float("nan")}])
+    assert is_diverged([{"loss": 5.0}, {"loss": 5.2}])
 
 
 def test_resume_after_sigkill(corpus, tmp_path):
@@ -101,3 +113,12 @@ def test_train_cli_prints_summary(corpus, tmp_path, capsys):
     assert out.startswith("span: 40 steps, final val loss ") and str(tmp_path / "r") in out
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert f"{summary['final_val_loss']:.4f}" in out
+
+
+def test_non_finite_loss_stops_the_run(corpus, tmp_path):
+    cfg = tiny(corpus, "model.scheme=pre", "train.lr=1e6", "train.grad_clip=0", "train.warmup_steps=0",
+               "model.init_std=10")
+    summary = train(cfg, tmp_path / "run", progress=False)
+    rows = read_metrics(tmp_path / "run")
+    assert summary["diverged"] and summary["final_val_loss"] is None and summary["steps"] < 40
+    assert rows[-1]["step"] == summary["steps"] and not math.isfinite(rows[-1]["loss"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import yaml
@@ -22,10 +21,8 @@ def run_scheme(cfg: RunConfig, run_dir: Path, progress: bool) -> dict:
         if to_dict(load_run(run_dir)) != to_dict(cfg):
             raise ConfigError(f"--out {str(run_dir.parent)!r} holds a {run_dir.name!r} run with another config: "
                               "choose another --out")
-        summary = run_dir / "summary.json"
-        if summary.is_file():
-            return json.loads(summary.read_text()) | {"reused": True}
-        return train(cfg, run_dir, resume=True, progress=progress)
+        finished = (run_dir / "summary.json").is_file()
+        return train(cfg, run_dir, resume=True, progress=progress) | {"reused": finished}
     return train(cfg, run_dir, progress=progress)
 
 

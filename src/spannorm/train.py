@@ -229,7 +229,7 @@ def is_diverged(rows: list[dict]) -> bool:
     losses = [r["loss"] for r in rows]
     if not losses:
         return False
-    return not all(math.isfinite(x) for x in losses) or losses[-1] >= losses[0]
+    return not all(math.isfinite(x) for x in losses) or (len(losses) > 1 and losses[-1] >= losses[0])
 
 
 def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool = True,
@@ -244,6 +244,8 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
     if not resume and (run_dir / "config.yaml").exists():
         raise ConfigError(f"--out {str(run_dir)!r} already holds a run: pass --resume to continue it "
                           "or choose another --out")
+    if resume and (run_dir / "summary.json").is_file():  # the run already ended
+        return json.loads((run_dir / "summary.json").read_text())
     dataset = TokenData(prepare(cfg.data), t.seq_len)  # validates before any file is written
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -256,7 +258,6 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
         step = load_checkpoint(run_dir, model, opt, gen)
         rows = [r for r in read_metrics(run_dir) if r["step"] <= step]
         atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        (run_dir / "summary.json").unlink(missing_ok=True)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
