@@ -75,6 +75,7 @@ def test_checkpoint_that_does_not_fit_the_config(capsys, finished_run, tmp_path)
     shutil.copytree(finished_run, other)
     cfg = (other / "config.yaml").read_text().replace("d_model: 32", "d_model: 64")
     (other / "config.yaml").write_text(cfg)
+    (other / "summary.json").unlink()  # as if killed before the end
     run_bad(capsys, ["train", "--out", str(other), "--resume"], "does not match the run's config")
 
 
@@ -105,3 +106,10 @@ def test_console_script_error_has_no_traceback(tmp_path):
                          capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_data_prepare(capsys, corpus):
+    assert main(["data", "prepare", "--corpus", str(corpus), "--set", "data.tokenizer=bpe",
+                 "--set", "data.vocab_size=300"]) == 0
+    out = capsys.readouterr().out
+    assert "5 train / 1 val documents (split by document)" in out and "bpe vocab 300" in out

@@ -161,7 +161,7 @@ def _train_bpe(texts: list[str], vocab_size: int):
 
 def _encode(docs: list[tuple[str, str]], cfg: DataConfig, bpe) -> np.ndarray:
     if cfg.tokenizer is Tokenizer.BYTE:
-        return np.frombuffer("\n\n".join(t for _, t in docs).encode("utf-8"), dtype=np.uint8).astype(np.uint16)
+        return np.frombuffer("\n\n".join(t for _, t in docs).encode("utf-8"), dtype=np.uint8)
     eot = bpe.token_to_id(EOT)
     ids: list[int] = []
     for enc in bpe.encode_batch([t for _, t in docs]):

@@ -269,10 +269,11 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
         from tqdm import tqdm
 
         bar = tqdm(total=t.max_steps, initial=step, desc=f"{cfg.model.scheme.value}", unit="step",
-                   dynamic_ncols=True, leave=False)
+                   dynamic_ncols=True, leave=False, disable=None)  # None: off when not a terminal
     metrics = open(run_dir / "metrics.jsonl", "a")
     train_time, window_time, window_tokens = 0.0, 0.0, 0
     last_val, diverged = None, False
+    clip = t.grad_clip if t.grad_clip > 0 else float("inf")
     model.train()
     try:
         while step < t.max_steps and (stop_after is None or step < stop_after):
@@ -283,7 +284,6 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
             with autocast(t):
                 _, loss = model(x, y)
             loss.backward()
-            clip = t.grad_clip if t.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
             opt.step()
             opt.zero_grad(set_to_none=True)
