@@ -18,8 +18,14 @@ def layer_norm(x, g, b, eps):
     return (x - mu) / torch.sqrt(var + eps) * g + b
 
 
+def dyt(x, alpha, g, b):
+    return g * torch.tanh(alpha * x) + b
+
+
 def norm(x, module, eps):
-    """N(x) with the gain (and bias) taken from a norm module's parameters."""
+    """N(x) with the gain (and bias, α) taken from a norm module's parameters."""
+    if hasattr(module, "alpha"):
+        return dyt(x, module.alpha, module.weight, module.bias)
     if getattr(module, "bias", None) is not None:
         return layer_norm(x, module.weight, module.bias, eps)
     return rms_norm(x, module.weight, eps)
@@ -39,17 +45,19 @@ def rope(x, theta):
     return out
 
 
-def attention(x, w_qkv, w_out, n_heads, theta):
-    """Causal multi-head softmax attention with RoPE on queries and keys."""
+def attention(x, w_qkv, w_out, n_heads, theta, qkv_norms=None):
+    """Causal multi-head softmax attention with RoPE on queries and keys; optional per-head
+    norms on q, k, v (before RoPE)."""
     B, T, D = x.shape
     hd = D // n_heads
     wq, wk, wv = w_qkv[:D], w_qkv[D:2 * D], w_qkv[2 * D:]
     heads = []
     for h in range(n_heads):
         sl = slice(h * hd, (h + 1) * hd)
-        q = rope(x @ wq[sl].T, theta)
-        k = rope(x @ wk[sl].T, theta)
-        v = x @ wv[sl].T
+        q, k, v = x @ wq[sl].T, x @ wk[sl].T, x @ wv[sl].T
+        if qkv_norms is not None:
+            q, k, v = (nq(t) for nq, t in zip(qkv_norms, (q, k, v)))
+        q, k = rope(q, theta), rope(k, theta)
         scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
         mask = torch.ones(T, T, dtype=torch.bool).triu(1)
         scores = scores.masked_fill(mask, float("-inf"))
@@ -64,51 +72,138 @@ def swiglu(x, w_up, w_down):
 
 
 def sublayers(block, cfg):
-    """Attn and FFN of a block as functions of their input, from its raw weights."""
+    """Attn, FFN and a norm-applier N(name, x) of a block, from its raw weights."""
+    qkv = None
+    if hasattr(block.attn, "q_norm"):
+        qkv = [lambda t, m=m: norm(t, m, cfg.norm_eps) for m in (block.attn.q_norm, block.attn.k_norm, block.attn.v_norm)]
+
     def A(x):
-        return attention(x, block.attn.qkv.weight, block.attn.out.weight, cfg.n_heads, cfg.rope_theta)
+        return attention(x, block.attn.qkv.weight, block.attn.out.weight, cfg.n_heads, cfg.rope_theta, qkv)
 
     def F(x):
         return swiglu(x, block.ffn.up.weight, block.ffn.down.weight)
 
-    def N1(x):
-        return norm(x, block.norm1, cfg.norm_eps)
+    def N(name, x):
+        return norm(x, getattr(block, name), cfg.norm_eps)
 
-    def N2(x):
-        return norm(x, block.norm2, cfg.norm_eps)
-
-    return A, F, N1, N2
+    return A, F, N
 
 
-def pre_block(x, block, cfg):
-    A, F, N1, N2 = sublayers(block, cfg)
-    h = x + A(N1(x))
-    return h + F(N2(h))
+# --- the block equations of SPANNORM.md and PEERS.md; L = cfg.n_layers, l = block index from 0 ---
+
+def pre_block(x, block, cfg, l):
+    A, F, N = sublayers(block, cfg)
+    h = x + A(N("norm1", x))
+    return h + F(N("norm2", h))
 
 
-def post_block(x, block, cfg):
-    A, F, N1, N2 = sublayers(block, cfg)
-    h = N1(x + A(x))
-    return N2(h + F(h))
+def post_block(x, block, cfg, l):
+    A, F, N = sublayers(block, cfg)
+    h = N("norm1", x + A(x))
+    return N("norm2", h + F(h))
 
 
-def span_block(x, block, cfg):
-    A, F, N1, N2 = sublayers(block, cfg)
+def span_block(x, block, cfg, l):
+    A, F, N = sublayers(block, cfg)
     s = math.sqrt(cfg.span_c / cfg.n_layers) if cfg.span_scale.value == "multiplier" else 1.0
-    y = N1(x + A(x))
-    return N2(x + s * F(y))
+    y = N("norm1", x + A(x))
+    return N("norm2", x + s * F(y))
 
 
-BLOCKS = {"pre": pre_block, "post": post_block, "span": span_block}
+def deepnorm_block(x, block, cfg, l):
+    A, F, N = sublayers(block, cfg)
+    alpha = (2 * cfg.n_layers) ** 0.25
+    h = N("norm1", alpha * x + A(x))
+    return N("norm2", alpha * h + F(h))
+
+
+def b2t_block(x, block, cfg, l):
+    A, F, N = sublayers(block, cfg)
+    h = N("norm1", x + A(x))
+    return N("norm2", x + h + F(h))
+
+
+def admin_block(x, block, cfg, l):
+    A, F, N = sublayers(block, cfg)
+    h = N("norm1", block.omega1 * x + A(x))
+    return N("norm2", block.omega2 * h + F(h))
+
+
+def peri_block(x, block, cfg, l):
+    A, F, N = sublayers(block, cfg)
+    h = x + N("norm1_out", A(N("norm1", x)))
+    return h + N("norm2_out", F(N("norm2", h)))
+
+
+def mixln_block(x, block, cfg, l):
+    return post_block(x, block, cfg, l) if l < math.floor(0.25 * cfg.n_layers) else pre_block(x, block, cfg, l)
+
+
+def hybrid_block(x, block, cfg, l):
+    A, F, N = sublayers(block, cfg)
+    h = x + A(x)
+    return N("norm", h) + F(N("norm", h))
+
+
+def lns_block(x, block, cfg, l):
+    A, F, N = sublayers(block, cfg)
+    h = x + A(N("norm1", x) / math.sqrt(l + 1))
+    return h + F(N("norm2", h) / math.sqrt(l + 1))
+
+
+def residual_block(state, block, cfg, l):
+    A, F, N = sublayers(block, cfg)
+    a, d = state
+    fa = A(a)
+    a, d = N("norm1", a + fa), d + fa
+    ff = F(a)
+    return N("norm2", a + ff), d + ff
+
+
+def siamese_block(state, block, cfg, l):
+    A, F, N = sublayers(block, cfg)
+    x, y = state
+    for sub, (post, inp, pre) in ((A, ("post1", "in1", "pre1")), (F, ("post2", "in2", "pre2"))):
+        x = N(post, x)
+        z = sub(N(inp, x + N(pre, y)))
+        x = x + z / math.sqrt(2 * (l + 1))
+        y = y + z
+    return x, y
+
+
+def deepscale_block(x, block, cfg, l):
+    A, F, N = sublayers(block, cfg)
+    beta = math.sqrt(cfg.deepscale_k / cfg.n_layers)
+    lam = math.sqrt(1 - beta**2)
+    h = lam * x + beta * A(N("norm1", x))
+    return lam * h + beta * F(N("norm2", h))
+
+
+BLOCKS = {"pre": pre_block, "post": post_block, "span": span_block, "deepnorm": deepnorm_block,
+          "b2t": b2t_block, "admin": admin_block, "peri": peri_block, "sandwich": peri_block,
+          "mixln": mixln_block, "hybrid": hybrid_block, "lns": lns_block, "residual": residual_block,
+          "siamese": siamese_block, "deepscale": deepscale_block}
+EMBED_NORM = {"span", "peri"}
+FINAL_NORM = {"pre", "peri", "mixln", "hybrid", "lns", "deepscale"}
+TWO_STREAM = {"residual", "siamese"}
 
 
 def lm_logits(idx, model, cfg):
-    """embed → (N_0 for span) → blocks → (final N for pre) → tied head."""
+    """embed → (N_0) → blocks → (two-stream merge) → (final N) → tied head."""
+    name = cfg.scheme.value
+    eps = cfg.norm_eps
     x = model.embed.weight[idx]
-    if cfg.scheme.value == "span":
-        x = norm(x, model.embed_norm, cfg.norm_eps)
-    for block in model.blocks:
-        x = BLOCKS[cfg.scheme.value](x, block, cfg)
-    if cfg.scheme.value == "pre":
-        x = norm(x, model.final_norm, cfg.norm_eps)
+    if name in EMBED_NORM:
+        x = norm(x, model.embed_norm, eps)
+    state = (x, x) if name in TWO_STREAM else x
+    for l, block in enumerate(model.blocks):
+        state = BLOCKS[name](state, block, cfg, l)
+    if name == "residual":  # a_L + N(d_L)
+        x = state[0] + norm(state[1], model.exit.norm, eps)
+    elif name == "siamese":  # N_f(N_a(x) + N_b(y))
+        x = norm(norm(state[0], model.exit.norm_a, eps) + norm(state[1], model.exit.norm_b, eps), model.exit.norm_f, eps)
+    else:
+        x = state
+    if name in FINAL_NORM:
+        x = norm(x, model.final_norm, eps)
     return x @ model.embed.weight.T

@@ -26,7 +26,7 @@ def run_bad(capsys, argv, fragment):
 
 
 @pytest.mark.parametrize("sets, fragment", [
-    (["model.scheme=bogus"], "model.scheme='bogus' is invalid: expected one of pre, post, span"),
+    (["model.scheme=bogus"], "model.scheme='bogus' is invalid: expected one of pre, post, span, deepnorm"),
     (["model.n_heads=3"], "model.d_model=32 is invalid: expected a multiple of model.n_heads=3"),
     (["train.lr=-3e-3"], "train.lr=-0.003 is invalid: expected a positive number"),
     (["model.dropout=0.1"], "unknown key model.dropout; valid keys:"),
@@ -90,7 +90,7 @@ def test_existing_run_and_missing_run(capsys, finished_run, tmp_path, corpus):
 def test_other_bad_inputs(capsys, tmp_path):
     run_bad(capsys, ["train"], "--config is required")
     run_bad(capsys, ["compare", "--schemes", "pre,nope", "--out", str(tmp_path / "c")],
-            "--schemes='nope' is invalid: expected one of pre, post, span")
+            "--schemes='nope' is invalid: expected one of pre, post, span, deepnorm")
     run_bad(capsys, ["train", "--config", "huge"], "presets:")
     with pytest.raises(SystemExit) as e:
         main(["frobnicate"])

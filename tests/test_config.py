@@ -11,9 +11,11 @@ def test_public_api_builds_each_scheme():
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
-    (dict(scheme="spam"), "model.scheme='spam' is invalid: expected one of pre, post, span"),
+    (dict(scheme="spam"), "model.scheme='spam' is invalid: expected one of pre, post, span, deepnorm, b2t, "
+                          "admin, peri, sandwich, mixln, hybrid, lns, residual, siamese, deepscale"),
     (dict(scheme="SPAN"), "model.scheme='SPAN'"),  # no case folding, no silent fallback
-    (dict(norm="batch"), "model.norm='batch' is invalid: expected one of rms, layer"),
+    (dict(norm="batch"), "model.norm='batch' is invalid: expected one of rms, layer, dyt"),
+    (dict(deepscale_k=8.0, n_layers=4), "model.deepscale_k=8.0 is invalid: expected a number in (0, n_layers=4]"),
     (dict(d_model=30, n_heads=4), "model.d_model=30 is invalid: expected a multiple of model.n_heads=4"),
     (dict(d_model=12, n_heads=4), "model.n_heads=4"),  # head size 3 is odd: RoPE needs even
     (dict(n_layers=0), "model.n_layers=0 is invalid: expected a positive integer"),

@@ -5,50 +5,55 @@ import math
 import pytest
 import torch
 
-from spannorm import ModelConfig, build_model
+from spannorm import ModelConfig, Scheme, build_model
+from spannorm.schemes import Streams
 from spannorm.nn import Role, rope_cache
 
 import reference
 
-SCHEMES = ["pre", "post", "span"]
+SCHEMES = [s.value for s in Scheme]
+NORMS = ["rms", "layer", "dyt"]
 # The model is float64 but its RoPE tables are float32 (as in every LM), hence 1e-6, not 1e-12;
 # a wrong equation is off by O(1).
 TOL = dict(rtol=1e-6, atol=1e-6)
 
 
 def tiny(scheme, **kw):
-    base = dict(vocab_size=50, d_model=16, n_layers=3, n_heads=2, scheme=scheme)
+    base = dict(vocab_size=50, d_model=16, n_layers=4, n_heads=2, scheme=scheme)
     return ModelConfig(**(base | kw))
 
 
 def randomized(cfg, seed=0):
-    """A float64 model whose norm gains/biases are random too, so they cannot hide in the test."""
+    """A float64 model whose 1-D parameters (norm gains and biases, DyT's α, Admin's ω) are random
+    too, so they cannot hide in the test."""
     torch.manual_seed(seed)
     model = build_model(cfg).double()
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
+        for p in model.parameters():
+            if p.dim() < 2:
                 p.copy_(1 + 0.5 * torch.randn_like(p))
     return model
 
 
-@pytest.mark.parametrize("norm", ["rms", "layer"])
+@pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_block_matches_equation(scheme, norm):
     cfg = tiny(scheme, norm=norm)
     model = randomized(cfg)
     x = torch.randn(2, 5, cfg.d_model, dtype=torch.float64) * 3
-    block = model.blocks[1]
-    rope = rope_cache(5, cfg.d_model // cfg.n_heads, cfg.rope_theta)
-    got = block(x, tuple(t.double() for t in rope))
-    want = reference.BLOCKS[scheme](x, block, cfg)
-    torch.testing.assert_close(got, want, **TOL)
+    if scheme in reference.TWO_STREAM:
+        x = Streams(x, torch.randn_like(x))
+    rope = tuple(t.double() for t in rope_cache(5, cfg.d_model // cfg.n_heads, cfg.rope_theta))
+    for layer in (0, 1):  # Mix-LN: block 0 is PostNorm, block 1 PreNorm; LNS, SiameseNorm depend on l
+        got = model.blocks[layer](x, rope)
+        want = reference.BLOCKS[scheme](x, model.blocks[layer], cfg, layer)
+        torch.testing.assert_close(got, want if scheme not in reference.TWO_STREAM else Streams(*want), **TOL)
 
 
-@pytest.mark.parametrize("span_scale", ["init", "multiplier", "none"])
+@pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_model_logits_match_equation(scheme, span_scale):
-    cfg = tiny(scheme, span_scale=span_scale, span_c=2.0)
+def test_model_logits_match_equation(scheme, norm):
+    cfg = tiny(scheme, norm=norm)
     model = randomized(cfg, seed=1)
     idx = torch.randint(0, cfg.vocab_size, (2, 6))
     logits, loss = model(idx, idx)
@@ -56,6 +61,14 @@ def test_model_logits_match_equation(scheme, span_scale):
     torch.testing.assert_close(logits, want, **TOL)
     ce = torch.nn.functional.cross_entropy(want.reshape(-1, cfg.vocab_size), idx.reshape(-1))
     torch.testing.assert_close(loss, ce.float(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("span_scale", ["init", "multiplier", "none"])
+def test_span_logits_match_equation_for_each_scaling(span_scale):
+    cfg = tiny("span", span_scale=span_scale, span_c=2.0)
+    model = randomized(cfg, seed=1)
+    idx = torch.randint(0, cfg.vocab_size, (2, 6))
+    torch.testing.assert_close(model(idx)[0], reference.lm_logits(idx, model, cfg), **TOL)
 
 
 def test_span_multiplier_is_applied():

@@ -44,6 +44,9 @@ def build_parser() -> Parser:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    sch = sub.add_parser("schemes", help="list every normalization scheme with its equation, init and reference")
+    sch.add_argument("--json", action="store_true", help="print a JSON list of {name, equation, init, reference}")
+
     cmp_ = sub.add_parser("compare", help="train several schemes and compare them (the main job)")
     _config_args(cmp_, "small")
     cmp_.add_argument("--schemes", default="pre,post,span", help="comma-separated schemes (default pre,post,span)")
@@ -109,11 +112,27 @@ def cmd_compare(args) -> None:
     print(f"\nreport: {args.out / 'report.md'}  plot: {args.out / 'loss_curves.png'}")
 
 
+def cmd_schemes(args) -> None:
+    import json
+
+    from .schemes import SCHEMES
+
+    rows = [{"name": scheme.value, "class": cls.__name__, "equation": cls.equation, "init": cls.init_rule,
+             "reference": cls.reference} for scheme, cls in SCHEMES.items()]
+    if args.json:
+        print(json.dumps(rows, indent=1, ensure_ascii=False))
+        return
+    for row in rows:
+        print(f"{row['name']} ({row['class']}): {row['equation']}\n    init: {row['init']}\n    "
+              f"reference: {row['reference']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    handler = {"data": cmd_data_prepare, "train": cmd_train, "compare": cmd_compare}[args.command]
+    handler = {"data": cmd_data_prepare, "train": cmd_train, "compare": cmd_compare,
+               "schemes": cmd_schemes}[args.command]
     try:
         handler(args)
     except SpannormError as e:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import coerce_enum, require
-from .nn import NormType, Role, make_norm, rope_cache
+from .nn import NORMS, NormType, Role, make_norm, rope_cache
 from .schemes import SCHEMES, InitMode, Scheme, SpanScale, shared_init
 
 
@@ -21,9 +21,10 @@ class ModelConfig:
     n_layers: int = 6  # number of transformer blocks L
     n_heads: int = 4  # attention heads; must divide d_model, head size must be even (RoPE)
     d_ff: int | None = None  # SwiGLU hidden width; None: 8/3·d_model rounded up to a multiple of 32
-    scheme: Scheme = Scheme.SPAN  # normalization placement: pre, post or span
-    norm: NormType = NormType.RMS  # norm type N: rms or layer
-    norm_eps: float = 1e-6  # epsilon inside every norm
+    scheme: Scheme = Scheme.SPAN  # normalization placement (see `spannorm schemes`)
+    norm: NormType = NormType.RMS  # norm type N: rms, layer or dyt
+    norm_eps: float = 1e-6  # epsilon inside every rms/layer norm
+    dyt_alpha0: float = 0.5  # initial α of the dyt norm type
     final_norm: bool | None = None  # norm before the LM head; None: the scheme's default
     tie_embeddings: bool = True  # share the token embedding with the LM head
     rope_theta: float = 10000.0  # rotary embedding base
@@ -31,6 +32,7 @@ class ModelConfig:
     init_std: float = 0.02  # base std of the init rules
     span_scale: SpanScale = SpanScale.INIT  # SpanNorm scaling strategy: init, multiplier or none
     span_c: float = 1.0  # SpanNorm's c: target branch variance c/L
+    deepscale_k: float = 1.0  # DeepScaleLM's k: branch weight β² = k/L (at most L)
 
     def __post_init__(self):
         self.scheme = coerce_enum(Scheme, "model.scheme", self.scheme)
@@ -47,10 +49,13 @@ class ModelConfig:
                 f"a divisor of d_model={self.d_model} that leaves an even head size (RoPE)")
         require(self.d_ff is None or (isinstance(self.d_ff, int) and self.d_ff > 0), "model.d_ff", self.d_ff,
                 "a positive integer or null")
-        for name in ("norm_eps", "init_std", "span_c", "rope_theta"):
+        for name in ("norm_eps", "init_std", "span_c", "rope_theta", "dyt_alpha0", "deepscale_k"):
             value = getattr(self, name)
             require(isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
                     f"model.{name}", value, "a positive number")
+
+        require(self.deepscale_k <= self.n_layers, "model.deepscale_k", self.deepscale_k,
+                f"a number in (0, n_layers={self.n_layers}] (β² = k/L must not exceed 1)")
 
     @property
     def ffn_dim(self) -> int:
@@ -69,43 +74,60 @@ class LM(nn.Module):
         super().__init__()
         self.cfg = cfg
         block = SCHEMES[cfg.scheme]
+        norm = lambda: make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.dyt_alpha0)  # noqa: E731
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.embed.role = Role.EMBED
-        self.embed_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps) if block.embed_norm else nn.Identity()
+        self.embed_norm = norm() if block.embed_norm else nn.Identity()
         self.blocks = nn.ModuleList(block(cfg, layer) for layer in range(cfg.n_layers))
-        self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps) if cfg.use_final_norm else nn.Identity()
+        self.exit = block.Exit(cfg) if block.Exit is not None else nn.Identity()
+        self.final_norm = norm() if cfg.use_final_norm else nn.Identity()
         self.head = None
         if not cfg.tie_embeddings:
             self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
             self.head.role = Role.HEAD
         self.reset_parameters()
 
+    def init_rule(self, layer: int) -> dict[Role, float]:
+        """Role -> std for block ``layer`` (layer 0's rule also covers embedding and head)."""
+        if self.cfg.init is InitMode.SHARED:
+            return shared_init(self.cfg)
+        return SCHEMES[self.cfg.scheme].init_stds(self.cfg, layer)
+
     def reset_parameters(self) -> None:
-        """Apply the init rule: a std per weight role, norms to gain 1 (and bias 0)."""
-        cfg = self.cfg
-        stds = SCHEMES[cfg.scheme].init_stds(cfg) if cfg.init is InitMode.RECOMMENDED else shared_init(cfg)
+        """Apply the init rule: a std per weight role, norms to their defaults, scheme parameters."""
         for module in self.modules():
-            role = getattr(module, "role", None)
-            if isinstance(role, tuple):  # fused weight: one role per equal row block
-                for rows, r in zip(module.weight.data.chunk(len(role)), role):
-                    nn.init.normal_(rows, std=stds[r])
-            elif role is not None:
-                nn.init.normal_(module.weight, std=stds[role])
-            elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
+            if isinstance(module, NORMS):
                 module.reset_parameters()
+        init_roles(self.embed, self.init_rule(0))
+        if self.head is not None:
+            init_roles(self.head, self.init_rule(0))
+        for block in self.blocks:
+            init_roles(block, self.init_rule(block.layer))
+            block.reset_parameters()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         T = idx.shape[1]
         rope = rope_cache(T, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta, idx.device)
-        x = self.embed_norm(self.embed(idx))
+        state = self.blocks[0].enter(self.embed_norm(self.embed(idx)))
         for block in self.blocks:
-            x = block(x, rope)
-        x = self.final_norm(x)
+            state = block(state, rope)
+        x = self.final_norm(self.exit(state))
         logits = F.linear(x, self.embed.weight) if self.head is None else self.head(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+
+def init_roles(root: nn.Module, stds: dict[Role, float]) -> None:
+    """N(0, std) for every weight under ``root`` that has a role; fused weights per row block."""
+    for module in root.modules():
+        role = getattr(module, "role", None)
+        if isinstance(role, tuple):  # fused weight: one role per equal row block
+            for rows, r in zip(module.weight.data.chunk(len(role)), role):
+                nn.init.normal_(rows, std=stds[r])
+        elif role is not None:
+            nn.init.normal_(module.weight, std=stds[role])
 
 
 def build_model(cfg: ModelConfig) -> LM:

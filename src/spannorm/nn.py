@@ -14,10 +14,11 @@ from torch import nn
 
 
 class NormType(str, enum.Enum):
-    """Which normalization N is: RMSNorm (default) or LayerNorm, both with a learnable gain."""
+    """Which normalization N is; each has a learnable gain."""
 
-    RMS = "rms"
-    LAYER = "layer"
+    RMS = "rms"  # RMSNorm: x / rms(x) · γ
+    LAYER = "layer"  # LayerNorm: (x − mean) / std · γ + β
+    DYT = "dyt"  # Dynamic Tanh: γ · tanh(α·x) + β, α learnable from α₀ (not a normalization)
 
 
 class Role(str, enum.Enum):
@@ -32,11 +33,37 @@ class Role(str, enum.Enum):
     HEAD = "head"  # untied LM head
 
 
-def make_norm(norm: NormType, d_model: int, eps: float) -> nn.Module:
-    """N(x): RMSNorm ``x / rms(x) * g`` or LayerNorm ``(x - mean) / std * g + b``."""
+class DyT(nn.Module):
+    """DyT(x) = γ · tanh(α·x) + β, α a learnable scalar initialized to α₀ (Zhu et al. 2025,
+    "Transformers without Normalization")."""
+
+    def __init__(self, dim: int, alpha0: float):
+        super().__init__()
+        self.alpha0 = alpha0  # a plain float, re-applied by reset_parameters
+        self.alpha = nn.Parameter(torch.empty(1))
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.bias = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.alpha, self.alpha0)
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * torch.tanh(self.alpha * x) + self.bias
+
+
+NORMS = (nn.RMSNorm, nn.LayerNorm, DyT)  # the modules make_norm builds
+
+
+def make_norm(norm: NormType, dim: int, eps: float, dyt_alpha0: float = 0.5) -> nn.Module:
+    """N(x) of the given type over the last dimension ``dim``."""
     if norm is NormType.RMS:
-        return nn.RMSNorm(d_model, eps=eps)
-    return nn.LayerNorm(d_model, eps=eps)
+        return nn.RMSNorm(dim, eps=eps)
+    if norm is NormType.LAYER:
+        return nn.LayerNorm(dim, eps=eps)
+    return DyT(dim, dyt_alpha0)
 
 
 def rope_cache(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,11 +81,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    """Multi-head causal self-attention with RoPE, fused QKV and SDPA; no biases."""
+    """Multi-head causal self-attention with RoPE, fused QKV and SDPA; no biases.
 
-    def __init__(self, d_model: int, n_heads: int):
+    ``qkv_norm``: a norm module factory; if given, each head's q, k and v are normalized
+    (HybridNorm) before RoPE.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, qkv_norm=None):
         super().__init__()
         self.n_heads = n_heads
+        if qkv_norm is not None:
+            self.q_norm, self.k_norm, self.v_norm = (qkv_norm(d_model // n_heads) for _ in range(3))
+        self.qkv_norm = qkv_norm is not None
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.qkv.role = (Role.ATTN_QK, Role.ATTN_QK, Role.ATTN_V)  # row blocks q, k, v
         self.out = nn.Linear(d_model, d_model, bias=False)
@@ -67,6 +101,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        if self.qkv_norm:
+            q, k, v = self.q_norm(q), self.k_norm(k), self.v_norm(v)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)

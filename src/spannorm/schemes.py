@@ -1,12 +1,16 @@
 """Normalization schemes: where the norms sit relative to the residual connections.
 
 A scheme is one short block class whose ``forward`` reads like its equation, plus
-  * entry/exit flags: ``embed_norm`` (N_0 on the embedding) and ``final_norm`` (N before the head);
-  * an init rule as data: ``init_stds(cfg)`` maps each weight :class:`~spannorm.nn.Role` to a std.
-Registering a scheme is one :class:`Scheme` value and one entry in ``SCHEMES``.
+  * entry/exit: ``embed_norm`` (N_0 on the embedding), ``final_norm`` (N before the head) and, for
+    two-stream schemes, ``enter`` (embedding -> state) and ``Exit`` (state -> one tensor);
+  * an init rule as data: ``init_stds(cfg, layer)`` maps each weight :class:`~spannorm.nn.Role`
+    to a std; ``reset_parameters`` initializes scheme-owned parameters (e.g. Admin's ω);
+  * ``equation``, ``init_rule`` and ``reference`` strings for ``spannorm schemes``.
+Registering a scheme is one :class:`Scheme` value and one entry in ``SCHEMES``. Depth constants
+are plain Python floats computed from the actual depth, never buffers.
 
-Notation: block l of L, input x, output x'; N is the norm (rms or layer), Attn and FFN the
-sublayers of ``nn.py``.
+Notation: block l of L (0-based in code), input x, output x'; N is the norm (rms, layer or dyt),
+Attn and FFN the sublayers of ``nn.py`` (FFN may be any FFN module).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import enum
 import math
 from functools import lru_cache
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -32,6 +36,17 @@ class Scheme(str, enum.Enum):
     PRE = "pre"
     POST = "post"
     SPAN = "span"
+    DEEPNORM = "deepnorm"
+    B2T = "b2t"
+    ADMIN = "admin"
+    PERI = "peri"
+    SANDWICH = "sandwich"
+    MIXLN = "mixln"
+    HYBRID = "hybrid"
+    LNS = "lns"
+    RESIDUAL = "residual"
+    SIAMESE = "siamese"
+    DEEPSCALE = "deepscale"
 
 
 class SpanScale(str, enum.Enum):
@@ -70,6 +85,11 @@ def ffn_down_std(cfg: ModelConfig, up_std: float, target_rms: float) -> float:
     return target_rms / math.sqrt(cfg.ffn_dim * silu_second_moment(v) * v)
 
 
+def xavier_std(fan_in: int, fan_out: int, gain: float = 1.0) -> float:
+    """Std of xavier_normal_: gain · sqrt(2 / (fan_in + fan_out))."""
+    return gain * math.sqrt(2.0 / (fan_in + fan_out))
+
+
 def attn_out_std(cfg: ModelConfig, v_std: float, target_rms: float) -> float:
     """Std of W_out that gives Attn(x) RMS ``target_rms`` for a unit-RMS x if attention were the
     identity (causal averaging at init only lowers it): RMS = d · v_std · std."""
@@ -86,28 +106,68 @@ def shared_init(cfg: ModelConfig) -> dict[Role, float]:
     return {role: cfg.init_std for role in Role}
 
 
+def gpt2_init(cfg: ModelConfig) -> dict[Role, float]:
+    """GPT-2: N(0, init_std), attention out and FFN down × 1/sqrt(2L)."""
+    scaled = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    return shared_init(cfg) | {Role.ATTN_OUT: scaled, Role.FFN_DOWN: scaled}
+
+
+def unit_variance_init(cfg: ModelConfig, target_rms: float) -> dict[Role, float]:
+    """Input projections at fan-in std 1/sqrt(d); out/down calibrated to output RMS ``target_rms``."""
+    fan_in = 1.0 / math.sqrt(cfg.d_model)
+    return shared_init(cfg) | {
+        Role.ATTN_QK: fan_in,
+        Role.ATTN_V: fan_in,
+        Role.FFN_UP: fan_in,
+        Role.ATTN_OUT: attn_out_std(cfg, fan_in, target_rms),
+        Role.FFN_DOWN: ffn_down_std(cfg, fan_in, target_rms),
+    }
+
+
 # --- blocks ----------------------------------------------------------------------------
 
-class Block(nn.Module):
-    """The parts every single-stream scheme shares: attn, ffn, norm1, norm2."""
+class Streams(NamedTuple):
+    """The state of a two-stream scheme (ResiDual, SiameseNorm)."""
 
+    post: torch.Tensor  # the PostNorm-like stream
+    pre: torch.Tensor  # the PreNorm-like stream
+
+
+class Block(nn.Module):
+    """What every scheme shares: ``attn``, ``ffn`` and the norms named in ``norms``."""
+
+    equation: ClassVar[str] = ""  # the block equation, for `spannorm schemes`
+    init_rule: ClassVar[str] = ""  # the recommended init, in words
+    reference: ClassVar[str] = ""  # the paper
+    norms: ClassVar[tuple[str, ...]] = ("norm1", "norm2")  # norm modules this block owns
+    qkv_norm: ClassVar[bool] = False  # per-head norms on q, k, v inside attention
     embed_norm: ClassVar[bool] = False  # apply N_0 to the token embedding
     final_norm: ClassVar[bool] = False  # apply N before the LM head (ModelConfig.final_norm overrides)
+    Exit: ClassVar[type[nn.Module] | None] = None  # merges a two-stream state before the head
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer  # 0-based index of this block
-        self.attn = Attention(cfg.d_model, cfg.n_heads)
+        qkv_norm = (lambda dim: make_norm(cfg.norm, dim, cfg.norm_eps, cfg.dyt_alpha0)) if self.qkv_norm else None
+        self.attn = Attention(cfg.d_model, cfg.n_heads, qkv_norm)
         self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
-        self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        for name in self.norms:
+            setattr(self, name, make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.dyt_alpha0))
 
     @classmethod
-    def init_stds(cls, cfg: ModelConfig) -> dict[Role, float]:
-        """The scheme's recommended init rule: role -> std."""
+    def init_stds(cls, cfg: ModelConfig, layer: int) -> dict[Role, float]:
+        """The scheme's recommended init rule for block ``layer``: role -> std."""
         return shared_init(cfg)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def reset_parameters(self) -> None:
+        """Initialize parameters the scheme itself owns (none by default)."""
+
+    @staticmethod
+    def enter(x: torch.Tensor):
+        """The state the first block receives."""
+        return x
+
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor]):
         raise NotImplementedError
 
 
@@ -119,17 +179,16 @@ class PreNorm(Block):
 
         x ──┬──────────────────(+)──┬─────────────────(+)──► x'
             └─ N_1 ─ Attn ──────┘   └─ N_2 ─ FFN ──────┘
-
-    Init (GPT-2): every weight N(0, init_std); attention out and FFN down × 1/sqrt(2L).
     """
 
+    equation = "h = x + Attn(N(x)); x' = h + FFN(N(h)); final N before the head"
+    init_rule = "GPT-2: N(0, init_std); attention out and FFN down × 1/sqrt(2L)"
+    reference = "Xiong et al. 2020, arXiv 2002.04745; Radford et al. 2019 (GPT-2)"
     final_norm = True
 
     @classmethod
-    def init_stds(cls, cfg: ModelConfig) -> dict[Role, float]:
-        stds = shared_init(cfg)
-        scaled = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        return stds | {Role.ATTN_OUT: scaled, Role.FFN_DOWN: scaled}
+    def init_stds(cls, cfg, layer):
+        return gpt2_init(cfg)
 
     def forward(self, x, rope):
         h = x + self.attn(self.norm1(x), rope)
@@ -144,9 +203,11 @@ class PostNorm(Block):
 
         x ──┬──────────(+)─ N_1 ──┬─────────(+)─ N_2 ──► x'
             └─ Attn ────┘         └─ FFN ────┘
-
-    Init: every weight N(0, init_std), no depth scaling; needs learning-rate warmup.
     """
+
+    equation = "h = N(x + Attn(x)); x' = N(h + FFN(h))"
+    init_rule = "N(0, init_std), no depth scaling; needs learning-rate warmup"
+    reference = "Vaswani et al. 2017, arXiv 1706.03762"
 
     def forward(self, x, rope):
         h = self.norm1(x + self.attn(x, rope))
@@ -173,6 +234,10 @@ class SpanNorm(Block):
     Input projections (q, k, v, FFN up) use the fan-in std 1/sqrt(d); the embedding init_std.
     """
 
+    equation = "y = N(x + Attn(x)); x' = N(x + s·FFN(y)); N on the embedding, no final N"
+    init_rule = ("q, k, v, FFN up: 1/sqrt(d); attention out and FFN down calibrated to output RMS "
+                 "sqrt(c/L) (span_scale=init) or 1 with s = sqrt(c/L) (multiplier)")
+    reference = "Wang, Li et al. 2026, arXiv 2601.22580 (ICML 2026)"
     embed_norm = True
 
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -181,24 +246,331 @@ class SpanNorm(Block):
         self.s = span_factor(cfg) if cfg.span_scale is SpanScale.MULTIPLIER else 1.0
 
     @classmethod
-    def init_stds(cls, cfg: ModelConfig) -> dict[Role, float]:
-        fan_in = 1.0 / math.sqrt(cfg.d_model)
-        target = span_factor(cfg) if cfg.span_scale is SpanScale.INIT else 1.0
-        return shared_init(cfg) | {
-            Role.ATTN_QK: fan_in,
-            Role.ATTN_V: fan_in,
-            Role.FFN_UP: fan_in,
-            Role.ATTN_OUT: attn_out_std(cfg, fan_in, target),
-            Role.FFN_DOWN: ffn_down_std(cfg, fan_in, target),
-        }
+    def init_stds(cls, cfg, layer):
+        return unit_variance_init(cfg, span_factor(cfg) if cfg.span_scale is SpanScale.INIT else 1.0)
 
     def forward(self, x, rope):
         y = self.norm1(x + self.attn(x, rope))
         return self.norm2(x + self.s * self.ffn(y))
 
 
+class DeepNorm(Block):
+    """DeepNorm (Wang et al. 2022, "DeepNet: Scaling Transformers to 1,000 Layers").
+
+        h  = N_1(α·x + Attn(x))
+        x' = N_2(α·h + FFN(h))          decoder-only: α = (2L)^(1/4)
+
+    Init: xavier_normal, gain β = (8L)^(-1/4) on v, out, FFN up and down; gain 1 on q, k.
+    """
+
+    equation = "h = N(α·x + Attn(x)); x' = N(α·h + FFN(h)); α = (2L)^(1/4)"
+    init_rule = "xavier_normal; gain β = (8L)^(-1/4) on v, out, FFN up/down, gain 1 on q, k"
+    reference = "Wang et al. 2022, arXiv 2203.00555 (DeepNet)"
+
+    def __init__(self, cfg, layer):
+        super().__init__(cfg, layer)
+        self.alpha = (2 * cfg.n_layers) ** 0.25
+
+    @classmethod
+    def init_stds(cls, cfg, layer):
+        beta = (8 * cfg.n_layers) ** -0.25
+        d, f = cfg.d_model, cfg.ffn_dim
+        return shared_init(cfg) | {
+            Role.ATTN_QK: xavier_std(d, d), Role.ATTN_V: xavier_std(d, d, beta),
+            Role.ATTN_OUT: xavier_std(d, d, beta), Role.FFN_UP: xavier_std(d, f, beta),
+            Role.FFN_DOWN: xavier_std(f, d, beta),
+        }
+
+    def forward(self, x, rope):
+        h = self.norm1(self.alpha * x + self.attn(x, rope))
+        return self.norm2(self.alpha * h + self.ffn(h))
+
+
+class B2T(Block):
+    """B2T connection (Takase et al. 2023, "B2T Connection: Serving Stability and Performance in
+    Deep Transformers"): PostNorm plus a skip from the block input over both norms' inputs.
+
+        h  = N_1(x + Attn(x))
+        x' = N_2(x + h + FFN(h))
+
+    Init: every weight matrix in the blocks N(0, init_std) × L^(-1/2).
+    """
+
+    equation = "h = N(x + Attn(x)); x' = N(x + h + FFN(h))"
+    init_rule = "every weight matrix in the blocks N(0, init_std) × L^(-1/2)"
+    reference = "Takase et al. 2023, arXiv 2206.00330 (Findings of ACL 2023)"
+
+    @classmethod
+    def init_stds(cls, cfg, layer):
+        scaled = cfg.init_std / math.sqrt(cfg.n_layers)
+        return shared_init(cfg) | {r: scaled for r in Role if r not in (Role.EMBED, Role.HEAD)}
+
+    def forward(self, x, rope):
+        h = self.norm1(x + self.attn(x, rope))
+        return self.norm2(x + h + self.ffn(h))
+
+
+class Admin(Block):
+    """Admin (Liu et al. 2020, "Understanding the Difficulty of Training Transformers").
+
+        h  = N_1(ω_1 ⊙ x + Attn(x))
+        x' = N_2(ω_2 ⊙ h + FFN(h))      ω learnable vectors, initialized to
+                                         ω = sqrt((n+1)/ln(n+1) − 1), n = 2L residual sublayers
+    """
+
+    equation = "h = N(ω⊙x + Attn(x)); x' = N(ω⊙h + FFN(h)); ω learnable"
+    init_rule = "ω = sqrt((n+1)/ln(n+1) − 1), n = 2L; weights N(0, init_std)"
+    reference = "Liu et al. 2020, arXiv 2004.08249"
+
+    def __init__(self, cfg, layer):
+        super().__init__(cfg, layer)
+        n = 2 * cfg.n_layers
+        self.omega0 = math.sqrt((n + 1) / math.log(n + 1) - 1)
+        self.omega1 = nn.Parameter(torch.empty(cfg.d_model))
+        self.omega2 = nn.Parameter(torch.empty(cfg.d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.constant_(self.omega1, self.omega0)
+        nn.init.constant_(self.omega2, self.omega0)
+
+    def forward(self, x, rope):
+        h = self.norm1(self.omega1 * x + self.attn(x, rope))
+        return self.norm2(self.omega2 * h + self.ffn(h))
+
+
+class PeriLN(Block):
+    """Peri-LN (Kim et al. 2025, "Peri-LN: Revisiting Layer Normalization in the Transformer
+    Architecture"): norms around each sublayer, the stream itself never normalized.
+
+        h  = x + N_1o(Attn(N_1(x)))
+        x' = h + N_2o(FFN(N_2(h)))      N on the embedding and a final N before the head
+    """
+
+    equation = "h = x + N(Attn(N(x))); x' = h + N(FFN(N(h))); N on the embedding; final N"
+    init_rule = "as PreNorm (GPT-2)"
+    reference = "Kim et al. 2025, arXiv 2502.02732"
+    norms = ("norm1", "norm1_out", "norm2", "norm2_out")
+    embed_norm = True
+    final_norm = True
+
+    @classmethod
+    def init_stds(cls, cfg, layer):
+        return gpt2_init(cfg)
+
+    def forward(self, x, rope):
+        h = x + self.norm1_out(self.attn(self.norm1(x), rope))
+        return h + self.norm2_out(self.ffn(self.norm2(h)))
+
+
+class Sandwich(PeriLN):
+    """Sandwich-LN (Ding et al. 2021, "CogView"): Peri-LN's block without the embedding and final norms.
+
+        h  = x + N_1o(Attn(N_1(x)))
+        x' = h + N_2o(FFN(N_2(h)))
+    """
+
+    equation = "h = x + N(Attn(N(x))); x' = h + N(FFN(N(h)))"
+    reference = "Ding et al. 2021, arXiv 2105.13290 (CogView)"
+    embed_norm = False
+    final_norm = False
+
+
+class MixLN(Block):
+    """Mix-LN (Li et al. 2024, "Mix-LN: Unleashing the Power of Deeper Layers by Combining
+    Pre-LN and Post-LN"): the first ⌊L/4⌋ blocks are PostNorm, the rest PreNorm (final N).
+    """
+
+    equation = "blocks l < ⌊0.25·L⌋: PostNorm; the rest: PreNorm; final N"
+    init_rule = "PostNorm blocks N(0, init_std); PreNorm blocks GPT-2 (out, down × 1/sqrt(2L))"
+    reference = "Li et al. 2024, arXiv 2412.13795"
+    final_norm = True
+
+    @staticmethod
+    def is_post(cfg: ModelConfig, layer: int) -> bool:
+        return layer < math.floor(0.25 * cfg.n_layers)
+
+    def __init__(self, cfg, layer):
+        super().__init__(cfg, layer)
+        self.post = self.is_post(cfg, layer)
+
+    @classmethod
+    def init_stds(cls, cfg, layer):
+        return shared_init(cfg) if cls.is_post(cfg, layer) else gpt2_init(cfg)
+
+    def forward(self, x, rope):
+        return PostNorm.forward(self, x, rope) if self.post else PreNorm.forward(self, x, rope)
+
+
+class HybridNorm(Block):
+    """HybridNorm (Zhuo et al. 2025, "HybridNorm: Towards Stable and Efficient Transformer Training
+    via Hybrid Normalization"): QKV-normalized attention without an input norm, PostNorm-style FFN.
+
+        h  = x + Attn_qkv-norm(x)       per-head N on q, k and v
+        x' = N(h) + FFN(N(h))           final N before the head
+    """
+
+    equation = "h = x + Attn(x) with per-head N on q, k, v; x' = N(h) + FFN(N(h)); final N"
+    init_rule = "N(0, init_std), no depth scaling"
+    reference = "Zhuo et al. 2025, arXiv 2503.04598"
+    norms = ("norm",)
+    qkv_norm = True
+    final_norm = True
+
+    def forward(self, x, rope):
+        h = x + self.attn(x, rope)
+        n = self.norm(h)
+        return n + self.ffn(n)
+
+
+class LNScaling(PreNorm):
+    """LayerNorm Scaling (Sun et al. 2025, "The Curse of Depth in Large Language Models"):
+    PreNorm with each input norm's output scaled by 1/sqrt(l), l = block index counted from 1.
+
+        h  = x + Attn(N_1(x) / sqrt(l))
+        x' = h + FFN(N_2(h) / sqrt(l))   final N before the head
+    """
+
+    equation = "h = x + Attn(N(x)/sqrt(l)); x' = h + FFN(N(h)/sqrt(l)); l from 1; final N"
+    init_rule = "N(0, init_std), no depth-scaled init"
+    reference = "Sun et al. 2025, arXiv 2502.05795"
+
+    def __init__(self, cfg, layer):
+        super().__init__(cfg, layer)
+        self.scale = 1.0 / math.sqrt(layer + 1)
+
+    @classmethod
+    def init_stds(cls, cfg, layer):
+        return shared_init(cfg)
+
+    def forward(self, x, rope):
+        h = x + self.attn(self.norm1(x) * self.scale, rope)
+        return h + self.ffn(self.norm2(h) * self.scale)
+
+
+class ResiDualExit(nn.Module):
+    """ResiDual's output: a_L + N(d_L)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.dyt_alpha0)
+
+    def forward(self, state: Streams) -> torch.Tensor:
+        return state.post + self.norm(state.pre)
+
+
+class ResiDual(Block):
+    """ResiDual (Xie et al. 2023, "ResiDual: Transformer with Dual Residual Connections"): a PostNorm
+    stream a and a PreNorm-like stream d that accumulates every sublayer output.
+
+        per sublayer F:  a' = N(a + F(a));  d' = d + F(a)
+        a_0 = d_0 = embedding;  output a_L + N(d_L)
+    """
+
+    equation = "per sublayer: a' = N(a + F(a)); d' = d + F(a); output a_L + N(d_L)"
+    init_rule = "N(0, init_std), no depth scaling"
+    reference = "Xie et al. 2023, arXiv 2304.14802"
+    Exit = ResiDualExit
+
+    @staticmethod
+    def enter(x):
+        return Streams(x, x)
+
+    def forward(self, state, rope):
+        a, d = state
+        f = self.attn(a, rope)
+        a, d = self.norm1(a + f), d + f
+        f = self.ffn(a)
+        return Streams(self.norm2(a + f), d + f)
+
+
+class SiameseExit(nn.Module):
+    """SiameseNorm's output: N_f(N_a(x) + N_b(y))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm_a, self.norm_b, self.norm_f = (make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.dyt_alpha0)
+                                                 for _ in range(3))
+
+    def forward(self, state: Streams) -> torch.Tensor:
+        return self.norm_f(self.norm_a(state.post) + self.norm_b(state.pre))
+
+
+class SiameseNorm(Block):
+    """SiameseNorm (Li et al. 2026, ICML 2026): a post-like stream x and a pre-like stream y share
+    each sublayer F.
+
+        per sublayer F:  x ← N_post(x);  z = F(N_in(x + N_pre(y)));  x ← x + z/sqrt(2(l+1));  y ← y + z
+        x_0 = y_0 = embedding;  output N_f(N_a(x_L) + N_b(y_L));  l = block index from 0 (our reading)
+    """
+
+    equation = ("per sublayer: x ← N(x); z = F(N(x + N(y))); x ← x + z/sqrt(2(l+1)); y ← y + z; "
+                "output N(N(x) + N(y))")
+    init_rule = "N(0, init_std), no depth scaling"
+    reference = "Li et al. 2026 (SiameseNorm, ICML 2026)"
+    norms = ("post1", "in1", "pre1", "post2", "in2", "pre2")
+    Exit = SiameseExit
+
+    def __init__(self, cfg, layer):
+        super().__init__(cfg, layer)
+        self.z_scale = 1.0 / math.sqrt(2 * (layer + 1))
+
+    @staticmethod
+    def enter(x):
+        return Streams(x, x)
+
+    def forward(self, state, rope):
+        x, y = state
+        x = self.post1(x)
+        z = self.attn(self.in1(x + self.pre1(y)), rope)
+        x, y = x + self.z_scale * z, y + z
+        x = self.post2(x)
+        z = self.ffn(self.in2(x + self.pre2(y)))
+        return Streams(x + self.z_scale * z, y + z)
+
+
+class DeepScale(Block):
+    """DeepScaleLM (Kedia et al. 2024, "Transformers Get Stable: An End-to-End Signal Propagation
+    Theory for Language Models"), PreNorm form: variance-preserving residual mixing.
+
+        h  = λ·x + β·Attn(N_1(x))
+        x' = λ·h + β·FFN(N_2(h))        λ² + β² = 1, β² = k/L (k = deepscale_k); final N
+
+    Init: unit-variance embedding; q, k, v, FFN up 1/sqrt(d); out and down calibrated to output RMS 1.
+    """
+
+    equation = "h = λ·x + β·Attn(N(x)); x' = λ·h + β·FFN(N(h)); λ² + β² = 1, β² = k/L; final N"
+    init_rule = "embedding N(0, 1); q, k, v, up 1/sqrt(d); out, down calibrated to unit output variance"
+    reference = "Kedia et al. 2024, arXiv 2403.09635"
+    final_norm = True
+
+    def __init__(self, cfg, layer):
+        super().__init__(cfg, layer)
+        self.beta = math.sqrt(cfg.deepscale_k / cfg.n_layers)
+        self.lam = math.sqrt(1.0 - self.beta**2)
+
+    @classmethod
+    def init_stds(cls, cfg, layer):
+        return unit_variance_init(cfg, 1.0) | {Role.EMBED: 1.0}
+
+    def forward(self, x, rope):
+        h = self.lam * x + self.beta * self.attn(self.norm1(x), rope)
+        return self.lam * h + self.beta * self.ffn(self.norm2(h))
+
+
 SCHEMES: dict[Scheme, type[Block]] = {
     Scheme.PRE: PreNorm,
     Scheme.POST: PostNorm,
     Scheme.SPAN: SpanNorm,
+    Scheme.DEEPNORM: DeepNorm,
+    Scheme.B2T: B2T,
+    Scheme.ADMIN: Admin,
+    Scheme.PERI: PeriLN,
+    Scheme.SANDWICH: Sandwich,
+    Scheme.MIXLN: MixLN,
+    Scheme.HYBRID: HybridNorm,
+    Scheme.LNS: LNScaling,
+    Scheme.RESIDUAL: ResiDual,
+    Scheme.SIAMESE: SiameseNorm,
+    Scheme.DEEPSCALE: DeepScale,
 }

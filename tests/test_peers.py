@@ -1,0 +1,151 @@
+"""Init rules and depth constants of the peer schemes, at two depths; `spannorm schemes`."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from spannorm import ModelConfig, Scheme, build_model
+from spannorm.cli import main
+
+D = 128
+
+
+def model(scheme, L, **kw):
+    torch.manual_seed(0)
+    return build_model(ModelConfig(d_model=D, n_heads=4, n_layers=L, scheme=scheme, **kw))
+
+
+def stds(block):
+    w = block.attn.qkv.weight
+    return {"qk": w[:2 * D].std().item(), "v": w[2 * D:].std().item(), "out": block.attn.out.weight.std().item(),
+            "up": block.ffn.up.weight.std().item(), "down": block.ffn.down.weight.std().item()}
+
+
+@pytest.mark.parametrize("L", [6, 48])
+def test_deepnorm_constants(L):
+    m = model("deepnorm", L)
+    alpha, beta = (2 * L) ** 0.25, (8 * L) ** -0.25
+    f = m.cfg.ffn_dim
+    assert all(isinstance(b.alpha, float) and b.alpha == pytest.approx(alpha) for b in m.blocks)
+    got = stds(m.blocks[-1])
+    assert got["qk"] == pytest.approx(math.sqrt(2 / (2 * D)), rel=0.05)  # xavier, gain 1
+    assert got["v"] == pytest.approx(beta * math.sqrt(2 / (2 * D)), rel=0.05)
+    assert got["out"] == pytest.approx(beta * math.sqrt(2 / (2 * D)), rel=0.05)
+    assert got["up"] == pytest.approx(beta * math.sqrt(2 / (D + f)), rel=0.05)
+    assert got["down"] == pytest.approx(beta * math.sqrt(2 / (D + f)), rel=0.05)
+
+
+@pytest.mark.parametrize("L", [6, 48])
+def test_b2t_scales_every_block_weight(L):
+    got = stds(model("b2t", L).blocks[0])
+    assert all(v == pytest.approx(0.02 / math.sqrt(L), rel=0.05) for v in got.values())
+
+
+@pytest.mark.parametrize("L", [6, 48])
+def test_admin_omega(L):
+    n = 2 * L
+    omega = math.sqrt((n + 1) / math.log(n + 1) - 1)
+    m = model("admin", L)
+    for b in m.blocks:
+        assert torch.allclose(b.omega1, torch.full((D,), omega)) and torch.allclose(b.omega2, torch.full((D,), omega))
+    assert all(b.omega1.requires_grad for b in m.blocks)  # learnable
+
+
+@pytest.mark.parametrize("L", [6, 48])
+def test_mixln_split_and_init(L):
+    m = model("mixln", L)
+    n_post = math.floor(0.25 * L)
+    assert [b.post for b in m.blocks] == [True] * n_post + [False] * (L - n_post)
+    assert stds(m.blocks[0])["out"] == pytest.approx(0.02, rel=0.05)  # PostNorm part: plain
+    assert stds(m.blocks[-1])["out"] == pytest.approx(0.02 / math.sqrt(2 * L), rel=0.05)  # PreNorm part: GPT-2
+
+
+@pytest.mark.parametrize("L", [6, 48])
+def test_lns_and_siamese_per_layer_constants(L):
+    lns = model("lns", L)
+    assert [b.scale for b in lns.blocks] == pytest.approx([1 / math.sqrt(l + 1) for l in range(L)])
+    assert stds(lns.blocks[-1])["down"] == pytest.approx(0.02, rel=0.05)  # no depth-scaled init
+    siamese = model("siamese", L)
+    assert [b.z_scale for b in siamese.blocks] == pytest.approx([1 / math.sqrt(2 * (l + 1)) for l in range(L)])
+
+
+@pytest.mark.parametrize("L", [6, 48])
+def test_deepscale_constants_and_unit_variance(L):
+    m = model("deepscale", L, deepscale_k=2.0)
+    b = m.blocks[0]
+    assert b.beta == pytest.approx(math.sqrt(2.0 / L)) and b.lam**2 + b.beta**2 == pytest.approx(1.0)
+    assert m.embed.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    # the residual stream keeps unit RMS through the whole stack at init
+    seen = []
+    hooks = [blk.register_forward_hook(lambda mod, i, o: seen.append(o.pow(2).mean().sqrt().item())) for blk in m.blocks]
+    with torch.no_grad():
+        m(torch.randint(0, 256, (4, 64)))
+    for h in hooks:
+        h.remove()
+    assert min(seen) > 0.7 and max(seen) < 1.3
+
+
+def test_peri_and_sandwich_entry_exit():
+    peri, sandwich = model("peri", 4), model("sandwich", 4)
+    assert isinstance(peri.embed_norm, torch.nn.RMSNorm) and isinstance(peri.final_norm, torch.nn.RMSNorm)
+    assert isinstance(sandwich.embed_norm, torch.nn.Identity) and isinstance(sandwich.final_norm, torch.nn.Identity)
+    assert stds(peri.blocks[0])["down"] == pytest.approx(0.02 / math.sqrt(8), rel=0.05)
+
+
+def test_hybrid_normalizes_q_k_v_per_head():
+    b = model("hybrid", 4).blocks[0]
+    assert b.attn.q_norm.normalized_shape == (D // 4,) and hasattr(b.attn, "v_norm")
+    assert not hasattr(b, "norm1")  # no input norm
+
+
+def test_dyt_alpha0():
+    m = model("pre", 2, norm="dyt", dyt_alpha0=0.8)
+    assert m.blocks[0].norm1.alpha.item() == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("scheme", [s.value for s in Scheme])
+def test_constants_survive_meta_device_build(scheme):
+    """Depth constants are Python floats, not buffers: a model built on the meta device and
+    materialized with reset_parameters equals one built directly."""
+    cfg = ModelConfig(d_model=32, n_heads=2, n_layers=6, scheme=scheme, vocab_size=64)
+    direct = build_model(cfg)
+    torch.manual_seed(0)
+    direct.reset_parameters()
+    with torch.device("meta"):
+        lazy = build_model(cfg)
+    lazy.to_empty(device="cpu")
+    torch.manual_seed(0)
+    lazy.reset_parameters()
+    assert list(direct.buffers()) == []
+    for (name, p), q in zip(direct.named_parameters(), lazy.parameters()):
+        assert torch.equal(p, q), name
+    idx = torch.randint(0, 64, (2, 8))
+    assert torch.equal(direct(idx)[0], lazy(idx)[0])
+
+
+def test_schemes_command(capsys):
+    assert main(["schemes", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == [s.value for s in Scheme]
+    assert all(r["equation"] and r["init"] and r["reference"] for r in rows)
+    assert main(["schemes"]) == 0
+    text = capsys.readouterr().out
+    assert "deepnorm (DeepNorm): h = N(α·x + Attn(x))" in text and text.count("reference:") == len(rows)
+
+
+@pytest.mark.parametrize("norm", ["rms", "layer", "dyt"])
+@pytest.mark.parametrize("scheme", [s.value for s in Scheme])
+def test_every_scheme_and_norm_trains(corpus, tmp_path, scheme, norm):
+    from spannorm.train import load_config, read_metrics, train
+
+    cfg = load_config("tiny", [f"data.corpus={corpus}", f"model.scheme={scheme}", f"model.norm={norm}",
+                               "train.max_steps=50", "train.log_interval=1", "train.eval_interval=50",
+                               "train.ckpt_interval=50"])
+    summary = train(cfg, tmp_path / "run", progress=False)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run")]
+    assert len(losses) == 50 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.3, losses
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert not summary["diverged"] and math.isfinite(summary["final_val_loss"])
