@@ -149,3 +149,11 @@ def test_every_scheme_and_norm_trains(corpus, tmp_path, scheme, norm):
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.3, losses
     assert losses[-1] < losses[0] - 1.0, losses
     assert not summary["diverged"] and math.isfinite(summary["final_val_loss"])
+
+
+def test_readme_schemes_table_is_current(capsys):
+    from pathlib import Path
+
+    assert main(["schemes", "--markdown"]) == 0
+    table = capsys.readouterr().out
+    assert table in (Path(__file__).resolve().parents[1] / "README.md").read_text()

@@ -45,7 +45,9 @@ def build_parser() -> Parser:
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sch = sub.add_parser("schemes", help="list every normalization scheme with its equation, init and reference")
-    sch.add_argument("--json", action="store_true", help="print a JSON list of {name, equation, init, reference}")
+    fmt = sch.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print a JSON list of {name, equation, init, reference}")
+    fmt.add_argument("--markdown", action="store_true", help="print a Markdown table (as in the README)")
 
     cmp_ = sub.add_parser("compare", help="train several schemes and compare them (the main job)")
     _config_args(cmp_, "small")
@@ -121,6 +123,11 @@ def cmd_schemes(args) -> None:
              "reference": cls.reference} for scheme, cls in SCHEMES.items()]
     if args.json:
         print(json.dumps(rows, indent=1, ensure_ascii=False))
+        return
+    if args.markdown:
+        print("| `scheme` | block equation | recommended init | reference |\n|---|---|---|---|")
+        for row in rows:
+            print(f"| `{row['name']}` | {row['equation']} | {row['init']} | {row['reference']} |")
         return
     for row in rows:
         print(f"{row['name']} ({row['class']}): {row['equation']}\n    init: {row['init']}\n    "
