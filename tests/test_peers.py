@@ -157,3 +157,12 @@ def test_readme_schemes_table_is_current(capsys):
     assert main(["schemes", "--markdown"]) == 0
     table = capsys.readouterr().out
     assert table in (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+@pytest.mark.parametrize("L", [6, 48])
+@pytest.mark.parametrize("scheme", ["post", "hybrid", "residual", "siamese", "admin"])
+def test_plain_init_schemes(scheme, L):
+    """Schemes whose recommended init is plain N(0, init_std): no depth scaling at any depth."""
+    m = model(scheme, L)
+    for block in (m.blocks[0], m.blocks[-1]):
+        assert all(v == pytest.approx(0.02, rel=0.05) for v in stds(block).values())

@@ -53,7 +53,6 @@ class ModelConfig:
             value = getattr(self, name)
             require(isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
                     f"model.{name}", value, "a positive number")
-
         require(self.deepscale_k <= self.n_layers, "model.deepscale_k", self.deepscale_k,
                 f"a number in (0, n_layers={self.n_layers}] (β² = k/L must not exceed 1)")
 
@@ -74,13 +73,12 @@ class LM(nn.Module):
         super().__init__()
         self.cfg = cfg
         block = SCHEMES[cfg.scheme]
-        norm = lambda: make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.dyt_alpha0)  # noqa: E731
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.embed.role = Role.EMBED
-        self.embed_norm = norm() if block.embed_norm else nn.Identity()
+        self.embed_norm = make_norm(cfg) if block.embed_norm else nn.Identity()
         self.blocks = nn.ModuleList(block(cfg, layer) for layer in range(cfg.n_layers))
         self.exit = block.Exit(cfg) if block.Exit is not None else nn.Identity()
-        self.final_norm = norm() if cfg.use_final_norm else nn.Identity()
+        self.final_norm = make_norm(cfg) if cfg.use_final_norm else nn.Identity()
         self.head = None
         if not cfg.tie_embeddings:
             self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

@@ -57,13 +57,14 @@ class DyT(nn.Module):
 NORMS = (nn.RMSNorm, nn.LayerNorm, DyT)  # the modules make_norm builds
 
 
-def make_norm(norm: NormType, dim: int, eps: float, dyt_alpha0: float = 0.5) -> nn.Module:
-    """N(x) of the given type over the last dimension ``dim``."""
-    if norm is NormType.RMS:
-        return nn.RMSNorm(dim, eps=eps)
-    if norm is NormType.LAYER:
-        return nn.LayerNorm(dim, eps=eps)
-    return DyT(dim, dyt_alpha0)
+def make_norm(cfg, dim: int | None = None) -> nn.Module:
+    """N(x) of type ``cfg.norm`` over the last dimension (``dim``, default ``cfg.d_model``)."""
+    dim = cfg.d_model if dim is None else dim
+    if cfg.norm is NormType.RMS:
+        return nn.RMSNorm(dim, eps=cfg.norm_eps)
+    if cfg.norm is NormType.LAYER:
+        return nn.LayerNorm(dim, eps=cfg.norm_eps)
+    return DyT(dim, cfg.dyt_alpha0)
 
 
 def rope_cache(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:

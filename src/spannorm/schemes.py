@@ -148,11 +148,11 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer  # 0-based index of this block
-        qkv_norm = (lambda dim: make_norm(cfg.norm, dim, cfg.norm_eps, cfg.dyt_alpha0)) if self.qkv_norm else None
+        qkv_norm = (lambda dim: make_norm(cfg, dim)) if self.qkv_norm else None
         self.attn = Attention(cfg.d_model, cfg.n_heads, qkv_norm)
         self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
         for name in self.norms:
-            setattr(self, name, make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.dyt_alpha0))
+            setattr(self, name, make_norm(cfg))
 
     @classmethod
     def init_stds(cls, cfg: ModelConfig, layer: int) -> dict[Role, float]:
@@ -453,7 +453,7 @@ class ResiDualExit(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.dyt_alpha0)
+        self.norm = make_norm(cfg)
 
     def forward(self, state: Streams) -> torch.Tensor:
         return state.post + self.norm(state.pre)
@@ -489,8 +489,7 @@ class SiameseExit(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.norm_a, self.norm_b, self.norm_f = (make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.dyt_alpha0)
-                                                 for _ in range(3))
+        self.norm_a, self.norm_b, self.norm_f = (make_norm(cfg) for _ in range(3))
 
     def forward(self, state: Streams) -> torch.Tensor:
         return self.norm_f(self.norm_a(state.post) + self.norm_b(state.pre))
