@@ -46,6 +46,8 @@ def test_resume_reproduces_uninterrupted_run(corpus, tmp_path):
     partial = train(cfg, tmp_path / "cut", progress=False, stop_after=25)
     assert partial == {"step": 25, "finished": False}
     assert max(r["step"] for r in read_metrics(tmp_path / "cut")) == 25
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:  # killed in the middle of writing a row
+        f.write('{"step": 30, "lo')
     summary = train(cfg, tmp_path / "cut", resume=True, progress=False)
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")  # exactly, not approximately
     # resuming a finished run changes nothing

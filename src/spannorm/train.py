@@ -221,7 +221,16 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:  # a row cut short by a kill: the resume recomputes it
+                break
+            raise SpannormError(f"{path} line {i + 1} is not valid JSON") from None
+    return rows
 
 
 def is_diverged(rows: list[dict]) -> bool:
