@@ -44,6 +44,16 @@ def build_parser() -> Parser:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    pr = sub.add_parser("probe", help="signal propagation at init (or on a checkpoint), measured and predicted")
+    _config_args(pr, "small")
+    pr.add_argument("--scheme", default="pre,post,span", help="comma-separated schemes (default pre,post,span)")
+    pr.add_argument("--depths", default="12,48,96", help="comma-separated depths L (default 12,48,96)")
+    pr.add_argument("--d-model", type=int, help="width (default: the config's model.d_model)")
+    pr.add_argument("--batch", type=int, default=4, help="sequences in the probe batch (default 4)")
+    pr.add_argument("--checkpoint", type=Path, help="a run directory: probe its latest checkpoint instead")
+    pr.add_argument("--json", type=Path, default=Path("runs/probe/probe.json"),
+                    help="output JSON (default runs/probe/probe.json); PNG plots are written beside it")
+
     sch = sub.add_parser("schemes", help="list every normalization scheme with its equation, init and reference")
     fmt = sch.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print a JSON list of {name, equation, init, reference}")
@@ -114,6 +124,49 @@ def cmd_compare(args) -> None:
     print(f"\nreport: {args.out / 'report.md'}  plot: {args.out / 'loss_curves.png'}")
 
 
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ConfigError(f"{flag} {text!r} is invalid: expected comma-separated positive integers, e.g. 12,48,96")
+    return values
+
+
+def cmd_probe(args) -> None:
+    import json
+
+    from .diagnostics import plot_heatmaps, plot_probe, read_diagnostics, run_probe
+    from .io import atomic_write_text
+    from .schemes import Scheme
+
+    if args.batch < 1:
+        raise ConfigError(f"--batch {args.batch} is invalid: expected a positive integer")
+    if args.checkpoint is not None:
+        schemes, depths, cfg = [], [], None
+    else:
+        schemes = [coerce_enum(Scheme, "--scheme", s.strip()) for s in args.scheme.split(",") if s.strip()]
+        depths = _int_list("--depths", args.depths)
+        if args.d_model is not None:
+            args.overrides = list(args.overrides) + [f"model.d_model={args.d_model}"]
+        cfg = _load(args)
+    runs = run_probe(cfg, schemes, depths, args.batch, checkpoint=args.checkpoint)
+    atomic_write_text(args.json, json.dumps({"runs": runs}, indent=1))
+    plots = [args.json.with_suffix(".png")]
+    plot_probe(runs, plots[0])
+    if args.checkpoint is not None and (rows := read_diagnostics(args.checkpoint)):
+        plots.append(args.json.with_name(args.json.stem + "_heatmap.png"))
+        plot_heatmaps(rows, plots[1])
+    print("| scheme | L | final stream RMS | grad ratio first/last | skip gain | skip gain theory | full gain |")
+    print("|---|---|---|---|---|---|---|")
+    for r in runs:
+        th = r["skip_gain_theory"]
+        print(f"| {r['scheme']} | {r['depth']} | {r['stream_rms'][-1]:.4g} | {r['grad_ratio_first_last']:.4g} | "
+              f"{r['skip_gain_measured']:.4g} | {'—' if th is None else f'{th:.4g}'} | {r['full_gain_measured']:.4g} |")
+    print(f"\njson: {args.json}  plots: {', '.join(str(p) for p in plots)}")
+
+
 def cmd_schemes(args) -> None:
     import json
 
@@ -139,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     handler = {"data": cmd_data_prepare, "train": cmd_train, "compare": cmd_compare,
-               "schemes": cmd_schemes}[args.command]
+               "schemes": cmd_schemes, "probe": cmd_probe}[args.command]
     try:
         handler(args)
     except SpannormError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -49,3 +50,22 @@ def atomic_dir(dest: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSON-lines file ([] if it does not exist); a last row cut short by a kill is dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:
+                break
+            from .config import SpannormError
+
+            raise SpannormError(f"{path} line {i + 1} is not valid JSON") from None
+    return rows

@@ -28,7 +28,8 @@ from safetensors.torch import load_model, save_model
 
 from .config import ConfigError, SpannormError, apply_overrides, coerce_enum, from_dict, read_yaml, require, to_dict
 from .data import DataConfig, TokenData, prepare
-from .io import atomic_dir, atomic_write_text
+from .diagnostics import grad_norms, taps
+from .io import atomic_dir, atomic_write_text, read_jsonl
 from .model import LM, ModelConfig, build_model
 
 
@@ -58,6 +59,7 @@ class TrainConfig:
     eval_batches: int = 8  # validation batches per pass
     ckpt_interval: int = 100  # steps between checkpoints (and one at the end)
     threads: int | None = None  # torch intra-op threads; None: torch's default
+    probe_interval: int = 50  # steps between rows of diagnostics.jsonl (per-block grad norm, stream RMS); 0: off
 
     def __post_init__(self):
         self.precision = coerce_enum(Precision, "train.precision", self.precision)
@@ -74,6 +76,7 @@ class TrainConfig:
         require(0 <= self.beta2 < 1, "train.beta2", self.beta2, "a number in [0, 1)")
         require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "a number >= 0 (0 disables clipping)")
         require(self.threads is None or self.threads > 0, "train.threads", self.threads, "a positive integer or null")
+        require(self.probe_interval >= 0, "train.probe_interval", self.probe_interval, "an integer >= 0 (0: off)")
 
 
 @dataclass
@@ -218,19 +221,7 @@ def load_checkpoint(run_dir: Path, model: LM, opt: torch.optim.Optimizer, gen: t
 # --- the loop ------------------------------------------------------------------------------
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            if i == len(lines) - 1:  # a row cut short by a kill: the resume recomputes it
-                break
-            raise SpannormError(f"{path} line {i + 1} is not valid JSON") from None
-    return rows
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
 def is_diverged(rows: list[dict]) -> bool:
@@ -265,12 +256,14 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
     step = 0
     if resume:
         step = load_checkpoint(run_dir, model, opt, gen)
-        rows = [r for r in read_metrics(run_dir) if r["step"] <= step]
-        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        for name in ("metrics.jsonl", "diagnostics.jsonl"):  # forget rows past the checkpoint
+            rows = [r for r in read_jsonl(run_dir / name) if r["step"] <= step]
+            atomic_write_text(run_dir / name, "".join(json.dumps(r) + "\n" for r in rows))
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         atomic_write_text(run_dir / "metrics.jsonl", "")
+        atomic_write_text(run_dir / "diagnostics.jsonl", "")
 
     start_step, tokens_per_step = step, t.batch_size * t.seq_len
     bar = None
@@ -280,6 +273,7 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
         bar = tqdm(total=t.max_steps, initial=step, desc=f"{cfg.model.scheme.value}", unit="step",
                    dynamic_ncols=True, leave=False, disable=None)  # None: off when not a terminal
     metrics = open(run_dir / "metrics.jsonl", "a")
+    diagnostics = open(run_dir / "diagnostics.jsonl", "a")
     train_time, window_time, window_tokens = 0.0, 0.0, 0
     last_val, diverged = None, False
     clip = t.grad_clip if t.grad_clip > 0 else float("inf")
@@ -290,9 +284,15 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, t)
             x, y = dataset.sample(gen, t.batch_size)
-            with autocast(t):
+            probing = t.probe_interval > 0 and (step + 1) % t.probe_interval == 0
+            with autocast(t), (taps(model) if probing else contextlib.nullcontext()) as rec:
                 _, loss = model(x, y)
             loss.backward()
+            if probing:  # before clipping: the raw per-block gradient norms
+                row = {"step": step + 1, "grad_norm": [g["total"] for g in grad_norms(model)],
+                       "stream_rms": [s.float().pow(2).mean().sqrt().item() for s in rec["stream"]]}
+                diagnostics.write(json.dumps(row) + "\n")
+                diagnostics.flush()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -323,6 +323,7 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
                 save_checkpoint(run_dir, step, model, opt, gen)
     finally:
         metrics.close()
+        diagnostics.close()
         if bar is not None:
             bar.close()
     if step < t.max_steps and not diverged:
