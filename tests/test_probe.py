@@ -84,6 +84,7 @@ def test_probe_cli_json_and_plots(tmp_path, corpus, capsys):
     assert "| span | 3 |" in capsys.readouterr().out
 
 
+
 def test_training_logs_diagnostics_and_probe_reads_checkpoint(tmp_path, corpus, capsys):
     run = tmp_path / "run"
     assert main(["train", "--config", "tiny", "--corpus", str(corpus), "--out", str(run), "--quiet",

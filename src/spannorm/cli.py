@@ -137,7 +137,7 @@ def _int_list(flag: str, text: str) -> list[int]:
 def cmd_probe(args) -> None:
     import json
 
-    from .diagnostics import plot_heatmaps, plot_probe, read_diagnostics, run_probe
+    from .diagnostics import plot_heatmaps, plot_probe, probe_table, read_diagnostics, run_probe
     from .io import atomic_write_text
     from .schemes import Scheme
 
@@ -158,12 +158,10 @@ def cmd_probe(args) -> None:
     if args.checkpoint is not None and (rows := read_diagnostics(args.checkpoint)):
         plots.append(args.json.with_name(args.json.stem + "_heatmap.png"))
         plot_heatmaps(rows, plots[1])
-    print("| scheme | L | final stream RMS | grad ratio first/last | skip gain | skip gain theory | full gain |")
-    print("|---|---|---|---|---|---|---|")
-    for r in runs:
-        th = r["skip_gain_theory"]
-        print(f"| {r['scheme']} | {r['depth']} | {r['stream_rms'][-1]:.4g} | {r['grad_ratio_first_last']:.4g} | "
-              f"{r['skip_gain_measured']:.4g} | {'—' if th is None else f'{th:.4g}'} | {r['full_gain_measured']:.4g} |")
+    print(probe_table(runs))
+    if args.checkpoint is not None:
+        print("\nlayer-drop sensitivity (val loss increase with block l as the identity): "
+              + ", ".join(f"{x:.3f}" for x in runs[0]["layer_drop"]))
     print(f"\njson: {args.json}  plots: {', '.join(str(p) for p in plots)}")
 
 

@@ -278,6 +278,21 @@ def run_probe(cfg, schemes: list[Scheme], depths: list[int], batch_size: int, ch
     return runs
 
 
+def probe_table(runs: list[dict]) -> str:
+    """A Markdown table of the headline numbers of each probed model."""
+    def g(x) -> str:
+        return "—" if x is None else f"{x:.4g}"
+
+    lines = ["| scheme | L | final stream RMS | stream RMS theory | grad ratio first/last | skip gain | "
+             "skip gain theory | full gain |", "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        theory_rms = r["stream_rms_theory"][-1] if r["stream_rms_theory"] else None
+        lines.append(f"| {r['scheme']} | {r['depth']} | {g(r['stream_rms'][-1])} | {g(theory_rms)} | "
+                     f"{g(r['grad_ratio_first_last'])} | {g(r['skip_gain_measured'])} | {g(r['skip_gain_theory'])} | "
+                     f"{g(r['full_gain_measured'])} |")
+    return "\n".join(lines)
+
+
 def plot_probe(runs: list[dict], out) -> None:
     """Per-layer curves: stream RMS (theory dashed), gradient norm, adjacent-block cosine."""
     import io
