@@ -97,6 +97,7 @@ def test_training_logs_diagnostics_and_probe_reads_checkpoint(tmp_path, corpus, 
     assert main(["probe", "--checkpoint", str(run), "--json", str(out)]) == 0
     (r,) = json.loads(out.read_text())["runs"]
     assert len(r["layer_drop"]) == 2 and all(math.isfinite(x) for x in r["layer_drop"])
+    assert r["skip_gain_theory"] is None and r["stream_rms_theory"] is None  # init-only closed forms
     assert (tmp_path / "ck_heatmap.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -50,7 +50,8 @@ def build_parser() -> Parser:
     pr.add_argument("--depths", default="12,48,96", help="comma-separated depths L (default 12,48,96)")
     pr.add_argument("--d-model", type=int, help="width (default: the config's model.d_model)")
     pr.add_argument("--batch", type=int, default=4, help="sequences in the probe batch (default 4)")
-    pr.add_argument("--checkpoint", type=Path, help="a run directory: probe its latest checkpoint instead")
+    pr.add_argument("--checkpoint", type=Path, help="a run directory: probe its latest checkpoint (with its own config; --scheme, "
+                         "--depths, --d-model and --config are not used) and add layer-drop sensitivity")
     pr.add_argument("--json", type=Path, default=Path("runs/probe/probe.json"),
                     help="output JSON (default runs/probe/probe.json); PNG plots are written beside it")
 

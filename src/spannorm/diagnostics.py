@@ -274,6 +274,8 @@ def run_probe(cfg, schemes: list[Scheme], depths: list[int], batch_size: int, ch
         row = probe(model, *batches[0])
         if checkpoint is not None:
             row["layer_drop"] = layer_drop(model, batches)
+            # the closed forms assume unit norm gains, true only at init
+            row["stream_rms_theory"] = row["skip_gain_theory"] = None
         runs.append(row)
     return runs
 
