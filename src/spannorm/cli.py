@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import ConfigError, SpannormError, coerce_enum
+from .schemes import Scheme
 
 
 class Parser(argparse.ArgumentParser):
@@ -54,6 +55,14 @@ def build_parser() -> Parser:
                          "--depths, --d-model and --config are not used) and add layer-drop sensitivity")
     pr.add_argument("--json", type=Path, default=Path("runs/probe/probe.json"),
                     help="output JSON (default runs/probe/probe.json); PNG plots are written beside it")
+
+    be = sub.add_parser("bench", help="training-step speed and memory of every scheme and of HF Llama")
+    be.add_argument("--schemes", default=",".join(s.value for s in Scheme), help="comma-separated (default: all)")
+    be.add_argument("--depths", default="4,8,16,32", help="depth sweep for pre, span and HF Llama (default 4,8,16,32)")
+    be.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16 (autocast); default both")
+    be.add_argument("--reps", type=int, default=5, help="timed steps per case, after 2 warm-up steps (default 5)")
+    be.add_argument("--no-hf", action="store_true", help="skip the Hugging Face LlamaForCausalLM reference")
+    be.add_argument("--json", type=Path, help="write {matmul_peak_flops, rows: [...]} here")
 
     sch = sub.add_parser("schemes", help="list every normalization scheme with its equation, init and reference")
     fmt = sch.add_mutually_exclusive_group()
@@ -166,6 +175,31 @@ def cmd_probe(args) -> None:
     print(f"\njson: {args.json}  plots: {', '.join(str(p) for p in plots)}")
 
 
+def cmd_bench(args) -> None:
+    import dataclasses
+    import importlib.util
+    import json
+
+    from .bench import cases, ratios, run
+    from .io import atomic_write_text
+
+    schemes = [coerce_enum(Scheme, "--schemes", s.strip()).value for s in args.schemes.split(",") if s.strip()]
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    for d in dtypes:
+        if d not in ("fp32", "bf16"):
+            raise ConfigError(f"--dtypes {args.dtypes!r} is invalid: expected fp32 and/or bf16")
+    if args.reps < 1:
+        raise ConfigError(f"--reps {args.reps} is invalid: expected a positive integer")
+    if not args.no_hf and importlib.util.find_spec("transformers") is None:
+        raise ConfigError("the HF reference needs transformers: pip install 'spannorm[bench]', or pass --no-hf")
+    todo = [dataclasses.replace(c, reps=args.reps) for c in cases(schemes, _int_list("--depths", args.depths), dtypes,
+                                                                   not args.no_hf)]
+    result = run(todo)
+    print("\n".join(ratios(result)))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=1))
+
+
 def cmd_schemes(args) -> None:
     import json
 
@@ -191,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     handler = {"data": cmd_data_prepare, "train": cmd_train, "compare": cmd_compare,
-               "schemes": cmd_schemes, "probe": cmd_probe}[args.command]
+               "schemes": cmd_schemes, "probe": cmd_probe, "bench": cmd_bench}[args.command]
     try:
         handler(args)
     except SpannormError as e:
