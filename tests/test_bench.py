@@ -2,21 +2,31 @@
 
 import pytest
 
-from spannorm.bench import Case, ratios, run_case
+from spannorm.bench import Case, cases, peak_memory, ratios, time_group
 from spannorm.cli import main
 
 
-@pytest.mark.parametrize("impl", ["spannorm", "hf-llama"])
-def test_one_case_runs(impl):
-    row = run_case(Case(impl, "pre", depth=1, dtype="bf16", reps=1, warmup=0))
-    assert row["tokens_per_s"] > 0 and row["step_s"] > 0 and row["peak_mem_mb"] > 0
-    assert {"impl", "scheme", "depth", "dtype", "tokens_per_s", "peak_mem_mb"} <= set(row)
+def test_a_group_is_timed_together_and_hf_has_the_same_size_as_pre():
+    group = [Case("spannorm", "pre", 1, "bf16"), Case("hf-llama", "pre", 1, "bf16"), Case("spannorm", "span", 1, "bf16")]
+    rows = time_group(group, reps=1, warmup=0)
+    assert [(r["impl"], r["scheme"]) for r in rows] == [(c.impl, c.scheme) for c in group]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["step_s"] > 0
+        assert {"impl", "scheme", "depth", "dtype", "compile", "tokens_per_s", "n_params"} <= set(r)
+    assert rows[0]["n_params"] == rows[1]["n_params"]
 
 
-def test_hf_reference_has_the_same_size_as_pre():
-    ours = run_case(Case("spannorm", "pre", depth=2, dtype="fp32", reps=1, warmup=0))
-    theirs = run_case(Case("hf-llama", "pre", depth=2, dtype="fp32", reps=1, warmup=0))
-    assert ours["n_params"] == theirs["n_params"]
+def test_peak_memory_is_positive():
+    assert peak_memory(Case("spannorm", "pre", 1, "fp32")) > 0
+
+
+def test_case_list():
+    got = cases(["pre", "span", "post"], [4, 8], ["bf16"], with_hf=True, compile=True)
+    assert [(c.impl, c.scheme, c.depth, c.compile) for c in got] == [
+        ("spannorm", "pre", 4, False), ("spannorm", "span", 4, False), ("hf-llama", "pre", 4, False),
+        ("spannorm", "pre", 8, False), ("spannorm", "span", 8, False), ("spannorm", "post", 8, False),
+        ("hf-llama", "pre", 8, False),
+        ("spannorm", "pre", 8, True), ("spannorm", "span", 8, True), ("hf-llama", "pre", 8, True)]
 
 
 def test_ratios_and_depth_fit():
@@ -26,7 +36,11 @@ def test_ratios_and_depth_fit():
 
     rows = [row("spannorm", "pre", L, "fp32", 0.01 + 0.002 * L) for L in (4, 8, 16, 32)]
     rows += [row("spannorm", "span", 8, "fp32", 0.0286, 103.0), row("hf-llama", "pre", 8, "fp32", 0.052)]
+    rows += [row("spannorm", "pre", 8, "fp32", 0.013) | {"compile": True},
+             row("hf-llama", "pre", 8, "fp32", 0.039) | {"compile": True}]
     lines = ratios({"rows": rows})
+    assert "fp32 compiled: spannorm pre / HF Llama tokens/s 3.000x" in lines
+    assert "fp32: spannorm pre compiled / eager tokens/s 2.000x (timed in separate processes)" in lines
     assert "fp32: span/pre step time 1.100x, peak memory 1.030x" in lines
     assert "fp32: spannorm pre / HF Llama tokens/s 2.000x" in lines
     assert "fp32: spannorm pre step time = 10.0 ms + 2.00 ms × L (R² 1.0000)" in lines

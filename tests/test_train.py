@@ -124,3 +124,15 @@ def test_non_finite_loss_stops_the_run(corpus, tmp_path):
     rows = read_metrics(tmp_path / "run")
     assert summary["diverged"] and summary["final_val_loss"] is None and summary["steps"] < 40
     assert rows[-1]["step"] == summary["steps"] and not math.isfinite(rows[-1]["loss"])
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(corpus, tmp_path):
+    """train.compile=true (minutes: inductor compiles the model) gives the eager losses up to fusion rounding."""
+    losses = {}
+    for compiled in (False, True):
+        cfg = load_config("tiny", [f"data.corpus={corpus}", "train.max_steps=10", "train.log_interval=1",
+                                   f"train.compile={str(compiled).lower()}", "train.probe_interval=0"])
+        train(cfg, tmp_path / str(compiled), progress=False)
+        losses[compiled] = [r["loss"] for r in read_metrics(tmp_path / str(compiled))]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)

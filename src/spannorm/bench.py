@@ -1,15 +1,19 @@
 """``spannorm bench``: training-step cost of every scheme, and of Hugging Face ``LlamaForCausalLM``
 with identical dimensions, measured side by side on this machine.
 
-Each configuration runs in its own subprocess, so that its peak memory (resident set size above
-the process's size before the model was built) is its own. Step = forward + backward + AdamW; the
-result is the median of ``reps`` steps after ``warmup`` steps. FLOPs per token are 6·N (N = all
-parameters; the tied embedding, counted once, is the head's matmul) + 6·L·T·d (causal attention);
-MFU divides the achieved FLOP/s by this machine's matmul peak, measured in the same run.
+Shared machines are noisy, so times are compared only within one process: all models of one
+(depth, dtype, compile) group are built in the same subprocess and their steps are interleaved
+round-robin, ``reps`` rounds after ``warmup`` rounds; each model's step time is its median. Peak
+memory (resident set size above the process's size before the model was built) needs a process
+per model: each case gets a short one. Step = forward + backward + AdamW (fused, the same for
+every implementation). FLOPs per token are 6·N (N = all parameters; the tied embedding, counted
+once, is the head's matmul) + 6·L·T·d (causal attention); MFU divides the achieved FLOP/s by this
+machine's matmul peak, measured in the same run.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import resource
@@ -25,14 +29,13 @@ STANDARD = dict(d_model=256, n_layers=8, n_heads=4, vocab_size=8192, seq_len=256
 DEPTHS = (4, 8, 16, 32)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Case:
     impl: str  # "spannorm" or "hf-llama"
     scheme: str  # scheme name ("pre" for hf-llama, whose layout is PreNorm)
     depth: int
     dtype: str  # "fp32" or "bf16" (autocast)
-    reps: int = 5  # timed steps (the median is reported)
-    warmup: int = 2  # untimed steps first
+    compile: bool = False  # torch.compile the model
 
 
 def _rss_mb() -> float:
@@ -41,6 +44,7 @@ def _rss_mb() -> float:
 
 
 def _build(case: Case):
+    """The model and a step function (forward + backward + AdamW) on a fixed batch."""
     s = STANDARD
     if case.impl == "hf-llama":
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -54,40 +58,64 @@ def _build(case: Case):
                           rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=False, mlp_bias=False)
         cfg._attn_implementation = "sdpa"
         model = LlamaForCausalLM(cfg)
-        return model, lambda x, y: model(input_ids=x, labels=y).loss
-    from .model import ModelConfig, build_model
+        forward = torch.compile(model) if case.compile else model
 
-    model = build_model(ModelConfig(vocab_size=s["vocab_size"], d_model=s["d_model"], n_layers=case.depth,
-                                    n_heads=s["n_heads"], scheme=case.scheme))
-    return model, lambda x, y: model(x, y)[1]
+        def loss_fn(x, y):
+            return forward(input_ids=x, labels=y).loss
+    else:
+        from .model import ModelConfig, build_model
 
+        model = build_model(ModelConfig(vocab_size=s["vocab_size"], d_model=s["d_model"], n_layers=case.depth,
+                                        n_heads=s["n_heads"], scheme=case.scheme))
+        forward = torch.compile(model) if case.compile else model
 
-def run_case(case: Case) -> dict:
-    """Time one configuration in this process (called in a fresh subprocess)."""
-    torch.manual_seed(0)
-    base = _rss_mb()
-    model, loss_fn = _build(case)
-    n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    s = STANDARD
-    x = torch.randint(0, s["vocab_size"], (s["batch_size"], s["seq_len"]))
-    times = []
-    for i in range(case.warmup + case.reps):
-        t0 = time.perf_counter()
+        def loss_fn(x, y):
+            return forward(x, y)[1]
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = torch.randint(0, s["vocab_size"], (s["batch_size"], s["seq_len"]), generator=torch.Generator().manual_seed(0))
+
+    def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.dtype == "bf16"):
             loss = loss_fn(x, x)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= case.warmup:
-            times.append(time.perf_counter() - t0)
-    step = statistics.median(times)
+
+    return model, step
+
+
+def time_group(group: list[Case], reps: int = 5, warmup: int = 2) -> list[dict]:
+    """Median step time of each case, with all steps interleaved round-robin in this process."""
+    torch.manual_seed(0)
+    built = [_build(c) for c in group]
+    times: list[list[float]] = [[] for _ in group]
+    for r in range(warmup + reps):
+        for i in range(len(group)):
+            i = (i + r) % len(group)  # rotate who goes first
+            t0 = time.perf_counter()
+            built[i][1]()
+            if r >= warmup:
+                times[i].append(time.perf_counter() - t0)
+    s = STANDARD
     tokens = s["batch_size"] * s["seq_len"]
-    d, L, T = s["d_model"], case.depth, s["seq_len"]
-    flops_per_token = 6 * n_params + 6 * L * T * d
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB -> MB on Linux
-    return asdict(case) | {"step_s": step, "tokens_per_s": tokens / step, "flops_per_s": flops_per_token * tokens / step,
-                           "peak_mem_mb": peak - base, "n_params": n_params}
+    rows = []
+    for case, (model, _), ts in zip(group, built, times):
+        n_params = sum(p.numel() for p in model.parameters())
+        step = statistics.median(ts)
+        flops_per_token = 6 * n_params + 6 * case.depth * s["seq_len"] * s["d_model"]
+        rows.append(asdict(case) | {"step_s": step, "tokens_per_s": tokens / step, "n_params": n_params,
+                                    "flops_per_s": flops_per_token * tokens / step})
+    return rows
+
+
+def peak_memory(case: Case) -> float:
+    """MB of resident memory a model adds to a process, over two training steps (run it in a fresh process)."""
+    base = _rss_mb()
+    step = _build(case)[1]
+    step()
+    step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base  # kB -> MB on Linux
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
@@ -102,63 +130,83 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
-def cases(schemes: list[str], depths: list[int], dtypes: list[str], with_hf: bool) -> list[Case]:
-    """Every scheme at the standard depth; pre, span and HF Llama over the depth sweep."""
+def cases(schemes: list[str], depths: list[int], dtypes: list[str], with_hf: bool,
+          compile: bool = False) -> list[Case]:
+    """Every scheme at the standard depth; pre, span and HF Llama over the depth sweep; with
+    ``compile``, pre, span and HF Llama compiled at the standard depth."""
     out = []
     for dtype in dtypes:
-        for scheme in schemes:
-            out.append(Case("spannorm", scheme, STANDARD["n_layers"], dtype))
-        if with_hf:
-            out.append(Case("hf-llama", "pre", STANDARD["n_layers"], dtype))
-        for depth in depths:
-            if depth == STANDARD["n_layers"]:
-                continue
-            out += [Case("spannorm", s, depth, dtype) for s in ("pre", "span") if s in schemes]
+        for depth in sorted({STANDARD["n_layers"], *depths}):
+            names = schemes if depth == STANDARD["n_layers"] else [s for s in ("pre", "span") if s in schemes]
+            out += [Case("spannorm", s, depth, dtype) for s in names]
             if with_hf:
                 out.append(Case("hf-llama", "pre", depth, dtype))
+        if compile:
+            out += [Case("spannorm", s, STANDARD["n_layers"], dtype, True) for s in ("pre", "span") if s in schemes]
+            if with_hf:
+                out.append(Case("hf-llama", "pre", STANDARD["n_layers"], dtype, True))
     return out
 
 
-def run(all_cases: list[Case], log=print) -> dict:
+def _subprocess(*args: str):
+    res = subprocess.run([sys.executable, "-m", "spannorm.bench", *args], capture_output=True, text=True)
+    if res.returncode != 0:
+        from .config import SpannormError
+
+        raise SpannormError(f"bench {args[0]} {args[1]} failed: {(res.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run(all_cases: list[Case], reps: int = 5, log=print) -> dict:
+    """Time every (depth, dtype, compile) group in its own process, then each case's memory in its own."""
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     log(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
     rows = []
-    for case in all_cases:
-        res = subprocess.run([sys.executable, "-m", "spannorm.bench", json.dumps(asdict(case))],
-                             capture_output=True, text=True)
-        if res.returncode != 0:
-            from .config import SpannormError
-
-            raise SpannormError(f"bench case {asdict(case)} failed: {(res.stderr.strip().splitlines() or ['?'])[-1]}")
-        row = json.loads(res.stdout.strip().splitlines()[-1])
-        row["mfu"] = row["flops_per_s"] / peaks[row["dtype"]]
-        log(f"{row['impl']:9s} {row['scheme']:9s} L={row['depth']:<3d} {row['dtype']}: "
-            f"{row['tokens_per_s']:9,.0f} tok/s  {row['peak_mem_mb']:7.0f} MB  MFU {row['mfu']:.1%}")
-        rows.append(row)
+    key = lambda c: (c.dtype, c.compile, c.depth)  # noqa: E731
+    for _, group in itertools.groupby(sorted(all_cases, key=key), key=key):
+        group = list(group)
+        timed = _subprocess("time", json.dumps({"cases": [asdict(c) for c in group], "reps": reps}))
+        for case, row in zip(group, timed):
+            row["peak_mem_mb"] = _subprocess("memory", json.dumps(asdict(case)))
+            row["mfu"] = row["flops_per_s"] / peaks[row["dtype"]]
+            log(f"{row['impl']:9s} {row['scheme']:9s} L={row['depth']:<3d} {row['dtype']}"
+                f"{' compiled' if row['compile'] else '':9s}: {row['tokens_per_s']:9,.0f} tok/s  "
+                f"{row['peak_mem_mb']:7.0f} MB  MFU {row['mfu']:.1%}")
+            rows.append(row)
     return {"matmul_peak_flops": peaks, "rows": rows}
 
 
 def ratios(result: dict) -> list[str]:
-    """The headline ratios: span vs pre, pre vs HF Llama, and a linear fit of step time over depth."""
+    """The headline ratios (eager unless marked): span vs pre, pre vs HF Llama, compiled vs eager,
+    and a linear fit of step time over depth."""
     import numpy as np
 
     rows = result["rows"]
 
-    def find(impl, scheme, depth, dtype):
-        return next((r for r in rows if (r["impl"], r["scheme"], r["depth"], r["dtype"]) == (impl, scheme, depth, dtype)),
-                    None)
+    def find(impl, scheme, dtype, compiled=False, depth=STANDARD["n_layers"]):
+        return next((r for r in rows if (r["impl"], r["scheme"], r["depth"], r["dtype"], r.get("compile", False))
+                     == (impl, scheme, depth, dtype, compiled)), None)
 
     lines = []
     for dtype in ("fp32", "bf16"):
-        pre, span, hf = (find("spannorm", "pre", 8, dtype), find("spannorm", "span", 8, dtype),
-                         find("hf-llama", "pre", 8, dtype))
+        pre, span, hf = find("spannorm", "pre", dtype), find("spannorm", "span", dtype), find("hf-llama", "pre", dtype)
         if pre and span:
             lines.append(f"{dtype}: span/pre step time {span['step_s'] / pre['step_s']:.3f}x, "
                          f"peak memory {span['peak_mem_mb'] / pre['peak_mem_mb']:.3f}x")
         if pre and hf:
             lines.append(f"{dtype}: spannorm pre / HF Llama tokens/s {pre['tokens_per_s'] / hf['tokens_per_s']:.3f}x")
+        cpre, chf = find("spannorm", "pre", dtype, True), find("hf-llama", "pre", dtype, True)
+        if cpre and chf:
+            lines.append(f"{dtype} compiled: spannorm pre / HF Llama tokens/s "
+                         f"{cpre['tokens_per_s'] / chf['tokens_per_s']:.3f}x")
+        for impl, eager in (("spannorm", pre), ("hf-llama", hf)):
+            compiled = find(impl, "pre", dtype, True)
+            if eager and compiled:
+                lines.append(f"{dtype}: {impl} pre compiled / eager tokens/s "
+                             f"{compiled['tokens_per_s'] / eager['tokens_per_s']:.3f}x (timed in separate processes)")
         for impl, scheme in (("spannorm", "pre"), ("spannorm", "span"), ("hf-llama", "pre")):
-            pts = sorted((r["depth"], r["step_s"]) for r in rows if (r["impl"], r["scheme"], r["dtype"]) == (impl, scheme, dtype))
+            pts = sorted((r["depth"], r["step_s"]) for r in rows if (r["impl"], r["scheme"], r["dtype"])
+                         == (impl, scheme, dtype) and not r.get("compile", False))
             if len(pts) >= 3:
                 x, y = np.array(pts, dtype=float).T
                 slope, icpt = np.polyfit(x, y, 1)
@@ -168,5 +216,9 @@ def ratios(result: dict) -> list[str]:
     return lines
 
 
-if __name__ == "__main__":  # one case, in a fresh process
-    print(json.dumps(run_case(Case(**json.loads(sys.argv[1])))))
+if __name__ == "__main__":  # one group's timing or one case's memory, in a fresh process
+    arg = json.loads(sys.argv[2])
+    if sys.argv[1] == "time":
+        print(json.dumps(time_group([Case(**c) for c in arg["cases"]], arg["reps"])))
+    else:
+        print(json.dumps(peak_memory(Case(**arg))))

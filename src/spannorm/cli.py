@@ -60,7 +60,10 @@ def build_parser() -> Parser:
     be.add_argument("--schemes", default=",".join(s.value for s in Scheme), help="comma-separated (default: all)")
     be.add_argument("--depths", default="4,8,16,32", help="depth sweep for pre, span and HF Llama (default 4,8,16,32)")
     be.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16 (autocast); default both")
-    be.add_argument("--reps", type=int, default=5, help="timed steps per case, after 2 warm-up steps (default 5)")
+    be.add_argument("--reps", type=int, default=5, help="timed rounds of interleaved steps, after 2 warm-up rounds "
+                    "(default 5)")
+    be.add_argument("--compile", action="store_true", help="also time pre, span and HF Llama under torch.compile "
+                    "(standard depth)")
     be.add_argument("--no-hf", action="store_true", help="skip the Hugging Face LlamaForCausalLM reference")
     be.add_argument("--json", type=Path, help="write {matmul_peak_flops, rows: [...]} here")
 
@@ -176,7 +179,6 @@ def cmd_probe(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    import dataclasses
     import importlib.util
     import json
 
@@ -192,9 +194,7 @@ def cmd_bench(args) -> None:
         raise ConfigError(f"--reps {args.reps} is invalid: expected a positive integer")
     if not args.no_hf and importlib.util.find_spec("transformers") is None:
         raise ConfigError("the HF reference needs transformers: pip install 'spannorm[bench]', or pass --no-hf")
-    todo = [dataclasses.replace(c, reps=args.reps) for c in cases(schemes, _int_list("--depths", args.depths), dtypes,
-                                                                   not args.no_hf)]
-    result = run(todo)
+    result = run(cases(schemes, _int_list("--depths", args.depths), dtypes, not args.no_hf, args.compile), args.reps)
     print("\n".join(ratios(result)))
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=1))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import coerce_enum, require
-from .nn import NORMS, NormType, Role, make_norm, rope_cache
+from .nn import NORMS, NormType, Role, linear_cross_entropy, make_norm, rope_cache
 from .schemes import SCHEMES, InitMode, Scheme, SpanScale, shared_init
 
 
@@ -67,7 +67,11 @@ class ModelConfig:
 
 
 class LM(nn.Module):
-    """Causal language model; ``forward(idx, targets=None) -> (logits, loss)``."""
+    """Causal language model: ``forward(idx) -> (logits, None)``; ``forward(idx, targets) -> (None, loss)``.
+
+    With targets the head and the mean cross-entropy are fused (``nn.linear_cross_entropy``):
+    the (tokens × vocab) logits are never materialized.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -105,16 +109,16 @@ class LM(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         T = idx.shape[1]
-        rope = rope_cache(T, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta, idx.device)
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else self.embed.weight.dtype
+        rope = rope_cache(T, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta, idx.device, dtype)
         state = self.blocks[0].enter(self.embed_norm(self.embed(idx)))
         for block in self.blocks:
             state = block(state, rope)
         x = self.final_norm(self.exit(state))
-        logits = F.linear(x, self.embed.weight) if self.head is None else self.head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        head = self.embed.weight if self.head is None else self.head.weight
+        if targets is None:
+            return F.linear(x, head), None
+        return None, linear_cross_entropy(x.reshape(-1, x.shape[-1]), head, targets.reshape(-1))
 
 
 def init_roles(root: nn.Module, stds: dict[Role, float]) -> None:

@@ -54,29 +54,60 @@ class DyT(nn.Module):
         return self.weight * torch.tanh(self.alpha * x) + self.bias
 
 
-NORMS = (nn.RMSNorm, nn.LayerNorm, DyT)  # the modules make_norm builds
+class _RMSNorm(torch.autograd.Function):
+    """y = x · r · γ with r = (mean(x²) + eps)^(-1/2), and its backward written out:
+    dγ = Σ g·x̂,  dx = r · (g·γ − x̂ · mean(g·γ·x̂)) with x̂ = x·r. Computed in fp32 (or the input's
+    wider dtype); torch's composite rms_norm is several times slower on CPU, above all backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        acc = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
+        xf = x.to(acc)
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, weight, r)
+        return xf * r * weight
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, r = ctx.saved_tensors
+        xhat = x.to(r.dtype) * r
+        grad_w = (g * xhat).sum(dim=tuple(range(g.dim() - 1))).to(weight.dtype)
+        gy = g * weight
+        grad_x = (gy - xhat * (gy * xhat).mean(-1, keepdim=True)).mul_(r).to(x.dtype)
+        return grad_x, grad_w, None
+
+
+class RMSNorm(nn.RMSNorm):
+    """torch's RMSNorm (same parameters and equation) with the faster :class:`_RMSNorm` autograd."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _RMSNorm.apply(x, self.weight, self.eps)
+
+
+NORMS = (RMSNorm, nn.LayerNorm, DyT)  # the modules make_norm builds
 
 
 def make_norm(cfg, dim: int | None = None) -> nn.Module:
     """N(x) of type ``cfg.norm`` over the last dimension (``dim``, default ``cfg.d_model``)."""
     dim = cfg.d_model if dim is None else dim
     if cfg.norm is NormType.RMS:
-        return nn.RMSNorm(dim, eps=cfg.norm_eps)
+        return RMSNorm(dim, eps=cfg.norm_eps)
     if cfg.norm is NormType.LAYER:
         return nn.LayerNorm(dim, eps=cfg.norm_eps)
     return DyT(dim, cfg.dyt_alpha0)
 
 
-def rope_cache(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape (seq_len, head_dim), rotate-half (Llama) layout."""
+def rope_cache(seq_len: int, head_dim: int, theta: float, device=None,
+               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (seq_len, head_dim) in ``dtype``, rotate-half (Llama) layout."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, hd) queries or keys: x·cos + rotate_half(x)·sin."""
+    """Rotate (..., T, hd) queries or keys: x·cos + rotate_half(x)·sin."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
 
@@ -101,12 +132,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
         if self.qkv_norm:
-            q, k, v = self.q_norm(q), self.k_norm(k), self.v_norm(v)
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            qkv = torch.stack((self.q_norm(qkv[0]), self.k_norm(qkv[1]), self.v_norm(qkv[2])))
+        q, k = apply_rope(qkv[:2], *rope).unbind(0)  # q and k rotated in one pass
+        y = F.scaled_dot_product_attention(q, k, qkv[2], is_causal=True)
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -123,3 +153,53 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """mean_i CE(x_i·Wᵀ, t_i) without materializing the (N, V) logits.
+
+    Rows are processed in chunks; each chunk's logits live only inside the forward, where the
+    gradients are formed at once: dℓ/dlogits = (softmax − onehot)/N, dx = that·W, dW += thatᵀ·x.
+    The backward only scales them by the incoming gradient. Matmuls run in ``dtype`` (bf16 under
+    autocast), softmax and the accumulated dW in fp32 (or fp64); gradients return in the inputs' dtypes.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, dtype, chunk_rows):
+        n = x.shape[0]
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        acc = torch.promote_types(dtype, torch.float32)  # softmax and dW accumulation dtype
+        xd, wd = x.to(dtype), weight.to(dtype)
+        grad_x = torch.empty_like(x) if need_grad else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_grad else None
+        total = torch.zeros((), dtype=acc)
+        for start in range(0, n, chunk_rows):
+            xc, tc = xd[start:start + chunk_rows], targets[start:start + chunk_rows, None]
+            logits = (xc @ wd.t()).to(acc)
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            total += (lse - logits.gather(1, tc)).sum()
+            if need_grad:
+                g = logits.sub_(lse).exp_()  # softmax, in place of the logits
+                g.scatter_add_(1, tc, torch.full_like(lse, -1.0)).div_(n)
+                g = g.to(dtype)
+                grad_x[start:start + chunk_rows] = g @ wd
+                grad_w += g.t() @ xc
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_out, (grad_w * grad_out).to(ctx.weight_dtype), None, None, None
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the logits x·Wᵀ against ``targets`` (x: (N, d), W: (V, d)), in chunks
+    of ``chunk_rows`` rows (default: about 2^20 logits per chunk): memory O(chunk·V) instead of
+    O(N·V), and faster than materializing the logits. Under CPU bf16 autocast the matmuls run in
+    bf16, as ``F.linear`` would."""
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    chunk_rows = chunk_rows or max(64, 2**20 // weight.shape[0])
+    return _LinearCrossEntropy.apply(x, weight, targets, dtype, chunk_rows)

@@ -59,6 +59,7 @@ class TrainConfig:
     eval_batches: int = 8  # validation batches per pass
     ckpt_interval: int = 100  # steps between checkpoints (and one at the end)
     threads: int | None = None  # torch intra-op threads; None: torch's default
+    compile: bool = False  # torch.compile the training forward (probing steps and evaluation stay eager)
     probe_interval: int = 50  # steps between rows of diagnostics.jsonl (per-block grad norm, stream RMS); 0: off
 
     def __post_init__(self):
@@ -147,7 +148,7 @@ def make_optimizer(model: LM, t: TrainConfig) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=True)  # fused: one kernel per step
 
 
 def autocast(t: TrainConfig):
@@ -252,6 +253,7 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
     torch.manual_seed(t.seed)
     model = build_model(cfg.model)
     opt = make_optimizer(model, t)
+    forward = torch.compile(model) if t.compile else model
     gen = torch.Generator().manual_seed(t.seed)
     step = 0
     if resume:
@@ -286,7 +288,7 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
             x, y = dataset.sample(gen, t.batch_size)
             probing = t.probe_interval > 0 and (step + 1) % t.probe_interval == 0
             with autocast(t), (taps(model) if probing else contextlib.nullcontext()) as rec:
-                _, loss = model(x, y)
+                _, loss = (model if probing else forward)(x, y)
             loss.backward()
             if probing:  # before clipping: the raw per-block gradient norms
                 row = {"step": step + 1, "grad_norm": [g["total"] for g in grad_norms(model)],

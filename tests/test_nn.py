@@ -1,0 +1,78 @@
+"""The fused head + cross-entropy against torch's cross_entropy on materialized logits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spannorm.nn import linear_cross_entropy
+
+
+def _grads(fn, x, w, t):
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = fn(x, w, t)
+    (3.0 * loss).backward()  # a non-unit upstream gradient
+    return loss.detach(), x.grad, w.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("chunk", [None, 7, 64])
+def test_matches_cross_entropy(dtype, chunk):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(50, 16, generator=g, dtype=dtype), torch.randn(33, 16, generator=g, dtype=dtype)
+    t = torch.randint(0, 33, (50,), generator=g)
+    want = _grads(lambda x, w, t: F.cross_entropy(x @ w.t(), t), x, w, t)
+    got = _grads(lambda x, w, t: linear_cross_entropy(x, w, t, chunk), x, w, t)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype is torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_bf16_autocast_is_close_to_the_autocast_reference():
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(300, 32, generator=g), torch.randn(500, 32, generator=g) * 0.2
+    t = torch.randint(0, 500, (300,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = _grads(lambda x, w, t: F.cross_entropy(F.linear(x, w).float(), t), x, w, t)
+        got = _grads(lambda x, w, t: linear_cross_entropy(x, w, t, 64), x, w, t)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+
+
+def test_no_grad_computes_only_the_loss():
+    x, w, t = torch.randn(10, 4), torch.randn(6, 4), torch.randint(0, 6, (10,))
+    with torch.no_grad():
+        loss = linear_cross_entropy(x, w, t, 3)
+    torch.testing.assert_close(loss, F.cross_entropy(x @ w.t(), t))
+    assert not loss.requires_grad
+
+
+def test_rmsnorm_matches_torch_forward_and_backward():
+    from spannorm.nn import RMSNorm, _RMSNorm
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 5, 16, generator=g, dtype=torch.float64)
+    ours, ref = RMSNorm(16, eps=1e-6).double(), torch.nn.RMSNorm(16, eps=1e-6).double()
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(16, generator=g))
+        ref.weight.copy_(ours.weight)
+    up = torch.randn(3, 5, 16, generator=g, dtype=torch.float64)
+    grads = []
+    for module in (ours, ref):
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        y.backward(up)
+        grads.append((y.detach(), xi.grad, module.weight.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNorm.apply(x, w, 1e-6),
+                                    (x[0, :2].clone().requires_grad_(), ours.weight.detach().clone().requires_grad_()))
+
+
+def test_rmsnorm_keeps_low_precision_inputs_in_fp32():
+    from spannorm.nn import RMSNorm
+
+    y = RMSNorm(8, eps=1e-6)(torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True))
+    assert y.dtype == torch.float32
+    y.sum().backward()
