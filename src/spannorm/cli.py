@@ -22,7 +22,7 @@ class Parser(argparse.ArgumentParser):
 
 def _config_args(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--config", default=default,
-                   help="a YAML file or a preset name (tiny, small)" + (f"; default {default}" if default else ""))
+                   help="a YAML file or a preset name (tiny, small, moe-tiny, moe-small)" + (f"; default {default}" if default else ""))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set model.scheme=post (repeatable)")
     p.add_argument("--corpus", help="a text file or directory to train on instead of the default corpus "
@@ -108,7 +108,7 @@ def cmd_train(args) -> None:
         out = args.out
     else:
         if not args.config:
-            raise ConfigError("--config is required: a YAML file or a preset name (tiny, small)")
+            raise ConfigError("--config is required: a YAML file or a preset name (tiny, small, moe-tiny, moe-small)")
         cfg = _load(args)
         out = args.out or Path("runs") / f"{Path(args.config).stem}-{cfg.model.scheme.value}-{time.strftime('%Y%m%d-%H%M%S')}"
     summary = train(cfg, out, resume=args.resume, progress=not args.quiet)
