@@ -247,3 +247,15 @@ def test_training_loss_includes_the_weighted_moe_terms(corpus, tmp_path):
     base, big = run("a"), run("b", "model.moe_aux_coef=10.0")
     assert base[0] == big[0]  # the first logged loss is the CE of the same initial model
     assert base[-1] != big[-1]
+
+
+def test_bf16_autocast_matches_fp32_and_trains(corpus, tmp_path):
+    m = moe(E=8, k=2, shared=1, seed=5).float()
+    y = torch.randn(4, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = m(y)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), m(y), rtol=0.05, atol=0.05)
+    summary = train(load_config("moe-tiny", [f"data.corpus={corpus}", "train.precision=bf16"]), tmp_path / "run",
+                    progress=False)
+    assert not summary["diverged"] and math.isfinite(summary["final_val_loss"])

@@ -27,7 +27,7 @@ DEPTHS = (4, 8, 16, 32)
 
 @dataclass
 class Case:
-    impl: str  # "spannorm" or "hf-llama"
+    impl: str  # "spannorm", "hf-llama", or "spannorm-moe" / "spannorm-moe-dense" (the MoE comparison)
     scheme: str  # scheme name ("pre" for hf-llama, whose layout is PreNorm)
     depth: int
     dtype: str  # "fp32" or "bf16" (autocast)
@@ -58,7 +58,9 @@ def _build(case: Case):
     from .model import ModelConfig, build_model
 
     model = build_model(ModelConfig(vocab_size=s["vocab_size"], d_model=s["d_model"], n_layers=case.depth,
-                                    n_heads=s["n_heads"], scheme=case.scheme))
+                                    n_heads=s["n_heads"], scheme=case.scheme, **moe_fields(case.impl)))
+    if case.impl == "spannorm-moe":  # the training loss: cross-entropy + the weighted auxiliary terms
+        return model, lambda x, y: model(x, y)[1] + model.moe_loss()
     return model, lambda x, y: model(x, y)[1]
 
 
@@ -84,10 +86,10 @@ def run_case(case: Case) -> dict:
     step = statistics.median(times)
     tokens = s["batch_size"] * s["seq_len"]
     d, L, T = s["d_model"], case.depth, s["seq_len"]
-    flops_per_token = 6 * n_params + 6 * L * T * d
+    flops_per_token = 6 * active_params(model) + 6 * L * T * d
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB -> MB on Linux
     return asdict(case) | {"step_s": step, "tokens_per_s": tokens / step, "flops_per_s": flops_per_token * tokens / step,
-                           "peak_mem_mb": peak - base, "n_params": n_params}
+                           "peak_mem_mb": peak - base, "n_params": n_params, "n_active_params": active_params(model)}
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
@@ -165,6 +167,54 @@ def ratios(result: dict) -> list[str]:
                 r2 = 1 - ((y - (slope * x + icpt)) ** 2).sum() / ((y - y.mean()) ** 2).sum()
                 lines.append(f"{dtype}: {impl} {scheme} step time = {icpt * 1e3:.1f} ms + {slope * 1e3:.2f} ms × L "
                              f"(R² {r2:.4f})")
+    return lines
+
+
+# --- MoE: an 8-expert top-2 model against a dense one with the same active parameters ---------
+
+MOE = dict(n_experts=8, top_k=2)  # expert width: the default, dense ffn_dim / top_k
+
+
+def moe_fields(impl: str) -> dict:
+    """Extra ModelConfig fields of the MoE comparison's two impls ({} for the others)."""
+    from .model import ModelConfig
+
+    if impl == "spannorm-moe":
+        return dict(MOE)
+    if impl == "spannorm-moe-dense":  # dense d_ff = top_k × expert width: the MoE's active FFN
+        moe = ModelConfig(d_model=STANDARD["d_model"], n_heads=STANDARD["n_heads"], **MOE)
+        return {"d_ff": moe.top_k * moe.expert_dim}
+    return {}
+
+
+def active_params(model) -> int:
+    """Parameters one token uses: all, less the routed experts it does not visit (fraction 1 − k/E)."""
+    from .moe import MoE
+
+    n = sum(p.numel() for p in model.parameters())
+    for m in model.modules():
+        if isinstance(m, MoE):
+            n -= round((m.up.weight.numel() + m.down.weight.numel()) * (1 - m.top_k / m.n_experts))
+    return n
+
+
+def moe_cases(dtypes: list[str], rounds: int = 3, scheme: str = "span") -> list[Case]:
+    """MoE and its dense equivalent at the standard size, interleaved over ``rounds`` (noise is shared)."""
+    return [Case(impl, scheme, STANDARD["n_layers"], dtype) for dtype in dtypes for _ in range(rounds)
+            for impl in ("spannorm-moe-dense", "spannorm-moe")]
+
+
+def moe_ratios(result: dict) -> list[str]:
+    """MoE / dense step time per dtype, from the median step time of each impl's rounds."""
+    lines = []
+    for dtype in ("fp32", "bf16"):
+        step = {impl: [r["step_s"] for r in result["rows"] if (r["impl"], r["dtype"]) == (impl, dtype)]
+                for impl in ("spannorm-moe", "spannorm-moe-dense")}
+        if all(step.values()):
+            moe, dense = (statistics.median(step[i]) for i in ("spannorm-moe", "spannorm-moe-dense"))
+            lines.append(f"{dtype}: MoE (8 experts, top-2) / dense with the same active parameters: step time "
+                         f"{moe / dense:.3f}x ({moe * 1e3:.0f} ms vs {dense * 1e3:.0f} ms, median of "
+                         f"{len(step['spannorm-moe'])} rounds)")
     return lines
 
 

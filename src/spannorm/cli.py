@@ -63,6 +63,8 @@ def build_parser() -> Parser:
     be.add_argument("--reps", type=int, default=5, help="timed steps per case, after 2 warm-up steps (default 5)")
     be.add_argument("--no-hf", action="store_true", help="skip the Hugging Face LlamaForCausalLM reference")
     be.add_argument("--json", type=Path, help="write {matmul_peak_flops, rows: [...]} here")
+    be.add_argument("--moe", action="store_true", help="time only an 8-expert top-2 MoE span model against a dense one "
+                    "with the same active parameters (3 interleaved rounds per dtype; --schemes, --depths, HF unused)")
 
     sch = sub.add_parser("schemes", help="list every normalization scheme with its equation, init and reference")
     fmt = sch.add_mutually_exclusive_group()
@@ -180,7 +182,7 @@ def cmd_bench(args) -> None:
     import importlib.util
     import json
 
-    from .bench import cases, ratios, run
+    from .bench import cases, moe_cases, moe_ratios, ratios, run
     from .io import atomic_write_text
 
     schemes = [coerce_enum(Scheme, "--schemes", s.strip()).value for s in args.schemes.split(",") if s.strip()]
@@ -190,6 +192,12 @@ def cmd_bench(args) -> None:
             raise ConfigError(f"--dtypes {args.dtypes!r} is invalid: expected fp32 and/or bf16")
     if args.reps < 1:
         raise ConfigError(f"--reps {args.reps} is invalid: expected a positive integer")
+    if args.moe:
+        result = run([dataclasses.replace(c, reps=args.reps) for c in moe_cases(dtypes)])
+        print("\n".join(moe_ratios(result)))
+        if args.json:
+            atomic_write_text(args.json, json.dumps(result, indent=1))
+        return
     if not args.no_hf and importlib.util.find_spec("transformers") is None:
         raise ConfigError("the HF reference needs transformers: pip install 'spannorm[bench]', or pass --no-hf")
     todo = [dataclasses.replace(c, reps=args.reps) for c in cases(schemes, _int_list("--depths", args.depths), dtypes,

@@ -80,9 +80,9 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits, probabilities, top-k weights renormalized, top-k expert ids) for tokens x (N, d),
-        in at least float32."""
-        logits = self.router(x)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        in at least float32, also under autocast: bf16 logits would flip near-tied choices."""
+        with torch.autocast(x.device.type, enabled=False):  # routing in full precision (Switch's selective precision)
+            logits = self.router(x.to(torch.promote_types(x.dtype, torch.float32)))
         probs = logits.softmax(-1)
         weights, experts = probs.topk(self.top_k, dim=-1)
         return logits, probs, weights / weights.sum(-1, keepdim=True), experts
@@ -104,9 +104,12 @@ class MoE(nn.Module):
         kept = [c if cap is None else min(c, cap) for c in n_assigned]
 
         tokens = order // k
-        xs = x.index_select(0, tokens)
+        dev = x.device.type  # under autocast: cast once, then gather and matmul in the low precision
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        xs = x.to(dtype).index_select(0, tokens)
         outs = []
-        for xe, w_up, w_down in zip(xs.split(kept), self.up.weight.unbind(0), self.down.weight.unbind(0)):
+        for xe, w_up, w_down in zip(xs.split(kept), self.up.weight.to(dtype).unbind(0),
+                                    self.down.weight.to(dtype).unbind(0)):
             gate, up = F.linear(xe, w_up).chunk(2, dim=-1)
             outs.append(F.linear(F.silu(gate) * up, w_down))
         routed = torch.cat(outs) * weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(outs[0].dtype)
