@@ -51,3 +51,23 @@ def test_bench_bad_input(capsys):
     assert "--dtypes 'fp16' is invalid: expected fp32 and/or bf16" in capsys.readouterr().err
     assert main(["bench", "--schemes", "nope"]) == 2
     assert "--schemes='nope' is invalid" in capsys.readouterr().err
+
+
+def test_moe_case_and_its_dense_equivalent():
+    from spannorm.bench import moe_cases
+
+    todo = moe_cases(["fp32"])
+    assert [c.impl for c in todo] == ["spannorm-moe-dense", "spannorm-moe"]
+    dense, moe = time_group([Case(c.impl, c.scheme, 1, "bf16") for c in todo], reps=1, warmup=0)
+    assert moe["step_s"] > 0 and moe["n_params"] > dense["n_params"]
+    # same active parameters, up to the router (8 × d_model)
+    assert moe["n_active_params"] - dense["n_active_params"] == 8 * 256
+    assert dense["n_active_params"] == dense["n_params"]
+
+
+def test_moe_ratio():
+    from spannorm.bench import moe_ratios
+
+    rows = [{"impl": "spannorm-moe", "dtype": "fp32", "step_s": 0.33}, {"impl": "spannorm-moe-dense", "dtype": "fp32", "step_s": 0.2}]
+    assert moe_ratios({"rows": rows}) == ["fp32: MoE (8 experts, top-2) / dense with the same active parameters: "
+                                          "step time 1.650x (330 ms vs 200 ms)"]

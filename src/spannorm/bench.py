@@ -31,7 +31,7 @@ DEPTHS = (4, 8, 16, 32)
 
 @dataclass(frozen=True)
 class Case:
-    impl: str  # "spannorm" or "hf-llama"
+    impl: str  # "spannorm", "hf-llama", or "spannorm-moe" / "spannorm-moe-dense" (the MoE comparison)
     scheme: str  # scheme name ("pre" for hf-llama, whose layout is PreNorm)
     depth: int
     dtype: str  # "fp32" or "bf16" (autocast)
@@ -66,11 +66,11 @@ def _build(case: Case):
         from .model import ModelConfig, build_model
 
         model = build_model(ModelConfig(vocab_size=s["vocab_size"], d_model=s["d_model"], n_layers=case.depth,
-                                        n_heads=s["n_heads"], scheme=case.scheme))
+                                        n_heads=s["n_heads"], scheme=case.scheme, **moe_fields(case.impl)))
         forward = torch.compile(model) if case.compile else model
 
-        def loss_fn(x, y):
-            return forward(x, y)[1]
+        def loss_fn(x, y):  # the training loss: cross-entropy (+ the weighted MoE auxiliary terms)
+            return forward(x, y)[1] + model.moe_loss()
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, s["vocab_size"], (s["batch_size"], s["seq_len"]), generator=torch.Generator().manual_seed(0))
@@ -101,11 +101,11 @@ def time_group(group: list[Case], reps: int = 5, warmup: int = 2) -> list[dict]:
     tokens = s["batch_size"] * s["seq_len"]
     rows = []
     for case, (model, _), ts in zip(group, built, times):
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params, n_active = sum(p.numel() for p in model.parameters()), active_params(model)
         step = statistics.median(ts)
-        flops_per_token = 6 * n_params + 6 * case.depth * s["seq_len"] * s["d_model"]
+        flops_per_token = 6 * n_active + 6 * case.depth * s["seq_len"] * s["d_model"]
         rows.append(asdict(case) | {"step_s": step, "tokens_per_s": tokens / step, "n_params": n_params,
-                                    "flops_per_s": flops_per_token * tokens / step})
+                                    "n_active_params": n_active, "flops_per_s": flops_per_token * tokens / step})
     return rows
 
 
@@ -213,6 +213,52 @@ def ratios(result: dict) -> list[str]:
                 r2 = 1 - ((y - (slope * x + icpt)) ** 2).sum() / ((y - y.mean()) ** 2).sum()
                 lines.append(f"{dtype}: {impl} {scheme} step time = {icpt * 1e3:.1f} ms + {slope * 1e3:.2f} ms × L "
                              f"(R² {r2:.4f})")
+    return lines
+
+
+# --- MoE: an 8-expert top-2 model against a dense one with the same active parameters ---------
+
+MOE = dict(n_experts=8, top_k=2)  # expert width: the default, dense ffn_dim / top_k
+
+
+def moe_fields(impl: str) -> dict:
+    """Extra ModelConfig fields of the MoE comparison's two impls ({} for the others)."""
+    from .model import ModelConfig
+
+    if impl == "spannorm-moe":
+        return dict(MOE)
+    if impl == "spannorm-moe-dense":  # dense d_ff = top_k × expert width: the MoE's active FFN
+        moe = ModelConfig(d_model=STANDARD["d_model"], n_heads=STANDARD["n_heads"], **MOE)
+        return {"d_ff": moe.top_k * moe.expert_dim}
+    return {}
+
+
+def active_params(model) -> int:
+    """Parameters one token uses: all, less the routed experts it does not visit (fraction 1 − k/E)."""
+    from .moe import MoE
+
+    n = sum(p.numel() for p in model.parameters())
+    for m in model.modules():
+        if isinstance(m, MoE):
+            n -= round((m.up.weight.numel() + m.down.weight.numel()) * (1 - m.top_k / m.n_experts))
+    return n
+
+
+def moe_cases(dtypes: list[str], scheme: str = "span") -> list[Case]:
+    """MoE and its dense equivalent at the standard size (one group per dtype: steps interleaved)."""
+    return [Case(impl, scheme, STANDARD["n_layers"], dtype) for dtype in dtypes
+            for impl in ("spannorm-moe-dense", "spannorm-moe")]
+
+
+def moe_ratios(result: dict) -> list[str]:
+    """MoE / dense step time per dtype."""
+    lines = []
+    for dtype in ("fp32", "bf16"):
+        step = {r["impl"]: r["step_s"] for r in result["rows"] if r["dtype"] == dtype}
+        if "spannorm-moe" in step and "spannorm-moe-dense" in step:
+            moe, dense = step["spannorm-moe"], step["spannorm-moe-dense"]
+            lines.append(f"{dtype}: MoE (8 experts, top-2) / dense with the same active parameters: step time "
+                         f"{moe / dense:.3f}x ({moe * 1e3:.0f} ms vs {dense * 1e3:.0f} ms)")
     return lines
 
 

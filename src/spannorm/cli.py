@@ -22,7 +22,7 @@ class Parser(argparse.ArgumentParser):
 
 def _config_args(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--config", default=default,
-                   help="a YAML file or a preset name (tiny, small)" + (f"; default {default}" if default else ""))
+                   help="a YAML file or a preset name (tiny, small, moe-tiny, moe-small)" + (f"; default {default}" if default else ""))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set model.scheme=post (repeatable)")
     p.add_argument("--corpus", help="a text file or directory to train on instead of the default corpus "
@@ -66,6 +66,8 @@ def build_parser() -> Parser:
                     "(standard depth)")
     be.add_argument("--no-hf", action="store_true", help="skip the Hugging Face LlamaForCausalLM reference")
     be.add_argument("--json", type=Path, help="write {matmul_peak_flops, rows: [...]} here")
+    be.add_argument("--moe", action="store_true", help="time only an 8-expert top-2 MoE span model against a dense one "
+                    "with the same active parameters (3 interleaved rounds per dtype; --schemes, --depths, HF unused)")
 
     sch = sub.add_parser("schemes", help="list every normalization scheme with its equation, init and reference")
     fmt = sch.add_mutually_exclusive_group()
@@ -111,7 +113,7 @@ def cmd_train(args) -> None:
         out = args.out
     else:
         if not args.config:
-            raise ConfigError("--config is required: a YAML file or a preset name (tiny, small)")
+            raise ConfigError("--config is required: a YAML file or a preset name (tiny, small, moe-tiny, moe-small)")
         cfg = _load(args)
         out = args.out or Path("runs") / f"{Path(args.config).stem}-{cfg.model.scheme.value}-{time.strftime('%Y%m%d-%H%M%S')}"
     summary = train(cfg, out, resume=args.resume, progress=not args.quiet)
@@ -182,7 +184,7 @@ def cmd_bench(args) -> None:
     import importlib.util
     import json
 
-    from .bench import cases, ratios, run
+    from .bench import cases, moe_cases, moe_ratios, ratios, run
     from .io import atomic_write_text
 
     schemes = [coerce_enum(Scheme, "--schemes", s.strip()).value for s in args.schemes.split(",") if s.strip()]
@@ -192,6 +194,12 @@ def cmd_bench(args) -> None:
             raise ConfigError(f"--dtypes {args.dtypes!r} is invalid: expected fp32 and/or bf16")
     if args.reps < 1:
         raise ConfigError(f"--reps {args.reps} is invalid: expected a positive integer")
+    if args.moe:
+        result = run(moe_cases(dtypes), args.reps)
+        print("\n".join(moe_ratios(result)))
+        if args.json:
+            atomic_write_text(args.json, json.dumps(result, indent=1))
+        return
     if not args.no_hf and importlib.util.find_spec("transformers") is None:
         raise ConfigError("the HF reference needs transformers: pip install 'spannorm[bench]', or pass --no-hf")
     result = run(cases(schemes, _int_list("--depths", args.depths), dtypes, not args.no_hf, args.compile), args.reps)

@@ -9,7 +9,9 @@ Everything reads the model through ``torch`` forward hooks (taps); nothing patch
     (replayed by a hook), and the same through the full network; central finite differences
     in float64 (forward-mode AD through CPU SDPA is not implemented in torch 2.13);
   * cosine similarity and angular distance between adjacent blocks' outputs;
-  * layer-drop sensitivity: the validation-loss increase when one block is the identity.
+  * layer-drop sensitivity: the validation-loss increase when one block is the identity;
+  * MoE models: per layer, the fraction of assignments per expert, max/mean load and dropped
+    assignments (what each MoE module records on its forward; None for a dense model).
 Closed-form predictions at init (``theory``) sit beside the measurements.
 """
 
@@ -179,6 +181,7 @@ def probe(model: LM, idx: torch.Tensor, targets: torch.Tensor) -> dict:
     model.zero_grad(set_to_none=True)
     with taps(model) as rec:
         _, loss = model(idx, targets)
+    moe = model.moe_stats()  # per-layer expert load of this batch (None for a dense model)
     loss.backward()
     grads = grad_norms(model)
     model.zero_grad(set_to_none=True)
@@ -206,6 +209,7 @@ def probe(model: LM, idx: torch.Tensor, targets: torch.Tensor) -> dict:
         "full_gain_measured": full,
         "adjacent_cosine": (cos := adjacent_cosine(rec["stream"])),
         "adjacent_angle": [math.acos(max(-1.0, min(1.0, c))) / math.pi for c in cos],
+        "moe": moe,
     }
 
 

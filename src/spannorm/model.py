@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import coerce_enum, require
+from .moe import MoE
 from .nn import NORMS, NormType, Role, linear_cross_entropy, make_norm, rope_cache
 from .schemes import SCHEMES, InitMode, Scheme, SpanScale, shared_init
 
@@ -33,6 +34,13 @@ class ModelConfig:
     span_scale: SpanScale = SpanScale.INIT  # SpanNorm scaling strategy: init, multiplier or none
     span_c: float = 1.0  # SpanNorm's c: target branch variance c/L
     deepscale_k: float = 1.0  # DeepScaleLM's k: branch weight β² = k/L (at most L)
+    n_experts: int = 0  # 0: dense SwiGLU FFN; >= 1: MoE FFN with this many routed experts
+    top_k: int = 2  # routed experts per token (at most n_experts)
+    n_shared_experts: int = 0  # experts every token passes through, besides the routed ones
+    expert_d_ff: int | None = None  # hidden width of one expert; None: ceil(ffn_dim / (top_k + n_shared_experts))
+    capacity_factor: float | None = None  # None: dropless; c: an expert takes at most ceil(c·N·k/E) assignments
+    moe_aux_coef: float = 0.01  # weight of the load-balancing loss E·Σ f_i·P_i (mean over MoE layers)
+    moe_z_coef: float = 0.001  # weight of the router z-loss mean(logsumexp(logits)²) (mean over MoE layers)
 
     def __post_init__(self):
         self.scheme = coerce_enum(Scheme, "model.scheme", self.scheme)
@@ -53,12 +61,49 @@ class ModelConfig:
             value = getattr(self, name)
             require(isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
                     f"model.{name}", value, "a positive number")
+        self._validate_moe()
         require(self.deepscale_k <= self.n_layers, "model.deepscale_k", self.deepscale_k,
                 f"a number in (0, n_layers={self.n_layers}] (β² = k/L must not exceed 1)")
 
+    def _validate_moe(self) -> None:
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ("n_experts", "n_shared_experts"):
+            value = getattr(self, name)
+            require(is_int(value) and value >= 0, f"model.{name}", value, "an integer >= 0")
+        for name in ("moe_aux_coef", "moe_z_coef"):
+            value = getattr(self, name)
+            require(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, f"model.{name}", value,
+                    "a number >= 0")
+        require(self.expert_d_ff is None or (is_int(self.expert_d_ff) and self.expert_d_ff > 0), "model.expert_d_ff",
+                self.expert_d_ff, "a positive integer or null")
+        cf = self.capacity_factor
+        require(cf is None or (isinstance(cf, (int, float)) and math.isfinite(cf) and cf > 0), "model.capacity_factor",
+                cf, "a positive number or null (dropless)")
+        if self.n_experts == 0:
+            for name in ("n_shared_experts", "expert_d_ff", "capacity_factor"):
+                value = getattr(self, name)
+                require(value in (0, None), f"model.{name}", value,
+                        f"{'0' if name == 'n_shared_experts' else 'null'} with model.n_experts=0 (dense FFN)")
+        require(is_int(self.top_k) and 1 <= self.top_k <= (self.n_experts or self.top_k), "model.top_k", self.top_k,
+                f"an integer in [1, n_experts={self.n_experts}]" if self.moe else "a positive integer")
+
+    @property
+    def moe(self) -> bool:
+        """Whether the FFN of every block is an MoE layer."""
+        return self.n_experts > 0
+
+    @property
+    def expert_dim(self) -> int:
+        """The hidden width of one expert (MoE models): active FFN parameters ≈ the dense model's."""
+        if self.expert_d_ff is not None:
+            return self.expert_d_ff
+        return math.ceil(self.ffn_dim / (self.top_k + self.n_shared_experts))
+
     @property
     def ffn_dim(self) -> int:
-        """The SwiGLU hidden width actually used."""
+        """The dense SwiGLU hidden width (MoE models derive ``expert_dim`` from it)."""
         return self.d_ff if self.d_ff is not None else 32 * math.ceil(8 * self.d_model / 3 / 32)
 
     @property
@@ -70,7 +115,8 @@ class LM(nn.Module):
     """Causal language model: ``forward(idx) -> (logits, None)``; ``forward(idx, targets) -> (None, loss)``.
 
     With targets the head and the mean cross-entropy are fused (``nn.linear_cross_entropy``):
-    the (tokens × vocab) logits are never materialized.
+    the (tokens × vocab) logits are never materialized. ``loss`` is the pure cross-entropy; MoE
+    models add ``moe_loss()`` (auxiliary terms of the same forward) to train.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -106,6 +152,33 @@ class LM(nn.Module):
         for block in self.blocks:
             init_roles(block, self.init_rule(block.layer))
             block.reset_parameters()
+
+    def moe_layers(self) -> list[MoE]:
+        """The MoE FFN of every block (empty for a dense model)."""
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+
+    def moe_terms(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(load-balancing loss, router z-loss) of the last forward, unweighted means over the MoE
+        layers, in the graph; None for a dense model."""
+        layers = self.moe_layers()
+        if not layers:
+            return None
+        return (torch.stack([m.aux_loss for m in layers]).mean(), torch.stack([m.z_loss for m in layers]).mean())
+
+    def moe_loss(self) -> torch.Tensor | float:
+        """moe_aux_coef · aux + moe_z_coef · z for the last forward; what the trainer adds to the
+        cross-entropy it backpropagates (0.0 for a dense model)."""
+        terms = self.moe_terms()
+        if terms is None:
+            return 0.0
+        return self.cfg.moe_aux_coef * terms[0] + self.cfg.moe_z_coef * terms[1]
+
+    def moe_stats(self) -> list[dict] | None:
+        """Per MoE layer, from the last forward: {layer, fraction, imbalance, dropped}; None if dense."""
+        layers = self.moe_layers()
+        if not layers:
+            return None
+        return [{"layer": i} | m.stats for i, m in enumerate(layers)]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         T = idx.shape[1]

@@ -31,6 +31,7 @@ class Role(str, enum.Enum):
     FFN_UP = "ffn.up"  # fused gate and up projection of the SwiGLU FFN
     FFN_DOWN = "ffn.down"  # FFN down projection
     HEAD = "head"  # untied LM head
+    ROUTER = "router"  # MoE router W_r (init rules give it the FFN up-projection's std)
 
 
 class DyT(nn.Module):

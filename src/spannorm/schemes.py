@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .moe import MoE
 from .nn import Attention, Role, SwiGLU, make_norm
 
 if TYPE_CHECKING:
@@ -75,14 +76,36 @@ def silu_second_moment(var: float) -> float:
     return float(np.sum(w * silu**2) / math.sqrt(2.0 * math.pi))
 
 
+@lru_cache(maxsize=None)
+def routed_weight_square(n_experts: int, top_k: int, var: float, samples: int = 1 << 16) -> float:
+    """E[Σ_i w_i²] over the k renormalized top-k weights, for router logits i.i.d. N(0, var);
+    Monte Carlo with a fixed seed (1/k if the router were uniform, 1 for k = 1)."""
+    logits = np.random.default_rng(0).standard_normal((samples, n_experts)) * math.sqrt(var)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    w = -np.sort(-p, axis=-1)[:, :top_k]
+    w /= w.sum(-1, keepdims=True)
+    return float((w**2).sum(-1).mean())
+
+
+def ffn_width(cfg: ModelConfig) -> int:
+    """Hidden width of one FFN: the dense SwiGLU's, or one expert's in an MoE model."""
+    return cfg.expert_dim if cfg.moe else cfg.ffn_dim
+
+
 def ffn_down_std(cfg: ModelConfig, up_std: float, target_rms: float) -> float:
     """Std of W_down that gives FFN(y) RMS ``target_rms`` for a unit-RMS input y.
 
     Pre-activations g, u ~ N(0, v) with v = d·up_std²; E[h²] = E[silu(g)²]·v for h = silu(g)·u;
     Var(FFN) = d_ff · std² · E[h²].
+    MoE (d_ff of one expert): the k routed experts are independent at init, so
+    Var(MoE) = (E[Σ w_i²] + n_shared) · Var(Expert), with E[Σ w_i²] for router logits of variance
+    v (the router has the up-projection's std); 1/k for a uniform router, up to 1 for a peaked one.
     """
     v = cfg.d_model * up_std**2
-    return target_rms / math.sqrt(cfg.ffn_dim * silu_second_moment(v) * v)
+    std = target_rms / math.sqrt(ffn_width(cfg) * silu_second_moment(v) * v)
+    if cfg.moe:
+        std /= math.sqrt(routed_weight_square(cfg.n_experts, cfg.top_k, v) + cfg.n_shared_experts)
+    return std
 
 
 def xavier_std(fan_in: int, fan_out: int, gain: float = 1.0) -> float:
@@ -113,12 +136,14 @@ def gpt2_init(cfg: ModelConfig) -> dict[Role, float]:
 
 
 def unit_variance_init(cfg: ModelConfig, target_rms: float) -> dict[Role, float]:
-    """Input projections at fan-in std 1/sqrt(d); out/down calibrated to output RMS ``target_rms``."""
+    """Input projections (and the MoE router) at fan-in std 1/sqrt(d); out/down calibrated to output
+    RMS ``target_rms``."""
     fan_in = 1.0 / math.sqrt(cfg.d_model)
     return shared_init(cfg) | {
         Role.ATTN_QK: fan_in,
         Role.ATTN_V: fan_in,
         Role.FFN_UP: fan_in,
+        Role.ROUTER: fan_in,
         Role.ATTN_OUT: attn_out_std(cfg, fan_in, target_rms),
         Role.FFN_DOWN: ffn_down_std(cfg, fan_in, target_rms),
     }
@@ -150,7 +175,8 @@ class Block(nn.Module):
         self.layer = layer  # 0-based index of this block
         qkv_norm = (lambda dim: make_norm(cfg, dim)) if self.qkv_norm else None
         self.attn = Attention(cfg.d_model, cfg.n_heads, qkv_norm)
-        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
+        self.ffn = (MoE(cfg.d_model, cfg.expert_dim, cfg.n_experts, cfg.top_k, cfg.n_shared_experts,
+                        cfg.capacity_factor) if cfg.moe else SwiGLU(cfg.d_model, cfg.ffn_dim))
         for name in self.norms:
             setattr(self, name, make_norm(cfg))
 
@@ -260,7 +286,8 @@ class DeepNorm(Block):
         h  = N_1(α·x + Attn(x))
         x' = N_2(α·h + FFN(h))          decoder-only: α = (2L)^(1/4)
 
-    Init: xavier_normal, gain β = (8L)^(-1/4) on v, out, FFN up and down; gain 1 on q, k.
+    Init: xavier_normal, gain β = (8L)^(-1/4) on v, out, FFN up and down; gain 1 on q, k (an MoE
+    router takes the FFN up std; FFN fans are one expert's).
     """
 
     equation = "h = N(α·x + Attn(x)); x' = N(α·h + FFN(h)); α = (2L)^(1/4)"
@@ -274,11 +301,11 @@ class DeepNorm(Block):
     @classmethod
     def init_stds(cls, cfg, layer):
         beta = (8 * cfg.n_layers) ** -0.25
-        d, f = cfg.d_model, cfg.ffn_dim
+        d, f = cfg.d_model, ffn_width(cfg)
         return shared_init(cfg) | {
             Role.ATTN_QK: xavier_std(d, d), Role.ATTN_V: xavier_std(d, d, beta),
             Role.ATTN_OUT: xavier_std(d, d, beta), Role.FFN_UP: xavier_std(d, f, beta),
-            Role.FFN_DOWN: xavier_std(f, d, beta),
+            Role.FFN_DOWN: xavier_std(f, d, beta), Role.ROUTER: xavier_std(d, f, beta),
         }
 
     def forward(self, x, rope):

@@ -3,7 +3,9 @@
 A run is a directory::
 
     config.yaml         the resolved config (what --resume reloads)
-    metrics.jsonl       one row per log step: step, loss, val_loss, lr, grad_norm, tokens_per_s
+    metrics.jsonl       one row per log step: step, loss, val_loss, lr, grad_norm, tokens_per_s;
+                        MoE runs add aux_loss, z_loss (unweighted means over layers) and moe_imbalance
+    diagnostics.jsonl   every probe_interval steps: per-block grad norm and stream RMS (MoE: per-layer stats)
     summary.json        written when the run ends: final validation loss, diverged, tokens/s
     checkpoints/latest  name of the newest complete checkpoint directory
     checkpoints/step-N/ model.safetensors, state.pt (optimizer, RNG, step), manifest.json (sha256)
@@ -247,6 +249,9 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
                           "or choose another --out")
     if resume and (run_dir / "summary.json").is_file():  # the run already ended
         return json.loads((run_dir / "summary.json").read_text())
+    if t.compile and cfg.model.moe:
+        raise ConfigError(f"train.compile=true is not supported with MoE (model.n_experts={cfg.model.n_experts}): "
+                          "set train.compile=false")
     dataset = TokenData(prepare(cfg.data), t.seq_len)  # validates before any file is written
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -279,6 +284,7 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
     train_time, window_time, window_tokens = 0.0, 0.0, 0
     last_val, diverged = None, False
     clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+    moe = cfg.model.moe
     model.train()
     try:
         while step < t.max_steps and (stop_after is None or step < stop_after):
@@ -288,11 +294,18 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
             x, y = dataset.sample(gen, t.batch_size)
             probing = t.probe_interval > 0 and (step + 1) % t.probe_interval == 0
             with autocast(t), (taps(model) if probing else contextlib.nullcontext()) as rec:
-                _, loss = (model if probing else forward)(x, y)
-            loss.backward()
+                _, loss = (model if probing else forward)(x, y)  # the pure cross-entropy: what is logged
+            (loss + model.moe_loss() if moe else loss).backward()
+            moe_row = {}
+            if moe:  # this step's auxiliary terms (unweighted means over layers) and the worst layer's imbalance
+                aux, z = model.moe_terms()
+                moe_row = {"aux_loss": aux.item(), "z_loss": z.item(),
+                           "moe_imbalance": max(s["imbalance"] for s in model.moe_stats())}
             if probing:  # before clipping: the raw per-block gradient norms
                 row = {"step": step + 1, "grad_norm": [g["total"] for g in grad_norms(model)],
                        "stream_rms": [s.float().pow(2).mean().sqrt().item() for s in rec["stream"]]}
+                if moe:
+                    row["moe"] = model.moe_stats()
                 diagnostics.write(json.dumps(row) + "\n")
                 diagnostics.flush()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
@@ -312,6 +325,7 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
                 row = {"step": step, "loss": loss_value, "val_loss": val, "lr": lr_at(step - 1, t),
                        "grad_norm": grad_norm,
                        "tokens_per_s": window_tokens / window_time}
+                row |= moe_row
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
                 window_time, window_tokens = 0.0, 0
