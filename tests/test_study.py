@@ -14,12 +14,23 @@ from spannorm.train import load_config, preset_names, read_metrics, train
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models train fastest on one thread, most of all on a shared, busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def small_study(corpus, **changes):
     """A few-second study on the tiny preset: pre and span at depths 2 and 3, two seeds, a span ablation."""
     data = {
         "base": "tiny",
         "set": [f"data.corpus={corpus}", "train.probe_interval=5"],
-        "tokens_per_cell": 5120,  # 20 steps of 8 × 32
+        "tokens_per_cell": 2560,  # 10 steps of 8 × 32
         "grids": [
             {"name": "main", "axes": {"model.scheme": ["pre", "span"], "model.n_layers": [2, 3],
                                       "train.lr": [1e-2], "train.seed": [1, 2]}},
@@ -53,10 +64,10 @@ def test_expand_grid_dedup_names_and_steps(corpus):
     shared = cells[names.index("span_L3_lr0.01_s1")]
     assert shared.grids == ["main", "abl"] and shared.extras == {} and shared.axes["model.span_scale"] == "init"
     assert cells[-1].extras == {"model.span_scale": "none"} and cells[-1].series == "span span_scale=none"
-    assert all(c.cfg.train.max_steps == 20 for c in cells)
+    assert all(c.cfg.train.max_steps == 10 for c in cells)
     # a batch-size axis changes the step count, not the token budget
     data = small_study(corpus, grids=[{"name": "g", "axes": {"train.batch_size": [4, 8]}}])
-    assert [c.cfg.train.max_steps for c in expand(study_from_dict(data))] == [40, 20]
+    assert [c.cfg.train.max_steps for c in expand(study_from_dict(data))] == [20, 10]
 
 
 def test_shipped_studies_expand_and_are_not_presets():
@@ -77,7 +88,7 @@ def test_study_runs_writes_outputs_and_reuses(corpus, tmp_path, capsys):
     assert printed.count(": trained, val loss") == 9
     rows = read_csv(out / "results.csv")
     assert [r["name"] for r in rows][-1] == "span_L3_lr0.01_s1_span_scale-none"
-    assert len(rows) == 9 and {r["steps"] for r in rows} == {"20"} and {r["tokens"] for r in rows} == {"5120"}
+    assert len(rows) == 9 and {r["steps"] for r in rows} == {"10"} and {r["tokens"] for r in rows} == {"2560"}
     assert rows[6]["grid"] == "main+abl" and rows[-1]["model.span_scale"] == "none"
     for r in rows:
         assert r["diverged"] == "False" and 2.0 < float(r["final_val_loss"]) < 5.0
@@ -91,7 +102,7 @@ def test_study_runs_writes_outputs_and_reuses(corpus, tmp_path, capsys):
         assert (out / "plots" / f"{name}.png").read_bytes()[:8] == PNG
     report = (out / "report.md").read_text()
     assert f"Command: `spannorm study --config {tmp_path / 'study.yaml'}" in report
-    assert "5,120 tokens (20 steps × 8 × 32 tokens" in report
+    assert "2,560 tokens (10 steps × 8 × 32 tokens" in report
     assert "| series | L=2, lr=0.01 | L=3, lr=0.01 |" in report and "| span span_scale=none |" in report
     pre = [float(r["final_val_loss"]) for r in rows if r["name"].startswith("pre_L2")]
     mean, std = sum(pre) / 2, abs(pre[0] - pre[1]) / 2 ** 0.5
@@ -122,6 +133,7 @@ def test_interrupted_study_resumes_to_the_same_results(corpus, tmp_path):
                                                              "model.n_layers": [2], "train.seed": [1]}}],
                        probe=False)
     data["set"].append("train.ckpt_interval=5")
+    data["tokens_per_cell"] = 5120  # 20 steps
     study = study_from_dict(data)
     run_study(study, tmp_path / "full", "cmd", log=lambda *a: None)
     # as if killed mid-study: the first cell finished, the second stopped at step 13 (checkpoint at 10)
@@ -143,6 +155,7 @@ def test_diverged_cell_is_stopped_and_reported(corpus, tmp_path, capsys):
     data = small_study(corpus, grids=[{"name": "g", "axes": {"model.scheme": ["pre"], "model.n_layers": [2],
                                                              "train.lr": [3e-3, 10.0]}}])
     data["set"].append("train.grad_clip=0")
+    data["tokens_per_cell"] = 5120  # 20 steps
     out = tmp_path / "st"
     assert main(["study", "--config", str(write_study(tmp_path, data)), "--out", str(out), "--quiet"]) == 0
     assert "2 cells: " in capsys.readouterr().out
@@ -181,12 +194,12 @@ def test_divergence_guard_in_the_trainer(corpus, tmp_path):
 
 
 def test_jobs_2_gives_the_same_results(corpus, tmp_path, capsys):
-    data = small_study(corpus, grids=[{"name": "g", "axes": {"model.scheme": ["pre", "span", "post"],
+    data = small_study(corpus, grids=[{"name": "g", "axes": {"model.scheme": ["pre", "post"],
                                                              "model.n_layers": [2]}}])
     path = write_study(tmp_path, data)
     for jobs in (1, 2):
         assert main(["study", "--config", str(path), "--out", str(tmp_path / f"j{jobs}"), "--jobs", str(jobs)]) == 0
-    assert capsys.readouterr().out.count(": trained, val loss") == 6
+    assert capsys.readouterr().out.count(": trained, val loss") == 4
     assert _values(read_csv(tmp_path / "j2" / "results.csv")) == _values(read_csv(tmp_path / "j1" / "results.csv"))
 
 
@@ -234,3 +247,34 @@ def test_bad_study_command_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and fragment in err, err
     assert not (tmp_path / "st").exists()
+
+
+def test_ctrl_c_leaves_a_resumable_study(corpus, tmp_path):
+    """SIGINT to `spannorm study --jobs 2` mid-cell: exit 130, and the next run finishes with the same results."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = small_study(corpus, grids=[{"name": "g", "axes": {"model.scheme": ["pre", "span"]}}], probe=False,
+                       tokens_per_cell=256 * 100)
+    data["set"] += ["train.ckpt_interval=5", "train.log_interval=5", "train.eval_interval=100"]
+    path = write_study(tmp_path, data)
+    cli = [sys.executable, "-m", "spannorm.cli", "study", "--config", str(path), "--quiet"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    run_study(study_from_dict(data), tmp_path / "full", "cmd", log=lambda *a: None)
+    proc = subprocess.Popen([*cli, "--out", str(tmp_path / "cut"), "--jobs", "2"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    last = expand(study_from_dict(data))[-1].name
+    latest = tmp_path / "cut" / "cells" / last / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (latest.is_file() and latest.read_text() >= "step-0000010"):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err, err
+    assert not (tmp_path / "cut" / "results.csv").exists(), "the study finished before it could be interrupted"
+    res = subprocess.run([*cli, "--out", str(tmp_path / "cut")], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert _values(read_csv(tmp_path / "cut" / "results.csv")) == _values(read_csv(tmp_path / "full" / "results.csv"))
