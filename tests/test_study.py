@@ -178,6 +178,8 @@ def test_divergence_guard_in_the_trainer(corpus, tmp_path):
     assert read_metrics(tmp_path / "on") == [r | {"tokens_per_s": a["tokens_per_s"]} for r, a in
                                              zip(read_metrics(tmp_path / "off"), read_metrics(tmp_path / "on"))]
     assert not off["diverged"] and off["diverged_step"] is None and isinstance(off["stalled"], bool)
+    # without warmup the guard starts at step 2 (step 1's loss is the reference itself)
+    assert not train(load_config("tiny", base + ["train.warmup_steps=0"]), tmp_path / "w0", progress=False)["diverged"]
     # a huge lr without clipping: the guard stops it right after warmup (step 6); off, it runs on
     wild = base + ["train.lr=10", "train.grad_clip=0", "train.ckpt_interval=2"]
     s = train(load_config("tiny", wild), tmp_path / "wild", progress=False)

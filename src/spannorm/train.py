@@ -60,7 +60,7 @@ class TrainConfig:
     ckpt_interval: int = 100  # steps between checkpoints (and one at the end)
     threads: int | None = None  # torch intra-op threads; None: torch's default
     probe_interval: int = 50  # steps between rows of diagnostics.jsonl (per-block grad norm, stream RMS); 0: off
-    stop_on_divergence: bool = True  # after warmup, stop when a training loss is >= the first step's loss (non-finite always stops)
+    stop_on_divergence: bool = True  # after warmup (and step 1), stop when a training loss is >= the first step's loss; non-finite always stops
 
     def __post_init__(self):
         self.precision = coerce_enum(Precision, "train.precision", self.precision)
@@ -317,7 +317,7 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
             first_loss = loss_value if first_loss is None else first_loss
             if not finite:
                 reason = NON_FINITE
-            elif t.stop_on_divergence and step > t.warmup_steps and loss_value >= first_loss:
+            elif t.stop_on_divergence and step > max(1, t.warmup_steps) and loss_value >= first_loss:
                 reason = ABOVE_INITIAL
             done = step == t.max_steps or reason is not None
             val = evaluate(model, dataset, t) if step % t.eval_interval == 0 or (done and reason is None) else None
