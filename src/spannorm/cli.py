@@ -79,6 +79,18 @@ def build_parser() -> Parser:
     cmp_.add_argument("--schemes", default="pre,post,span", help="comma-separated schemes (default pre,post,span)")
     cmp_.add_argument("--out", type=Path, default=Path("runs/compare"), help="output directory (default runs/compare)")
     cmp_.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    st = sub.add_parser("study", help="a grid of runs (schemes × depths × lrs × seeds) with results.csv, "
+                                      "report.md, plots and a verdict on each SpanNorm claim")
+    st.add_argument("--config", required=True, help="a study YAML file or a shipped study name (tiny, reference)")
+    st.add_argument("--out", type=Path, default=Path("runs/study"),
+                    help="study directory (default runs/study); running again reuses finished cells")
+    st.add_argument("--jobs", type=int, default=1, help="cells trained at once, each in its own process with "
+                                                        "cores // jobs threads (default 1: in this process)")
+    st.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="append an override to the study's base config, e.g. --set data.corpus=PATH (repeatable)")
+    st.add_argument("--corpus", help="train every cell on this text file or directory (same as --set data.corpus=PATH)")
+    st.add_argument("--quiet", action="store_true", help="no per-cell progress lines")
     return parser
 
 
@@ -137,6 +149,19 @@ def cmd_compare(args) -> None:
     print()
     print(table(summaries))
     print(f"\nreport: {args.out / 'report.md'}  plot: {args.out / 'loss_curves.png'}")
+
+
+def cmd_study(args) -> None:
+    from .study import load_study, run_study
+
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs} is invalid: expected a positive integer")
+    study = load_study(args.config, list(args.overrides) + ([f"data.corpus={args.corpus}"] if args.corpus else []))
+    command = "spannorm " + " ".join(shlex.quote(a) for a in args.argv)
+    rows = run_study(study, args.out, command, jobs=args.jobs, log=(lambda *a: None) if args.quiet else print)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "stalled", "diverged")}
+    print(f"{len(rows)} cells: {counts['ok']} ok, {counts['stalled']} stalled, {counts['diverged']} diverged\n"
+          f"results: {args.out / 'results.csv'}  report: {args.out / 'report.md'}")
 
 
 def _int_list(flag: str, text: str) -> list[int]:
@@ -233,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     handler = {"data": cmd_data_prepare, "train": cmd_train, "compare": cmd_compare,
-               "schemes": cmd_schemes, "probe": cmd_probe, "bench": cmd_bench}[args.command]
+               "schemes": cmd_schemes, "probe": cmd_probe, "bench": cmd_bench, "study": cmd_study}[args.command]
     try:
         handler(args)
     except SpannormError as e:

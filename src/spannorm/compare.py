@@ -87,8 +87,9 @@ def compare(base: RunConfig, schemes: list[Scheme], out: Path, command: str, pro
         "",
         f"Every scheme trains the same model size, data and seed: {t.max_steps} steps of "
         f"{t.batch_size}×{t.seq_len} tokens ({t.max_steps * t.batch_size * t.seq_len:,} tokens), "
-        f"lr {t.lr:g}, {t.precision.value}. *Diverged*: a loss became non-finite or the last training "
-        "loss is not below the first. tokens/s is training throughput on this machine.",
+        f"lr {t.lr:g}, {t.precision.value}. *Diverged*: a loss became non-finite, or (with "
+        "train.stop_on_divergence) was at or above the first step's loss after warmup, which stops the run, or the "
+        "last training loss is not below the first. tokens/s is training throughput on this machine.",
         "",
         table(summaries),
         "",

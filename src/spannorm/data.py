@@ -216,6 +216,13 @@ class TokenData:
                 raise ConfigError(f"train.seq_len={seq_len} is invalid: the {part} split has only {arr.size} "
                                   f"tokens; use a shorter seq_len or a larger corpus")
 
+    def unigram_entropy(self) -> float:
+        """Entropy (nats/token) of the training tokens' frequencies: the loss of a model that learned
+        only how often each token occurs."""
+        counts = np.bincount(np.asarray(self.train, dtype=np.int64))
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log(p)).sum())
+
     def _windows(self, arr: np.ndarray, starts) -> tuple[torch.Tensor, torch.Tensor]:
         T = self.seq_len
         buf = np.stack([np.asarray(arr[s:s + T + 1], dtype=np.int64) for s in starts])

@@ -6,7 +6,7 @@ A run is a directory::
     metrics.jsonl       one row per log step: step, loss, val_loss, lr, grad_norm, tokens_per_s;
                         MoE runs add aux_loss, z_loss (unweighted means over layers) and moe_imbalance
     diagnostics.jsonl   every probe_interval steps: per-block grad norm and stream RMS (MoE: per-layer stats)
-    summary.json        written when the run ends: final validation loss, diverged, tokens/s
+    summary.json        written when the run ends: final validation loss, diverged (step, reason), stalled, tokens/s
     checkpoints/latest  name of the newest complete checkpoint directory
     checkpoints/step-N/ model.safetensors, state.pt (optimizer, RNG, step), manifest.json (sha256)
 """
@@ -63,6 +63,7 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads; None: torch's default
     compile: bool = False  # torch.compile the training forward (probing steps and evaluation stay eager)
     probe_interval: int = 50  # steps between rows of diagnostics.jsonl (per-block grad norm, stream RMS); 0: off
+    stop_on_divergence: bool = True  # after warmup, stop when the loss stays >= the first step's for 5 steps; non-finite always stops
 
     def __post_init__(self):
         self.precision = coerce_enum(Precision, "train.precision", self.precision)
@@ -80,6 +81,8 @@ class TrainConfig:
         require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "a number >= 0 (0 disables clipping)")
         require(self.threads is None or self.threads > 0, "train.threads", self.threads, "a positive integer or null")
         require(self.probe_interval >= 0, "train.probe_interval", self.probe_interval, "an integer >= 0 (0: off)")
+        require(isinstance(self.stop_on_divergence, bool), "train.stop_on_divergence", self.stop_on_divergence,
+                "true or false")
 
 
 @dataclass
@@ -235,6 +238,12 @@ def is_diverged(rows: list[dict]) -> bool:
     return not all(math.isfinite(x) for x in losses) or (len(losses) > 1 and losses[-1] >= losses[0])
 
 
+NON_FINITE = "non-finite loss"
+ABOVE_INITIAL = "loss above its initial value after warmup"
+PATIENCE = 5  # consecutive steps at or above the first loss (after warmup) that make a run diverged
+STALL_MARGIN = 0.05  # nats: a final val loss within this of the unigram entropy means the run stalled
+
+
 def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool = True,
           stop_after: int | None = None) -> dict:
     """Train (or with ``resume`` continue) the run in ``run_dir``; returns the summary.
@@ -260,8 +269,11 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
     opt = make_optimizer(model, t)
     forward = torch.compile(model) if t.compile else model
     gen = torch.Generator().manual_seed(t.seed)
-    step = 0
+    step, first_loss, above = 0, None, 0
     if resume:
+        if t.stop_on_divergence:  # the divergence guard's reference: the first step's loss, recomputed
+            with torch.no_grad(), autocast(t):
+                first_loss = model(*dataset.sample(torch.Generator().manual_seed(t.seed), t.batch_size))[1].item()
         step = load_checkpoint(run_dir, model, opt, gen)
         for name in ("metrics.jsonl", "diagnostics.jsonl"):  # forget rows past the checkpoint
             rows = [r for r in read_jsonl(run_dir / name) if r["step"] <= step]
@@ -282,7 +294,7 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
     metrics = open(run_dir / "metrics.jsonl", "a")
     diagnostics = open(run_dir / "diagnostics.jsonl", "a")
     train_time, window_time, window_tokens = 0.0, 0.0, 0
-    last_val, diverged = None, False
+    last_val, diverged, reason = None, False, None
     clip = t.grad_clip if t.grad_clip > 0 else float("inf")
     moe = cfg.model.moe
     model.train()
@@ -318,8 +330,14 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
             window_time += dt
             window_tokens += tokens_per_step
             finite = math.isfinite(loss_value)
-            done = step == t.max_steps or not finite
-            val = evaluate(model, dataset, t) if step % t.eval_interval == 0 or (done and finite) else None
+            first_loss = loss_value if first_loss is None else first_loss
+            if not finite:
+                reason = NON_FINITE
+            elif t.stop_on_divergence and step > max(1, t.warmup_steps):
+                above = above + 1 if loss_value >= first_loss else 0  # "stays above": one spike is not enough
+                reason = ABOVE_INITIAL if above >= PATIENCE else None
+            done = step == t.max_steps or reason is not None
+            val = evaluate(model, dataset, t) if step % t.eval_interval == 0 or (done and reason is None) else None
             last_val = val if val is not None else last_val
             if step % t.log_interval == 0 or done or val is not None:
                 row = {"step": step, "loss": loss_value, "val_loss": val, "lr": lr_at(step - 1, t),
@@ -332,7 +350,7 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
-            if not finite:
+            if reason is not None:
                 diverged = True
                 break
             if step % t.ckpt_interval == 0 or step == t.max_steps:
@@ -345,13 +363,20 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
     if step < t.max_steps and not diverged:
         return {"step": step, "finished": False}
     rows = read_metrics(run_dir)
+    if not diverged and is_diverged(rows):
+        reason = "last training loss not below the first"
+    unigram = dataset.unigram_entropy()
     summary = {
         "scheme": cfg.model.scheme.value,
         "steps": step,
         "finished": True,
         "final_loss": rows[-1]["loss"] if rows else None,
         "final_val_loss": last_val if not diverged else None,
-        "diverged": diverged or is_diverged(rows),
+        "diverged": reason is not None,
+        "diverged_step": step if diverged else None,
+        "diverged_reason": reason,
+        "unigram_entropy": unigram,
+        "stalled": reason is None and last_val is not None and last_val >= unigram - STALL_MARGIN,
         "tokens_per_s": ((step - start_step) * tokens_per_step / train_time) if train_time else None,
         "n_params": sum(p.numel() for p in model.parameters()),
     }

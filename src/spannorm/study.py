@@ -1,0 +1,963 @@
+"""``spannorm study``: a grid of training runs, their verdicts, tables, plots and the six claims.
+
+A study is a directory::
+
+    study.yaml      the resolved study config (loadable again with --config)
+    cells/<name>/   one run directory per cell (config.yaml, metrics.jsonl, summary.json, ...)
+                    plus probe.json (trained-model probe) and cell.json (wall time)
+    init_probe.json probes of freshly initialized models at the study's depths (claims 1 and 2)
+    results.csv     one row per cell
+    report.md       tables (mean ± std over seeds), plots, and a verdict on each claim of SPANNORM.md
+    plots/*.png
+
+Every cell trains for the same number of tokens. A finished cell (summary.json present, same
+config) is reused and an interrupted one resumes from its checkpoint, so a study can be stopped
+and started again. Cells run in this process (``jobs=1``) or in ``jobs`` spawned worker processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError, SpannormError, apply_overrides, read_yaml, require, to_dict
+from .io import atomic_write_bytes, atomic_write_text, read_jsonl
+from .train import STALL_MARGIN, RunConfig, load_run, resolve_config_path, run_config_from_dict
+
+STUDIES = resources.files("spannorm") / "configs" / "studies"
+CORE = ("model.scheme", "model.n_layers", "train.lr", "train.seed")  # named in every cell's directory name
+STUDY_KEYS = ("base", "set", "tokens_per_cell", "probe", "keep_checkpoints", "grids")
+GRID_KEYS = ("name", "axes")
+PROBE_BATCH = 4  # sequences in the probe batch (as `spannorm probe`)
+
+
+@dataclass
+class Grid:
+    name: str  # label of the grid in results.csv and report.md
+    axes: dict[str, list]  # dotted config path -> values; the grid is the cartesian product of the axes
+
+
+@dataclass
+class StudyConfig:
+    tokens_per_cell: int  # every cell trains on this many tokens: max_steps = tokens / (batch_size · seq_len)
+    grids: list[Grid]  # the study is the union of the grids' cells; identical cells run once
+    base: str = "tiny"  # preset name or path of a run config YAML
+    set: list[str] = field(default_factory=list)  # KEY=VALUE overrides applied to base (as --set)
+    probe: bool = True  # probe each finished cell's final model into probe.json
+    keep_checkpoints: bool = False  # keep finished cells' checkpoints (else deleted after the probe)
+
+    def to_dict(self) -> dict:
+        return {"base": self.base, "set": list(self.set), "tokens_per_cell": self.tokens_per_cell,
+                "probe": self.probe, "keep_checkpoints": self.keep_checkpoints,
+                "grids": [{"name": g.name, "axes": g.axes} for g in self.grids]}
+
+
+@dataclass
+class Cell:
+    name: str  # directory name under cells/
+    grids: list[str]  # the grids that contain this cell
+    axes: dict[str, Any]  # every axis of its grids -> this cell's resolved value
+    extras: dict[str, Any]  # non-core axes whose value differs from the base config
+    cfg: RunConfig
+
+    @property
+    def series(self) -> str:
+        """Scheme plus the non-default extra axes: one line in a plot, one row in the claims."""
+        return " ".join([self.cfg.model.scheme.value] + [f"{_leaf(k)}={_fmt(v)}" for k, v in self.extras.items()])
+
+
+# --- config --------------------------------------------------------------------------------
+
+def study_names() -> list[str]:
+    return sorted(p.name[:-5] for p in STUDIES.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_study_path(name: str) -> Path:
+    """A study YAML path, or the name of a study shipped in spannorm/configs/studies/."""
+    path = Path(name)
+    if path.is_file() or path.suffix in (".yaml", ".yml"):
+        return path
+    if name in study_names():
+        return Path(str(STUDIES / f"{name}.yaml"))
+    raise ConfigError(f"--config {name!r} is neither a YAML file nor a shipped study; studies: "
+                      + ", ".join(study_names()))
+
+
+def _is_scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (str, int, float, bool))
+
+
+def study_from_dict(data: dict, where: Path | None = None) -> StudyConfig:
+    """Validate a study mapping; a relative ``base`` path is looked up beside the study file ``where``."""
+    for key in data:
+        if key not in STUDY_KEYS:
+            raise ConfigError(f"unknown key {key}; valid study keys: " + ", ".join(STUDY_KEYS))
+    base = data.get("base", "tiny")
+    require(isinstance(base, str) and base != "", "base", base, "a preset name or a run config YAML path")
+    if where is not None and not Path(base).is_absolute() and (where.parent / base).is_file():
+        base = str((where.parent / base).resolve())
+    elif Path(base).is_file():
+        base = str(Path(base).resolve())
+    sets = data.get("set") or []
+    require(isinstance(sets, list) and all(isinstance(s, str) for s in sets), "set", sets,
+            "a list of KEY=VALUE strings, e.g. [model.d_model=64]")
+    tokens = data.get("tokens_per_cell")
+    require(isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0, "tokens_per_cell", tokens,
+            "a positive integer (the token budget of every cell)")
+    for key in ("probe", "keep_checkpoints"):
+        require(isinstance(data.get(key, True), bool), key, data.get(key), "true or false")
+    grids = data.get("grids")
+    require(isinstance(grids, list) and len(grids) > 0, "grids", grids,
+            "a non-empty list of {name, axes} mappings")
+    out = []
+    for i, g in enumerate(grids):
+        require(isinstance(g, dict), f"grids[{i}]", g, "a mapping with keys name, axes")
+        for key in g:
+            if key not in GRID_KEYS:
+                raise ConfigError(f"unknown key grids[{i}].{key}; valid grid keys: " + ", ".join(GRID_KEYS))
+        name, axes = g.get("name"), g.get("axes")
+        require(isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9._-]+", name or "") is not None,
+                f"grids[{i}].name", name, "a name of letters, digits, '.', '_' or '-'")
+        require(name not in [o.name for o in out], f"grids[{i}].name", name, "a name no other grid has")
+        require(isinstance(axes, dict) and len(axes) > 0, f"grids[{i}].axes", axes,
+                "a non-empty mapping of dotted config paths to lists of values")
+        for path, values in axes.items():
+            require(isinstance(path, str) and re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", path) is not None,
+                    f"grids[{i}].axes key", path, "a dotted config path such as model.n_layers")
+            require(path != "train.max_steps", f"grids[{i}].axes key", path,
+                    "any config path but train.max_steps, which tokens_per_cell sets")
+            require(isinstance(values, list) and len(values) > 0 and all(_is_scalar(v) for v in values),
+                    f"grids[{i}].axes.{path}", values, "a non-empty list of scalar values")
+        out.append(Grid(name, dict(axes)))
+    for s in sets:
+        if s.partition("=")[0].strip() == "train.max_steps":
+            raise ConfigError("set: train.max_steps is invalid here: tokens_per_cell sets every cell's steps")
+    return StudyConfig(tokens_per_cell=tokens, grids=out, base=base, set=list(sets),
+                       probe=data.get("probe", True), keep_checkpoints=data.get("keep_checkpoints", False))
+
+
+def load_study(name: str, extra_sets: list[str] = ()) -> StudyConfig:
+    """Load a study YAML (or shipped study name); ``extra_sets`` are appended to its ``set``."""
+    path = resolve_study_path(name)
+    study = study_from_dict(read_yaml(path), where=path)
+    study.set += list(extra_sets)
+    return study
+
+
+def _get(d: dict, path: str) -> Any:
+    for part in path.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def _set(d: dict, path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for part in parents:
+        d = d.setdefault(part, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"axis {path!r} is invalid: {part} is not a section")
+    d[leaf] = value
+
+
+def _leaf(path: str) -> str:
+    return path.rsplit(".", 1)[-1]
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def base_config(study: StudyConfig) -> dict:
+    """The base run config as a plain dict, with ``set`` applied (not validated)."""
+    return apply_overrides(read_yaml(resolve_config_path(study.base)), list(study.set))
+
+
+def _steps(study: StudyConfig, cfg_dict: dict, what: str) -> int:
+    cfg = run_config_from_dict(copy.deepcopy(cfg_dict))
+    per_step = cfg.train.batch_size * cfg.train.seq_len
+    if study.tokens_per_cell % per_step:
+        raise ConfigError(f"tokens_per_cell={study.tokens_per_cell} is invalid{what}: expected a multiple of "
+                          f"train.batch_size × train.seq_len = {per_step} (e.g. "
+                          f"{max(1, round(study.tokens_per_cell / per_step)) * per_step})")
+    steps = study.tokens_per_cell // per_step
+    if cfg.train.warmup_steps >= steps:
+        raise ConfigError(f"train.warmup_steps={cfg.train.warmup_steps} is invalid{what}: expected fewer than "
+                          f"the {steps} steps that tokens_per_cell gives")
+    return steps
+
+
+def expand(study: StudyConfig) -> list[Cell]:
+    """Every distinct cell of the study, in grid order; validates every cell's config."""
+    base = base_config(study)
+    try:
+        base_cfg = run_config_from_dict(copy.deepcopy(base))
+    except ConfigError as e:
+        raise ConfigError(f"base {study.base!r} with set {study.set}: {e}") from None
+    _set(base, "train.max_steps", _steps(study, base, " for the base config"))
+    base_flat = to_dict(base_cfg)
+    by_config: dict[str, Cell] = {}
+    by_name: dict[str, Cell] = {}
+    for grid in study.grids:
+        paths = list(grid.axes)
+        for values in itertools.product(*grid.axes.values()):
+            point = dict(zip(paths, values))
+            what = f" in grid {grid.name!r} at " + ", ".join(f"{k}={_fmt(v)}" for k, v in point.items())
+            d = copy.deepcopy(base)
+            for path, value in point.items():
+                _set(d, path, value)
+            try:
+                _set(d, "train.max_steps", _steps(study, d, what))
+                cfg = run_config_from_dict(d)
+            except ConfigError as e:
+                msg = str(e)
+                raise ConfigError(msg if what in msg else f"{msg} ({what.strip()})") from None
+            flat = to_dict(cfg)
+            key = json.dumps(flat, sort_keys=True)
+            resolved = {p: _get(flat, p) for p in paths}
+            if key in by_config:
+                cell = by_config[key]
+                if grid.name not in cell.grids:
+                    cell.grids.append(grid.name)
+                for p, v in resolved.items():
+                    cell.axes.setdefault(p, v)
+                continue
+            extras = {p: v for p, v in resolved.items() if p not in CORE and v != _get(base_flat, p)}
+            m, t = cfg.model, cfg.train
+            name = f"{m.scheme.value}_L{m.n_layers}_lr{t.lr:g}_s{t.seed}" + "".join(
+                f"_{_leaf(p)}-{_fmt(v)}" for p, v in extras.items())
+            name = re.sub(r"[^A-Za-z0-9._+-]", "-", name)
+            if name in by_name:
+                raise ConfigError(f"two different cells get the directory name {name!r} (grid {grid.name!r}); "
+                                  "make their axis values differ in scheme, depth, lr, seed or an extra axis")
+            cell = Cell(name, [grid.name], resolved, extras, cfg)
+            by_config[key] = by_name[name] = cell
+    return list(by_config.values())
+
+
+# --- running -------------------------------------------------------------------------------
+
+def run_cell(cfg_dict: dict, run_dir: str, probe: bool, keep_checkpoints: bool, threads: int | None = None) -> dict:
+    """Train (or reuse, or resume) one cell, probe its final model, drop its checkpoints.
+
+    Runs in a worker process when the study has ``jobs > 1``; everything it writes is atomic, so
+    a kill at any point leaves a cell that the next run of the study reuses or resumes.
+    """
+    import torch
+
+    from .compare import run_scheme
+    from .diagnostics import run_probe
+
+    if threads:
+        torch.set_num_threads(threads)
+    run_dir = Path(run_dir)
+    t0 = time.perf_counter()
+    summary = run_scheme(run_config_from_dict(cfg_dict), run_dir, progress=False)
+    reused = bool(summary.get("reused"))
+    ckpts = run_dir / "checkpoints"
+    if probe and not summary["diverged"] and not (run_dir / "probe.json").is_file() and (ckpts / "latest").is_file():
+        row = run_probe(None, [], [], PROBE_BATCH, checkpoint=run_dir)[0]
+        atomic_write_text(run_dir / "probe.json", json.dumps(row))
+    if not keep_checkpoints and ckpts.exists():
+        shutil.rmtree(ckpts)
+    if not reused or not (run_dir / "cell.json").is_file():  # the wall time of the session that finished it
+        atomic_write_text(run_dir / "cell.json", json.dumps({"wall_s": time.perf_counter() - t0}))
+    return summary | {"reused": reused}
+
+
+def _cell_threads(jobs: int) -> int:
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def run_cells(study: StudyConfig, cells: list[Cell], out: Path, jobs: int, log) -> dict[str, str]:
+    """Run every cell; returns {cell name: error} for the cells that failed (the others are on disk)."""
+    from .data import prepare
+
+    for cell in cells:  # a cell directory of another config is a user error: refuse before any training
+        run_dir = out / "cells" / cell.name
+        if (run_dir / "config.yaml").is_file() and to_dict(load_run(run_dir)) != to_dict(cell.cfg):
+            raise ConfigError(f"--out {str(out)!r} holds a cell {cell.name!r} with another config: "
+                              "choose another --out (or delete that cell)")
+    for data in {json.dumps(to_dict(c.cfg.data), sort_keys=True): c.cfg.data for c in cells}.values():
+        prepare(data)  # once, here, before any worker starts
+    failed: dict[str, str] = {}
+    n = len(cells)
+
+    def done(i: int, cell: Cell, summary: dict | None, error: str | None) -> None:
+        if error is not None:
+            failed[cell.name] = error
+            log(f"[{i}/{n}] {cell.name}: FAILED: {error}")
+            return
+        val = summary["final_val_loss"]
+        verdict = (f"diverged at step {summary['diverged_step']} ({summary['diverged_reason']})"
+                   if summary["diverged"] else "stalled" if summary.get("stalled") else "ok")
+        log(f"[{i}/{n}] {cell.name}: {'reused' if summary['reused'] else 'trained'}, val loss "
+            f"{'—' if val is None else f'{val:.4f}'}, {verdict}")
+
+    def args(cell: Cell) -> tuple:
+        return (to_dict(cell.cfg), str(out / "cells" / cell.name), study.probe, study.keep_checkpoints)
+
+    if jobs == 1:
+        for i, cell in enumerate(cells, 1):
+            try:
+                done(i, cell, run_cell(*args(cell)), None)
+            except (SpannormError, RuntimeError, OSError, ValueError) as e:
+                done(i, cell, None, f"{type(e).__name__}: {' '.join(str(e).split())}")
+        return failed
+
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = {pool.submit(run_cell, *args(cell), threads=_cell_threads(jobs)): cell for cell in cells}
+        for i, fut in enumerate(as_completed(futures), 1):
+            try:
+                done(i, futures[fut], fut.result(), None)
+            except Exception as e:  # the worker's exception, or a dead worker (BrokenProcessPool)
+                done(i, futures[fut], None, f"{type(e).__name__}: {' '.join(str(e).split())}")
+    except BaseException:  # Ctrl-C: stop the workers; their cells resume from a checkpoint next time
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return failed
+
+
+# --- results -------------------------------------------------------------------------------
+
+RESULT_COLUMNS = ("steps", "max_steps", "tokens", "final_val_loss", "final_loss", "diverged", "diverged_step",
+                  "diverged_reason", "stalled", "unigram_entropy", "tokens_per_s", "n_params", "wall_s", "status")
+
+
+def cell_result(cell: Cell, out: Path, error: str | None = None) -> dict:
+    """One row of results.csv for ``cell``, read from its run directory."""
+    run_dir = out / "cells" / cell.name
+    row: dict[str, Any] = {"name": cell.name, "grid": "+".join(cell.grids), **cell.axes,
+                           "max_steps": cell.cfg.train.max_steps}
+    summary_path = run_dir / "summary.json"
+    if error is not None or not summary_path.is_file():
+        return row | {"status": "failed: " + (error or "no summary.json")}
+    s = json.loads(summary_path.read_text())
+    cell_json = run_dir / "cell.json"
+    wall = json.loads(cell_json.read_text())["wall_s"] if cell_json.is_file() else None
+    t = cell.cfg.train
+    row |= {k: s.get(k) for k in RESULT_COLUMNS if k in s}
+    row |= {"tokens": s["steps"] * t.batch_size * t.seq_len, "wall_s": wall,
+            "status": "diverged" if s["diverged"] else "stalled" if s.get("stalled") else "ok"}
+    return row
+
+
+def write_results(path: Path, cells: list[Cell], rows: list[dict]) -> None:
+    axes = list(dict.fromkeys(p for c in cells for p in c.axes))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, ["name", "grid", *axes, *RESULT_COLUMNS], extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+@dataclass
+class Agg:
+    """A (series, depth, lr) point over its seeds."""
+
+    cells: list[Cell]
+    rows: list[dict]
+
+    @property
+    def n(self) -> int:
+        return len(self.rows)
+
+    @property
+    def vals(self) -> list[float]:
+        return [r["final_val_loss"] for r in self.rows if r.get("status") in ("ok", "stalled")
+                and r.get("final_val_loss") is not None]
+
+    def count(self, status: str) -> int:
+        return sum(r.get("status", "").startswith(status) for r in self.rows)
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.vals) if self.vals else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.vals) if len(self.vals) > 1 else None
+
+    @property
+    def failed(self) -> bool:
+        """Diverged or stalled in the majority of seeds."""
+        return self.count("diverged") + self.count("stalled") > self.n / 2
+
+    def text(self) -> str:
+        if self.count("failed") == self.n:
+            return "failed"
+        parts = []
+        if self.mean is not None:
+            parts.append(f"{self.mean:.3f}" + (f" ± {self.std:.3f}" if self.std is not None else ""))
+        for status, label in (("diverged", "div"), ("stalled", "stalled"), ("failed", "failed")):
+            if self.count(status):
+                parts.append(f"{label} ({self.count(status)}/{self.n})")
+        return " ".join(parts)
+
+
+def aggregate(cells: list[Cell], rows: list[dict], key) -> dict:
+    """Group (cell, row) pairs by ``key(cell)`` (None: left out) into Agg points."""
+    groups: dict = {}
+    for cell, row in zip(cells, rows):
+        k = key(cell)
+        if k is not None:
+            groups.setdefault(k, Agg([], [])).cells.append(cell)
+            groups[k].rows.append(row)
+    return groups
+
+
+def _depth_lr(cell: Cell) -> tuple[int, float]:
+    return cell.cfg.model.n_layers, cell.cfg.train.lr
+
+
+def grid_table(grid: Grid, cells: list[Cell], rows: list[dict]) -> str:
+    """Rows: scheme and the grid's other non-core axes; columns: depth × lr; entries: mean ± std over seeds."""
+    others = [p for p in grid.axes if p not in CORE]
+
+    def label(c: Cell) -> str:
+        return " ".join([c.cfg.model.scheme.value] + [f"{_leaf(p)}={_fmt(c.axes[p])}" for p in others])
+
+    points = aggregate(cells, rows, lambda c: (label(c), *_depth_lr(c)) if grid.name in c.grids else None)
+    labels = list(dict.fromkeys(k[0] for k in points))
+    cols = sorted({k[1:] for k in points})
+    lines = ["| " + " | ".join(["series"] + [f"L={d}, lr={lr:g}" for d, lr in cols]) + " |",
+             "|" + "---|" * (len(cols) + 1)]
+    for lab in labels:
+        lines.append("| " + " | ".join([lab] + [points[(lab, *c)].text() if (lab, *c) in points else ""
+                                                 for c in cols]) + " |")
+    return "\n".join(lines)
+
+
+# --- plots ---------------------------------------------------------------------------------
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plotted_series(cells: list[Cell]) -> list[str]:
+    """The series that sweep depth (a plot of an ablation's one-depth series would only clutter)."""
+    depths: dict[str, set] = {}
+    for c in cells:
+        depths.setdefault(c.series, set()).add(c.cfg.model.n_layers)
+    return [s for s, d in depths.items() if len(d) > 1] or list(depths)
+
+
+def plot_val(path: Path, cells: list[Cell], rows: list[dict], x: str) -> bool:
+    """Validation loss against depth (x='depth', one panel per lr) or lr (one panel per depth)."""
+    series = plotted_series(cells)
+    points = aggregate(cells, rows, lambda c: (c.series, *_depth_lr(c)) if c.series in series else None)
+    panel_of = (lambda k: k[2]) if x == "depth" else (lambda k: k[1])
+    x_of = (lambda k: k[1]) if x == "depth" else (lambda k: k[2])
+    panels = sorted({panel_of(k) for k in points})
+    if not panels:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for s in series:
+            ks = sorted((k for k in points if k[0] == s and panel_of(k) == panel and points[k].mean is not None),
+                        key=x_of)
+            if ks:
+                ax.errorbar([x_of(k) for k in ks], [points[k].mean for k in ks],
+                            yerr=[points[k].std or 0.0 for k in ks], marker="o", capsize=3, label=s)
+        ax.set_title(f"lr {panel:g}" if x == "depth" else f"L = {panel}")
+        ax.set_xlabel("depth L" if x == "depth" else "peak learning rate")
+        if x == "lr":
+            ax.set_xscale("log")
+        ax.set_ylabel("final val loss (nats/token)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("validation loss (mean ± std over seeds; diverged cells left out)", fontsize=9)
+    _save(fig, path)
+    return True
+
+
+def _first_seed(cells: list[Cell]) -> dict:
+    """(series, depth, lr) -> the cell with the smallest seed."""
+    out: dict = {}
+    for c in sorted(cells, key=lambda c: c.cfg.train.seed):
+        out.setdefault((c.series, *_depth_lr(c)), c)
+    return out
+
+
+def plot_curves(path: Path, cells: list[Cell], out: Path) -> bool:
+    """Training loss curves, one panel per (depth, lr), one line per series (the smallest seed)."""
+    from .train import read_metrics
+
+    series = plotted_series(cells)
+    firsts = {k: c for k, c in _first_seed(cells).items() if k[0] in series}
+    panels = sorted({k[1:] for k in firsts})
+    if not panels:
+        return False
+    plt = _plt()
+    cols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.5 * nrows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        top = 0.0
+        for s in series:
+            if (s, *panel) in firsts:
+                rows = read_metrics(out / "cells" / firsts[(s, *panel)].name)
+                ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=s)
+                if rows and math.isfinite(rows[0]["loss"]):
+                    top = max(top, rows[0]["loss"])
+        if top:
+            ax.set_ylim(top=top * 1.1)
+        ax.set_title(f"L = {panel[0]}, lr {panel[1]:g}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes[0][0].legend(fontsize=7)
+    _save(fig, path)
+    return True
+
+
+def _deepest(cells: list[Cell]) -> int:
+    return max(c.cfg.model.n_layers for c in cells)
+
+
+def plot_grad_heatmaps(path: Path, cells: list[Cell], out: Path) -> bool:
+    """log10 per-block gradient norm (block × step) of each series at the deepest depth, one column per lr."""
+    import numpy as np
+
+    series = plotted_series(cells)
+    depth = _deepest(cells)
+    firsts = {k: c for k, c in _first_seed(cells).items() if k[0] in series and k[1] == depth}
+    grids = {}
+    for k, c in firsts.items():
+        rows = read_jsonl(out / "cells" / c.name / "diagnostics.jsonl")
+        if rows:
+            grid = np.log10(np.maximum(np.array([r["grad_norm"] for r in rows], dtype=float).T, 1e-30))
+            grids[k] = (grid, rows[0]["step"], rows[-1]["step"])
+    if not grids:
+        return False
+    names = [s for s in series if any(k[0] == s for k in grids)]
+    lrs = sorted({k[2] for k in grids})
+    finite = np.concatenate([g[np.isfinite(g)] for g, _, _ in grids.values()])
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (-3.0, 1.0)
+    plt = _plt()
+    fig, axes = plt.subplots(len(names), len(lrs), figsize=(4 * len(lrs) + 1, 2.2 * len(names) + 0.8), squeeze=False)
+    im = None
+    for i, s in enumerate(names):
+        for j, lr in enumerate(lrs):
+            ax = axes[i][j]
+            if (s, depth, lr) not in grids:
+                ax.axis("off")
+                continue
+            grid, first, last = grids[(s, depth, lr)]
+            im = ax.imshow(grid, aspect="auto", origin="lower", vmin=vmin, vmax=vmax,
+                           extent=(first, max(last, first + 1), 0.5, grid.shape[0] + 0.5))
+            ax.set_title(f"{s}, lr {lr:g}", fontsize=8)
+            ax.set_ylabel("block", fontsize=7)
+            ax.tick_params(labelsize=6)
+    fig.subplots_adjust(hspace=0.5, right=0.85)
+    fig.colorbar(im, ax=axes, shrink=0.8, label="log10 grad norm")
+    fig.suptitle(f"per-block gradient norm during training, L = {depth} (x: step)", fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return True
+
+
+def read_probe(out: Path, cell: Cell) -> dict | None:
+    path = out / "cells" / cell.name / "probe.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def plot_similarity(path: Path, cells: list[Cell], out: Path) -> bool:
+    """Series × block heatmaps at the deepest depth from probe.json: adjacent cosine and layer drop
+    (mean over seeds), one column per lr."""
+    import numpy as np
+
+    series = plotted_series(cells)
+    depth = _deepest(cells)
+    probes: dict = {}
+    for c in cells:
+        if c.series in series and c.cfg.model.n_layers == depth and (p := read_probe(out, c)):
+            probes.setdefault((c.series, c.cfg.train.lr), []).append(p)
+    if not probes:
+        return False
+    names = [s for s in series if any(k[0] == s for k in probes)]
+    lrs = sorted({k[1] for k in probes})
+    plt = _plt()
+    fig, axes = plt.subplots(2, len(lrs), figsize=(5 * len(lrs) + 1, 0.35 * len(names) * 2 + 2.5), squeeze=False)
+    for j, lr in enumerate(lrs):
+        for i, (key, title, cmap) in enumerate((("adjacent_cosine", "cosine(block l, block l+1)", "viridis"),
+                                                ("layer_drop", "val loss increase without block l", "magma"))):
+            width = depth - 1 if key == "adjacent_cosine" else depth
+            grid = np.full((len(names), width), np.nan)
+            for r, s in enumerate(names):
+                ps = [p[key] for p in probes.get((s, lr), []) if p.get(key)]
+                if ps:
+                    grid[r] = np.mean(np.array(ps, dtype=float), axis=0)
+            ax = axes[i][j]
+            im = ax.imshow(grid, aspect="auto", cmap=cmap, interpolation="nearest",
+                           extent=(0.5, width + 0.5, len(names) - 0.5, -0.5))
+            ax.set_yticks(range(len(names)), names, fontsize=7)
+            ax.set_xlabel("block l", fontsize=8)
+            ax.set_title(f"{title}, L = {depth}, lr {lr:g}", fontsize=8)
+            fig.colorbar(im, ax=ax)
+    _save(fig, path)
+    return True
+
+
+# --- init probe (claims 1 and 2) -----------------------------------------------------------
+
+INIT_VARIANTS = {"pre": {"scheme": "pre"}, "post": {"scheme": "post"}, "span": {"scheme": "span"},
+                 "span span_scale=none": {"scheme": "span", "span_scale": "none"}}
+
+
+def init_probe(study_base: dict, depths: list[int], path: Path) -> list[dict]:
+    """``diagnostics.probe`` of fresh models (pre, post, span, span without scaling) at the study's depths
+    and model size; cached in ``path`` for the same inputs."""
+    import dataclasses
+
+    import torch
+
+    from .data import TokenData, prepare
+    from .diagnostics import probe
+    from .model import build_model
+
+    cfg = run_config_from_dict(copy.deepcopy(study_base))
+    key = {"model": to_dict(cfg.model), "data": to_dict(cfg.data), "seed": cfg.train.seed,
+           "seq_len": cfg.train.seq_len, "depths": depths, "variants": INIT_VARIANTS}
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["runs"]
+    x, y = next(TokenData(prepare(cfg.data), cfg.train.seq_len).val_batches(PROBE_BATCH, 1))
+    runs = []
+    for label, change in INIT_VARIANTS.items():
+        for depth in depths:
+            torch.manual_seed(cfg.train.seed)
+            model = build_model(dataclasses.replace(cfg.model, n_layers=depth, **change))
+            row = probe(model, x, y)
+            runs.append({"variant": label, **{k: row[k] for k in (
+                "depth", "stream_rms", "presum_rms", "grad_ratio_first_last", "skip_gain_measured")}})
+    atomic_write_text(path, json.dumps({"key": key, "runs": runs}))
+    return runs
+
+
+# --- claims --------------------------------------------------------------------------------
+
+SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
+
+
+@dataclass
+class Claim:
+    verdict: str
+    evidence: str
+    rule: str
+
+
+def _series_name(scheme: str, extras: dict) -> str:
+    return " ".join([scheme] + [f"{_leaf(k)}={_fmt(v)}" for k, v in extras.items()])
+
+
+def _max_presum(p: dict) -> float:
+    return max(v for block in p["presum_rms"] for v in block.values())
+
+
+def _g(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3g}"
+
+
+def claim_stability(points: dict, extras: dict) -> Claim:
+    post, span = _series_name("post", extras), _series_name("span", extras)
+    rule = (f"supported if at every (depth, lr) where {post} diverged or stalled in most seeds, {span} trained "
+            "(neither diverged nor stalled in most seeds); inconclusive if there is no such point")
+    bad = sorted(k[1:] for k, a in points.items() if k[0] == post and a.failed)
+    if not any(k[0] == post for k in points) or not any(k[0] == span for k in points):
+        return Claim(INCONCLUSIVE, f"the study has no {post} or no {span} cells", rule)
+    if not bad:
+        return Claim(INCONCLUSIVE, f"{post} neither diverged nor stalled at any (depth, lr)", rule)
+    ev, ok = [], []
+    for d, lr in bad:
+        p, s = points[(post, d, lr)], points.get((span, d, lr))
+        trained = s is not None and not s.failed
+        ok.append(trained)
+        ev.append(f"L={d}, lr={lr:g}: {post} {p.text()}; {span} "
+                  + ("(no cell)" if s is None else s.text() + (" — trained" if trained else " — failed too")))
+    return Claim(SUPPORTED if all(ok) else NOT_SUPPORTED, "; ".join(ev), rule)
+
+
+def claim_quality(points: dict, extras: dict) -> Claim:
+    pre, span = _series_name("pre", extras), _series_name("span", extras)
+    rule = (f"at each (depth, lr) with finite losses for both, {span} wins if its mean val loss is below {pre}'s "
+            "by more than the larger seed std, loses if above by more; supported if it wins at more than half of "
+            "the points, not supported if it loses at half or more, else inconclusive; needs 2+ seeds")
+    common = sorted(k[1:] for k in points if k[0] == span and (pre, *k[1:]) in points)
+    rows, wins, losses, one_seed = [], 0, 0, False
+    for d, lr in common:
+        a, b = points[(pre, d, lr)], points[(span, d, lr)]
+        if a.mean is None or b.mean is None:
+            rows.append(f"L={d}, lr={lr:g}: {pre} {a.text()}, {span} {b.text()}")
+            continue
+        if a.std is None or b.std is None:
+            one_seed = True
+        noise = max(a.std or 0.0, b.std or 0.0)
+        diff = a.mean - b.mean
+        wins += diff > noise
+        losses += -diff > noise
+        rows.append(f"L={d}, lr={lr:g}: {pre} {a.mean:.3f}, {span} {b.mean:.3f} (Δ={diff:+.3f}, std {noise:.3f})")
+    scored = sum(1 for d, lr in common if points[(pre, d, lr)].mean is not None and points[(span, d, lr)].mean is not None)
+    if not scored:
+        return Claim(INCONCLUSIVE, "; ".join(rows) or f"no (depth, lr) with both {pre} and {span}", rule)
+    ev = f"{span} lower at {wins}/{scored}, higher at {losses}/{scored}: " + "; ".join(rows)
+    if one_seed:
+        return Claim(INCONCLUSIVE, "fewer than 2 finite seeds somewhere, so the seed noise is unknown; " + ev, rule)
+    verdict = SUPPORTED if wins > scored / 2 else NOT_SUPPORTED if losses >= scored / 2 else INCONCLUSIVE
+    return Claim(verdict, ev, rule)
+
+
+def claim_collapse(cells: list[Cell], out: Path, extras: dict) -> Claim:
+    pre, span = _series_name("pre", extras), _series_name("span", extras)
+    rule = (f"at the deepest depth with probes of both, per lr (mean over seeds): {span} is less collapsed if its "
+            "mean adjacent cosine over the deeper half of the blocks is lower AND its mean layer-drop loss increase "
+            f"there is higher than {pre}'s; supported if so at more than half of the lrs, not supported if both "
+            "favour PreNorm at half or more, else inconclusive")
+    probes: dict = {}
+    for c in cells:
+        if c.series in (pre, span) and (p := read_probe(out, c)) and p.get("layer_drop"):
+            probes.setdefault((c.series, *_depth_lr(c)), []).append(p)
+    depths = sorted({k[1] for k in probes if (pre, *k[1:]) in probes and (span, *k[1:]) in probes})
+    if not depths:
+        return Claim(INCONCLUSIVE, f"no depth with trained-model probes of both {pre} and {span}", rule)
+    depth = depths[-1]
+    lrs = sorted({k[2] for k in probes if k[1] == depth and (pre, depth, k[2]) in probes and (span, depth, k[2]) in probes})
+
+    def deep(ps: list[dict], key: str) -> float:
+        return statistics.fmean(statistics.fmean(p[key][len(p[key]) // 2:]) for p in ps)
+
+    ev, good, bad = [], 0, 0
+    for lr in lrs:
+        a, b = probes[(pre, depth, lr)], probes[(span, depth, lr)]
+        cos_a, cos_b = deep(a, "adjacent_cosine"), deep(b, "adjacent_cosine")
+        drop_a, drop_b = deep(a, "layer_drop"), deep(b, "layer_drop")
+        good += cos_b < cos_a and drop_b > drop_a
+        bad += cos_b >= cos_a and drop_b <= drop_a
+        ev.append(f"L={depth}, lr={lr:g}: adjacent cosine {pre} {cos_a:.3f} vs {span} {cos_b:.3f}, "
+                  f"layer drop {pre} {drop_a:.4f} vs {span} {drop_b:.4f}")
+    verdict = SUPPORTED if good > len(lrs) / 2 else NOT_SUPPORTED if bad >= len(lrs) / 2 else INCONCLUSIVE
+    return Claim(verdict, "; ".join(ev), rule)
+
+
+def claim_signal(cells: list[Cell], out: Path, init: list[dict]) -> Claim:
+    rule = ("needs 2+ depths; supported if SpanNorm's largest pre-norm-sum RMS (trained probes, mean over lrs and "
+            "seeds) at the deepest depth is at most 2× that at the shallowest AND PreNorm's final stream RMS grows "
+            "by at least 1.5× from the shallowest to the deepest; not supported if SpanNorm's grows by more than 2×; "
+            "else inconclusive (init numbers are shown beside, for reference)")
+    trained: dict = {}
+    for c in cells:
+        if not c.extras and c.cfg.model.scheme.value in ("pre", "span") and (p := read_probe(out, c)):
+            trained.setdefault((c.cfg.model.scheme.value, c.cfg.model.n_layers), []).append(p)
+    span_max = {d: statistics.fmean(_max_presum(p) for p in ps) for (s, d), ps in trained.items() if s == "span"}
+    pre_rms = {d: statistics.fmean(p["stream_rms"][-1] for p in ps) for (s, d), ps in trained.items() if s == "pre"}
+    init_span = {r["depth"]: _max_presum(r) for r in init if r["variant"] == "span"}
+    init_pre = {r["depth"]: r["stream_rms"][-1] for r in init if r["variant"] == "pre"}
+    ev = ("trained: span max pre-norm-sum RMS " + ", ".join(f"L={d}: {v:.3g}" for d, v in sorted(span_max.items()))
+          + "; pre final stream RMS " + ", ".join(f"L={d}: {v:.3g}" for d, v in sorted(pre_rms.items()))
+          + ". At init: span " + ", ".join(f"L={d}: {v:.3g}" for d, v in sorted(init_span.items()))
+          + "; pre " + ", ".join(f"L={d}: {v:.3g}" for d, v in sorted(init_pre.items())))
+    if len(span_max) < 2 or len(pre_rms) < 2:
+        return Claim(INCONCLUSIVE, "fewer than 2 depths with trained probes of both pre and span. " + ev, rule)
+    lo, hi = min(span_max), max(span_max)
+    span_growth = span_max[hi] / span_max[lo]
+    pre_growth = pre_rms[max(pre_rms)] / pre_rms[min(pre_rms)]
+    ev = f"span grows {span_growth:.2f}×, pre {pre_growth:.2f}× (L={lo}→{hi}). " + ev
+    if span_growth > 2:
+        return Claim(NOT_SUPPORTED, ev, rule)
+    return Claim(SUPPORTED if pre_growth >= 1.5 else INCONCLUSIVE, ev, rule)
+
+
+def claim_gradients(cells: list[Cell], out: Path, init: list[dict]) -> Claim:
+    rule = ("supported if SpanNorm's first/last-block gradient-norm ratio stays within 10× of 1 at every depth "
+            "(init and trained probes) AND, at the deepest depth, PostNorm's or unscaled SpanNorm's is at least "
+            "100× away from 1 (init or trained); not supported if SpanNorm's leaves the 10× band; else inconclusive")
+    deepest = max((r["depth"] for r in init), default=0)
+    span_r = [r["grad_ratio_first_last"] for r in init if r["variant"] == "span"]
+    other_r = [r["grad_ratio_first_last"] for r in init
+               if r["variant"] in ("post", "span span_scale=none") and r["depth"] == deepest]
+    ev = ["at init: " + ", ".join(f"{r['variant']} L={r['depth']}: {_g(r['grad_ratio_first_last'])}" for r in init)]
+    trained_span, trained_other = [], []
+    for c in cells:
+        scheme = c.cfg.model.scheme.value
+        if (p := read_probe(out, c)) is None:
+            continue
+        if scheme == "span" and not c.extras:
+            trained_span.append(p["grad_ratio_first_last"])
+        elif c.cfg.model.n_layers == deepest and (
+                (scheme == "post" and not c.extras) or (scheme == "span" and c.extras == {"model.span_scale": "none"})):
+            trained_other.append(p["grad_ratio_first_last"])
+    span_r += trained_span
+    other_r += trained_other
+    ev.append("trained: span " + (", ".join(_g(x) for x in trained_span) or "—")
+              + f"; post and unscaled span at L={deepest} " + (", ".join(_g(x) for x in trained_other) or "—"))
+
+    def off(x: float) -> float:
+        return abs(math.log10(x)) if x and math.isfinite(x) and x > 0 else math.inf
+
+    if not span_r:
+        return Claim(INCONCLUSIVE, "no probe of span", rule)
+    if max(off(x) for x in span_r) > 1:
+        return Claim(NOT_SUPPORTED, "; ".join(ev), rule)
+    return Claim(SUPPORTED if other_r and max(off(x) for x in other_r) >= 2 else INCONCLUSIVE, "; ".join(ev), rule)
+
+
+def claims(cells: list[Cell], rows: list[dict], out: Path, init: list[dict]) -> list[tuple[str, Claim]]:
+    """The six claims of SPANNORM.md, each with a verdict from an explicit rule over the study's data."""
+    points = aggregate(cells, rows, lambda c: (c.series, *_depth_lr(c)))
+    dense = {}
+    moe_values = sorted({c.extras["model.n_experts"] for c in cells
+                         if isinstance(c.extras.get("model.n_experts"), int) and c.extras["model.n_experts"] > 0})
+    result = [
+        ("Bounded forward signal", claim_signal(cells, out, init)),
+        ("Bounded gradients", claim_gradients(cells, out, init)),
+        ("Stability where PostNorm diverges or stalls", claim_stability(points, dense)),
+        ("Quality: lower validation loss than PreNorm at equal compute", claim_quality(points, dense)),
+        ("Less collapse after training", claim_collapse(cells, out, dense)),
+    ]
+    moe_rule = ("claims 3–5 restricted to the MoE cells (a model.n_experts axis > 0): supported if all three are, "
+                "not supported if any is not, else inconclusive")
+    if not moe_values:
+        result.append(("All of the above in MoE models", Claim(INCONCLUSIVE, "the study has no MoE cells", moe_rule)))
+    else:
+        sub = []
+        for k in moe_values:
+            ex = {"model.n_experts": k}
+            sub += [claim_stability(points, ex), claim_quality(points, ex), claim_collapse(cells, out, ex)]
+        verdicts = [c.verdict for c in sub]
+        verdict = (SUPPORTED if all(v == SUPPORTED for v in verdicts)
+                   else NOT_SUPPORTED if NOT_SUPPORTED in verdicts else INCONCLUSIVE)
+        result.append(("All of the above in MoE models",
+                       Claim(verdict, " | ".join(f"{c.verdict}: {c.evidence}" for c in sub), moe_rule)))
+    return result
+
+
+# --- the study -----------------------------------------------------------------------------
+
+def report(study: StudyConfig, cells: list[Cell], rows: list[dict], out: Path, command: str, plots: list[str],
+           claim_list: list[tuple[str, Claim]], counts: dict) -> str:
+    base = base_config(study)
+    _set(base, "train.max_steps", cells[0].cfg.train.max_steps if cells else None)
+    base_cfg = run_config_from_dict(copy.deepcopy(base))
+    t = base_cfg.train
+    unigram = next((r["unigram_entropy"] for r in rows if r.get("unigram_entropy") is not None), None)
+    lines = [
+        "# spannorm study", "",
+        f"Command: `{command}`", "",
+        f"{len(cells)} cells: {counts['trained']} trained in this session, {counts['reused']} reused, "
+        f"{counts['failed']} failed. Every cell trains on {study.tokens_per_cell:,} tokens "
+        f"({t.max_steps} steps × {t.batch_size} × {t.seq_len} tokens in the base config; cells that change "
+        "batch_size or seq_len get their own step count). Base config: "
+        f"`{study.base}` with set {study.set or '[]'} (below).", "",
+        "Entries are the final validation loss, mean ± std over seeds (sample std; diverged cells left out). "
+        "*div (k/n)*: k of n seeds diverged — the training loss became non-finite, or was at or above the first "
+        "step's loss after warmup, and the run was stopped there. *stalled (k/n)*: the final validation loss is "
+        f"within {STALL_MARGIN} nats of the unigram entropy of the training tokens"
+        + (f" ({unigram:.3f} nats)" if unigram is not None else "")
+        + ", i.e. the model learned little more than token frequencies.", "",
+    ]
+    for grid in study.grids:
+        lines += [f"## Grid `{grid.name}`", "", grid_table(grid, cells, rows), ""]
+    bad = [r for r in rows if r.get("status") != "ok"]
+    if bad:
+        lines += ["## Diverged, stalled and failed cells", ""]
+        for r in bad:
+            if r["status"] == "diverged":
+                detail = f"diverged at step {r['diverged_step']} of {r['max_steps']} ({r['diverged_reason']})"
+            elif r["status"] == "stalled":
+                detail = f"stalled, final val loss {r['final_val_loss']:.4f}"
+            else:
+                detail = r["status"]
+            lines.append(f"- `{r['name']}`: {detail}")
+        lines.append("")
+    if plots:
+        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
+    lines += ["## Claims (SPANNORM.md)", "",
+              "Each verdict comes from the stated rule applied to this study's cells (and, for claims 1 and 2, to "
+              "`init_probe.json`, probes of fresh models at the study's depths and size). *Inconclusive* means the "
+              "data do not decide.", ""]
+    for i, (title, c) in enumerate(claim_list, 1):
+        lines += [f"{i}. **{title}: {c.verdict}.** {c.evidence}", f"   - Rule: {c.rule}."]
+    lines += ["", "## Base config", "", "```yaml", yaml.safe_dump(to_dict(base_cfg), sort_keys=False).rstrip(), "```",
+              "", "## Study config", "", "```yaml", yaml.safe_dump(study.to_dict(), sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def run_study(study: StudyConfig, out: Path, command: str, jobs: int = 1, log=print) -> list[dict]:
+    """Run (or resume) every cell of ``study`` into ``out/cells``; write results.csv, plots and report.md."""
+    require(isinstance(jobs, int) and jobs >= 1, "--jobs", jobs, "a positive integer")
+    out = Path(out)
+    cells = expand(study)
+    before = {c.name for c in cells if (out / "cells" / c.name / "summary.json").is_file()}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "study.yaml", yaml.safe_dump(study.to_dict(), sort_keys=False))
+    log(f"study: {len(cells)} cells ({len(before)} finished before) -> {out / 'cells'}")
+    failed = run_cells(study, cells, out, jobs, log)
+    rows = [cell_result(c, out, failed.get(c.name)) for c in cells]
+    write_results(out / "results.csv", cells, rows)
+    cs, rs = cells, rows
+    plots = []
+    if cs:
+        for name, make in (("val_vs_depth.png", lambda p: plot_val(p, cs, rs, "depth")),
+                           ("val_vs_lr.png", lambda p: plot_val(p, cs, rs, "lr")),
+                           ("loss_curves.png", lambda p: plot_curves(p, cs, out)),
+                           ("grad_heatmaps.png", lambda p: plot_grad_heatmaps(p, cs, out)),
+                           ("similarity.png", lambda p: plot_similarity(p, cs, out))):
+            if make(out / "plots" / name):
+                plots.append(f"plots/{name}")
+    depths = sorted({c.cfg.model.n_layers for c in cells})
+    base = base_config(study)
+    _set(base, "train.max_steps", cells[0].cfg.train.max_steps)
+    init = init_probe(base, depths, out / "init_probe.json")
+    counts = {"trained": len([c for c in cells if c.name not in before and c.name not in failed]),
+              "reused": len(before), "failed": len(failed)}
+    text = report(study, cs, rs, out, command, plots, claims(cs, rs, out, init), counts)
+    atomic_write_text(out / "report.md", text)
+    if failed:
+        raise SpannormError(f"{len(failed)} of {len(cells)} cells failed ({', '.join(sorted(failed))}); "
+                            f"see {out / 'results.csv'}; run the study again to retry them")
+    return rows

@@ -1,0 +1,284 @@
+"""`spannorm study`: grid expansion, results/report/plots, reuse, resume, divergence, --jobs, bad YAML."""
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from spannorm.cli import main
+from spannorm.config import ConfigError
+from spannorm.study import expand, load_study, run_study, study_from_dict, study_names
+from spannorm.train import PATIENCE, load_config, preset_names, read_metrics, train
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models train fastest on one thread, most of all on a shared, busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_study(corpus, **changes):
+    """A few-second study on the tiny preset: pre and span at depths 2 and 3, two seeds, a span ablation."""
+    data = {
+        "base": "tiny",
+        "set": [f"data.corpus={corpus}", "train.probe_interval=5"],
+        "tokens_per_cell": 2560,  # 10 steps of 8 × 32
+        "grids": [
+            {"name": "main", "axes": {"model.scheme": ["pre", "span"], "model.n_layers": [2, 3],
+                                      "train.lr": [1e-2], "train.seed": [1, 2]}},
+            {"name": "abl", "axes": {"model.scheme": ["span"], "model.n_layers": [3], "train.lr": [1e-2],
+                                     "train.seed": [1], "model.span_scale": ["init", "none"]}},
+        ],
+    }
+    data.update(changes)
+    return data
+
+
+def write_study(tmp_path, data):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_expand_grid_dedup_names_and_steps(corpus):
+    study = study_from_dict(small_study(corpus))
+    cells = expand(study)
+    names = [c.name for c in cells]
+    # 2 schemes × 2 depths × 2 seeds, then the ablation: its span_scale=init cell is the main grid's span_L3_s1
+    assert names == ["pre_L2_lr0.01_s1", "pre_L2_lr0.01_s2", "pre_L3_lr0.01_s1", "pre_L3_lr0.01_s2",
+                     "span_L2_lr0.01_s1", "span_L2_lr0.01_s2", "span_L3_lr0.01_s1", "span_L3_lr0.01_s2",
+                     "span_L3_lr0.01_s1_span_scale-none"]
+    shared = cells[names.index("span_L3_lr0.01_s1")]
+    assert shared.grids == ["main", "abl"] and shared.extras == {} and shared.axes["model.span_scale"] == "init"
+    assert cells[-1].extras == {"model.span_scale": "none"} and cells[-1].series == "span span_scale=none"
+    assert all(c.cfg.train.max_steps == 10 for c in cells)
+    # a batch-size axis changes the step count, not the token budget
+    data = small_study(corpus, grids=[{"name": "g", "axes": {"train.batch_size": [4, 8]}}])
+    assert [c.cfg.train.max_steps for c in expand(study_from_dict(data))] == [20, 10]
+
+
+def test_shipped_studies_expand_and_are_not_presets():
+    assert {"tiny", "reference"} <= set(study_names())
+    assert "studies" not in preset_names() and "reference" not in preset_names()
+    ref = expand(load_study("reference"))
+    assert len(ref) == 8 * 3 * 2 * 2 + 2 * 9 - 2 + 2 * 2 * 2 * 2
+    assert {c.cfg.model.d_model for c in ref} == {64} and {c.cfg.train.max_steps for c in ref} == {256}
+    assert {c.cfg.model.n_layers for c in ref if c.extras and not c.cfg.model.moe} == {48}
+    assert {(c.cfg.model.n_layers, c.cfg.model.n_experts) for c in ref if c.cfg.model.moe} == {(6, 8), (24, 8)}
+    assert len(expand(load_study("tiny"))) == 40
+
+
+def test_study_runs_writes_outputs_and_reuses(corpus, tmp_path, capsys):
+    out = tmp_path / "st"
+    argv = ["study", "--config", str(write_study(tmp_path, small_study(corpus))), "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(": trained, val loss") == 9
+    rows = read_csv(out / "results.csv")
+    assert [r["name"] for r in rows][-1] == "span_L3_lr0.01_s1_span_scale-none"
+    assert len(rows) == 9 and {r["steps"] for r in rows} == {"10"} and {r["tokens"] for r in rows} == {"2560"}
+    assert rows[6]["grid"] == "main+abl" and rows[-1]["model.span_scale"] == "none"
+    for r in rows:
+        assert r["diverged"] == "False" and 2.0 < float(r["final_val_loss"]) < 5.0
+        assert float(r["wall_s"]) > 0 and int(r["n_params"]) > 0 and r["status"] in ("ok", "stalled")
+        cell = out / "cells" / r["name"]
+        assert (cell / "probe.json").is_file() and not (cell / "checkpoints").exists()
+        summary = json.loads((cell / "summary.json").read_text())
+        assert float(r["final_val_loss"]) == summary["final_val_loss"]
+    assert load_study(str(out / "study.yaml")).to_dict() == load_study(str(tmp_path / "study.yaml")).to_dict()
+    for name in ("val_vs_depth", "val_vs_lr", "loss_curves", "grad_heatmaps", "similarity"):
+        assert (out / "plots" / f"{name}.png").read_bytes()[:8] == PNG
+    report = (out / "report.md").read_text()
+    assert f"Command: `spannorm study --config {tmp_path / 'study.yaml'}" in report
+    assert "2,560 tokens (10 steps × 8 × 32 tokens" in report
+    assert "| series | L=2, lr=0.01 | L=3, lr=0.01 |" in report and "| span span_scale=none |" in report
+    pre = [float(r["final_val_loss"]) for r in rows if r["name"].startswith("pre_L2")]
+    mean, std = sum(pre) / 2, abs(pre[0] - pre[1]) / 2 ** 0.5
+    assert f"| pre | {mean:.3f} ± {std:.3f}" in report
+    assert "![similarity](plots/similarity.png)" in report
+    claims = report.split("## Claims")[1]
+    for i in range(1, 7):
+        line = next(ln for ln in claims.splitlines() if ln.startswith(f"{i}. **"))
+        assert any(f": {v}.**" in line for v in ("supported", "not supported", "inconclusive")), line
+    assert "6. **All of the above in MoE models: inconclusive.** the study has no MoE cells" in claims
+    # the second run trains nothing: every summary keeps its mtime, results.csv is byte-identical
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/summary.json")}
+    before = (out / "results.csv").read_text()
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count(": reused, val loss") == 9
+    assert {p: p.stat().st_mtime_ns for p in out.glob("cells/*/summary.json")} == mtimes
+    assert (out / "results.csv").read_text() == before
+    assert "0 trained in this session, 9 reused" in (out / "report.md").read_text()
+
+
+def _values(rows):
+    """results.csv without the timing columns."""
+    return [{k: v for k, v in r.items() if k not in ("wall_s", "tokens_per_s")} for r in rows]
+
+
+def test_interrupted_study_resumes_to_the_same_results(corpus, tmp_path):
+    data = small_study(corpus, grids=[{"name": "g", "axes": {"model.scheme": ["pre", "span"],
+                                                             "model.n_layers": [2], "train.seed": [1]}}],
+                       probe=False)
+    data["set"].append("train.ckpt_interval=5")
+    data["tokens_per_cell"] = 5120  # 20 steps
+    study = study_from_dict(data)
+    run_study(study, tmp_path / "full", "cmd", log=lambda *a: None)
+    # as if killed mid-study: the first cell finished, the second stopped at step 13 (checkpoint at 10)
+    cells = expand(study)
+    train(cells[0].cfg, tmp_path / "cut" / "cells" / cells[0].name, progress=False)
+    assert train(cells[1].cfg, tmp_path / "cut" / "cells" / cells[1].name, progress=False,
+                 stop_after=13) == {"step": 13, "finished": False}
+    logged = []
+    run_study(study, tmp_path / "cut", "cmd", log=logged.append)
+    assert any(cells[0].name in ln and "reused" in ln for ln in logged)
+    assert any(cells[1].name in ln and "trained" in ln for ln in logged)
+    assert _values(read_csv(tmp_path / "cut" / "results.csv")) == _values(read_csv(tmp_path / "full" / "results.csv"))
+    for c in cells:
+        assert _values(read_metrics(tmp_path / "cut" / "cells" / c.name)) == \
+            _values(read_metrics(tmp_path / "full" / "cells" / c.name))
+
+
+def test_diverged_cell_is_stopped_and_reported(corpus, tmp_path, capsys):
+    data = small_study(corpus, grids=[{"name": "g", "axes": {"model.scheme": ["pre"], "model.n_layers": [2],
+                                                             "train.lr": [3e-3, 10.0]}}])
+    data["set"].append("train.grad_clip=0")
+    data["tokens_per_cell"] = 5120  # 20 steps
+    out = tmp_path / "st"
+    assert main(["study", "--config", str(write_study(tmp_path, data)), "--out", str(out), "--quiet"]) == 0
+    assert "2 cells: " in capsys.readouterr().out
+    ok, bad = read_csv(out / "results.csv")
+    assert ok["status"] in ("ok", "stalled") and ok["steps"] == "20" and ok["diverged"] == "False"
+    assert bad["status"] == "diverged" and bad["diverged"] == "True" and int(bad["steps"]) < 20
+    assert bad["diverged_step"] == bad["steps"] and bad["diverged_reason"] == "loss above its initial value after warmup"
+    assert bad["final_val_loss"] == "" and not (out / "cells" / bad["name"] / "probe.json").exists()
+    report = (out / "report.md").read_text()
+    assert "| pre | " in report and "div (1/1)" in report
+    assert f"- `{bad['name']}`: diverged at step {bad['steps']} of 20 (loss above its initial value after warmup)" \
+        in report
+
+
+def test_divergence_guard_in_the_trainer(corpus, tmp_path):
+    base = [f"data.corpus={corpus}", "model.scheme=pre", "train.max_steps=20"]
+    # a healthy run is the same with or without the guard
+    train(load_config("tiny", base), tmp_path / "on", progress=False)
+    off = train(load_config("tiny", base + ["train.stop_on_divergence=false"]), tmp_path / "off", progress=False)
+    assert read_metrics(tmp_path / "on") == [r | {"tokens_per_s": a["tokens_per_s"]} for r, a in
+                                             zip(read_metrics(tmp_path / "off"), read_metrics(tmp_path / "on"))]
+    assert not off["diverged"] and off["diverged_step"] is None and isinstance(off["stalled"], bool)
+    # without warmup the guard starts at step 2 (step 1's loss is the reference itself)
+    assert not train(load_config("tiny", base + ["train.warmup_steps=0"]), tmp_path / "w0", progress=False)["diverged"]
+    # a huge lr without clipping: the loss stays above the first from step 6 (warmup 5), so the guard
+    # stops the run after PATIENCE such steps; off, it runs on
+    wild = base + ["train.lr=10", "train.grad_clip=0", "train.ckpt_interval=2"]
+    s = train(load_config("tiny", wild), tmp_path / "wild", progress=False)
+    assert s["diverged"] and s["diverged_step"] == 5 + PATIENCE == s["steps"] and s["final_val_loss"] is None
+    assert s["diverged_reason"] == "loss above its initial value after warmup"
+    s_off = train(load_config("tiny", wild + ["train.stop_on_divergence=false"]), tmp_path / "wild-off", progress=False)
+    assert s_off["steps"] == 20
+    # interrupted during warmup and resumed: the guard's reference (the first loss) is the same
+    cfg = load_config("tiny", wild)
+    train(cfg, tmp_path / "cut", progress=False, stop_after=3)
+    assert train(cfg, tmp_path / "cut", resume=True, progress=False)["diverged_step"] == 5 + PATIENCE
+    with pytest.raises(ConfigError, match="train.stop_on_divergence='yes' is invalid"):
+        load_config("tiny", ["train.stop_on_divergence='yes'"])
+
+
+def test_jobs_2_gives_the_same_results(corpus, tmp_path, capsys):
+    data = small_study(corpus, grids=[{"name": "g", "axes": {"model.scheme": ["pre", "post"],
+                                                             "model.n_layers": [2]}}])
+    path = write_study(tmp_path, data)
+    for jobs in (1, 2):
+        assert main(["study", "--config", str(path), "--out", str(tmp_path / f"j{jobs}"), "--jobs", str(jobs)]) == 0
+    assert capsys.readouterr().out.count(": trained, val loss") == 4
+    assert _values(read_csv(tmp_path / "j2" / "results.csv")) == _values(read_csv(tmp_path / "j1" / "results.csv"))
+
+
+def test_a_cell_of_another_config_is_refused(corpus, tmp_path, capsys):
+    data = small_study(corpus, grids=[{"name": "g", "axes": {"model.n_layers": [2]}}], probe=False)
+    path = write_study(tmp_path, data)
+    assert main(["study", "--config", str(path), "--out", str(tmp_path / "st"), "--quiet"]) == 0
+    capsys.readouterr()
+    code = main(["study", "--config", str(path), "--out", str(tmp_path / "st"), "--set", "train.weight_decay=0"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "with another config" in err
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"bogus": 1}, "unknown key bogus; valid study keys: base, set, tokens_per_cell"),
+    ({"tokens_per_cell": 5000}, "tokens_per_cell=5000 is invalid for the base config: expected a multiple of "
+                                "train.batch_size × train.seq_len = 256"),
+    ({"tokens_per_cell": 0}, "tokens_per_cell=0 is invalid: expected a positive integer"),
+    ({"tokens_per_cell": 1024}, "train.warmup_steps=5 is invalid for the base config: expected fewer than the 4 steps"),
+    ({"grids": []}, "grids=[] is invalid: expected a non-empty list"),
+    ({"grids": [{"name": "g", "axes": {"model.n_layers": [2]}, "extra": 1}]}, "unknown key grids[0].extra; valid"),
+    ({"grids": [{"name": "g", "axes": {"model.n_layers": []}}]},
+     "grids[0].axes.model.n_layers=[] is invalid: expected a non-empty list"),
+    ({"grids": [{"name": "g", "axes": {"model.bogus": [1]}}]}, "unknown key model.bogus; valid keys: model.vocab_size"),
+    ({"grids": [{"name": "g", "axes": {"model.scheme": ["pre", "nope"]}}]},
+     "model.scheme='nope' is invalid: expected one of pre, post, span"),
+    ({"grids": [{"name": "g", "axes": {"train.max_steps": [5]}}]}, "which tokens_per_cell sets"),
+    ({"grids": [{"name": "g", "axes": {"n_layers": [2]}}]}, "a dotted config path such as model.n_layers"),
+    ({"base": "huge"}, "--config 'huge' is neither a YAML file nor a preset"),
+    ({"probe": "yes"}, "probe='yes' is invalid: expected true or false"),
+])
+def test_bad_study_yaml_is_a_one_line_error(corpus, tmp_path, capsys, change, fragment):
+    out = tmp_path / "st"
+    code = main(["study", "--config", str(write_study(tmp_path, small_study(corpus, **change))), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert fragment in err, err
+    assert not (out / "cells").exists()
+
+
+def test_bad_study_command_line(tmp_path, capsys):
+    for argv, fragment in ((["study", "--config", "nosuch"], "neither a YAML file nor a shipped study; studies:"),
+                           (["study", "--config", "tiny", "--jobs", "0"], "--jobs 0 is invalid")):
+        assert main(argv + ["--out", str(tmp_path / "st")]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and fragment in err, err
+    assert not (tmp_path / "st").exists()
+
+
+def test_ctrl_c_leaves_a_resumable_study(corpus, tmp_path):
+    """SIGINT to `spannorm study --jobs 2` mid-cell: exit 130, and the next run finishes with the same results."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = small_study(corpus, grids=[{"name": "g", "axes": {"model.scheme": ["pre", "span"]}}], probe=False,
+                       tokens_per_cell=256 * 100)
+    data["set"] += ["train.ckpt_interval=5", "train.log_interval=5", "train.eval_interval=100"]
+    path = write_study(tmp_path, data)
+    cli = [sys.executable, "-m", "spannorm.cli", "study", "--config", str(path), "--quiet"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    run_study(study_from_dict(data), tmp_path / "full", "cmd", log=lambda *a: None)
+    proc = subprocess.Popen([*cli, "--out", str(tmp_path / "cut"), "--jobs", "2"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    last = expand(study_from_dict(data))[-1].name
+    latest = tmp_path / "cut" / "cells" / last / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (latest.is_file() and latest.read_text() >= "step-0000010"):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err, err
+    assert not (tmp_path / "cut" / "results.csv").exists(), "the study finished before it could be interrupted"
+    res = subprocess.run([*cli, "--out", str(tmp_path / "cut")], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert _values(read_csv(tmp_path / "cut" / "results.csv")) == _values(read_csv(tmp_path / "full" / "results.csv"))
