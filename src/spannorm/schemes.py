@@ -277,7 +277,7 @@ class SpanNorm(Block):
 
     def forward(self, x, rope):
         y = self.norm1(x + self.attn(x, rope))
-        return self.norm2(x + self.s * self.ffn(y))
+        return self.norm2(torch.add(x, self.ffn(y), alpha=self.s))  # x + s·f in one op
 
 
 class DeepNorm(Block):

@@ -859,15 +859,17 @@ def claims(cells: list[Cell], rows: list[dict], out: Path, init: list[dict]) -> 
         ("Quality: lower validation loss than PreNorm at equal compute", claim_quality(points, dense)),
         ("Less collapse after training", claim_collapse(cells, out, dense)),
     ]
-    moe_rule = ("claims 3–5 restricted to the MoE cells (a model.n_experts axis > 0): supported if all three are, "
-                "not supported if any is not, else inconclusive")
+    moe_rule = ("claims 3–5 restricted to the MoE cells (a model.n_experts axis > 0; claim 3 only if the MoE cells "
+                "include post): supported if all are, not supported if any is not, else inconclusive")
     if not moe_values:
         result.append(("All of the above in MoE models", Claim(INCONCLUSIVE, "the study has no MoE cells", moe_rule)))
     else:
         sub = []
         for k in moe_values:
             ex = {"model.n_experts": k}
-            sub += [claim_stability(points, ex), claim_quality(points, ex), claim_collapse(cells, out, ex)]
+            has_post = any(key[0] == _series_name("post", ex) for key in points)
+            sub += ([claim_stability(points, ex)] if has_post else []) + [claim_quality(points, ex),
+                                                                          claim_collapse(cells, out, ex)]
         verdicts = [c.verdict for c in sub]
         verdict = (SUPPORTED if all(v == SUPPORTED for v in verdicts)
                    else NOT_SUPPORTED if NOT_SUPPORTED in verdicts else INCONCLUSIVE)
