@@ -22,11 +22,11 @@ def test_peak_memory_is_positive():
 
 def test_case_list():
     got = cases(["pre", "span", "post"], [4, 8], ["bf16"], with_hf=True, compile=True)
-    assert [(c.impl, c.scheme, c.depth, c.compile) for c in got] == [
-        ("spannorm", "pre", 4, False), ("spannorm", "span", 4, False), ("hf-llama", "pre", 4, False),
-        ("spannorm", "pre", 8, False), ("spannorm", "span", 8, False), ("spannorm", "post", 8, False),
-        ("hf-llama", "pre", 8, False),
-        ("spannorm", "pre", 8, True), ("spannorm", "span", 8, True), ("hf-llama", "pre", 8, True)]
+    assert [(c.impl, c.scheme, c.depth, c.compile, c.group) for c in got] == [
+        ("spannorm", "pre", 4, False, "main"), ("spannorm", "span", 4, False, "main"), ("hf-llama", "pre", 4, False, "main"),
+        ("spannorm", "pre", 8, False, "main"), ("spannorm", "span", 8, False, "main"), ("hf-llama", "pre", 8, False, "main"),
+        ("spannorm", "pre", 8, False, "peers"), ("spannorm", "post", 8, False, "peers"),
+        ("spannorm", "pre", 8, True, "main"), ("spannorm", "span", 8, True, "main"), ("hf-llama", "pre", 8, True, "main")]
 
 
 def test_ratios_and_depth_fit():
@@ -38,7 +38,10 @@ def test_ratios_and_depth_fit():
     rows += [row("spannorm", "span", 8, "fp32", 0.0286, 103.0), row("hf-llama", "pre", 8, "fp32", 0.052)]
     rows += [row("spannorm", "pre", 8, "fp32", 0.013) | {"compile": True},
              row("hf-llama", "pre", 8, "fp32", 0.039) | {"compile": True}]
+    rows += [row("spannorm", "pre", 8, "fp32", 0.02) | {"group": "peers"},
+             row("spannorm", "post", 8, "fp32", 0.03) | {"group": "peers"}]
     lines = ratios({"rows": rows})
+    assert "fp32: step time / pre's, every scheme at L=8: post 1.50" in lines
     assert "fp32 compiled: spannorm pre / HF Llama tokens/s 3.000x" in lines
     assert "fp32: spannorm pre compiled / eager tokens/s 2.000x (timed in separate processes)" in lines
     assert "fp32: span/pre step time 1.100x, peak memory 1.030x" in lines

@@ -282,3 +282,22 @@ def test_ctrl_c_leaves_a_resumable_study(corpus, tmp_path):
     res = subprocess.run([*cli, "--out", str(tmp_path / "cut")], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert _values(read_csv(tmp_path / "cut" / "results.csv")) == _values(read_csv(tmp_path / "full" / "results.csv"))
+
+
+def test_report_only_reports_finished_cells_and_trains_nothing(corpus, tmp_path):
+    data = small_study(corpus, grids=[{"name": "g", "axes": {"model.scheme": ["pre", "span"], "model.n_layers": [2]}}],
+                       probe=False)
+    out = tmp_path / "st"
+    rows = run_study(study_from_dict(data), out, "cmd", log=lambda *a: None, report_only=True)
+    assert [r["status"] for r in rows] == ["not run", "not run"]
+    assert not (out / "cells").exists() or not any((out / "cells").iterdir())
+    assert "**2 not run yet** (a partial report)" in (out / "report.md").read_text()
+    # one cell finished (as by a study stopped early): it is reported, the other is still "not run"
+    one = small_study(corpus, grids=[{"name": "g", "axes": {"model.scheme": ["pre"], "model.n_layers": [2]}}],
+                      probe=False)
+    run_study(study_from_dict(one), out, "cmd", log=lambda *a: None)
+    rows = run_study(study_from_dict(data), out, "cmd", log=lambda *a: None, report_only=True)
+    assert [(r["name"], r["status"]) for r in rows] == [("pre_L2_lr0.01_s1", rows[0]["status"]),
+                                                         ("span_L2_lr0.01_s1", "not run")]
+    assert rows[0]["status"] in ("ok", "stalled") and float(rows[0]["final_val_loss"]) > 0
+    assert "**1 not run yet**" in (out / "report.md").read_text()

@@ -36,6 +36,7 @@ class Case:
     depth: int
     dtype: str  # "fp32" or "bf16" (autocast)
     compile: bool = False  # torch.compile the model
+    group: str = "main"  # cases of one (group, depth, dtype, compile) are timed together, interleaved
 
 
 def _rss_mb() -> float:
@@ -132,15 +133,19 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
 
 def cases(schemes: list[str], depths: list[int], dtypes: list[str], with_hf: bool,
           compile: bool = False) -> list[Case]:
-    """Every scheme at the standard depth; pre, span and HF Llama over the depth sweep; with
-    ``compile``, pre, span and HF Llama compiled at the standard depth."""
+    """pre, span and HF Llama over the depth sweep (the targets: few models per group, so that
+    their steps interleave closely); the other schemes at the standard depth, each timed beside
+    pre (group "peers"); with ``compile``, pre, span and HF Llama compiled at the standard depth."""
     out = []
+    L = STANDARD["n_layers"]
     for dtype in dtypes:
-        for depth in sorted({STANDARD["n_layers"], *depths}):
-            names = schemes if depth == STANDARD["n_layers"] else [s for s in ("pre", "span") if s in schemes]
-            out += [Case("spannorm", s, depth, dtype) for s in names]
+        for depth in sorted({L, *depths}):
+            out += [Case("spannorm", s, depth, dtype) for s in ("pre", "span") if s in schemes]
             if with_hf:
                 out.append(Case("hf-llama", "pre", depth, dtype))
+        peers = [s for s in schemes if s not in ("pre", "span")]
+        if peers:
+            out += [Case("spannorm", s, L, dtype, group="peers") for s in ["pre", *peers]]
         if compile:
             out += [Case("spannorm", s, STANDARD["n_layers"], dtype, True) for s in ("pre", "span") if s in schemes]
             if with_hf:
@@ -162,7 +167,7 @@ def run(all_cases: list[Case], reps: int = 5, log=print) -> dict:
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     log(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
     rows = []
-    key = lambda c: (c.dtype, c.compile, c.depth)  # noqa: E731
+    key = lambda c: (c.dtype, c.compile, c.group, c.depth)  # noqa: E731
     for _, group in itertools.groupby(sorted(all_cases, key=key), key=key):
         group = list(group)
         timed = _subprocess("time", json.dumps({"cases": [asdict(c) for c in group], "reps": reps}))
@@ -184,8 +189,9 @@ def ratios(result: dict) -> list[str]:
     rows = result["rows"]
 
     def find(impl, scheme, dtype, compiled=False, depth=STANDARD["n_layers"]):
-        return next((r for r in rows if (r["impl"], r["scheme"], r["depth"], r["dtype"], r.get("compile", False))
-                     == (impl, scheme, depth, dtype, compiled)), None)
+        return next((r for r in rows if (r["impl"], r["scheme"], r["depth"], r["dtype"], r.get("compile", False),
+                                         r.get("group", "main")) == (impl, scheme, depth, dtype, compiled, "main")),
+                    None)
 
     lines = []
     for dtype in ("fp32", "bf16"):
@@ -204,9 +210,14 @@ def ratios(result: dict) -> list[str]:
             if eager and compiled:
                 lines.append(f"{dtype}: {impl} pre compiled / eager tokens/s "
                              f"{compiled['tokens_per_s'] / eager['tokens_per_s']:.3f}x (timed in separate processes)")
+        peers = [r for r in rows if r.get("group") == "peers" and r["dtype"] == dtype]
+        anchor = next((r for r in peers if r["scheme"] == "pre"), None)
+        if anchor:
+            lines.append(f"{dtype}: step time / pre's, every scheme at L={STANDARD['n_layers']}: " + ", ".join(
+                f"{r['scheme']} {r['step_s'] / anchor['step_s']:.2f}" for r in peers if r is not anchor))
         for impl, scheme in (("spannorm", "pre"), ("spannorm", "span"), ("hf-llama", "pre")):
             pts = sorted((r["depth"], r["step_s"]) for r in rows if (r["impl"], r["scheme"], r["dtype"])
-                         == (impl, scheme, dtype) and not r.get("compile", False))
+                         == (impl, scheme, dtype) and not r.get("compile", False) and r.get("group", "main") == "main")
             if len(pts) >= 3:
                 x, y = np.array(pts, dtype=float).T
                 slope, icpt = np.polyfit(x, y, 1)

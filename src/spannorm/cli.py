@@ -85,6 +85,8 @@ def build_parser() -> Parser:
     st.add_argument("--config", required=True, help="a study YAML file or a shipped study name (tiny, reference)")
     st.add_argument("--out", type=Path, default=Path("runs/study"),
                     help="study directory (default runs/study); running again reuses finished cells")
+    st.add_argument("--report-only", action="store_true",
+                    help="train nothing: write results.csv, plots and report.md from the cells finished so far")
     st.add_argument("--jobs", type=int, default=1, help="cells trained at once, each in its own process with "
                                                         "cores // jobs threads (default 1: in this process)")
     st.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -158,9 +160,11 @@ def cmd_study(args) -> None:
         raise ConfigError(f"--jobs {args.jobs} is invalid: expected a positive integer")
     study = load_study(args.config, list(args.overrides) + ([f"data.corpus={args.corpus}"] if args.corpus else []))
     command = "spannorm " + " ".join(shlex.quote(a) for a in args.argv)
-    rows = run_study(study, args.out, command, jobs=args.jobs, log=(lambda *a: None) if args.quiet else print)
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "stalled", "diverged")}
-    print(f"{len(rows)} cells: {counts['ok']} ok, {counts['stalled']} stalled, {counts['diverged']} diverged\n"
+    rows = run_study(study, args.out, command, jobs=args.jobs, log=(lambda *a: None) if args.quiet else print,
+                     report_only=args.report_only)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "stalled", "diverged", "not run")}
+    print(f"{len(rows)} cells: {counts['ok']} ok, {counts['stalled']} stalled, {counts['diverged']} diverged"
+          + (f", {counts['not run']} not run" if counts["not run"] else "") + "\n"
           f"results: {args.out / 'results.csv'}  report: {args.out / 'report.md'}")
 
 

@@ -353,6 +353,8 @@ def cell_result(cell: Cell, out: Path, error: str | None = None) -> dict:
     row: dict[str, Any] = {"name": cell.name, "grid": "+".join(cell.grids), **cell.axes,
                            "max_steps": cell.cfg.train.max_steps}
     summary_path = run_dir / "summary.json"
+    if error == "not run":
+        return row | {"status": "not run"}
     if error is not None or not summary_path.is_file():
         return row | {"status": "failed: " + (error or "no summary.json")}
     s = json.loads(summary_path.read_text())
@@ -891,7 +893,8 @@ def report(study: StudyConfig, cells: list[Cell], rows: list[dict], out: Path, c
         "# spannorm study", "",
         f"Command: `{command}`", "",
         f"{len(cells)} cells: {counts['trained']} trained in this session, {counts['reused']} reused, "
-        f"{counts['failed']} failed. Every cell trains on {study.tokens_per_cell:,} tokens "
+        f"{counts['failed']} failed" + (f", **{counts['not run']} not run yet** (a partial report)"
+                                         if counts.get("not run") else "") + ". Every cell trains on {study.tokens_per_cell:,} tokens "
         f"({t.max_steps} steps × {t.batch_size} × {t.seq_len} tokens in the base config; cells that change "
         "batch_size or seq_len get their own step count). Base config: "
         f"`{study.base}` with set {study.set or '[]'} (below).", "",
@@ -904,7 +907,7 @@ def report(study: StudyConfig, cells: list[Cell], rows: list[dict], out: Path, c
     ]
     for grid in study.grids:
         lines += [f"## Grid `{grid.name}`", "", grid_table(grid, cells, rows), ""]
-    bad = [r for r in rows if r.get("status") != "ok"]
+    bad = [r for r in rows if r.get("status") not in ("ok", "not run")]
     if bad:
         lines += ["## Diverged, stalled and failed cells", ""]
         for r in bad:
@@ -929,8 +932,13 @@ def report(study: StudyConfig, cells: list[Cell], rows: list[dict], out: Path, c
     return "\n".join(lines)
 
 
-def run_study(study: StudyConfig, out: Path, command: str, jobs: int = 1, log=print) -> list[dict]:
-    """Run (or resume) every cell of ``study`` into ``out/cells``; write results.csv, plots and report.md."""
+def run_study(study: StudyConfig, out: Path, command: str, jobs: int = 1, log=print,
+              report_only: bool = False) -> list[dict]:
+    """Run (or resume) every cell of ``study`` into ``out/cells``; write results.csv, plots and report.md.
+
+    Cells run seed by seed and shallow depths first, so a study stopped early has covered every
+    scheme. ``report_only``: train nothing; report the cells finished so far (the rest "not run").
+    """
     require(isinstance(jobs, int) and jobs >= 1, "--jobs", jobs, "a positive integer")
     out = Path(out)
     cells = expand(study)
@@ -938,7 +946,12 @@ def run_study(study: StudyConfig, out: Path, command: str, jobs: int = 1, log=pr
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "study.yaml", yaml.safe_dump(study.to_dict(), sort_keys=False))
     log(f"study: {len(cells)} cells ({len(before)} finished before) -> {out / 'cells'}")
-    failed = run_cells(study, cells, out, jobs, log)
+    failed: dict[str, str] = {}
+    if report_only:
+        failed = {c.name: "not run" for c in cells if c.name not in before}
+    else:
+        order = sorted(cells, key=lambda c: (c.cfg.train.seed, c.cfg.model.n_layers))  # stable: grid order otherwise
+        failed = run_cells(study, order, out, jobs, log)
     rows = [cell_result(c, out, failed.get(c.name)) for c in cells]
     write_results(out / "results.csv", cells, rows)
     cs, rs = cells, rows
@@ -955,11 +968,12 @@ def run_study(study: StudyConfig, out: Path, command: str, jobs: int = 1, log=pr
     base = base_config(study)
     _set(base, "train.max_steps", cells[0].cfg.train.max_steps)
     init = init_probe(base, depths, out / "init_probe.json")
+    not_run = sum(e == "not run" for e in failed.values())
     counts = {"trained": len([c for c in cells if c.name not in before and c.name not in failed]),
-              "reused": len(before), "failed": len(failed)}
+              "reused": len(before), "failed": len(failed) - not_run, "not run": not_run}
     text = report(study, cs, rs, out, command, plots, claims(cs, rs, out, init), counts)
     atomic_write_text(out / "report.md", text)
-    if failed:
+    if failed and not report_only:
         raise SpannormError(f"{len(failed)} of {len(cells)} cells failed ({', '.join(sorted(failed))}); "
                             f"see {out / 'results.csv'}; run the study again to retry them")
     return rows
