@@ -74,3 +74,19 @@ def test_moe_ratio():
     rows = [{"impl": "spannorm-moe", "dtype": "fp32", "step_s": 0.33}, {"impl": "spannorm-moe-dense", "dtype": "fp32", "step_s": 0.2}]
     assert moe_ratios({"rows": rows}) == ["fp32: MoE (8 experts, top-2) / dense with the same active parameters: "
                                           "step time 1.650x (330 ms vs 200 ms)"]
+
+
+def test_report_of_a_json_result(tmp_path, capsys):
+    import json
+
+    row = {"impl": "spannorm", "scheme": "pre", "depth": 8, "dtype": "fp32", "compile": False, "group": "main",
+           "step_s": 0.5, "tokens_per_s": 4096.0, "peak_mem_mb": 700.0, "mfu": 0.25}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"rows": [row, row | {"impl": "hf-llama", "step_s": 1.0, "tokens_per_s": 2048.0}]}))
+    assert main(["bench", "--report", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "fp32: spannorm pre / HF Llama tokens/s 2.000x" in out
+    assert "| spannorm | pre | 8 | fp32 | no | main | 4,096 | 500 | 700 | 25.0% |" in out
+    path.write_text("{}")
+    assert main(["bench", "--report", str(path)]) == 2
+    assert "is not a spannorm bench --json file" in capsys.readouterr().err

@@ -227,6 +227,17 @@ def ratios(result: dict) -> list[str]:
     return lines
 
 
+def markdown(result: dict) -> str:
+    """Every row of a bench result as a Markdown table."""
+    lines = ["| impl | scheme | L | dtype | compiled | group | tokens/s | step (ms) | peak mem (MB) | MFU |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['impl']} | {r['scheme']} | {r['depth']} | {r['dtype']} | "
+                     f"{'yes' if r.get('compile') else 'no'} | {r.get('group', 'main')} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['step_s'] * 1e3:.0f} | {r['peak_mem_mb']:.0f} | {r['mfu']:.1%} |")
+    return "\n".join(lines)
+
+
 # --- MoE: an 8-expert top-2 model against a dense one with the same active parameters ---------
 
 MOE = dict(n_experts=8, top_k=2)  # expert width: the default, dense ffn_dim / top_k

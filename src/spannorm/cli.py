@@ -66,6 +66,8 @@ def build_parser() -> Parser:
                     "(standard depth)")
     be.add_argument("--no-hf", action="store_true", help="skip the Hugging Face LlamaForCausalLM reference")
     be.add_argument("--json", type=Path, help="write {matmul_peak_flops, rows: [...]} here")
+    be.add_argument("--report", type=Path, metavar="JSON",
+                    help="time nothing: print the ratios and a Markdown table of a --json result")
     be.add_argument("--moe", action="store_true", help="time only an 8-expert top-2 MoE span model against a dense one "
                     "with the same active parameters (3 interleaved rounds per dtype; --schemes, --depths, HF unused)")
 
@@ -213,7 +215,7 @@ def cmd_bench(args) -> None:
     import importlib.util
     import json
 
-    from .bench import cases, moe_cases, moe_ratios, ratios, run
+    from .bench import cases, markdown, moe_cases, moe_ratios, ratios, run
     from .io import atomic_write_text
 
     schemes = [coerce_enum(Scheme, "--schemes", s.strip()).value for s in args.schemes.split(",") if s.strip()]
@@ -223,6 +225,15 @@ def cmd_bench(args) -> None:
             raise ConfigError(f"--dtypes {args.dtypes!r} is invalid: expected fp32 and/or bf16")
     if args.reps < 1:
         raise ConfigError(f"--reps {args.reps} is invalid: expected a positive integer")
+    if args.report:
+        try:
+            result = json.loads(args.report.read_text())
+            text = "\n".join(moe_ratios(result) + ratios(result)) + "\n\n" + markdown(result)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--report {str(args.report)!r} is not a spannorm bench --json file "
+                              f"({type(e).__name__}: {e})") from None
+        print(text)
+        return
     if args.moe:
         result = run(moe_cases(dtypes), args.reps)
         print("\n".join(moe_ratios(result)))
@@ -232,7 +243,7 @@ def cmd_bench(args) -> None:
     if not args.no_hf and importlib.util.find_spec("transformers") is None:
         raise ConfigError("the HF reference needs transformers: pip install 'spannorm[bench]', or pass --no-hf")
     result = run(cases(schemes, _int_list("--depths", args.depths), dtypes, not args.no_hf, args.compile), args.reps)
-    print("\n".join(ratios(result)))
+    print("\n".join(ratios(result)) + "\n\n" + markdown(result))
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=1))
 
