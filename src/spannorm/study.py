@@ -422,11 +422,11 @@ class Agg:
 
 
 def aggregate(cells: list[Cell], rows: list[dict], key) -> dict:
-    """Group (cell, row) pairs by ``key(cell)`` (None: left out) into Agg points."""
+    """Group (cell, row) pairs by ``key(cell)`` (None: left out) into Agg points; cells not run yet are left out."""
     groups: dict = {}
     for cell, row in zip(cells, rows):
         k = key(cell)
-        if k is not None:
+        if k is not None and row.get("status") != "not run":
             groups.setdefault(k, Agg([], [])).cells.append(cell)
             groups[k].rows.append(row)
     return groups
@@ -894,7 +894,7 @@ def report(study: StudyConfig, cells: list[Cell], rows: list[dict], out: Path, c
         f"Command: `{command}`", "",
         f"{len(cells)} cells: {counts['trained']} trained in this session, {counts['reused']} reused, "
         f"{counts['failed']} failed" + (f", **{counts['not run']} not run yet** (a partial report)"
-                                         if counts.get("not run") else "") + ". Every cell trains on {study.tokens_per_cell:,} tokens "
+                                         if counts.get("not run") else "") + f". Every cell trains on {study.tokens_per_cell:,} tokens "
         f"({t.max_steps} steps × {t.batch_size} × {t.seq_len} tokens in the base config; cells that change "
         "batch_size or seq_len get their own step count). Base config: "
         f"`{study.base}` with set {study.set or '[]'} (below).", "",
