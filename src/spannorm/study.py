@@ -37,7 +37,8 @@ import yaml
 
 from .config import ConfigError, SpannormError, apply_overrides, read_yaml, require, to_dict
 from .io import atomic_write_bytes, atomic_write_text, read_jsonl
-from .train import STALL_MARGIN, RunConfig, load_run, resolve_config_path, run_config_from_dict
+from .train import (STALL_MARGIN, RunConfig, load_run, resolve_config_path, resolve_shipped, run_config_from_dict,
+                    shipped_names)
 
 STUDIES = resources.files("spannorm") / "configs" / "studies"
 CORE = ("model.scheme", "model.n_layers", "train.lr", "train.seed")  # named in every cell's directory name
@@ -84,18 +85,12 @@ class Cell:
 # --- config --------------------------------------------------------------------------------
 
 def study_names() -> list[str]:
-    return sorted(p.name[:-5] for p in STUDIES.iterdir() if p.name.endswith(".yaml"))
+    return shipped_names(STUDIES)
 
 
 def resolve_study_path(name: str) -> Path:
     """A study YAML path, or the name of a study shipped in spannorm/configs/studies/."""
-    path = Path(name)
-    if path.is_file() or path.suffix in (".yaml", ".yml"):
-        return path
-    if name in study_names():
-        return Path(str(STUDIES / f"{name}.yaml"))
-    raise ConfigError(f"--config {name!r} is neither a YAML file nor a shipped study; studies: "
-                      + ", ".join(study_names()))
+    return resolve_shipped(name, STUDIES, "shipped study", "studies")
 
 
 def _is_scalar(v: Any) -> bool:

@@ -95,18 +95,29 @@ class RunConfig:
 PRESETS = resources.files("spannorm") / "configs"
 
 
+def shipped_names(folder) -> list[str]:
+    """Names of the YAML files shipped in a package folder (without .yaml)."""
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_shipped(name: str, folder, what: str, plural: str) -> Path:
+    """A YAML path, or the name of a YAML file shipped in ``folder`` (a ``what``)."""
+    path = Path(name)
+    if path.is_file() or path.suffix in (".yaml", ".yml"):
+        return path
+    if name in shipped_names(folder):
+        return Path(str(folder / f"{name}.yaml"))
+    raise ConfigError(f"--config {name!r} is neither a YAML file nor a {what}; {plural}: "
+                      + ", ".join(shipped_names(folder)))
+
+
 def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in PRESETS.iterdir() if p.name.endswith(".yaml"))
+    return shipped_names(PRESETS)
 
 
 def resolve_config_path(name: str) -> Path:
     """A YAML path, or the name of a preset shipped in spannorm/configs/."""
-    path = Path(name)
-    if path.is_file() or path.suffix in (".yaml", ".yml"):
-        return path
-    if name in preset_names():
-        return Path(str(PRESETS / f"{name}.yaml"))
-    raise ConfigError(f"--config {name!r} is neither a YAML file nor a preset; presets: " + ", ".join(preset_names()))
+    return resolve_shipped(name, PRESETS, "preset", "presets")
 
 
 def run_config_from_dict(data: dict) -> RunConfig:
