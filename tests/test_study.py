@@ -302,3 +302,39 @@ def test_report_only_reports_finished_cells_and_trains_nothing(corpus, tmp_path)
     assert [(r["name"], r["status"]) for r in rows] == [(pre, rows[0]["status"]), (span, "not run")]
     assert rows[0]["status"] in ("ok", "stalled") and float(rows[0]["final_val_loss"]) > 0
     assert "**1 not run yet**" in (out / "report.md").read_text()
+
+
+def test_lr_sensitivity_names_the_scalings_that_train_at_the_high_lr(corpus):
+    """The report's answer to "which scaling removes SpanNorm's high-lr sensitivity", on made-up results."""
+    from spannorm.study import lr_sensitivity
+
+    data = small_study(corpus)
+    data["grids"][0]["axes"]["train.lr"] = [1e-3, 1e-2]
+    data["grids"][1]["axes"]["train.lr"] = [1e-3, 1e-2]
+    data["grids"][1]["axes"]["model.span_c"] = [1.0, 4.0]
+    cells = expand(study_from_dict(data))
+    val = {("pre", "init", 1.0): (2.0, 2.5), ("span", "init", 1.0): (1.9, 3.3),  # default span: stalls
+           ("span", "none", 1.0): (2.1, 2.4), ("span", "init", 4.0): (2.0, 2.6),  # below pre / above pre
+           ("span", "none", 4.0): (2.0, None)}  # diverged
+    rows = []
+    for c in cells:
+        m = c.cfg.model
+        lo, hi = val[(m.scheme.value, m.span_scale.value, m.span_c)]
+        v = lo if c.cfg.train.lr < 5e-3 else hi
+        status = "diverged" if v is None else "stalled" if v > 3.2 else "ok"
+        rows.append({"status": status, "final_val_loss": v})
+    text = lr_sensitivity(cells, rows)
+    assert "At L=3, between lr=0.001 and lr=0.01" in text
+    line = {r.split(" | ")[0].lstrip("| "): r for r in text.splitlines() if r.startswith("| ")}
+    assert line["pre"].endswith("| 2.000 ± 0.000 | 2.500 ± 0.000 | +0.500 | (reference) |")  # 2 seeds
+    assert line["span span_scale=init span_c=1"].endswith("| 3.300 stalled (1/1) | — | no |")
+    assert line["span span_scale=none span_c=1"].endswith("| 2.400 | +0.300 | yes |")
+    assert line["span span_scale=init span_c=4"].endswith("| 2.600 | +0.600 | no |")
+    assert line["span span_scale=none span_c=4"].endswith("| div (1/1) | — | no |")
+    assert text.endswith("at most PreNorm's 2.500): `span span_scale=none span_c=1`.")
+    # a cell not run yet: the answer says it is provisional
+    rows[[c.name for c in cells].index(next(c.name for c in cells if c.cfg.model.span_c == 4.0))]["status"] = "not run"
+    assert lr_sensitivity(cells, rows).endswith("so far; some cells are not run yet.")
+    # no scaling axis, no section
+    main_only = [(c, r) for c, r in zip(cells, rows) if "abl" not in c.grids]
+    assert lr_sensitivity([c for c, _ in main_only], [r for _, r in main_only]) == ""

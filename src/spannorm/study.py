@@ -843,6 +843,59 @@ def claim_gradients(cells: list[Cell], out: Path, init: list[dict]) -> Claim:
     return Claim(SUPPORTED if other_r and max(off(x) for x in other_r) >= 2 else INCONCLUSIVE, "; ".join(ev), rule)
 
 
+SCALING_AXES = ("model.span_scale", "model.span_c")  # the axes of a SpanNorm scaling ablation
+
+
+def lr_sensitivity(cells: list[Cell], rows: list[dict]) -> str:
+    """Markdown: which SpanNorm scaling, if any, trains at the highest learning rate as well as PreNorm.
+
+    For every depth swept by a grid with a span_scale or span_c axis: each scaling's mean val loss
+    at the lowest and highest lr and the change between them, beside PreNorm's (dense, same depth).
+    A scaling *removes the sensitivity* if at the highest lr it trained (not diverged or stalled in
+    most seeds) and its mean val loss is at most PreNorm's there. "" if the study has no such grid.
+    """
+    def scaling(c: Cell) -> str | None:
+        if not any(p in c.axes for p in SCALING_AXES) or c.cfg.model.scheme.value != "span":
+            return None
+        m = c.cfg.model
+        return f"span span_scale={m.span_scale.value} span_c={_fmt(m.span_c)}"
+
+    points = aggregate(cells, rows, lambda c: (scaling(c), *_depth_lr(c)) if scaling(c) else None)
+    not_run = {c.cfg.model.n_layers for c, r in zip(cells, rows) if scaling(c) and r.get("status") == "not run"}
+    pre = aggregate(cells, rows, lambda c: ("pre", *_depth_lr(c)) if c.series == "pre" else None)
+    lines = []
+    for depth in sorted({k[1] for k in points}):
+        lrs = sorted({k[2] for k in points if k[1] == depth})
+        if len(lrs) < 2:
+            continue
+        lo, hi = lrs[0], lrs[-1]
+        ref = pre.get(("pre", depth, hi))
+        lines += [f"At L={depth}, between lr={lo:g} and lr={hi:g}:", "",
+                  f"| series | lr={lo:g} | lr={hi:g} | change | trains at lr={hi:g} as well as pre |", "|---|---|---|---|---|"]
+        removes, missing = [], depth in not_run
+        series = [("pre", pre)] + [(s, points) for s in dict.fromkeys(k[0] for k in points if k[1] == depth)]
+        for name, src in series:
+            a, b = src.get((name, depth, lo)), src.get((name, depth, hi))
+            change = (f"{b.mean - a.mean:+.3f}" if a and b and a.mean is not None and b.mean is not None
+                      and not a.failed and not b.failed else "—")
+            if name == "pre":
+                verdict = "(reference)"
+            elif b is None or ref is None or ref.mean is None:
+                verdict, missing = "not run yet", True  # pre's or this cell's highest-lr cells
+            else:
+                ok = not b.failed and b.mean is not None and b.mean <= ref.mean
+                verdict = "yes" if ok else "no"
+                removes += [name] if ok else []
+            lines.append(f"| {name} | {a.text() if a else 'not run'} | {b.text() if b else 'not run'} | {change} "
+                         f"| {verdict} |")
+        summary = (f"Scalings that remove the sensitivity at L={depth} (train at lr={hi:g} with a val loss at most "
+                   f"PreNorm's{f' {ref.mean:.3f}' if ref and ref.mean is not None else ''}): "
+                   + (", ".join(f"`{s}`" for s in removes) if removes else "**none**")
+                   + (" so far; some cells are not run yet" if missing else "") + ".")
+        lines += ["", summary, ""]
+    return "\n".join(lines).rstrip()
+
+
 def claims(cells: list[Cell], rows: list[dict], out: Path, init: list[dict]) -> list[tuple[str, Claim]]:
     """The six claims of SPANNORM.md, each with a verdict from an explicit rule over the study's data."""
     points = aggregate(cells, rows, lambda c: (c.series, *_depth_lr(c)))
@@ -914,6 +967,10 @@ def report(study: StudyConfig, cells: list[Cell], rows: list[dict], out: Path, c
                 detail = r["status"]
             lines.append(f"- `{r['name']}`: {detail}")
         lines.append("")
+    if sens := lr_sensitivity(cells, rows):
+        lines += ["## Learning-rate sensitivity of SpanNorm's scalings", "",
+                  "The prototype in SPANNORM.md found SpanNorm ahead of PreNorm at the lower lr and behind it at the "
+                  "higher one. Which scaling, if any, removes that sensitivity:", "", sens, ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
     lines += ["## Claims (SPANNORM.md)", "",
