@@ -204,9 +204,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk_rows: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of the logits x·Wᵀ against ``targets`` (x: (N, d), W: (V, d)), in chunks
-    of ``chunk_rows`` rows (default: about 2^20 logits per chunk): memory O(chunk·V) instead of
+    of ``chunk_rows`` rows (default: about 2^21 logits per chunk, 8 MB in fp32): memory O(chunk·V) instead of
     O(N·V), and faster than materializing the logits. Under CPU bf16 autocast the matmuls run in
     bf16, as ``F.linear`` would."""
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    chunk_rows = chunk_rows or max(64, 2**20 // weight.shape[0])
+    chunk_rows = chunk_rows or max(64, 2**21 // weight.shape[0])  # bf16: 256 rows at V=8192 beat 128 and 512
     return _LinearCrossEntropy.apply(x, weight, targets, dtype, chunk_rows)
