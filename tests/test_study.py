@@ -338,3 +338,35 @@ def test_lr_sensitivity_names_the_scalings_that_train_at_the_high_lr(corpus):
     # no scaling axis, no section
     main_only = [(c, r) for c, r in zip(cells, rows) if "abl" not in c.grids]
     assert lr_sensitivity([c for c, _ in main_only], [r for _, r in main_only]) == ""
+
+
+def test_signal_and_gradient_claims_leave_out_stalled_cells(corpus, tmp_path):
+    """Claims 1 and 2 score the probes of cells that trained; a stalled cell's probe is shown, not scored."""
+    from spannorm.study import SUPPORTED, NOT_SUPPORTED, claims
+
+    cells = [c for c in expand(study_from_dict(small_study(corpus))) if not c.extras]
+    stalled = next(c for c in cells if c.cfg.model.scheme.value == "span" and c.cfg.model.n_layers == 3)
+    rows = []
+    for c in cells:
+        d, bad = c.cfg.model.n_layers, c is stalled
+        rms = 100.0 if bad else 1.0
+        probe = {"presum_rms": [{"attn": rms, "ffn": rms}] * d,
+                 "stream_rms": [1.0] * d + [1.0 if c.cfg.model.scheme.value == "span" else float(d)],
+                 "grad_ratio_first_last": 1e-9 if bad else 1.5,
+                 "adjacent_cosine": [0.5] * d, "layer_drop": [0.1] * d}
+        (tmp_path / "cells" / c.name).mkdir(parents=True)
+        (tmp_path / "cells" / c.name / "probe.json").write_text(json.dumps(probe))
+        rows.append({"status": "stalled" if bad else "ok", "final_val_loss": 2.0})
+    init = [{"variant": v, "depth": d, "presum_rms": [{"attn": 1.0}], "stream_rms": [1.0],
+             "grad_ratio_first_last": 1e3 if v == "post" and d == 3 else 1.2}
+            for v in ("pre", "post", "span") for d in (2, 3)]
+    verdict = dict(claims(cells, rows, tmp_path, init))
+    signal, grads = verdict["Bounded forward signal"], verdict["Bounded gradients"]
+    assert signal.verdict == SUPPORTED and grads.verdict == SUPPORTED
+    assert f"left out, diverged or stalled: {stalled.name} 100" in signal.evidence
+    assert f"left out, diverged or stalled: {stalled.name} 1e-09" in grads.evidence
+    # the same probe from a cell that trained is scored, and then it refutes both claims
+    rows[cells.index(stalled)]["status"] = "ok"
+    verdict = dict(claims(cells, rows, tmp_path, init))
+    assert verdict["Bounded forward signal"].verdict == NOT_SUPPORTED
+    assert verdict["Bounded gradients"].verdict == NOT_SUPPORTED

@@ -720,6 +720,19 @@ def claim_stability(points: dict, extras: dict) -> Claim:
     return Claim(SUPPORTED if all(ok) else NOT_SUPPORTED, "; ".join(ev), rule)
 
 
+def _best_lr(points: dict, pre: str, span: str) -> str:
+    """Evidence beside the rule: each depth's best (lowest mean val loss) lr of either series, among those that trained."""
+    best = {}
+    for (series, d, lr), a in points.items():
+        if series in (pre, span) and a.mean is not None and not a.failed:
+            if (series, d) not in best or a.mean < best[(series, d)][0]:
+                best[(series, d)] = (a.mean, lr)
+    depths = sorted({d for s, d in best if (pre, d) in best and (span, d) in best})
+    return ("" if not depths else ". At each depth's best lr: " + "; ".join(
+        f"L={d}: {pre} {best[(pre, d)][0]:.3f} (lr={best[(pre, d)][1]:g}), {span} {best[(span, d)][0]:.3f} "
+        f"(lr={best[(span, d)][1]:g})" for d in depths))
+
+
 def claim_quality(points: dict, extras: dict) -> Claim:
     pre, span = _series_name("pre", extras), _series_name("span", extras)
     rule = (f"at each (depth, lr) with finite losses for both, {span} wins if its mean val loss is below {pre}'s "
@@ -738,26 +751,28 @@ def claim_quality(points: dict, extras: dict) -> Claim:
         diff = a.mean - b.mean
         wins += diff > noise
         losses += -diff > noise
-        rows.append(f"L={d}, lr={lr:g}: {pre} {a.mean:.3f}, {span} {b.mean:.3f} (Δ={diff:+.3f}, std {noise:.3f})")
+        spread = "one seed" if a.std is None and b.std is None else f"std {noise:.3f}"
+        rows.append(f"L={d}, lr={lr:g}: {pre} {a.mean:.3f}, {span} {b.mean:.3f} (Δ={diff:+.3f}, {spread})")
     scored = sum(1 for d, lr in common if points[(pre, d, lr)].mean is not None and points[(span, d, lr)].mean is not None)
     if not scored:
         return Claim(INCONCLUSIVE, "; ".join(rows) or f"no (depth, lr) with both {pre} and {span}", rule)
-    ev = f"{span} lower at {wins}/{scored}, higher at {losses}/{scored}: " + "; ".join(rows)
+    ev = f"{span} lower at {wins}/{scored}, higher at {losses}/{scored}: " + "; ".join(rows) + _best_lr(points, pre, span)
     if one_seed:
         return Claim(INCONCLUSIVE, "fewer than 2 finite seeds somewhere, so the seed noise is unknown; " + ev, rule)
     verdict = SUPPORTED if wins > scored / 2 else NOT_SUPPORTED if losses >= scored / 2 else INCONCLUSIVE
     return Claim(verdict, ev, rule)
 
 
-def claim_collapse(cells: list[Cell], out: Path, extras: dict) -> Claim:
+def claim_collapse(cells: list[Cell], out: Path, extras: dict, ok: set[str]) -> Claim:
     pre, span = _series_name("pre", extras), _series_name("span", extras)
-    rule = (f"at the deepest depth with probes of both, per lr (mean over seeds): {span} is less collapsed if its "
+    rule = (f"at the deepest depth with probes of both that trained (neither diverged nor stalled: a stalled model's "
+            f"layers say nothing about collapse), per lr (mean over seeds): {span} is less collapsed if its "
             "mean adjacent cosine over the deeper half of the blocks is lower AND its mean layer-drop loss increase "
             f"there is higher than {pre}'s; supported if so at more than half of the lrs, not supported if both "
             "favour PreNorm at half or more, else inconclusive")
     probes: dict = {}
     for c in cells:
-        if c.series in (pre, span) and (p := read_probe(out, c)) and p.get("layer_drop"):
+        if c.series in (pre, span) and c.name in ok and (p := read_probe(out, c)) and p.get("layer_drop"):
             probes.setdefault((c.series, *_depth_lr(c)), []).append(p)
     depths = sorted({k[1] for k in probes if (pre, *k[1:]) in probes and (span, *k[1:]) in probes})
     if not depths:
@@ -781,14 +796,21 @@ def claim_collapse(cells: list[Cell], out: Path, extras: dict) -> Claim:
     return Claim(verdict, "; ".join(ev), rule)
 
 
-def claim_signal(cells: list[Cell], out: Path, init: list[dict]) -> Claim:
-    rule = ("needs 2+ depths; supported if SpanNorm's largest pre-norm-sum RMS (trained probes, mean over lrs and "
-            "seeds) at the deepest depth is at most 2× that at the shallowest AND PreNorm's final stream RMS grows "
+def _left_out(cells: list[Cell], out: Path, ok: set[str], schemes: tuple[str, ...], value) -> str:
+    """Evidence from the probes of diverged or stalled cells, which the trained-model rules leave out."""
+    bad = [f"{c.name} {_g(value(p))}" for c in cells if c.name not in ok and not c.extras
+           and c.cfg.model.scheme.value in schemes and (p := read_probe(out, c))]
+    return ("; left out, diverged or stalled: " + ", ".join(bad)) if bad else ""
+
+
+def claim_signal(cells: list[Cell], out: Path, init: list[dict], ok: set[str]) -> Claim:
+    rule = ("needs 2+ depths; supported if SpanNorm's largest pre-norm-sum RMS (probes of the cells that trained, "
+            "i.e. neither diverged nor stalled; mean over lrs and seeds) at the deepest depth is at most 2× that at the shallowest AND PreNorm's final stream RMS grows "
             "by at least 1.5× from the shallowest to the deepest; not supported if SpanNorm's grows by more than 2×; "
             "else inconclusive (init numbers are shown beside, for reference)")
     trained: dict = {}
     for c in cells:
-        if not c.extras and c.cfg.model.scheme.value in ("pre", "span") and (p := read_probe(out, c)):
+        if not c.extras and c.name in ok and c.cfg.model.scheme.value in ("pre", "span") and (p := read_probe(out, c)):
             trained.setdefault((c.cfg.model.scheme.value, c.cfg.model.n_layers), []).append(p)
     span_max = {d: statistics.fmean(_max_presum(p) for p in ps) for (s, d), ps in trained.items() if s == "span"}
     pre_rms = {d: statistics.fmean(p["stream_rms"][-1] for p in ps) for (s, d), ps in trained.items() if s == "pre"}
@@ -797,7 +819,8 @@ def claim_signal(cells: list[Cell], out: Path, init: list[dict]) -> Claim:
     ev = ("trained: span max pre-norm-sum RMS " + ", ".join(f"L={d}: {v:.3g}" for d, v in sorted(span_max.items()))
           + "; pre final stream RMS " + ", ".join(f"L={d}: {v:.3g}" for d, v in sorted(pre_rms.items()))
           + ". At init: span " + ", ".join(f"L={d}: {v:.3g}" for d, v in sorted(init_span.items()))
-          + "; pre " + ", ".join(f"L={d}: {v:.3g}" for d, v in sorted(init_pre.items())))
+          + "; pre " + ", ".join(f"L={d}: {v:.3g}" for d, v in sorted(init_pre.items()))
+          + _left_out(cells, out, ok, ("span",), _max_presum))
     if len(span_max) < 2 or len(pre_rms) < 2:
         return Claim(INCONCLUSIVE, "fewer than 2 depths with trained probes of both pre and span. " + ev, rule)
     lo, hi = min(span_max), max(span_max)
@@ -809,9 +832,9 @@ def claim_signal(cells: list[Cell], out: Path, init: list[dict]) -> Claim:
     return Claim(SUPPORTED if pre_growth >= 1.5 else INCONCLUSIVE, ev, rule)
 
 
-def claim_gradients(cells: list[Cell], out: Path, init: list[dict]) -> Claim:
+def claim_gradients(cells: list[Cell], out: Path, init: list[dict], ok: set[str]) -> Claim:
     rule = ("supported if SpanNorm's first/last-block gradient-norm ratio stays within 10× of 1 at every depth "
-            "(init and trained probes) AND, at the deepest depth, PostNorm's or unscaled SpanNorm's is at least "
+            "(init probes, and probes of the cells that trained, i.e. neither diverged nor stalled) AND, at the deepest depth, PostNorm's or unscaled SpanNorm's is at least "
             "100× away from 1 (init or trained); not supported if SpanNorm's leaves the 10× band; else inconclusive")
     deepest = max((r["depth"] for r in init), default=0)
     span_r = [r["grad_ratio_first_last"] for r in init if r["variant"] == "span"]
@@ -823,7 +846,7 @@ def claim_gradients(cells: list[Cell], out: Path, init: list[dict]) -> Claim:
         scheme = c.cfg.model.scheme.value
         if (p := read_probe(out, c)) is None:
             continue
-        if scheme == "span" and not c.extras:
+        if scheme == "span" and not c.extras and c.name in ok:
             trained_span.append(p["grad_ratio_first_last"])
         elif c.cfg.model.n_layers == deepest and (
                 (scheme == "post" and not c.extras) or (scheme == "span" and c.extras == {"model.span_scale": "none"})):
@@ -831,7 +854,8 @@ def claim_gradients(cells: list[Cell], out: Path, init: list[dict]) -> Claim:
     span_r += trained_span
     other_r += trained_other
     ev.append("trained: span " + (", ".join(_g(x) for x in trained_span) or "—")
-              + f"; post and unscaled span at L={deepest} " + (", ".join(_g(x) for x in trained_other) or "—"))
+              + f"; post and unscaled span at L={deepest} " + (", ".join(_g(x) for x in trained_other) or "—")
+              + _left_out(cells, out, ok, ("span",), lambda p: p["grad_ratio_first_last"]))
 
     def off(x: float) -> float:
         return abs(math.log10(x)) if x and math.isfinite(x) and x > 0 else math.inf
@@ -899,15 +923,16 @@ def lr_sensitivity(cells: list[Cell], rows: list[dict]) -> str:
 def claims(cells: list[Cell], rows: list[dict], out: Path, init: list[dict]) -> list[tuple[str, Claim]]:
     """The six claims of SPANNORM.md, each with a verdict from an explicit rule over the study's data."""
     points = aggregate(cells, rows, lambda c: (c.series, *_depth_lr(c)))
+    ok = {c.name for c, r in zip(cells, rows) if r.get("status") == "ok"}  # trained: neither diverged nor stalled
     dense = {}
     moe_values = sorted({c.extras["model.n_experts"] for c in cells
                          if isinstance(c.extras.get("model.n_experts"), int) and c.extras["model.n_experts"] > 0})
     result = [
-        ("Bounded forward signal", claim_signal(cells, out, init)),
-        ("Bounded gradients", claim_gradients(cells, out, init)),
+        ("Bounded forward signal", claim_signal(cells, out, init, ok)),
+        ("Bounded gradients", claim_gradients(cells, out, init, ok)),
         ("Stability where PostNorm diverges or stalls", claim_stability(points, dense)),
         ("Quality: lower validation loss than PreNorm at equal compute", claim_quality(points, dense)),
-        ("Less collapse after training", claim_collapse(cells, out, dense)),
+        ("Less collapse after training", claim_collapse(cells, out, dense, ok)),
     ]
     moe_rule = ("claims 3–5 restricted to the MoE cells (a model.n_experts axis > 0; claim 3 only if the MoE cells "
                 "include post): supported if all are, not supported if any is not, else inconclusive")
@@ -919,7 +944,7 @@ def claims(cells: list[Cell], rows: list[dict], out: Path, init: list[dict]) -> 
             ex = {"model.n_experts": k}
             has_post = any(key[0] == _series_name("post", ex) for key in points)
             sub += ([claim_stability(points, ex)] if has_post else []) + [claim_quality(points, ex),
-                                                                          claim_collapse(cells, out, ex)]
+                                                                          claim_collapse(cells, out, ex, ok)]
         verdicts = [c.verdict for c in sub]
         verdict = (SUPPORTED if all(v == SUPPORTED for v in verdicts)
                    else NOT_SUPPORTED if NOT_SUPPORTED in verdicts else INCONCLUSIVE)
