@@ -306,7 +306,7 @@ def test_report_only_reports_finished_cells_and_trains_nothing(corpus, tmp_path)
 
 def test_lr_sensitivity_names_the_scalings_that_train_at_the_high_lr(corpus):
     """The report's answer to "which scaling removes SpanNorm's high-lr sensitivity", on made-up results."""
-    from spannorm.study import lr_sensitivity
+    from spannorm.study_report import lr_sensitivity
 
     data = small_study(corpus)
     data["grids"][0]["axes"]["train.lr"] = [1e-3, 1e-2]
@@ -342,7 +342,7 @@ def test_lr_sensitivity_names_the_scalings_that_train_at_the_high_lr(corpus):
 
 def test_signal_and_gradient_claims_leave_out_stalled_cells(corpus, tmp_path):
     """Claims 1 and 2 score the probes of cells that trained; a stalled cell's probe is shown, not scored."""
-    from spannorm.study import SUPPORTED, NOT_SUPPORTED, claims
+    from spannorm.study_report import NOT_SUPPORTED, SUPPORTED, claims
 
     cells = [c for c in expand(study_from_dict(small_study(corpus))) if not c.extras]
     stalled = next(c for c in cells if c.cfg.model.scheme.value == "span" and c.cfg.model.n_layers == 3)
