@@ -253,8 +253,34 @@ def test_bad_study_command_line(tmp_path, capsys):
     assert not (tmp_path / "st").exists()
 
 
-def test_ctrl_c_leaves_a_resumable_study(corpus, tmp_path):
-    """SIGINT to `spannorm study --jobs 2` mid-cell: exit 130, and the next run finishes with the same results."""
+def _children(pid):
+    """Process ids whose parent is ``pid`` (Linux /proc)."""
+    from pathlib import Path
+
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid):
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_leaves_a_resumable_study(corpus, tmp_path, signame):
+    """SIGINT (Ctrl-C) or SIGTERM (kill) to `spannorm study --jobs 2` mid-cell: exit 130, no worker left
+    running, and the next run finishes with the same results."""
     import os
     import signal
     import subprocess
@@ -275,9 +301,15 @@ def test_ctrl_c_leaves_a_resumable_study(corpus, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not (latest.is_file() and latest.read_text() >= "step-0000010"):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    workers = _children(proc.pid)
+    assert len(workers) >= 2, workers  # the two workers (and multiprocessing's resource tracker)
+    proc.send_signal(getattr(signal, signame))
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err, err
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.05)
+    assert not any(_alive(w) for w in workers), "a worker outlived the study"
     assert not (tmp_path / "cut" / "results.csv").exists(), "the study finished before it could be interrupted"
     res = subprocess.run([*cli, "--out", str(tmp_path / "cut")], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

@@ -26,6 +26,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -318,6 +320,7 @@ def run_cells(study: StudyConfig, cells: list[Cell], out: Path, jobs: int, log) 
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+    old_term = _sigterm_interrupts()
     try:
         futures = {pool.submit(run_cell, *args(cell), threads=_cell_threads(jobs)): cell for cell in cells}
         for i, fut in enumerate(as_completed(futures), 1):
@@ -325,13 +328,29 @@ def run_cells(study: StudyConfig, cells: list[Cell], out: Path, jobs: int, log) 
                 done(i, futures[fut], fut.result(), None)
             except Exception as e:  # the worker's exception, or a dead worker (BrokenProcessPool)
                 done(i, futures[fut], None, f"{type(e).__name__}: {' '.join(str(e).split())}")
-    except BaseException:  # Ctrl-C: stop the workers; their cells resume from a checkpoint next time
+    except BaseException:  # Ctrl-C or SIGTERM: stop the workers; their cells resume from a checkpoint next time
         for proc in list(getattr(pool, "_processes", {}).values()):
             proc.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     pool.shutdown()
     return failed
+
+
+def _sigterm_interrupts():
+    """Make SIGTERM interrupt like Ctrl-C, so that ``kill PID`` also stops the worker processes (a
+    study started in the background with ``&`` ignores SIGINT). Returns the previous handler, or None
+    where handlers cannot be set (not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 # --- results -------------------------------------------------------------------------------
