@@ -99,7 +99,7 @@ def test_study_runs_writes_outputs_and_reuses(corpus, tmp_path, capsys):
         summary = json.loads((cell / "summary.json").read_text())
         assert float(r["final_val_loss"]) == summary["final_val_loss"]
     assert load_study(str(out / "study.yaml")).to_dict() == load_study(str(tmp_path / "study.yaml")).to_dict()
-    for name in ("val_vs_depth", "val_vs_lr", "loss_curves", "grad_heatmaps", "similarity"):
+    for name in ("val_vs_depth", "val_vs_lr", "ablation", "loss_curves", "grad_heatmaps", "similarity"):
         assert (out / "plots" / f"{name}.png").read_bytes()[:8] == PNG
     report = (out / "report.md").read_text()
     assert f"Command: `spannorm study --config {tmp_path / 'study.yaml'}" in report

@@ -398,8 +398,8 @@ def run_study(study: StudyConfig, out: Path, command: str, jobs: int = 1, log=pr
     Cells run seed by seed and shallow depths first, so a study stopped early has covered every
     scheme. ``report_only``: train nothing; report the cells finished so far (the rest "not run").
     """
-    from .study_report import (claims, init_probe, plot_curves, plot_grad_heatmaps,  # it imports this module
-                               plot_similarity, plot_val, report)
+    from .study_report import (claims, init_probe, plot_ablation, plot_curves,  # it imports this module
+                               plot_grad_heatmaps, plot_similarity, plot_val, report)
 
     require(isinstance(jobs, int) and jobs >= 1, "--jobs", jobs, "a positive integer")
     out = Path(out)
@@ -421,6 +421,7 @@ def run_study(study: StudyConfig, out: Path, command: str, jobs: int = 1, log=pr
     if cs:
         for name, make in (("val_vs_depth.png", lambda p: plot_val(p, cs, rs, "depth")),
                            ("val_vs_lr.png", lambda p: plot_val(p, cs, rs, "lr")),
+                           ("ablation.png", lambda p: plot_ablation(p, cs, rs)),
                            ("loss_curves.png", lambda p: plot_curves(p, cs, out)),
                            ("grad_heatmaps.png", lambda p: plot_grad_heatmaps(p, cs, out)),
                            ("similarity.png", lambda p: plot_similarity(p, cs, out))):

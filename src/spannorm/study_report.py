@@ -108,7 +108,7 @@ def _save(fig, path: Path) -> None:
 
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")  # "tight" keeps a legend beside the axes
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
 
@@ -130,18 +130,25 @@ def plotted_series(cells: list[Cell]) -> list[str]:
     return [s for s, d in depths.items() if len(d) > 1] or list(depths)
 
 
-def plot_val(path: Path, cells: list[Cell], rows: list[dict], x: str) -> bool:
-    """Validation loss against depth (x='depth', one panel per lr) or lr (one panel per depth)."""
-    series = plotted_series(cells)
-    points = aggregate(cells, rows, lambda c: (c.series, *_depth_lr(c)) if c.series in series else None)
+def plot_val(path: Path, cells: list[Cell], rows: list[dict], x: str, key=None) -> bool:
+    """Validation loss against depth (x='depth', one panel per lr) or lr (one panel per depth), one line
+    per series: ``key(cell)`` (default: the series that sweep depth; None leaves a cell out)."""
+    if key is None:
+        swept = plotted_series(cells)
+        key = lambda c: c.series if c.series in swept else None  # noqa: E731
+    points = aggregate(cells, rows, lambda c: (key(c), *_depth_lr(c)) if key(c) else None)
+    series = list(dict.fromkeys(k[0] for k in points))
     panel_of = (lambda k: k[2]) if x == "depth" else (lambda k: k[1])
     x_of = (lambda k: k[1]) if x == "depth" else (lambda k: k[2])
     panels = sorted({panel_of(k) for k in points})
     if not panels:
         return False
+    unigram = next((r["unigram_entropy"] for r in rows if r.get("unigram_entropy") is not None), None)
     plt = _plt()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
     for ax, panel in zip(axes[0], panels):
+        if unigram is not None:  # the level of a model that learned only token frequencies
+            ax.axhline(unigram, color="0.6", linestyle="--", linewidth=1, label="unigram entropy (stalled)")
         for s in series:
             ks = sorted((k for k in points if k[0] == s and panel_of(k) == panel and points[k].mean is not None),
                         key=x_of)
@@ -150,11 +157,16 @@ def plot_val(path: Path, cells: list[Cell], rows: list[dict], x: str) -> bool:
                             yerr=[points[k].std or 0.0 for k in ks], marker="o", capsize=3, label=s)
         ax.set_title(f"lr {panel:g}" if x == "depth" else f"L = {panel}")
         ax.set_xlabel("depth L" if x == "depth" else "peak learning rate")
-        if x == "lr":
-            ax.set_xscale("log")
+        ax.set_xscale("log")
+        ticks = sorted({x_of(k) for k in points if panel_of(k) == panel})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
         ax.set_ylabel("final val loss (nats/token)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    handles = {}
+    for ax in axes[0]:
+        handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle("validation loss (mean ± std over seeds; diverged cells left out)", fontsize=9)
     _save(fig, path)
     return True
@@ -522,6 +534,20 @@ def claim_gradients(cells: list[Cell], out: Path, init: list[dict], ok: set[str]
 SCALING_AXES = ("model.span_scale", "model.span_c")  # the axes of a SpanNorm scaling ablation
 
 
+def scaling_series(c: Cell) -> str | None:
+    """The SpanNorm scaling of a cell in a span_scale/span_c grid (e.g. "span span_scale=init span_c=1"), else None."""
+    if not any(p in c.axes for p in SCALING_AXES) or c.cfg.model.scheme.value != "span":
+        return None
+    return f"span span_scale={c.cfg.model.span_scale.value} span_c={_fmt(c.cfg.model.span_c)}"
+
+
+def plot_ablation(path: Path, cells: list[Cell], rows: list[dict]) -> bool:
+    """Validation loss against lr for each SpanNorm scaling, beside PreNorm, at the ablation's depths."""
+    depths = {c.cfg.model.n_layers for c in cells if scaling_series(c)}
+    return bool(depths) and plot_val(path, cells, rows, "lr", key=lambda c: scaling_series(c) or (
+        "pre" if c.series == "pre" and c.cfg.model.n_layers in depths else None))
+
+
 def lr_sensitivity(cells: list[Cell], rows: list[dict]) -> str:
     """Markdown: which SpanNorm scaling, if any, trains at the highest learning rate as well as PreNorm.
 
@@ -530,14 +556,8 @@ def lr_sensitivity(cells: list[Cell], rows: list[dict]) -> str:
     A scaling *removes the sensitivity* if at the highest lr it trained (not diverged or stalled in
     most seeds) and its mean val loss is at most PreNorm's there. "" if the study has no such grid.
     """
-    def scaling(c: Cell) -> str | None:
-        if not any(p in c.axes for p in SCALING_AXES) or c.cfg.model.scheme.value != "span":
-            return None
-        m = c.cfg.model
-        return f"span span_scale={m.span_scale.value} span_c={_fmt(m.span_c)}"
-
-    points = aggregate(cells, rows, lambda c: (scaling(c), *_depth_lr(c)) if scaling(c) else None)
-    not_run = {c.cfg.model.n_layers for c, r in zip(cells, rows) if scaling(c) and r.get("status") == "not run"}
+    points = aggregate(cells, rows, lambda c: (scaling_series(c), *_depth_lr(c)) if scaling_series(c) else None)
+    not_run = {c.cfg.model.n_layers for c, r in zip(cells, rows) if scaling_series(c) and r.get("status") == "not run"}
     pre = aggregate(cells, rows, lambda c: ("pre", *_depth_lr(c)) if c.series == "pre" else None)
     lines = []
     for depth in sorted({k[1] for k in points}):
