@@ -26,7 +26,9 @@ def test_case_list():
         ("spannorm", "pre", 4, False, "main"), ("spannorm", "span", 4, False, "main"), ("hf-llama", "pre", 4, False, "main"),
         ("spannorm", "pre", 8, False, "main"), ("spannorm", "span", 8, False, "main"), ("hf-llama", "pre", 8, False, "main"),
         ("spannorm", "pre", 8, False, "peers"), ("spannorm", "post", 8, False, "peers"),
-        ("spannorm", "pre", 8, True, "main"), ("spannorm", "span", 8, True, "main"), ("hf-llama", "pre", 8, True, "main")]
+        ("spannorm", "pre", 8, False, "compile"), ("spannorm", "pre", 8, True, "compile"),
+        ("spannorm", "span", 8, False, "compile"), ("spannorm", "span", 8, True, "compile"),
+        ("hf-llama", "pre", 8, False, "compile"), ("hf-llama", "pre", 8, True, "compile")]
 
 
 def test_ratios_and_depth_fit():
@@ -36,14 +38,17 @@ def test_ratios_and_depth_fit():
 
     rows = [row("spannorm", "pre", L, "fp32", 0.01 + 0.002 * L) for L in (4, 8, 16, 32)]
     rows += [row("spannorm", "span", 8, "fp32", 0.0286, 103.0), row("hf-llama", "pre", 8, "fp32", 0.052)]
-    rows += [row("spannorm", "pre", 8, "fp32", 0.013) | {"compile": True},
-             row("hf-llama", "pre", 8, "fp32", 0.039) | {"compile": True}]
+    rows += [row(impl, scheme, 8, "fp32", step) | {"compile": c, "group": "compile"} for impl, scheme, c, step in
+             [("spannorm", "pre", False, 0.026), ("spannorm", "pre", True, 0.013), ("spannorm", "span", True, 0.0143),
+              ("hf-llama", "pre", False, 0.052), ("hf-llama", "pre", True, 0.039)]]
     rows += [row("spannorm", "pre", 8, "fp32", 0.02) | {"group": "peers"},
              row("spannorm", "post", 8, "fp32", 0.03) | {"group": "peers"}]
     lines = ratios({"rows": rows})
     assert "fp32: step time / pre's, every scheme at L=8: post 1.50" in lines
     assert "fp32 compiled: spannorm pre / HF Llama tokens/s 3.000x" in lines
-    assert "fp32: spannorm pre compiled / eager tokens/s 2.000x (timed in separate processes)" in lines
+    assert "fp32: spannorm pre compiled / eager tokens/s 2.000x" in lines  # both from the compile group
+    assert "fp32: hf-llama pre compiled / eager tokens/s 1.333x" in lines
+    assert "fp32 compiled: span/pre step time 1.100x" in lines
     assert "fp32: span/pre step time 1.100x, peak memory 1.030x" in lines
     assert "fp32: spannorm pre / HF Llama tokens/s 2.000x" in lines
     assert "fp32: spannorm pre step time = 10.0 ms + 2.00 ms × L (R² 1.0000)" in lines

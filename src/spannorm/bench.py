@@ -36,7 +36,7 @@ class Case:
     depth: int
     dtype: str  # "fp32" or "bf16" (autocast)
     compile: bool = False  # torch.compile the model
-    group: str = "main"  # cases of one (group, depth, dtype, compile) are timed together, interleaved
+    group: str = "main"  # cases of one (group, depth, dtype) are timed together, interleaved
 
 
 def _rss_mb() -> float:
@@ -135,7 +135,8 @@ def cases(schemes: list[str], depths: list[int], dtypes: list[str], with_hf: boo
           compile: bool = False) -> list[Case]:
     """pre, span and HF Llama over the depth sweep (the targets: few models per group, so that
     their steps interleave closely); the other schemes at the standard depth, each timed beside
-    pre (group "peers"); with ``compile``, pre, span and HF Llama compiled at the standard depth."""
+    pre (group "peers"); with ``compile``, pre, span and HF Llama at the standard depth, each eager and
+    compiled, in one group (group "compile")."""
     out = []
     L = STANDARD["n_layers"]
     for dtype in dtypes:
@@ -147,9 +148,8 @@ def cases(schemes: list[str], depths: list[int], dtypes: list[str], with_hf: boo
         if peers:
             out += [Case("spannorm", s, L, dtype, group="peers") for s in ["pre", *peers]]
         if compile:
-            out += [Case("spannorm", s, STANDARD["n_layers"], dtype, True) for s in ("pre", "span") if s in schemes]
-            if with_hf:
-                out.append(Case("hf-llama", "pre", STANDARD["n_layers"], dtype, True))
+            impls = [("spannorm", s) for s in ("pre", "span") if s in schemes] + [("hf-llama", "pre")] * with_hf
+            out += [Case(impl, s, L, dtype, c, group="compile") for impl, s in impls for c in (False, True)]
     return out
 
 
@@ -163,11 +163,11 @@ def _subprocess(*args: str):
 
 
 def run(all_cases: list[Case], reps: int = 5, log=print) -> dict:
-    """Time every (depth, dtype, compile) group in its own process, then each case's memory in its own."""
+    """Time every (dtype, group, depth) group in its own process, then each case's memory in its own."""
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     log(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
     rows = []
-    key = lambda c: (c.dtype, c.compile, c.group, c.depth)  # noqa: E731
+    key = lambda c: (c.dtype, c.group, c.depth)  # noqa: E731
     for _, group in itertools.groupby(sorted(all_cases, key=key), key=key):
         group = list(group)
         timed = _subprocess("time", json.dumps({"cases": [asdict(c) for c in group], "reps": reps}))
@@ -188,9 +188,9 @@ def ratios(result: dict) -> list[str]:
 
     rows = result["rows"]
 
-    def find(impl, scheme, dtype, compiled=False, depth=STANDARD["n_layers"]):
+    def find(impl, scheme, dtype, compiled=False, depth=STANDARD["n_layers"], group="main"):
         return next((r for r in rows if (r["impl"], r["scheme"], r["depth"], r["dtype"], r.get("compile", False),
-                                         r.get("group", "main")) == (impl, scheme, depth, dtype, compiled, "main")),
+                                         r.get("group", "main")) == (impl, scheme, depth, dtype, compiled, group)),
                     None)
 
     lines = []
@@ -201,15 +201,18 @@ def ratios(result: dict) -> list[str]:
                          f"peak memory {span['peak_mem_mb'] / pre['peak_mem_mb']:.3f}x")
         if pre and hf:
             lines.append(f"{dtype}: spannorm pre / HF Llama tokens/s {pre['tokens_per_s'] / hf['tokens_per_s']:.3f}x")
-        cpre, chf = find("spannorm", "pre", dtype, True), find("hf-llama", "pre", dtype, True)
+        cpre, chf = (find(impl, "pre", dtype, True, group="compile") for impl in ("spannorm", "hf-llama"))
         if cpre and chf:
             lines.append(f"{dtype} compiled: spannorm pre / HF Llama tokens/s "
                          f"{cpre['tokens_per_s'] / chf['tokens_per_s']:.3f}x")
-        for impl, eager in (("spannorm", pre), ("hf-llama", hf)):
-            compiled = find(impl, "pre", dtype, True)
+        cspan = find("spannorm", "span", dtype, True, group="compile")
+        if cpre and cspan:
+            lines.append(f"{dtype} compiled: span/pre step time {cspan['step_s'] / cpre['step_s']:.3f}x")
+        for impl, scheme in (("spannorm", "pre"), ("spannorm", "span"), ("hf-llama", "pre")):
+            eager, compiled = (find(impl, scheme, dtype, c, group="compile") for c in (False, True))
             if eager and compiled:
-                lines.append(f"{dtype}: {impl} pre compiled / eager tokens/s "
-                             f"{compiled['tokens_per_s'] / eager['tokens_per_s']:.3f}x (timed in separate processes)")
+                lines.append(f"{dtype}: {impl} {scheme} compiled / eager tokens/s "
+                             f"{compiled['tokens_per_s'] / eager['tokens_per_s']:.3f}x")
         peers = [r for r in rows if r.get("group") == "peers" and r["dtype"] == dtype]
         anchor = next((r for r in peers if r["scheme"] == "pre"), None)
         if anchor:

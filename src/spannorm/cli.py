@@ -62,8 +62,8 @@ def build_parser() -> Parser:
     be.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16 (autocast); default both")
     be.add_argument("--reps", type=int, default=5, help="timed rounds of interleaved steps, after 2 warm-up rounds "
                     "(default 5)")
-    be.add_argument("--compile", action="store_true", help="also time pre, span and HF Llama under torch.compile "
-                    "(standard depth)")
+    be.add_argument("--compile", action="store_true", help="also time pre, span and HF Llama eager and under "
+                    "torch.compile, all six interleaved (standard depth)")
     be.add_argument("--no-hf", action="store_true", help="skip the Hugging Face LlamaForCausalLM reference")
     be.add_argument("--json", type=Path, help="write {matmul_peak_flops, rows: [...]} here")
     be.add_argument("--report", type=Path, metavar="JSON",
