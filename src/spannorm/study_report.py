@@ -588,6 +588,8 @@ def lr_sensitivity(cells: list[Cell], rows: list[dict]) -> str:
                    f"PreNorm's{f' {ref.mean:.3f}' if ref and ref.mean is not None else ''}): "
                    + (", ".join(f"`{s}`" for s in removes) if removes else "**none**")
                    + (" so far; some cells are not run yet" if missing else "") + ".")
+        if any(k[1] == depth and "span_scale=none" in k[0] for k in points):
+            summary += " With span_scale=none, span_c is not used: those rows are the same model, trained again."
         lines += ["", summary, ""]
     return "\n".join(lines).rstrip()
 
