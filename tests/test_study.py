@@ -104,6 +104,7 @@ def test_study_runs_writes_outputs_and_reuses(corpus, tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert f"Command: `spannorm study --config {tmp_path / 'study.yaml'}" in report
     assert "2,560 tokens (10 steps × 8 × 32 tokens" in report
+    assert f"the 9 finished cells' wall times sum to {sum(float(r['wall_s']) for r in rows) / 3600:.2f} h" in report
     assert "| series | L=2, lr=0.01 | L=3, lr=0.01 |" in report and "| span span_scale=none |" in report
     pre = [float(r["final_val_loss"]) for r in rows if r["name"].startswith("pre_L2")]
     mean, std = sum(pre) / 2, abs(pre[0] - pre[1]) / 2 ** 0.5

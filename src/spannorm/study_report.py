@@ -645,6 +645,12 @@ def report(study: StudyConfig, cells: list[Cell], rows: list[dict], out: Path, c
         f"({t.max_steps} steps × {t.batch_size} × {t.seq_len} tokens in the base config; cells that change "
         "batch_size or seq_len get their own step count). Base config: "
         f"`{study.base}` with set {study.set or '[]'} (below).", "",
+    ]
+    walls = [r["wall_s"] for r in rows if r.get("wall_s") is not None]
+    if walls:
+        lines += [f"Training time: the {len(walls)} finished cells' wall times sum to {sum(walls) / 3600:.2f} h "
+                  "(a cell resumed from a checkpoint counts only its last part); `--jobs N` runs N cells at once.", ""]
+    lines += [
         "Entries are the final validation loss, mean ± std over seeds (sample std; diverged cells left out). "
         "*div (k/n)*: k of n seeds diverged — the training loss became non-finite, or was at or above the first "
         "step's loss after warmup, and the run was stopped there. *stalled (k/n)*: the final validation loss is "
