@@ -77,3 +77,28 @@ def test_rmsnorm_keeps_low_precision_inputs_in_fp32():
     y = RMSNorm(8, eps=1e-6)(torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True))
     assert y.dtype == torch.float32
     y.sum().backward()
+
+
+def test_rope_is_the_rotate_half_rotation():
+    """apply_rope (roll and signed sin) against Llama's written form x·cos + [−x₂, x₁]·sin."""
+    from spannorm.nn import apply_rope, rope_cache
+
+    T, hd, theta = 7, 8, 10000.0
+    x = torch.randn(2, 3, T, hd, dtype=torch.float64)
+    inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    angle = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq  # (T, hd/2)
+    cos, sin = angle.cos().repeat(1, 2), angle.sin().repeat(1, 2)
+    x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+    want = x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    got = apply_rope(x, *(t.double() for t in rope_cache(T, hd, theta)))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # the tables are built in fp32
+
+
+def test_silu_gate_matches_autograd():
+    from spannorm.nn import _SiluGate
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(3, 4, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    a, b = h.chunk(2, dim=-1)
+    torch.testing.assert_close(_SiluGate.apply(h), F.silu(a) * b, rtol=0, atol=0)
+    assert torch.autograd.gradcheck(_SiluGate.apply, (h,))

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import Role, SwiGLU
+from .nn import Role, SwiGLU, silu_gate
 
 
 class ExpertWeight(nn.Module):
@@ -110,8 +110,7 @@ class MoE(nn.Module):
         outs = []
         for xe, w_up, w_down in zip(xs.split(kept), self.up.weight.to(dtype).unbind(0),
                                     self.down.weight.to(dtype).unbind(0)):
-            gate, up = F.linear(xe, w_up).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, w_down))
+            outs.append(F.linear(silu_gate(F.linear(xe, w_up)), w_down))
         routed = torch.cat(outs) * weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(outs[0].dtype)
         out = routed.new_zeros(N, x.shape[-1]).index_add_(0, tokens, routed)
         if self.shared is not None:

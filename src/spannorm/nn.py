@@ -58,15 +58,16 @@ class DyT(nn.Module):
 class _RMSNorm(torch.autograd.Function):
     """y = x · r · γ with r = (mean(x²) + eps)^(-1/2), and its backward written out:
     dγ = Σ g·x̂,  dx = r · (g·γ − x̂ · mean(g·γ·x̂)) with x̂ = x·r. Computed in fp32 (or the input's
-    wider dtype); torch's composite rms_norm is several times slower on CPU, above all backward."""
+    wider dtype); torch's composite rms_norm is several times slower on CPU, above all backward.
+    mean(x²) is one ``vector_norm`` and mean(g·γ·x̂) one ``vecdot``: no squared temporaries."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
         acc = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
         xf = x.to(acc)
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))
+        r = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
         ctx.save_for_backward(x, weight, r)
-        return xf * r * weight
+        return (xf * r).mul_(weight)
 
     @staticmethod
     def backward(ctx, g):
@@ -74,7 +75,8 @@ class _RMSNorm(torch.autograd.Function):
         xhat = x.to(r.dtype) * r
         grad_w = (g * xhat).sum(dim=tuple(range(g.dim() - 1))).to(weight.dtype)
         gy = g * weight
-        grad_x = (gy - xhat * (gy * xhat).mean(-1, keepdim=True)).mul_(r).to(x.dtype)
+        minus_mean = torch.linalg.vecdot(gy, xhat).unsqueeze(-1).div_(-x.shape[-1])  # −mean(g·γ·x̂)
+        grad_x = torch.addcmul(gy, xhat, minus_mean).mul_(r).to(x.dtype)
         return grad_x, grad_w, None
 
 
@@ -100,17 +102,17 @@ def make_norm(cfg, dim: int | None = None) -> nn.Module:
 
 def rope_cache(seq_len: int, head_dim: int, theta: float, device=None,
                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape (seq_len, head_dim) in ``dtype``, rotate-half (Llama) layout."""
+    """cos and signed-sin tables of shape (seq_len, head_dim) in ``dtype``, rotate-half (Llama)
+    layout: the sin table's first half is negated, so that rotate_half(x)·sin = roll(x)·sin_signed."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return torch.cat([freqs, freqs], dim=-1).cos().to(dtype), torch.cat([-freqs, freqs], dim=-1).sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (..., T, hd) queries or keys: x·cos + rotate_half(x)·sin."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate (..., T, hd) queries or keys: x·cos + rotate_half(x)·sin, where
+    rotate_half(x) = [−x₂, x₁] = roll(x, hd/2)·sign; one roll and an addcmul, no cat or neg."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
 
 
 class Attention(nn.Module):
@@ -136,9 +138,36 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
         if self.qkv_norm:
             qkv = torch.stack((self.q_norm(qkv[0]), self.k_norm(qkv[1]), self.v_norm(qkv[2])))
-        q, k = apply_rope(qkv[:2], *rope).unbind(0)  # q and k rotated in one pass
-        y = F.scaled_dot_product_attention(q, k, qkv[2], is_causal=True)
+        q, k, v = qkv.unbind(0)  # unbind, not slicing: its backward is one stack, not zero-fills and adds
+        y = F.scaled_dot_product_attention(apply_rope(q, *rope), apply_rope(k, *rope), v, is_causal=True)
         return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+
+class _SiluGate(torch.autograd.Function):
+    """silu(a) ⊙ b for h = [a, b] split on the last dimension, with both gradients written into one
+    buffer: da = silu'(a)·g·b, db = silu(a)·g (autograd's chunk would ``cat`` them: one more pass)."""
+
+    @staticmethod
+    def forward(ctx, h):
+        a, b = h.chunk(2, dim=-1)
+        s = F.silu(a)
+        ctx.save_for_backward(h, s)
+        return s * b
+
+    @staticmethod
+    def backward(ctx, g):
+        h, s = ctx.saved_tensors
+        a, b = h.chunk(2, dim=-1)
+        grad = torch.empty_like(h)
+        grad_a, grad_b = grad.chunk(2, dim=-1)
+        torch.ops.aten.silu_backward.grad_input(g * b, a, grad_input=grad_a)
+        torch.mul(g, s, out=grad_b)
+        return grad
+
+
+def silu_gate(h: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gating: silu(a) ⊙ b of h = [a, b] (the fused gate and up projections)."""
+    return _SiluGate.apply(h)
 
 
 class SwiGLU(nn.Module):
@@ -152,8 +181,7 @@ class SwiGLU(nn.Module):
         self.down.role = Role.FFN_DOWN
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(silu_gate(self.up(x)))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
