@@ -14,6 +14,8 @@ def test_a_group_is_timed_together_and_hf_has_the_same_size_as_pre():
         assert r["tokens_per_s"] > 0 and r["step_s"] > 0
         assert {"impl", "scheme", "depth", "dtype", "compile", "tokens_per_s", "n_params"} <= set(r)
     assert rows[0]["n_params"] == rows[1]["n_params"]
+    # SpanNorm keeps exactly as many activations for the backward as PreNorm; HF Llama keeps more
+    assert 0 < rows[0]["saved_mb"] == rows[2]["saved_mb"] < rows[1]["saved_mb"]
 
 
 def test_peak_memory_is_positive():
@@ -38,12 +40,17 @@ def test_ratios_and_depth_fit():
 
     rows = [row("spannorm", "pre", L, "fp32", 0.01 + 0.002 * L) for L in (4, 8, 16, 32)]
     rows += [row("spannorm", "span", 8, "fp32", 0.0286, 103.0), row("hf-llama", "pre", 8, "fp32", 0.052)]
+    rows += [row("spannorm", "span", 4, "fp32", 0.018 / 1.1), row("hf-llama", "pre", 4, "fp32", 0.036)]
     rows += [row(impl, scheme, 8, "fp32", step) | {"compile": c, "group": "compile"} for impl, scheme, c, step in
              [("spannorm", "pre", False, 0.026), ("spannorm", "pre", True, 0.013), ("spannorm", "span", True, 0.0143),
               ("hf-llama", "pre", False, 0.052), ("hf-llama", "pre", True, 0.039)]]
     rows += [row("spannorm", "pre", 8, "fp32", 0.02) | {"group": "peers"},
              row("spannorm", "post", 8, "fp32", 0.03) | {"group": "peers"}]
+    for r in rows:  # saved activations: 10 MB per layer for pre and span, at the depths where both ran
+        if r["impl"] == "spannorm" and r["depth"] in (4, 8) and "group" not in r:
+            r["saved_mb"] = 10.0 * r["depth"]
     lines = ratios({"rows": rows})
+    assert "fp32: span/pre saved activations by depth: L=4 1.000x, L=8 1.000x (geometric mean 1.000x)" in lines
     assert "fp32: step time / pre's, every scheme at L=8: post 1.50" in lines
     assert "fp32 compiled: spannorm pre / HF Llama tokens/s 3.000x" in lines
     assert "fp32: spannorm pre compiled / eager tokens/s 2.000x" in lines  # both from the compile group
@@ -52,6 +59,9 @@ def test_ratios_and_depth_fit():
     assert "fp32: span/pre step time 1.100x, peak memory 1.030x" in lines
     assert "fp32: spannorm pre / HF Llama tokens/s 2.000x" in lines
     assert "fp32: spannorm pre step time = 10.0 ms + 2.00 ms × L (R² 1.0000)" in lines
+    # span/pre 1/1.1 at L=4 and 1.1 at L=8: geometric mean 1; pre/HF 2 at both (depths 16, 32 have no span or HF)
+    assert "fp32: span/pre step time by depth: L=4 0.909x, L=8 1.100x (geometric mean 1.000x)" in lines
+    assert "fp32: spannorm pre / HF Llama tokens/s by depth: L=4 2.000x, L=8 2.000x (geometric mean 2.000x)" in lines
 
 
 def test_bench_bad_input(capsys):
@@ -91,7 +101,7 @@ def test_report_of_a_json_result(tmp_path, capsys):
     assert main(["bench", "--report", str(path)]) == 0
     out = capsys.readouterr().out
     assert "fp32: spannorm pre / HF Llama tokens/s 2.000x" in out
-    assert "| spannorm | pre | 8 | fp32 | no | main | 4,096 | 500 | 700 | 25.0% |" in out
+    assert "| spannorm | pre | 8 | fp32 | no | main | 4,096 | 500 | 700 | — | 25.0% |" in out
     path.write_text("{}")
     assert main(["bench", "--report", str(path)]) == 2
     assert "is not a spannorm bench --json file" in capsys.readouterr().err

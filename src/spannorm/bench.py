@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import resource
 import statistics
@@ -45,7 +46,8 @@ def _rss_mb() -> float:
 
 
 def _build(case: Case):
-    """The model and a step function (forward + backward + AdamW) on a fixed batch."""
+    """The model, a step function (forward + backward + AdamW) and the training forward alone
+    (returns the loss), on a fixed batch."""
     s = STANDARD
     if case.impl == "hf-llama":
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -76,14 +78,34 @@ def _build(case: Case):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, s["vocab_size"], (s["batch_size"], s["seq_len"]), generator=torch.Generator().manual_seed(0))
 
-    def step():
+    def forward_loss():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.dtype == "bf16"):
-            loss = loss_fn(x, x)
-        loss.backward()
+            return loss_fn(x, x)
+
+    def step():
+        forward_loss().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return model, step
+    return model, step, forward_loss
+
+
+def saved_activations_mb(model, forward_loss) -> float:
+    """MB of the tensors autograd keeps for the backward of one training forward, each storage
+    counted once, parameters excluded: the activation memory, exact, without the allocator's and
+    oneDNN's caches that make the resident-set peak noisy."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward_loss()
+    return sum(saved.values()) / 2**20
 
 
 def time_group(group: list[Case], reps: int = 5, warmup: int = 2) -> list[dict]:
@@ -101,19 +123,20 @@ def time_group(group: list[Case], reps: int = 5, warmup: int = 2) -> list[dict]:
     s = STANDARD
     tokens = s["batch_size"] * s["seq_len"]
     rows = []
-    for case, (model, _), ts in zip(group, built, times):
+    for case, (model, _, forward_loss), ts in zip(group, built, times):
         n_params, n_active = sum(p.numel() for p in model.parameters()), active_params(model)
         step = statistics.median(ts)
         flops_per_token = 6 * n_active + 6 * case.depth * s["seq_len"] * s["d_model"]
         rows.append(asdict(case) | {"step_s": step, "tokens_per_s": tokens / step, "n_params": n_params,
-                                    "n_active_params": n_active, "flops_per_s": flops_per_token * tokens / step})
+                                    "n_active_params": n_active, "flops_per_s": flops_per_token * tokens / step,
+                                    "saved_mb": None if case.compile else saved_activations_mb(model, forward_loss)})
     return rows
 
 
 def peak_memory(case: Case) -> float:
     """MB of resident memory a model adds to a process, over two training steps (run it in a fresh process)."""
     base = _rss_mb()
-    step = _build(case)[1]
+    _, step, _ = _build(case)
     step()
     step()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base  # kB -> MB on Linux
@@ -176,7 +199,8 @@ def run(all_cases: list[Case], reps: int = 5, log=print) -> dict:
             row["mfu"] = row["flops_per_s"] / peaks[row["dtype"]]
             log(f"{row['impl']:9s} {row['scheme']:9s} L={row['depth']:<3d} {row['dtype']}"
                 f"{' compiled' if row['compile'] else '':9s}: {row['tokens_per_s']:9,.0f} tok/s  "
-                f"{row['peak_mem_mb']:7.0f} MB  MFU {row['mfu']:.1%}")
+                f"{row['peak_mem_mb']:7.0f} MB  MFU {row['mfu']:.1%}"
+                + (f"  saved activations {row['saved_mb']:.0f} MB" if row.get("saved_mb") else ""))
             rows.append(row)
     return {"matmul_peak_flops": peaks, "rows": rows}
 
@@ -201,6 +225,20 @@ def ratios(result: dict) -> list[str]:
                          f"peak memory {span['peak_mem_mb'] / pre['peak_mem_mb']:.3f}x")
         if pre and hf:
             lines.append(f"{dtype}: spannorm pre / HF Llama tokens/s {pre['tokens_per_s'] / hf['tokens_per_s']:.3f}x")
+        for name, num, den, attr in (("span/pre step time", "span", "pre", "step_s"),
+                                     ("span/pre saved activations", "span", "pre", "saved_mb"),
+                                     ("spannorm pre / HF Llama tokens/s", "pre", "hf", "tokens_per_s"),
+                                     ("spannorm pre / HF Llama saved activations", "pre", "hf", "saved_mb")):
+            by_depth = {}  # the ratio at every depth of the sweep: one depth's ratio is as noisy as the machine
+            for d in sorted({r["depth"] for r in rows}):
+                a, b = (find("hf-llama", "pre", dtype, depth=d) if who == "hf" else find("spannorm", who, dtype, depth=d)
+                        for who in (num, den))
+                if a and b and a.get(attr) and b.get(attr):  # saved_mb: absent in older results
+                    by_depth[d] = a[attr] / b[attr]
+            if len(by_depth) > 1:
+                geo = math.exp(sum(math.log(v) for v in by_depth.values()) / len(by_depth))
+                lines.append(f"{dtype}: {name} by depth: " + ", ".join(f"L={d} {v:.3f}x" for d, v in by_depth.items())
+                             + f" (geometric mean {geo:.3f}x)")
         cpre, chf = (find(impl, "pre", dtype, True, group="compile") for impl in ("spannorm", "hf-llama"))
         if cpre and chf:
             lines.append(f"{dtype} compiled: spannorm pre / HF Llama tokens/s "
@@ -232,12 +270,13 @@ def ratios(result: dict) -> list[str]:
 
 def markdown(result: dict) -> str:
     """Every row of a bench result as a Markdown table."""
-    lines = ["| impl | scheme | L | dtype | compiled | group | tokens/s | step (ms) | peak mem (MB) | MFU |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| impl | scheme | L | dtype | compiled | group | tokens/s | step (ms) | peak mem (MB) | saved act. (MB) | MFU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        saved = f"{r['saved_mb']:.0f}" if r.get("saved_mb") else "—"
         lines.append(f"| {r['impl']} | {r['scheme']} | {r['depth']} | {r['dtype']} | "
                      f"{'yes' if r.get('compile') else 'no'} | {r.get('group', 'main')} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['step_s'] * 1e3:.0f} | {r['peak_mem_mb']:.0f} | {r['mfu']:.1%} |")
+                     f"{r['step_s'] * 1e3:.0f} | {r['peak_mem_mb']:.0f} | {saved} | {r['mfu']:.1%} |")
     return "\n".join(lines)
 
 
