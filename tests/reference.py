@@ -145,6 +145,14 @@ def hybrid_block(x, block, cfg, l):
     return N("norm", h) + F(N("norm", h))
 
 
+def hybrid_star_block(x, block, cfg, l):
+    if l > 0:
+        return hybrid_block(x, block, cfg, l)
+    A, F, N = sublayers(block, cfg)
+    h = x + A(N("attn_norm", x))
+    return h + F(N("norm", h))
+
+
 def lns_block(x, block, cfg, l):
     A, F, N = sublayers(block, cfg)
     h = x + A(N("norm1", x) / math.sqrt(l + 1))
@@ -181,10 +189,11 @@ def deepscale_block(x, block, cfg, l):
 
 BLOCKS = {"pre": pre_block, "post": post_block, "span": span_block, "deepnorm": deepnorm_block,
           "b2t": b2t_block, "admin": admin_block, "peri": peri_block, "sandwich": peri_block,
-          "mixln": mixln_block, "hybrid": hybrid_block, "lns": lns_block, "residual": residual_block,
+          "mixln": mixln_block, "hybrid": hybrid_block, "hybrid_star": hybrid_star_block,
+          "lns": lns_block, "residual": residual_block,
           "siamese": siamese_block, "deepscale": deepscale_block}
 EMBED_NORM = {"span", "peri"}
-FINAL_NORM = {"pre", "peri", "mixln", "hybrid", "lns", "deepscale"}
+FINAL_NORM = {"pre", "peri", "mixln", "hybrid", "hybrid_star", "lns", "deepscale"}
 TWO_STREAM = {"residual", "siamese"}
 
 

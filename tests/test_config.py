@@ -12,7 +12,7 @@ def test_public_api_builds_each_scheme():
 
 @pytest.mark.parametrize("kwargs, fragment", [
     (dict(scheme="spam"), "model.scheme='spam' is invalid: expected one of pre, post, span, deepnorm, b2t, "
-                          "admin, peri, sandwich, mixln, hybrid, lns, residual, siamese, deepscale"),
+                          "admin, peri, sandwich, mixln, hybrid, hybrid_star, lns, residual, siamese, deepscale"),
     (dict(scheme="SPAN"), "model.scheme='SPAN'"),  # no case folding, no silent fallback
     (dict(norm="batch"), "model.norm='batch' is invalid: expected one of rms, layer, dyt"),
     (dict(deepscale_k=8.0, n_layers=4), "model.deepscale_k=8.0 is invalid: expected a number in (0, n_layers=4]"),

@@ -100,6 +100,12 @@ def test_hybrid_normalizes_q_k_v_per_head():
     assert not hasattr(b, "norm1")  # no input norm
 
 
+def test_hybrid_star_has_an_input_norm_only_in_block_0():
+    m = model("hybrid_star", 4)
+    assert hasattr(m.blocks[0], "attn_norm") and hasattr(m.blocks[0].attn, "q_norm")
+    assert not any(hasattr(b, "attn_norm") for b in m.blocks[1:])
+
+
 def test_dyt_alpha0():
     m = model("pre", 2, norm="dyt", dyt_alpha0=0.8)
     assert m.blocks[0].norm1.alpha.item() == pytest.approx(0.8)
@@ -160,7 +166,7 @@ def test_readme_schemes_table_is_current(capsys):
 
 
 @pytest.mark.parametrize("L", [6, 48])
-@pytest.mark.parametrize("scheme", ["post", "hybrid", "residual", "siamese", "admin"])
+@pytest.mark.parametrize("scheme", ["post", "hybrid", "hybrid_star", "residual", "siamese", "admin"])
 def test_plain_init_schemes(scheme, L):
     """Schemes whose recommended init is plain N(0, init_std): no depth scaling at any depth."""
     m = model(scheme, L)

@@ -44,6 +44,7 @@ class Scheme(str, enum.Enum):
     SANDWICH = "sandwich"
     MIXLN = "mixln"
     HYBRID = "hybrid"
+    HYBRID_STAR = "hybrid_star"
     LNS = "lns"
     RESIDUAL = "residual"
     SIAMESE = "siamese"
@@ -450,6 +451,29 @@ class HybridNorm(Block):
         return n + self.ffn(n)
 
 
+class HybridNormStar(HybridNorm):
+    """HybridNorm* (Zhuo et al. 2025): HybridNorm with a PreNorm first block. Block 0 gets an input
+    norm N_a before its (still QKV-normalized) attention and a PreNorm FFN; blocks 1.. are HybridNorm.
+
+        block 0:  h = x + Attn_qkv-norm(N_a(x));  x' = h + FFN(N(h))
+        block l:  h = x + Attn_qkv-norm(x);       x' = N(h) + FFN(N(h))     final N before the head
+    """
+
+    equation = "HybridNorm, but block 0 is PreNorm: h = x + Attn(N_a(x)); x' = h + FFN(N(h)); final N"
+    reference = "Zhuo et al. 2025, arXiv 2503.04598 (HybridNorm*)"
+
+    def __init__(self, cfg, layer):
+        super().__init__(cfg, layer)
+        if layer == 0:
+            self.attn_norm = make_norm(cfg)
+
+    def forward(self, x, rope):
+        if self.layer > 0:
+            return super().forward(x, rope)
+        h = x + self.attn(self.attn_norm(x), rope)
+        return h + self.ffn(self.norm(h))
+
+
 class LNScaling(PreNorm):
     """LayerNorm Scaling (Sun et al. 2025, "The Curse of Depth in Large Language Models"):
     PreNorm with each input norm's output scaled by 1/sqrt(l), l = block index counted from 1.
@@ -595,6 +619,7 @@ SCHEMES: dict[Scheme, type[Block]] = {
     Scheme.SANDWICH: Sandwich,
     Scheme.MIXLN: MixLN,
     Scheme.HYBRID: HybridNorm,
+    Scheme.HYBRID_STAR: HybridNormStar,
     Scheme.LNS: LNScaling,
     Scheme.RESIDUAL: ResiDual,
     Scheme.SIAMESE: SiameseNorm,
