@@ -197,7 +197,7 @@ def run(all_cases: list[Case], reps: int = 5, log=print) -> dict:
         for case, row in zip(group, timed):
             row["peak_mem_mb"] = _subprocess("memory", json.dumps(asdict(case)))
             row["mfu"] = row["flops_per_s"] / peaks[row["dtype"]]
-            log(f"{row['impl']:9s} {row['scheme']:9s} L={row['depth']:<3d} {row['dtype']}"
+            log(f"{row['impl']:9s} {row['scheme']:11s} L={row['depth']:<3d} {row['dtype']}"
                 f"{' compiled' if row['compile'] else '':9s}: {row['tokens_per_s']:9,.0f} tok/s  "
                 f"{row['peak_mem_mb']:7.0f} MB  MFU {row['mfu']:.1%}"
                 + (f"  saved activations {row['saved_mb']:.0f} MB" if row.get("saved_mb") else ""))
