@@ -453,7 +453,9 @@ class HybridNorm(Block):
 
 class HybridNormStar(HybridNorm):
     """HybridNorm* (Zhuo et al. 2025): HybridNorm with a PreNorm first block. Block 0 gets an input
-    norm N_a before its (still QKV-normalized) attention and a PreNorm FFN; blocks 1.. are HybridNorm.
+    norm N_a before its attention and a PreNorm FFN; blocks 1.. are HybridNorm. Block 0 keeps its
+    per-head q, k, v norms: the authors' first-block switches add an attention input norm and change
+    the FFN residual, and say nothing of removing them (our reading).
 
         block 0:  h = x + Attn_qkv-norm(N_a(x));  x' = h + FFN(N(h))
         block l:  h = x + Attn_qkv-norm(x);       x' = N(h) + FFN(N(h))     final N before the head
