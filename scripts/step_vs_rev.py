@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -48,14 +47,7 @@ def main() -> None:
             for version, mod in ((args.rev, old), ("checkout", now)):
                 torch.manual_seed(0)
                 runs.append((scheme, version, mod._build(mod.Case("spannorm", scheme, args.depth, args.dtype))[1]))
-        times = [[] for _ in runs]
-        for r in range(args.reps + 2):  # 2 warm-up rounds
-            for i in range(len(runs)):
-                i = (i + r) % len(runs)
-                t0 = time.perf_counter()
-                runs[i][2]()
-                if r >= 2:
-                    times[i].append(time.perf_counter() - t0)
+        times = now.interleaved_times([step for _, _, step in runs], args.reps)
     med = [statistics.median(t) for t in times]
     print(f"{args.dtype}, L={args.depth}, {torch.get_num_threads()} threads, median of {args.reps} interleaved steps")
     for j in range(0, len(runs), 2):

@@ -108,18 +108,25 @@ def saved_activations_mb(model, forward_loss) -> float:
     return sum(saved.values()) / 2**20
 
 
+def interleaved_times(steps: list, reps: int, warmup: int = 2) -> list[list[float]]:
+    """Seconds of each step function over ``reps`` rounds after ``warmup`` rounds; every round
+    calls each step once, round-robin, rotating who goes first, so the machine's drift hits all alike."""
+    times: list[list[float]] = [[] for _ in steps]
+    for r in range(warmup + reps):
+        for i in range(len(steps)):
+            i = (i + r) % len(steps)
+            t0 = time.perf_counter()
+            steps[i]()
+            if r >= warmup:
+                times[i].append(time.perf_counter() - t0)
+    return times
+
+
 def time_group(group: list[Case], reps: int = 5, warmup: int = 2) -> list[dict]:
     """Median step time of each case, with all steps interleaved round-robin in this process."""
     torch.manual_seed(0)
     built = [_build(c) for c in group]
-    times: list[list[float]] = [[] for _ in group]
-    for r in range(warmup + reps):
-        for i in range(len(group)):
-            i = (i + r) % len(group)  # rotate who goes first
-            t0 = time.perf_counter()
-            built[i][1]()
-            if r >= warmup:
-                times[i].append(time.perf_counter() - t0)
+    times = interleaved_times([step for _, step, _ in built], reps, warmup)
     s = STANDARD
     tokens = s["batch_size"] * s["seq_len"]
     rows = []
@@ -225,14 +232,14 @@ def ratios(result: dict) -> list[str]:
                          f"peak memory {span['peak_mem_mb'] / pre['peak_mem_mb']:.3f}x")
         if pre and hf:
             lines.append(f"{dtype}: spannorm pre / HF Llama tokens/s {pre['tokens_per_s'] / hf['tokens_per_s']:.3f}x")
-        for name, num, den, attr in (("span/pre step time", "span", "pre", "step_s"),
-                                     ("span/pre saved activations", "span", "pre", "saved_mb"),
-                                     ("spannorm pre / HF Llama tokens/s", "pre", "hf", "tokens_per_s"),
-                                     ("spannorm pre / HF Llama saved activations", "pre", "hf", "saved_mb")):
+        ours_pre, ours_span, hf_pre = ("spannorm", "pre"), ("spannorm", "span"), ("hf-llama", "pre")
+        for name, num, den, attr in (("span/pre step time", ours_span, ours_pre, "step_s"),
+                                     ("span/pre saved activations", ours_span, ours_pre, "saved_mb"),
+                                     ("spannorm pre / HF Llama tokens/s", ours_pre, hf_pre, "tokens_per_s"),
+                                     ("spannorm pre / HF Llama saved activations", ours_pre, hf_pre, "saved_mb")):
             by_depth = {}  # the ratio at every depth of the sweep: one depth's ratio is as noisy as the machine
             for d in sorted({r["depth"] for r in rows}):
-                a, b = (find("hf-llama", "pre", dtype, depth=d) if who == "hf" else find("spannorm", who, dtype, depth=d)
-                        for who in (num, den))
+                a, b = find(*num, dtype, depth=d), find(*den, dtype, depth=d)
                 if a and b and a.get(attr) and b.get(attr):  # saved_mb: absent in older results
                     by_depth[d] = a[attr] / b[attr]
             if len(by_depth) > 1:
