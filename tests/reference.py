@@ -105,9 +105,12 @@ def post_block(x, block, cfg, l):
 
 def span_block(x, block, cfg, l):
     A, F, N = sublayers(block, cfg)
-    s = math.sqrt(cfg.span_c / cfg.n_layers) if cfg.span_scale.value == "multiplier" else 1.0
+    s = math.sqrt(cfg.span_c / cfg.n_layers) if cfg.span_scale.value in ("multiplier", "norm") else 1.0
     y = N("norm1", x + A(x))
-    return N("norm2", x + s * F(y))
+    f = F(y)
+    if cfg.span_scale.value == "norm":  # the branch RMS-normalized, no gain
+        f = rms_norm(f, 1.0, cfg.norm_eps)
+    return N("norm2", x + s * f)
 
 
 def deepnorm_block(x, block, cfg, l):

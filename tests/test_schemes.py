@@ -65,7 +65,7 @@ def test_model_logits_match_equation(scheme, norm):
     torch.testing.assert_close(loss, ce, **TOL)
 
 
-@pytest.mark.parametrize("span_scale", ["init", "multiplier", "none"])
+@pytest.mark.parametrize("span_scale", ["init", "multiplier", "norm", "none"])
 def test_span_logits_match_equation_for_each_scaling(span_scale):
     cfg = tiny("span", span_scale=span_scale, span_c=2.0)
     model = randomized(cfg, seed=1)
@@ -125,7 +125,10 @@ def _ffn_branch_rms(cfg, seed=0):
     torch.manual_seed(seed)
     model = build_model(cfg)
     seen = []
-    hooks = [b.ffn.register_forward_hook(lambda m, i, o, b=b: seen.append((b.s * o).pow(2).mean().item()))
+    def branch(b, o):  # s·f as it enters N_2 (normalized first under span_scale=norm)
+        return b.s * (torch.nn.functional.rms_norm(o, o.shape[-1:], eps=b.eps) if b.branch_norm else o)
+
+    hooks = [b.ffn.register_forward_hook(lambda m, i, o, b=b: seen.append(branch(b, o).pow(2).mean().item()))
              for b in model.blocks]
     with torch.no_grad():
         model(torch.randint(0, cfg.vocab_size, (4, 64)))
@@ -135,13 +138,35 @@ def _ffn_branch_rms(cfg, seed=0):
 
 
 @pytest.mark.parametrize("c", [1.0, 4.0])
-@pytest.mark.parametrize("span_scale", ["init", "multiplier"])
+@pytest.mark.parametrize("span_scale", ["init", "multiplier", "norm"])
 @pytest.mark.parametrize("L", [4, 16, 64])
 def test_span_branch_rms_is_sqrt_c_over_L_at_init(L, span_scale, c):
     cfg = ModelConfig(vocab_size=256, d_model=64, n_heads=4, n_layers=L, scheme="span",
                       span_scale=span_scale, span_c=c)
     rms = _ffn_branch_rms(cfg)
     assert rms == pytest.approx(math.sqrt(c / L), rel=0.1)
+
+
+def test_span_norm_keeps_the_branch_at_sqrt_c_over_L_whatever_the_weights():
+    """span_scale=norm: growing the FFN weights (what Adam does above the cliff) changes nothing:
+    the block output is invariant to the scale of W_down, and the branch entering N_2 stays at
+    RMS sqrt(c/L); under multiplier the same growth takes the branch with it."""
+    outputs = {}
+    for span_scale in ("norm", "multiplier"):
+        cfg = ModelConfig(vocab_size=256, d_model=64, n_heads=4, n_layers=16, scheme="span", span_scale=span_scale)
+        torch.manual_seed(0)
+        block = build_model(cfg).blocks[3]
+        rope = rope_cache(8, cfg.d_model // cfg.n_heads, cfg.rope_theta)
+        x = torch.randn(2, 8, cfg.d_model)
+        before = block(x, rope)
+        with torch.no_grad():
+            block.ffn.down.weight.mul_(10.0)
+        outputs[span_scale] = (before, block(x, rope))
+    torch.testing.assert_close(outputs["norm"][1], outputs["norm"][0], rtol=1e-5, atol=1e-5)
+    assert (outputs["multiplier"][1] - outputs["multiplier"][0]).abs().max() > 0.1
+    rms = _ffn_branch_rms(ModelConfig(vocab_size=256, d_model=64, n_heads=4, n_layers=16, scheme="span",
+                                      span_scale="norm", span_c=2.0))
+    assert rms == pytest.approx(math.sqrt(2.0 / 16), rel=1e-3)
 
 
 @pytest.mark.parametrize("L", [4, 64])

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .moe import MoE
@@ -57,6 +58,7 @@ class SpanScale(str, enum.Enum):
     INIT = "init"  # output projections initialized so that branch RMS ≈ sqrt(c/L)
     MULTIPLIER = "multiplier"  # fixed multiplier sqrt(c/L) on the FFN branch, unit-RMS init
     NONE = "none"  # no depth scaling: unit-RMS branch
+    NORM = "norm"  # FFN branch RMS-normalized (no gain), times sqrt(c/L): Var(s·f) = c/L at every step
 
 
 class InitMode(str, enum.Enum):
@@ -257,8 +259,13 @@ class SpanNorm(Block):
     Scaling (``span_scale``, ``span_c`` = c), keeping Var(s·f) ≈ c/L at init:
       init:       out-projections of Attn and FFN initialized so that their output RMS ≈ sqrt(c/L), s = 1;
       multiplier: out-projections initialized for output RMS ≈ 1, s = sqrt(c/L);
+      norm:       as multiplier, and the FFN branch is RMS-normalized without a gain before s:
+                  x' = N_2(x + s·f/rms(f)), so Var(s·f) = c/L at every step of training, not only at init;
       none:       out-projections initialized for output RMS ≈ 1, s = 1.
     Input projections (q, k, v, FFN up) use the fan-in std 1/sqrt(d); the embedding init_std.
+    Why ``norm`` (docs/spannorm-lr.md): with Adam, a branch's output weights grow at the learning rate
+    whatever their init; above a learning-rate cliff the FFN branch outgrows the skip, the skip-path
+    gain ∏(1 + σ_l²)^(-1/2) collapses and the model stalls at the unigram loss.
     """
 
     equation = "y = N(x + Attn(x)); x' = N(x + s·FFN(y)); N on the embedding, no final N"
@@ -270,7 +277,9 @@ class SpanNorm(Block):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__(cfg, layer)
         # s: a plain Python float, never a buffer
-        self.s = span_factor(cfg) if cfg.span_scale is SpanScale.MULTIPLIER else 1.0
+        self.s = span_factor(cfg) if cfg.span_scale in (SpanScale.MULTIPLIER, SpanScale.NORM) else 1.0
+        self.branch_norm = cfg.span_scale is SpanScale.NORM  # f/rms(f), no gain
+        self.eps = cfg.norm_eps
 
     @classmethod
     def init_stds(cls, cfg, layer):
@@ -278,7 +287,10 @@ class SpanNorm(Block):
 
     def forward(self, x, rope):
         y = self.norm1(x + self.attn(x, rope))
-        return self.norm2(torch.add(x, self.ffn(y), alpha=self.s))  # x + s·f in one op
+        f = self.ffn(y)
+        if self.branch_norm:
+            f = F.rms_norm(f, f.shape[-1:], eps=self.eps)
+        return self.norm2(torch.add(x, f, alpha=self.s))  # x + s·f in one op
 
 
 class DeepNorm(Block):
