@@ -5,7 +5,7 @@ A run is a directory::
     config.yaml         the resolved config (what --resume reloads)
     metrics.jsonl       one row per log step: step, loss, val_loss, lr, grad_norm, tokens_per_s;
                         MoE runs add aux_loss, z_loss (unweighted means over layers) and moe_imbalance
-    diagnostics.jsonl   every probe_interval steps, one row (the step's forward, before the optimizer step):
+    diagnostics.jsonl   every probe_interval steps, one row (the step's forward and gradients, weights before it):
                           grad_norm, stream_rms        per block: gradient norm (before clipping), stream RMS
                           attn_rms, ffn_rms            per block: RMS of the raw branch outputs (SpanNorm: f, not s·f)
                           attn_entropy                 per block: mean causal attention entropy (nats), 1st sequence
