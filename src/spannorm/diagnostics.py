@@ -11,7 +11,10 @@ Everything reads the model through ``torch`` forward hooks (taps); nothing patch
   * cosine similarity and angular distance between adjacent blocks' outputs;
   * layer-drop sensitivity: the validation-loss increase when one block is the identity;
   * MoE models: per layer, the fraction of assignments per expert, max/mean load and dropped
-    assignments (what each MoE module records on its forward; None for a dense model).
+    assignments (what each MoE module records on its forward; None for a dense model);
+  * per training step (the trainer's diagnostics.jsonl): branch RMS, attention entropy, logit,
+    head-input and embedding scales (``forward_stats``) and Adam update-to-weight ratios per weight
+    role (``snapshot`` before the optimizer step, ``update_ratios`` after).
 Closed-form predictions at init (``theory``) sit beside the measurements.
 """
 
@@ -20,11 +23,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 
 from .model import LM
-from .nn import NORMS, rope_cache
+from .nn import NORMS, Role, rope_cache
 from .schemes import Scheme, Streams
 
 
@@ -39,10 +44,12 @@ def _stream(state) -> torch.Tensor:
 
 @contextlib.contextmanager
 def taps(model: LM):
-    """Record per-block stream, pre-norm sums and branch outputs of the next forward pass."""
-    rec = {"stream": [], "presum": [[] for _ in model.blocks], "attn": [], "ffn": []}
-    hooks = []
+    """Record per-block stream, pre-norm sums and branch outputs of the next forward pass, the (q, k)
+    of each block's attention for the first sequence (``Attention.record``) and the head input."""
+    rec = {"stream": [], "presum": [[] for _ in model.blocks], "attn": [], "ffn": [], "qk": [], "head_in": []}
+    hooks = [model.final_norm.register_forward_hook(lambda m, a, out: rec["head_in"].append(out.detach()))]
     for i, block in enumerate(model.blocks):
+        block.attn.record = rec["qk"]
         hooks.append(block.register_forward_hook(lambda m, a, out: rec["stream"].append(_stream(out).detach())))
         hooks.append(block.attn.register_forward_hook(lambda m, a, out: rec["attn"].append(out.detach())))
         hooks.append(block.ffn.register_forward_hook(lambda m, a, out: rec["ffn"].append(out.detach())))
@@ -55,6 +62,8 @@ def taps(model: LM):
     finally:
         for h in hooks:
             h.remove()
+        for block in model.blocks:
+            block.attn.record = None
 
 
 @contextlib.contextmanager
@@ -132,6 +141,105 @@ def grad_norms(model: LM) -> list[dict[str, float]]:
         row["total"] = math.sqrt(sum(x * x for x in row.values()))
         rows.append(row)
     return rows
+
+
+# --- per-step training diagnostics ---------------------------------------------------------
+
+@torch.no_grad()
+def attention_entropy(q: torch.Tensor, k: torch.Tensor) -> float:
+    """Mean over heads, batch and positions of the Shannon entropy (nats) of the causal attention
+    distribution softmax(q·kᵀ/sqrt(hd) + mask), in fp32; q, k: (B, H, T, hd) as SDPA gets them."""
+    q, k = q.float(), k.float()
+    T = q.shape[-2]
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    logp = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(future, -math.inf).log_softmax(-1)
+    return -(logp.exp() * logp.masked_fill(future, 0.0)).sum(-1).mean().item()
+
+
+def uniform_causal_entropy(seq_len: int) -> float:
+    """The entropy of uniform causal attention, mean over positions t of ln(t + 1): the maximum."""
+    return sum(math.log(t + 1) for t in range(seq_len)) / seq_len
+
+
+@torch.no_grad()
+def mean_pairwise_cosine(rows: torch.Tensor) -> float:
+    """Mean cosine over the pairs i ≠ j of rows (1: all rows point the same way; a collapse indicator
+    for embeddings). Exact and O(n·d) with u the unit rows: Σ_{i≠j} u_i·u_j = ‖Σ u_i‖² − Σ ‖u_i‖²."""
+    u = F.normalize(rows.detach().double(), dim=-1)
+    n = u.shape[0]
+    return ((u.sum(0).pow(2).sum() - u.pow(2).sum()) / (n * (n - 1))).item()
+
+
+def head_weight(model: LM) -> torch.Tensor:
+    """The LM head's weight: the token embedding when tied."""
+    return model.embed.weight if model.head is None else model.head.weight
+
+
+@torch.no_grad()
+def forward_stats(model: LM, rec: dict) -> dict:
+    """Per-step numbers from a forward recorded by :func:`taps`:
+    attn_rms, ffn_rms: per block, RMS of the raw branch module outputs (SpanNorm's s is not applied);
+    attn_entropy: per block, mean causal attention entropy (nats) on the first sequence;
+    attn_entropy_max: the uniform-causal entropy for this sequence length (the upper bound);
+    head_in_rms: RMS of the final hidden state fed to the head (whole batch);
+    logit_rms: RMS of the LM logits of the first sequence; embed_rms: RMS of the embedding weight;
+    embed_cos: mean pairwise cosine between the token embedding rows (all rows)."""
+    head_in = rec["head_in"][-1]
+    return {
+        "attn_rms": [_rms(a) for a in rec["attn"]],
+        "ffn_rms": [_rms(f) for f in rec["ffn"]],
+        "attn_entropy": [attention_entropy(q, k) for q, k in rec["qk"]],
+        "attn_entropy_max": uniform_causal_entropy(head_in.shape[1]),
+        "head_in_rms": _rms(head_in),
+        "logit_rms": _rms(F.linear(head_in[:1].float(), head_weight(model).float())),
+        "embed_rms": _rms(model.embed.weight),
+        "embed_cos": mean_pairwise_cosine(model.embed.weight),
+    }
+
+
+def snapshot(model: LM) -> dict[str, torch.Tensor]:
+    """A copy of every parameter by name: the weights before an optimizer step, for :func:`update_ratios`."""
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _ratio(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float | None:
+    """‖after − before‖ / ‖before‖ (Frobenius, over all (after, before) pairs together); None if
+    there are none or the weights before were all zero."""
+    norm = math.sqrt(sum(b.double().pow(2).sum().item() for _, b in pairs))
+    if norm == 0:
+        return None
+    return math.sqrt(sum((a.double() - b.double()).pow(2).sum().item() for a, b in pairs)) / norm
+
+
+def _role_pairs(root: torch.nn.Module, prefix: str, before: dict) -> dict[str, list]:
+    """(after, before) tensors under ``root`` by role value: fused weights split into their row
+    blocks (as ``model.init_roles`` does), and every parameter of norm modules under "norm"."""
+    groups = defaultdict(list)
+    for name, module in root.named_modules(prefix=prefix):
+        role = getattr(module, "role", None)
+        if role is not None:
+            roles = role if isinstance(role, tuple) else (role,)
+            after, old = module.weight.detach().chunk(len(roles)), before[f"{name}.weight"].chunk(len(roles))
+            for r, a, b in zip(roles, after, old):
+                groups[Role(r).value].append((a, b))
+        if isinstance(module, NORMS):
+            groups["norm"] += [(p.detach(), before[f"{name}.{n}"]) for n, p in module.named_parameters()]
+    return groups
+
+
+def update_ratios(model: LM, before: dict[str, torch.Tensor]) -> dict:
+    """The update-to-weight ratio ‖W_after − W_before‖ / ‖W_before‖ of one optimizer step, ``before``
+    from :func:`snapshot`: per block (a list) for each weight role the blocks have (attn.qk, attn.v,
+    attn.out, ffn.up, ffn.down, router) and "norm" (all norm-module parameters of the block together;
+    scheme parameters such as Admin's ω are not included); one number for "embed" and, if untied, "head".
+    A block without the role, or whose weights were all zero, gives None."""
+    blocks = [_role_pairs(block, f"blocks.{i}", before) for i, block in enumerate(model.blocks)]
+    keys = [r.value for r in Role if r not in (Role.EMBED, Role.HEAD)] + ["norm"]
+    out = {k: [_ratio(g[k]) if k in g else None for g in blocks] for k in keys if any(k in g for g in blocks)}
+    out["embed"] = _ratio([(model.embed.weight.detach(), before["embed.weight"])])
+    if model.head is not None:
+        out["head"] = _ratio([(model.head.weight.detach(), before["head.weight"])])
+    return out
 
 
 def adjacent_cosine(streams: list[torch.Tensor]) -> list[float]:
@@ -333,7 +441,7 @@ def plot_probe(runs: list[dict], out) -> None:
 
 
 def read_diagnostics(run_dir) -> list[dict]:
-    """The rows the trainer logged to diagnostics.jsonl (per-block grad norms and stream RMS)."""
+    """The rows the trainer logged to diagnostics.jsonl (see the module docstring of ``train``)."""
     from pathlib import Path
 
     from .io import read_jsonl

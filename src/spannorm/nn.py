@@ -120,6 +120,10 @@ class Attention(nn.Module):
 
     ``qkv_norm``: a norm module factory; if given, each head's q, k and v are normalized
     (HybridNorm) before RoPE.
+
+    ``record``: None (the default: no cost), or a list to which each forward appends (q, k) of the
+    first sequence, detached, as SDPA gets them (after qkv-norm and RoPE), shape (1, H, T, hd);
+    the trainer's probing steps set it to measure attention entropy (``diagnostics.taps``).
     """
 
     def __init__(self, d_model: int, n_heads: int, qkv_norm=None):
@@ -132,6 +136,7 @@ class Attention(nn.Module):
         self.qkv.role = (Role.ATTN_QK, Role.ATTN_QK, Role.ATTN_V)  # row blocks q, k, v
         self.out = nn.Linear(d_model, d_model, bias=False)
         self.out.role = Role.ATTN_OUT
+        self.record: list | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         B, T, D = x.shape
@@ -139,7 +144,10 @@ class Attention(nn.Module):
         if self.qkv_norm:
             qkv = torch.stack((self.q_norm(qkv[0]), self.k_norm(qkv[1]), self.v_norm(qkv[2])))
         q, k, v = qkv.unbind(0)  # unbind, not slicing: its backward is one stack, not zero-fills and adds
-        y = F.scaled_dot_product_attention(apply_rope(q, *rope), apply_rope(k, *rope), v, is_causal=True)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.record is not None:
+            self.record.append((q[:1].detach(), k[:1].detach()))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
 

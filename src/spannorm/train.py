@@ -5,7 +5,17 @@ A run is a directory::
     config.yaml         the resolved config (what --resume reloads)
     metrics.jsonl       one row per log step: step, loss, val_loss, lr, grad_norm, tokens_per_s;
                         MoE runs add aux_loss, z_loss (unweighted means over layers) and moe_imbalance
-    diagnostics.jsonl   every probe_interval steps: per-block grad norm and stream RMS (MoE: per-layer stats)
+    diagnostics.jsonl   every probe_interval steps, one row (the step's forward and gradients, weights before it):
+                          grad_norm, stream_rms        per block: gradient norm (before clipping), stream RMS
+                          attn_rms, ffn_rms            per block: RMS of the raw branch outputs (SpanNorm: f, not s·f)
+                          attn_entropy                 per block: mean causal attention entropy (nats), 1st sequence
+                          attn_entropy_max             uniform-causal entropy, mean_t ln(t+1): the reference
+                          update_ratio                 ‖ΔW‖/‖W‖ of this optimizer step: {role: [per block]} for
+                                                       attn.qk, attn.v, attn.out, ffn.up, ffn.down, router (MoE),
+                                                       norm (all norm gains of the block); embed, head (untied): one
+                          logit_rms, head_in_rms       RMS of the logits (1st sequence) and of the head input
+                          embed_rms, embed_cos         RMS of the embedding, mean pairwise cosine of its rows
+                          moe                          MoE runs: per-layer expert load (see diagnostics.py)
     summary.json        written when the run ends: final validation loss, diverged (step, reason), stalled, tokens/s
     checkpoints/latest  name of the newest complete checkpoint directory
     checkpoints/step-N/ model.safetensors, state.pt (optimizer, RNG, step), manifest.json (sha256)
@@ -30,7 +40,7 @@ from safetensors.torch import load_model, save_model
 
 from .config import ConfigError, SpannormError, apply_overrides, coerce_enum, from_dict, read_yaml, require, to_dict
 from .data import DataConfig, TokenData, prepare
-from .diagnostics import grad_norms, taps
+from .diagnostics import forward_stats, grad_norms, snapshot, taps, update_ratios
 from .io import atomic_dir, atomic_write_text, read_jsonl
 from .model import LM, ModelConfig, build_model
 
@@ -62,7 +72,7 @@ class TrainConfig:
     ckpt_interval: int = 100  # steps between checkpoints (and one at the end)
     threads: int | None = None  # torch intra-op threads; None: torch's default
     compile: bool = False  # torch.compile the training forward (probing steps and evaluation stay eager)
-    probe_interval: int = 50  # steps between rows of diagnostics.jsonl (per-block grad norm, stream RMS); 0: off
+    probe_interval: int = 50  # steps between rows of diagnostics.jsonl (per-block training diagnostics); 0: off
     stop_on_divergence: bool = True  # after warmup, stop when the loss stays >= the first step's for 5 steps; non-finite always stops
 
     def __post_init__(self):
@@ -332,12 +342,16 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
             if probing:  # before clipping: the raw per-block gradient norms
                 row = {"step": step + 1, "grad_norm": [g["total"] for g in grad_norms(model)],
                        "stream_rms": [s.float().pow(2).mean().sqrt().item() for s in rec["stream"]]}
+                row |= forward_stats(model, rec)
                 if moe:
                     row["moe"] = model.moe_stats()
-                diagnostics.write(json.dumps(row) + "\n")
-                diagnostics.flush()
+                before = snapshot(model)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
             opt.step()
+            if probing:
+                row["update_ratio"] = update_ratios(model, before)
+                diagnostics.write(json.dumps(row) + "\n")
+                diagnostics.flush()
             opt.zero_grad(set_to_none=True)
             step += 1
             loss_value = loss.item()
