@@ -13,6 +13,8 @@ A study is a directory::
 Every cell trains for the same number of tokens. A finished cell (summary.json present, same
 config) is reused and an interrupted one resumes from its checkpoint, so a study can be stopped
 and started again. Cells run in this process (``jobs=1``) or in ``jobs`` spawned worker processes.
+A grid with ``best_lr_seeds`` adds a second phase: after all the grids' cells, those seeds at each of
+its (series, depth) points' best lr (:func:`follow_ups`, found again from the cells on disk).
 The report (tables, plots, the claims' verdicts) is written by :mod:`spannorm.study_report`.
 """
 
