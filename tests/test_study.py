@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import pytest
 import yaml
@@ -79,6 +80,14 @@ def test_shipped_studies_expand_and_are_not_presets():
     assert {c.cfg.model.n_layers for c in ref if c.extras and not c.cfg.model.moe} == {48}
     assert {(c.cfg.model.n_layers, c.cfg.model.n_experts) for c in ref if c.cfg.model.moe} == {(6, 8), (24, 8)}
     assert len(expand(load_study("tiny"))) == 40
+    from spannorm.model import ModelConfig
+
+    lr = expand(load_study("lr"))  # the span-init grid is the main grid's span cells while init is the default
+    assert len(lr) == 7 * 2 * 5 + (0 if ModelConfig().span_scale.value == "init" else 10)
+    assert {c.cfg.train.max_steps for c in lr} == {256} and {c.cfg.model.d_model for c in lr} == {64}
+    assert {c.cfg.model.n_layers for c in lr} == {12, 48} and {c.cfg.train.seed for c in lr} == {1}
+    assert "span_L12_lr0.001_s1" in [c.name for c in lr]  # the default span: no span_scale in its name
+    assert [g.best_lr_seeds for g in load_study("lr").grids] == [[2, 3], [2, 3]]
 
 
 def test_study_runs_writes_outputs_and_reuses(corpus, tmp_path, capsys):
@@ -235,6 +244,18 @@ def test_a_cell_of_another_config_is_refused(corpus, tmp_path, capsys):
     ({"grids": [{"name": "g", "axes": {"n_layers": [2]}}]}, "a dotted config path such as model.n_layers"),
     ({"base": "huge"}, "--config 'huge' is neither a YAML file nor a preset"),
     ({"probe": "yes"}, "probe='yes' is invalid: expected true or false"),
+    ({"grids": [{"name": "g", "axes": {"train.lr": [1e-3, 1e-2], "train.seed": [1, 2]}, "best_lr_seeds": [3, 2]}]},
+     "grids[0].best_lr_seeds=2 is invalid: expected a seed not in the grid's train.seed axis [1, 2]"),
+    ({"grids": [{"name": "g", "axes": {"train.lr": [1e-3, 1e-2]}, "best_lr_seeds": [1337]}]},
+     "grids[0].best_lr_seeds=1337 is invalid: expected a seed other than the base config's train.seed"),
+    ({"grids": [{"name": "g", "axes": {"train.lr": [1e-3, 1e-2]}, "best_lr_seeds": 2}]},
+     "grids[0].best_lr_seeds=2 is invalid: expected a non-empty list of distinct integer seeds"),
+    ({"grids": [{"name": "g", "axes": {"train.lr": [1e-3, 1e-2]}, "best_lr_seeds": [2, "3"]}]},
+     "grids[0].best_lr_seeds=[2, '3'] is invalid: expected a non-empty list of distinct integer seeds"),
+    ({"grids": [{"name": "g", "axes": {"train.lr": [1e-3, 1e-3]}, "best_lr_seeds": [2]}]},
+     "grids[0].axes.train.lr=[0.001, 0.001] is invalid: expected a list of 2 or more learning rates"),
+    ({"grids": [{"name": "g", "axes": {"model.n_layers": [2]}, "best_lr_seeds": [2]}]},
+     "grids[0].axes.train.lr=None is invalid: expected a list of 2 or more learning rates"),
 ])
 def test_bad_study_yaml_is_a_one_line_error(corpus, tmp_path, capsys, change, fragment):
     out = tmp_path / "st"
@@ -403,3 +424,113 @@ def test_signal_and_gradient_claims_leave_out_stalled_cells(corpus, tmp_path):
     verdict = dict(claims(cells, rows, tmp_path, init))
     assert verdict["Bounded forward signal"].verdict == NOT_SUPPORTED
     assert verdict["Bounded gradients"].verdict == NOT_SUPPORTED
+
+
+def lr_study(corpus, **changes):
+    """small_study with two lrs, one seed, and seeds 2 and 3 at each point's best lr."""
+    data = small_study(corpus, **changes)
+    for g in data["grids"]:
+        g["axes"] |= {"train.lr": [1e-3, 1e-2], "train.seed": [1]}
+        g["best_lr_seeds"] = [2, 3]
+    return data
+
+
+def fake_rows(cells, results):
+    """results.csv rows from {cell name: (status, val loss)}; other cells: not run."""
+    return [{"status": results.get(c.name, ("not run", None))[0], "final_val_loss": results.get(c.name, (0, None))[1]}
+            for c in cells]
+
+
+def test_follow_ups_add_seeds_at_the_best_lr_only(corpus):
+    from spannorm.study import follow_ups
+
+    study = study_from_dict(lr_study(corpus))
+    cells = expand(study)
+    assert all(c.cfg.train.seed == 1 for c in cells)
+    rows = fake_rows(cells, {
+        "pre_L2_lr0.001_s1": ("ok", 2.5), "pre_L2_lr0.01_s1": ("ok", 2.3),  # best 1e-2
+        "pre_L3_lr0.001_s1": ("ok", 2.4), "pre_L3_lr0.01_s1": ("stalled", 2.2),  # a stalled cell is never the best
+        "span_L2_lr0.001_s1": ("stalled", 3.3), "span_L2_lr0.01_s1": ("diverged", None),  # none trained: no seeds
+        "span_L3_lr0.01_s1": ("ok", 2.0),  # span_L3 at 1e-3 not run yet: no best lr so far
+        "span_L3_lr0.001_s1_span_scale-none": ("diverged", None), "span_L3_lr0.01_s1_span_scale-none": ("ok", 2.6),
+    })
+    more = follow_ups(study, cells, rows)
+    assert [c.name for c in more[:len(cells)]] == [c.name for c in cells]
+    assert [c.name for c in more[len(cells):]] == [
+        "pre_L2_lr0.01_s2", "pre_L2_lr0.01_s3", "pre_L3_lr0.001_s2", "pre_L3_lr0.001_s3",
+        "span_L3_lr0.01_s2_span_scale-none", "span_L3_lr0.01_s3_span_scale-none"]
+    assert more[-1].grids == ["abl"] and more[-1].series == "span span_scale=none"
+    # once span_L3 at 1e-3 has finished, it gets its seeds too (at its best lr); a failed cell blocks the point
+    rows[[c.name for c in cells].index("span_L3_lr0.001_s1")] = {"status": "ok", "final_val_loss": 1.9}
+    assert [c.name for c in follow_ups(study, cells, rows)[len(cells):]][4:6] == ["span_L3_lr0.001_s2",
+                                                                                  "span_L3_lr0.001_s3"]
+    rows[[c.name for c in cells].index("pre_L2_lr0.001_s1")] = {"status": "failed: OSError"}
+    assert "pre_L2_lr0.01_s2" not in [c.name for c in follow_ups(study, cells, rows)]
+    # a grid without best_lr_seeds adds nothing
+    plain = study_from_dict(small_study(corpus))
+    assert [c.name for c in follow_ups(plain, expand(plain), fake_rows(expand(plain), {}))] == \
+        [c.name for c in expand(plain)]
+
+
+def test_best_lr_and_stable_range_on_known_rows(corpus):
+    from spannorm.study import best_lr, stable_lrs
+    from spannorm.study_report import best_lr_table
+
+    ok = lambda v: {"status": "ok", "final_val_loss": v}  # noqa: E731
+    by_lr = {5e-4: ok(2.30), 1e-3: ok(2.14), 2e-3: ok(2.10), 4e-3: ok(2.151), 8e-3: {"status": "diverged"}}
+    assert best_lr(by_lr) == 2e-3 and stable_lrs(by_lr) == [1e-3, 2e-3]  # 2.151 is 0.051 above the best
+    by_lr[1.6e-2] = {"status": "stalled", "final_val_loss": 2.0}  # lower, but stalled
+    assert best_lr(by_lr) == 2e-3
+    assert best_lr({1e-3: {"status": "stalled", "final_val_loss": 3.3}, 2e-3: {"status": "diverged"}}) is None
+    assert best_lr({1e-3: ok("2.2"), 2e-3: ok("2.1")}) == 2e-3  # results.csv strings
+    # the report table: pre at its best lr over 3 seeds, span with nothing trained
+    data = lr_study(corpus, grids=[{"name": "g", "axes": {"model.scheme": ["pre", "span"], "model.n_layers": [2]}}])
+    data["grids"][0]["axes"]["train.lr"] = [1e-3, 2e-3, 4e-3]
+    data["grids"][0]["axes"]["train.seed"] = [1, 2, 3]
+    del data["grids"][0]["best_lr_seeds"]
+    cells = expand(study_from_dict(data))
+    rows = fake_rows(cells, {
+        "pre_L2_lr0.001_s1": ("ok", 2.12), "pre_L2_lr0.002_s1": ("ok", 2.10), "pre_L2_lr0.004_s1": ("ok", 2.30),
+        "pre_L2_lr0.002_s2": ("ok", 2.20), "pre_L2_lr0.002_s3": ("ok", 2.30),
+        "pre_L2_lr0.001_s2": ("ok", 1.0),  # a later seed is not part of the rule
+        "span_L2_lr0.001_s1": ("stalled", 3.3), "span_L2_lr0.002_s1": ("diverged", None),
+        "span_L2_lr0.004_s1": ("diverged", None)})
+    table = best_lr_table(cells, rows).splitlines()
+    assert table[0] == "| series | L | best lr | val loss at the best lr | stable range | diverged or stalled |"
+    assert table[2] == "| pre | 2 | 2e-3 | 2.200 ± 0.100 (n=3) | 1e-3 – 2e-3 (2 of 3) | — |"
+    assert table[3] == "| span | 2 | none | — | — | 1e-3 stalled, 2e-3 div, 4e-3 div |"
+    one_lr = [i for i, c in enumerate(cells) if c.cfg.train.lr == 1e-3]
+    assert best_lr_table([cells[i] for i in one_lr], [rows[i] for i in one_lr]) == ""  # 1 lr: no section
+
+
+def test_best_lr_seeds_study_runs_the_second_phase_and_resumes(corpus, tmp_path):
+    data = lr_study(corpus, grids=[{"name": "g", "axes": {"model.scheme": ["pre"], "model.n_layers": [2]}}],
+                    probe=False, tokens_per_cell=40960)  # 160 steps: enough to train (not stall) on the test corpus
+    data["grids"][0]["axes"]["train.lr"] = [1e-2, 3e-2]
+    data["grids"][0]["best_lr_seeds"] = [2]
+    study = study_from_dict(data)
+    assert study_from_dict(study.to_dict()).to_dict() == study.to_dict() and study.to_dict()["grids"][0][
+        "best_lr_seeds"] == [2]
+    logged = []
+    rows = run_study(study, tmp_path / "full", "cmd", log=logged.append)
+    first = {float(r["train.lr"]): r for r in rows[:2]}
+    best = min(first, key=lambda lr: first[lr]["final_val_loss"])
+    assert all(r["status"] == "ok" for r in rows[:2]) and len(rows) == 3
+    assert rows[2]["name"] == f"pre_L2_lr{best:g}_s2" and rows[2]["status"] in ("ok", "stalled")
+    assert [ln.split(":")[0] for ln in logged if ln.startswith("[")] == ["[1/2] " + rows[0]["name"],
+                                                                         "[2/2] " + rows[1]["name"],
+                                                                         "[1/1] " + rows[2]["name"]]
+    report = (tmp_path / "full" / "report.md").read_text()
+    assert "## Each scheme at its best learning rate" in report and f"| pre | 2 | {best:.0e}".replace("e-0", "e-") \
+        in report and "(n=2)" in report
+    assert (tmp_path / "full" / "plots" / "best_lr.png").read_bytes()[:8] == PNG
+    # stopped between the phases: --report-only shows the follow-up as not run, the next run adds the same one
+    cut = tmp_path / "cut"
+    for r in rows[:2]:
+        shutil.copytree(tmp_path / "full" / "cells" / r["name"], cut / "cells" / r["name"])
+    rows = run_study(study, cut, "cmd", log=lambda *a: None, report_only=True)
+    assert [(r["name"], r["status"]) for r in rows][2] == (f"pre_L2_lr{best:g}_s2", "not run")
+    logged = []
+    run_study(study, cut, "cmd", log=logged.append)
+    assert [ln.split(": ")[1].split(",")[0] for ln in logged if ln.startswith("[")] == ["reused", "reused", "trained"]
+    assert _values(read_csv(cut / "results.csv")) == _values(read_csv(tmp_path / "full" / "results.csv"))

@@ -13,6 +13,8 @@ A study is a directory::
 Every cell trains for the same number of tokens. A finished cell (summary.json present, same
 config) is reused and an interrupted one resumes from its checkpoint, so a study can be stopped
 and started again. Cells run in this process (``jobs=1``) or in ``jobs`` spawned worker processes.
+A grid with ``best_lr_seeds`` adds a second phase: after all the grids' cells, those seeds at each of
+its (series, depth) points' best lr (:func:`follow_ups`, found again from the cells on disk).
 The report (tables, plots, the claims' verdicts) is written by :mod:`spannorm.study_report`.
 """
 
@@ -43,7 +45,7 @@ from .train import RunConfig, load_run, resolve_config_path, resolve_shipped, ru
 STUDIES = resources.files("spannorm") / "configs" / "studies"
 CORE = ("model.scheme", "model.n_layers", "train.lr", "train.seed")  # named in every cell's directory name
 STUDY_KEYS = ("base", "set", "tokens_per_cell", "probe", "keep_checkpoints", "grids")
-GRID_KEYS = ("name", "axes")
+GRID_KEYS = ("name", "axes", "best_lr_seeds")
 PROBE_BATCH = 4  # sequences in the probe batch (as `spannorm probe`)
 
 
@@ -51,6 +53,7 @@ PROBE_BATCH = 4  # sequences in the probe batch (as `spannorm probe`)
 class Grid:
     name: str  # label of the grid in results.csv and report.md
     axes: dict[str, list]  # dotted config path -> values; the grid is the cartesian product of the axes
+    best_lr_seeds: list[int] = field(default_factory=list)  # seeds run again at each point's best lr (follow_ups)
 
 
 @dataclass
@@ -65,7 +68,11 @@ class StudyConfig:
     def to_dict(self) -> dict:
         return {"base": self.base, "set": list(self.set), "tokens_per_cell": self.tokens_per_cell,
                 "probe": self.probe, "keep_checkpoints": self.keep_checkpoints,
-                "grids": [{"name": g.name, "axes": g.axes} for g in self.grids]}
+                "grids": [{"name": g.name, "axes": g.axes} | _seeds_dict(g) for g in self.grids]}
+
+
+def _seeds_dict(g: Grid) -> dict:
+    return {"best_lr_seeds": list(g.best_lr_seeds)} if g.best_lr_seeds else {}
 
 
 @dataclass
@@ -138,7 +145,18 @@ def study_from_dict(data: dict, where: Path | None = None) -> StudyConfig:
                     "any config path but train.max_steps, which tokens_per_cell sets")
             require(isinstance(values, list) and len(values) > 0 and all(_is_scalar(v) for v in values),
                     f"grids[{i}].axes.{path}", values, "a non-empty list of scalar values")
-        out.append(Grid(name, dict(axes)))
+        seeds = g.get("best_lr_seeds", [])
+        if "best_lr_seeds" in g:
+            require(isinstance(seeds, list) and len(seeds) > 0 and len(set(seeds)) == len(seeds)
+                    and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds),
+                    f"grids[{i}].best_lr_seeds", seeds, "a non-empty list of distinct integer seeds, e.g. [2, 3]")
+            for s in seeds:
+                require(s not in axes.get("train.seed", []), f"grids[{i}].best_lr_seeds", s,
+                        f"a seed not in the grid's train.seed axis {axes.get('train.seed')}")
+            lrs = axes.get("train.lr")
+            require(isinstance(lrs, list) and len(set(lrs)) >= 2, f"grids[{i}].axes.train.lr", lrs,
+                    "a list of 2 or more learning rates in a grid with best_lr_seeds")
+        out.append(Grid(name, dict(axes), list(seeds)))
     for s in sets:
         if s.partition("=")[0].strip() == "train.max_steps":
             raise ConfigError("set: train.max_steps is invalid here: tokens_per_cell sets every cell's steps")
@@ -198,8 +216,12 @@ def _steps(study: StudyConfig, cfg_dict: dict, what: str) -> int:
     return steps
 
 
-def expand(study: StudyConfig) -> list[Cell]:
-    """Every distinct cell of the study, in grid order; validates every cell's config."""
+def expand(study: StudyConfig, follow: list[tuple[Grid, dict]] = ()) -> list[Cell]:
+    """Every distinct cell of the study, in grid order; validates every cell's config.
+
+    ``follow`` (from :func:`follow_ups`): (grid, axis point) pairs of the second phase, whose new
+    cells come after all the grids' cells.
+    """
     base = base_config(study)
     try:
         base_cfg = run_config_from_dict(copy.deepcopy(base))
@@ -209,41 +231,112 @@ def expand(study: StudyConfig) -> list[Cell]:
     base_flat = to_dict(base_cfg)
     by_config: dict[str, Cell] = {}
     by_name: dict[str, Cell] = {}
-    for grid in study.grids:
-        paths = list(grid.axes)
+
+    def add(grid: Grid, point: dict) -> None:
+        paths = list(point)
+        what = f" in grid {grid.name!r} at " + ", ".join(f"{k}={_fmt(v)}" for k, v in point.items())
+        d = copy.deepcopy(base)
+        for path, value in point.items():
+            _set(d, path, value)
+        try:
+            _set(d, "train.max_steps", _steps(study, d, what))
+            cfg = run_config_from_dict(d)
+        except ConfigError as e:
+            msg = str(e)
+            raise ConfigError(msg if what in msg else f"{msg} ({what.strip()})") from None
+        flat = to_dict(cfg)
+        key = json.dumps(flat, sort_keys=True)
+        resolved = {p: _get(flat, p) for p in paths}
+        if key in by_config:
+            cell = by_config[key]
+            if grid.name not in cell.grids:
+                cell.grids.append(grid.name)
+            for p, v in resolved.items():
+                cell.axes.setdefault(p, v)
+            return
+        extras = {p: v for p, v in resolved.items() if p not in CORE and v != _get(base_flat, p)}
+        m, t = cfg.model, cfg.train
+        name = f"{m.scheme.value}_L{m.n_layers}_lr{t.lr:g}_s{t.seed}" + "".join(
+            f"_{_leaf(p)}-{_fmt(v)}" for p, v in extras.items())
+        name = re.sub(r"[^A-Za-z0-9._+-]", "-", name)
+        if name in by_name:
+            raise ConfigError(f"two different cells get the directory name {name!r} (grid {grid.name!r}); "
+                              "make their axis values differ in scheme, depth, lr, seed or an extra axis")
+        cell = Cell(name, [grid.name], resolved, extras, cfg)
+        by_config[key] = by_name[name] = cell
+
+    for i, grid in enumerate(study.grids):
+        if "train.seed" not in grid.axes:  # the grid runs the base config's seed
+            require(base_cfg.train.seed not in grid.best_lr_seeds, f"grids[{i}].best_lr_seeds", base_cfg.train.seed,
+                    "a seed other than the base config's train.seed (the grid has no train.seed axis)")
         for values in itertools.product(*grid.axes.values()):
-            point = dict(zip(paths, values))
-            what = f" in grid {grid.name!r} at " + ", ".join(f"{k}={_fmt(v)}" for k, v in point.items())
-            d = copy.deepcopy(base)
-            for path, value in point.items():
-                _set(d, path, value)
-            try:
-                _set(d, "train.max_steps", _steps(study, d, what))
-                cfg = run_config_from_dict(d)
-            except ConfigError as e:
-                msg = str(e)
-                raise ConfigError(msg if what in msg else f"{msg} ({what.strip()})") from None
-            flat = to_dict(cfg)
-            key = json.dumps(flat, sort_keys=True)
-            resolved = {p: _get(flat, p) for p in paths}
-            if key in by_config:
-                cell = by_config[key]
-                if grid.name not in cell.grids:
-                    cell.grids.append(grid.name)
-                for p, v in resolved.items():
-                    cell.axes.setdefault(p, v)
-                continue
-            extras = {p: v for p, v in resolved.items() if p not in CORE and v != _get(base_flat, p)}
-            m, t = cfg.model, cfg.train
-            name = f"{m.scheme.value}_L{m.n_layers}_lr{t.lr:g}_s{t.seed}" + "".join(
-                f"_{_leaf(p)}-{_fmt(v)}" for p, v in extras.items())
-            name = re.sub(r"[^A-Za-z0-9._+-]", "-", name)
-            if name in by_name:
-                raise ConfigError(f"two different cells get the directory name {name!r} (grid {grid.name!r}); "
-                                  "make their axis values differ in scheme, depth, lr, seed or an extra axis")
-            cell = Cell(name, [grid.name], resolved, extras, cfg)
-            by_config[key] = by_name[name] = cell
+            add(grid, dict(zip(grid.axes, values)))
+    for grid, point in follow:
+        add(grid, point)
     return list(by_config.values())
+
+
+# --- the best learning rate (second phase) -------------------------------------------------
+
+STABLE_MARGIN = 0.05  # nats: an lr whose val loss is within this of the best lr's is in the stable range
+
+
+def _trained(row: dict) -> bool:
+    return row.get("status") == "ok" and row.get("final_val_loss") not in (None, "")
+
+
+def best_lr(by_lr: dict[float, dict]) -> float | None:
+    """The rule, fixed before the data: of one (series, depth)'s first-seed results ({lr: results.csv row}),
+    the lr with the lowest final val loss among the cells neither diverged nor stalled; None if none is."""
+    vals = {lr: float(r["final_val_loss"]) for lr, r in by_lr.items() if _trained(r)}
+    return min(vals, key=lambda lr: (vals[lr], lr)) if vals else None
+
+
+def stable_lrs(by_lr: dict[float, dict]) -> list[float]:
+    """The lrs that trained (neither diverged nor stalled) to within STABLE_MARGIN of the best lr's val loss."""
+    best = best_lr(by_lr)
+    if best is None:
+        return []
+    top = float(by_lr[best]["final_val_loss"]) + STABLE_MARGIN
+    return sorted(lr for lr, r in by_lr.items() if _trained(r) and float(r["final_val_loss"]) <= top)
+
+
+def first_seed(cells: list[Cell]) -> dict:
+    """(series, depth, lr) -> the cell with the smallest seed."""
+    out: dict = {}
+    for c in sorted(cells, key=lambda c: c.cfg.train.seed):
+        out.setdefault((c.series, c.cfg.model.n_layers, c.cfg.train.lr), c)
+    return out
+
+
+def lr_points(cells: list[Cell], rows: list[dict]) -> dict:
+    """(series, depth) -> {lr: the first seed's results.csv row}, for best_lr and stable_lrs."""
+    row_of = {c.name: r for c, r in zip(cells, rows)}
+    out: dict = {}
+    for (series, depth, lr), c in sorted(first_seed(cells).items(), key=lambda kv: kv[0][2]):
+        out.setdefault((series, depth), {})[lr] = row_of[c.name]
+    return out
+
+
+def follow_ups(study: StudyConfig, cells: list[Cell], rows: list[dict]) -> list[Cell]:
+    """The first phase's ``cells`` (rows: their results) plus the second phase: for each grid with
+    best_lr_seeds, each (series, depth) of its cells whose first-seed cells have all finished gets cells
+    for those seeds at its best_lr. A pure function of the results, so a resumed study finds the same ones."""
+    follow = []
+    for grid in study.grids:
+        if not grid.best_lr_seeds:
+            continue
+        mine = [i for i, c in enumerate(cells) if grid.name in c.grids]
+        firsts = first_seed([cells[i] for i in mine])
+        for (series, depth), by_lr in lr_points([cells[i] for i in mine], [rows[i] for i in mine]).items():
+            if any(r.get("status") not in ("ok", "stalled", "diverged") for r in by_lr.values()):
+                continue  # a first-seed cell failed or is not run yet: no best lr so far
+            best = best_lr(by_lr)
+            if best is not None:
+                cell = firsts[(series, depth, best)]
+                follow += [(grid, {p: cell.axes[p] for p in grid.axes} | {"train.seed": s})
+                           for s in grid.best_lr_seeds]
+    return expand(study, follow) if follow else list(cells)
 
 
 # --- running -------------------------------------------------------------------------------
@@ -396,9 +489,10 @@ def run_study(study: StudyConfig, out: Path, command: str, jobs: int = 1, log=pr
     """Run (or resume) every cell of ``study`` into ``out/cells``; write results.csv, plots and report.md.
 
     Cells run seed by seed and shallow depths first, so a study stopped early has covered every
-    scheme. ``report_only``: train nothing; report the cells finished so far (the rest "not run").
+    scheme; then the follow_ups of grids with best_lr_seeds, the same way. ``report_only``: train
+    nothing; report the cells finished so far (the rest "not run").
     """
-    from .study_report import (claims, init_probe, plot_ablation, plot_curves,  # it imports this module
+    from .study_report import (claims, init_probe, plot_ablation, plot_best_lr, plot_curves,  # it imports this module
                                plot_grad_heatmaps, plot_similarity, plot_val, report)
 
     require(isinstance(jobs, int) and jobs >= 1, "--jobs", jobs, "a positive integer")
@@ -409,12 +503,25 @@ def run_study(study: StudyConfig, out: Path, command: str, jobs: int = 1, log=pr
     atomic_write_text(out / "study.yaml", yaml.safe_dump(study.to_dict(), sort_keys=False))
     log(f"study: {len(cells)} cells ({len(before)} finished before) -> {out / 'cells'}")
     failed: dict[str, str] = {}
-    if report_only:
-        failed = {c.name: "not run" for c in cells if c.name not in before}
-    else:
-        order = sorted(cells, key=lambda c: (c.cfg.train.seed, c.cfg.model.n_layers))  # stable: grid order otherwise
-        failed = run_cells(study, order, out, jobs, log)
+
+    def run(todo: list[Cell]) -> None:
+        if report_only:
+            failed.update({c.name: "not run" for c in todo if c.name not in before})
+        else:
+            order = sorted(todo, key=lambda c: (c.cfg.train.seed, c.cfg.model.n_layers))  # stable: grid order otherwise
+            failed.update(run_cells(study, order, out, jobs, log))
+
+    run(cells)
     rows = [cell_result(c, out, failed.get(c.name)) for c in cells]
+    if any(g.best_lr_seeds for g in study.grids):  # the second phase, found again from the first's results
+        n = len(cells)
+        cells = follow_ups(study, cells, rows)
+        more = cells[n:]
+        before |= {c.name for c in more if (out / "cells" / c.name / "summary.json").is_file()}
+        log(f"best-lr seeds: {len(more)} cells at each series' best lr ({len(before & {c.name for c in more})} "
+            "finished before)")
+        run(more)
+        rows = [cell_result(c, out, failed.get(c.name)) for c in cells]
     write_results(out / "results.csv", cells, rows)
     cs, rs = cells, rows
     plots = []
@@ -422,6 +529,7 @@ def run_study(study: StudyConfig, out: Path, command: str, jobs: int = 1, log=pr
         for name, make in (("val_vs_depth.png", lambda p: plot_val(p, cs, rs, "depth")),
                            ("val_vs_lr.png", lambda p: plot_val(p, cs, rs, "lr")),
                            ("ablation.png", lambda p: plot_ablation(p, cs, rs)),
+                           ("best_lr.png", lambda p: plot_best_lr(p, cs, rs)),
                            ("loss_curves.png", lambda p: plot_curves(p, cs, out)),
                            ("grad_heatmaps.png", lambda p: plot_grad_heatmaps(p, cs, out)),
                            ("similarity.png", lambda p: plot_similarity(p, cs, out))):

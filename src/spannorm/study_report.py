@@ -20,7 +20,8 @@ import yaml
 
 from .config import to_dict
 from .io import atomic_write_bytes, atomic_write_text, read_jsonl
-from .study import CORE, PROBE_BATCH, Cell, Grid, StudyConfig, _fmt, _leaf, _set, base_config
+from .study import (CORE, PROBE_BATCH, STABLE_MARGIN, Cell, Grid, StudyConfig, _fmt, _leaf, _set, base_config,
+                    best_lr, first_seed, lr_points, stable_lrs)
 from .train import STALL_MARGIN, run_config_from_dict
 
 
@@ -93,12 +94,14 @@ def grid_table(grid: Grid, cells: list[Cell], rows: list[dict]) -> str:
     points = aggregate(cells, rows, lambda c: (label(c), *_depth_lr(c)) if grid.name in c.grids else None)
     labels = list(dict.fromkeys(k[0] for k in points))
     cols = sorted({k[1:] for k in points})
-    lines = ["| " + " | ".join(["series"] + [f"L={d}, lr={lr:g}" for d, lr in cols]) + " |",
-             "|" + "---|" * (len(cols) + 1)]
-    for lab in labels:
-        lines.append("| " + " | ".join([lab] + [points[(lab, *c)].text() if (lab, *c) in points else ""
-                                                 for c in cols]) + " |")
-    return "\n".join(lines)
+    return md_table(["series"] + [f"L={d}, lr={lr:g}" for d, lr in cols],
+                    [[lab] + [points[(lab, *c)].text() if (lab, *c) in points else "" for c in cols] for lab in labels])
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 # --- plots ---------------------------------------------------------------------------------
@@ -130,9 +133,11 @@ def plotted_series(cells: list[Cell]) -> list[str]:
     return [s for s, d in depths.items() if len(d) > 1] or list(depths)
 
 
-def plot_val(path: Path, cells: list[Cell], rows: list[dict], x: str, key=None) -> bool:
+def plot_val(path: Path, cells: list[Cell], rows: list[dict], x: str, key=None, best: dict | None = None) -> bool:
     """Validation loss against depth (x='depth', one panel per lr) or lr (one panel per depth), one line
-    per series: ``key(cell)`` (default: the series that sweep depth; None leaves a cell out)."""
+    per series: ``key(cell)`` (default: the series that sweep depth; None leaves a cell out). ``best``
+    ({(series, depth): lr}, x='lr'): mark those lrs, and the points diverged or stalled in most seeds
+    at the unigram line."""
     if key is None:
         swept = plotted_series(cells)
         key = lambda c: c.series if c.series in swept else None  # noqa: E731
@@ -149,12 +154,24 @@ def plot_val(path: Path, cells: list[Cell], rows: list[dict], x: str, key=None) 
     for ax, panel in zip(axes[0], panels):
         if unigram is not None:  # the level of a model that learned only token frequencies
             ax.axhline(unigram, color="0.6", linestyle="--", linewidth=1, label="unigram entropy (stalled)")
-        for s in series:
+        for i, s in enumerate(series):
+            color = f"C{i % 10}"  # the same in every panel
             ks = sorted((k for k in points if k[0] == s and panel_of(k) == panel and points[k].mean is not None),
                         key=x_of)
             if ks:
                 ax.errorbar([x_of(k) for k in ks], [points[k].mean for k in ks],
-                            yerr=[points[k].std or 0.0 for k in ks], marker="o", capsize=3, label=s)
+                            yerr=[points[k].std or 0.0 for k in ks], marker="o", capsize=3, label=s, color=color)
+            if best is None:
+                continue
+            bad = [x_of(k) for k in points if k[0] == s and panel_of(k) == panel and points[k].failed]
+            if bad and unigram is not None:
+                ax.plot(bad, [unigram] * len(bad), "x", color=color, markersize=9)
+            b = points.get((s, panel, best.get((s, panel))))
+            if b is not None and b.mean is not None:
+                ax.plot([best[(s, panel)]], [b.mean], "*", color=color, markersize=14)
+        if best is not None:  # legend entries of the marks
+            ax.plot([], [], "k*", markersize=10, label="best lr")
+            ax.plot([], [], "kx", label="diverged or stalled (drawn at the unigram line)")
         ax.set_title(f"lr {panel:g}" if x == "depth" else f"L = {panel}")
         ax.set_xlabel("depth L" if x == "depth" else "peak learning rate")
         ax.set_xscale("log")
@@ -172,20 +189,12 @@ def plot_val(path: Path, cells: list[Cell], rows: list[dict], x: str, key=None) 
     return True
 
 
-def _first_seed(cells: list[Cell]) -> dict:
-    """(series, depth, lr) -> the cell with the smallest seed."""
-    out: dict = {}
-    for c in sorted(cells, key=lambda c: c.cfg.train.seed):
-        out.setdefault((c.series, *_depth_lr(c)), c)
-    return out
-
-
 def plot_curves(path: Path, cells: list[Cell], out: Path) -> bool:
     """Training loss curves, one panel per (depth, lr), one line per series (the smallest seed)."""
     from .train import read_metrics
 
     series = plotted_series(cells)
-    firsts = {k: c for k, c in _first_seed(cells).items() if k[0] in series}
+    firsts = {k: c for k, c in first_seed(cells).items() if k[0] in series}
     panels = sorted({k[1:] for k in firsts})
     if not panels:
         return False
@@ -214,6 +223,49 @@ def plot_curves(path: Path, cells: list[Cell], out: Path) -> bool:
     return True
 
 
+def best_lr_points(cells: list[Cell], rows: list[dict]) -> dict:
+    """(series, depth) -> {lr: the first seed's row} for the points with 2+ lrs run (cells not run left out)."""
+    done = [i for i, r in enumerate(rows) if r.get("status") != "not run"]
+    points = lr_points([cells[i] for i in done], [rows[i] for i in done])
+    return {k: v for k, v in points.items() if len(v) >= 2}
+
+
+def _lr(x: float) -> str:
+    """A learning rate as 1e-3 or 2.5e-3."""
+    mantissa, exp = f"{x:.3e}".split("e")
+    return f"{float(mantissa):g}e{int(exp)}"
+
+
+def best_lr_table(cells: list[Cell], rows: list[dict]) -> str:
+    """Markdown: each (series, depth)'s best lr (best_lr), its val loss over all seeds, its stable range
+    (stable_lrs), and the lrs that diverged or stalled; "" if no series has 2+ lrs at a depth."""
+    points = best_lr_points(cells, rows)
+    aggs = aggregate(cells, rows, lambda c: (c.series, *_depth_lr(c)))
+    table = []
+    for (series, depth), by_lr in sorted(points.items(), key=lambda kv: kv[0][1]):
+        bad = ", ".join(f"{_lr(lr)} {'div' if r['status'] == 'diverged' else 'stalled'}"
+                        for lr, r in by_lr.items() if r.get("status") in ("diverged", "stalled")) or "—"
+        best = best_lr(by_lr)
+        if best is None:
+            table.append([series, str(depth), "none", "—", "—", bad])
+            continue
+        a, stable = aggs[(series, depth, best)], stable_lrs(by_lr)
+        span = _lr(stable[0]) + (f" – {_lr(stable[-1])}" if len(stable) > 1 else "")
+        table.append([series, str(depth), _lr(best), f"{a.text()} (n={a.n})", f"{span} ({len(stable)} of {len(by_lr)})",
+                      bad])
+    if not table:
+        return ""
+    return md_table(["series", "L", "best lr", "val loss at the best lr", "stable range", "diverged or stalled"], table)
+
+
+def plot_best_lr(path: Path, cells: list[Cell], rows: list[dict]) -> bool:
+    """Validation loss against lr for each series with 2+ lrs, one panel per depth, its best lr marked."""
+    points = best_lr_points(cells, rows)
+    best = {k: best_lr(v) for k, v in points.items()}
+    return bool(points) and plot_val(path, cells, rows, "lr", best=best, key=lambda c: c.series if (
+        c.series, c.cfg.model.n_layers) in points else None)
+
+
 def _deepest(cells: list[Cell]) -> int:
     return max(c.cfg.model.n_layers for c in cells)
 
@@ -224,7 +276,7 @@ def plot_grad_heatmaps(path: Path, cells: list[Cell], out: Path) -> bool:
 
     series = plotted_series(cells)
     depth = _deepest(cells)
-    firsts = {k: c for k, c in _first_seed(cells).items() if k[0] in series and k[1] == depth}
+    firsts = {k: c for k, c in first_seed(cells).items() if k[0] in series and k[1] == depth}
     grids = {}
     for k, c in firsts.items():
         rows = read_jsonl(out / "cells" / c.name / "diagnostics.jsonl")
@@ -566,8 +618,7 @@ def lr_sensitivity(cells: list[Cell], rows: list[dict]) -> str:
             continue
         lo, hi = lrs[0], lrs[-1]
         ref = pre.get(("pre", depth, hi))
-        lines += [f"At L={depth}, between lr={lo:g} and lr={hi:g}:", "",
-                  f"| series | lr={lo:g} | lr={hi:g} | change | trains at lr={hi:g} as well as pre |", "|---|---|---|---|---|"]
+        table = []
         removes, missing = [], depth in not_run
         series = [("pre", pre)] + [(s, points) for s in dict.fromkeys(k[0] for k in points if k[1] == depth)]
         for name, src in series:
@@ -582,15 +633,16 @@ def lr_sensitivity(cells: list[Cell], rows: list[dict]) -> str:
                 ok = not b.failed and b.mean is not None and b.mean <= ref.mean
                 verdict = "yes" if ok else "no"
                 removes += [name] if ok else []
-            lines.append(f"| {name} | {a.text() if a else 'not run'} | {b.text() if b else 'not run'} | {change} "
-                         f"| {verdict} |")
+            table.append([name, a.text() if a else "not run", b.text() if b else "not run", change, verdict])
         summary = (f"Scalings that remove the sensitivity at L={depth} (train at lr={hi:g} with a val loss at most "
                    f"PreNorm's{f' {ref.mean:.3f}' if ref and ref.mean is not None else ''}): "
                    + (", ".join(f"`{s}`" for s in removes) if removes else "**none**")
                    + (" so far; some cells are not run yet" if missing else "") + ".")
         if any(k[1] == depth and "span_scale=none" in k[0] for k in points):
             summary += " With span_scale=none, span_c is not used: those rows are the same model, trained again."
-        lines += ["", summary, ""]
+        lines += [f"At L={depth}, between lr={lo:g} and lr={hi:g}:", "",
+                  md_table(["series", f"lr={lo:g}", f"lr={hi:g}", "change", f"trains at lr={hi:g} as well as pre"],
+                           table), "", summary, ""]
     return "\n".join(lines).rstrip()
 
 
@@ -672,6 +724,15 @@ def report(study: StudyConfig, cells: list[Cell], rows: list[dict], out: Path, c
                 detail = r["status"]
             lines.append(f"- `{r['name']}`: {detail}")
         lines.append("")
+    if best := best_lr_table(cells, rows):
+        lines += ["## Each scheme at its best learning rate", "",
+                  "The rule, fixed before the data: for each series and depth, the *best lr* is the one whose first "
+                  "seed's final validation loss is the lowest among the cells that neither diverged nor stalled "
+                  "(*none* if all did). The val loss there is the mean ± std over every seed run at that lr (n seeds; "
+                  "a grid with `best_lr_seeds` runs those seeds at the best lr after the grid). The *stable range* "
+                  f"is the lrs whose first seed trained (neither diverged nor stalled) to within {STABLE_MARGIN} nats "
+                  "of the best lr's, lowest – highest (k of the lrs tried); the last column lists the lrs whose first "
+                  "seed diverged or stalled.", "", best, ""]
     if sens := lr_sensitivity(cells, rows):
         lines += ["## Learning-rate sensitivity of SpanNorm's scalings", "",
                   "The prototype in SPANNORM.md found SpanNorm ahead of PreNorm at the lower lr and behind it at the "
