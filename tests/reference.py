@@ -196,12 +196,13 @@ BLOCKS = {"pre": pre_block, "post": post_block, "span": span_block, "deepnorm": 
           "lns": lns_block, "residual": residual_block,
           "siamese": siamese_block, "deepscale": deepscale_block}
 EMBED_NORM = {"span", "peri"}
-FINAL_NORM = {"pre", "peri", "mixln", "hybrid", "hybrid_star", "lns", "deepscale"}
+FINAL_NORM = {"pre", "peri", "sandwich", "mixln", "hybrid", "hybrid_star", "lns", "deepscale"}
 TWO_STREAM = {"residual", "siamese"}
 
 
 def lm_logits(idx, model, cfg):
-    """embed → (N_0) → blocks → (two-stream merge) → (final N) → tied head."""
+    """embed → (N_0) → blocks → (two-stream merge) → (final N) → (DeepScaleLM: × sqrt(0.3/d)) → head
+    (the embedding if tied, else the model's head weight)."""
     name = cfg.scheme.value
     eps = cfg.norm_eps
     x = model.embed.weight[idx]
@@ -218,4 +219,7 @@ def lm_logits(idx, model, cfg):
         x = state
     if name in FINAL_NORM:
         x = norm(x, model.final_norm, eps)
-    return x @ model.embed.weight.T
+    if name == "deepscale":
+        x = x * math.sqrt(0.3 / cfg.d_model)
+    head = model.embed.weight if model.head is None else model.head.weight
+    return x @ head.T

@@ -6,9 +6,9 @@ Shared machines are noisy, so times are compared only within one process: all mo
 round-robin, ``reps`` rounds after ``warmup`` rounds; each model's step time is its median. Peak
 memory (resident set size above the process's size before the model was built) needs a process
 per model: each case gets a short one. Step = forward + backward + AdamW (fused, the same for
-every implementation). FLOPs per token are 6·N (N = all parameters; the tied embedding, counted
-once, is the head's matmul) + 6·L·T·d (causal attention); MFU divides the achieved FLOP/s by this
-machine's matmul peak, measured in the same run.
+every implementation). FLOPs per token are 6·N (N = all parameters; a tied embedding, counted
+once, is the head's matmul; an untied one is a lookup, not counted) + 6·L·T·d (causal
+attention); MFU divides the achieved FLOP/s by this machine's matmul peak, measured in the same run.
 """
 
 from __future__ import annotations
@@ -305,10 +305,13 @@ def moe_fields(impl: str) -> dict:
 
 
 def active_params(model) -> int:
-    """Parameters one token uses: all, less the routed experts it does not visit (fraction 1 − k/E)."""
+    """Parameters one token uses in matmuls: all, less the routed experts it does not visit (fraction
+    1 − k/E), less an untied embedding (a lookup; with a tied head it is the head's matmul)."""
     from .moe import MoE
 
     n = sum(p.numel() for p in model.parameters())
+    if getattr(model, "head", None) is not None:  # spannorm LM with an untied head
+        n -= model.embed.weight.numel()
     for m in model.modules():
         if isinstance(m, MoE):
             n -= round((m.up.weight.numel() + m.down.weight.numel()) * (1 - m.top_k / m.n_experts))

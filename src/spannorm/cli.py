@@ -254,14 +254,15 @@ def cmd_schemes(args) -> None:
     from .schemes import SCHEMES
 
     rows = [{"name": scheme.value, "class": cls.__name__, "equation": cls.equation, "init": cls.init_rule,
-             "reference": cls.reference} for scheme, cls in SCHEMES.items()]
+             "tied_head": cls.tie_embeddings, "reference": cls.reference} for scheme, cls in SCHEMES.items()]
     if args.json:
         print(json.dumps(rows, indent=1, ensure_ascii=False))
         return
     if args.markdown:
-        print("| `scheme` | block equation | recommended init | reference |\n|---|---|---|---|")
+        print("| `scheme` | block equation | recommended recipe | tied head | reference |\n|---|---|---|---|---|")
         for row in rows:
-            print(f"| `{row['name']}` | {row['equation']} | {row['init']} | {row['reference']} |")
+            tied = "yes" if row["tied_head"] else "no"
+            print(f"| `{row['name']}` | {row['equation']} | {row['init']} | {tied} | {row['reference']} |")
         return
     for row in rows:
         print(f"{row['name']} ({row['class']}): {row['equation']}\n    init: {row['init']}\n    "

@@ -27,7 +27,9 @@ class ModelConfig:
     norm_eps: float = 1e-6  # epsilon inside every rms/layer norm
     dyt_alpha0: float = 0.5  # initial α of the dyt norm type
     final_norm: bool | None = None  # norm before the LM head; None: the scheme's default
-    tie_embeddings: bool = True  # share the token embedding with the LM head
+    # share the token embedding with the LM head; None: the scheme's recommended choice with init=recommended,
+    # True with init=shared (one recipe for every scheme)
+    tie_embeddings: bool | None = None
     rope_theta: float = 10000.0  # rotary embedding base
     init: InitMode = InitMode.RECOMMENDED  # recommended (each scheme's own rule) or shared
     init_std: float = 0.02  # base std of the init rules
@@ -110,6 +112,13 @@ class ModelConfig:
     def use_final_norm(self) -> bool:
         return SCHEMES[self.scheme].final_norm if self.final_norm is None else self.final_norm
 
+    @property
+    def use_tied_embeddings(self) -> bool:
+        """``tie_embeddings`` resolved: explicit value, else True (init=shared) or the scheme's choice."""
+        if self.tie_embeddings is not None:
+            return self.tie_embeddings
+        return self.init is InitMode.SHARED or SCHEMES[self.scheme].tie_embeddings
+
 
 class LM(nn.Module):
     """Causal language model: ``forward(idx) -> (logits, None)``; ``forward(idx, targets) -> (None, loss)``.
@@ -129,8 +138,9 @@ class LM(nn.Module):
         self.blocks = nn.ModuleList(block(cfg, layer) for layer in range(cfg.n_layers))
         self.exit = block.Exit(cfg) if block.Exit is not None else nn.Identity()
         self.final_norm = make_norm(cfg) if cfg.use_final_norm else nn.Identity()
+        self.head_scale = block.head_scale(cfg)  # a plain float, part of the scheme's equation
         self.head = None
-        if not cfg.tie_embeddings:
+        if not cfg.use_tied_embeddings:
             self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
             self.head.role = Role.HEAD
         self.reset_parameters()
@@ -188,6 +198,8 @@ class LM(nn.Module):
         for block in self.blocks:
             state = block(state, rope)
         x = self.final_norm(self.exit(state))
+        if self.head_scale != 1.0:
+            x = x * self.head_scale
         head = self.embed.weight if self.head is None else self.head.weight
         if targets is None:
             return F.linear(x, head), None

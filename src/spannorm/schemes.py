@@ -1,8 +1,10 @@
 """Normalization schemes: where the norms sit relative to the residual connections.
 
 A scheme is one short block class whose ``forward`` reads like its equation, plus
-  * entry/exit: ``embed_norm`` (N_0 on the embedding), ``final_norm`` (N before the head) and, for
-    two-stream schemes, ``enter`` (embedding -> state) and ``Exit`` (state -> one tensor);
+  * entry/exit: ``embed_norm`` (N_0 on the embedding), ``final_norm`` (N before the head),
+    ``tie_embeddings`` (the head shares the embedding), ``head_scale`` (a fixed factor on the final
+    state before the head) and, for two-stream schemes, ``enter`` (embedding -> state) and ``Exit``
+    (state -> one tensor);
   * an init rule as data: ``init_stds(cfg, layer)`` maps each weight :class:`~spannorm.nn.Role`
     to a std; ``reset_parameters`` initializes scheme-owned parameters (e.g. Admin's ω);
   * ``equation``, ``init_rule`` and ``reference`` strings for ``spannorm schemes``.
@@ -171,6 +173,7 @@ class Block(nn.Module):
     qkv_norm: ClassVar[bool] = False  # per-head norms on q, k, v inside attention
     embed_norm: ClassVar[bool] = False  # apply N_0 to the token embedding
     final_norm: ClassVar[bool] = False  # apply N before the LM head (ModelConfig.final_norm overrides)
+    tie_embeddings: ClassVar[bool] = True  # head shares the embedding (ModelConfig.tie_embeddings overrides)
     Exit: ClassVar[type[nn.Module] | None] = None  # merges a two-stream state before the head
 
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -187,6 +190,11 @@ class Block(nn.Module):
     def init_stds(cls, cfg: ModelConfig, layer: int) -> dict[Role, float]:
         """The scheme's recommended init rule for block ``layer``: role -> std."""
         return shared_init(cfg)
+
+    @staticmethod
+    def head_scale(cfg: ModelConfig) -> float:
+        """Fixed factor on the final state before the LM head (part of the equation, 1 for most schemes)."""
+        return 1.0
 
     def reset_parameters(self) -> None:
         """Initialize parameters the scheme itself owns (none by default)."""
@@ -211,7 +219,7 @@ class PreNorm(Block):
     """
 
     equation = "h = x + Attn(N(x)); x' = h + FFN(N(h)); final N before the head"
-    init_rule = "GPT-2: N(0, init_std); attention out and FFN down × 1/sqrt(2L)"
+    init_rule = "GPT-2: N(0, init_std); attention out and FFN down × 1/sqrt(2L); tied head"
     reference = "Xiong et al. 2020, arXiv 2002.04745; Radford et al. 2019 (GPT-2)"
     final_norm = True
 
@@ -235,8 +243,10 @@ class PostNorm(Block):
     """
 
     equation = "h = N(x + Attn(x)); x' = N(h + FFN(h))"
-    init_rule = "N(0, init_std), no depth scaling; needs learning-rate warmup"
+    init_rule = ("N(0, init_std), no depth scaling; needs learning-rate warmup; untied head "
+                 "(fairseq LM default; tying it stalls in the unigram phase)")
     reference = "Vaswani et al. 2017, arXiv 1706.03762"
+    tie_embeddings = False
 
     def forward(self, x, rope):
         h = self.norm1(x + self.attn(x, rope))
@@ -270,7 +280,7 @@ class SpanNorm(Block):
 
     equation = "y = N(x + Attn(x)); x' = N(x + s·FFN(y)); N on the embedding, no final N"
     init_rule = ("q, k, v, FFN up: 1/sqrt(d); attention out and FFN down calibrated to output RMS "
-                 "sqrt(c/L) (span_scale=init) or 1 with s = sqrt(c/L) (multiplier)")
+                 "sqrt(c/L) (span_scale=init) or 1 with s = sqrt(c/L) (multiplier); tied head")
     reference = "Wang, Li et al. 2026, arXiv 2601.22580 (ICML 2026)"
     embed_norm = True
 
@@ -304,8 +314,10 @@ class DeepNorm(Block):
     """
 
     equation = "h = N(α·x + Attn(x)); x' = N(α·h + FFN(h)); α = (2L)^(1/4)"
-    init_rule = "xavier_normal; gain β = (8L)^(-1/4) on v, out, FFN up/down, gain 1 on q, k"
+    init_rule = ("xavier_normal; gain β = (8L)^(-1/4) on v, out, FFN up/down, gain 1 on q, k; "
+                 "untied head (fairseq LM default)")
     reference = "Wang et al. 2022, arXiv 2203.00555 (DeepNet)"
+    tie_embeddings = False
 
     def __init__(self, cfg, layer):
         super().__init__(cfg, layer)
@@ -333,17 +345,35 @@ class B2T(Block):
         h  = N_1(x + Attn(x))
         x' = N_2(x + h + FFN(h))
 
-    Init: every weight matrix in the blocks N(0, init_std) × L^(-1/2).
+    Init: the authors' fairseq init, then every weight matrix in the blocks × L^(-1/2) (their
+    ``rescaling_init``, takase/b2t_connection ``fairseq/modules/transformer_layer.py``):
+      q, k, v   xavier_uniform, gain 1/sqrt(2) (fairseq MultiheadAttention, q/k/v of equal dims);
+      out       xavier_uniform;
+      FFN up, down (and an MoE router: up's std)   torch's nn.Linear default, U(±1/sqrt(fan_in)),
+                std 1/sqrt(3·fan_in) (their fc1/fc2 are plain nn.Linear, not fairseq's xavier Linear);
+      embedding and untied head   N(0, d^(-1/2)), not depth-scaled.
+    We draw normals with these stds (the authors draw uniforms); fairseq also multiplies the
+    embedding output by sqrt(d), which our model does not. Untied head: ``share_decoder_input_output_embed``
+    is False by default in their ``transformer_lm.py``.
     """
 
     equation = "h = N(x + Attn(x)); x' = N(x + h + FFN(h))"
-    init_rule = "every weight matrix in the blocks N(0, init_std) × L^(-1/2)"
+    init_rule = ("fairseq init × L^(-1/2) on block weights: q, k, v xavier gain 1/sqrt(2), out xavier, "
+                 "FFN 1/sqrt(3·fan_in); embedding, head N(0, d^(-1/2)); untied head")
     reference = "Takase et al. 2023, arXiv 2206.00330 (Findings of ACL 2023)"
+    tie_embeddings = False
 
     @classmethod
     def init_stds(cls, cfg, layer):
-        scaled = cfg.init_std / math.sqrt(cfg.n_layers)
-        return shared_init(cfg) | {r: scaled for r in Role if r not in (Role.EMBED, Role.HEAD)}
+        d, f = cfg.d_model, ffn_width(cfg)
+        r = cfg.n_layers ** -0.5
+        up = r / math.sqrt(3 * d)
+        return {
+            Role.EMBED: d**-0.5, Role.HEAD: d**-0.5,
+            Role.ATTN_QK: r * xavier_std(d, d, 2**-0.5), Role.ATTN_V: r * xavier_std(d, d, 2**-0.5),
+            Role.ATTN_OUT: r * xavier_std(d, d), Role.FFN_UP: up, Role.ROUTER: up,
+            Role.FFN_DOWN: r / math.sqrt(3 * f),
+        }
 
     def forward(self, x, rope):
         h = self.norm1(x + self.attn(x, rope))
@@ -359,8 +389,10 @@ class Admin(Block):
     """
 
     equation = "h = N(ω⊙x + Attn(x)); x' = N(ω⊙h + FFN(h)); ω learnable"
-    init_rule = "ω = sqrt((n+1)/ln(n+1) − 1), n = 2L; weights N(0, init_std)"
+    init_rule = ("ω = sqrt((n+1)/ln(n+1) − 1), n = 2L (closed-form ω of admin-torch, not the profiled ω of "
+                 "the paper); weights N(0, init_std); untied head (fairseq LM default)")
     reference = "Liu et al. 2020, arXiv 2004.08249"
+    tie_embeddings = False
 
     def __init__(self, cfg, layer):
         super().__init__(cfg, layer)
@@ -388,7 +420,7 @@ class PeriLN(Block):
     """
 
     equation = "h = x + N(Attn(N(x))); x' = h + N(FFN(N(h))); N on the embedding; final N"
-    init_rule = "as PreNorm (GPT-2)"
+    init_rule = "as PreNorm (GPT-2); tied head (not verified)"
     reference = "Kim et al. 2025, arXiv 2502.02732"
     norms = ("norm1", "norm1_out", "norm2", "norm2_out")
     embed_norm = True
@@ -404,27 +436,35 @@ class PeriLN(Block):
 
 
 class Sandwich(PeriLN):
-    """Sandwich-LN (Ding et al. 2021, "CogView"): Peri-LN's block without the embedding and final norms.
+    """Sandwich-LN (Ding et al. 2021, "CogView"): Peri-LN's block without the embedding norm; CogView
+    keeps the final norm before the head.
 
         h  = x + N_1o(Attn(N_1(x)))
-        x' = h + N_2o(FFN(N_2(h)))
+        x' = h + N_2o(FFN(N_2(h)))      final N before the head
     """
 
-    equation = "h = x + N(Attn(N(x))); x' = h + N(FFN(N(h)))"
+    equation = "h = x + N(Attn(N(x))); x' = h + N(FFN(N(h))); final N"
+    init_rule = "as PreNorm (GPT-2); tied head (not verified)"
     reference = "Ding et al. 2021, arXiv 2105.13290 (CogView)"
     embed_norm = False
-    final_norm = False
 
 
 class MixLN(Block):
     """Mix-LN (Li et al. 2024, "Mix-LN: Unleashing the Power of Deeper Layers by Combining
     Pre-LN and Post-LN"): the first ⌊L/4⌋ blocks are PostNorm, the rest PreNorm (final N).
+
+    Init: the repository's default ``norm_type=post_pre`` (its README runs Mix-LN so): every linear
+    weight N(0, init_std) (their initializer_range 0.02), the embedding N(0, sqrt(2/5)) ≈ N(0, 0.63),
+    an untied head (LlamaForCausalLM's own lm_head, N(0, init_std)). Read in nikitus20/mixln, a copy of
+    pengxiang-li/Mix-LN (``peft_pretraining/modeling_llama.py``, ``_init_weights``); the option
+    ``scale_post_pre`` (PreNorm blocks' out and down × 1/sqrt(2L)) is not the default and not ours.
     """
 
     equation = "blocks l < ⌊0.25·L⌋: PostNorm; the rest: PreNorm; final N"
-    init_rule = "PostNorm blocks N(0, init_std); PreNorm blocks GPT-2 (out, down × 1/sqrt(2L))"
+    init_rule = "N(0, init_std) for every linear weight; embedding N(0, sqrt(2/5) ≈ 0.63); untied head"
     reference = "Li et al. 2024, arXiv 2412.13795"
     final_norm = True
+    tie_embeddings = False
 
     @staticmethod
     def is_post(cfg: ModelConfig, layer: int) -> bool:
@@ -436,7 +476,7 @@ class MixLN(Block):
 
     @classmethod
     def init_stds(cls, cfg, layer):
-        return shared_init(cfg) if cls.is_post(cfg, layer) else gpt2_init(cfg)
+        return shared_init(cfg) | {Role.EMBED: math.sqrt(2 / 5)}
 
     def forward(self, x, rope):
         return PostNorm.forward(self, x, rope) if self.post else PreNorm.forward(self, x, rope)
@@ -451,11 +491,16 @@ class HybridNorm(Block):
     """
 
     equation = "h = x + Attn(x) with per-head N on q, k, v; x' = N(h) + FFN(N(h)); final N"
-    init_rule = "N(0, init_std), no depth scaling"
+    init_rule = "Megatron: N(0, init_std); attention out and FFN down × 1/sqrt(2L); tied head"
     reference = "Zhuo et al. 2025, arXiv 2503.04598"
     norms = ("norm",)
     qkv_norm = True
     final_norm = True
+
+    @classmethod
+    def init_stds(cls, cfg, layer):
+        # the authors' OLMo configs: init_fn full_megatron (out and down std/sqrt(2L)), weight_tying true
+        return gpt2_init(cfg)
 
     def forward(self, x, rope):
         h = x + self.attn(x, rope)
@@ -497,7 +542,7 @@ class LNScaling(PreNorm):
     """
 
     equation = "h = x + Attn(N(x)/sqrt(l)); x' = h + FFN(N(h)/sqrt(l)); l from 1; final N"
-    init_rule = "N(0, init_std), no depth-scaled init"
+    init_rule = "N(0, init_std), no depth-scaled init; tied head (not verified)"
     reference = "Sun et al. 2025, arXiv 2502.05795"
 
     def __init__(self, cfg, layer):
@@ -533,7 +578,7 @@ class ResiDual(Block):
     """
 
     equation = "per sublayer: a' = N(a + F(a)); d' = d + F(a); output a_L + N(d_L)"
-    init_rule = "N(0, init_std), no depth scaling"
+    init_rule = "N(0, init_std), no depth scaling; tied head (not verified)"
     reference = "Xie et al. 2023, arXiv 2304.14802"
     Exit = ResiDualExit
 
@@ -570,7 +615,7 @@ class SiameseNorm(Block):
 
     equation = ("per sublayer: x ← N(x); z = F(N(x + N(y))); x ← x + z/sqrt(2(l+1)); y ← y + z; "
                 "output N(N(x) + N(y))")
-    init_rule = "N(0, init_std), no depth scaling"
+    init_rule = "N(0, init_std), no depth scaling; tied head (not verified)"
     reference = "Li et al. 2026 (SiameseNorm, ICML 2026)"
     norms = ("post1", "in1", "pre1", "post2", "in2", "pre2")
     Exit = SiameseExit
@@ -599,12 +644,20 @@ class DeepScale(Block):
 
         h  = λ·x + β·Attn(N_1(x))
         x' = λ·h + β·FFN(N_2(h))        λ² + β² = 1, β² = k/L (k = deepscale_k); final N
+        logits = (sqrt(0.3/d) · N(x_L)) · Eᵀ     tied head
 
     Init: unit-variance embedding; q, k, v, FFN up 1/sqrt(d); out and down calibrated to output RMS 1.
+    Before the tied head the unit-RMS final state is scaled by sqrt(0.3/d): logit variance 0.3 with a
+    unit-variance embedding, so that the first loss is ≈ ln V, not tens of nats (unscaled: logit
+    variance d). Our reading, not verified against the paper's code (arXiv 2403.09635): issue 13 names
+    the factor 1/sqrt(0.3·d), which measured a first loss 2-4 nats above ln V at d = 64, 128 (logit
+    variance 1/0.3); sqrt(0.3/d) is the reading that gives the first loss the issue asks for.
     """
 
-    equation = "h = λ·x + β·Attn(N(x)); x' = λ·h + β·FFN(N(h)); λ² + β² = 1, β² = k/L; final N"
-    init_rule = "embedding N(0, 1); q, k, v, up 1/sqrt(d); out, down calibrated to unit output variance"
+    equation = ("h = λ·x + β·Attn(N(x)); x' = λ·h + β·FFN(N(h)); λ² + β² = 1, β² = k/L; final N; "
+                "× sqrt(0.3/d) before the head")
+    init_rule = ("embedding N(0, 1); q, k, v, up 1/sqrt(d); out, down calibrated to unit output variance; "
+                 "tied head")
     reference = "Kedia et al. 2024, arXiv 2403.09635"
     final_norm = True
 
@@ -616,6 +669,10 @@ class DeepScale(Block):
     @classmethod
     def init_stds(cls, cfg, layer):
         return unit_variance_init(cfg, 1.0) | {Role.EMBED: 1.0}
+
+    @staticmethod
+    def head_scale(cfg):
+        return math.sqrt(0.3 / cfg.d_model)
 
     def forward(self, x, rope):
         h = self.lam * x + self.beta * self.attn(self.norm1(x), rope)
