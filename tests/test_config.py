@@ -20,7 +20,7 @@ def test_public_api_builds_each_scheme():
     (dict(d_model=12, n_heads=4), "model.n_heads=4"),  # head size 3 is odd: RoPE needs even
     (dict(n_layers=0), "model.n_layers=0 is invalid: expected a positive integer"),
     (dict(span_c=-1.0), "model.span_c=-1.0 is invalid: expected a positive number"),
-    (dict(span_scale="sqrt"), "model.span_scale='sqrt' is invalid: expected one of init, multiplier, none"),
+    (dict(span_scale="sqrt"), "model.span_scale='sqrt' is invalid: expected one of init, multiplier, norm, none"),
     (dict(init="xavier"), "model.init='xavier' is invalid: expected one of recommended, shared"),
 ])
 def test_model_config_errors_name_field_value_and_valid(kwargs, fragment):

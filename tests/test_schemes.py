@@ -194,10 +194,11 @@ def test_init_rules(L):
     assert pre[Role.FFN_UP] == pytest.approx(0.02, rel=0.05)
     post = stds(ModelConfig(d_model=d, n_layers=L, scheme="post"))
     assert all(v == pytest.approx(0.02, rel=0.05) for v in post.values())
-    span = stds(ModelConfig(d_model=d, n_layers=L, scheme="span"))
-    assert span[Role.ATTN_QK] == pytest.approx(d ** -0.5, rel=0.05)
-    # attention out: RMS d·σ_v·σ_out = sqrt(1/L) for an identity mixing
-    assert span[Role.ATTN_OUT] == pytest.approx(math.sqrt(1 / L) / (d * d ** -0.5), rel=0.05)
+    for span_scale, target in (("init", math.sqrt(1 / L)), ("norm", 1.0), ("multiplier", 1.0)):
+        span = stds(ModelConfig(d_model=d, n_layers=L, scheme="span", span_scale=span_scale))
+        assert span[Role.ATTN_QK] == pytest.approx(d ** -0.5, rel=0.05)
+        # attention out: RMS d·σ_v·σ_out = target (sqrt(1/L) or 1) for an identity mixing
+        assert span[Role.ATTN_OUT] == pytest.approx(target / (d * d ** -0.5), rel=0.05)
     shared = stds(ModelConfig(d_model=d, n_layers=L, scheme="span", init="shared"))
     assert all(v == pytest.approx(0.02, rel=0.05) for v in shared.values())
 

@@ -36,7 +36,7 @@ def small_study(corpus, **changes):
             {"name": "main", "axes": {"model.scheme": ["pre", "span"], "model.n_layers": [2, 3],
                                       "train.lr": [1e-2], "train.seed": [1, 2]}},
             {"name": "abl", "axes": {"model.scheme": ["span"], "model.n_layers": [3], "train.lr": [1e-2],
-                                     "train.seed": [1], "model.span_scale": ["init", "none"]}},
+                                     "train.seed": [1], "model.span_scale": ["norm", "none"]}},
         ],
     }
     data.update(changes)
@@ -58,12 +58,12 @@ def test_expand_grid_dedup_names_and_steps(corpus):
     study = study_from_dict(small_study(corpus))
     cells = expand(study)
     names = [c.name for c in cells]
-    # 2 schemes × 2 depths × 2 seeds, then the ablation: its span_scale=init cell is the main grid's span_L3_s1
+    # 2 schemes × 2 depths × 2 seeds, then the ablation: its span_scale=norm cell (the default) is the main grid's span_L3_s1
     assert names == ["pre_L2_lr0.01_s1", "pre_L2_lr0.01_s2", "pre_L3_lr0.01_s1", "pre_L3_lr0.01_s2",
                      "span_L2_lr0.01_s1", "span_L2_lr0.01_s2", "span_L3_lr0.01_s1", "span_L3_lr0.01_s2",
                      "span_L3_lr0.01_s1_span_scale-none"]
     shared = cells[names.index("span_L3_lr0.01_s1")]
-    assert shared.grids == ["main", "abl"] and shared.extras == {} and shared.axes["model.span_scale"] == "init"
+    assert shared.grids == ["main", "abl"] and shared.extras == {} and shared.axes["model.span_scale"] == "norm"
     assert cells[-1].extras == {"model.span_scale": "none"} and cells[-1].series == "span span_scale=none"
     assert all(c.cfg.train.max_steps == 10 for c in cells)
     # a batch-size axis changes the step count, not the token budget
@@ -79,15 +79,15 @@ def test_shipped_studies_expand_and_are_not_presets():
     assert {c.cfg.model.d_model for c in ref} == {64} and {c.cfg.train.max_steps for c in ref} == {256}
     assert {c.cfg.model.n_layers for c in ref if c.extras and not c.cfg.model.moe} == {48}
     assert {(c.cfg.model.n_layers, c.cfg.model.n_experts) for c in ref if c.cfg.model.moe} == {(6, 8), (24, 8)}
-    assert len(expand(load_study("tiny"))) == 40
+    assert len(expand(load_study("tiny"))) == 3 * 2 * 2 * 2 + 4 * 3 * 2 - 2
     from spannorm.model import ModelConfig
 
-    lr = expand(load_study("lr"))  # the span-init grid is the main grid's span cells while init is the default
-    assert len(lr) == 7 * 2 * 5 + (0 if ModelConfig().span_scale.value == "init" else 10)
+    lr = expand(load_study("lr"))
+    assert len(lr) == 9 * 2 * 5  # span (norm, the default), span init, span multiplier and 6 peers
     assert {c.cfg.train.max_steps for c in lr} == {256} and {c.cfg.model.d_model for c in lr} == {64}
     assert {c.cfg.model.n_layers for c in lr} == {12, 48} and {c.cfg.train.seed for c in lr} == {1}
     assert "span_L12_lr0.001_s1" in [c.name for c in lr]  # the default span: no span_scale in its name
-    assert [g.best_lr_seeds for g in load_study("lr").grids] == [[2, 3], [2, 3]]
+    assert [g.best_lr_seeds for g in load_study("lr").grids] == [[2, 3]] * 3
 
 
 def test_study_runs_writes_outputs_and_reuses(corpus, tmp_path, capsys):
@@ -367,8 +367,8 @@ def test_lr_sensitivity_names_the_scalings_that_train_at_the_high_lr(corpus):
     data["grids"][1]["axes"]["train.lr"] = [1e-3, 1e-2]
     data["grids"][1]["axes"]["model.span_c"] = [1.0, 4.0]
     cells = expand(study_from_dict(data))
-    val = {("pre", "init", 1.0): (2.0, 2.5), ("span", "init", 1.0): (1.9, 3.3),  # default span: stalls
-           ("span", "none", 1.0): (2.1, 2.4), ("span", "init", 4.0): (2.0, 2.6),  # below pre / above pre
+    val = {("pre", "norm", 1.0): (2.0, 2.5), ("span", "norm", 1.0): (1.9, 3.3),  # default span: stalls
+           ("span", "none", 1.0): (2.1, 2.4), ("span", "norm", 4.0): (2.0, 2.6),  # below pre / above pre
            ("span", "none", 4.0): (2.0, None)}  # diverged
     rows = []
     for c in cells:
@@ -381,9 +381,9 @@ def test_lr_sensitivity_names_the_scalings_that_train_at_the_high_lr(corpus):
     assert "At L=3, between lr=0.001 and lr=0.01" in text
     line = {r.split(" | ")[0].lstrip("| "): r for r in text.splitlines() if r.startswith("| ")}
     assert line["pre"].endswith("| 2.000 ± 0.000 | 2.500 ± 0.000 | +0.500 | (reference) |")  # 2 seeds
-    assert line["span span_scale=init span_c=1"].endswith("| 3.300 stalled (1/1) | — | no |")
+    assert line["span span_scale=norm span_c=1"].endswith("| 3.300 stalled (1/1) | — | no |")
     assert line["span span_scale=none span_c=1"].endswith("| 2.400 | +0.300 | yes |")
-    assert line["span span_scale=init span_c=4"].endswith("| 2.600 | +0.600 | no |")
+    assert line["span span_scale=norm span_c=4"].endswith("| 2.600 | +0.600 | no |")
     assert line["span span_scale=none span_c=4"].endswith("| div (1/1) | — | no |")
     assert "at most PreNorm's 2.500): `span span_scale=none span_c=1`. With span_scale=none, span_c is not used" in text
     # a cell not run yet: the answer says it is provisional

@@ -33,7 +33,7 @@ class ModelConfig:
     rope_theta: float = 10000.0  # rotary embedding base
     init: InitMode = InitMode.RECOMMENDED  # recommended (each scheme's own rule) or shared
     init_std: float = 0.02  # base std of the init rules
-    span_scale: SpanScale = SpanScale.INIT  # SpanNorm scaling strategy: init, multiplier, norm or none
+    span_scale: SpanScale = SpanScale.NORM  # SpanNorm scaling: norm, multiplier, init or none (docs/spannorm-lr.md)
     span_c: float = 1.0  # SpanNorm's c: target branch variance c/L
     deepscale_k: float = 1.0  # DeepScaleLM's k: branch weight β² = k/L (at most L)
     n_experts: int = 0  # 0: dense SwiGLU FFN; >= 1: MoE FFN with this many routed experts

@@ -59,8 +59,8 @@ class SpanScale(str, enum.Enum):
 
     INIT = "init"  # output projections initialized so that branch RMS ≈ sqrt(c/L)
     MULTIPLIER = "multiplier"  # fixed multiplier sqrt(c/L) on the FFN branch, unit-RMS init
-    NONE = "none"  # no depth scaling: unit-RMS branch
     NORM = "norm"  # FFN branch RMS-normalized (no gain), times sqrt(c/L): Var(s·f) = c/L at every step
+    NONE = "none"  # no depth scaling: unit-RMS branch
 
 
 class InitMode(str, enum.Enum):
@@ -258,29 +258,31 @@ class SpanNorm(Block):
 
         a  = Attn(x)
         y  = N_1(x + a)                 PostNorm-style attention sub-block
-        f  = FFN(y)
+        f  = FFN(y) / rms(FFN(y))       (span_scale=norm, the default; f = FFN(y) otherwise)
         x' = N_2(x + s·f)               the skip spans the block: from x, never through N_1
 
-        x ──┬────────────────────────────────────(+)─ N_2 ──► x'
-            ├─ Attn ─(+)─ N_1 ─ FFN ─ ×s ────────┘
+        x ──┬──────────────────────────────────────────(+)─ N_2 ──► x'
+            ├─ Attn ─(+)─ N_1 ─ FFN ─ /rms ─ ×s ───────┘
             └────────┘
     Entry: x_0 = N_0(embed(tokens)); no final norm by default (x_L is already normalized).
 
     Scaling (``span_scale``, ``span_c`` = c), keeping Var(s·f) ≈ c/L at init:
       init:       out-projections of Attn and FFN initialized so that their output RMS ≈ sqrt(c/L), s = 1;
       multiplier: out-projections initialized for output RMS ≈ 1, s = sqrt(c/L);
-      norm:       as multiplier, and the FFN branch is RMS-normalized without a gain before s:
+      norm:       (the default) as multiplier, and the FFN branch is RMS-normalized without a gain before s:
                   x' = N_2(x + s·f/rms(f)), so Var(s·f) = c/L at every step of training, not only at init;
       none:       out-projections initialized for output RMS ≈ 1, s = 1.
     Input projections (q, k, v, FFN up) use the fan-in std 1/sqrt(d); the embedding init_std.
-    Why ``norm`` (docs/spannorm-lr.md): with Adam, a branch's output weights grow at the learning rate
-    whatever their init; above a learning-rate cliff the FFN branch outgrows the skip, the skip-path
-    gain ∏(1 + σ_l²)^(-1/2) collapses and the model stalls at the unigram loss.
+    Why ``norm`` is the default (docs/spannorm-lr.md): with Adam, a branch's output weights grow at the
+    learning rate whatever their init; above a learning-rate cliff the FFN branch outgrows the skip, the
+    skip-path gain ∏(1 + σ_l²)^(-1/2) collapses and the model stalls at the unigram loss.
     """
 
-    equation = "y = N(x + Attn(x)); x' = N(x + s·FFN(y)); N on the embedding, no final N"
-    init_rule = ("q, k, v, FFN up: 1/sqrt(d); attention out and FFN down calibrated to output RMS "
-                 "sqrt(c/L) (span_scale=init) or 1 with s = sqrt(c/L) (multiplier); tied head")
+    equation = ("y = N(x + Attn(x)); x' = N(x + s·f), f = FFN(y)/rms(FFN(y)) (span_scale=norm; FFN(y) "
+                "otherwise); N on the embedding, no final N")
+    init_rule = ("q, k, v, FFN up: 1/sqrt(d); attention out and FFN down calibrated to output RMS 1, "
+                 "s = sqrt(c/L), c = 1, FFN branch RMS-normalized (span_scale=norm, the default; "
+                 "multiplier: not normalized; init: out/down at RMS sqrt(c/L), s = 1); tied head")
     reference = "Wang, Li et al. 2026, arXiv 2601.22580 (ICML 2026)"
     embed_norm = True
 
