@@ -3,10 +3,15 @@ learning-rate cliff: train loss, mean branch RMS (FFN solid, attention dashed), 
 ratio per weight role (mean over blocks), attention entropy (mean over blocks; dotted: uniform causal),
 logit RMS and embedding collapse (mean pairwise cosine). One color per run directory.
 
-    .venv/bin/python scripts/lr_cliff_plots.py RUN_DIR [RUN_DIR ...] --out lr_cliff.png
+    .venv/bin/python scripts/lr_cliff_plots.py RUN_DIR [RUN_DIR ...] --out lr_cliff.png [--table]
+
+``--table`` also prints, per run, a Markdown table at a few steps of what enters SpanNorm's N_2: the
+FFN branch as it is added to the skip (s·f; s·f/rms(f) under span_scale=norm) relative to the block input,
+σ_l² = rms(s·f_l)² / rms(x_l)², and the skip-path gain it predicts, ∏_l (1 + σ_l²)^(-1/2) (SPANNORM.md).
 """
 
 import argparse
+import math
 import statistics
 from pathlib import Path
 
@@ -16,6 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from spannorm.io import read_jsonl  # noqa: E402
+from spannorm.schemes import SpanScale, span_factor  # noqa: E402
+from spannorm.train import load_run  # noqa: E402
 
 MARKERS = "os^vDx+*P"  # one per update_ratio role
 
@@ -52,10 +59,49 @@ def plot_run(axes, run_dir: Path, color, roles: list[str]) -> None:
     axes["embed"].plot(steps, series("embed_cos"), color=color, label=label)
 
 
+def branch_variances(run_dir: Path, row: dict) -> list[float] | None:
+    """σ_l² of each SpanNorm block in one diagnostics row (None for other schemes): the FFN branch as it
+    enters N_2, relative to the block input (the embedding norm's output, RMS ≈ 1, for block 0)."""
+    model = load_run(run_dir).model
+    if model.scheme.value != "span":
+        return None
+    s = 1.0 if model.span_scale in (SpanScale.INIT, SpanScale.NONE) else span_factor(model)
+    branch = [s if model.span_scale is SpanScale.NORM else s * f for f in row["ffn_rms"]]
+    inputs = [1.0] + row["stream_rms"][:-1]
+    return [(b / x) ** 2 for b, x in zip(branch, inputs)]
+
+
+TABLE_STEPS = (8, 32, 64, 128, 256)
+
+
+def table(run_dir: Path) -> str:
+    """A Markdown table of the run at TABLE_STEPS (the nearest diagnostics row at or before each)."""
+    diag = [r for r in read_jsonl(run_dir / "diagnostics.jsonl") if "update_ratio" in r]
+    loss = {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")}
+    lines = [f"{run_dir.name}:", "",
+             "| step | train loss | Σ_l σ_l² | max σ_l² | skip-path gain | ‖ΔW‖/‖W‖ ffn.down / ffn.up "
+             "| attn.out / attn.qk | attention entropy | embedding cosine |", "|" + "---|" * 9]
+    picked = {max((r["step"] for r in diag if r["step"] <= want), default=None) for want in TABLE_STEPS}
+    for r in (r for r in diag if r["step"] in picked):
+        var = branch_variances(run_dir, r)
+        gain = math.exp(-0.5 * sum(math.log1p(v) for v in var)) if var else None
+        ur = r["update_ratio"]
+        near = min(loss, key=lambda k: abs(k - r["step"]), default=None)
+        cells = [str(r["step"]), f"{loss[near]:.3f}" if near is not None else "—",
+                 f"{sum(var):.2f}" if var else "—", f"{max(var):.3f}" if var else "—",
+                 f"{gain:.1e}" if gain is not None else "—",
+                 f"{mean(ur['ffn.down']) / mean(ur['ffn.up']):.1f}",
+                 f"{mean(ur['attn.out']) / mean(ur['attn.qk']):.1f}",
+                 f"{mean(r['attn_entropy']):.2f} of {r['attn_entropy_max']:.2f}", f"{r['embed_cos']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, help="run directories (each with metrics.jsonl, diagnostics.jsonl)")
     ap.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    ap.add_argument("--table", action="store_true", help="also print a Markdown table per run (see above)")
     args = ap.parse_args()
 
     fig, grid = plt.subplots(2, 3, figsize=(16, 8))
@@ -81,6 +127,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=100)
     print(f"wrote {args.out}")
+    if args.table:
+        for run in args.runs:
+            print("\n" + table(run))
 
 
 if __name__ == "__main__":

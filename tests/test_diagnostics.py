@@ -161,6 +161,10 @@ def test_lr_cliff_plots_script(runs, tmp_path):
     out = tmp_path / "plots" / "cliff.png"
     env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     res = subprocess.run([sys.executable, str(script), str(runs / "span"), str(runs / "hybrid_untied"), "--out",
-                          str(out)], env=env, capture_output=True, text=True)
+                          str(out), "--table"], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert out.stat().st_size > 10_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the span run's table: Σ σ_l² = c = 1 under span_scale=norm (the default), whatever the weights did
+    span_rows = res.stdout.split("hybrid_untied:")[0].splitlines()
+    rows = [line.split(" | ") for line in span_rows if line.startswith("| ") and line[2].isdigit()]
+    assert rows and all(float(r[2]) == pytest.approx(1.0, abs=0.02) for r in rows)
