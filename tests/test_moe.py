@@ -140,7 +140,8 @@ def test_router_role_is_in_every_init_rule_and_every_scheme_builds():
 def test_span_branch_rms_at_init_with_moe(kw, L):
     """SpanNorm's calibrated down-projection gives FFN branch RMS ≈ sqrt(c/L) with MoE, as dense."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(d_model=128, n_heads=4, n_layers=L, scheme="span", span_c=2.0, **kw))
+    model = build_model(ModelConfig(d_model=128, n_heads=4, n_layers=L, scheme="span", span_scale="init", span_c=2.0,
+                                    **kw))
     with torch.no_grad(), taps(model) as rec:
         model(torch.randint(0, 256, (4, 64)))
     rms = [f.pow(2).mean().sqrt().item() for f in rec["ffn"]]
