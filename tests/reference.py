@@ -18,8 +18,10 @@ def layer_norm(x, g, b, eps):
     return (x - mu) / torch.sqrt(var + eps) * g + b
 
 
-def dyt(x, alpha, g, b):
-    return g * torch.tanh(alpha * x) + b
+def dyt(x, alpha, g, b=None):
+    """γ·tanh(α·x) + β; without β (b None) in the LLM recipe."""
+    y = g * torch.tanh(alpha * x)
+    return y if b is None else y + b
 
 
 def norm(x, module, eps):
@@ -201,11 +203,13 @@ TWO_STREAM = {"residual", "siamese"}
 
 
 def lm_logits(idx, model, cfg):
-    """embed → (N_0) → blocks → (two-stream merge) → (final N) → (DeepScaleLM: × sqrt(0.3/d)) → head
-    (the embedding if tied, else the model's head weight)."""
+    """embed → (DyT LLM recipe: × learnable scalar s) → (N_0) → blocks → (two-stream merge) → (final N)
+    → (DeepScaleLM: × sqrt(0.3/d)) → head (the embedding if tied, else the model's head weight)."""
     name = cfg.scheme.value
     eps = cfg.norm_eps
     x = model.embed.weight[idx]
+    if cfg.norm.value == "dyt" and cfg.dyt_recipe.value == "llm":
+        x = x * model.embed_scale
     if name in EMBED_NORM:
         x = norm(x, model.embed_norm, eps)
     state = (x, x) if name in TWO_STREAM else x

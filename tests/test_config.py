@@ -22,6 +22,8 @@ def test_public_api_builds_each_scheme():
     (dict(span_c=-1.0), "model.span_c=-1.0 is invalid: expected a positive number"),
     (dict(span_scale="sqrt"), "model.span_scale='sqrt' is invalid: expected one of init, multiplier, norm, none"),
     (dict(init="xavier"), "model.init='xavier' is invalid: expected one of recommended, shared"),
+    (dict(dyt_recipe="llama"), "model.dyt_recipe='llama' is invalid: expected one of plain, llm"),
+    (dict(dyt_alpha0_attn=0.0), "model.dyt_alpha0_attn=0.0 is invalid: expected a positive number"),
 ])
 def test_model_config_errors_name_field_value_and_valid(kwargs, fragment):
     with pytest.raises(ConfigError) as e:

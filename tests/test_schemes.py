@@ -12,7 +12,9 @@ from spannorm.nn import Role, rope_cache
 import reference
 
 SCHEMES = [s.value for s in Scheme]
-NORMS = ["rms", "layer", "dyt"]
+# norm type (and, for dyt, the recipe): the fields each test case adds to the config
+NORMS = {"rms": dict(norm="rms"), "layer": dict(norm="layer"), "dyt": dict(norm="dyt"),
+         "dyt_llm": dict(norm="dyt", dyt_recipe="llm")}
 # The model is float64 but its RoPE tables are float32 (as in every LM), hence 1e-6, not 1e-12;
 # a wrong equation is off by O(1).
 TOL = dict(rtol=1e-6, atol=1e-6)
@@ -24,8 +26,8 @@ def tiny(scheme, **kw):
 
 
 def randomized(cfg, seed=0):
-    """A float64 model whose 1-D parameters (norm gains and biases, DyT's α, Admin's ω) are random
-    too, so they cannot hide in the test."""
+    """A float64 model whose 1-D parameters (norm gains and biases, DyT's α, Admin's ω, the DyT LLM
+    recipe's embedding scalar) are random too, so they cannot hide in the test."""
     torch.manual_seed(seed)
     model = build_model(cfg).double()
     with torch.no_grad():
@@ -38,7 +40,7 @@ def randomized(cfg, seed=0):
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_block_matches_equation(scheme, norm):
-    cfg = tiny(scheme, norm=norm)
+    cfg = tiny(scheme, **NORMS[norm])
     model = randomized(cfg)
     x = torch.randn(2, 5, cfg.d_model, dtype=torch.float64) * 3
     if scheme in reference.TWO_STREAM:
@@ -53,7 +55,7 @@ def test_block_matches_equation(scheme, norm):
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_model_logits_match_equation(scheme, norm):
-    cfg = tiny(scheme, norm=norm)
+    cfg = tiny(scheme, **NORMS[norm])
     model = randomized(cfg, seed=1)
     idx = torch.randint(0, cfg.vocab_size, (2, 6))
     logits, _ = model(idx)

@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import coerce_enum, require
 from .moe import MoE
-from .nn import NORMS, NormType, Role, linear_cross_entropy, make_norm, rope_cache
+from .nn import NORMS, DyTRecipe, NormType, Role, linear_cross_entropy, make_norm, rope_cache
 from .schemes import SCHEMES, InitMode, Scheme, SpanScale, shared_init
 
 
@@ -25,7 +25,15 @@ class ModelConfig:
     scheme: Scheme = Scheme.SPAN  # normalization placement (see `spannorm schemes`)
     norm: NormType = NormType.RMS  # norm type N: rms, layer or dyt
     norm_eps: float = 1e-6  # epsilon inside every rms/layer norm
-    dyt_alpha0: float = 0.5  # initial α of the dyt norm type
+    dyt_alpha0: float = 0.5  # initial α of the dyt norm type (dyt_recipe=plain)
+    # norm=dyt only: plain (γ·tanh(α·x) + β, α₀ = dyt_alpha0 at every site) or llm (Zhu et al.'s LLaMA recipe:
+    # no β, α₀ per site, a learnable scalar sqrt(d) after the embedding); no effect with norm=rms or layer
+    dyt_recipe: DyTRecipe = DyTRecipe.PLAIN
+    # dyt_recipe=llm: α₀ of the attention-input DyT and of every other DyT. Defaults: the authors' LLaMA2-7B
+    # values (13B: 0.6/0.15; 34B, 70B: 0.2/0.05). Our models are far narrower, and the authors found α₀ should
+    # grow as the width shrinks (the paper; not verified here), so these are likely too small for us.
+    dyt_alpha0_attn: float = 0.8
+    dyt_alpha0_other: float = 0.2
     final_norm: bool | None = None  # norm before the LM head; None: the scheme's default
     # share the token embedding with the LM head; None: the scheme's recommended choice with init=recommended,
     # True with init=shared (one recipe for every scheme)
@@ -49,6 +57,7 @@ class ModelConfig:
         self.norm = coerce_enum(NormType, "model.norm", self.norm)
         self.init = coerce_enum(InitMode, "model.init", self.init)
         self.span_scale = coerce_enum(SpanScale, "model.span_scale", self.span_scale)
+        self.dyt_recipe = coerce_enum(DyTRecipe, "model.dyt_recipe", self.dyt_recipe)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
             value = getattr(self, name)
             require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
@@ -59,7 +68,8 @@ class ModelConfig:
                 f"a divisor of d_model={self.d_model} that leaves an even head size (RoPE)")
         require(self.d_ff is None or (isinstance(self.d_ff, int) and self.d_ff > 0), "model.d_ff", self.d_ff,
                 "a positive integer or null")
-        for name in ("norm_eps", "init_std", "span_c", "rope_theta", "dyt_alpha0", "deepscale_k"):
+        for name in ("norm_eps", "init_std", "span_c", "rope_theta", "dyt_alpha0", "dyt_alpha0_attn",
+                     "dyt_alpha0_other", "deepscale_k"):
             value = getattr(self, name)
             require(isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
                     f"model.{name}", value, "a positive number")
@@ -109,6 +119,11 @@ class ModelConfig:
         return self.d_ff if self.d_ff is not None else 32 * math.ceil(8 * self.d_model / 3 / 32)
 
     @property
+    def use_embed_scale(self) -> bool:
+        """Whether a learnable scalar, initialized to sqrt(d), multiplies the token embedding (DyT LLM recipe)."""
+        return self.norm is NormType.DYT and self.dyt_recipe is DyTRecipe.LLM
+
+    @property
     def use_final_norm(self) -> bool:
         return SCHEMES[self.scheme].final_norm if self.final_norm is None else self.final_norm
 
@@ -134,6 +149,8 @@ class LM(nn.Module):
         block = SCHEMES[cfg.scheme]
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.embed.role = Role.EMBED
+        # DyT LLM recipe: x_0 = s·embed(tokens), s learnable from sqrt(d), before any embedding norm
+        self.embed_scale = nn.Parameter(torch.empty(1)) if cfg.use_embed_scale else None
         self.embed_norm = make_norm(cfg) if block.embed_norm else nn.Identity()
         self.blocks = nn.ModuleList(block(cfg, layer) for layer in range(cfg.n_layers))
         self.exit = block.Exit(cfg) if block.Exit is not None else nn.Identity()
@@ -157,6 +174,8 @@ class LM(nn.Module):
             if isinstance(module, NORMS):
                 module.reset_parameters()
         init_roles(self.embed, self.init_rule(0))
+        if self.embed_scale is not None:
+            nn.init.constant_(self.embed_scale, math.sqrt(self.cfg.d_model))
         if self.head is not None:
             init_roles(self.head, self.init_rule(0))
         for block in self.blocks:
@@ -194,7 +213,10 @@ class LM(nn.Module):
         T = idx.shape[1]
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else self.embed.weight.dtype
         rope = rope_cache(T, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta, idx.device, dtype)
-        state = self.blocks[0].enter(self.embed_norm(self.embed(idx)))
+        x = self.embed(idx)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        state = self.blocks[0].enter(self.embed_norm(x))
         for block in self.blocks:
             state = block(state, rope)
         x = self.final_norm(self.exit(state))

@@ -21,6 +21,31 @@ class NormType(str, enum.Enum):
     DYT = "dyt"  # Dynamic Tanh: γ · tanh(α·x) + β, α learnable from α₀ (not a normalization)
 
 
+class DyTRecipe(str, enum.Enum):
+    """How ``norm=dyt`` is set up (:func:`make_norm`, and the embedding scalar of ``model.LM``).
+
+    ``llm`` follows the authors' LLaMA code (Zhu et al. 2025, jiachenzhu/DyT at aab5dde,
+    ``other_tasks/LLaMA``), read there: (1) the DyT module is γ·tanh(α·x), no β; (2) α₀ is set per
+    site by three flags, attention-input norm, FFN-input norm and final norm, whose README commands
+    give 0.8/0.2/0.2 (7B), 0.6/0.15/0.15 (13B), 0.2/0.05/0.05 (34B, 70B): FFN and final are always
+    equal, hence our two values ``dyt_alpha0_attn`` / ``dyt_alpha0_other``; (3) the embedding output is
+    multiplied by a learnable scalar filled with sqrt(d). That α₀ should grow as the width shrinks is
+    the paper's finding (not verified: we did not read the paper's text; the size table agrees).
+    Our reading for sites LLaMA lacks: sublayer-output, stream, embedding and per-head q/k/v norms
+    get α₀_other.
+    """
+
+    PLAIN = "plain"  # γ·tanh(α·x) + β at every site, α₀ = dyt_alpha0
+    LLM = "llm"  # Zhu et al.'s LLaMA recipe: no β; α₀ per site; learnable scalar sqrt(d) on the embedding
+
+
+class Site(str, enum.Enum):
+    """Where a norm sits, for the per-site α₀ of the DyT LLM recipe."""
+
+    ATTN = "attn"  # the attention-input norm: the attention reads its output (Block.attn_input)
+    OTHER = "other"  # every other norm: FFN input, sublayer outputs, stream, embedding, final, q/k/v
+
+
 class Role(str, enum.Enum):
     """What a weight does; init rules map roles to standard deviations."""
 
@@ -36,23 +61,26 @@ class Role(str, enum.Enum):
 
 class DyT(nn.Module):
     """DyT(x) = γ · tanh(α·x) + β, α a learnable scalar initialized to α₀ (Zhu et al. 2025,
-    "Transformers without Normalization")."""
+    "Transformers without Normalization"); ``bias=False``: γ · tanh(α·x), no β parameter (the
+    authors' LLaMA code, jiachenzhu/DyT ``other_tasks/LLaMA/fms_fsdp/models/llama.py``)."""
 
-    def __init__(self, dim: int, alpha0: float):
+    def __init__(self, dim: int, alpha0: float, bias: bool = True):
         super().__init__()
         self.alpha0 = alpha0  # a plain float, re-applied by reset_parameters
         self.alpha = nn.Parameter(torch.empty(1))
         self.weight = nn.Parameter(torch.empty(dim))
-        self.bias = nn.Parameter(torch.empty(dim))
+        self.bias = nn.Parameter(torch.empty(dim)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.constant_(self.alpha, self.alpha0)
         nn.init.ones_(self.weight)
-        nn.init.zeros_(self.bias)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * torch.tanh(self.alpha * x) + self.bias
+        y = self.weight * torch.tanh(self.alpha * x)
+        return y if self.bias is None else y + self.bias
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -90,14 +118,19 @@ class RMSNorm(nn.RMSNorm):
 NORMS = (RMSNorm, nn.LayerNorm, DyT)  # the modules make_norm builds
 
 
-def make_norm(cfg, dim: int | None = None) -> nn.Module:
-    """N(x) of type ``cfg.norm`` over the last dimension (``dim``, default ``cfg.d_model``)."""
+def make_norm(cfg, dim: int | None = None, site: Site = Site.OTHER) -> nn.Module:
+    """N(x) of type ``cfg.norm`` over the last dimension (``dim``, default ``cfg.d_model``).
+
+    ``site`` matters only to DyT under ``dyt_recipe=llm``: no bias, α₀ = ``dyt_alpha0_attn`` at
+    the attention-input site, ``dyt_alpha0_other`` elsewhere; ``plain``: bias, α₀ = ``dyt_alpha0``."""
     dim = cfg.d_model if dim is None else dim
     if cfg.norm is NormType.RMS:
         return RMSNorm(dim, eps=cfg.norm_eps)
     if cfg.norm is NormType.LAYER:
         return nn.LayerNorm(dim, eps=cfg.norm_eps)
-    return DyT(dim, cfg.dyt_alpha0)
+    if cfg.dyt_recipe is DyTRecipe.PLAIN:
+        return DyT(dim, cfg.dyt_alpha0)
+    return DyT(dim, cfg.dyt_alpha0_attn if site == Site.ATTN else cfg.dyt_alpha0_other, bias=False)
 
 
 def rope_cache(seq_len: int, head_dim: int, theta: float, device=None,

@@ -13,6 +13,12 @@ are plain Python floats computed from the actual depth, never buffers.
 
 Notation: block l of L (0-based in code), input x, output x'; N is the norm (rms, layer or dyt),
 Attn and FFN the sublayers of ``nn.py`` (FFN may be any FFN module).
+
+``attn_input`` names the norm whose output the attention reads (PreNorm's N_1), None where the
+attention reads the stream itself (the PostNorm family: post, span, deepnorm, b2t, admin, hybrid,
+residual, Mix-LN's PostNorm blocks and HybridNorm*'s blocks 1..). Only the DyT LLM recipe (``dyt_recipe=llm``) uses it: that
+norm gets α₀ = dyt_alpha0_attn, every other norm (FFN input, sublayer-output, stream, embedding,
+final and per-head q/k/v norms) dyt_alpha0_other; a scheme without one has α₀_other everywhere.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .moe import MoE
-from .nn import Attention, Role, SwiGLU, make_norm
+from .nn import Attention, Role, Site, SwiGLU, make_norm
 
 if TYPE_CHECKING:
     from .model import ModelConfig
@@ -170,6 +176,7 @@ class Block(nn.Module):
     init_rule: ClassVar[str] = ""  # the recommended init, in words
     reference: ClassVar[str] = ""  # the paper
     norms: ClassVar[tuple[str, ...]] = ("norm1", "norm2")  # norm modules this block owns
+    attn_input: ClassVar[str | None] = None  # the norm of ``norms`` the attention reads (module docstring)
     qkv_norm: ClassVar[bool] = False  # per-head norms on q, k, v inside attention
     embed_norm: ClassVar[bool] = False  # apply N_0 to the token embedding
     final_norm: ClassVar[bool] = False  # apply N before the LM head (ModelConfig.final_norm overrides)
@@ -183,8 +190,14 @@ class Block(nn.Module):
         self.attn = Attention(cfg.d_model, cfg.n_heads, qkv_norm)
         self.ffn = (MoE(cfg.d_model, cfg.expert_dim, cfg.n_experts, cfg.top_k, cfg.n_shared_experts,
                         cfg.capacity_factor) if cfg.moe else SwiGLU(cfg.d_model, cfg.ffn_dim))
+        attn_input = self.attn_input_norm(cfg, layer)
         for name in self.norms:
-            setattr(self, name, make_norm(cfg))
+            setattr(self, name, make_norm(cfg, site=Site.ATTN if name == attn_input else Site.OTHER))
+
+    @classmethod
+    def attn_input_norm(cls, cfg: ModelConfig, layer: int) -> str | None:
+        """The attention-input norm of block ``layer`` (``attn_input``; Mix-LN's depends on the layer)."""
+        return cls.attn_input
 
     @classmethod
     def init_stds(cls, cfg: ModelConfig, layer: int) -> dict[Role, float]:
@@ -221,6 +234,7 @@ class PreNorm(Block):
     equation = "h = x + Attn(N(x)); x' = h + FFN(N(h)); final N before the head"
     init_rule = "GPT-2: N(0, init_std); attention out and FFN down × 1/sqrt(2L); tied head"
     reference = "Xiong et al. 2020, arXiv 2002.04745; Radford et al. 2019 (GPT-2)"
+    attn_input = "norm1"
     final_norm = True
 
     @classmethod
@@ -425,6 +439,7 @@ class PeriLN(Block):
     init_rule = "as PreNorm (GPT-2); tied head (not verified)"
     reference = "Kim et al. 2025, arXiv 2502.02732"
     norms = ("norm1", "norm1_out", "norm2", "norm2_out")
+    attn_input = "norm1"
     embed_norm = True
     final_norm = True
 
@@ -480,6 +495,10 @@ class MixLN(Block):
     def init_stds(cls, cfg, layer):
         return shared_init(cfg) | {Role.EMBED: math.sqrt(2 / 5)}
 
+    @classmethod
+    def attn_input_norm(cls, cfg, layer):
+        return None if cls.is_post(cfg, layer) else "norm1"
+
     def forward(self, x, rope):
         return PostNorm.forward(self, x, rope) if self.post else PreNorm.forward(self, x, rope)
 
@@ -526,7 +545,7 @@ class HybridNormStar(HybridNorm):
     def __init__(self, cfg, layer):
         super().__init__(cfg, layer)
         if layer == 0:
-            self.attn_norm = make_norm(cfg)
+            self.attn_norm = make_norm(cfg, site=Site.ATTN)
 
     def forward(self, x, rope):
         if self.layer > 0:
@@ -620,6 +639,7 @@ class SiameseNorm(Block):
     init_rule = "N(0, init_std), no depth scaling; tied head (not verified)"
     reference = "Li et al. 2026 (SiameseNorm, ICML 2026)"
     norms = ("post1", "in1", "pre1", "post2", "in2", "pre2")
+    attn_input = "in1"
     Exit = SiameseExit
 
     def __init__(self, cfg, layer):
@@ -661,6 +681,7 @@ class DeepScale(Block):
     init_rule = ("embedding N(0, 1); q, k, v, up 1/sqrt(d); out, down calibrated to unit output variance; "
                  "tied head")
     reference = "Kedia et al. 2024, arXiv 2403.09635"
+    attn_input = "norm1"
     final_norm = True
 
     def __init__(self, cfg, layer):
