@@ -22,9 +22,10 @@ def probed(scheme, L, d=64, seed=0, **kw):
     return probe(model, idx, idx.roll(-1, dims=1))
 
 
+@pytest.mark.parametrize("span_scale", ["norm", "multiplier", "init"])
 @pytest.mark.parametrize("L", [4, 8, 16])
-def test_span_with_scaling_matches_theory_and_stays_bounded(L):
-    r = probed("span", L)
+def test_span_with_scaling_matches_theory_and_stays_bounded(L, span_scale):
+    r = probed("span", L, span_scale=span_scale)
     assert r["skip_gain_measured"] == pytest.approx(r["skip_gain_theory"], rel=0.05)
     assert 0.5 <= r["full_gain_measured"] <= 2.0
     assert 0.2 <= r["grad_ratio_first_last"] <= 5.0

@@ -259,7 +259,8 @@ def theory(model: LM, stream_rms0: float, attn_rms: list[float], ffn_rms: list[f
       pre:      Var(x_{l+1}) = Var(x_l) + Var(a_l) + Var(f_l); skip gain 1.
       post:     stream RMS 1; skip gain ∏ over the 2L sums of 1/rms(z) (α = 1).
       deepnorm: as post with α = (2L)^(1/4): each sum passes α/rms(α·x + F).
-      span:     stream RMS 1; skip gain ∏_l 1/rms(x_l + s·f_l) = ∏_l (1 + σ_l²)^(-1/2).
+      span:     stream RMS 1; skip gain ∏_l 1/rms(x_l + s·f_l) = ∏_l (1 + σ_l²)^(-1/2) (f_l/rms(f_l) under
+                span_scale=norm).
     Other schemes: None (no closed form here yet).
     """
     scheme = model.cfg.scheme
@@ -272,8 +273,8 @@ def theory(model: LM, stream_rms0: float, attn_rms: list[float], ffn_rms: list[f
         return {"stream_rms": pred, "skip_gain": 1.0}
     if scheme is Scheme.SPAN:
         gain = 1.0
-        for block, f, x in zip(model.blocks, ffn_rms, ins):
-            gain /= math.sqrt(x * x + (block.s * f) ** 2)
+        for block, f, x in zip(model.blocks, ffn_rms, ins):  # span_scale=norm: the branch enters at RMS s
+            gain /= math.sqrt(x * x + (block.s * (1.0 if block.branch_norm else f)) ** 2)
         return {"stream_rms": [1.0] * len(stream_rms), "skip_gain": gain}
     if scheme in (Scheme.POST, Scheme.DEEPNORM):
         alpha = model.blocks[0].alpha if scheme is Scheme.DEEPNORM else 1.0
