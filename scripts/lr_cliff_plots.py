@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from spannorm.io import read_jsonl  # noqa: E402
-from spannorm.schemes import SpanScale, span_factor  # noqa: E402
+from spannorm.schemes import SCHEMES  # noqa: E402
 from spannorm.train import load_run  # noqa: E402
 
 MARKERS = "os^vDx+*P"  # one per update_ratio role
@@ -59,16 +59,14 @@ def plot_run(axes, run_dir: Path, color, roles: list[str]) -> None:
     axes["embed"].plot(steps, series("embed_cos"), color=color, label=label)
 
 
-def branch_variances(run_dir: Path, row: dict) -> list[float] | None:
-    """σ_l² of each SpanNorm block in one diagnostics row (None for other schemes): the FFN branch as it
-    enters N_2, relative to the block input (the embedding norm's output, RMS ≈ 1, for block 0)."""
-    model = load_run(run_dir).model
-    if model.scheme.value != "span":
+def branch_variances(block, row: dict) -> list[float] | None:
+    """σ_l² of each SpanNorm block in one diagnostics row (None for other schemes; ``block``: one block
+    of the run's scheme): the FFN branch as it enters N_2, relative to the block input (the embedding
+    norm's output, RMS ≈ 1, for block 0)."""
+    if not hasattr(block, "entering_rms"):
         return None
-    s = 1.0 if model.span_scale in (SpanScale.INIT, SpanScale.NONE) else span_factor(model)
-    branch = [s if model.span_scale is SpanScale.NORM else s * f for f in row["ffn_rms"]]
     inputs = [1.0] + row["stream_rms"][:-1]
-    return [(b / x) ** 2 for b, x in zip(branch, inputs)]
+    return [(block.entering_rms(f) / x) ** 2 for f, x in zip(row["ffn_rms"], inputs)]
 
 
 TABLE_STEPS = (8, 32, 64, 128, 256)
@@ -78,12 +76,14 @@ def table(run_dir: Path) -> str:
     """A Markdown table of the run at TABLE_STEPS (the nearest diagnostics row at or before each)."""
     diag = [r for r in read_jsonl(run_dir / "diagnostics.jsonl") if "update_ratio" in r]
     loss = {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")}
+    model = load_run(run_dir).model
+    block = SCHEMES[model.scheme](model, 0)  # s and the branch norm are the same in every block
     lines = [f"{run_dir.name}:", "",
              "| step | train loss | Σ_l σ_l² | max σ_l² | skip-path gain | ‖ΔW‖/‖W‖ ffn.down / ffn.up "
              "| attn.out / attn.qk | attention entropy | embedding cosine |", "|" + "---|" * 9]
     picked = {max((r["step"] for r in diag if r["step"] <= want), default=None) for want in TABLE_STEPS}
     for r in (r for r in diag if r["step"] in picked):
-        var = branch_variances(run_dir, r)
+        var = branch_variances(block, r)
         gain = math.exp(-0.5 * sum(math.log1p(v) for v in var)) if var else None
         ur = r["update_ratio"]
         near = min(loss, key=lambda k: abs(k - r["step"]), default=None)

@@ -170,19 +170,14 @@ def mean_pairwise_cosine(rows: torch.Tensor) -> float:
     return ((u.sum(0).pow(2).sum() - u.pow(2).sum()) / (n * (n - 1))).item()
 
 
-def head_weight(model: LM) -> torch.Tensor:
-    """The LM head's weight: the token embedding when tied."""
-    return model.embed.weight if model.head is None else model.head.weight
-
-
 @torch.no_grad()
 def forward_stats(model: LM, rec: dict) -> dict:
     """Per-step numbers from a forward recorded by :func:`taps`:
     attn_rms, ffn_rms: per block, RMS of the raw branch module outputs (SpanNorm's s is not applied);
     attn_entropy: per block, mean causal attention entropy (nats) on the first sequence;
     attn_entropy_max: the uniform-causal entropy for this sequence length (the upper bound);
-    head_in_rms: RMS of the final hidden state fed to the head (whole batch);
-    logit_rms: RMS of the LM logits of the first sequence; embed_rms: RMS of the embedding weight;
+    head_in_rms: RMS of the final hidden state (the final norm's output, before a scheme's head_scale);
+    logit_rms: RMS of the LM logits of the first sequence (head_scale applied, as in the forward); embed_rms: RMS of the embedding weight;
     embed_cos: mean pairwise cosine between the token embedding rows (all rows)."""
     head_in = rec["head_in"][-1]
     return {
@@ -191,7 +186,7 @@ def forward_stats(model: LM, rec: dict) -> dict:
         "attn_entropy": [attention_entropy(q, k) for q, k in rec["qk"]],
         "attn_entropy_max": uniform_causal_entropy(head_in.shape[1]),
         "head_in_rms": _rms(head_in),
-        "logit_rms": _rms(F.linear(head_in[:1].float(), head_weight(model).float())),
+        "logit_rms": _rms(F.linear(head_in[:1].float() * model.head_scale, model.head_weight.float())),
         "embed_rms": _rms(model.embed.weight),
         "embed_cos": mean_pairwise_cosine(model.embed.weight),
     }
@@ -273,8 +268,8 @@ def theory(model: LM, stream_rms0: float, attn_rms: list[float], ffn_rms: list[f
         return {"stream_rms": pred, "skip_gain": 1.0}
     if scheme is Scheme.SPAN:
         gain = 1.0
-        for block, f, x in zip(model.blocks, ffn_rms, ins):  # span_scale=norm: the branch enters at RMS s
-            gain /= math.sqrt(x * x + (block.s * (1.0 if block.branch_norm else f)) ** 2)
+        for block, f, x in zip(model.blocks, ffn_rms, ins):
+            gain /= math.sqrt(x * x + block.entering_rms(f) ** 2)
         return {"stream_rms": [1.0] * len(stream_rms), "skip_gain": gain}
     if scheme in (Scheme.POST, Scheme.DEEPNORM):
         alpha = model.blocks[0].alpha if scheme is Scheme.DEEPNORM else 1.0

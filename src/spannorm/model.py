@@ -182,6 +182,11 @@ class LM(nn.Module):
             init_roles(block, self.init_rule(block.layer))
             block.reset_parameters()
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's weight: the token embedding when tied."""
+        return self.embed.weight if self.head is None else self.head.weight
+
     def moe_layers(self) -> list[MoE]:
         """The MoE FFN of every block (empty for a dense model)."""
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
@@ -222,10 +227,9 @@ class LM(nn.Module):
         x = self.final_norm(self.exit(state))
         if self.head_scale != 1.0:
             x = x * self.head_scale
-        head = self.embed.weight if self.head is None else self.head.weight
         if targets is None:
-            return F.linear(x, head), None
-        return None, linear_cross_entropy(x.reshape(-1, x.shape[-1]), head, targets.reshape(-1))
+            return F.linear(x, self.head_weight), None
+        return None, linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.head_weight, targets.reshape(-1))
 
 
 def init_roles(root: nn.Module, stds: dict[Role, float]) -> None:

@@ -311,6 +311,11 @@ class SpanNorm(Block):
     def init_stds(cls, cfg, layer):
         return unit_variance_init(cfg, span_factor(cfg) if cfg.span_scale is SpanScale.INIT else 1.0)
 
+    def entering_rms(self, ffn_rms: float) -> float:
+        """RMS of the FFN branch as it enters N_2 (s·f, or s·f/rms(f) under span_scale=norm), given the
+        RMS of the FFN module's own output."""
+        return self.s * (1.0 if self.branch_norm else ffn_rms)
+
     def forward(self, x, rope):
         y = self.norm1(x + self.attn(x, rope))
         f = self.ffn(y)
