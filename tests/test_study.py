@@ -83,7 +83,7 @@ def test_shipped_studies_expand_and_are_not_presets():
     from spannorm.model import ModelConfig
 
     lr = expand(load_study("lr"))
-    assert len(lr) == 9 * 2 * 5  # span (norm, the default), span init, span multiplier and 6 peers
+    assert len(lr) == 9 * 2 * 6  # span (norm, the default), span init, span multiplier and 6 peers; 6 lrs
     assert {c.cfg.train.max_steps for c in lr} == {256} and {c.cfg.model.d_model for c in lr} == {64}
     assert {c.cfg.model.n_layers for c in lr} == {12, 48} and {c.cfg.train.seed for c in lr} == {1}
     assert "span_L12_lr0.001_s1" in [c.name for c in lr]  # the default span: no span_scale in its name
