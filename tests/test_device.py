@@ -93,3 +93,14 @@ def test_grouped_expert_gemm_matches_the_loop(capacity):
         results.append((out.float(), xs.grad.float(), up.grad.float(), down.grad.float()))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+def test_device_is_not_part_of_a_runs_identity(corpus):
+    """A compare or study directory started on one device resumes on another; any other change is
+    another experiment."""
+    from spannorm.train import same_experiment
+
+    base = [f"data.corpus={corpus}"]
+    cpu, auto = (load_config("tiny", base + [f"train.device={d}"]) for d in ("cpu", "auto"))
+    assert same_experiment(cpu, auto)
+    assert not same_experiment(cpu, load_config("tiny", base + ["train.device=cpu", "train.lr=1e-3"]))
