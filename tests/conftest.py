@@ -1,6 +1,17 @@
 import random
 
 import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are skipped on a machine without a CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (scripts/gpu_check.sh runs these on one)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 WORDS = ("the king and queen of england went to war with france for love of honour and gold "
          "while the fool sang songs of night and day to every lord and lady in the hall").split()

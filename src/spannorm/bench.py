@@ -28,6 +28,9 @@ import torch
 
 STANDARD = dict(d_model=256, n_layers=8, n_heads=4, vocab_size=8192, seq_len=256, batch_size=8)
 DEPTHS = (4, 8, 16, 32)
+# on a GPU: a ~270M-parameter Llama (SwiGLU width 2816 from d_model), 8 × 1024 tokens per step
+GPU_STANDARD = dict(d_model=1024, n_layers=16, n_heads=16, vocab_size=32768, seq_len=1024, batch_size=8)
+GPU_DEPTHS = (16,)
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,13 @@ class Case:
     dtype: str  # "fp32" or "bf16" (autocast)
     compile: bool = False  # torch.compile the model
     group: str = "main"  # cases of one (group, depth, dtype) are timed together, interleaved
+    device: str = "cpu"  # cpu (the CPU standard size) or cuda / cuda:N (the GPU standard size)
+    tf32: bool = False  # CUDA: fp32 matmuls in TF32
+
+
+def size(case: Case) -> dict:
+    """The standard dimensions of the case's device."""
+    return STANDARD if case.device == "cpu" else GPU_STANDARD
 
 
 def _rss_mb() -> float:
@@ -46,9 +56,13 @@ def _rss_mb() -> float:
 
 
 def _build(case: Case):
-    """The model, a step function (forward + backward + AdamW) and the training forward alone
-    (returns the loss), on a fixed batch."""
-    s = STANDARD
+    """The model, a step function (forward + backward + AdamW; it waits for the device) and the
+    training forward alone (returns the loss), on a fixed batch."""
+    from .device import resolve, set_tf32, synchronize
+
+    s, device = size(case), resolve(case.device, "--device")
+    if device.type == "cuda":
+        set_tf32(case.tf32)
     if case.impl == "hf-llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -60,7 +74,7 @@ def _build(case: Case):
                           num_key_value_heads=s["n_heads"], max_position_embeddings=s["seq_len"],
                           rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=False, mlp_bias=False)
         cfg._attn_implementation = "sdpa"
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(cfg).to(device)
         forward = torch.compile(model) if case.compile else model
 
         def loss_fn(x, y):
@@ -69,23 +83,26 @@ def _build(case: Case):
         from .model import ModelConfig, build_model
 
         model = build_model(ModelConfig(vocab_size=s["vocab_size"], d_model=s["d_model"], n_layers=case.depth,
-                                        n_heads=s["n_heads"], scheme=case.scheme, **moe_fields(case.impl)))
+                                        n_heads=s["n_heads"], scheme=case.scheme,
+                                        **moe_fields(case.impl, s["d_model"], s["n_heads"]))).to(device)
         forward = torch.compile(model) if case.compile else model
 
         def loss_fn(x, y):  # the training loss: cross-entropy (+ the weighted MoE auxiliary terms)
             return forward(x, y)[1] + model.moe_loss()
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x = torch.randint(0, s["vocab_size"], (s["batch_size"], s["seq_len"]), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, s["vocab_size"], (s["batch_size"], s["seq_len"]),
+                      generator=torch.Generator().manual_seed(0)).to(device)
 
     def forward_loss():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.dtype == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.dtype == "bf16"):
             return loss_fn(x, x)
 
     def step():
         forward_loss().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        synchronize(device)
 
     return model, step, forward_loss
 
@@ -127,10 +144,10 @@ def time_group(group: list[Case], reps: int = 5, warmup: int = 2) -> list[dict]:
     torch.manual_seed(0)
     built = [_build(c) for c in group]
     times = interleaved_times([step for _, step, _ in built], reps, warmup)
-    s = STANDARD
-    tokens = s["batch_size"] * s["seq_len"]
     rows = []
     for case, (model, _, forward_loss), ts in zip(group, built, times):
+        s = size(case)
+        tokens = s["batch_size"] * s["seq_len"]
         n_params, n_active = sum(p.numel() for p in model.parameters()), active_params(model)
         step = statistics.median(ts)
         flops_per_token = 6 * n_active + 6 * case.depth * s["seq_len"] * s["d_model"]
@@ -141,7 +158,15 @@ def time_group(group: list[Case], reps: int = 5, warmup: int = 2) -> list[dict]:
 
 
 def peak_memory(case: Case) -> float:
-    """MB of resident memory a model adds to a process, over two training steps (run it in a fresh process)."""
+    """MB of resident memory a model adds to a process, over two training steps (run it in a fresh
+    process); on CUDA, MB of peak allocated device memory (weights, optimizer and activations)."""
+    if case.device != "cpu":
+        device = torch.device(case.device)
+        torch.cuda.reset_peak_memory_stats(device)
+        _, step, _ = _build(case)
+        step()
+        step()
+        return torch.cuda.max_memory_allocated(device) / 2**20
     base = _rss_mb()
     _, step, _ = _build(case)
     step()
@@ -149,37 +174,46 @@ def peak_memory(case: Case) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base  # kB -> MB on Linux
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """Median FLOP/s of an n×n×n matmul on this machine."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5, device: str = "cpu", tf32: bool = False) -> float:
+    """Median FLOP/s of an n×n×n matmul on this machine (or on a CUDA ``device``, where fp32 runs in
+    TF32 if ``tf32``, as the cases do)."""
+    from .device import set_tf32, synchronize
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        set_tf32(tf32)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
     times = []
     for _ in range(reps):
+        synchronize(device)
         t0 = time.perf_counter()
         a @ b
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return 2 * n**3 / statistics.median(times)
 
 
 def cases(schemes: list[str], depths: list[int], dtypes: list[str], with_hf: bool,
-          compile: bool = False) -> list[Case]:
+          compile: bool = False, device: str = "cpu", tf32: bool = False) -> list[Case]:
     """pre, span and HF Llama over the depth sweep (the targets: few models per group, so that
     their steps interleave closely); the other schemes at the standard depth, each timed beside
     pre (group "peers"); with ``compile``, pre, span and HF Llama at the standard depth, each eager and
     compiled, in one group (group "compile")."""
     out = []
-    L = STANDARD["n_layers"]
+    on = dict(device=device, tf32=tf32)
+    L = (STANDARD if device == "cpu" else GPU_STANDARD)["n_layers"]
     for dtype in dtypes:
         for depth in sorted({L, *depths}):
-            out += [Case("spannorm", s, depth, dtype) for s in ("pre", "span") if s in schemes]
+            out += [Case("spannorm", s, depth, dtype, **on) for s in ("pre", "span") if s in schemes]
             if with_hf:
-                out.append(Case("hf-llama", "pre", depth, dtype))
+                out.append(Case("hf-llama", "pre", depth, dtype, **on))
         peers = [s for s in schemes if s not in ("pre", "span")]
         if peers:
-            out += [Case("spannorm", s, L, dtype, group="peers") for s in ["pre", *peers]]
+            out += [Case("spannorm", s, L, dtype, group="peers", **on) for s in ["pre", *peers]]
         if compile:
             impls = [("spannorm", s) for s in ("pre", "span") if s in schemes] + [("hf-llama", "pre")] * with_hf
-            out += [Case(impl, s, L, dtype, c, group="compile") for impl, s in impls for c in (False, True)]
+            out += [Case(impl, s, L, dtype, c, group="compile", **on) for impl, s in impls for c in (False, True)]
     return out
 
 
@@ -194,8 +228,12 @@ def _subprocess(*args: str):
 
 def run(all_cases: list[Case], reps: int = 5, log=print) -> dict:
     """Time every (dtype, group, depth) group in its own process, then each case's memory in its own."""
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    log(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
+    device, tf32 = (all_cases[0].device, all_cases[0].tf32) if all_cases else ("cpu", False)
+    n = 2048 if device == "cpu" else 8192
+    peaks = {"fp32": matmul_peak(torch.float32, n, device=device, tf32=tf32),
+             "bf16": matmul_peak(torch.bfloat16, n, device=device)}
+    log(f"matmul peak on {device}: fp32{' (TF32)' if tf32 else ''} {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
+        f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
     rows = []
     key = lambda c: (c.dtype, c.group, c.depth)  # noqa: E731
     for _, group in itertools.groupby(sorted(all_cases, key=key), key=key):
@@ -218,8 +256,10 @@ def ratios(result: dict) -> list[str]:
     import numpy as np
 
     rows = result["rows"]
+    L0 = size(Case(**{k: rows[0][k] for k in ("impl", "scheme", "depth", "dtype")},
+                   device=rows[0].get("device", "cpu")))["n_layers"] if rows else STANDARD["n_layers"]
 
-    def find(impl, scheme, dtype, compiled=False, depth=STANDARD["n_layers"], group="main"):
+    def find(impl, scheme, dtype, compiled=False, depth=L0, group="main"):
         return next((r for r in rows if (r["impl"], r["scheme"], r["depth"], r["dtype"], r.get("compile", False),
                                          r.get("group", "main")) == (impl, scheme, depth, dtype, compiled, group)),
                     None)
@@ -261,7 +301,7 @@ def ratios(result: dict) -> list[str]:
         peers = [r for r in rows if r.get("group") == "peers" and r["dtype"] == dtype]
         anchor = next((r for r in peers if r["scheme"] == "pre"), None)
         if anchor:
-            lines.append(f"{dtype}: step time / pre's, every scheme at L={STANDARD['n_layers']}: " + ", ".join(
+            lines.append(f"{dtype}: step time / pre's, every scheme at L={L0}: " + ", ".join(
                 f"{r['scheme']} {r['step_s'] / anchor['step_s']:.2f}" for r in peers if r is not anchor))
         for impl, scheme in (("spannorm", "pre"), ("spannorm", "span"), ("hf-llama", "pre")):
             pts = sorted((r["depth"], r["step_s"]) for r in rows if (r["impl"], r["scheme"], r["dtype"])
@@ -292,14 +332,14 @@ def markdown(result: dict) -> str:
 MOE = dict(n_experts=8, top_k=2)  # expert width: the default, dense ffn_dim / top_k
 
 
-def moe_fields(impl: str) -> dict:
+def moe_fields(impl: str, d_model: int, n_heads: int) -> dict:
     """Extra ModelConfig fields of the MoE comparison's two impls ({} for the others)."""
     from .model import ModelConfig
 
     if impl == "spannorm-moe":
         return dict(MOE)
     if impl == "spannorm-moe-dense":  # dense d_ff = top_k × expert width: the MoE's active FFN
-        moe = ModelConfig(d_model=STANDARD["d_model"], n_heads=STANDARD["n_heads"], **MOE)
+        moe = ModelConfig(d_model=d_model, n_heads=n_heads, **MOE)
         return {"d_ff": moe.top_k * moe.expert_dim}
     return {}
 
@@ -318,9 +358,10 @@ def active_params(model) -> int:
     return n
 
 
-def moe_cases(dtypes: list[str], scheme: str = "span") -> list[Case]:
-    """MoE and its dense equivalent at the standard size (one group per dtype: steps interleaved)."""
-    return [Case(impl, scheme, STANDARD["n_layers"], dtype) for dtype in dtypes
+def moe_cases(dtypes: list[str], scheme: str = "span", device: str = "cpu", tf32: bool = False) -> list[Case]:
+    """MoE and its dense equivalent at the device's standard size (one group per dtype: steps interleaved)."""
+    L = (STANDARD if device == "cpu" else GPU_STANDARD)["n_layers"]
+    return [Case(impl, scheme, L, dtype, device=device, tf32=tf32) for dtype in dtypes
             for impl in ("spannorm-moe-dense", "spannorm-moe")]
 
 

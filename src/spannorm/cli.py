@@ -29,6 +29,11 @@ def _config_args(p: argparse.ArgumentParser, default: str | None) -> None:
                                     "(same as --set data.corpus=PATH)")
 
 
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N "
+                                    "(same as --set train.device=DEVICE; default: the config's, auto)")
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="spannorm", description="Train and compare normalization schemes for deep Transformers.")
     parser.add_argument("--version", action="version", version=f"spannorm {__version__}")
@@ -44,12 +49,14 @@ def build_parser() -> Parser:
     tr.add_argument("--out", type=Path, help="run directory (default runs/<config>-<scheme>-<time>)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    _device_arg(tr)
 
     pr = sub.add_parser("probe", help="signal propagation at init (or on a checkpoint), measured and predicted")
     _config_args(pr, "small")
     pr.add_argument("--scheme", default="pre,post,span", help="comma-separated schemes (default pre,post,span)")
     pr.add_argument("--depths", default="12,48,96", help="comma-separated depths L (default 12,48,96)")
     pr.add_argument("--d-model", type=int, help="width (default: the config's model.d_model)")
+    _device_arg(pr)
     pr.add_argument("--batch", type=int, default=4, help="sequences in the probe batch (default 4)")
     pr.add_argument("--checkpoint", type=Path, help="a run directory: probe its latest checkpoint (with its own config; --scheme, "
                          "--depths, --d-model and --config are not used) and add layer-drop sensitivity")
@@ -58,13 +65,16 @@ def build_parser() -> Parser:
 
     be = sub.add_parser("bench", help="training-step speed and memory of every scheme and of HF Llama")
     be.add_argument("--schemes", default=",".join(s.value for s in Scheme), help="comma-separated (default: all)")
-    be.add_argument("--depths", default="4,8,16,32", help="depth sweep for pre, span and HF Llama (default 4,8,16,32)")
+    be.add_argument("--depths", help="depth sweep for pre, span and HF Llama (default 4,8,16,32 on the CPU, 16 on CUDA)")
     be.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16 (autocast); default both")
     be.add_argument("--reps", type=int, default=5, help="timed rounds of interleaved steps, after 2 warm-up rounds "
                     "(default 5)")
     be.add_argument("--compile", action="store_true", help="also time pre, span and HF Llama eager and under "
                     "torch.compile, all six interleaved (standard depth)")
     be.add_argument("--no-hf", action="store_true", help="skip the Hugging Face LlamaForCausalLM reference")
+    be.add_argument("--device", default="cpu", help="cpu (default; the CPU standard size) or cuda / cuda:N (the GPU "
+                    "standard size, peak allocated memory)")
+    be.add_argument("--tf32", action="store_true", help="CUDA: fp32 matmuls in TF32 (all implementations alike)")
     be.add_argument("--json", type=Path, help="write {matmul_peak_flops, rows: [...]} here")
     be.add_argument("--report", type=Path, metavar="JSON",
                     help="time nothing: print the ratios and a Markdown table of a --json result")
@@ -81,6 +91,7 @@ def build_parser() -> Parser:
     cmp_.add_argument("--schemes", default="pre,post,span", help="comma-separated schemes (default pre,post,span)")
     cmp_.add_argument("--out", type=Path, default=Path("runs/compare"), help="output directory (default runs/compare)")
     cmp_.add_argument("--quiet", action="store_true", help="no progress bars")
+    _device_arg(cmp_)
 
     st = sub.add_parser("study", help="a grid of runs (schemes × depths × lrs × seeds) with results.csv, "
                                       "report.md, plots and a verdict on each SpanNorm claim")
@@ -95,14 +106,20 @@ def build_parser() -> Parser:
                     help="append an override to the study's base config, e.g. --set data.corpus=PATH (repeatable)")
     st.add_argument("--corpus", help="train every cell on this text file or directory (same as --set data.corpus=PATH)")
     st.add_argument("--quiet", action="store_true", help="no per-cell progress lines")
+    _device_arg(st)
     return parser
+
+
+def _shortcuts(args) -> list[str]:
+    """``--set`` overrides for --corpus and --device."""
+    return ([f"data.corpus={args.corpus}"] if args.corpus else []) + (
+        [f"train.device={args.device}"] if getattr(args, "device", None) else [])
 
 
 def _load(args):
     from .train import load_config
 
-    overrides = list(args.overrides) + ([f"data.corpus={args.corpus}"] if args.corpus else [])
-    return load_config(args.config, overrides)
+    return load_config(args.config, list(args.overrides) + _shortcuts(args))
 
 
 def cmd_data_prepare(args) -> None:
@@ -118,6 +135,7 @@ def cmd_data_prepare(args) -> None:
 
 
 def cmd_train(args) -> None:
+    from .device import resolve as resolve_device
     from .train import load_run, train
 
     if args.resume:
@@ -126,6 +144,9 @@ def cmd_train(args) -> None:
         if args.config or args.overrides or args.corpus:
             raise ConfigError("--resume uses the run's saved config.yaml: drop --config, --set and --corpus")
         cfg = load_run(args.out)
+        if args.device:  # a run may resume on another device: its checkpoint loads anywhere
+            resolve_device(args.device, "--device")  # a one-line error for a bad value or a missing GPU
+            cfg.train.device = args.device
         out = args.out
     else:
         if not args.config:
@@ -160,7 +181,7 @@ def cmd_study(args) -> None:
 
     if args.jobs < 1:
         raise ConfigError(f"--jobs {args.jobs} is invalid: expected a positive integer")
-    study = load_study(args.config, list(args.overrides) + ([f"data.corpus={args.corpus}"] if args.corpus else []))
+    study = load_study(args.config, list(args.overrides) + _shortcuts(args))
     command = "spannorm " + " ".join(shlex.quote(a) for a in args.argv)
     rows = run_study(study, args.out, command, jobs=args.jobs, log=(lambda *a: None) if args.quiet else print,
                      report_only=args.report_only)
@@ -197,7 +218,7 @@ def cmd_probe(args) -> None:
         if args.d_model is not None:
             args.overrides = list(args.overrides) + [f"model.d_model={args.d_model}"]
         cfg = _load(args)
-    runs = run_probe(cfg, schemes, depths, args.batch, checkpoint=args.checkpoint)
+    runs = run_probe(cfg, schemes, depths, args.batch, checkpoint=args.checkpoint, device=args.device)
     atomic_write_text(args.json, json.dumps({"runs": runs}, indent=1))
     plots = [args.json.with_suffix(".png")]
     plot_probe(runs, plots[0])
@@ -215,7 +236,8 @@ def cmd_bench(args) -> None:
     import importlib.util
     import json
 
-    from .bench import cases, markdown, moe_cases, moe_ratios, ratios, run
+    from .bench import DEPTHS, GPU_DEPTHS, cases, markdown, moe_cases, moe_ratios, ratios, run
+    from .device import resolve as resolve_device
     from .io import atomic_write_text
 
     schemes = [coerce_enum(Scheme, "--schemes", s.strip()).value for s in args.schemes.split(",") if s.strip()]
@@ -234,15 +256,20 @@ def cmd_bench(args) -> None:
                               f"({type(e).__name__}: {e})") from None
         print(text)
         return
+    resolve_device(args.device, "--device")  # a one-line error for a bad value or a missing GPU
+    if args.device == "auto":
+        raise ConfigError("--device 'auto' is invalid for bench: expected cpu, cuda or cuda:N (it sets the size)")
     if args.moe:
-        result = run(moe_cases(dtypes), args.reps)
+        result = run(moe_cases(dtypes, device=args.device, tf32=args.tf32), args.reps)
         print("\n".join(moe_ratios(result)))
         if args.json:
             atomic_write_text(args.json, json.dumps(result, indent=1))
         return
     if not args.no_hf and importlib.util.find_spec("transformers") is None:
         raise ConfigError("the HF reference needs transformers: pip install 'spannorm[bench]', or pass --no-hf")
-    result = run(cases(schemes, _int_list("--depths", args.depths), dtypes, not args.no_hf, args.compile), args.reps)
+    depths = args.depths or ",".join(map(str, DEPTHS if args.device == "cpu" else GPU_DEPTHS))
+    result = run(cases(schemes, _int_list("--depths", depths), dtypes, not args.no_hf, args.compile,
+                       args.device, args.tf32), args.reps)
     print("\n".join(ratios(result)) + "\n\n" + markdown(result))
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=1))

@@ -10,7 +10,7 @@ import yaml
 from .config import ConfigError, to_dict
 from .io import atomic_write_bytes, atomic_write_text
 from .schemes import Scheme
-from .train import RunConfig, load_run, read_metrics, train
+from .train import RunConfig, load_run, read_metrics, same_experiment, train
 
 COLUMNS = ("scheme", "final val loss", "diverged", "tokens/s", "steps", "params")
 
@@ -18,7 +18,7 @@ COLUMNS = ("scheme", "final val loss", "diverged", "tokens/s", "steps", "params"
 def run_scheme(cfg: RunConfig, run_dir: Path, progress: bool) -> dict:
     """Train one cell, reusing a finished run or resuming an interrupted one with the same config."""
     if (run_dir / "config.yaml").is_file():
-        if to_dict(load_run(run_dir)) != to_dict(cfg):
+        if not same_experiment(load_run(run_dir), cfg):
             raise ConfigError(f"--out {str(run_dir.parent)!r} holds a {run_dir.name!r} run with another config: "
                               "choose another --out")
         finished = (run_dir / "summary.json").is_file()

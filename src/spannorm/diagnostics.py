@@ -358,12 +358,15 @@ def load_checkpoint_model(run_dir) -> tuple[LM, object]:
     return model, cfg
 
 
-def run_probe(cfg, schemes: list[Scheme], depths: list[int], batch_size: int, checkpoint=None) -> list[dict]:
+def run_probe(cfg, schemes: list[Scheme], depths: list[int], batch_size: int, checkpoint=None,
+              device: str | None = None) -> list[dict]:
     """Probe fresh models (every scheme × depth, built from ``cfg`` with seed cfg.train.seed) or one
-    checkpoint; the batch is the first validation batch of the run's data."""
+    checkpoint; the batch is the first validation batch of the run's data. ``device``: a device
+    setting (auto, cpu, cuda, cuda:N); default the config's ``train.device``."""
     import dataclasses
 
     from .data import TokenData, prepare
+    from .device import resolve, to_device
     from .model import build_model
 
     if checkpoint is not None:
@@ -375,10 +378,12 @@ def run_probe(cfg, schemes: list[Scheme], depths: list[int], batch_size: int, ch
             for depth in depths:
                 torch.manual_seed(cfg.train.seed)
                 models.append(build_model(dataclasses.replace(cfg.model, scheme=scheme, n_layers=depth)))
+    device = resolve(device or cfg.train.device, "--device" if device else "train.device")
     data = TokenData(prepare(cfg.data), cfg.train.seq_len)
-    batches = list(data.val_batches(batch_size, cfg.train.eval_batches))
+    batches = [to_device(b, device) for b in data.val_batches(batch_size, cfg.train.eval_batches)]
     runs = []
     for model in models:
+        model.to(device)
         row = probe(model, *batches[0])
         if checkpoint is not None:
             row["layer_drop"] = layer_drop(model, batches)

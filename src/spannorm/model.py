@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import coerce_enum, require
+from .device import compute_dtype
 from .moe import MoE
 from .nn import NORMS, DyTRecipe, NormType, Role, linear_cross_entropy, make_norm, rope_cache
 from .schemes import SCHEMES, InitMode, Scheme, SpanScale, shared_init
@@ -216,7 +217,7 @@ class LM(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         T = idx.shape[1]
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else self.embed.weight.dtype
+        dtype = compute_dtype(self.embed.weight)  # RoPE tables in the matmuls' dtype
         rope = rope_cache(T, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta, idx.device, dtype)
         x = self.embed(idx)
         if self.embed_scale is not None:

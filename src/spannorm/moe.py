@@ -17,7 +17,8 @@ Auxiliary terms (computed on every forward, stored on the module):
 
 Dispatch: the N·k assignments are sorted by expert (stable, so token order is kept within an
 expert), the tokens gathered with one index_select, each expert applied to its contiguous slice in
-one matmul (a loop over experts, never over tokens), weighted, and scattered back with index_add_.
+one matmul (a loop over experts, never over tokens; on CUDA in bf16 one grouped GEMM), weighted, and
+scattered back with index_add_.
 Dropless by default. With a capacity factor c each expert takes at most ceil(c·N·k/E) assignments,
 the first in token order; the rest are dropped (contribute 0) and counted.
 
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .device import compute_dtype
 from .nn import Role, SwiGLU, silu_gate
 
 
@@ -87,6 +89,21 @@ class MoE(nn.Module):
         weights, experts = probs.topk(self.top_k, dim=-1)
         return logits, probs, weights / weights.sum(-1, keepdim=True), experts
 
+    @staticmethod
+    def experts(xs: torch.Tensor, kept: list[int], w_up: torch.Tensor, w_down: torch.Tensor,
+                grouped: bool | None = None) -> torch.Tensor:
+        """Expert i applied to its contiguous slice of ``xs`` (``kept[i]`` rows): a loop of matmuls,
+        or with ``grouped`` two grouped GEMMs (``F.grouped_mm``; default: on CUDA in bf16, its kernels' domain)."""
+        if grouped is None:
+            grouped = xs.is_cuda and xs.dtype == torch.bfloat16
+        if grouped:
+            offs = torch.tensor(kept, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(xs.device)
+            grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm  # torch._grouped_mm in older releases
+            h = grouped_mm(xs, w_up.transpose(-2, -1), offs=offs)
+            return grouped_mm(silu_gate(h), w_down.transpose(-2, -1), offs=offs)
+        return torch.cat([F.linear(silu_gate(F.linear(xe, up)), down)
+                          for xe, up, down in zip(xs.split(kept), w_up.unbind(0), w_down.unbind(0))])
+
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         x = y.reshape(-1, y.shape[-1])
         N, E, k = x.shape[0], self.n_experts, self.top_k
@@ -104,14 +121,10 @@ class MoE(nn.Module):
         kept = [c if cap is None else min(c, cap) for c in n_assigned]
 
         tokens = order // k
-        dev = x.device.type  # under autocast: cast once, then gather and matmul in the low precision
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        dtype = compute_dtype(x)  # under autocast: cast once, then gather and matmul in the low precision
         xs = x.to(dtype).index_select(0, tokens)
-        outs = []
-        for xe, w_up, w_down in zip(xs.split(kept), self.up.weight.to(dtype).unbind(0),
-                                    self.down.weight.to(dtype).unbind(0)):
-            outs.append(F.linear(silu_gate(F.linear(xe, w_up)), w_down))
-        routed = torch.cat(outs) * weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(outs[0].dtype)
+        h = self.experts(xs, kept, self.up.weight.to(dtype), self.down.weight.to(dtype))
+        routed = h * weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(h.dtype)
         out = routed.new_zeros(N, x.shape[-1]).index_add_(0, tokens, routed)
         if self.shared is not None:
             out = out + self.shared(x)

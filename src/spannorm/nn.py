@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .device import compute_dtype
+
 
 class NormType(str, enum.Enum):
     """Which normalization N is; each has a learnable gain."""
@@ -242,7 +244,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         xd, wd = x.to(dtype), weight.to(dtype)
         grad_x = torch.empty_like(x) if need_grad else None
         grad_w = torch.zeros_like(weight, dtype=acc) if need_grad else None
-        total = torch.zeros((), dtype=acc)
+        total = torch.zeros((), dtype=acc, device=x.device)
         for start in range(0, n, chunk_rows):
             xc, tc = xd[start:start + chunk_rows], targets[start:start + chunk_rows, None]
             logits = (xc @ wd.t()).to(acc)
@@ -270,12 +272,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_x * grad_out, (grad_w * grad_out).to(ctx.weight_dtype), None, None, None
 
 
+# logits per chunk: CPU 8 MB in fp32 (cache-sized); CUDA 256 MB (few kernel launches)
+CHUNK_LOGITS = {"cpu": 2**21, "cuda": 2**26}
+
+
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk_rows: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of the logits x·Wᵀ against ``targets`` (x: (N, d), W: (V, d)), in chunks
-    of ``chunk_rows`` rows (default: about 2^21 logits per chunk, 8 MB in fp32): memory O(chunk·V) instead of
-    O(N·V), and faster than materializing the logits. Under CPU bf16 autocast the matmuls run in
-    bf16, as ``F.linear`` would."""
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    chunk_rows = chunk_rows or max(64, 2**21 // weight.shape[0])  # bf16: 256 rows at V=8192 beat 128 and 512
-    return _LinearCrossEntropy.apply(x, weight, targets, dtype, chunk_rows)
+    of ``chunk_rows`` rows (default: about ``CHUNK_LOGITS`` of x's device per chunk): memory
+    O(chunk·V) instead of O(N·V), and faster than materializing the logits. Under bf16 autocast
+    the matmuls run in bf16, as ``F.linear`` would."""
+    per_chunk = CHUNK_LOGITS.get(x.device.type, CHUNK_LOGITS["cpu"])
+    chunk_rows = chunk_rows or max(64, per_chunk // weight.shape[0])  # CPU bf16: 256 rows (V=8192) beat 128, 512
+    return _LinearCrossEntropy.apply(x, weight, targets, compute_dtype(x), chunk_rows)

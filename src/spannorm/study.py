@@ -40,7 +40,8 @@ import yaml
 
 from .config import ConfigError, SpannormError, apply_overrides, read_yaml, require, to_dict
 from .io import atomic_write_text
-from .train import RunConfig, load_run, resolve_config_path, resolve_shipped, run_config_from_dict, shipped_names
+from .train import (RunConfig, load_run, resolve_config_path, resolve_shipped, run_config_from_dict, same_experiment,
+                    shipped_names)
 
 STUDIES = resources.files("spannorm") / "configs" / "studies"
 CORE = ("model.scheme", "model.n_layers", "train.lr", "train.seed")  # named in every cell's directory name
@@ -379,7 +380,7 @@ def run_cells(study: StudyConfig, cells: list[Cell], out: Path, jobs: int, log) 
 
     for cell in cells:  # a cell directory of another config is a user error: refuse before any training
         run_dir = out / "cells" / cell.name
-        if (run_dir / "config.yaml").is_file() and to_dict(load_run(run_dir)) != to_dict(cell.cfg):
+        if (run_dir / "config.yaml").is_file() and not same_experiment(load_run(run_dir), cell.cfg):
             raise ConfigError(f"--out {str(out)!r} holds a cell {cell.name!r} with another config: "
                               "choose another --out (or delete that cell)")
     for data in {json.dumps(to_dict(c.cfg.data), sort_keys=True): c.cfg.data for c in cells}.values():

@@ -40,6 +40,9 @@ from safetensors.torch import load_model, save_model
 
 from .config import ConfigError, SpannormError, apply_overrides, coerce_enum, from_dict, read_yaml, require, to_dict
 from .data import DataConfig, TokenData, prepare
+from .device import DEVICE_FORMS, rng_state, set_rng_state, set_tf32, to_device, valid_device
+from .device import autocast as device_autocast
+from .device import resolve as resolve_device
 from .diagnostics import forward_stats, grad_norms, snapshot, taps, update_ratios
 from .io import atomic_dir, atomic_write_text, read_jsonl
 from .model import LM, ModelConfig, build_model
@@ -66,6 +69,8 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this value; 0 disables
     precision: Precision = Precision.FP32  # fp32 or bf16 (autocast)
+    device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda or cuda:N
+    tf32: bool = False  # CUDA: fp32 matmuls in TF32 (faster, ~1e-3 relative error); fp32 means fp32 by default
     log_interval: int = 10  # steps between metrics rows
     eval_interval: int = 100  # steps between validation passes (and one at the end)
     eval_batches: int = 8  # validation batches per pass
@@ -93,6 +98,7 @@ class TrainConfig:
         require(self.probe_interval >= 0, "train.probe_interval", self.probe_interval, "an integer >= 0 (0: off)")
         require(isinstance(self.stop_on_divergence, bool), "train.stop_on_divergence", self.stop_on_divergence,
                 "true or false")
+        require(valid_device(self.device), "train.device", self.device, DEVICE_FORMS)
 
 
 @dataclass
@@ -161,6 +167,16 @@ def load_run(run_dir: Path) -> RunConfig:
     return run_config_from_dict(read_yaml(path))
 
 
+def same_experiment(a: RunConfig, b: RunConfig) -> bool:
+    """Whether two configs describe the same run, wherever it trains: equal but for ``train.device``
+    (a run, a compare or a study started on one device may resume on another)."""
+    def key(cfg: RunConfig) -> dict:
+        d = to_dict(cfg)
+        d["train"] = {k: v for k, v in d["train"].items() if k != "device"}
+        return d
+    return key(a) == key(b)
+
+
 def lr_at(step: int, t: TrainConfig) -> float:
     """Learning rate of update ``step`` (0-based): linear warmup, then cosine to lr·min_lr_ratio."""
     if step < t.warmup_steps:
@@ -177,19 +193,23 @@ def make_optimizer(model: LM, t: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=True)  # fused: one kernel per step
 
 
-def autocast(t: TrainConfig):
-    if t.precision is Precision.BF16:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def autocast(t: TrainConfig, device: torch.device):
+    """bf16 autocast on ``device`` under ``precision=bf16``, else nothing."""
+    return device_autocast(device, t.precision is Precision.BF16)
 
 
 @torch.no_grad()
 def evaluate(model: LM, data: TokenData, t: TrainConfig) -> float:
     model.eval()
+    device = model_device(model)
     losses = []
-    for x, y in data.val_batches(t.batch_size, t.eval_batches):
-        with autocast(t):
-            losses.append(model(x, y)[1].item())
+    for batch in data.val_batches(t.batch_size, t.eval_batches):
+        with autocast(t, device):
+            losses.append(model(*to_device(batch, device))[1].item())
     model.train()
     return sum(losses) / len(losses)
 
@@ -201,6 +221,8 @@ def _digest(path: Path) -> str:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: LM, opt: torch.optim.Optimizer, gen: torch.Generator):
+    """Weights (safetensors), optimizer, RNG and step; optimizer tensors are saved where they live and
+    loaded onto the device of the run that resumes (any device)."""
     ckpts = run_dir / "checkpoints"
     name = f"step-{step:07d}"
     if (ckpts / name).exists():
@@ -208,7 +230,7 @@ def save_checkpoint(run_dir: Path, step: int, model: LM, opt: torch.optim.Optimi
     with atomic_dir(ckpts / name) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         state = {"step": step, "optimizer": opt.state_dict(), "data_rng": gen.get_state(),
-                 "torch_rng": torch.get_rng_state()}
+                 "torch_rng": torch.get_rng_state(), "device_rng": rng_state(model_device(model))}
         torch.save(state, tmp / "state.pt")
         manifest = {f: _digest(tmp / f) for f in ("model.safetensors", "state.pt")}
         atomic_write_text(tmp / "manifest.json", json.dumps(manifest))
@@ -233,11 +255,13 @@ def load_checkpoint(run_dir: Path, model: LM, opt: torch.optim.Optimizer, gen: t
         if not (ckpt / fname).is_file() or _digest(ckpt / fname) != digest:
             raise SpannormError(f"{bad}: {fname} is missing or does not match its sha256")
     try:
-        missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
-        state = torch.load(ckpt / "state.pt", weights_only=True)
-        opt.load_state_dict(state["optimizer"])
+        device = model_device(model)
+        missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False, device=str(device))
+        state = torch.load(ckpt / "state.pt", weights_only=True, map_location="cpu")
+        opt.load_state_dict(state["optimizer"])  # moves the optimizer state onto the parameters' device
         gen.set_state(state["data_rng"])
         torch.set_rng_state(state["torch_rng"])
+        set_rng_state(device, state.get("device_rng"))
     except Exception as e:  # any failure here means the files do not fit this run
         raise SpannormError(f"{bad} or does not match the run's config: {str(e).splitlines()[0]}") from None
     if missing or unexpected:
@@ -286,20 +310,24 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
     if t.compile and cfg.model.moe:
         raise ConfigError(f"train.compile=true is not supported with MoE (model.n_experts={cfg.model.n_experts}): "
                           "set train.compile=false")
+    device = resolve_device(t.device)
     dataset = TokenData(prepare(cfg.data), t.seq_len)  # validates before any file is written
     if t.threads:
         torch.set_num_threads(t.threads)
+    if device.type == "cuda":
+        set_tf32(t.tf32)
     torch.set_flush_denormal(True)
     torch.manual_seed(t.seed)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model).to(device)  # built on the CPU: the same initial weights on every device
     opt = make_optimizer(model, t)
     forward = torch.compile(model) if t.compile else model
     gen = torch.Generator().manual_seed(t.seed)
     step, first_loss, above = 0, None, 0
     if resume:
         if t.stop_on_divergence:  # the divergence guard's reference: the first step's loss, recomputed
-            with torch.no_grad(), autocast(t):
-                first_loss = model(*dataset.sample(torch.Generator().manual_seed(t.seed), t.batch_size))[1].item()
+            with torch.no_grad(), autocast(t, device):
+                first_batch = dataset.sample(torch.Generator().manual_seed(t.seed), t.batch_size)
+                first_loss = model(*to_device(first_batch, device))[1].item()
         step = load_checkpoint(run_dir, model, opt, gen)
         for name in ("metrics.jsonl", "diagnostics.jsonl"):  # forget rows past the checkpoint
             rows = [r for r in read_jsonl(run_dir / name) if r["step"] <= step]
@@ -329,9 +357,9 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
             t0 = time.perf_counter()
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, t)
-            x, y = dataset.sample(gen, t.batch_size)
+            x, y = to_device(dataset.sample(gen, t.batch_size), device)
             probing = t.probe_interval > 0 and (step + 1) % t.probe_interval == 0
-            with autocast(t), (taps(model) if probing else contextlib.nullcontext()) as rec:
+            with autocast(t, device), (taps(model) if probing else contextlib.nullcontext()) as rec:
                 _, loss = (model if probing else forward)(x, y)  # the pure cross-entropy: what is logged
             (loss + model.moe_loss() if moe else loss).backward()
             moe_row = {}
