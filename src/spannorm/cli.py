@@ -34,6 +34,10 @@ def _device_arg(p: argparse.ArgumentParser) -> None:
                                     "(same as --set train.device=DEVICE; default: the config's, auto)")
 
 
+def _model_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="auto (CUDA when available, else CPU; the default), cpu, cuda or cuda:N")
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="spannorm", description="Train and compare normalization schemes for deep Transformers.")
     parser.add_argument("--version", action="version", version=f"spannorm {__version__}")
@@ -107,6 +111,33 @@ def build_parser() -> Parser:
     st.add_argument("--corpus", help="train every cell on this text file or directory (same as --set data.corpus=PATH)")
     st.add_argument("--quiet", action="store_true", help="no per-cell progress lines")
     _device_arg(st)
+
+    ex = sub.add_parser("export", help="a run's newest checkpoint as a Hugging Face folder (config, safetensors, tokenizer)")
+    ex.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory")
+    ex.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the folder to write (must not exist)")
+    ex.add_argument("--to", choices=["spannorm", "llama"], default="spannorm",
+                    help="spannorm (SpanNormForCausalLM, every scheme; the default) or llama (a plain "
+                         "LlamaForCausalLM: pre models with RMSNorm and a dense FFN only)")
+
+    ge = sub.add_parser("generate", help="continue a prompt with a run or a Hugging Face folder, streaming the tokens")
+    ge.add_argument("model", type=Path, metavar="RUN_OR_HF_DIR", help="a run directory or a Hugging Face folder")
+    ge.add_argument("--prompt", required=True, help="the text to continue")
+    ge.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    ge.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0: greedy (default 1)")
+    ge.add_argument("--top-k", type=int, help="sample among the k most likely tokens only (default: all)")
+    ge.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with probability >= p "
+                                                "(nucleus; default 1: all)")
+    ge.add_argument("--seed", type=int, help="seed of the sampling (default: unseeded)")
+    _model_device_arg(ge)
+
+    ev = sub.add_parser("eval", help="loss, perplexity and bits per byte over the validation split and text files")
+    ev.add_argument("model", type=Path, metavar="RUN_OR_HF_DIR", help="a run directory or a Hugging Face folder")
+    ev.add_argument("--text", type=Path, action="append", default=[], metavar="PATH",
+                    help="also evaluate this text file or directory (repeatable)")
+    ev.add_argument("--seq-len", type=int, help="window length (default: the run's train.seq_len)")
+    ev.add_argument("--batch-size", type=int, help="windows per forward (default: the run's train.batch_size, else 16)")
+    ev.add_argument("--json", type=Path, metavar="OUT", help="also write the results to this JSON file")
+    _model_device_arg(ev)
     return parser
 
 
@@ -296,12 +327,75 @@ def cmd_schemes(args) -> None:
               f"reference: {row['reference']}")
 
 
+def _hf():
+    """``spannorm.hf`` (imports transformers), with a one-line error when it is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        raise ConfigError("this command needs transformers: pip install 'spannorm[hf]'")
+    import transformers
+
+    from . import hf
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    return hf
+
+
+def _load_model(args):
+    """(model, tokenizer, run config or None) of args.model on --device (default: auto)."""
+    from .device import resolve as resolve_device
+
+    device = resolve_device(args.device or "auto", "--device")
+    return _hf().load(args.model, device)
+
+
+def cmd_export(args) -> None:
+    out = _hf().export(args.run_dir, args.out_dir, args.to)
+    kind = "LlamaForCausalLM" if args.to == "llama" else "SpanNormForCausalLM"
+    print(f"{args.run_dir} -> {out} ({kind})")
+
+
+def cmd_generate(args) -> None:
+    from transformers import TextStreamer
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} is invalid: expected a positive integer")
+    if not args.temperature >= 0:
+        raise ConfigError(f"--temperature {args.temperature} is invalid: expected a number >= 0 (0: greedy)")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k {args.top_k} is invalid: expected a positive integer")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p {args.top_p} is invalid: expected a number in (0, 1]")
+    model, tokenizer, _ = _load_model(args)
+    _hf().generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                   args.seed, streamer=TextStreamer(tokenizer))
+
+
+def cmd_eval(args) -> None:
+    import json
+
+    from .evaluation import evaluate
+    from .io import atomic_write_text
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size} is invalid: expected a positive integer")
+    model, tokenizer, run_cfg = _load_model(args)
+    report = {"model": str(args.model)} | evaluate(model, tokenizer, run_cfg, args.text, args.seq_len, args.batch_size)
+    for r in report["results"]:
+        print(f"{r['name']}: loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f}, "
+              f"bits per byte {r['bits_per_byte']:.4f} ({r['tokens']:,} tokens, {r['bytes']:,} bytes)")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(report, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
     handler = {"data": cmd_data_prepare, "train": cmd_train, "compare": cmd_compare,
-               "schemes": cmd_schemes, "probe": cmd_probe, "bench": cmd_bench, "study": cmd_study}[args.command]
+               "schemes": cmd_schemes, "probe": cmd_probe, "bench": cmd_bench, "study": cmd_study,
+               "export": cmd_export, "generate": cmd_generate, "eval": cmd_eval}[args.command]
     try:
         handler(args)
     except SpannormError as e:

@@ -215,10 +215,14 @@ class LM(nn.Module):
             return None
         return [{"layer": i} | m.stats for i, m in enumerate(layers)]
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def head_input(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """The state the LM head reads, (B, T, d): logits = head_input · W_headᵀ. ``start``: the
+        absolute position of idx[:, 0] (RoPE), > 0 only for incremental decoding with a KV cache."""
         T = idx.shape[1]
         dtype = compute_dtype(self.embed.weight)  # RoPE tables in the matmuls' dtype
-        rope = rope_cache(T, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta, idx.device, dtype)
+        rope = rope_cache(start + T, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta, idx.device, dtype)
+        if start:
+            rope = tuple(t[start:] for t in rope)
         x = self.embed(idx)
         if self.embed_scale is not None:
             x = x * self.embed_scale
@@ -228,6 +232,10 @@ class LM(nn.Module):
         x = self.final_norm(self.exit(state))
         if self.head_scale != 1.0:
             x = x * self.head_scale
+        return x
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        x = self.head_input(idx)
         if targets is None:
             return F.linear(x, self.head_weight), None
         return None, linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.head_weight, targets.reshape(-1))

@@ -159,6 +159,12 @@ class Attention(nn.Module):
     ``record``: None (the default: no cost), or a list to which each forward appends (q, k) of the
     first sequence, detached, as SDPA gets them (after qkv-norm and RoPE), shape (1, H, T, hd);
     the trainer's probing steps set it to measure attention entropy (``diagnostics.taps``).
+
+    ``kv_cache``: None (the default: training and full-sequence forwards), or a function
+    (k, v) -> (K, V) that stores this forward's keys and values (after qkv-norm and RoPE, so the
+    rope tables must hold the new tokens' absolute positions) and returns them with the S − T
+    cached ones before: shape (B, H, S, hd). Query i (absolute position S − T + i) then attends
+    keys j ≤ S − T + i (``hf.py`` sets it for incremental generation).
     """
 
     def __init__(self, d_model: int, n_heads: int, qkv_norm=None):
@@ -172,6 +178,7 @@ class Attention(nn.Module):
         self.out = nn.Linear(d_model, d_model, bias=False)
         self.out.role = Role.ATTN_OUT
         self.record: list | None = None
+        self.kv_cache = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         B, T, D = x.shape
@@ -182,7 +189,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.record is not None:
             self.record.append((q[:1].detach(), k[:1].detach()))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.kv_cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k, v = self.kv_cache(k, v)
+            S = k.shape[-2]
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)  # key j ≤ S − T + i
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
 

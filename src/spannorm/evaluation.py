@@ -1,0 +1,115 @@
+"""``spannorm eval``: loss, perplexity and bits per byte of a causal LM over whole texts.
+
+A token sequence x_0 … x_{N−1} is cut into non-overlapping windows of T + 1 tokens at stride T
+(the last one shorter): window w is x_{wT} … x_{wT+T}, its inputs the first T tokens and its
+targets the last T, so every token but x_0 is predicted exactly once, from the tokens of its window
+before it (at most T of them, the context length the model trained with). Over the predicted tokens
+
+    loss = total nats / tokens,   perplexity = exp(loss),   bits per byte = total nats / (ln 2 · bytes)
+
+where bytes is the UTF-8 length of the text the predicted tokens stand for: 1 per byte-tokenizer
+token, the byte string of each byte-level BPE token, 0 for a special token (``<|endoftext|>``,
+BPE's document separator, is predicted but stands for no text). Loss and perplexity depend on the
+tokenizer; bits per byte does not: a byte run and a BPE run scoring the same text divide by the
+same bytes (up to the first token's, which neither predicts).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError
+
+
+def windows(ids: np.ndarray, seq_len: int) -> list[np.ndarray]:
+    """Non-overlapping windows of seq_len + 1 tokens at stride seq_len; the last may be shorter."""
+    return [ids[s:s + seq_len + 1] for s in range(0, len(ids) - 1, seq_len)]
+
+
+def token_bytes(tokenizer, vocab_size: int) -> np.ndarray:
+    """UTF-8 bytes each token id stands for (0 for special tokens and ids beyond the tokenizer), read
+    from the byte-level alphabet of its token strings (GPT-2's: ``hf.byte_chars``)."""
+    from .hf import byte_chars
+
+    value = {c: b for b, c in enumerate(byte_chars())}
+    special = set(tokenizer.all_special_ids)
+    out = np.zeros(max(vocab_size, len(tokenizer)), dtype=np.int64)
+    for i in range(len(tokenizer)):
+        if i in special:
+            continue
+        piece = tokenizer.convert_ids_to_tokens(i)
+        if piece is None or any(c not in value for c in piece):
+            raise ConfigError(f"bits per byte needs a byte-level tokenizer; token {i} ({piece!r}) is not byte-level")
+        out[i] = len(piece)
+    return out
+
+
+@torch.no_grad()
+def score(model, wins: list[np.ndarray], batch_size: int = 16) -> tuple[float, int]:
+    """(total nats, predicted tokens) of ``model`` (a Hugging Face causal LM) over the windows,
+    batched by window length; cross-entropy in float32 (or float64 for a float64 model)."""
+    model.eval()
+    device = next(model.parameters()).device
+    nats, tokens = 0.0, 0
+    by_length: dict[int, list[np.ndarray]] = {}
+    for w in wins:
+        by_length.setdefault(len(w), []).append(w)
+    for group in by_length.values():
+        for i in range(0, len(group), batch_size):
+            batch = torch.from_numpy(np.stack(group[i:i + batch_size]).astype(np.int64)).to(device)
+            logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+            acc = torch.promote_types(logits.dtype, torch.float32)
+            nats += F.cross_entropy(logits.flatten(0, 1).to(acc), batch[:, 1:].flatten(), reduction="sum").item()
+            tokens += batch[:, 1:].numel()
+    return nats, tokens
+
+
+def result(name: str, nats: float, tokens: int, n_bytes: int) -> dict:
+    loss = nats / tokens
+    return {"name": name, "tokens": tokens, "bytes": n_bytes, "loss": loss, "perplexity": math.exp(loss),
+            "bits_per_byte": nats / (math.log(2) * n_bytes)}
+
+
+def evaluate_ids(model, name: str, sequences: list[np.ndarray], seq_len: int, sizes: np.ndarray,
+                 batch_size: int) -> dict:
+    """The result over token sequences scored separately (each file is one sequence)."""
+    wins = [w for ids in sequences for w in windows(np.asarray(ids), seq_len)]
+    if not wins:
+        raise ConfigError(f"{name!r} holds fewer than two tokens: nothing to score")
+    nats, tokens = score(model, wins, batch_size)
+    return result(name, nats, tokens, int(sum(sizes[w[1:]].sum() for w in wins)))
+
+
+def evaluate(model, tokenizer, run_cfg, texts: list[Path], seq_len: int | None = None,
+             batch_size: int | None = None) -> dict:
+    """{seq_len, results: [...]}: the validation split of the run (when ``run_cfg`` is given) and each
+    text file or directory (a directory's files each scored on their own, the sums reported)."""
+    from .data import TokenData, load_documents, prepare
+
+    if seq_len is None:
+        if run_cfg is None:
+            raise ConfigError("--seq-len is required: this folder holds no spannorm run config to take it from")
+        seq_len = run_cfg.train.seq_len
+    if seq_len < 1:
+        raise ConfigError(f"--seq-len {seq_len} is invalid: expected a positive integer")
+    batch_size = batch_size or (run_cfg.train.batch_size if run_cfg is not None else 16)
+    sizes = token_bytes(tokenizer, model.config.vocab_size)
+    results = []
+    if run_cfg is not None:
+        val = TokenData(prepare(run_cfg.data), seq_len).val
+        results.append(evaluate_ids(model, "validation", [np.asarray(val)], seq_len, sizes, batch_size))
+    for path in texts:
+        if not Path(path).exists():
+            raise ConfigError(f"--text {str(path)!r} does not exist: expected a text file or directory")
+        docs = load_documents(str(path), run_cfg.data.cache() if run_cfg is not None else Path("."))
+        ids = [np.asarray(tokenizer(text, add_special_tokens=False).input_ids) for _, text in docs]
+        results.append(evaluate_ids(model, str(path), ids, seq_len, sizes, batch_size))
+    if not results:
+        raise ConfigError("nothing to evaluate: this folder holds no spannorm run config (no validation split); "
+                          "pass --text PATH")
+    return {"seq_len": seq_len, "results": results}

@@ -1,0 +1,311 @@
+"""Hugging Face integration: ``SpanNormConfig``, ``SpanNormForCausalLM``, tokenizers, loading and export.
+
+Importing this module imports ``transformers`` (``import spannorm`` does not) and registers the
+classes with ``AutoConfig`` / ``AutoModelForCausalLM``: after ``import spannorm.hf``,
+``AutoModelForCausalLM.from_pretrained(folder)`` loads any folder ``spannorm export`` wrote.
+
+``SpanNormForCausalLM`` wraps the one model implementation, :class:`spannorm.model.LM`, as ``.lm``
+(checkpoint keys ``lm.<LM key>``), every scheme, dense and MoE. Its KV cache: each attention's
+``kv_cache`` hook (``nn.Attention``) appends the new keys and values to a ``transformers`` Cache
+and the new tokens' RoPE positions start at the cached length (``LM.head_input(idx, start)``).
+Padding is not supported (an ``attention_mask`` with zeros is an error): one prompt, or prompts of
+one length. With ``capacity_factor`` set, an MoE layer's capacity depends on the tokens of the
+forward, so incremental and full-sequence decoding may drop different assignments.
+
+A run directory becomes a Hugging Face folder (``export``)::
+
+    config.json, model.safetensors       SpanNormConfig (model_type "spannorm") and the weights
+    tokenizer.json, tokenizer_config.json  a PreTrainedTokenizerFast (AutoTokenizer loads it)
+    spannorm_run.yaml                    the run's config (data and seq_len: ``spannorm eval`` finds
+                                         the validation split with it)
+
+``to="llama"``: a plain ``LlamaForCausalLM`` folder for a ``pre`` model with RMSNorm (the only
+scheme, norm and FFN Llama's equations express; everything else is refused with the reason).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationMixin,
+                          PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast)
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .config import ConfigError, SpannormError, to_dict
+from .model import LM, ModelConfig
+from .nn import NormType
+from .schemes import SCHEMES, Scheme
+
+MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
+HF_NAMES = {"top_k": "moe_top_k"}  # ModelConfig field -> SpanNormConfig attribute (HF reads top_k as sampling's)
+RUN_FILE = "spannorm_run.yaml"  # the run config inside an exported folder
+# the cache's name in forward() and in the output: "cache" (transformers >= 5), "past_key_values" before
+CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+class SpanNormConfig(PretrainedConfig):
+    """Every ``ModelConfig`` field as an attribute of the same name (``top_k``: ``moe_top_k``, since
+    Hugging Face reads ``top_k`` as a sampling parameter), enums as their strings; :meth:`model_config`
+    validates them back into a ``ModelConfig``."""
+
+    model_type = "spannorm"
+    attribute_map = {"hidden_size": "d_model", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads"}
+
+    def __init__(self, **kwargs):
+        defaults = to_dict(ModelConfig())
+        for name in MODEL_FIELDS:
+            key = HF_NAMES.get(name, name)
+            setattr(self, key, to_dict(kwargs.pop(key, defaults[name])))
+        kwargs.setdefault("tie_word_embeddings", self.model_config().use_tied_embeddings)  # (informative)
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_model_config(cls, cfg: ModelConfig, **kwargs) -> SpanNormConfig:
+        return cls(**{HF_NAMES.get(name, name): value for name, value in to_dict(cfg).items()}, **kwargs)
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(**{name: getattr(self, HF_NAMES.get(name, name)) for name in MODEL_FIELDS})
+
+
+@contextlib.contextmanager
+def kv_caching(lm: LM, cache):
+    """Within the block, every attention of ``lm`` stores its keys and values in ``cache`` (layer i
+    in cache layer i) and attends to the cached ones; nothing when ``cache`` is None."""
+    if cache is None:
+        yield
+        return
+    for i, block in enumerate(lm.blocks):
+        block.attn.kv_cache = functools.partial(cache.update, layer_idx=i)
+    try:
+        yield
+    finally:
+        for block in lm.blocks:
+            block.attn.kv_cache = None
+
+
+class SpanNormForCausalLM(PreTrainedModel, GenerationMixin):
+    """``spannorm.model.LM`` as a Hugging Face causal LM: logits = head_input · W_headᵀ;
+    with ``labels``, loss = mean CE(logits[:, t], labels[:, t+1]) over labels ≠ −100 (labels shifted
+    inside, as every HF causal LM), plus ``LM.moe_loss()`` in training mode (the trainer's objective)."""
+
+    config_class = SpanNormConfig
+    base_model_prefix = "lm"
+    main_input_name = "input_ids"
+
+    def __init__(self, config: SpanNormConfig):
+        super().__init__(config)
+        self.lm = LM(config.model_config())  # initialized by the scheme's own rule
+        self.post_init()
+
+    def _init_weights(self, module):
+        """Nothing: ``LM`` initializes itself with its scheme's rule when it is built."""
+
+    def get_input_embeddings(self):
+        return self.lm.embed
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels=None,
+                use_cache: bool | None = None, logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("SpanNormForCausalLM does not support padding: pass one prompt, or prompts of one length")
+        if cache is None and use_cache:
+            cache = DynamicCache()
+        start = cache.get_seq_length() if cache is not None else 0
+        with kv_caching(self.lm, cache):
+            x = self.lm.head_input(input_ids, start)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = F.linear(x, self.lm.head_weight)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            if self.training:
+                loss = loss + self.lm.moe_loss()
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE: cache})
+
+
+AutoConfig.register(SpanNormConfig.model_type, SpanNormConfig)
+AutoModelForCausalLM.register(SpanNormConfig, SpanNormForCausalLM)
+
+
+# --- tokenizers ------------------------------------------------------------------------------
+
+def byte_chars() -> list[str]:
+    """GPT-2's printable stand-in for each byte b = 0..255 (the ByteLevel pre-tokenizer's alphabet):
+    printable Latin-1 bytes stand for themselves, the others map to chr(256), chr(257), … in order."""
+    keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """The byte tokenizer (token id = UTF-8 byte value, 0..255) as a ``tokenizers`` byte-level
+    tokenizer: ByteLevel pre-tokenizer (no regex split, no prefix space), a BPE with the 256 byte
+    symbols and no merges, ByteLevel decoder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE(vocab={c: b for b, c in enumerate(byte_chars())}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def run_tokenizer(cfg) -> PreTrainedTokenizerFast:
+    """A run's tokenizer (``cfg``: its RunConfig): the byte tokenizer, or the BPE its dataset was
+    tokenized with (``<|endoftext|>``, the document separator, as eos)."""
+    from .data import EOT, Tokenizer, prepare
+
+    if cfg.data.tokenizer is Tokenizer.BYTE:
+        return byte_tokenizer()
+    return PreTrainedTokenizerFast(tokenizer_file=str(prepare(cfg.data) / "tokenizer.json"), eos_token=EOT)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def read_run_config(path: Path):
+    from .config import read_yaml
+    from .train import run_config_from_dict
+
+    return run_config_from_dict(read_yaml(path))
+
+
+def from_run(run_dir: Path) -> tuple[SpanNormForCausalLM, object]:
+    """(model with the newest checkpoint's weights, RunConfig) of a run directory."""
+    from safetensors.torch import load_model
+
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir / "config.yaml")
+    latest = run_dir / "checkpoints" / "latest"
+    if not latest.is_file():
+        raise SpannormError(f"run {str(run_dir)!r} has no checkpoint yet (no checkpoints/latest)")
+    model = SpanNormForCausalLM(SpanNormConfig.from_model_config(cfg.model))
+    path = run_dir / "checkpoints" / latest.read_text().strip() / "model.safetensors"
+    try:
+        load_model(model.lm, str(path))
+    except Exception as e:  # missing file, or weights of another config
+        raise SpannormError(f"cannot load {str(path)!r}: {str(e).splitlines()[0]}") from None
+    return model.eval(), cfg
+
+
+def load(path: Path, device: torch.device | str = "cpu"):
+    """(model, tokenizer, RunConfig or None) of a run directory or of a Hugging Face folder
+    (``spannorm export``'s, or any causal LM folder with a tokenizer)."""
+    path = Path(path)
+    if (path / "config.yaml").is_file():
+        model, cfg = from_run(path)
+        tokenizer = run_tokenizer(cfg)
+    elif (path / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        cfg = read_run_config(path / RUN_FILE) if (path / RUN_FILE).is_file() else None
+    else:
+        raise ConfigError(f"{str(path)!r} is neither a run directory (config.yaml) nor a Hugging Face folder (config.json)")
+    return model.to(device), tokenizer, cfg
+
+
+# --- export ----------------------------------------------------------------------------------
+
+def llama_refusal(lm: LM) -> str | None:
+    """Why Llama cannot express ``lm`` exactly, or None. Llama's decoder:
+    h = x + Attn(RMSNorm(x)); x' = h + SwiGLU(RMSNorm(h)); logits = RMSNorm(x_L)·W_headᵀ, with
+    RoPE (rotate-half), no embedding norm or scale and no factor before the head."""
+    cfg = lm.cfg
+    if cfg.scheme is not Scheme.PRE:
+        return (f"model.scheme={cfg.scheme.value}: Llama's block is PreNorm (h = x + Attn(N(x)); x' = h + FFN(N(h))), "
+                "only scheme pre maps onto it")
+    if cfg.norm is not NormType.RMS:
+        return f"model.norm={cfg.norm.value}: Llama's norm is RMSNorm (model.norm=rms)"
+    if cfg.moe:
+        return f"model.n_experts={cfg.n_experts}: Llama's FFN is one dense SwiGLU (model.n_experts=0)"
+    if not cfg.use_final_norm:
+        return "model.final_norm=false: Llama always applies a final RMSNorm before the head"
+    if SCHEMES[cfg.scheme].embed_norm or lm.embed_scale is not None or lm.head_scale != 1.0:
+        return "the model scales or normalizes the embedding or the head input, which Llama does not"
+    return None
+
+
+def llama_state_dict(lm: LM) -> dict[str, torch.Tensor]:
+    """Our weights under Llama's names. Layouts: ``attn.qkv`` rows are [q; k; v] (d rows each, head
+    h at rows h·hd..(h+1)·hd of each, as Llama's q/k/v_proj) and RoPE is rotate-half in both, so
+    q, k, v need no permutation; ``ffn.up`` rows are [gate; up] (silu(gate·y) ⊙ up·y), Llama's
+    gate_proj and up_proj. A tied head is the embedding (``lm_head.weight`` = ``embed_tokens``)."""
+    sd = {"model.embed_tokens.weight": lm.embed.weight, "model.norm.weight": lm.final_norm.weight,
+          "lm_head.weight": lm.head_weight}
+    for i, block in enumerate(lm.blocks):
+        p = f"model.layers.{i}."
+        q, k, v = block.attn.qkv.weight.chunk(3)
+        gate, up = block.ffn.up.weight.chunk(2)
+        sd |= {p + "input_layernorm.weight": block.norm1.weight, p + "post_attention_layernorm.weight": block.norm2.weight,
+               p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
+               p + "self_attn.o_proj.weight": block.attn.out.weight, p + "mlp.gate_proj.weight": gate,
+               p + "mlp.up_proj.weight": up, p + "mlp.down_proj.weight": block.ffn.down.weight}
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
+def to_llama(lm: LM, max_positions: int, eos_token_id: int | None):
+    """A ``LlamaForCausalLM`` with ``lm``'s weights (refuses with a SpannormError if Llama cannot express it)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    reason = llama_refusal(lm)
+    if reason is not None:
+        raise SpannormError(f"--to llama: cannot express this model as LlamaForCausalLM: {reason}")
+    cfg = lm.cfg
+    config = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
+                         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                         num_key_value_heads=cfg.n_heads, hidden_act="silu", max_position_embeddings=max_positions,
+                         rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, attention_bias=False, mlp_bias=False,
+                         tie_word_embeddings=cfg.use_tied_embeddings, bos_token_id=None, eos_token_id=eos_token_id)
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(llama_state_dict(lm))
+    return model.eval()
+
+
+def export(run_dir: Path, out_dir: Path, to: str = "spannorm") -> Path:
+    """Write the run's newest checkpoint as a Hugging Face folder ``out_dir`` (must not exist):
+    ``to="spannorm"`` (SpanNormForCausalLM) or ``"llama"`` (plain LlamaForCausalLM)."""
+    from .io import atomic_dir
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise ConfigError(f"OUT_DIR {str(out_dir)!r} already exists: choose a new folder")
+    if not (Path(run_dir) / "config.yaml").is_file():
+        raise ConfigError(f"RUN_DIR {str(run_dir)!r} is not a run directory (no config.yaml)")
+    model, cfg = from_run(run_dir)
+    tokenizer = run_tokenizer(cfg)
+    if to == "llama":
+        model = to_llama(model.lm, cfg.train.seq_len, tokenizer.eos_token_id)
+    elif to != "spannorm":
+        raise ConfigError(f"--to {to!r} is invalid: expected spannorm or llama")
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.copyfile(Path(run_dir) / "config.yaml", tmp / RUN_FILE)
+    return out_dir
+
+
+# --- generation ------------------------------------------------------------------------------
+
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None, streamer=None) -> str:
+    """Continue ``prompt``: greedy at temperature 0, else sampling from softmax(logits/T) restricted
+    to the ``top_k`` most likely tokens and to the smallest set of probability ≥ ``top_p`` (nucleus);
+    ``streamer`` (e.g. ``transformers.TextStreamer``) receives tokens as they come. Returns the new text."""
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
+    if ids.shape[1] == 0:
+        raise ConfigError("--prompt '' is invalid: expected at least one character")
+    if seed is not None:
+        torch.manual_seed(seed)
+    eos = tokenizer.eos_token_id
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0}
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             eos_token_id=eos, pad_token_id=eos if eos is not None else 0, streamer=streamer,
+                             **(sampling if temperature > 0 else {"do_sample": False}))
+    return tokenizer.decode(out[0, ids.shape[1]:])

@@ -1,0 +1,234 @@
+"""spannorm export (Hugging Face and Llama folders), generate and eval on tiny trained runs."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from spannorm.cli import main  # noqa: E402
+from spannorm.schemes import Scheme  # noqa: E402
+from spannorm.train import load_config, train  # noqa: E402
+
+RUNS = {  # name -> overrides of the tiny preset
+    "span": [],
+    "moe": ["model.n_experts=4", "model.top_k=2"],
+    "pre": ["model.scheme=pre", "model.tie_embeddings=false"],  # untied head: lm_head.weight of its own
+    "pre-bpe": ["model.scheme=pre", "data.tokenizer=bpe", "data.vocab_size=320"],  # tied head
+}
+
+
+@pytest.fixture(scope="module")
+def runs(corpus, tmp_path_factory):
+    """Tiny runs of 10 steps (a validation pass and a checkpoint at the end)."""
+    root = tmp_path_factory.mktemp("runs")
+    cache = tmp_path_factory.mktemp("cache")
+    for name, more in RUNS.items():
+        cfg = load_config("tiny", [f"data.corpus={corpus}", f"data.cache_dir={cache}", "train.max_steps=10",
+                                   "train.eval_interval=10", "train.ckpt_interval=10", "train.probe_interval=0",
+                                   *more])
+        train(cfg, root / name, progress=False)
+    return root
+
+
+def checkpoint_lm(run_dir):
+    """The run's model loaded straight from its checkpoint, without spannorm.hf."""
+    from safetensors.torch import load_model
+
+    from spannorm.hf import read_run_config
+    from spannorm.model import build_model
+
+    cfg = read_run_config(run_dir / "config.yaml")
+    lm = build_model(cfg.model)
+    load_model(lm, str(run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text() / "model.safetensors"))
+    return lm.eval(), cfg
+
+
+def sample_ids(cfg, n=24):
+    return torch.randint(0, cfg.model.vocab_size, (2, n), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name", ["span", "moe", "pre-bpe"])
+def test_export_gives_the_checkpoint_logits(runs, tmp_path, name):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+    from spannorm.data import prepare
+
+    out = tmp_path / "hf"
+    assert main(["export", str(runs / name), str(out)]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json", "spannorm_run.yaml"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "config.json").read_text())["model_type"] == "spannorm"
+    lm, cfg = checkpoint_lm(runs / name)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    idx = sample_ids(cfg)
+    with torch.no_grad():
+        assert torch.equal(model(idx).logits, lm(idx)[0])
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert isinstance(tokenizer, PreTrainedTokenizerFast)
+    text = "The king, the fool — and 'honour'!\n"
+    if cfg.data.tokenizer.value == "byte":
+        expected = list(text.encode("utf-8"))
+    else:
+        from tokenizers import Tokenizer
+
+        expected = Tokenizer.from_file(str(prepare(cfg.data) / "tokenizer.json")).encode(text).ids
+        assert tokenizer.eos_token == "<|endoftext|>"
+    assert tokenizer(text, add_special_tokens=False).input_ids == expected
+    assert tokenizer.decode(expected) == text
+
+
+@pytest.mark.parametrize("scheme", [s.value for s in Scheme])
+def test_export_every_scheme(corpus, tmp_path, scheme):
+    """A 2-step run of each scheme: its export loads with the checkpoint's logits."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config("tiny", [f"data.corpus={corpus}", f"model.scheme={scheme}", "train.max_steps=2",
+                               "train.eval_interval=2", "train.ckpt_interval=2", "train.probe_interval=0"])
+    train(cfg, tmp_path / "run", progress=False)
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    lm, cfg = checkpoint_lm(tmp_path / "run")
+    idx = sample_ids(cfg)
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()(idx).logits, lm(idx)[0])
+
+
+@pytest.mark.parametrize("name", ["pre", "pre-bpe"])
+def test_export_to_llama(runs, tmp_path, name):
+    """The folder loads in plain transformers (no spannorm import) with our logits within 1e-5 (fp32)."""
+    out = tmp_path / "llama"
+    assert main(["export", str(runs / name), str(out), "--to", "llama"]) == 0
+    lm, cfg = checkpoint_lm(runs / name)
+    idx = sample_ids(cfg)
+    torch.save(idx, tmp_path / "idx.pt")
+    code = f"""
+import sys, torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+model = LlamaForCausalLM.from_pretrained({str(out)!r}).eval()
+AutoTokenizer.from_pretrained({str(out)!r})
+assert not any(m.split(".")[0] == "spannorm" for m in sys.modules)
+with torch.no_grad():
+    torch.save(model(torch.load({str(tmp_path / 'idx.pt')!r})).logits, {str(tmp_path / 'logits.pt')!r})
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with torch.no_grad():
+        ours = lm(idx)[0]
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), ours, rtol=0, atol=1e-5)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["tie_word_embeddings"] == cfg.model.use_tied_embeddings
+
+
+def test_export_to_llama_refuses_what_llama_cannot_express(runs, tmp_path, capsys):
+    assert main(["export", str(runs / "span"), str(tmp_path / "x"), "--to", "llama"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.scheme=span" in err and "PreNorm" in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("more", [{"norm": "layer"}, {"n_experts": 4}, {"final_norm": False},
+                                  {"norm": "dyt", "dyt_recipe": "llm"}], ids=str)
+def test_llama_refusal_names_the_option(more):
+    from spannorm.hf import llama_refusal
+    from spannorm.model import ModelConfig, build_model
+
+    reason = llama_refusal(build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, scheme="pre", **more)))
+    assert f"model.{next(iter(more))}=" in reason
+    assert llama_refusal(build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, scheme="pre"))) is None
+
+
+def test_export_refuses_an_existing_folder(runs, tmp_path, capsys):
+    assert main(["export", str(runs / "span"), str(tmp_path)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_generate_streams_the_greedy_continuation(runs, tmp_path, capsys):
+    """Greedy CLI output = the prompt + the model's greedy continuation, from the run and from its export."""
+    from spannorm.hf import byte_tokenizer, from_run
+
+    prompt, n = "The king", 12
+    model, _ = from_run(runs / "span")
+    tok = byte_tokenizer()
+    ids = torch.tensor([list(prompt.encode())])
+    with torch.no_grad():
+        for _ in range(n):  # greedy by hand, full forward each step
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], 1)
+    expected = tok.decode(ids[0].tolist())
+    args = ["--prompt", prompt, "--max-new-tokens", str(n), "--temperature", "0", "--device", "cpu"]
+    assert main(["generate", str(runs / "span"), *args]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    assert main(["export", str(runs / "span"), str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "hf"), *args]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_generate_sampling_is_seeded(runs, capsys):
+    args = ["generate", str(runs / "pre-bpe"), "--prompt", "The", "--max-new-tokens", "10", "--top-k", "20",
+            "--top-p", "0.9", "--temperature", "0.8", "--device", "cpu"]
+    outs = []
+    for seed in ("1", "1", "2"):
+        assert main([*args, "--seed", seed]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0].startswith("The")
+    assert main(["generate", str(runs / "span"), "--prompt", "x", "--top-p", "1.5"]) == 2
+
+
+@pytest.mark.parametrize("name", ["span", "moe", "pre-bpe"])
+def test_eval_reproduces_the_trainers_validation_loss(runs, name):
+    """Scoring the trainer's final validation windows gives its val loss; eval's own windows cover the
+    whole split, each token but the first predicted once."""
+    from spannorm.data import TokenData, prepare
+    from spannorm.evaluation import evaluate, score, windows
+    from spannorm.hf import load
+
+    model, tokenizer, cfg = load(runs / name)
+    t = cfg.train
+    data = TokenData(prepare(cfg.data), t.seq_len)
+    trainer_windows = [w.numpy() for x, y in data.val_batches(t.batch_size, t.eval_batches)
+                       for w in torch.cat([x, y[:, -1:]], 1)]
+    nats, tokens = score(model, trainer_windows, t.batch_size)
+    summary = json.loads((runs / name / "summary.json").read_text())
+    assert nats / tokens == pytest.approx(summary["final_val_loss"], rel=1e-5)
+
+    wins = windows(np.asarray(data.val), t.seq_len)
+    assert np.array_equal(np.concatenate([wins[0][:1]] + [w[1:] for w in wins]), data.val)
+    (val,) = evaluate(model, tokenizer, cfg, [])["results"]
+    assert val["name"] == "validation" and val["tokens"] == data.val.size - 1
+
+
+def test_eval_bits_per_byte_agree_across_tokenizers(runs, corpus, tmp_path, capsys):
+    """A byte run and a BPE run on the same text divide their total nats by the same UTF-8 bytes."""
+    text = corpus / "doc00.txt"
+    n_bytes = len(text.read_bytes())
+    reports = {}
+    for name in ("span", "pre-bpe"):
+        out = tmp_path / f"{name}.json"
+        assert main(["eval", str(runs / name), "--text", str(text), "--text", str(corpus), "--json", str(out),
+                     "--device", "cpu"]) == 0
+        reports[name] = json.loads(out.read_text())
+        assert [r["name"] for r in reports[name]["results"]] == ["validation", str(text), str(corpus)]
+        for r in reports[name]["results"]:
+            assert r["bits_per_byte"] == pytest.approx(r["loss"] * r["tokens"] / (math.log(2) * r["bytes"]))
+            assert r["perplexity"] == pytest.approx(math.exp(r["loss"]))
+    byte, bpe = (reports[n]["results"][1] for n in ("span", "pre-bpe"))
+    first_token = n_bytes - bpe["bytes"]  # the bytes of the one token neither predicts
+    assert byte["bytes"] == byte["tokens"] == n_bytes - 1 and 0 < first_token < 8
+    assert bpe["tokens"] < bpe["bytes"] / 2  # a BPE token stands for several bytes
+    assert "bits per byte" in capsys.readouterr().out
+
+
+def test_eval_needs_text_without_a_run_config(runs, tmp_path, capsys):
+    from spannorm.hf import from_run
+
+    model, _ = from_run(runs / "span")
+    model.save_pretrained(tmp_path / "bare")
+    from spannorm.hf import byte_tokenizer
+
+    byte_tokenizer().save_pretrained(tmp_path / "bare")
+    assert main(["eval", str(tmp_path / "bare"), "--device", "cpu"]) == 2
+    assert "--seq-len" in capsys.readouterr().err
