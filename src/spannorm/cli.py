@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import shlex
 import sys
 import time
@@ -133,6 +135,9 @@ def cmd_train(args) -> None:
         cfg = _load(args)
         out = args.out or Path("runs") / f"{Path(args.config).stem}-{cfg.model.scheme.value}-{time.strftime('%Y%m%d-%H%M%S')}"
     summary = train(cfg, out, resume=args.resume, progress=not args.quiet)
+    if summary["diverged"]:  # exit code 0 all the same: the run did what was asked, and studies rely on it
+        print(f"spannorm: the run diverged at step {summary['diverged_step']}: {summary['diverged_reason']}",
+              file=sys.stderr)
     val = summary["final_val_loss"]
     print(f"{summary['scheme']}: {summary['steps']} steps, final val loss "
           f"{'—' if val is None else f'{val:.4f}'}, diverged {'yes' if summary['diverged'] else 'no'}, "
@@ -181,10 +186,8 @@ def _int_list(flag: str, text: str) -> list[int]:
 
 
 def cmd_probe(args) -> None:
-    import json
-
     from .diagnostics import plot_heatmaps, plot_probe, probe_table, read_diagnostics, run_probe
-    from .io import atomic_write_text
+    from .io import atomic_write_text, dumps
     from .schemes import Scheme
 
     if args.batch < 1:
@@ -198,7 +201,7 @@ def cmd_probe(args) -> None:
             args.overrides = list(args.overrides) + [f"model.d_model={args.d_model}"]
         cfg = _load(args)
     runs = run_probe(cfg, schemes, depths, args.batch, checkpoint=args.checkpoint)
-    atomic_write_text(args.json, json.dumps({"runs": runs}, indent=1))
+    atomic_write_text(args.json, dumps({"runs": runs}, indent=1))
     plots = [args.json.with_suffix(".png")]
     plot_probe(runs, plots[0])
     if args.checkpoint is not None and (rows := read_diagnostics(args.checkpoint)):
@@ -209,6 +212,17 @@ def cmd_probe(args) -> None:
         print("\nlayer-drop sensitivity (val loss increase with block l as the identity): "
               + ", ".join(f"{x:.3f}" for x in runs[0]["layer_drop"]))
     print(f"\njson: {args.json}  plots: {', '.join(str(p) for p in plots)}")
+    bad = [f"{r['scheme']} L={r['depth']}" for r in runs if _has_nan(r) or not math.isfinite(r["loss"])]
+    if bad:
+        raise SpannormError(f"the probe of {', '.join(bad)} gave a non-finite loss or NaN values (null in {args.json})")
+
+
+def _has_nan(x) -> bool:
+    if isinstance(x, float):
+        return math.isnan(x)
+    if isinstance(x, dict):
+        x = list(x.values())
+    return isinstance(x, list) and any(_has_nan(v) for v in x)
 
 
 def cmd_bench(args) -> None:
@@ -216,7 +230,7 @@ def cmd_bench(args) -> None:
     import json
 
     from .bench import cases, markdown, moe_cases, moe_ratios, ratios, run
-    from .io import atomic_write_text
+    from .io import atomic_write_text, dumps
 
     schemes = [coerce_enum(Scheme, "--schemes", s.strip()).value for s in args.schemes.split(",") if s.strip()]
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -238,25 +252,24 @@ def cmd_bench(args) -> None:
         result = run(moe_cases(dtypes), args.reps)
         print("\n".join(moe_ratios(result)))
         if args.json:
-            atomic_write_text(args.json, json.dumps(result, indent=1))
+            atomic_write_text(args.json, dumps(result, indent=1))
         return
     if not args.no_hf and importlib.util.find_spec("transformers") is None:
         raise ConfigError("the HF reference needs transformers: pip install 'spannorm[bench]', or pass --no-hf")
     result = run(cases(schemes, _int_list("--depths", args.depths), dtypes, not args.no_hf, args.compile), args.reps)
     print("\n".join(ratios(result)) + "\n\n" + markdown(result))
     if args.json:
-        atomic_write_text(args.json, json.dumps(result, indent=1))
+        atomic_write_text(args.json, dumps(result, indent=1))
 
 
 def cmd_schemes(args) -> None:
-    import json
-
+    from .io import dumps
     from .schemes import SCHEMES
 
     rows = [{"name": scheme.value, "class": cls.__name__, "equation": cls.equation, "init": cls.init_rule,
              "tied_head": cls.tie_embeddings, "reference": cls.reference} for scheme, cls in SCHEMES.items()]
     if args.json:
-        print(json.dumps(rows, indent=1, ensure_ascii=False))
+        print(dumps(rows, indent=1, ensure_ascii=False))
         return
     if args.markdown:
         print("| `scheme` | block equation | recommended recipe | tied head | reference |\n|---|---|---|---|---|")
@@ -277,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
                "schemes": cmd_schemes, "probe": cmd_probe, "bench": cmd_bench, "study": cmd_study}[args.command]
     try:
         handler(args)
+        sys.stdout.flush()  # here, so that a closed pipe (spannorm schemes | head) is caught below
+    except BrokenPipeError:  # the reader went away: end quietly, as a process ended by SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout again at exit)
+        return 141
     except SpannormError as e:
         print(f"spannorm: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

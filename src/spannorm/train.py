@@ -18,7 +18,12 @@ A run is a directory::
                           moe                          MoE runs: per-layer expert load (see diagnostics.py)
     summary.json        written when the run ends: final validation loss, diverged (step, reason), stalled, tokens/s
     checkpoints/latest  name of the newest complete checkpoint directory
-    checkpoints/step-N/ model.safetensors, state.pt (optimizer, RNG, step), manifest.json (sha256)
+    checkpoints/step-N/ model.safetensors, state.pt (optimizer, RNG, step, divergence guard, last validation
+                        loss), manifest.json (sha256); the newest train.keep_checkpoints of them are kept, and
+                        a resume starts from the newest one whose files match their sha256
+    .lock               held (flock) by the process that trains the run: a second one is refused
+
+Every JSON file is strict JSON: a non-finite number (a NaN loss) is written as null.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ import enum
 import hashlib
 import json
 import math
-import shutil
+import os
+import re
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -41,7 +48,7 @@ from safetensors.torch import load_model, save_model
 from .config import ConfigError, SpannormError, apply_overrides, coerce_enum, from_dict, read_yaml, require, to_dict
 from .data import DataConfig, TokenData, prepare
 from .diagnostics import forward_stats, grad_norms, snapshot, taps, update_ratios
-from .io import atomic_dir, atomic_write_text, read_jsonl
+from .io import atomic_dir, atomic_write_text, dumps, locked, read_jsonl, remove_dir, sweep_temp
 from .model import LM, ModelConfig, build_model
 
 
@@ -74,6 +81,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward (probing steps and evaluation stay eager)
     probe_interval: int = 50  # steps between rows of diagnostics.jsonl (per-block training diagnostics); 0: off
     stop_on_divergence: bool = True  # after warmup, stop when the loss stays >= the first step's for 5 steps; non-finite always stops
+    keep_checkpoints: int = 2  # the newest checkpoints kept (>= 2: a resume falls back to the previous one if the newest is damaged)
 
     def __post_init__(self):
         self.precision = coerce_enum(Precision, "train.precision", self.precision)
@@ -93,6 +101,8 @@ class TrainConfig:
         require(self.probe_interval >= 0, "train.probe_interval", self.probe_interval, "an integer >= 0 (0: off)")
         require(isinstance(self.stop_on_divergence, bool), "train.stop_on_divergence", self.stop_on_divergence,
                 "true or false")
+        require(isinstance(self.keep_checkpoints, int) and self.keep_checkpoints >= 2, "train.keep_checkpoints",
+                self.keep_checkpoints, "an integer >= 2")
 
 
 @dataclass
@@ -153,11 +163,12 @@ def load_config(config: str | Path, overrides: list[str] = ()) -> RunConfig:
     return run_config_from_dict(apply_overrides(read_yaml(resolve_config_path(str(config))), list(overrides)))
 
 
-def load_run(run_dir: Path) -> RunConfig:
-    """The resolved config saved in a run directory."""
+def load_run(run_dir: Path, flag: str = "--out") -> RunConfig:
+    """The resolved config saved in a run directory (``flag``: the option that named it, for errors)."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
-        raise ConfigError(f"--out {str(run_dir)!r} holds no run to resume (no config.yaml)")
+        raise ConfigError(f"{flag} {str(run_dir)!r} holds no run{' to resume' if flag == '--out' else ''} "
+                          "(no config.yaml)")
     return run_config_from_dict(read_yaml(path))
 
 
@@ -196,42 +207,74 @@ def evaluate(model: LM, data: TokenData, t: TrainConfig) -> float:
 
 # --- checkpoints ---------------------------------------------------------------------------
 
+CHECKPOINT = re.compile(r"step-(\d+)")
+
+
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def save_checkpoint(run_dir: Path, step: int, model: LM, opt: torch.optim.Optimizer, gen: torch.Generator):
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """The run's checkpoint directories, newest first."""
+    dirs = [p for p in (Path(run_dir) / "checkpoints").glob("step-*") if CHECKPOINT.fullmatch(p.name) and p.is_dir()]
+    return sorted(dirs, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def save_checkpoint(run_dir: Path, step: int, model: LM, opt: torch.optim.Optimizer, gen: torch.Generator,
+                    keep: int, **extra):
+    """Write checkpoint ``step`` (``extra``: more state, e.g. the divergence guard's) and keep the newest ``keep``."""
     ckpts = run_dir / "checkpoints"
     name = f"step-{step:07d}"
-    if (ckpts / name).exists():
-        shutil.rmtree(ckpts / name)
+    if (ckpts / name).exists():  # a damaged one a resume fell back past
+        remove_dir(ckpts / name)
     with atomic_dir(ckpts / name) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         state = {"step": step, "optimizer": opt.state_dict(), "data_rng": gen.get_state(),
-                 "torch_rng": torch.get_rng_state()}
+                 "torch_rng": torch.get_rng_state(), **extra}
         torch.save(state, tmp / "state.pt")
         manifest = {f: _digest(tmp / f) for f in ("model.safetensors", "state.pt")}
         atomic_write_text(tmp / "manifest.json", json.dumps(manifest))
     atomic_write_text(ckpts / "latest", name)
-    for old in ckpts.glob("step-*"):
-        if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
+    for old in checkpoint_dirs(run_dir)[keep:]:
+        remove_dir(old)
 
 
-def load_checkpoint(run_dir: Path, model: LM, opt: torch.optim.Optimizer, gen: torch.Generator) -> int:
-    """Restore the newest checkpoint; returns its step (0 if the run has none yet)."""
-    latest = run_dir / "checkpoints" / "latest"
-    if not latest.is_file():
-        return 0
-    ckpt = run_dir / "checkpoints" / latest.read_text().strip()
-    bad = f"checkpoint {str(ckpt)!r} is corrupt or truncated"
+def damage(ckpt: Path) -> str | None:
+    """What is wrong with a checkpoint directory's files (None: each matches its sha256 in manifest.json)."""
     try:
         manifest = json.loads((ckpt / "manifest.json").read_text())
     except (OSError, ValueError) as e:
-        raise SpannormError(f"{bad}: cannot read manifest.json ({type(e).__name__})") from None
-    for fname, digest in manifest.items():
-        if not (ckpt / fname).is_file() or _digest(ckpt / fname) != digest:
-            raise SpannormError(f"{bad}: {fname} is missing or does not match its sha256")
+        return f"cannot read manifest.json ({type(e).__name__})"
+    for fname in ("model.safetensors", "state.pt"):
+        if not (ckpt / fname).is_file() or _digest(ckpt / fname) != manifest.get(fname):
+            return f"{fname} is missing or does not match its sha256"
+    return None
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint of the run whose files verify (None if the run has none yet); a damaged newer one
+    is reported on stderr and passed over; if every one is damaged, an error."""
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    if latest.is_file() and not CHECKPOINT.fullmatch(name := latest.read_text().strip()):
+        raise SpannormError(f"{str(latest)!r} names {name!r}, not a checkpoint directory of this run: refused")
+    damaged = []
+    for ckpt in checkpoint_dirs(run_dir):
+        if (problem := damage(ckpt)) is None:
+            for bad, why in damaged:
+                print(f"spannorm: warning: checkpoint {str(bad)!r} is corrupt or truncated ({why}); "
+                      f"using {ckpt.name}", file=sys.stderr)
+            return ckpt
+        damaged.append((ckpt, problem))
+    if damaged:
+        ckpt, why = damaged[0]
+        older = f" (and the {len(damaged) - 1} older ones)" if len(damaged) > 1 else ""
+        raise SpannormError(f"checkpoint {str(ckpt)!r}{older} is corrupt or truncated: {why}")
+    return None
+
+
+def load_checkpoint(ckpt: Path, model: LM, opt: torch.optim.Optimizer, gen: torch.Generator) -> dict:
+    """Restore a verified checkpoint (:func:`find_checkpoint`); returns its state (step, guard, ...)."""
+    bad = f"checkpoint {str(ckpt)!r} is corrupt or truncated"
     try:
         missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
         state = torch.load(ckpt / "state.pt", weights_only=True)
@@ -242,7 +285,7 @@ def load_checkpoint(run_dir: Path, model: LM, opt: torch.optim.Optimizer, gen: t
         raise SpannormError(f"{bad} or does not match the run's config: {str(e).splitlines()[0]}") from None
     if missing or unexpected:
         raise SpannormError(f"{bad} or does not match the run's config: missing {missing}, unexpected {unexpected}")
-    return int(state["step"])
+    return state
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -256,7 +299,9 @@ def is_diverged(rows: list[dict]) -> bool:
     losses = [r["loss"] for r in rows]
     if not losses:
         return False
-    return not all(math.isfinite(x) for x in losses) or (len(losses) > 1 and losses[-1] >= losses[0])
+    if not all(x is not None and math.isfinite(x) for x in losses):  # (a non-finite loss is stored as null)
+        return True
+    return len(losses) > 1 and losses[-1] >= losses[0]
 
 
 NON_FINITE = "non-finite loss"
@@ -278,15 +323,32 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
     """
     run_dir = Path(run_dir)
     t = cfg.train
-    if not resume and (run_dir / "config.yaml").exists():
-        raise ConfigError(f"--out {str(run_dir)!r} already holds a run: pass --resume to continue it "
-                          "or choose another --out")
-    if resume and (run_dir / "summary.json").is_file():  # the run already ended
-        return json.loads((run_dir / "summary.json").read_text())
+
+    def ended() -> dict | None:
+        if not resume and (run_dir / "config.yaml").exists():
+            raise ConfigError(f"--out {str(run_dir)!r} already holds a run: pass --resume to continue it "
+                              "or choose another --out")
+        if resume and (run_dir / "summary.json").is_file():  # the run already ended
+            return json.loads((run_dir / "summary.json").read_text())
+        return None
+
+    if (summary := ended()) is not None:
+        return summary
     if t.compile and cfg.model.moe:
         raise ConfigError(f"train.compile=true is not supported with MoE (model.n_experts={cfg.model.n_experts}): "
                           "set train.compile=false")
     dataset = TokenData(prepare(cfg.data), t.seq_len)  # validates before any file is written
+    with locked(run_dir, "--out"):
+        if (summary := ended()) is not None:  # (again: another process may have got here first)
+            return summary
+        sweep_temp(run_dir, run_dir / "checkpoints")  # what kills left
+        return _train(cfg, run_dir, dataset, resume, progress, stop_after)
+
+
+def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, resume: bool, progress: bool,
+           stop_after: int | None) -> dict:
+    """The body of :func:`train`, under the run directory's lock."""
+    t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
     torch.set_flush_denormal(True)
@@ -295,17 +357,24 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
     opt = make_optimizer(model, t)
     forward = torch.compile(model) if t.compile else model
     gen = torch.Generator().manual_seed(t.seed)
-    step, first_loss, above = 0, None, 0
+    step, first_loss, above, last_val = 0, None, 0, None  # first_loss, above: the divergence guard's state
     if resume:
-        if t.stop_on_divergence:  # the divergence guard's reference: the first step's loss, recomputed
-            with torch.no_grad(), autocast(t):
-                first_loss = model(*dataset.sample(torch.Generator().manual_seed(t.seed), t.batch_size))[1].item()
-        step = load_checkpoint(run_dir, model, opt, gen)
+        if (ckpt := find_checkpoint(run_dir)) is not None:
+            state = load_checkpoint(ckpt, model, opt, gen)
+            step, last_val = int(state["step"]), state.get("last_val")
+            first_loss, above = state.get("first_loss"), state.get("above", 0)
+            if "first_loss" not in state and t.stop_on_divergence:  # a checkpoint from before the guard's was saved:
+                torch.manual_seed(t.seed)  # the first step's loss, recomputed with the initial weights
+                with torch.no_grad(), autocast(t):
+                    first_batch = dataset.sample(torch.Generator().manual_seed(t.seed), t.batch_size)
+                    first_loss = build_model(cfg.model)(*first_batch)[1].item()
+                torch.set_rng_state(state["torch_rng"])
+            if "last_val" not in state and step == t.max_steps:  # (the same) the final validation, recomputed
+                last_val = evaluate(model, dataset, t)
         for name in ("metrics.jsonl", "diagnostics.jsonl"):  # forget rows past the checkpoint
             rows = [r for r in read_jsonl(run_dir / name) if r["step"] <= step]
-            atomic_write_text(run_dir / name, "".join(json.dumps(r) + "\n" for r in rows))
+            atomic_write_text(run_dir / name, "".join(dumps(r) + "\n" for r in rows))
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         atomic_write_text(run_dir / "metrics.jsonl", "")
         atomic_write_text(run_dir / "diagnostics.jsonl", "")
@@ -320,7 +389,7 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
     metrics = open(run_dir / "metrics.jsonl", "a")
     diagnostics = open(run_dir / "diagnostics.jsonl", "a")
     train_time, window_time, window_tokens = 0.0, 0.0, 0
-    last_val, diverged, reason = None, False, None
+    diverged, reason = False, None
     clip = t.grad_clip if t.grad_clip > 0 else float("inf")
     moe = cfg.model.moe
     model.train()
@@ -350,7 +419,7 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
             opt.step()
             if probing:
                 row["update_ratio"] = update_ratios(model, before)
-                diagnostics.write(json.dumps(row) + "\n")
+                diagnostics.write(dumps(row) + "\n")
                 diagnostics.flush()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -374,7 +443,7 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
                        "grad_norm": grad_norm,
                        "tokens_per_s": window_tokens / window_time}
                 row |= moe_row
-                metrics.write(json.dumps(row) + "\n")
+                metrics.write(dumps(row) + "\n")
                 metrics.flush()
                 window_time, window_tokens = 0.0, 0
             if bar is not None:
@@ -384,7 +453,10 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
                 diverged = True
                 break
             if step % t.ckpt_interval == 0 or step == t.max_steps:
-                save_checkpoint(run_dir, step, model, opt, gen)
+                for f in (metrics, diagnostics):  # the rows up to the checkpoint are on disk before it
+                    os.fsync(f.fileno())
+                save_checkpoint(run_dir, step, model, opt, gen, t.keep_checkpoints,
+                                first_loss=first_loss, above=above, last_val=last_val)
     finally:
         metrics.close()
         diagnostics.close()
@@ -410,5 +482,5 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
         "tokens_per_s": ((step - start_step) * tokens_per_step / train_time) if train_time else None,
         "n_params": sum(p.numel() for p in model.parameters()),
     }
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(run_dir / "summary.json", dumps(summary, indent=1))
     return summary
