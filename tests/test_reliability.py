@@ -282,20 +282,20 @@ def test_a_diverged_run_exits_0_with_its_reason_on_stderr(corpus, tmp_path, caps
 
 # --- the fault test: SIGKILL at random moments --------------------------------------------------
 
-def kill_and_resume(corpus, tmp_path, kills: int, seed: int):
+def kill_and_resume(corpus, tmp_path, kills: int, steps: int, seed: int):
     """Train a tiny run (a checkpoint every step) with SIGKILL at random moments, half of them while a
     checkpoint is being written, resuming each time; then finish it. Returns the kills that landed."""
-    sets = ["--set", f"data.corpus={corpus}", "--set", "train.max_steps=60", "--set", "train.ckpt_interval=1",
-            "--set", "train.log_interval=1", "--set", "train.eval_interval=20", "--set", "train.probe_interval=7"]
+    sets = [f"data.corpus={corpus}", f"train.max_steps={steps}", "train.ckpt_interval=1", "train.log_interval=1",
+            "train.eval_interval=20", "train.probe_interval=7"]
     cli = [sys.executable, "-m", "spannorm.cli", "train", "--quiet"]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    env = os.environ | {"OMP_NUM_THREADS": "1"}  # one thread, as this module's
     full, cut = tmp_path / "full", tmp_path / "cut"
-    subprocess.run([*cli, "--config", "tiny", *sets, "--out", str(full)], check=True, env=env, capture_output=True)
+    train(load_config("tiny", sets), full, progress=False)
     rng = random.Random(seed)
     landed, in_writes = 0, 0
     first = True
     while landed < kills and not (cut / "summary.json").exists():
-        argv = [*cli, "--config", "tiny", *sets] if first else [*cli, "--resume"]
+        argv = [*cli, "--config", "tiny", *(a for s in sets for a in ("--set", s))] if first else [*cli, "--resume"]
         proc = subprocess.Popen([*argv, "--out", str(cut)], env=env, stderr=subprocess.PIPE)
         first = False
         latest = cut / "checkpoints" / "latest"
@@ -315,10 +315,9 @@ def kill_and_resume(corpus, tmp_path, kills: int, seed: int):
             in_writes += bool(temp_files(cut))
         else:
             assert proc.returncode == 0, err.decode()
-    res = subprocess.run([*cli, "--resume", "--out", str(cut)], env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    train(load_run(cut), cut, resume=True, progress=False)
     # the final weights, the metrics and the summary are the uninterrupted run's; no temporary file is left
-    final = "checkpoints/step-0000060/model.safetensors"
+    final = f"checkpoints/step-{steps:07d}/model.safetensors"
     a, b = load_file(full / final), load_file(cut / final)
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     assert untimed(read_metrics(cut)) == untimed(read_metrics(full))
@@ -332,11 +331,11 @@ def kill_and_resume(corpus, tmp_path, kills: int, seed: int):
 
 
 def test_sigkill_at_random_moments_3_kills(corpus, tmp_path):
-    landed, in_writes = kill_and_resume(corpus, tmp_path, kills=3, seed=1)
+    landed, in_writes = kill_and_resume(corpus, tmp_path, kills=3, steps=60, seed=1)
     assert landed == 3
 
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_12_kills(corpus, tmp_path):
-    landed, in_writes = kill_and_resume(corpus, tmp_path, kills=12, seed=2)
+    landed, in_writes = kill_and_resume(corpus, tmp_path, kills=12, steps=200, seed=2)
     assert landed == 12 and in_writes >= 1
