@@ -339,3 +339,33 @@ def test_sigkill_at_random_moments_3_kills(corpus, tmp_path):
 def test_sigkill_at_random_moments_12_kills(corpus, tmp_path):
     landed, in_writes = kill_and_resume(corpus, tmp_path, kills=12, steps=200, seed=2)
     assert landed == 12 and in_writes >= 1
+
+
+# --- 11. one-line errors at file edges ----------------------------------------------------------
+
+EDGES = {  # case: (argv after "spannorm", the fragment of the error); {f}: a file, {d}: a directory, {c}: the corpus
+    "binary --config": (["train", "--config", "{f}"], "is not a UTF-8 text file"),
+    "--out a file": (["train", "--config", "tiny", "--corpus", "{c}", "--out", "{f}"], "cannot be used as a directory"),
+    "--out under a file": (["train", "--config", "tiny", "--corpus", "{c}", "--out", "{f}/run"],
+                           "cannot be used as a directory"),
+    "data.cache_dir a file": (["train", "--config", "tiny", "--corpus", "{c}", "--out", "{d}/r",
+                               "--set", "data.cache_dir={f}"], "is not a directory"),
+    "probe --json a directory": (["probe", "--config", "tiny", "--corpus", "{c}", "--depths", "2", "--json", "{d}"],
+                                 "is a directory"),
+    "probe --json under a file": (["probe", "--config", "tiny", "--corpus", "{c}", "--depths", "2",
+                                   "--json", "{f}/p.json"], "cannot be created"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EDGES))
+def test_file_edges_give_one_line_errors(corpus, tmp_path, capsys, case):
+    a_file = tmp_path / "a_file"
+    a_file.write_bytes(bytes(range(256)))
+    argv, fragment = EDGES[case]
+    one_line_error(capsys, [a.format(f=a_file, d=tmp_path, c=corpus) for a in argv], fragment)
+
+
+def test_a_corrupt_summary_is_a_one_line_error(finished_run, capsys):
+    (finished_run / "summary.json").write_text('{"scheme": "sp')
+    one_line_error(capsys, ["train", "--out", str(finished_run), "--resume"],
+                   "summary.json' cannot be read as JSON (JSONDecodeError): delete it and resume the run")

@@ -175,6 +175,15 @@ def cmd_study(args) -> None:
           f"results: {args.out / 'results.csv'}  report: {args.out / 'report.md'}")
 
 
+def _output_file(flag: str, path: Path) -> None:
+    """Refuse an output path that cannot be a file before anything is computed."""
+    if path.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r} is a directory: expected the path of a file")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r} cannot be created: {str(parent)!r} is not a directory")
+
+
 def _int_list(flag: str, text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -192,6 +201,7 @@ def cmd_probe(args) -> None:
 
     if args.batch < 1:
         raise ConfigError(f"--batch {args.batch} is invalid: expected a positive integer")
+    _output_file("--json", args.json)
     if args.checkpoint is not None:
         schemes, depths, cfg = [], [], None
     else:
@@ -239,6 +249,8 @@ def cmd_bench(args) -> None:
             raise ConfigError(f"--dtypes {args.dtypes!r} is invalid: expected fp32 and/or bf16")
     if args.reps < 1:
         raise ConfigError(f"--reps {args.reps} is invalid: expected a positive integer")
+    if args.json:
+        _output_file("--json", args.json)
     if args.report:
         try:
             result = json.loads(args.report.read_text())

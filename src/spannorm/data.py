@@ -61,7 +61,10 @@ class DataConfig:
         return 256 if self.tokenizer is Tokenizer.BYTE else self.vocab_size
 
     def cache(self) -> Path:
-        return Path(self.cache_dir or os.environ.get("SPANNORM_CACHE") or Path.home() / ".cache" / "spannorm")
+        path = Path(self.cache_dir or os.environ.get("SPANNORM_CACHE") or Path.home() / ".cache" / "spannorm")
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"the cache {str(path)!r} (data.cache_dir, else $SPANNORM_CACHE) is not a directory")
+        return path
 
 
 # --- corpora ---------------------------------------------------------------------------

@@ -144,6 +144,14 @@ def dumps(obj, **kwargs) -> str:
     return json.dumps(strict(obj), allow_nan=False, **kwargs)
 
 
+def read_json(path: Path, fix: str):
+    """The JSON in a file the project wrote; a damaged one is a one-line error that says what to do (``fix``)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:  # (UnicodeDecodeError is a ValueError)
+        raise SpannormError(f"{str(path)!r} cannot be read as JSON ({type(e).__name__}): {fix}") from None
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """Rows of a JSON-lines file ([] if it does not exist); a last row cut short by a kill is dropped."""
     path = Path(path)

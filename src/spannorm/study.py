@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from .config import ConfigError, SpannormError, apply_overrides, read_yaml, require, to_dict
-from .io import atomic_write_text, dumps, locked, sweep_temp
+from .io import atomic_write_text, dumps, locked, read_json, sweep_temp
 from .train import RunConfig, load_run, resolve_config_path, resolve_shipped, run_config_from_dict, shipped_names
 
 STUDIES = resources.files("spannorm") / "configs" / "studies"
@@ -462,7 +462,7 @@ def cell_result(cell: Cell, out: Path, error: str | None = None) -> dict:
         return row | {"status": "not run"}
     if error is not None or not summary_path.is_file():
         return row | {"status": "failed: " + (error or "no summary.json")}
-    s = json.loads(summary_path.read_text())
+    s = read_json(summary_path, "delete it and run the study again to write it again")
     cell_json = run_dir / "cell.json"
     wall = json.loads(cell_json.read_text())["wall_s"] if cell_json.is_file() else None
     t = cell.cfg.train

@@ -48,7 +48,7 @@ from safetensors.torch import load_model, save_model
 from .config import ConfigError, SpannormError, apply_overrides, coerce_enum, from_dict, read_yaml, require, to_dict
 from .data import DataConfig, TokenData, prepare
 from .diagnostics import forward_stats, grad_norms, snapshot, taps, update_ratios
-from .io import atomic_dir, atomic_write_text, dumps, locked, read_jsonl, remove_dir, sweep_temp
+from .io import atomic_dir, atomic_write_text, dumps, locked, read_json, read_jsonl, remove_dir, sweep_temp
 from .model import LM, ModelConfig, build_model
 
 
@@ -329,7 +329,7 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
             raise ConfigError(f"--out {str(run_dir)!r} already holds a run: pass --resume to continue it "
                               "or choose another --out")
         if resume and (run_dir / "summary.json").is_file():  # the run already ended
-            return json.loads((run_dir / "summary.json").read_text())
+            return read_json(run_dir / "summary.json", "delete it and resume the run to write it again")
         return None
 
     if (summary := ended()) is not None:
