@@ -215,14 +215,16 @@ def _digest(path: Path) -> str:
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """The run's checkpoint directories, newest first."""
-    dirs = [p for p in (Path(run_dir) / "checkpoints").glob("step-*") if CHECKPOINT.fullmatch(p.name) and p.is_dir()]
+    """The run's checkpoint directories, newest first (a symbolic link is none: it may lead out of the run)."""
+    dirs = [p for p in (Path(run_dir) / "checkpoints").glob("step-*")
+            if CHECKPOINT.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
     return sorted(dirs, key=lambda p: int(p.name[5:]), reverse=True)
 
 
 def save_checkpoint(run_dir: Path, step: int, model: LM, opt: torch.optim.Optimizer, gen: torch.Generator,
                     keep: int, **extra):
-    """Write checkpoint ``step`` (``extra``: more state, e.g. the divergence guard's) and keep the newest ``keep``."""
+    """Write checkpoint ``step`` (``extra``: more state, e.g. the divergence guard's) and keep the newest ``keep``
+    (newer ones than ``step`` are the damaged ones a resume fell back past: deleted)."""
     ckpts = run_dir / "checkpoints"
     name = f"step-{step:07d}"
     if (ckpts / name).exists():  # a damaged one a resume fell back past
@@ -235,18 +237,21 @@ def save_checkpoint(run_dir: Path, step: int, model: LM, opt: torch.optim.Optimi
         manifest = {f: _digest(tmp / f) for f in ("model.safetensors", "state.pt")}
         atomic_write_text(tmp / "manifest.json", json.dumps(manifest))
     atomic_write_text(ckpts / "latest", name)
-    for old in checkpoint_dirs(run_dir)[keep:]:
+    dirs = checkpoint_dirs(run_dir)
+    for old in [d for d in dirs if int(d.name[5:]) > step] + [d for d in dirs if int(d.name[5:]) <= step][keep:]:
         remove_dir(old)
 
 
 def damage(ckpt: Path) -> str | None:
     """What is wrong with a checkpoint directory's files (None: each matches its sha256 in manifest.json)."""
+    files = ("model.safetensors", "state.pt")
     try:
         manifest = json.loads((ckpt / "manifest.json").read_text())
-    except (OSError, ValueError) as e:
+        digests = {f: manifest[f] for f in files}
+    except (OSError, ValueError, TypeError, KeyError) as e:
         return f"cannot read manifest.json ({type(e).__name__})"
-    for fname in ("model.safetensors", "state.pt"):
-        if not (ckpt / fname).is_file() or _digest(ckpt / fname) != manifest.get(fname):
+    for fname in files:
+        if not (ckpt / fname).is_file() or _digest(ckpt / fname) != digests[fname]:
             return f"{fname} is missing or does not match its sha256"
     return None
 
@@ -255,7 +260,7 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint of the run whose files verify (None if the run has none yet); a damaged newer one
     is reported on stderr and passed over; if every one is damaged, an error."""
     latest = Path(run_dir) / "checkpoints" / "latest"
-    if latest.is_file() and not CHECKPOINT.fullmatch(name := latest.read_text().strip()):
+    if latest.is_file() and not CHECKPOINT.fullmatch(name := latest.read_text(errors="replace").strip()):
         raise SpannormError(f"{str(latest)!r} names {name!r}, not a checkpoint directory of this run: refused")
     damaged = []
     for ckpt in checkpoint_dirs(run_dir):
