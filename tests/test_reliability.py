@@ -369,3 +369,11 @@ def test_a_corrupt_summary_is_a_one_line_error(finished_run, capsys):
     (finished_run / "summary.json").write_text('{"scheme": "sp')
     one_line_error(capsys, ["train", "--out", str(finished_run), "--resume"],
                    "summary.json' cannot be read as JSON (JSONDecodeError): delete it and resume the run")
+
+
+@pytest.mark.parametrize("size", ["model.d_model=1099511627776", "train.batch_size=1000000000000",
+                                  "train.eval_batches=1000000000000", "model.n_layers=100000000"])
+def test_absurd_sizes_are_refused_before_anything_is_allocated(corpus, tmp_path, capsys, size):
+    one_line_error(capsys, ["train", "--config", "tiny", "--corpus", str(corpus), "--out", str(tmp_path / "r"),
+                            "--set", size, "--set", "model.n_heads=1"], "GiB of memory")
+    assert not (tmp_path / "r").exists()

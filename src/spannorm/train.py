@@ -205,6 +205,23 @@ def evaluate(model: LM, data: TokenData, t: TrainConfig) -> float:
     return sum(losses) / len(losses)
 
 
+def check_memory(cfg: RunConfig) -> None:
+    """Refuse a run that cannot fit in this machine's memory, before anything is allocated. The estimate is a
+    lower bound: the attention weights (4·d_model² a block) and the embedding, in fp32 with their gradients and
+    AdamW's two moments (16 bytes a parameter), and the larger of one batch's block inputs and q, k, v
+    (4·d_model values a token and block) and the validation pass's window starts (16 bytes each)."""
+    m, t = cfg.model, cfg.train
+    n_params = 4 * m.n_layers * m.d_model**2 + m.vocab_size * m.d_model
+    width = 2 if t.precision is Precision.BF16 else 4
+    need = 16 * n_params + t.batch_size * max(t.seq_len * m.n_layers * 4 * m.d_model * width, 16 * t.eval_batches)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > ram:
+        raise ConfigError(f"the run needs more than {need / 2**30:,.0f} GiB of memory (over {n_params:,} parameters, "
+                          f"batches of {t.batch_size:,}×{t.seq_len:,} tokens, {t.eval_batches:,} validation batches), "
+                          f"more than this machine's {ram / 2**30:,.0f} GiB: make model.d_model, model.n_layers, "
+                          "train.batch_size, train.seq_len or train.eval_batches smaller")
+
+
 # --- checkpoints ---------------------------------------------------------------------------
 
 CHECKPOINT = re.compile(r"step-(\d+)")
@@ -342,6 +359,7 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
     if t.compile and cfg.model.moe:
         raise ConfigError(f"train.compile=true is not supported with MoE (model.n_experts={cfg.model.n_experts}): "
                           "set train.compile=false")
+    check_memory(cfg)
     dataset = TokenData(prepare(cfg.data), t.seq_len)  # validates before any file is written
     with locked(run_dir, "--out"):
         if (summary := ended()) is not None:  # (again: another process may have got here first)
