@@ -56,14 +56,14 @@ def finished_run(tmp_path, corpus):
 
 @pytest.mark.parametrize("damage", ["corrupt", "truncate"])
 def test_bad_checkpoint(capsys, finished_run, damage):
-    ckpt = finished_run / "checkpoints" / "step-0000040"
-    target = ckpt / ("model.safetensors" if damage == "corrupt" else "state.pt")
-    data = bytearray(target.read_bytes())
-    if damage == "corrupt":
-        data[len(data) // 2] ^= 0xFF
-    else:
-        data = data[: len(data) // 3]
-    target.write_bytes(bytes(data))
+    for ckpt in (finished_run / "checkpoints").glob("step-*"):  # every kept one (a resume falls back to an older one)
+        target = ckpt / ("model.safetensors" if damage == "corrupt" else "state.pt")
+        data = bytearray(target.read_bytes())
+        if damage == "corrupt":
+            data[len(data) // 2] ^= 0xFF
+        else:
+            data = data[: len(data) // 3]
+        target.write_bytes(bytes(data))
     (finished_run / "summary.json").unlink()  # as if killed before the end
     before = snapshot(finished_run)
     run_bad(capsys, ["train", "--out", str(finished_run), "--resume"], "is corrupt or truncated")

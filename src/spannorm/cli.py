@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import shlex
 import sys
 import time
@@ -185,6 +187,9 @@ def cmd_train(args) -> None:
         cfg = _load(args)
         out = args.out or Path("runs") / f"{Path(args.config).stem}-{cfg.model.scheme.value}-{time.strftime('%Y%m%d-%H%M%S')}"
     summary = train(cfg, out, resume=args.resume, progress=not args.quiet)
+    if summary["diverged"]:  # exit code 0 all the same: the run did what was asked, and studies rely on it
+        print(f"spannorm: the run diverged at step {summary['diverged_step']}: {summary['diverged_reason']}",
+              file=sys.stderr)
     val = summary["final_val_loss"]
     print(f"{summary['scheme']}: {summary['steps']} steps, final val loss "
           f"{'—' if val is None else f'{val:.4f}'}, diverged {'yes' if summary['diverged'] else 'no'}, "
@@ -222,6 +227,15 @@ def cmd_study(args) -> None:
           f"results: {args.out / 'results.csv'}  report: {args.out / 'report.md'}")
 
 
+def _output_file(flag: str, path: Path) -> None:
+    """Refuse an output path that cannot be a file before anything is computed."""
+    if path.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r} is a directory: expected the path of a file")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r} cannot be created: {str(parent)!r} is not a directory")
+
+
 def _int_list(flag: str, text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -233,14 +247,13 @@ def _int_list(flag: str, text: str) -> list[int]:
 
 
 def cmd_probe(args) -> None:
-    import json
-
     from .diagnostics import plot_heatmaps, plot_probe, probe_table, read_diagnostics, run_probe
-    from .io import atomic_write_text
+    from .io import atomic_write_text, dumps
     from .schemes import Scheme
 
     if args.batch < 1:
         raise ConfigError(f"--batch {args.batch} is invalid: expected a positive integer")
+    _output_file("--json", args.json)
     if args.checkpoint is not None:
         schemes, depths, cfg = [], [], None
     else:
@@ -250,7 +263,7 @@ def cmd_probe(args) -> None:
             args.overrides = list(args.overrides) + [f"model.d_model={args.d_model}"]
         cfg = _load(args)
     runs = run_probe(cfg, schemes, depths, args.batch, checkpoint=args.checkpoint, device=args.device)
-    atomic_write_text(args.json, json.dumps({"runs": runs}, indent=1))
+    atomic_write_text(args.json, dumps({"runs": runs}, indent=1))
     plots = [args.json.with_suffix(".png")]
     plot_probe(runs, plots[0])
     if args.checkpoint is not None and (rows := read_diagnostics(args.checkpoint)):
@@ -261,6 +274,17 @@ def cmd_probe(args) -> None:
         print("\nlayer-drop sensitivity (val loss increase with block l as the identity): "
               + ", ".join(f"{x:.3f}" for x in runs[0]["layer_drop"]))
     print(f"\njson: {args.json}  plots: {', '.join(str(p) for p in plots)}")
+    bad = [f"{r['scheme']} L={r['depth']}" for r in runs if _has_nan(r) or not math.isfinite(r["loss"])]
+    if bad:
+        raise SpannormError(f"the probe of {', '.join(bad)} gave a non-finite loss or NaN values (null in {args.json})")
+
+
+def _has_nan(x) -> bool:
+    if isinstance(x, float):
+        return math.isnan(x)
+    if isinstance(x, dict):
+        x = list(x.values())
+    return isinstance(x, list) and any(_has_nan(v) for v in x)
 
 
 def cmd_bench(args) -> None:
@@ -269,7 +293,7 @@ def cmd_bench(args) -> None:
 
     from .bench import DEPTHS, GPU_DEPTHS, cases, markdown, moe_cases, moe_ratios, ratios, run
     from .device import resolve as resolve_device
-    from .io import atomic_write_text
+    from .io import atomic_write_text, dumps
 
     schemes = [coerce_enum(Scheme, "--schemes", s.strip()).value for s in args.schemes.split(",") if s.strip()]
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -278,6 +302,8 @@ def cmd_bench(args) -> None:
             raise ConfigError(f"--dtypes {args.dtypes!r} is invalid: expected fp32 and/or bf16")
     if args.reps < 1:
         raise ConfigError(f"--reps {args.reps} is invalid: expected a positive integer")
+    if args.json:
+        _output_file("--json", args.json)
     if args.report:
         try:
             result = json.loads(args.report.read_text())
@@ -294,7 +320,7 @@ def cmd_bench(args) -> None:
         result = run(moe_cases(dtypes, device=args.device, tf32=args.tf32), args.reps)
         print("\n".join(moe_ratios(result)))
         if args.json:
-            atomic_write_text(args.json, json.dumps(result, indent=1))
+            atomic_write_text(args.json, dumps(result, indent=1))
         return
     if not args.no_hf and importlib.util.find_spec("transformers") is None:
         raise ConfigError("the HF reference needs transformers: pip install 'spannorm[bench]', or pass --no-hf")
@@ -303,18 +329,17 @@ def cmd_bench(args) -> None:
                        args.device, args.tf32), args.reps)
     print("\n".join(ratios(result)) + "\n\n" + markdown(result))
     if args.json:
-        atomic_write_text(args.json, json.dumps(result, indent=1))
+        atomic_write_text(args.json, dumps(result, indent=1))
 
 
 def cmd_schemes(args) -> None:
-    import json
-
+    from .io import dumps
     from .schemes import SCHEMES
 
     rows = [{"name": scheme.value, "class": cls.__name__, "equation": cls.equation, "init": cls.init_rule,
              "tied_head": cls.tie_embeddings, "reference": cls.reference} for scheme, cls in SCHEMES.items()]
     if args.json:
-        print(json.dumps(rows, indent=1, ensure_ascii=False))
+        print(dumps(rows, indent=1, ensure_ascii=False))
         return
     if args.markdown:
         print("| `scheme` | block equation | recommended recipe | tied head | reference |\n|---|---|---|---|---|")
@@ -373,10 +398,8 @@ def cmd_generate(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    import json
-
     from .evaluation import evaluate
-    from .io import atomic_write_text
+    from .io import atomic_write_text, dumps
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} is invalid: expected a positive integer")
@@ -386,7 +409,7 @@ def cmd_eval(args) -> None:
         print(f"{r['name']}: loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f}, "
               f"bits per byte {r['bits_per_byte']:.4f} ({r['tokens']:,} tokens, {r['bytes']:,} bytes)")
     if args.json:
-        atomic_write_text(args.json, json.dumps(report, indent=1))
+        atomic_write_text(args.json, dumps(report, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -398,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
                "export": cmd_export, "generate": cmd_generate, "eval": cmd_eval}[args.command]
     try:
         handler(args)
+        sys.stdout.flush()  # here, so that a closed pipe (spannorm schemes | head) is caught below
+    except BrokenPipeError:  # the reader went away: end quietly, as a process ended by SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout again at exit)
+        return 141
     except SpannormError as e:
         print(f"spannorm: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -134,6 +134,8 @@ def read_yaml(path: Path) -> dict:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
     except OSError as e:
         raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not a UTF-8 text file") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

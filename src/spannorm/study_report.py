@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from .config import to_dict
-from .io import atomic_write_bytes, atomic_write_text, read_jsonl
+from .io import atomic_write_bytes, atomic_write_text, dumps, read_jsonl
 from .study import (CORE, PROBE_BATCH, STABLE_MARGIN, Cell, Grid, StudyConfig, _fmt, _leaf, _set, base_config,
                     best_lr, first_seed, lr_points, stable_lrs)
 from .train import STALL_MARGIN, run_config_from_dict
@@ -208,7 +208,7 @@ def plot_curves(path: Path, cells: list[Cell], out: Path) -> bool:
             if (s, *panel) in firsts:
                 rows = read_metrics(out / "cells" / firsts[(s, *panel)].name)
                 ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=s)
-                if rows and math.isfinite(rows[0]["loss"]):
+                if rows and rows[0]["loss"] is not None and math.isfinite(rows[0]["loss"]):
                     top = max(top, rows[0]["loss"])
         if top:
             ax.set_ylim(top=top * 1.1)
@@ -389,7 +389,7 @@ def init_probe(study_base: dict, depths: list[int], path: Path) -> list[dict]:
             row = probe(model, x, y)
             runs.append({"variant": label, **{k: row[k] for k in (
                 "depth", "stream_rms", "presum_rms", "grad_ratio_first_last", "skip_gain_measured")}})
-    atomic_write_text(path, json.dumps({"key": key, "runs": runs}))
+    atomic_write_text(path, dumps({"key": key, "runs": runs}))
     return runs
 
 

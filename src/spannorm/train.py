@@ -18,7 +18,12 @@ A run is a directory::
                           moe                          MoE runs: per-layer expert load (see diagnostics.py)
     summary.json        written when the run ends: final validation loss, diverged (step, reason), stalled, tokens/s
     checkpoints/latest  name of the newest complete checkpoint directory
-    checkpoints/step-N/ model.safetensors, state.pt (optimizer, RNG, step), manifest.json (sha256)
+    checkpoints/step-N/ model.safetensors, state.pt (optimizer, RNG, step, divergence guard, last validation
+                        loss), manifest.json (sha256); the newest train.keep_checkpoints of them are kept, and
+                        a resume starts from the newest one whose files match their sha256
+    .lock               held (flock) by the process that trains the run: a second one is refused
+
+Every JSON file is strict JSON: a non-finite number (a NaN loss) is written as null.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ import enum
 import hashlib
 import json
 import math
-import shutil
+import os
+import re
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -44,7 +51,7 @@ from .device import DEVICE_FORMS, rng_state, set_rng_state, set_tf32, to_device,
 from .device import autocast as device_autocast
 from .device import resolve as resolve_device
 from .diagnostics import forward_stats, grad_norms, snapshot, taps, update_ratios
-from .io import atomic_dir, atomic_write_text, read_jsonl
+from .io import atomic_dir, atomic_write_text, dumps, locked, read_json, read_jsonl, remove_dir, sweep_temp
 from .model import LM, ModelConfig, build_model
 
 
@@ -79,6 +86,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward (probing steps and evaluation stay eager)
     probe_interval: int = 50  # steps between rows of diagnostics.jsonl (per-block training diagnostics); 0: off
     stop_on_divergence: bool = True  # after warmup, stop when the loss stays >= the first step's for 5 steps; non-finite always stops
+    keep_checkpoints: int = 2  # the newest checkpoints kept (>= 2: a resume falls back to the previous one if the newest is damaged)
 
     def __post_init__(self):
         self.precision = coerce_enum(Precision, "train.precision", self.precision)
@@ -99,6 +107,8 @@ class TrainConfig:
         require(isinstance(self.stop_on_divergence, bool), "train.stop_on_divergence", self.stop_on_divergence,
                 "true or false")
         require(valid_device(self.device), "train.device", self.device, DEVICE_FORMS)
+        require(isinstance(self.keep_checkpoints, int) and self.keep_checkpoints >= 2, "train.keep_checkpoints",
+                self.keep_checkpoints, "an integer >= 2")
 
 
 @dataclass
@@ -159,11 +169,12 @@ def load_config(config: str | Path, overrides: list[str] = ()) -> RunConfig:
     return run_config_from_dict(apply_overrides(read_yaml(resolve_config_path(str(config))), list(overrides)))
 
 
-def load_run(run_dir: Path) -> RunConfig:
-    """The resolved config saved in a run directory."""
+def load_run(run_dir: Path, flag: str = "--out") -> RunConfig:
+    """The resolved config saved in a run directory (``flag``: the option that named it, for errors)."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
-        raise ConfigError(f"--out {str(run_dir)!r} holds no run to resume (no config.yaml)")
+        raise ConfigError(f"{flag} {str(run_dir)!r} holds no run{' to resume' if flag == '--out' else ''} "
+                          "(no config.yaml)")
     return run_config_from_dict(read_yaml(path))
 
 
@@ -214,46 +225,99 @@ def evaluate(model: LM, data: TokenData, t: TrainConfig) -> float:
     return sum(losses) / len(losses)
 
 
+def check_memory(cfg: RunConfig) -> None:
+    """Refuse a run that cannot fit in this machine's memory, before anything is allocated. The estimate is a
+    lower bound: the attention weights (4·d_model² a block) and the embedding, in fp32 with their gradients and
+    AdamW's two moments (16 bytes a parameter), and the larger of one batch's block inputs and q, k, v
+    (4·d_model values a token and block) and the validation pass's window starts (16 bytes each)."""
+    m, t = cfg.model, cfg.train
+    n_params = 4 * m.n_layers * m.d_model**2 + m.vocab_size * m.d_model
+    width = 2 if t.precision is Precision.BF16 else 4
+    need = 16 * n_params + t.batch_size * max(t.seq_len * m.n_layers * 4 * m.d_model * width, 16 * t.eval_batches)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > ram:
+        raise ConfigError(f"the run needs more than {need / 2**30:,.0f} GiB of memory (over {n_params:,} parameters, "
+                          f"batches of {t.batch_size:,}×{t.seq_len:,} tokens, {t.eval_batches:,} validation batches), "
+                          f"more than this machine's {ram / 2**30:,.0f} GiB: make model.d_model, model.n_layers, "
+                          "train.batch_size, train.seq_len or train.eval_batches smaller")
+
+
 # --- checkpoints ---------------------------------------------------------------------------
+
+CHECKPOINT = re.compile(r"step-(\d+)")
+
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def save_checkpoint(run_dir: Path, step: int, model: LM, opt: torch.optim.Optimizer, gen: torch.Generator):
-    """Weights (safetensors), optimizer, RNG and step; optimizer tensors are saved where they live and
-    loaded onto the device of the run that resumes (any device)."""
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """The run's checkpoint directories, newest first (a symbolic link is none: it may lead out of the run)."""
+    dirs = [p for p in (Path(run_dir) / "checkpoints").glob("step-*")
+            if CHECKPOINT.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    return sorted(dirs, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def save_checkpoint(run_dir: Path, step: int, model: LM, opt: torch.optim.Optimizer, gen: torch.Generator,
+                    keep: int, **extra):
+    """Write checkpoint ``step`` (``extra``: more state, e.g. the divergence guard's) and keep the newest ``keep``
+    (newer ones than ``step`` are the damaged ones a resume fell back past: deleted). Optimizer tensors are
+    saved where they live and loaded onto the device of the run that resumes (any device)."""
     ckpts = run_dir / "checkpoints"
     name = f"step-{step:07d}"
-    if (ckpts / name).exists():
-        shutil.rmtree(ckpts / name)
+    if (ckpts / name).exists():  # a damaged one a resume fell back past
+        remove_dir(ckpts / name)
     with atomic_dir(ckpts / name) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         state = {"step": step, "optimizer": opt.state_dict(), "data_rng": gen.get_state(),
-                 "torch_rng": torch.get_rng_state(), "device_rng": rng_state(model_device(model))}
+                 "torch_rng": torch.get_rng_state(), "device_rng": rng_state(model_device(model)), **extra}
         torch.save(state, tmp / "state.pt")
         manifest = {f: _digest(tmp / f) for f in ("model.safetensors", "state.pt")}
         atomic_write_text(tmp / "manifest.json", json.dumps(manifest))
     atomic_write_text(ckpts / "latest", name)
-    for old in ckpts.glob("step-*"):
-        if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
+    dirs = checkpoint_dirs(run_dir)
+    for old in [d for d in dirs if int(d.name[5:]) > step] + [d for d in dirs if int(d.name[5:]) <= step][keep:]:
+        remove_dir(old)
 
 
-def load_checkpoint(run_dir: Path, model: LM, opt: torch.optim.Optimizer, gen: torch.Generator) -> int:
-    """Restore the newest checkpoint; returns its step (0 if the run has none yet)."""
-    latest = run_dir / "checkpoints" / "latest"
-    if not latest.is_file():
-        return 0
-    ckpt = run_dir / "checkpoints" / latest.read_text().strip()
-    bad = f"checkpoint {str(ckpt)!r} is corrupt or truncated"
+def damage(ckpt: Path) -> str | None:
+    """What is wrong with a checkpoint directory's files (None: each matches its sha256 in manifest.json)."""
+    files = ("model.safetensors", "state.pt")
     try:
         manifest = json.loads((ckpt / "manifest.json").read_text())
-    except (OSError, ValueError) as e:
-        raise SpannormError(f"{bad}: cannot read manifest.json ({type(e).__name__})") from None
-    for fname, digest in manifest.items():
-        if not (ckpt / fname).is_file() or _digest(ckpt / fname) != digest:
-            raise SpannormError(f"{bad}: {fname} is missing or does not match its sha256")
+        digests = {f: manifest[f] for f in files}
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        return f"cannot read manifest.json ({type(e).__name__})"
+    for fname in files:
+        if not (ckpt / fname).is_file() or _digest(ckpt / fname) != digests[fname]:
+            return f"{fname} is missing or does not match its sha256"
+    return None
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint of the run whose files verify (None if the run has none yet); a damaged newer one
+    is reported on stderr and passed over; if every one is damaged, an error."""
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    if latest.is_file() and not CHECKPOINT.fullmatch(name := latest.read_text(errors="replace").strip()):
+        raise SpannormError(f"{str(latest)!r} names {name!r}, not a checkpoint directory of this run: refused")
+    damaged = []
+    for ckpt in checkpoint_dirs(run_dir):
+        if (problem := damage(ckpt)) is None:
+            for bad, why in damaged:
+                print(f"spannorm: warning: checkpoint {str(bad)!r} is corrupt or truncated ({why}); "
+                      f"using {ckpt.name}", file=sys.stderr)
+            return ckpt
+        damaged.append((ckpt, problem))
+    if damaged:
+        ckpt, why = damaged[0]
+        older = f" (and the {len(damaged) - 1} older ones)" if len(damaged) > 1 else ""
+        raise SpannormError(f"checkpoint {str(ckpt)!r}{older} is corrupt or truncated: {why}")
+    return None
+
+
+def load_checkpoint(ckpt: Path, model: LM, opt: torch.optim.Optimizer, gen: torch.Generator) -> dict:
+    """Restore a verified checkpoint (:func:`find_checkpoint`); returns its state (step, guard, ...)."""
+    bad = f"checkpoint {str(ckpt)!r} is corrupt or truncated"
     try:
         device = model_device(model)
         missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False, device=str(device))
@@ -266,7 +330,7 @@ def load_checkpoint(run_dir: Path, model: LM, opt: torch.optim.Optimizer, gen: t
         raise SpannormError(f"{bad} or does not match the run's config: {str(e).splitlines()[0]}") from None
     if missing or unexpected:
         raise SpannormError(f"{bad} or does not match the run's config: missing {missing}, unexpected {unexpected}")
-    return int(state["step"])
+    return state
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -280,7 +344,9 @@ def is_diverged(rows: list[dict]) -> bool:
     losses = [r["loss"] for r in rows]
     if not losses:
         return False
-    return not all(math.isfinite(x) for x in losses) or (len(losses) > 1 and losses[-1] >= losses[0])
+    if not all(x is not None and math.isfinite(x) for x in losses):  # (a non-finite loss is stored as null)
+        return True
+    return len(losses) > 1 and losses[-1] >= losses[0]
 
 
 NON_FINITE = "non-finite loss"
@@ -302,18 +368,37 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
     """
     run_dir = Path(run_dir)
     t = cfg.train
-    if not resume and (run_dir / "config.yaml").exists():
-        raise ConfigError(f"--out {str(run_dir)!r} already holds a run: pass --resume to continue it "
-                          "or choose another --out")
-    if resume and (run_dir / "summary.json").is_file():  # the run already ended
-        return json.loads((run_dir / "summary.json").read_text())
+
+    def ended() -> dict | None:
+        if not resume and (run_dir / "config.yaml").exists():
+            raise ConfigError(f"--out {str(run_dir)!r} already holds a run: pass --resume to continue it "
+                              "or choose another --out")
+        if resume and (run_dir / "summary.json").is_file():  # the run already ended
+            return read_json(run_dir / "summary.json", "delete it and resume the run to write it again")
+        return None
+
+    if (summary := ended()) is not None:
+        return summary
     if t.compile and cfg.model.moe:
         raise ConfigError(f"train.compile=true is not supported with MoE (model.n_experts={cfg.model.n_experts}): "
                           "set train.compile=false")
     device = resolve_device(t.device)
+    check_memory(cfg)
     dataset = TokenData(prepare(cfg.data), t.seq_len)  # validates before any file is written
+    with locked(run_dir, "--out"):
+        if (summary := ended()) is not None:  # (again: another process may have got here first)
+            return summary
+        sweep_temp(run_dir, run_dir / "checkpoints")  # what kills left
+        return _train(cfg, run_dir, dataset, resume, progress, stop_after)
+
+
+def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, resume: bool, progress: bool,
+           stop_after: int | None) -> dict:
+    """The body of :func:`train`, under the run directory's lock."""
+    t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
+    device = resolve_device(t.device)
     if device.type == "cuda":
         set_tf32(t.tf32)
     torch.set_flush_denormal(True)
@@ -322,18 +407,24 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
     opt = make_optimizer(model, t)
     forward = torch.compile(model) if t.compile else model
     gen = torch.Generator().manual_seed(t.seed)
-    step, first_loss, above = 0, None, 0
+    step, first_loss, above, last_val = 0, None, 0, None  # first_loss, above: the divergence guard's state
     if resume:
-        if t.stop_on_divergence:  # the divergence guard's reference: the first step's loss, recomputed
-            with torch.no_grad(), autocast(t, device):
-                first_batch = dataset.sample(torch.Generator().manual_seed(t.seed), t.batch_size)
-                first_loss = model(*to_device(first_batch, device))[1].item()
-        step = load_checkpoint(run_dir, model, opt, gen)
+        if (ckpt := find_checkpoint(run_dir)) is not None:
+            state = load_checkpoint(ckpt, model, opt, gen)
+            step, last_val = int(state["step"]), state.get("last_val")
+            first_loss, above = state.get("first_loss"), state.get("above", 0)
+            if "first_loss" not in state and t.stop_on_divergence:  # a checkpoint from before the guard's was saved:
+                torch.manual_seed(t.seed)  # the first step's loss, recomputed with the initial weights
+                with torch.no_grad(), autocast(t, device):
+                    first_batch = to_device(dataset.sample(torch.Generator().manual_seed(t.seed), t.batch_size), device)
+                    first_loss = build_model(cfg.model).to(device)(*first_batch)[1].item()
+                torch.set_rng_state(state["torch_rng"])
+            if "last_val" not in state and step == t.max_steps:  # (the same) the final validation, recomputed
+                last_val = evaluate(model, dataset, t)
         for name in ("metrics.jsonl", "diagnostics.jsonl"):  # forget rows past the checkpoint
             rows = [r for r in read_jsonl(run_dir / name) if r["step"] <= step]
-            atomic_write_text(run_dir / name, "".join(json.dumps(r) + "\n" for r in rows))
+            atomic_write_text(run_dir / name, "".join(dumps(r) + "\n" for r in rows))
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         atomic_write_text(run_dir / "metrics.jsonl", "")
         atomic_write_text(run_dir / "diagnostics.jsonl", "")
@@ -348,7 +439,7 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
     metrics = open(run_dir / "metrics.jsonl", "a")
     diagnostics = open(run_dir / "diagnostics.jsonl", "a")
     train_time, window_time, window_tokens = 0.0, 0.0, 0
-    last_val, diverged, reason = None, False, None
+    diverged, reason = False, None
     clip = t.grad_clip if t.grad_clip > 0 else float("inf")
     moe = cfg.model.moe
     model.train()
@@ -378,7 +469,7 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
             opt.step()
             if probing:
                 row["update_ratio"] = update_ratios(model, before)
-                diagnostics.write(json.dumps(row) + "\n")
+                diagnostics.write(dumps(row) + "\n")
                 diagnostics.flush()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -402,7 +493,7 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
                        "grad_norm": grad_norm,
                        "tokens_per_s": window_tokens / window_time}
                 row |= moe_row
-                metrics.write(json.dumps(row) + "\n")
+                metrics.write(dumps(row) + "\n")
                 metrics.flush()
                 window_time, window_tokens = 0.0, 0
             if bar is not None:
@@ -412,7 +503,10 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
                 diverged = True
                 break
             if step % t.ckpt_interval == 0 or step == t.max_steps:
-                save_checkpoint(run_dir, step, model, opt, gen)
+                for f in (metrics, diagnostics):  # the rows up to the checkpoint are on disk before it
+                    os.fsync(f.fileno())
+                save_checkpoint(run_dir, step, model, opt, gen, t.keep_checkpoints,
+                                first_loss=first_loss, above=above, last_val=last_val)
     finally:
         metrics.close()
         diagnostics.close()
@@ -438,5 +532,5 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
         "tokens_per_s": ((step - start_step) * tokens_per_step / train_time) if train_time else None,
         "n_params": sum(p.numel() for p in model.parameters()),
     }
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(run_dir / "summary.json", dumps(summary, indent=1))
     return summary
