@@ -7,7 +7,8 @@
 # Usage, from the repository root:  bash scripts/gpu_check.sh OUT_DIR
 # Python: $PYTHON, else .venv/bin/python, else python3; the source tree is used as is (PYTHONPATH=src),
 # so nothing needs installing where torch, transformers and pytest already are. DEVICE=cpu makes a dry run
-# of the plumbing on a machine without a GPU (CPU standard size; the cuda tests skip).
+# of the plumbing on a machine without a GPU (CPU standard size; the cuda tests skip); REPS sets the bench's
+# timed rounds (default 10).
 set -uo pipefail
 out=${1:?usage: bash scripts/gpu_check.sh OUT_DIR}
 cd "$(dirname "$0")/.."
@@ -33,7 +34,7 @@ step "kernels" 60 kernels.md "$py" scripts/gpu_kernels.py --device "$device"
 for mode in bf16 fp32 tf32; do
   dtype=$([ $mode = bf16 ] && echo bf16 || echo fp32)
   step "bench $mode" 120 "bench-$mode.txt" "$py" -m spannorm.cli bench --device "$device" --schemes pre,span \
-    --dtypes $dtype --reps 10 $([ $mode = tf32 ] && echo --tf32) --json "$out/bench-$mode.json"
+    --dtypes $dtype --reps "${REPS:-10}" $([ $mode = tf32 ] && echo --tf32) --json "$out/bench-$mode.json"
 done
 tail -n 3 "$out/pytest.txt"; cat "$out/kernels.md" "$out"/bench-*.txt
 exit $status
