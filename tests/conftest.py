@@ -29,6 +29,16 @@ def write_corpus(root, n_docs=6, words_per_doc=3000, seed=0):
     return root
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models train fastest on one thread, most of all on a shared, busy machine (use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test uses a private cache, never ~/.cache/spannorm."""

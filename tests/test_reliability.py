@@ -20,15 +20,7 @@ from safetensors.torch import load_file, save_file
 from spannorm.cli import main
 from spannorm.train import load_config, load_run, read_metrics, train
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models train fastest on one thread, most of all on a shared, busy machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TIMING = ("tokens_per_s",)  # the fields of summary.json and metrics.jsonl that measure time
