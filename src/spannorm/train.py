@@ -51,7 +51,7 @@ from .device import DEVICE_FORMS, rng_state, set_rng_state, set_tf32, to_device,
 from .device import autocast as device_autocast
 from .device import resolve as resolve_device
 from .diagnostics import forward_stats, grad_norms, snapshot, taps, update_ratios
-from .io import atomic_dir, atomic_write_text, dumps, locked, read_json, read_jsonl, remove_dir, sweep_temp
+from .io import atomic_dir, atomic_write_text, dumps, locked, os_error, read_json, read_jsonl, remove_dir, sweep_temp
 from .model import LM, ModelConfig, build_model
 
 
@@ -389,7 +389,10 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
         if (summary := ended()) is not None:  # (again: another process may have got here first)
             return summary
         sweep_temp(run_dir, run_dir / "checkpoints")  # what kills left
-        return _train(cfg, run_dir, dataset, resume, progress, stop_after)
+        try:
+            return _train(cfg, run_dir, dataset, resume, progress, stop_after)
+        except OSError as e:  # a full disk, mostly: the last checkpoint is intact (each is written atomically)
+            raise os_error(e, f"the run {str(run_dir)!r}", "free space, then continue it with --resume") from None
 
 
 def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, resume: bool, progress: bool,
