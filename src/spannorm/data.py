@@ -433,10 +433,18 @@ def _build(cfg: DataConfig, docs: list[tuple[str, str]], out: Path) -> None:
         atomic_write_text(tmp / "meta.json", dumps(meta, indent=1))
 
 
+class _Writes:
+    """A file seen only through its write(): numpy then writes with Python's file writes, whose errors carry
+    their errno (a full disk is ENOSPC), not with C fwrite (an OSError saying how many bytes were written)."""
+
+    def __init__(self, f):
+        self.write = f.write
+
+
 def _write_tokens(path: Path, ids: np.ndarray) -> None:
     """An .npy file written with plain writes (a sparse memmap would die of SIGBUS on a full disk)."""
     with open(path, "wb") as f:
-        np.save(f, ids, allow_pickle=False)
+        np.save(_Writes(f), ids, allow_pickle=False)
 
 
 def _npy_size(path: Path) -> tuple[tuple[int, ...], int]:

@@ -268,16 +268,40 @@ def save_checkpoint(run_dir: Path, step: int, model: LM, opt: torch.optim.Optimi
     if (ckpts / name).exists():  # a damaged one a resume fell back past
         remove_dir(ckpts / name)
     with atomic_dir(ckpts / name) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
+        _save_weights(model, tmp / "model.safetensors")
         state = {"step": step, "optimizer": opt.state_dict(), "data_rng": gen.get_state(),
                  "torch_rng": torch.get_rng_state(), "device_rng": rng_state(model_device(model)), **extra}
-        torch.save(state, tmp / "state.pt")
+        _save_state(state, tmp / "state.pt")
         manifest = {f: _digest(tmp / f) for f in ("model.safetensors", "state.pt")}
         atomic_write_text(tmp / "manifest.json", json.dumps(manifest))
     atomic_write_text(ckpts / "latest", name)
     dirs = checkpoint_dirs(run_dir)
     for old in [d for d in dirs if int(d.name[5:]) > step] + [d for d in dirs if int(d.name[5:]) <= step][keep:]:
         remove_dir(old)
+
+
+def _save_weights(model: LM, path: Path) -> None:
+    """safetensors' save_model; an I/O error (a full disk) is raised as the OSError it is."""
+    from safetensors import SafetensorError
+
+    try:
+        save_model(model, str(path))
+    except SafetensorError as e:
+        if (m := re.search(r"\(os error (\d+)\)", str(e))) is None:
+            raise
+        raise OSError(int(m[1]), os.strerror(int(m[1])), str(path)) from None
+
+
+def _save_state(state: dict, path: Path) -> None:
+    """torch.save through a Python file, so that an I/O error (a full disk) is raised as the OSError it is (torch
+    raises a RuntimeError of its own on the way out, and a path gives only that)."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(state, f)
+    except RuntimeError as e:
+        if isinstance(e.__context__, OSError):
+            raise e.__context__ from None
+        raise
 
 
 def damage(ckpt: Path) -> str | None:
