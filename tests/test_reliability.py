@@ -428,6 +428,20 @@ def test_a_full_disk_writing_metrics_is_one_line(corpus, tmp_path, capsys, monke
     assert f"the run {str(run)!r}" in err and temp_files(run) == []
 
 
+def test_any_other_os_error_is_one_line(capsys, monkeypatch):
+    import errno
+
+    import spannorm.cli as cli
+
+    def fails(args):
+        raise PermissionError(errno.EACCES, "Permission denied", "/somewhere/file")
+
+    monkeypatch.setattr(cli, "cmd_schemes", fails)
+    one_line_error(capsys, ["schemes"], "cannot use '/somewhere/file': Permission denied")
+    monkeypatch.setattr(cli, "cmd_schemes", lambda args: (_ for _ in ()).throw(disk_full("/x/y")))
+    one_line_error(capsys, ["schemes"], "cannot write '/x/y': the disk is full (No space left on device)")
+
+
 # --- 11. one-line errors at file edges ----------------------------------------------------------
 
 EDGES = {  # case: (argv after "spannorm", the fragment of the error); {f}: a file, {d}: a directory, {c}: the corpus
