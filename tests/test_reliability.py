@@ -333,6 +333,107 @@ def test_sigkill_at_random_moments_12_kills(corpus, tmp_path):
     assert landed == 12 and in_writes >= 1
 
 
+# --- 7. a full disk: one line, exit code 2, nothing half written -----------------------------------
+
+def disk_full(path="?"):
+    import errno
+
+    return OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def test_a_full_disk_in_data_prepare_is_one_line(corpus, tmp_path, capsys, monkeypatch):
+    from spannorm import data
+
+    write = data._write_tokens
+
+    def fill_up(path, ids):  # some bytes land, then the disk is full
+        path.write_bytes(b"\x93NUMPY" + bytes(100))
+        raise disk_full(path)
+
+    cache = tmp_path / "cache"
+    argv = ["data", "prepare", "--corpus", str(corpus), "--set", f"data.cache_dir={cache}"]
+    monkeypatch.setattr(data, "_write_tokens", fill_up)
+    err = one_line_error(capsys, argv, "the disk is full (No space left on device)")
+    assert f"{cache / 'datasets'}/byte256-" in err
+    assert temp_files(cache) == [] and list((cache / "datasets").iterdir()) == []
+    monkeypatch.setattr(data, "_write_tokens", write)  # space freed: it works
+    assert main(argv) == 0
+
+
+@pytest.mark.parametrize("where", ["weights", "state"])
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_resumable(corpus, tmp_path, capsys, monkeypatch, where):
+    """As the libraries report it: safetensors with a SafetensorError "(os error 28)", torch.save with a RuntimeError
+    of its own raised while the OSError is handled."""
+    import torch
+    from safetensors import SafetensorError
+
+    import spannorm.train as train_mod
+
+    run = tmp_path / "run"
+    argv = ["train", "--config", "tiny", "--corpus", str(corpus), "--out", str(run), "--quiet"]
+
+    def full_weights(model, filename):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    def full_state(obj, f, *args, **kwargs):
+        f.write(b"PK")
+        try:
+            raise disk_full()
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3968 vs 3860") from None
+
+    with monkeypatch.context() as m:
+        if where == "weights":
+            m.setattr(train_mod, "save_model", full_weights)
+        else:
+            m.setattr(torch, "save", full_state)
+        err = one_line_error(capsys, argv, "the disk is full (No space left on device)")
+    assert f"the run {str(run)!r}" in err and "--resume" in err
+    assert temp_files(run) == [] and list((run / "checkpoints").iterdir()) == []
+    assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 0  # space freed
+    assert json.loads((run / "summary.json").read_text())["steps"] == 40
+
+
+def test_a_full_disk_writing_metrics_is_one_line(corpus, tmp_path, capsys, monkeypatch):
+    import builtins
+
+    import spannorm.train as train_mod
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            raise disk_full()  # (a buffered write's error names no file)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def full_open(path, *args, **kwargs):
+        f = builtins.open(path, *args, **kwargs)
+        return Full(f) if Path(path).name == "metrics.jsonl" else f
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(train_mod, "open", full_open, raising=False)
+    err = one_line_error(capsys, ["train", "--config", "tiny", "--corpus", str(corpus), "--out", str(run), "--quiet"],
+                         "the disk is full")
+    assert f"the run {str(run)!r}" in err and temp_files(run) == []
+
+
+def test_any_other_os_error_is_one_line(capsys, monkeypatch):
+    import errno
+
+    import spannorm.cli as cli
+
+    def fails(args):
+        raise PermissionError(errno.EACCES, "Permission denied", "/somewhere/file")
+
+    monkeypatch.setattr(cli, "cmd_schemes", fails)
+    one_line_error(capsys, ["schemes"], "cannot use '/somewhere/file': Permission denied")
+    monkeypatch.setattr(cli, "cmd_schemes", lambda args: (_ for _ in ()).throw(disk_full("/x/y")))
+    one_line_error(capsys, ["schemes"], "cannot write '/x/y': the disk is full (No space left on device)")
+
+
 # --- 11. one-line errors at file edges ----------------------------------------------------------
 
 EDGES = {  # case: (argv after "spannorm", the fragment of the error); {f}: a file, {d}: a directory, {c}: the corpus

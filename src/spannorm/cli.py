@@ -160,7 +160,7 @@ def cmd_data_prepare(args) -> None:
 
     from .data import prepare
 
-    path = prepare(_load(args).data)
+    path = prepare(_load(args).data, verify=True)  # (a cached dataset: its files' sha256 checked too)
     meta = json.loads((path / "meta.json").read_text())
     print(f"{meta['corpus']}: {len(meta['train_documents'])} train / {len(meta['val_documents'])} val documents "
           f"(split by {meta['split']}), {meta['train_tokens']:,} / {meta['val_tokens']:,} tokens, "
@@ -427,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     except SpannormError as e:
         print(f"spannorm: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except OSError as e:  # one at a file edge that no command turned into its own error: one line all the same
+        from .io import os_error
+
+        what = repr(str(e.filename)) if e.filename is not None else "a file"
+        print(f"spannorm: error: {' '.join(str(os_error(e, what)).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("spannorm: interrupted", file=sys.stderr)

@@ -4,6 +4,7 @@ into place; run and study directories are locked; JSON is strict (a non-finite f
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -21,6 +22,18 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def os_error(e: OSError, what: str, fix: str = "") -> SpannormError:
+    """A one-line error for an OS error at a file edge. ``what`` names the file or directory the user knows (a
+    temporary name inside it means nothing to them), ``fix`` says what to do. A full disk says so."""
+    reason = e.strerror or str(e) or type(e).__name__
+    fix = f"; {fix}" if fix else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SpannormError(f"cannot write {what}: the disk is full ({reason}){fix}")
+    if e.filename is not None and str(e.filename) not in what:
+        reason += f": {str(e.filename)!r}"
+    return SpannormError(f"cannot use {what}: {reason}{fix}")
 
 
 def fsync_dir(path: Path) -> None:

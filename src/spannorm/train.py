@@ -51,7 +51,7 @@ from .device import DEVICE_FORMS, rng_state, set_rng_state, set_tf32, to_device,
 from .device import autocast as device_autocast
 from .device import resolve as resolve_device
 from .diagnostics import forward_stats, grad_norms, snapshot, taps, update_ratios
-from .io import atomic_dir, atomic_write_text, dumps, locked, read_json, read_jsonl, remove_dir, sweep_temp
+from .io import atomic_dir, atomic_write_text, dumps, locked, os_error, read_json, read_jsonl, remove_dir, sweep_temp
 from .model import LM, ModelConfig, build_model
 
 
@@ -268,16 +268,40 @@ def save_checkpoint(run_dir: Path, step: int, model: LM, opt: torch.optim.Optimi
     if (ckpts / name).exists():  # a damaged one a resume fell back past
         remove_dir(ckpts / name)
     with atomic_dir(ckpts / name) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
+        _save_weights(model, tmp / "model.safetensors")
         state = {"step": step, "optimizer": opt.state_dict(), "data_rng": gen.get_state(),
                  "torch_rng": torch.get_rng_state(), "device_rng": rng_state(model_device(model)), **extra}
-        torch.save(state, tmp / "state.pt")
+        _save_state(state, tmp / "state.pt")
         manifest = {f: _digest(tmp / f) for f in ("model.safetensors", "state.pt")}
         atomic_write_text(tmp / "manifest.json", json.dumps(manifest))
     atomic_write_text(ckpts / "latest", name)
     dirs = checkpoint_dirs(run_dir)
     for old in [d for d in dirs if int(d.name[5:]) > step] + [d for d in dirs if int(d.name[5:]) <= step][keep:]:
         remove_dir(old)
+
+
+def _save_weights(model: LM, path: Path) -> None:
+    """safetensors' save_model; an I/O error (a full disk) is raised as the OSError it is."""
+    from safetensors import SafetensorError
+
+    try:
+        save_model(model, str(path))
+    except SafetensorError as e:
+        if (m := re.search(r"\(os error (\d+)\)", str(e))) is None:
+            raise
+        raise OSError(int(m[1]), os.strerror(int(m[1])), str(path)) from None
+
+
+def _save_state(state: dict, path: Path) -> None:
+    """torch.save through a Python file, so that an I/O error (a full disk) is raised as the OSError it is (torch
+    raises a RuntimeError of its own on the way out, and a path gives only that)."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(state, f)
+    except RuntimeError as e:
+        if isinstance(e.__context__, OSError):
+            raise e.__context__ from None
+        raise
 
 
 def damage(ckpt: Path) -> str | None:
@@ -389,7 +413,10 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
         if (summary := ended()) is not None:  # (again: another process may have got here first)
             return summary
         sweep_temp(run_dir, run_dir / "checkpoints")  # what kills left
-        return _train(cfg, run_dir, dataset, resume, progress, stop_after)
+        try:
+            return _train(cfg, run_dir, dataset, resume, progress, stop_after)
+        except OSError as e:  # a full disk, mostly: the last checkpoint is intact (each is written atomically)
+            raise os_error(e, f"the run {str(run_dir)!r}", "free space, then continue it with --resume") from None
 
 
 def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, resume: bool, progress: bool,
