@@ -95,6 +95,16 @@ def test_rollbacks_spent_make_the_run_diverged(corpus, tmp_path, monkeypatch):
     assert summary["diverged_reason"].startswith("non-finite loss (2 skipped steps in a row")
 
 
+def test_rollback_without_a_checkpoint_restarts_from_the_initial_weights(corpus, tmp_path, monkeypatch):
+    cfg = guarded(corpus, "train.ckpt_interval=20")
+    seen = inject(monkeypatch, cfg, {3: NAN, 4: NAN, 5: NAN})
+    summary = train(cfg, tmp_path / "run", progress=False)
+    assert read_interventions(tmp_path / "run")[-1] == {"step": 5, "kind": "rollback",
+                                                        "reason": "3 skipped steps in a row", "to_step": 0}
+    assert len(seen) == 45 and len(set(seen)) == 45
+    assert summary["finished"] and not summary["diverged"] and math.isfinite(summary["final_val_loss"])
+
+
 def test_loss_spike_rolls_back(corpus, tmp_path, monkeypatch):
     cfg = guarded(corpus)
     seen = inject(monkeypatch, cfg, {27: 10.0})
@@ -130,7 +140,8 @@ def test_resume_after_rollbacks_is_exact(corpus, tmp_path, monkeypatch):
 
     assert lines(cut) == lines(tmp_path / "full")
     assert strip([summary]) == strip([full])
-    weights = [load_file(run / "checkpoints" / "step-0000040" / "model.safetensors") for run in (cut, tmp_path / "full")]
+    weights = [load_file(run / "checkpoints" / "step-0000040" / "model.safetensors")
+               for run in (cut, tmp_path / "full")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[1])
 
 

@@ -23,8 +23,8 @@ A run is a directory::
                         with train.guard: guard_skipped, guard_rollbacks, guard_lr_scale
     checkpoints/latest  name of the newest complete checkpoint directory
     checkpoints/step-N/ model.safetensors, state.pt (optimizer, RNG, step, divergence guard, training guard,
-                        last validation loss), manifest.json (sha256); the newest train.keep_checkpoints of them are kept, and
-                        a resume starts from the newest one whose files match their sha256
+                        last validation loss), manifest.json (sha256); the newest train.keep_checkpoints of them
+                        are kept, and a resume starts from the newest one whose files match their sha256
     .lock               held (flock) by the process that trains the run: a second one is refused
 
 Every JSON file is strict JSON: a non-finite number (a NaN loss) is written as null.
@@ -590,7 +590,9 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, resume: bool, prog
             if t.guard:
                 why = None  # why the guard rolls back
                 if skip:
-                    guard.skipped, guard.streak, guard.unlogged = guard.skipped + 1, guard.streak + 1, guard.unlogged + 1
+                    guard.skipped += 1
+                    guard.streak += 1
+                    guard.unlogged += 1
                     log(metrics, {"step": step, "kind": "skip",
                                   "reason": NON_FINITE if not finite else NON_FINITE_GRAD})
                     if guard.streak >= t.guard_skip_limit:
@@ -676,6 +678,7 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, resume: bool, prog
         "n_params": sum(p.numel() for p in model.parameters()),
     }
     if t.guard:
-        summary |= {"guard_skipped": guard.skipped, "guard_rollbacks": guard.rollbacks, "guard_lr_scale": guard.lr_scale}
+        summary |= {"guard_skipped": guard.skipped, "guard_rollbacks": guard.rollbacks,
+                    "guard_lr_scale": guard.lr_scale}
     atomic_write_text(run_dir / "summary.json", dumps(summary, indent=1))
     return summary
