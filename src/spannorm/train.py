@@ -34,8 +34,8 @@ is skipped (no update); ``guard_skip_limit`` skipped steps in a row, or a loss s
 >= ``guard_spike_z`` over the last ``guard_window`` losses), roll the weights, optimizer and guard back to the
 newest checkpoint (the initial weights if none) while the data keeps its place, so the batches consumed since
 are not replayed; the learning rate is then multiplied by ``guard_lr_factor`` (for the rest of the run). After
-``guard_max_rollbacks`` rollbacks, a rollback that would be needed makes the run diverged instead. When it does
-not fire, the guard changes no number of the run.
+``guard_max_rollbacks`` rollbacks, a skip streak makes the run diverged (a spike is left to the divergence
+verdict). When it does not fire, the guard changes no number of the run.
 """
 
 from __future__ import annotations
@@ -98,14 +98,14 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads; None: torch's default
     compile: bool = False  # torch.compile the training forward (probing steps and evaluation stay eager)
     probe_interval: int = 50  # steps between rows of diagnostics.jsonl (per-block training diagnostics); 0: off
-    stop_on_divergence: bool = True  # after warmup, stop when the loss stays >= the first step's for 5 steps; non-finite always stops
+    stop_on_divergence: bool = True  # after warmup, stop when the loss stays >= the first step's for 5 steps; non-finite always stops (unless train.guard saves it)
     keep_checkpoints: int = 2  # the newest checkpoints kept (>= 2: a resume falls back to the previous one if the newest is damaged)
     guard: bool = False  # training guard: skip non-finite steps, roll back on repeated skips or a loss spike
     guard_skip_limit: int = 3  # skipped (non-finite) steps in a row that make the guard roll back
     guard_spike_z: float = 6.0  # a loss this many standard deviations above the window's mean rolls back; 0: off
     guard_window: int = 50  # the losses (of steps taken) the spike's z-score is computed over; checked once full
     guard_lr_factor: float = 1.0  # each rollback multiplies the learning rate (from then on) by this, in (0, 1]
-    guard_max_rollbacks: int = 3  # rollbacks allowed in the run; one more needed makes the run diverged
+    guard_max_rollbacks: int = 3  # rollbacks allowed in the run; then a skip streak makes the run diverged
 
     def __post_init__(self):
         self.precision = coerce_enum(Precision, "train.precision", self.precision)
