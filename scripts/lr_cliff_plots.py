@@ -34,7 +34,7 @@ def mean(values) -> float:
 
 
 def plot_run(axes, run_dir: Path, color, roles: list[str]) -> None:
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    metrics = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "kind" not in r]  # not the guard's rows
     diag = [r for r in read_jsonl(run_dir / "diagnostics.jsonl") if "update_ratio" in r]  # older rows lack it
     label = run_dir.name
     axes["loss"].plot([r["step"] for r in metrics], [r["loss"] for r in metrics], color=color, label=label)
@@ -75,7 +75,7 @@ TABLE_STEPS = (8, 32, 64, 128, 256)
 def table(run_dir: Path) -> str:
     """A Markdown table of the run at TABLE_STEPS (the nearest diagnostics row at or before each)."""
     diag = [r for r in read_jsonl(run_dir / "diagnostics.jsonl") if "update_ratio" in r]
-    loss = {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")}
+    loss = {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "kind" not in r}
     model = load_run(run_dir).model
     block = SCHEMES[model.scheme](model, 0)  # s and the branch norm are the same in every block
     lines = [f"{run_dir.name}:", "",

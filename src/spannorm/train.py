@@ -4,7 +4,10 @@ A run is a directory::
 
     config.yaml         the resolved config (what --resume reloads)
     metrics.jsonl       one row per log step: step, loss, val_loss, lr, grad_norm, tokens_per_s;
-                        MoE runs add aux_loss, z_loss (unweighted means over layers) and moe_imbalance
+                        MoE runs add aux_loss, z_loss (unweighted means over layers) and moe_imbalance;
+                        with train.guard, a row whose interval had skipped steps adds skipped (their number),
+                        and each intervention of the guard is a row of its own: step, kind (skip or rollback),
+                        reason, and for a rollback to_step (the checkpoint's step; 0: the initial weights)
     diagnostics.jsonl   every probe_interval steps, one row (the step's forward and gradients, weights before it):
                           grad_norm, stream_rms        per block: gradient norm (before clipping), stream RMS
                           attn_rms, ffn_rms            per block: RMS of the raw branch outputs (SpanNorm: f, not s·f)
@@ -16,19 +19,29 @@ A run is a directory::
                           logit_rms, head_in_rms       RMS of the logits (1st sequence) and of the head input
                           embed_rms, embed_cos         RMS of the embedding, mean pairwise cosine of its rows
                           moe                          MoE runs: per-layer expert load (see diagnostics.py)
-    summary.json        written when the run ends: final validation loss, diverged (step, reason), stalled, tokens/s
+    summary.json        written when the run ends: final validation loss, diverged (step, reason), stalled, tokens/s;
+                        with train.guard: guard_skipped, guard_rollbacks, guard_lr_scale
     checkpoints/latest  name of the newest complete checkpoint directory
-    checkpoints/step-N/ model.safetensors, state.pt (optimizer, RNG, step, divergence guard, last validation
-                        loss), manifest.json (sha256); the newest train.keep_checkpoints of them are kept, and
-                        a resume starts from the newest one whose files match their sha256
+    checkpoints/step-N/ model.safetensors, state.pt (optimizer, RNG, step, divergence guard, training guard,
+                        last validation loss), manifest.json (sha256); the newest train.keep_checkpoints of them
+                        are kept, and a resume starts from the newest one whose files match their sha256
     .lock               held (flock) by the process that trains the run: a second one is refused
 
 Every JSON file is strict JSON: a non-finite number (a NaN loss) is written as null.
+
+The training guard (``train.guard``, off by default): a step whose loss or global gradient norm is not finite
+is skipped (no update); ``guard_skip_limit`` skipped steps in a row, or a loss spike after warmup (a z-score
+>= ``guard_spike_z`` over the last ``guard_window`` losses), roll the weights, optimizer and guard back to the
+newest checkpoint (the initial weights if none) while the data keeps its place, so the batches consumed since
+are not replayed; the learning rate is then multiplied by ``guard_lr_factor`` (for the rest of the run). After
+``guard_max_rollbacks`` rollbacks, a skip streak makes the run diverged (a spike is left to the divergence
+verdict). When it does not fire, the guard changes no number of the run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import hashlib
 import json
@@ -85,8 +98,14 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads; None: torch's default
     compile: bool = False  # torch.compile the training forward (probing steps and evaluation stay eager)
     probe_interval: int = 50  # steps between rows of diagnostics.jsonl (per-block training diagnostics); 0: off
-    stop_on_divergence: bool = True  # after warmup, stop when the loss stays >= the first step's for 5 steps; non-finite always stops
+    stop_on_divergence: bool = True  # after warmup, stop when the loss stays >= the first step's for 5 steps; non-finite always stops (unless train.guard saves it)
     keep_checkpoints: int = 2  # the newest checkpoints kept (>= 2: a resume falls back to the previous one if the newest is damaged)
+    guard: bool = False  # training guard: skip non-finite steps, roll back on repeated skips or a loss spike
+    guard_skip_limit: int = 3  # skipped (non-finite) steps in a row that make the guard roll back
+    guard_spike_z: float = 6.0  # a loss this many standard deviations above the window's mean rolls back; 0: off
+    guard_window: int = 50  # the losses (of steps taken) the spike's z-score is computed over; checked once full
+    guard_lr_factor: float = 1.0  # each rollback multiplies the learning rate (from then on) by this, in (0, 1]
+    guard_max_rollbacks: int = 3  # rollbacks allowed in the run; then a skip streak makes the run diverged
 
     def __post_init__(self):
         self.precision = coerce_enum(Precision, "train.precision", self.precision)
@@ -109,6 +128,14 @@ class TrainConfig:
         require(valid_device(self.device), "train.device", self.device, DEVICE_FORMS)
         require(isinstance(self.keep_checkpoints, int) and self.keep_checkpoints >= 2, "train.keep_checkpoints",
                 self.keep_checkpoints, "an integer >= 2")
+        require(isinstance(self.guard, bool), "train.guard", self.guard, "true or false")
+        for name, low in (("guard_skip_limit", 1), ("guard_window", 2), ("guard_max_rollbacks", 0)):
+            value = getattr(self, name)
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= low, f"train.{name}", value,
+                    f"an integer >= {low}")
+        require(math.isfinite(self.guard_spike_z) and self.guard_spike_z >= 0, "train.guard_spike_z",
+                self.guard_spike_z, "a number >= 0 (0: no spike check)")
+        require(0 < self.guard_lr_factor <= 1, "train.guard_lr_factor", self.guard_lr_factor, "a number in (0, 1]")
 
 
 @dataclass
@@ -357,15 +384,87 @@ def load_checkpoint(ckpt: Path, model: LM, opt: torch.optim.Optimizer, gen: torc
     return state
 
 
+# --- the training guard --------------------------------------------------------------------
+
+@dataclass
+class GuardState:
+    """The training guard's state (``train.guard``), saved in each checkpoint so that a resume is exact.
+    ``skipped``, ``rollbacks`` and ``lr_scale`` count over the whole run; ``streak``, ``unlogged`` and
+    ``window`` belong to the weights' trajectory: a rollback takes them back to the checkpoint's."""
+
+    skipped: int = 0  # steps skipped (non-finite loss or gradient: no update)
+    rollbacks: int = 0  # rollbacks made
+    lr_scale: float = 1.0  # multiplies the learning rate schedule: guard_lr_factor ** rollbacks
+    streak: int = 0  # skipped steps in a row, up to now
+    unlogged: int = 0  # skipped steps since the last metrics row (its "skipped" key)
+    window: list = field(default_factory=list)  # the losses of the last guard_window steps taken
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict | None) -> None:
+        for key, value in (state or {}).items():
+            setattr(self, key, value)
+
+    def rewind(self, state: dict | None) -> None:
+        """Take the trajectory's part back to a checkpoint's state (None: the start of the run)."""
+        saved = GuardState()
+        saved.load_state_dict(state)
+        self.streak, self.unlogged, self.window = 0, saved.unlogged, saved.window
+
+    def spike(self, loss: float, t: TrainConfig) -> float | None:
+        """The z-score of ``loss`` over the window if it is a spike (the window full, z >= guard_spike_z)."""
+        w = self.window
+        if t.guard_spike_z <= 0 or len(w) < t.guard_window:
+            return None
+        mean = sum(w) / len(w)
+        std = math.sqrt(sum((x - mean) ** 2 for x in w) / len(w))
+        z = (loss - mean) / std if std > 0 else 0.0
+        return z if z >= t.guard_spike_z else None
+
+    def keep(self, loss: float, t: TrainConfig) -> None:
+        self.window = (self.window + [loss])[-t.guard_window:]
+
+
+def rewind(run_dir: Path, cfg: RunConfig, model: LM, opt: torch.optim.Optimizer, gen: torch.Generator) -> dict:
+    """Roll the weights, optimizer and torch RNG back to the newest checkpoint (to the initial weights if there
+    is none) for the guard; the data generator keeps its place, so the batches consumed since are not replayed.
+    Returns the checkpoint's state ({"step": 0} for the initial weights)."""
+    data_rng = gen.get_state()
+    if (ckpt := find_checkpoint(run_dir)) is not None:
+        state = load_checkpoint(ckpt, model, opt, gen)
+    else:  # as _train builds them
+        torch.manual_seed(cfg.train.seed)
+        model.load_state_dict(build_model(cfg.model).state_dict())
+        opt.state.clear()
+        state = {"step": 0}
+    gen.set_state(data_rng)
+    return state
+
+
+def truncate_rows(run_dir: Path, step: int, keep_guard: bool = False) -> None:
+    """Forget the rows of metrics.jsonl and diagnostics.jsonl past ``step`` (``keep_guard``: not the guard's)."""
+    for name in ("metrics.jsonl", "diagnostics.jsonl"):
+        rows = [r for r in read_jsonl(run_dir / name) if r["step"] <= step or (keep_guard and "kind" in r)]
+        atomic_write_text(run_dir / name, "".join(dumps(r) + "\n" for r in rows))
+
+
 # --- the loop ------------------------------------------------------------------------------
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return read_jsonl(Path(run_dir) / "metrics.jsonl")
+    """The rows of metrics.jsonl with a loss (the guard's interventions: :func:`read_interventions`)."""
+    return [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "kind" not in r]
+
+
+def read_interventions(run_dir: Path) -> list[dict]:
+    """The training guard's rows of metrics.jsonl: step, kind (skip or rollback), reason (, to_step)."""
+    return [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "kind" in r]
 
 
 def is_diverged(rows: list[dict]) -> bool:
-    """A run diverged if a loss became non-finite or the last training loss is not below the first."""
-    losses = [r["loss"] for r in rows]
+    """A run diverged if a loss became non-finite or the last training loss is not below the first (a row of
+    a step the guard skipped, null loss and a skipped count, is left out: the guard saved it)."""
+    losses = [r["loss"] for r in rows if not (r.get("skipped") and r["loss"] is None)]
     if not losses:
         return False
     if not all(x is not None and math.isfinite(x) for x in losses):  # (a non-finite loss is stored as null)
@@ -374,9 +473,15 @@ def is_diverged(rows: list[dict]) -> bool:
 
 
 NON_FINITE = "non-finite loss"
+NON_FINITE_GRAD = "non-finite gradient"
 ABOVE_INITIAL = "loss above its initial value after warmup"
 PATIENCE = 5  # consecutive steps at or above the first loss (after warmup) that make a run diverged
 STALL_MARGIN = 0.05  # nats: a final val loss within this of the unigram entropy means the run stalled
+
+
+def log(f, row: dict) -> None:
+    f.write(dumps(row) + "\n")
+    f.flush()
 
 
 def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool = True,
@@ -435,6 +540,7 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, resume: bool, prog
     forward = torch.compile(model) if t.compile else model
     gen = torch.Generator().manual_seed(t.seed)
     step, first_loss, above, last_val = 0, None, 0, None  # first_loss, above: the divergence guard's state
+    guard = GuardState()  # the training guard's (train.guard)
     if resume:
         if (ckpt := find_checkpoint(run_dir)) is not None:
             state = load_checkpoint(ckpt, model, opt, gen)
@@ -448,9 +554,8 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, resume: bool, prog
                 torch.set_rng_state(state["torch_rng"])
             if "last_val" not in state and step == t.max_steps:  # (the same) the final validation, recomputed
                 last_val = evaluate(model, dataset, t)
-        for name in ("metrics.jsonl", "diagnostics.jsonl"):  # forget rows past the checkpoint
-            rows = [r for r in read_jsonl(run_dir / name) if r["step"] <= step]
-            atomic_write_text(run_dir / name, "".join(dumps(r) + "\n" for r in rows))
+            guard.load_state_dict(state.get("guard"))
+        truncate_rows(run_dir, step)  # forget rows past the checkpoint
     else:
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         atomic_write_text(run_dir / "metrics.jsonl", "")
@@ -474,7 +579,7 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, resume: bool, prog
         while step < t.max_steps and (stop_after is None or step < stop_after):
             t0 = time.perf_counter()
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, t)
+                group["lr"] = lr_at(step, t) * guard.lr_scale  # (x * 1.0 is x: no change without a rollback)
             x, y = to_device(dataset.sample(gen, t.batch_size), device)
             probing = t.probe_interval > 0 and (step + 1) % t.probe_interval == 0
             with autocast(t, device), (taps(model) if probing else contextlib.nullcontext()) as rec:
@@ -493,21 +598,60 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, resume: bool, prog
                     row["moe"] = model.moe_stats()
                 before = snapshot(model)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-            opt.step()
+            loss_value = loss.item()
+            skip = t.guard and not (math.isfinite(loss_value) and math.isfinite(grad_norm))
+            if not skip:
+                opt.step()
             if probing:
                 row["update_ratio"] = update_ratios(model, before)
                 diagnostics.write(dumps(row) + "\n")
                 diagnostics.flush()
             opt.zero_grad(set_to_none=True)
             step += 1
-            loss_value = loss.item()
             dt = time.perf_counter() - t0
             train_time += dt
             window_time += dt
             window_tokens += tokens_per_step
             finite = math.isfinite(loss_value)
-            first_loss = loss_value if first_loss is None else first_loss
-            if not finite:
+            first_loss = loss_value if first_loss is None and (finite or not t.guard) else first_loss
+            if t.guard:
+                why = None  # why the guard rolls back
+                if skip:
+                    guard.skipped += 1
+                    guard.streak += 1
+                    guard.unlogged += 1
+                    log(metrics, {"step": step, "kind": "skip",
+                                  "reason": NON_FINITE if not finite else NON_FINITE_GRAD})
+                    if guard.streak >= t.guard_skip_limit:
+                        why = f"{guard.streak} skipped steps in a row"
+                else:
+                    guard.streak = 0
+                    z = guard.spike(loss_value, t) if step > t.warmup_steps else None
+                    if z is not None and guard.rollbacks < t.guard_max_rollbacks:
+                        why = f"loss spike: z={z:.1f} over the last {t.guard_window} losses"
+                    else:
+                        guard.keep(loss_value, t)
+                if why is not None and guard.rollbacks < t.guard_max_rollbacks:
+                    guard.rollbacks += 1
+                    guard.lr_scale *= t.guard_lr_factor
+                    state = rewind(run_dir, cfg, model, opt, gen)
+                    guard.rewind(state.get("guard"))
+                    rolled_from, step = step, int(state["step"])
+                    above, last_val = state.get("above", 0), state.get("last_val")
+                    metrics.close()
+                    diagnostics.close()
+                    truncate_rows(run_dir, step, keep_guard=True)  # the rows of the abandoned steps
+                    metrics = open(run_dir / "metrics.jsonl", "a")
+                    diagnostics = open(run_dir / "diagnostics.jsonl", "a")
+                    log(metrics, {"step": rolled_from, "kind": "rollback", "reason": why, "to_step": step})
+                    if bar is not None:
+                        bar.n = step
+                    continue
+                if why is not None:  # the rollbacks are spent: the run is diverged as without the guard
+                    reason = f"{NON_FINITE if not finite else NON_FINITE_GRAD} ({why}; no rollback left)"
+            if skip:
+                pass  # the guard saved the step: no verdict on it
+            elif not finite:
                 reason = NON_FINITE
             elif t.stop_on_divergence and step > max(1, t.warmup_steps):
                 above = above + 1 if loss_value >= first_loss else 0  # "stays above": one spike is not enough
@@ -516,12 +660,13 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, resume: bool, prog
             val = evaluate(model, dataset, t) if step % t.eval_interval == 0 or (done and reason is None) else None
             last_val = val if val is not None else last_val
             if step % t.log_interval == 0 or done or val is not None:
-                row = {"step": step, "loss": loss_value, "val_loss": val, "lr": lr_at(step - 1, t),
+                row = {"step": step, "loss": loss_value, "val_loss": val, "lr": lr_at(step - 1, t) * guard.lr_scale,
                        "grad_norm": grad_norm,
                        "tokens_per_s": window_tokens / window_time}
                 row |= moe_row
-                metrics.write(dumps(row) + "\n")
-                metrics.flush()
+                if guard.unlogged:
+                    row["skipped"], guard.unlogged = guard.unlogged, 0
+                log(metrics, row)
                 window_time, window_tokens = 0.0, 0
             if bar is not None:
                 bar.update(1)
@@ -532,8 +677,8 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, resume: bool, prog
             if step % t.ckpt_interval == 0 or step == t.max_steps:
                 for f in (metrics, diagnostics):  # the rows up to the checkpoint are on disk before it
                     os.fsync(f.fileno())
-                save_checkpoint(run_dir, step, model, opt, gen, t.keep_checkpoints,
-                                first_loss=first_loss, above=above, last_val=last_val)
+                save_checkpoint(run_dir, step, model, opt, gen, t.keep_checkpoints, first_loss=first_loss,
+                                above=above, last_val=last_val, **({"guard": guard.state_dict()} if t.guard else {}))
     finally:
         metrics.close()
         diagnostics.close()
@@ -559,5 +704,8 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, resume: bool, prog
         "tokens_per_s": ((step - start_step) * tokens_per_step / train_time) if train_time else None,
         "n_params": sum(p.numel() for p in model.parameters()),
     }
+    if t.guard:
+        summary |= {"guard_skipped": guard.skipped, "guard_rollbacks": guard.rollbacks,
+                    "guard_lr_scale": guard.lr_scale}
     atomic_write_text(run_dir / "summary.json", dumps(summary, indent=1))
     return summary
