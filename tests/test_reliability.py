@@ -470,3 +470,31 @@ def test_absurd_sizes_are_refused_before_anything_is_allocated(corpus, tmp_path,
     one_line_error(capsys, ["train", "--config", "tiny", "--corpus", str(corpus), "--out", str(tmp_path / "r"),
                             "--set", size, "--set", "model.n_heads=1"], "GiB of memory")
     assert not (tmp_path / "r").exists()
+
+
+# --- Ctrl-C: a checkpoint, then exit 130; progress lines when stderr is not a terminal -------------
+
+def test_ctrl_c_writes_a_checkpoint_and_the_run_resumes_exactly(corpus, tmp_path):
+    more = ["train.max_steps=300", "train.ckpt_interval=1000", "train.eval_interval=10"]
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "spannorm.cli", "train", "--config", "tiny", "--corpus", str(corpus),
+           "--out", str(run), *[a for m in more for a in ("--set", m)]]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(r["step"] >= 20 for r in strict_rows(run / "metrics.jsonl")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted at step" in err and "--resume" in err and "Traceback" not in err
+    ckpts = sorted((run / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and 20 <= int(ckpts[0].name[5:]) < 300  # written at the interrupt, not a schedule
+    lines = [ln for ln in err.splitlines() if ln.startswith("span: step ")]
+    assert lines and all("val loss" in ln for ln in lines)  # stderr is a pipe: progress lines, no bar
+    train(load_run(run), run, resume=True, progress=False)
+    train(tiny(corpus, *more), tmp_path / "full", progress=False)
+    assert untimed(read_metrics(run)) == untimed(read_metrics(tmp_path / "full"))
+
+
+def strict_rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")] if path.is_file() else []

@@ -48,7 +48,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -484,6 +486,29 @@ def log(f, row: dict) -> None:
     f.flush()
 
 
+class DeferredInterrupt:
+    """Ctrl-C (SIGINT) while training: the step in flight finishes, the trainer writes a checkpoint and
+    then raises KeyboardInterrupt (``requested`` tells it); a second Ctrl-C interrupts at once. Only in
+    the main thread, where Python delivers signals; elsewhere nothing changes."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool = True,
           stop_after: int | None = None) -> dict:
     """Train (or with ``resume`` continue) the run in ``run_dir``; returns the summary.
@@ -568,6 +593,7 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, resume: bool, prog
 
         bar = tqdm(total=t.max_steps, initial=step, desc=f"{cfg.model.scheme.value}", unit="step",
                    dynamic_ncols=True, leave=False, disable=None)  # None: off when not a terminal
+    lines = progress and bar.disable  # not a terminal: a progress line at each validation instead of a bar
     metrics = open(run_dir / "metrics.jsonl", "a")
     diagnostics = open(run_dir / "diagnostics.jsonl", "a")
     train_time, window_time, window_tokens = 0.0, 0.0, 0
@@ -575,6 +601,14 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, resume: bool, prog
     clip = t.grad_clip if t.grad_clip > 0 else float("inf")
     moe = cfg.model.moe
     model.train()
+
+    def checkpoint():
+        for f in (metrics, diagnostics):  # the rows up to the checkpoint are on disk before it
+            os.fsync(f.fileno())
+        save_checkpoint(run_dir, step, model, opt, gen, t.keep_checkpoints, first_loss=first_loss,
+                        above=above, last_val=last_val, **({"guard": guard.state_dict()} if t.guard else {}))
+
+    interrupt = DeferredInterrupt().__enter__()  # left in the finally below
     try:
         while step < t.max_steps and (stop_after is None or step < stop_after):
             t0 = time.perf_counter()
@@ -674,12 +708,17 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, resume: bool, prog
             if reason is not None:
                 diverged = True
                 break
-            if step % t.ckpt_interval == 0 or step == t.max_steps:
-                for f in (metrics, diagnostics):  # the rows up to the checkpoint are on disk before it
-                    os.fsync(f.fileno())
-                save_checkpoint(run_dir, step, model, opt, gen, t.keep_checkpoints, first_loss=first_loss,
-                                above=above, last_val=last_val, **({"guard": guard.state_dict()} if t.guard else {}))
+            if step % t.ckpt_interval == 0 or step == t.max_steps or interrupt.requested:
+                checkpoint()
+            if lines and val is not None:
+                print(f"{cfg.model.scheme.value}: step {step}/{t.max_steps}, loss {loss_value:.4f}, val loss {val:.4f}, "
+                      f"{tokens_per_step / dt:,.0f} tokens/s", file=sys.stderr, flush=True)
+            if interrupt.requested:
+                print(f"spannorm: interrupted at step {step}, checkpoint written: continue with "
+                      f"spannorm train --out {run_dir} --resume", file=sys.stderr, flush=True)
+                raise KeyboardInterrupt
     finally:
+        interrupt.__exit__(None, None, None)
         metrics.close()
         diagnostics.close()
         if bar is not None:
