@@ -374,6 +374,9 @@ def run_probe(cfg, schemes: list[Scheme], depths: list[int], batch_size: int, ch
 
     if checkpoint is not None:
         model, cfg = load_checkpoint_model(checkpoint)
+    # a bad device setting or a missing GPU is said before any model is built
+    device = resolve(device or cfg.train.device, "--device" if device else "train.device")
+    if checkpoint is not None:
         models = [model]
     else:
         models = []
@@ -381,7 +384,6 @@ def run_probe(cfg, schemes: list[Scheme], depths: list[int], batch_size: int, ch
             for depth in depths:
                 torch.manual_seed(cfg.train.seed)
                 models.append(build_model(dataclasses.replace(cfg.model, scheme=scheme, n_layers=depth)))
-    device = resolve(device or cfg.train.device, "--device" if device else "train.device")
     data = TokenData(prepare(cfg.data), cfg.train.seq_len)
     batches = [to_device(b, device) for b in data.val_batches(batch_size, cfg.train.eval_batches)]
     runs = []
