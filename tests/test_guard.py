@@ -167,3 +167,25 @@ def test_bad_guard_values_are_refused(value):
     with pytest.raises(ConfigError) as e:
         load_config("tiny", [value])
     assert value.split("=")[0] in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_study_reports_the_guards_interventions(corpus, tmp_path, monkeypatch):
+    """results.csv has the guard's counts per cell and report.md names the cells it saved."""
+    import csv
+
+    from spannorm.study import run_study, study_from_dict
+
+    study = study_from_dict({
+        "base": "tiny", "set": [f"data.corpus={corpus}", "train.guard=true", "train.guard_window=8",
+                                "train.ckpt_interval=10"],
+        "tokens_per_cell": 40 * 8 * 32, "probe": False,
+        "grids": [{"name": "g", "axes": {"model.scheme": ["pre"], "model.n_layers": [2], "train.lr": [3e-3],
+                                         "train.seed": [1337]}}]})
+    cell_cfg = guarded(corpus, "model.scheme=pre", "model.n_layers=2")
+    inject(monkeypatch, cell_cfg, {12: NAN})
+    run_study(study, tmp_path / "st", "test", jobs=1, log=lambda *a: None)
+    with open(tmp_path / "st" / "results.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert (row["guard_skipped"], row["guard_rollbacks"]) == ("1", "0")
+    report = (tmp_path / "st" / "report.md").read_text()
+    assert f"intervened in {row['name']} (1 steps skipped, 0 rollbacks)" in report

@@ -450,7 +450,8 @@ def _sigterm_interrupts():
 # --- results -------------------------------------------------------------------------------
 
 RESULT_COLUMNS = ("steps", "max_steps", "tokens", "final_val_loss", "final_loss", "diverged", "diverged_step",
-                  "diverged_reason", "stalled", "unigram_entropy", "tokens_per_s", "n_params", "wall_s", "status")
+                  "diverged_reason", "stalled", "unigram_entropy", "tokens_per_s", "n_params", "wall_s", "status",
+                  "guard_skipped", "guard_rollbacks")  # the guard's columns: empty unless train.guard=true
 
 
 def cell_result(cell: Cell, out: Path, error: str | None = None) -> dict:

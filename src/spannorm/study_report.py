@@ -698,6 +698,11 @@ def report(study: StudyConfig, cells: list[Cell], rows: list[dict], out: Path, c
         "batch_size or seq_len get their own step count). Base config: "
         f"`{study.base}` with set {study.set or '[]'} (below).", "",
     ]
+    guarded = [r for r in rows if r.get("guard_skipped") or r.get("guard_rollbacks")]
+    if guarded:  # the training guard (train.guard) saved steps: say where, since it changes what was trained
+        lines += ["The training guard (`train.guard`) intervened in " + ", ".join(
+            f"{r['name']} ({r['guard_skipped']} steps skipped, {r['guard_rollbacks']} rollbacks)" for r in guarded)
+            + "; each cell's metrics.jsonl has a row per intervention.", ""]
     walls = [r["wall_s"] for r in rows if r.get("wall_s") is not None]
     if walls:
         lines += [f"Training time: the {len(walls)} finished cells' wall times sum to {sum(walls) / 3600:.2f} h "
