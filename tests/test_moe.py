@@ -155,12 +155,12 @@ def test_active_parameters_match_dense_by_default():
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
-    (dict(n_experts=-1), "model.n_experts=-1 is invalid: expected an integer >= 0"),
+    (dict(n_experts=-1), "model.n_experts=-1 is invalid: expected an integer in [0, 4096]"),
     (dict(n_experts=4, top_k=5), "model.top_k=5 is invalid: expected an integer in [1, n_experts=4]"),
     (dict(n_experts=1), "model.top_k=2 is invalid: expected an integer in [1, n_experts=1]"),
     (dict(top_k=0), "model.top_k=0 is invalid: expected a positive integer"),
     (dict(n_experts=4, capacity_factor=0.0), "model.capacity_factor=0.0 is invalid: expected a positive number"),
-    (dict(n_experts=4, expert_d_ff=0), "model.expert_d_ff=0 is invalid: expected a positive integer or null"),
+    (dict(n_experts=4, expert_d_ff=0), "model.expert_d_ff=0 is invalid: expected a positive integer (at most 1,048,576) or null"),
     (dict(n_experts=4, moe_aux_coef=-0.1), "model.moe_aux_coef=-0.1 is invalid: expected a number >= 0"),
     (dict(n_experts=4, moe_z_coef=float("nan")), "model.moe_z_coef=nan is invalid"),
     (dict(n_shared_experts=1), "model.n_shared_experts=1 is invalid: expected 0 with model.n_experts=0"),

@@ -464,11 +464,14 @@ def test_a_corrupt_summary_is_a_one_line_error(finished_run, capsys):
                    "summary.json' cannot be read as JSON (JSONDecodeError): delete it and resume the run")
 
 
-@pytest.mark.parametrize("size", ["model.d_model=1099511627776", "train.batch_size=1000000000000",
-                                  "train.eval_batches=1000000000000", "model.n_layers=100000000"])
-def test_absurd_sizes_are_refused_before_anything_is_allocated(corpus, tmp_path, capsys, size):
+@pytest.mark.parametrize("size,said", [("model.d_model=1099511627776", "at most 1,048,576"),  # (the model's bound)
+                                       ("model.d_model=262144", "GiB of memory"), ("train.batch_size=1000000000000",
+                                       "GiB of memory"), ("train.eval_batches=1000000000000", "GiB of memory"),
+                                       ("model.n_layers=100000000", "at most 1,048,576"),
+                                       ("model.n_layers=1000000", "GiB of memory")])
+def test_absurd_sizes_are_refused_before_anything_is_allocated(corpus, tmp_path, capsys, size, said):
     one_line_error(capsys, ["train", "--config", "tiny", "--corpus", str(corpus), "--out", str(tmp_path / "r"),
-                            "--set", size, "--set", "model.n_heads=1"], "GiB of memory")
+                            "--set", size, "--set", "model.n_heads=1"], said)
     assert not (tmp_path / "r").exists()
 
 
