@@ -428,6 +428,13 @@ class GuardState:
         self.window = (self.window + [loss])[-t.guard_window:]
 
 
+def initial_model(cfg: RunConfig) -> LM:
+    """The run's initial weights: torch seeded with ``train.seed``, then the model built on the CPU (the same
+    weights on every device)."""
+    torch.manual_seed(cfg.train.seed)
+    return build_model(cfg.model)
+
+
 def rewind(run_dir: Path, cfg: RunConfig, model: LM, opt: torch.optim.Optimizer, gen: torch.Generator) -> dict:
     """Roll the weights, optimizer and torch RNG back to the newest checkpoint (to the initial weights if there
     is none) for the guard; the data generator keeps its place, so the batches consumed since are not replayed.
@@ -436,8 +443,7 @@ def rewind(run_dir: Path, cfg: RunConfig, model: LM, opt: torch.optim.Optimizer,
     if (ckpt := find_checkpoint(run_dir)) is not None:
         state = load_checkpoint(ckpt, model, opt, gen)
     else:  # as _train builds them
-        torch.manual_seed(cfg.train.seed)
-        model.load_state_dict(build_model(cfg.model).state_dict())
+        model.load_state_dict(initial_model(cfg).state_dict())
         opt.state.clear()
         state = {"step": 0}
     gen.set_state(data_rng)
@@ -544,23 +550,21 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
             return summary
         sweep_temp(run_dir, run_dir / "checkpoints")  # what kills left
         try:
-            return _train(cfg, run_dir, dataset, resume, progress, stop_after)
+            return _train(cfg, run_dir, dataset, device, resume, progress, stop_after)
         except OSError as e:  # a full disk, mostly: the last checkpoint is intact (each is written atomically)
             raise os_error(e, f"the run {str(run_dir)!r}", "free space, then continue it with --resume") from None
 
 
-def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, resume: bool, progress: bool,
-           stop_after: int | None) -> dict:
+def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, device: torch.device, resume: bool,
+           progress: bool, stop_after: int | None) -> dict:
     """The body of :func:`train`, under the run directory's lock."""
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
-    device = resolve_device(t.device)
     if device.type == "cuda":
         set_tf32(t.tf32)
     torch.set_flush_denormal(True)
-    torch.manual_seed(t.seed)
-    model = build_model(cfg.model).to(device)  # built on the CPU: the same initial weights on every device
+    model = initial_model(cfg).to(device)
     opt = make_optimizer(model, t)
     forward = torch.compile(model) if t.compile else model
     gen = torch.Generator().manual_seed(t.seed)
@@ -572,10 +576,9 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, resume: bool, prog
             step, last_val = int(state["step"]), state.get("last_val")
             first_loss, above = state.get("first_loss"), state.get("above", 0)
             if "first_loss" not in state and t.stop_on_divergence:  # a checkpoint from before the guard's was saved:
-                torch.manual_seed(t.seed)  # the first step's loss, recomputed with the initial weights
-                with torch.no_grad(), autocast(t, device):
+                with torch.no_grad(), autocast(t, device):  # the first step's loss, recomputed with the initial weights
                     first_batch = to_device(dataset.sample(torch.Generator().manual_seed(t.seed), t.batch_size), device)
-                    first_loss = build_model(cfg.model).to(device)(*first_batch)[1].item()
+                    first_loss = initial_model(cfg).to(device)(*first_batch)[1].item()
                 torch.set_rng_state(state["torch_rng"])
             if "last_val" not in state and step == t.max_steps:  # (the same) the final validation, recomputed
                 last_val = evaluate(model, dataset, t)
