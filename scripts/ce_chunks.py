@@ -28,8 +28,9 @@ def main() -> None:
     t = torch.randint(0, 8192, (2048,), generator=g)
     print(f"{'dtype':6} " + " ".join(f"{c:>9}" for c in CHUNKS) + "   (ms per forward + backward; chunk = rows)")
     for dtype in ("fp32", "bf16"):
-        def step(c):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+
+        def step(c, bf16=dtype == "bf16"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = linear_cross_entropy(x, w, t, chunk_rows=c)
             loss.backward()
 

@@ -66,16 +66,19 @@ def main() -> None:
         ("rmsnorm", "F.rms_norm"): lambda: backward(F.rms_norm(x.to(torch.bfloat16), (d,), gain, 1e-6)),
         # torch's fused kernel needs input and weight in one dtype
         ("rmsnorm", "F.rms_norm, bf16 gain"): lambda: backward(
-            F.rms_norm(x.to(torch.bfloat16), (d,), gain.to(torch.bfloat16), 1e-6)),
+            F.rms_norm(x.to(torch.bfloat16), (d,), gain.to(torch.bfloat16), 1e-6)
+        ),
         ("silu_gate", "ours"): lambda: backward(silu_gate(h.to(torch.bfloat16))),
         ("silu_gate", "F.silu(a) * b"): lambda: backward(
-            (lambda a, b: F.silu(a) * b)(*h.to(torch.bfloat16).chunk(2, -1))),
+            (lambda a, b: F.silu(a) * b)(*h.to(torch.bfloat16).chunk(2, -1))
+        ),
     }
     for p in (21, 24, 26, 28):
         rows = max(64, 2**p // V)
         if rows <= N:
-            cases[("ce", f"ours, 2^{p} logits/chunk")] = (
-                lambda rows=rows: backward(_LinearCrossEntropy.apply(xh, w, t, torch.bfloat16, rows)))
+            cases[("ce", f"ours, 2^{p} logits/chunk")] = lambda rows=rows: backward(
+                _LinearCrossEntropy.apply(xh, w, t, torch.bfloat16, rows)
+            )
 
     def materialized():
         with bf16:
@@ -84,8 +87,10 @@ def main() -> None:
 
     cases[("ce", "F.cross_entropy, materialized")] = materialized
     results = {k: timed(fn, args.reps, device) for k, fn in cases.items()}
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
-          f"torch {torch.__version__}, N={N} d={d} ff={ff} V={V}, median of {args.reps}\n")
+    print(
+        f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+        f"torch {torch.__version__}, N={N} d={d} ff={ff} V={V}, median of {args.reps}\n"
+    )
     print("| piece | implementation | ms | / fastest |\n|---|---|---|---|")
     for (piece, impl), s in results.items():
         best = min(v for (p, _), v in results.items() if p == piece)

@@ -51,8 +51,9 @@ def plot_run(axes, run_dir: Path, color, roles: list[str]) -> None:
         ys = [mean(r["update_ratio"][role]) for r in diag]
         if role not in roles:
             roles.append(role)
-        axes["update"].plot(steps, ys, color=color, marker=MARKERS[roles.index(role) % len(MARKERS)],
-                            markersize=4, linewidth=0.8)
+        axes["update"].plot(
+            steps, ys, color=color, marker=MARKERS[roles.index(role) % len(MARKERS)], markersize=4, linewidth=0.8
+        )
     axes["entropy"].plot(steps, series("attn_entropy", mean), color=color, label=label)
     axes["entropy"].plot(steps, series("attn_entropy_max"), ":", color=color)
     axes["logit"].plot(steps, series("logit_rms"), color=color, label=label)
@@ -78,21 +79,30 @@ def table(run_dir: Path) -> str:
     loss = {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "kind" not in r}
     model = load_run(run_dir).model
     block = SCHEMES[model.scheme](model, 0)  # s and the branch norm are the same in every block
-    lines = [f"{run_dir.name}:", "",
-             "| step | train loss | Σ_l σ_l² | max σ_l² | skip-path gain | ‖ΔW‖/‖W‖ ffn.down / ffn.up "
-             "| attn.out / attn.qk | attention entropy | embedding cosine |", "|" + "---|" * 9]
+    lines = [
+        f"{run_dir.name}:",
+        "",
+        "| step | train loss | Σ_l σ_l² | max σ_l² | skip-path gain | ‖ΔW‖/‖W‖ ffn.down / ffn.up "
+        "| attn.out / attn.qk | attention entropy | embedding cosine |",
+        "|" + "---|" * 9,
+    ]
     picked = {max((r["step"] for r in diag if r["step"] <= want), default=None) for want in TABLE_STEPS}
     for r in (r for r in diag if r["step"] in picked):
         var = branch_variances(block, r)
         gain = math.exp(-0.5 * sum(math.log1p(v) for v in var)) if var else None
         ur = r["update_ratio"]
         near = min(loss, key=lambda k: abs(k - r["step"]), default=None)
-        cells = [str(r["step"]), f"{loss[near]:.3f}" if near is not None else "—",
-                 f"{sum(var):.2f}" if var else "—", f"{max(var):.3f}" if var else "—",
-                 f"{gain:.1e}" if gain is not None else "—",
-                 f"{mean(ur['ffn.down']) / mean(ur['ffn.up']):.1f}",
-                 f"{mean(ur['attn.out']) / mean(ur['attn.qk']):.1f}",
-                 f"{mean(r['attn_entropy']):.2f} of {r['attn_entropy_max']:.2f}", f"{r['embed_cos']:.2f}"]
+        cells = [
+            str(r["step"]),
+            f"{loss[near]:.3f}" if near is not None else "—",
+            f"{sum(var):.2f}" if var else "—",
+            f"{max(var):.3f}" if var else "—",
+            f"{gain:.1e}" if gain is not None else "—",
+            f"{mean(ur['ffn.down']) / mean(ur['ffn.up']):.1f}",
+            f"{mean(ur['attn.out']) / mean(ur['attn.qk']):.1f}",
+            f"{mean(r['attn_entropy']):.2f} of {r['attn_entropy_max']:.2f}",
+            f"{r['embed_cos']:.2f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -105,10 +115,14 @@ def main() -> None:
     args = ap.parse_args()
 
     fig, grid = plt.subplots(2, 3, figsize=(16, 8))
-    titles = {"loss": "train loss", "branch": "branch RMS, mean over blocks (solid: FFN, dashed: attn)",
-              "update": "update ‖ΔW‖/‖W‖ per role, mean over blocks", "entropy":
-              "attention entropy (nats), mean over blocks (dotted: uniform)", "logit": "logit RMS",
-              "embed": "embedding mean pairwise cosine"}
+    titles = {
+        "loss": "train loss",
+        "branch": "branch RMS, mean over blocks (solid: FFN, dashed: attn)",
+        "update": "update ‖ΔW‖/‖W‖ per role, mean over blocks",
+        "entropy": "attention entropy (nats), mean over blocks (dotted: uniform)",
+        "logit": "logit RMS",
+        "embed": "embedding mean pairwise cosine",
+    }
     axes = dict(zip(titles, grid.flat))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     roles: list[str] = []
@@ -121,8 +135,11 @@ def main() -> None:
     for key in ("branch", "update", "logit"):
         axes[key].set_yscale("log")
     axes["loss"].legend(fontsize=7)
-    axes["update"].legend([plt.Line2D([], [], color="k", marker=MARKERS[i % len(MARKERS)], linewidth=0.8)
-                           for i in range(len(roles))], roles, fontsize=7)
+    axes["update"].legend(
+        [plt.Line2D([], [], color="k", marker=MARKERS[i % len(MARKERS)], linewidth=0.8) for i in range(len(roles))],
+        roles,
+        fontsize=7,
+    )
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=100)

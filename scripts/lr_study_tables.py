@@ -1,15 +1,24 @@
 """The lr study's seed-1 final val losses as Markdown tables, one per depth (rates not yet run: "not yet").
 
-    python3 scripts/lr_study_tables.py [STUDY_DIR]     # default docs/lr-study
+python3 scripts/lr_study_tables.py [STUDY_DIR]     # default docs/lr-study
 """
+
 import json
 import sys
 from pathlib import Path
 
 LRS = ["0.0005", "0.001", "0.002", "0.004", "0.008", "0.016"]
-SERIES = [("span `init`", "span", "_span_scale-init"), ("span `multiplier`", "span", "_span_scale-multiplier"),
-          ("span (default, `norm`)", "span", ""), ("pre", "pre", ""), ("post", "post", ""),
-          ("deepnorm", "deepnorm", ""), ("b2t", "b2t", ""), ("peri", "peri", ""), ("lns", "lns", "")]
+SERIES = [
+    ("span `init`", "span", "_span_scale-init"),
+    ("span `multiplier`", "span", "_span_scale-multiplier"),
+    ("span (default, `norm`)", "span", ""),
+    ("pre", "pre", ""),
+    ("post", "post", ""),
+    ("deepnorm", "deepnorm", ""),
+    ("b2t", "b2t", ""),
+    ("peri", "peri", ""),
+    ("lns", "lns", ""),
+]
 
 
 def cell(study: Path, name: str) -> str:

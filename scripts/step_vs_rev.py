@@ -51,8 +51,10 @@ def main() -> None:
     med = [statistics.median(t) for t in times]
     print(f"{args.dtype}, L={args.depth}, {torch.get_num_threads()} threads, median of {args.reps} interleaved steps")
     for j in range(0, len(runs), 2):
-        print(f"{runs[j][0]:9s} {args.rev}: {med[j] * 1e3:7.1f} ms   checkout: {med[j + 1] * 1e3:7.1f} ms   "
-              f"checkout / {args.rev}: {med[j + 1] / med[j]:.3f}x")
+        print(
+            f"{runs[j][0]:9s} {args.rev}: {med[j] * 1e3:7.1f} ms   checkout: {med[j + 1] * 1e3:7.1f} ms   "
+            f"checkout / {args.rev}: {med[j + 1] / med[j]:.3f}x"
+        )
 
 
 if __name__ == "__main__":

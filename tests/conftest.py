@@ -13,8 +13,11 @@ def pytest_collection_modifyitems(config, items):
         if "cuda" in item.keywords:
             item.add_marker(skip)
 
-WORDS = ("the king and queen of england went to war with france for love of honour and gold "
-         "while the fool sang songs of night and day to every lord and lady in the hall").split()
+
+WORDS = (
+    "the king and queen of england went to war with france for love of honour and gold "
+    "while the fool sang songs of night and day to every lord and lady in the hall"
+).split()
 
 
 def write_corpus(root, n_docs=6, words_per_doc=3000, seed=0):

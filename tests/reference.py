@@ -52,7 +52,7 @@ def attention(x, w_qkv, w_out, n_heads, theta, qkv_norms=None):
     norms on q, k, v (before RoPE)."""
     B, T, D = x.shape
     hd = D // n_heads
-    wq, wk, wv = w_qkv[:D], w_qkv[D:2 * D], w_qkv[2 * D:]
+    wq, wk, wv = w_qkv[:D], w_qkv[D : 2 * D], w_qkv[2 * D :]
     heads = []
     for h in range(n_heads):
         sl = slice(h * hd, (h + 1) * hd)
@@ -77,7 +77,9 @@ def sublayers(block, cfg):
     """Attn, FFN and a norm-applier N(name, x) of a block, from its raw weights."""
     qkv = None
     if hasattr(block.attn, "q_norm"):
-        qkv = [lambda t, m=m: norm(t, m, cfg.norm_eps) for m in (block.attn.q_norm, block.attn.k_norm, block.attn.v_norm)]
+        qkv = [
+            lambda t, m=m: norm(t, m, cfg.norm_eps) for m in (block.attn.q_norm, block.attn.k_norm, block.attn.v_norm)
+        ]
 
     def A(x):
         return attention(x, block.attn.qkv.weight, block.attn.out.weight, cfg.n_heads, cfg.rope_theta, qkv)
@@ -91,21 +93,22 @@ def sublayers(block, cfg):
     return A, F, N
 
 
-# --- the block equations of SPANNORM.md and PEERS.md; L = cfg.n_layers, l = block index from 0 ---
+# --- the block equations of SPANNORM.md and PEERS.md; L = cfg.n_layers, i = block index from 0 ---
 
-def pre_block(x, block, cfg, l):
+
+def pre_block(x, block, cfg, i):
     A, F, N = sublayers(block, cfg)
     h = x + A(N("norm1", x))
     return h + F(N("norm2", h))
 
 
-def post_block(x, block, cfg, l):
+def post_block(x, block, cfg, i):
     A, F, N = sublayers(block, cfg)
     h = N("norm1", x + A(x))
     return N("norm2", h + F(h))
 
 
-def span_block(x, block, cfg, l):
+def span_block(x, block, cfg, i):
     A, F, N = sublayers(block, cfg)
     s = math.sqrt(cfg.span_c / cfg.n_layers) if cfg.span_scale.value in ("multiplier", "norm") else 1.0
     y = N("norm1", x + A(x))
@@ -115,56 +118,56 @@ def span_block(x, block, cfg, l):
     return N("norm2", x + s * f)
 
 
-def deepnorm_block(x, block, cfg, l):
+def deepnorm_block(x, block, cfg, i):
     A, F, N = sublayers(block, cfg)
     alpha = (2 * cfg.n_layers) ** 0.25
     h = N("norm1", alpha * x + A(x))
     return N("norm2", alpha * h + F(h))
 
 
-def b2t_block(x, block, cfg, l):
+def b2t_block(x, block, cfg, i):
     A, F, N = sublayers(block, cfg)
     h = N("norm1", x + A(x))
     return N("norm2", x + h + F(h))
 
 
-def admin_block(x, block, cfg, l):
+def admin_block(x, block, cfg, i):
     A, F, N = sublayers(block, cfg)
     h = N("norm1", block.omega1 * x + A(x))
     return N("norm2", block.omega2 * h + F(h))
 
 
-def peri_block(x, block, cfg, l):
+def peri_block(x, block, cfg, i):
     A, F, N = sublayers(block, cfg)
     h = x + N("norm1_out", A(N("norm1", x)))
     return h + N("norm2_out", F(N("norm2", h)))
 
 
-def mixln_block(x, block, cfg, l):
-    return post_block(x, block, cfg, l) if l < math.floor(0.25 * cfg.n_layers) else pre_block(x, block, cfg, l)
+def mixln_block(x, block, cfg, i):
+    return post_block(x, block, cfg, i) if i < math.floor(0.25 * cfg.n_layers) else pre_block(x, block, cfg, i)
 
 
-def hybrid_block(x, block, cfg, l):
+def hybrid_block(x, block, cfg, i):
     A, F, N = sublayers(block, cfg)
     h = x + A(x)
     return N("norm", h) + F(N("norm", h))
 
 
-def hybrid_star_block(x, block, cfg, l):
-    if l > 0:
-        return hybrid_block(x, block, cfg, l)
+def hybrid_star_block(x, block, cfg, i):
+    if i > 0:
+        return hybrid_block(x, block, cfg, i)
     A, F, N = sublayers(block, cfg)
     h = x + A(N("attn_norm", x))
     return h + F(N("norm", h))
 
 
-def lns_block(x, block, cfg, l):
+def lns_block(x, block, cfg, i):
     A, F, N = sublayers(block, cfg)
-    h = x + A(N("norm1", x) / math.sqrt(l + 1))
-    return h + F(N("norm2", h) / math.sqrt(l + 1))
+    h = x + A(N("norm1", x) / math.sqrt(i + 1))
+    return h + F(N("norm2", h) / math.sqrt(i + 1))
 
 
-def residual_block(state, block, cfg, l):
+def residual_block(state, block, cfg, i):
     A, F, N = sublayers(block, cfg)
     a, d = state
     fa = A(a)
@@ -173,18 +176,18 @@ def residual_block(state, block, cfg, l):
     return N("norm2", a + ff), d + ff
 
 
-def siamese_block(state, block, cfg, l):
+def siamese_block(state, block, cfg, i):
     A, F, N = sublayers(block, cfg)
     x, y = state
     for sub, (post, inp, pre) in ((A, ("post1", "in1", "pre1")), (F, ("post2", "in2", "pre2"))):
         x = N(post, x)
         z = sub(N(inp, x + N(pre, y)))
-        x = x + z / math.sqrt(2 * (l + 1))
+        x = x + z / math.sqrt(2 * (i + 1))
         y = y + z
     return x, y
 
 
-def deepscale_block(x, block, cfg, l):
+def deepscale_block(x, block, cfg, i):
     A, F, N = sublayers(block, cfg)
     beta = math.sqrt(cfg.deepscale_k / cfg.n_layers)
     lam = math.sqrt(1 - beta**2)
@@ -192,11 +195,23 @@ def deepscale_block(x, block, cfg, l):
     return lam * h + beta * F(N("norm2", h))
 
 
-BLOCKS = {"pre": pre_block, "post": post_block, "span": span_block, "deepnorm": deepnorm_block,
-          "b2t": b2t_block, "admin": admin_block, "peri": peri_block, "sandwich": peri_block,
-          "mixln": mixln_block, "hybrid": hybrid_block, "hybrid_star": hybrid_star_block,
-          "lns": lns_block, "residual": residual_block,
-          "siamese": siamese_block, "deepscale": deepscale_block}
+BLOCKS = {
+    "pre": pre_block,
+    "post": post_block,
+    "span": span_block,
+    "deepnorm": deepnorm_block,
+    "b2t": b2t_block,
+    "admin": admin_block,
+    "peri": peri_block,
+    "sandwich": peri_block,
+    "mixln": mixln_block,
+    "hybrid": hybrid_block,
+    "hybrid_star": hybrid_star_block,
+    "lns": lns_block,
+    "residual": residual_block,
+    "siamese": siamese_block,
+    "deepscale": deepscale_block,
+}
 EMBED_NORM = {"span", "peri"}
 FINAL_NORM = {"pre", "peri", "sandwich", "mixln", "hybrid", "hybrid_star", "lns", "deepscale"}
 TWO_STREAM = {"residual", "siamese"}
@@ -213,12 +228,14 @@ def lm_logits(idx, model, cfg):
     if name in EMBED_NORM:
         x = norm(x, model.embed_norm, eps)
     state = (x, x) if name in TWO_STREAM else x
-    for l, block in enumerate(model.blocks):
-        state = BLOCKS[name](state, block, cfg, l)
+    for i, block in enumerate(model.blocks):
+        state = BLOCKS[name](state, block, cfg, i)
     if name == "residual":  # a_L + N(d_L)
         x = state[0] + norm(state[1], model.exit.norm, eps)
     elif name == "siamese":  # N_f(N_a(x) + N_b(y))
-        x = norm(norm(state[0], model.exit.norm_a, eps) + norm(state[1], model.exit.norm_b, eps), model.exit.norm_f, eps)
+        x = norm(
+            norm(state[0], model.exit.norm_a, eps) + norm(state[1], model.exit.norm_b, eps), model.exit.norm_f, eps
+        )
     else:
         x = state
     if name in FINAL_NORM:

@@ -7,7 +7,11 @@ from spannorm.cli import main
 
 
 def test_a_group_is_timed_together_and_hf_has_the_same_size_as_pre():
-    group = [Case("spannorm", "pre", 1, "bf16"), Case("hf-llama", "pre", 1, "bf16"), Case("spannorm", "span", 1, "bf16")]
+    group = [
+        Case("spannorm", "pre", 1, "bf16"),
+        Case("hf-llama", "pre", 1, "bf16"),
+        Case("spannorm", "span", 1, "bf16"),
+    ]
     rows = time_group(group, reps=1, warmup=0)
     assert [(r["impl"], r["scheme"]) for r in rows] == [(c.impl, c.scheme) for c in group]
     for r in rows:
@@ -29,27 +33,52 @@ def test_peak_memory_is_positive():
 def test_case_list():
     got = cases(["pre", "span", "post"], [4, 8], ["bf16"], with_hf=True, compile=True)
     assert [(c.impl, c.scheme, c.depth, c.compile, c.group) for c in got] == [
-        ("spannorm", "pre", 4, False, "main"), ("spannorm", "span", 4, False, "main"), ("hf-llama", "pre", 4, False, "main"),
-        ("spannorm", "pre", 8, False, "main"), ("spannorm", "span", 8, False, "main"), ("hf-llama", "pre", 8, False, "main"),
-        ("spannorm", "pre", 8, False, "peers"), ("spannorm", "post", 8, False, "peers"),
-        ("spannorm", "pre", 8, False, "compile"), ("spannorm", "pre", 8, True, "compile"),
-        ("spannorm", "span", 8, False, "compile"), ("spannorm", "span", 8, True, "compile"),
-        ("hf-llama", "pre", 8, False, "compile"), ("hf-llama", "pre", 8, True, "compile")]
+        ("spannorm", "pre", 4, False, "main"),
+        ("spannorm", "span", 4, False, "main"),
+        ("hf-llama", "pre", 4, False, "main"),
+        ("spannorm", "pre", 8, False, "main"),
+        ("spannorm", "span", 8, False, "main"),
+        ("hf-llama", "pre", 8, False, "main"),
+        ("spannorm", "pre", 8, False, "peers"),
+        ("spannorm", "post", 8, False, "peers"),
+        ("spannorm", "pre", 8, False, "compile"),
+        ("spannorm", "pre", 8, True, "compile"),
+        ("spannorm", "span", 8, False, "compile"),
+        ("spannorm", "span", 8, True, "compile"),
+        ("hf-llama", "pre", 8, False, "compile"),
+        ("hf-llama", "pre", 8, True, "compile"),
+    ]
 
 
 def test_ratios_and_depth_fit():
     def row(impl, scheme, depth, dtype, step, mem=100.0):
-        return {"impl": impl, "scheme": scheme, "depth": depth, "dtype": dtype, "step_s": step,
-                "tokens_per_s": 2048 / step, "peak_mem_mb": mem}
+        return {
+            "impl": impl,
+            "scheme": scheme,
+            "depth": depth,
+            "dtype": dtype,
+            "step_s": step,
+            "tokens_per_s": 2048 / step,
+            "peak_mem_mb": mem,
+        }
 
     rows = [row("spannorm", "pre", L, "fp32", 0.01 + 0.002 * L) for L in (4, 8, 16, 32)]
     rows += [row("spannorm", "span", 8, "fp32", 0.0286, 103.0), row("hf-llama", "pre", 8, "fp32", 0.052)]
     rows += [row("spannorm", "span", 4, "fp32", 0.018 / 1.1), row("hf-llama", "pre", 4, "fp32", 0.036)]
-    rows += [row(impl, scheme, 8, "fp32", step) | {"compile": c, "group": "compile"} for impl, scheme, c, step in
-             [("spannorm", "pre", False, 0.026), ("spannorm", "pre", True, 0.013), ("spannorm", "span", True, 0.0143),
-              ("hf-llama", "pre", False, 0.052), ("hf-llama", "pre", True, 0.039)]]
-    rows += [row("spannorm", "pre", 8, "fp32", 0.02) | {"group": "peers"},
-             row("spannorm", "post", 8, "fp32", 0.03) | {"group": "peers"}]
+    rows += [
+        row(impl, scheme, 8, "fp32", step) | {"compile": c, "group": "compile"}
+        for impl, scheme, c, step in [
+            ("spannorm", "pre", False, 0.026),
+            ("spannorm", "pre", True, 0.013),
+            ("spannorm", "span", True, 0.0143),
+            ("hf-llama", "pre", False, 0.052),
+            ("hf-llama", "pre", True, 0.039),
+        ]
+    ]
+    rows += [
+        row("spannorm", "pre", 8, "fp32", 0.02) | {"group": "peers"},
+        row("spannorm", "post", 8, "fp32", 0.03) | {"group": "peers"},
+    ]
     for r in rows:  # saved activations: 10 MB per layer for pre and span, at the depths where both ran
         if r["impl"] == "spannorm" and r["depth"] in (4, 8) and "group" not in r:
             r["saved_mb"] = 10.0 * r["depth"]
@@ -90,16 +119,30 @@ def test_moe_case_and_its_dense_equivalent():
 def test_moe_ratio():
     from spannorm.bench import moe_ratios
 
-    rows = [{"impl": "spannorm-moe", "dtype": "fp32", "step_s": 0.33}, {"impl": "spannorm-moe-dense", "dtype": "fp32", "step_s": 0.2}]
-    assert moe_ratios({"rows": rows}) == ["fp32: MoE (8 experts, top-2) / dense with the same active parameters: "
-                                          "step time 1.650x (330 ms vs 200 ms)"]
+    rows = [
+        {"impl": "spannorm-moe", "dtype": "fp32", "step_s": 0.33},
+        {"impl": "spannorm-moe-dense", "dtype": "fp32", "step_s": 0.2},
+    ]
+    assert moe_ratios({"rows": rows}) == [
+        "fp32: MoE (8 experts, top-2) / dense with the same active parameters: step time 1.650x (330 ms vs 200 ms)"
+    ]
 
 
 def test_report_of_a_json_result(tmp_path, capsys):
     import json
 
-    row = {"impl": "spannorm", "scheme": "pre", "depth": 8, "dtype": "fp32", "compile": False, "group": "main",
-           "step_s": 0.5, "tokens_per_s": 4096.0, "peak_mem_mb": 700.0, "mfu": 0.25}
+    row = {
+        "impl": "spannorm",
+        "scheme": "pre",
+        "depth": 8,
+        "dtype": "fp32",
+        "compile": False,
+        "group": "main",
+        "step_s": 0.5,
+        "tokens_per_s": 4096.0,
+        "peak_mem_mb": 700.0,
+        "mfu": 0.25,
+    }
     path = tmp_path / "bench.json"
     path.write_text(json.dumps({"rows": [row, row | {"impl": "hf-llama", "step_s": 1.0, "tokens_per_s": 2048.0}]}))
     assert main(["bench", "--report", str(path)]) == 0

@@ -12,8 +12,11 @@ from spannorm.cli import main
 
 
 def snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def run_bad(capsys, argv, fragment):
@@ -25,13 +28,16 @@ def run_bad(capsys, argv, fragment):
     return err
 
 
-@pytest.mark.parametrize("sets, fragment", [
-    (["model.scheme=bogus"], "model.scheme='bogus' is invalid: expected one of pre, post, span, deepnorm"),
-    (["model.n_heads=3"], "model.d_model=32 is invalid: expected a multiple of model.n_heads=3"),
-    (["train.lr=-3e-3"], "train.lr=-0.003 is invalid: expected a positive number"),
-    (["model.dropout=0.1"], "unknown key model.dropout; valid keys:"),
-    (["data.corpus=/no/such/dir"], "data.corpus='/no/such/dir' does not exist"),
-])
+@pytest.mark.parametrize(
+    "sets, fragment",
+    [
+        (["model.scheme=bogus"], "model.scheme='bogus' is invalid: expected one of pre, post, span, deepnorm"),
+        (["model.n_heads=3"], "model.d_model=32 is invalid: expected a multiple of model.n_heads=3"),
+        (["train.lr=-3e-3"], "train.lr=-0.003 is invalid: expected a positive number"),
+        (["model.dropout=0.1"], "unknown key model.dropout; valid keys:"),
+        (["data.corpus=/no/such/dir"], "data.corpus='/no/such/dir' does not exist"),
+    ],
+)
 def test_bad_train_inputs(capsys, tmp_path, corpus, sets, fragment):
     argv = ["train", "--config", "tiny", "--out", str(tmp_path / "run"), "--set", f"data.corpus={corpus}"]
     for s in sets:
@@ -42,8 +48,11 @@ def test_bad_train_inputs(capsys, tmp_path, corpus, sets, fragment):
 
 def test_empty_corpus(capsys, tmp_path):
     (tmp_path / "empty").mkdir()
-    run_bad(capsys, ["train", "--config", "tiny", "--corpus", str(tmp_path / "empty"), "--out", str(tmp_path / "r")],
-            "is empty: it holds no non-empty text file")
+    run_bad(
+        capsys,
+        ["train", "--config", "tiny", "--corpus", str(tmp_path / "empty"), "--out", str(tmp_path / "r")],
+        "is empty: it holds no non-empty text file",
+    )
     assert not (tmp_path / "r").exists()
 
 
@@ -80,17 +89,26 @@ def test_checkpoint_that_does_not_fit_the_config(capsys, finished_run, tmp_path)
 
 
 def test_existing_run_and_missing_run(capsys, finished_run, tmp_path, corpus):
-    run_bad(capsys, ["train", "--config", "tiny", "--corpus", str(corpus), "--out", str(finished_run)],
-            "already holds a run: pass --resume")
+    run_bad(
+        capsys,
+        ["train", "--config", "tiny", "--corpus", str(corpus), "--out", str(finished_run)],
+        "already holds a run: pass --resume",
+    )
     run_bad(capsys, ["train", "--out", str(tmp_path / "nothing"), "--resume"], "holds no run to resume")
-    run_bad(capsys, ["train", "--out", str(finished_run), "--resume", "--set", "train.lr=1"],
-            "--resume uses the run's saved config.yaml")
+    run_bad(
+        capsys,
+        ["train", "--out", str(finished_run), "--resume", "--set", "train.lr=1"],
+        "--resume uses the run's saved config.yaml",
+    )
 
 
 def test_other_bad_inputs(capsys, tmp_path):
     run_bad(capsys, ["train"], "--config is required")
-    run_bad(capsys, ["compare", "--schemes", "pre,nope", "--out", str(tmp_path / "c")],
-            "--schemes='nope' is invalid: expected one of pre, post, span, deepnorm")
+    run_bad(
+        capsys,
+        ["compare", "--schemes", "pre,nope", "--out", str(tmp_path / "c")],
+        "--schemes='nope' is invalid: expected one of pre, post, span, deepnorm",
+    )
     run_bad(capsys, ["train", "--config", "huge"], "presets:")
     with pytest.raises(SystemExit) as e:
         main(["frobnicate"])
@@ -102,14 +120,19 @@ def test_other_bad_inputs(capsys, tmp_path):
 def test_console_script_error_has_no_traceback(tmp_path):
     exe = Path(sys.executable).parent / "spannorm"
     assert exe.is_file(), "the spannorm console script is not installed beside python"
-    res = subprocess.run([exe, "train", "--config", "tiny", "--set", "model.scheme=bogus"],
-                         capture_output=True, text=True, cwd=tmp_path)
+    res = subprocess.run(
+        [exe, "train", "--config", "tiny", "--set", "model.scheme=bogus"], capture_output=True, text=True, cwd=tmp_path
+    )
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
     assert list(tmp_path.iterdir()) == []
 
 
 def test_data_prepare(capsys, corpus):
-    assert main(["data", "prepare", "--corpus", str(corpus), "--set", "data.tokenizer=bpe",
-                 "--set", "data.vocab_size=300"]) == 0
+    assert (
+        main(
+            ["data", "prepare", "--corpus", str(corpus), "--set", "data.tokenizer=bpe", "--set", "data.vocab_size=300"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "5 train / 1 val documents (split by document)" in out and "bpe vocab 300" in out

@@ -19,8 +19,9 @@ def test_compare_trains_reports_and_reuses(capsys, tmp_path, corpus):
     assert main(argv) == 0
     again = capsys.readouterr().out
     assert again.count("reused finished run") == 3
-    assert re.findall(r"^\| (?:pre|post|span) \| [0-9.]+ \|", again, re.M) == \
-        re.findall(r"^\| (?:pre|post|span) \| [0-9.]+ \|", printed, re.M)
+    assert re.findall(r"^\| (?:pre|post|span) \| [0-9.]+ \|", again, re.M) == re.findall(
+        r"^\| (?:pre|post|span) \| [0-9.]+ \|", printed, re.M
+    )
 
 
 def test_compare_refuses_a_directory_of_another_config(capsys, tmp_path, corpus):

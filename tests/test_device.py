@@ -39,7 +39,9 @@ def test_device_forms_are_valid(spec):
 @pytest.mark.parametrize("spec", ["gpu", "CUDA", "cuda:", "cuda:-1", "mps:0", "", 0, None])
 def test_bad_device_settings_are_refused_by_name(spec, corpus):
     assert not valid_device(spec)
-    with pytest.raises(ConfigError, match=r"train\.device=.* is invalid: expected (auto, cpu, cuda or cuda:N|a string)"):
+    with pytest.raises(
+        ConfigError, match=r"train\.device=.* is invalid: expected (auto, cpu, cuda or cuda:N|a string)"
+    ):
         load_config("tiny", [f"data.corpus={corpus}", f"train.device={spec}"])
 
 
@@ -55,8 +57,16 @@ def test_trainer_follows_train_device(corpus, tmp_path):
     """auto resolves to this machine's device; on a CPU machine cpu and auto train identically."""
     runs = {}
     for spec in ("cpu", "auto"):
-        cfg = load_config("tiny", [f"data.corpus={corpus}", f"train.device={spec}", "train.max_steps=10",
-                                   "train.eval_interval=10", "train.ckpt_interval=10"])
+        cfg = load_config(
+            "tiny",
+            [
+                f"data.corpus={corpus}",
+                f"train.device={spec}",
+                "train.max_steps=10",
+                "train.eval_interval=10",
+                "train.ckpt_interval=10",
+            ],
+        )
         train(cfg, tmp_path / spec, progress=False)
         runs[spec] = [(r["step"], r["loss"], r["val_loss"]) for r in read_metrics(tmp_path / spec)]
     if not torch.cuda.is_available():
@@ -64,12 +74,16 @@ def test_trainer_follows_train_device(corpus, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
-@pytest.mark.parametrize("command", [["train", "--config", "tiny"], ["probe", "--depths", "2"],
-                                     ["bench", "--no-hf"], ["compare"]])
+@pytest.mark.parametrize(
+    "command", [["train", "--config", "tiny"], ["probe", "--depths", "2"], ["bench", "--no-hf"], ["compare"]]
+)
 def test_cli_device_flag_without_gpu(command, capsys, tmp_path, corpus):
-    extra = {"train": ["--out", str(tmp_path / "o"), "--corpus", str(corpus)],
-             "probe": ["--json", str(tmp_path / "p.json"), "--corpus", str(corpus)],
-             "compare": ["--out", str(tmp_path / "o"), "--corpus", str(corpus)], "bench": []}[command[0]]
+    extra = {
+        "train": ["--out", str(tmp_path / "o"), "--corpus", str(corpus)],
+        "probe": ["--json", str(tmp_path / "p.json"), "--corpus", str(corpus)],
+        "compare": ["--out", str(tmp_path / "o"), "--corpus", str(corpus)],
+        "bench": [],
+    }[command[0]]
     assert cli.main(command + ["--device", "cuda", *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "cuda" in err and "no CUDA device" in err

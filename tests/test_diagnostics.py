@@ -10,8 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from spannorm.diagnostics import (attention_entropy, forward_stats, mean_pairwise_cosine, read_diagnostics, snapshot,
-                                  taps, uniform_causal_entropy, update_ratios)
+from spannorm.diagnostics import (
+    attention_entropy,
+    forward_stats,
+    mean_pairwise_cosine,
+    read_diagnostics,
+    snapshot,
+    taps,
+    uniform_causal_entropy,
+    update_ratios,
+)
 from spannorm.model import ModelConfig, build_model
 from spannorm.train import load_config, train
 
@@ -25,8 +33,10 @@ def runs(corpus, tmp_path_factory):
     """Two tiny runs of 10 steps probed at steps 5 and 10: SpanNorm (tied) and HybridNorm (untied head)."""
     root = tmp_path_factory.mktemp("runs")
     for name, more in (("span", []), ("hybrid_untied", ["model.scheme=hybrid", "model.tie_embeddings=false"])):
-        cfg = load_config("tiny", [f"data.corpus={corpus}", "train.max_steps=10", "train.probe_interval=5",
-                                   "train.eval_interval=10", *more])
+        cfg = load_config(
+            "tiny",
+            [f"data.corpus={corpus}", "train.max_steps=10", "train.probe_interval=5", "train.eval_interval=10", *more],
+        )
         train(cfg, root / name, progress=False)
     return root
 
@@ -75,18 +85,20 @@ def test_update_ratio_matches_a_frozen_copy():
 
     def ratio(new, old):
         return math.sqrt(sum((a - b).pow(2).sum().item() for a, b in zip(new, old))) / math.sqrt(
-            sum(b.pow(2).sum().item() for b in old))
+            sum(b.pow(2).sum().item() for b in old)
+        )
 
     d = model.cfg.d_model
     for i, (b, f) in enumerate(zip(model.blocks, frozen.blocks)):
         expect = {
-            "attn.qk": ratio([b.attn.qkv.weight[:2 * d]], [f.attn.qkv.weight[:2 * d]]),
-            "attn.v": ratio([b.attn.qkv.weight[2 * d:]], [f.attn.qkv.weight[2 * d:]]),
+            "attn.qk": ratio([b.attn.qkv.weight[: 2 * d]], [f.attn.qkv.weight[: 2 * d]]),
+            "attn.v": ratio([b.attn.qkv.weight[2 * d :]], [f.attn.qkv.weight[2 * d :]]),
             "attn.out": ratio([b.attn.out.weight], [f.attn.out.weight]),
             "ffn.up": ratio([b.ffn.up.weight], [f.ffn.up.weight]),
             "ffn.down": ratio([b.ffn.down.weight], [f.ffn.down.weight]),
-            "norm": ratio([p for n, p in b.named_parameters() if "norm" in n],
-                          [p for n, p in f.named_parameters() if "norm" in n]),
+            "norm": ratio(
+                [p for n, p in b.named_parameters() if "norm" in n], [p for n, p in f.named_parameters() if "norm" in n]
+            ),
         }
         for role, value in expect.items():
             assert got[role][i] == pytest.approx(value, rel=1e-6), (role, i)
@@ -100,7 +112,7 @@ def test_update_ratio_splits_fused_rows_and_finds_the_router():
     before = snapshot(model)
     with torch.no_grad():
         model.blocks[1].ffn.router.weight.mul_(1.5)
-        model.blocks[0].attn.qkv.weight[2 * d:].mul_(0.5)  # the value rows only
+        model.blocks[0].attn.qkv.weight[2 * d :].mul_(0.5)  # the value rows only
     got = update_ratios(model, before)
     assert got["router"] == [0.0, pytest.approx(0.5), 0.0] and got["ffn.up"] == [0.0, 0.0, 0.0]
     assert got["attn.v"] == [pytest.approx(0.5), 0.0, 0.0] and got["attn.qk"] == [0.0, 0.0, 0.0]
@@ -116,7 +128,7 @@ def test_attention_entropy_is_uniform_for_zero_queries_and_keys():
     assert all(b.attn.record is None for b in model.blocks)  # off again after the forward
     for block in model.blocks:
         with torch.no_grad():
-            block.attn.qkv.weight[:2 * d] = 0  # q = k = 0: every score 0, uniform over the causal prefix
+            block.attn.qkv.weight[: 2 * d] = 0  # q = k = 0: every score 0, uniform over the causal prefix
     with torch.no_grad(), taps(model) as rec:
         model(idx)
     stats = forward_stats(model, rec)
@@ -131,7 +143,7 @@ def test_attention_entropy_against_a_loop():
     for b in range(2):
         for h in range(3):
             for t in range(5):
-                p = torch.softmax(q[b, h, t] @ k[b, h, :t + 1].T / 2.0, dim=-1)
+                p = torch.softmax(q[b, h, t] @ k[b, h, : t + 1].T / 2.0, dim=-1)
                 ents.append(-(p * p.log()).sum().item())
     assert attention_entropy(q, k) == pytest.approx(sum(ents) / len(ents), rel=1e-5)
 
@@ -160,8 +172,12 @@ def test_lr_cliff_plots_script(runs, tmp_path):
     script = Path(__file__).parents[1] / "scripts" / "lr_cliff_plots.py"
     out = tmp_path / "plots" / "cliff.png"
     env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    res = subprocess.run([sys.executable, str(script), str(runs / "span"), str(runs / "hybrid_untied"), "--out",
-                          str(out), "--table"], env=env, capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, str(script), str(runs / "span"), str(runs / "hybrid_untied"), "--out", str(out), "--table"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr
     assert out.stat().st_size > 10_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the span run's table: Σ σ_l² = c = 1 under span_scale=norm (the default), whatever the weights did

@@ -72,7 +72,8 @@ def test_skip_streak_rolls_back_past_the_batches(corpus, tmp_path, monkeypatch):
         {"step": 23, "kind": "skip", "reason": "non-finite loss"},
         {"step": 24, "kind": "skip", "reason": "non-finite loss"},
         {"step": 25, "kind": "skip", "reason": "non-finite loss"},
-        {"step": 25, "kind": "rollback", "reason": "3 skipped steps in a row", "to_step": 20}]
+        {"step": 25, "kind": "rollback", "reason": "3 skipped steps in a row", "to_step": 20},
+    ]
     assert len(seen) == 45 and len(set(seen)) == 45  # no batch is replayed
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == list(range(5, 41, 5))  # the abandoned rows are gone
@@ -99,8 +100,12 @@ def test_rollback_without_a_checkpoint_restarts_from_the_initial_weights(corpus,
     cfg = guarded(corpus, "train.ckpt_interval=20")
     seen = inject(monkeypatch, cfg, {3: NAN, 4: NAN, 5: NAN})
     summary = train(cfg, tmp_path / "run", progress=False)
-    assert read_interventions(tmp_path / "run")[-1] == {"step": 5, "kind": "rollback",
-                                                        "reason": "3 skipped steps in a row", "to_step": 0}
+    assert read_interventions(tmp_path / "run")[-1] == {
+        "step": 5,
+        "kind": "rollback",
+        "reason": "3 skipped steps in a row",
+        "to_step": 0,
+    }
     assert len(seen) == 45 and len(set(seen)) == 45
     assert summary["finished"] and not summary["diverged"] and math.isfinite(summary["final_val_loss"])
 
@@ -125,8 +130,10 @@ def test_resume_after_rollbacks_is_exact(corpus, tmp_path, monkeypatch):
     # NaN in batches 23-25: rollback at step 25 to 20; a spike in batch 38, met at step 33: rollback to 30
     inject(monkeypatch, cfg, {23: NAN, 24: NAN, 25: NAN, 38: 10.0})
     full = train(cfg, tmp_path / "full", progress=False)
-    assert [(r["step"], r["kind"]) for r in read_interventions(tmp_path / "full")][-2:] == [(25, "rollback"),
-                                                                                            (33, "rollback")]
+    assert [(r["step"], r["kind"]) for r in read_interventions(tmp_path / "full")][-2:] == [
+        (25, "rollback"),
+        (33, "rollback"),
+    ]
     cut = tmp_path / "cut"
     assert not train(cfg, cut, progress=False, stop_after=27)["finished"]  # resumes from 20, before the rollback
     assert not train(cfg, cut, resume=True, progress=False, stop_after=35)["finished"]  # from 30, after it
@@ -140,8 +147,9 @@ def test_resume_after_rollbacks_is_exact(corpus, tmp_path, monkeypatch):
 
     assert lines(cut) == lines(tmp_path / "full")
     assert strip([summary]) == strip([full])
-    weights = [load_file(run / "checkpoints" / "step-0000040" / "model.safetensors")
-               for run in (cut, tmp_path / "full")]
+    weights = [
+        load_file(run / "checkpoints" / "step-0000040" / "model.safetensors") for run in (cut, tmp_path / "full")
+    ]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[1])
 
 
@@ -152,17 +160,28 @@ def test_guard_never_fires_on_a_healthy_run(corpus, tmp_path):
         summary = train(tiny(corpus, *golden, *more), tmp_path / name, progress=False)
     assert read_interventions(tmp_path / "on") == []
     assert curve(tmp_path / "on") == curve(tmp_path / "off")  # exactly
-    assert [r["loss"] for r in read_metrics(tmp_path / "on")] == pytest.approx([5.2047, 4.5716, 4.1656, 3.9872],
-                                                                                rel=2e-3)  # the golden curve
+    assert [r["loss"] for r in read_metrics(tmp_path / "on")] == pytest.approx(
+        [5.2047, 4.5716, 4.1656, 3.9872], rel=2e-3
+    )  # the golden curve
     assert (summary["guard_skipped"], summary["guard_rollbacks"], summary["guard_lr_scale"]) == (0, 0, 1.0)
     a, b = (load_file(tmp_path / n / "checkpoints" / "step-0000020" / "model.safetensors") for n in ("off", "on"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("value", ["train.guard=1", "train.guard_skip_limit=0", "train.guard_window=1",
-                                   "train.guard_spike_z=-1", "train.guard_spike_z=.inf", "train.guard_lr_factor=0",
-                                   "train.guard_lr_factor=1.5", "train.guard_max_rollbacks=-1",
-                                   "train.guard_window=true"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "train.guard=1",
+        "train.guard_skip_limit=0",
+        "train.guard_window=1",
+        "train.guard_spike_z=-1",
+        "train.guard_spike_z=.inf",
+        "train.guard_lr_factor=0",
+        "train.guard_lr_factor=1.5",
+        "train.guard_max_rollbacks=-1",
+        "train.guard_window=true",
+    ],
+)
 def test_bad_guard_values_are_refused(value):
     with pytest.raises(ConfigError) as e:
         load_config("tiny", [value])
@@ -175,12 +194,20 @@ def test_a_study_reports_the_guards_interventions(corpus, tmp_path, monkeypatch)
 
     from spannorm.study import run_study, study_from_dict
 
-    study = study_from_dict({
-        "base": "tiny", "set": [f"data.corpus={corpus}", "train.guard=true", "train.guard_window=8",
-                                "train.ckpt_interval=10"],
-        "tokens_per_cell": 40 * 8 * 32, "probe": False,
-        "grids": [{"name": "g", "axes": {"model.scheme": ["pre"], "model.n_layers": [2], "train.lr": [3e-3],
-                                         "train.seed": [1337]}}]})
+    study = study_from_dict(
+        {
+            "base": "tiny",
+            "set": [f"data.corpus={corpus}", "train.guard=true", "train.guard_window=8", "train.ckpt_interval=10"],
+            "tokens_per_cell": 40 * 8 * 32,
+            "probe": False,
+            "grids": [
+                {
+                    "name": "g",
+                    "axes": {"model.scheme": ["pre"], "model.n_layers": [2], "train.lr": [3e-3], "train.seed": [1337]},
+                }
+            ],
+        }
+    )
     cell_cfg = guarded(corpus, "model.scheme=pre", "model.n_layers=2")
     inject(monkeypatch, cell_cfg, {12: NAN})
     run_study(study, tmp_path / "st", "test", jobs=1, log=lambda *a: None)

@@ -12,8 +12,11 @@ hf = pytest.importorskip("spannorm.hf")
 
 MOE = {"n_experts": 4, "top_k": 2, "n_shared_experts": 1}
 # every scheme; one MoE model; the norms and the DyT LLM recipe (its embedding scale)
-VARIANTS = [(s.value, {}) for s in Scheme] + [("span", MOE), ("pre", {"norm": "layer"}),
-                                               ("span", {"norm": "dyt", "dyt_recipe": "llm"})]
+VARIANTS = [(s.value, {}) for s in Scheme] + [
+    ("span", MOE),
+    ("pre", {"norm": "layer"}),
+    ("span", {"norm": "dyt", "dyt_recipe": "llm"}),
+]
 IDS = [s + "".join(f"-{k}={v}" for k, v in more.items()) for s, more in VARIANTS]
 
 
@@ -39,8 +42,17 @@ def test_import_spannorm_does_not_import_transformers():
 def test_config_carries_every_model_field():
     from spannorm.model import ModelConfig
 
-    cfg = ModelConfig(d_model=64, n_heads=4, scheme="deepnorm", norm="layer", n_experts=4, top_k=1,
-                      capacity_factor=1.5, final_norm=True, tie_embeddings=False)
+    cfg = ModelConfig(
+        d_model=64,
+        n_heads=4,
+        scheme="deepnorm",
+        norm="layer",
+        n_experts=4,
+        top_k=1,
+        capacity_factor=1.5,
+        final_norm=True,
+        tie_embeddings=False,
+    )
     config = hf.SpanNormConfig.from_model_config(cfg)
     assert config.scheme == "deepnorm" and config.moe_top_k == 1 and config.hidden_size == 64
     assert hf.SpanNormConfig.from_dict(config.to_dict()).model_config() == cfg
@@ -103,18 +115,26 @@ def test_byte_tokenizer_is_the_byte_encoding():
 @pytest.mark.parametrize("more", [{}, MOE], ids=["dense", "moe"])
 def test_transformers_trainer_trains(tmp_path, more):
     pytest.importorskip("accelerate")  # transformers.Trainer needs it (the test extra installs it)
-    from transformers import Trainer, TrainingArguments
-
     from conftest import WORDS
+    from transformers import Trainer, TrainingArguments
 
     model = tiny_model("span", **more).train()
     text = " ".join(WORDS * 8).encode("utf-8")
     T = 32
-    rows = [torch.tensor(list(text[i:i + T])) for i in range(0, len(text) - T, T)]
+    rows = [torch.tensor(list(text[i : i + T])) for i in range(0, len(text) - T, T)]
     data = [{"input_ids": r, "labels": r} for r in rows]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=3e-3,
-                             use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data)
     result = trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]

@@ -29,9 +29,18 @@ def runs(corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     cache = tmp_path_factory.mktemp("cache")
     for name, more in RUNS.items():
-        cfg = load_config("tiny", [f"data.corpus={corpus}", f"data.cache_dir={cache}", "train.max_steps=10",
-                                   "train.eval_interval=10", "train.ckpt_interval=10", "train.probe_interval=0",
-                                   *more])
+        cfg = load_config(
+            "tiny",
+            [
+                f"data.corpus={corpus}",
+                f"data.cache_dir={cache}",
+                "train.max_steps=10",
+                "train.eval_interval=10",
+                "train.ckpt_interval=10",
+                "train.probe_interval=0",
+                *more,
+            ],
+        )
         train(cfg, root / name, progress=False)
     return root
 
@@ -45,7 +54,9 @@ def checkpoint_lm(run_dir):
 
     cfg = read_run_config(run_dir / "config.yaml")
     lm = build_model(cfg.model)
-    load_model(lm, str(run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text() / "model.safetensors"))
+    load_model(
+        lm, str(run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text() / "model.safetensors")
+    )
     return lm.eval(), cfg
 
 
@@ -61,7 +72,9 @@ def test_export_gives_the_checkpoint_logits(runs, tmp_path, name):
 
     out = tmp_path / "hf"
     assert main(["export", str(runs / name), str(out)]) == 0
-    assert {"config.json", "model.safetensors", "tokenizer.json", "spannorm_run.yaml"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "spannorm_run.yaml"} <= {
+        p.name for p in out.iterdir()
+    }
     assert json.loads((out / "config.json").read_text())["model_type"] == "spannorm"
     lm, cfg = checkpoint_lm(runs / name)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -88,8 +101,17 @@ def test_export_every_scheme(corpus, tmp_path, scheme):
     """A 2-step run of each scheme: its export loads with the checkpoint's logits."""
     from transformers import AutoModelForCausalLM
 
-    cfg = load_config("tiny", [f"data.corpus={corpus}", f"model.scheme={scheme}", "train.max_steps=2",
-                               "train.eval_interval=2", "train.ckpt_interval=2", "train.probe_interval=0"])
+    cfg = load_config(
+        "tiny",
+        [
+            f"data.corpus={corpus}",
+            f"model.scheme={scheme}",
+            "train.max_steps=2",
+            "train.eval_interval=2",
+            "train.ckpt_interval=2",
+            "train.probe_interval=0",
+        ],
+    )
     train(cfg, tmp_path / "run", progress=False)
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
     lm, cfg = checkpoint_lm(tmp_path / "run")
@@ -113,7 +135,7 @@ model = LlamaForCausalLM.from_pretrained({str(out)!r}).eval()
 AutoTokenizer.from_pretrained({str(out)!r})
 assert not any(m.split(".")[0] == "spannorm" for m in sys.modules)
 with torch.no_grad():
-    torch.save(model(torch.load({str(tmp_path / 'idx.pt')!r})).logits, {str(tmp_path / 'logits.pt')!r})
+    torch.save(model(torch.load({str(tmp_path / "idx.pt")!r})).logits, {str(tmp_path / "logits.pt")!r})
 """
     subprocess.run([sys.executable, "-c", code], check=True)
     with torch.no_grad():
@@ -130,8 +152,9 @@ def test_export_to_llama_refuses_what_llama_cannot_express(runs, tmp_path, capsy
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("more", [{"norm": "layer"}, {"n_experts": 4}, {"final_norm": False},
-                                  {"norm": "dyt", "dyt_recipe": "llm"}], ids=str)
+@pytest.mark.parametrize(
+    "more", [{"norm": "layer"}, {"n_experts": 4}, {"final_norm": False}, {"norm": "dyt", "dyt_recipe": "llm"}], ids=str
+)
 def test_llama_refusal_names_the_option(more):
     from spannorm.hf import llama_refusal
     from spannorm.model import ModelConfig, build_model
@@ -168,8 +191,22 @@ def test_generate_streams_the_greedy_continuation(runs, tmp_path, capsys):
 
 
 def test_generate_sampling_is_seeded(runs, capsys):
-    args = ["generate", str(runs / "pre-bpe"), "--prompt", "The", "--max-new-tokens", "10", "--top-k", "20",
-            "--top-p", "0.9", "--temperature", "0.8", "--device", "cpu"]
+    args = [
+        "generate",
+        str(runs / "pre-bpe"),
+        "--prompt",
+        "The",
+        "--max-new-tokens",
+        "10",
+        "--top-k",
+        "20",
+        "--top-p",
+        "0.9",
+        "--temperature",
+        "0.8",
+        "--device",
+        "cpu",
+    ]
     outs = []
     for seed in ("1", "1", "2"):
         assert main([*args, "--seed", seed]) == 0
@@ -189,8 +226,9 @@ def test_eval_reproduces_the_trainers_validation_loss(runs, name):
     model, tokenizer, cfg = load(runs / name)
     t = cfg.train
     data = TokenData(prepare(cfg.data), t.seq_len)
-    trainer_windows = [w.numpy() for x, y in data.val_batches(t.batch_size, t.eval_batches)
-                       for w in torch.cat([x, y[:, -1:]], 1)]
+    trainer_windows = [
+        w.numpy() for x, y in data.val_batches(t.batch_size, t.eval_batches) for w in torch.cat([x, y[:, -1:]], 1)
+    ]
     nats, tokens = score(model, trainer_windows, t.batch_size)
     summary = json.loads((runs / name / "summary.json").read_text())
     assert nats / tokens == pytest.approx(summary["final_val_loss"], rel=1e-5)
@@ -208,8 +246,23 @@ def test_eval_bits_per_byte_agree_across_tokenizers(runs, corpus, tmp_path, caps
     reports = {}
     for name in ("span", "pre-bpe"):
         out = tmp_path / f"{name}.json"
-        assert main(["eval", str(runs / name), "--text", str(text), "--text", str(corpus), "--json", str(out),
-                     "--device", "cpu"]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    str(runs / name),
+                    "--text",
+                    str(text),
+                    "--text",
+                    str(corpus),
+                    "--json",
+                    str(out),
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
         reports[name] = json.loads(out.read_text())
         assert [r["name"] for r in reports[name]["results"]] == ["validation", str(text), str(corpus)]
         for r in reports[name]["results"]:

@@ -59,8 +59,10 @@ def test_one_expert_top1_equals_dense_swiglu():
     assert not torch.allclose(m(y), dense(y))
 
 
-@pytest.mark.parametrize("E, k, shared, cf", [(4, 2, 0, None), (8, 2, 0, None), (8, 3, 1, None), (5, 1, 2, None),
-                                              (4, 2, 0, 0.5), (8, 2, 1, 0.75)])
+@pytest.mark.parametrize(
+    "E, k, shared, cf",
+    [(4, 2, 0, None), (8, 2, 0, None), (8, 3, 1, None), (5, 1, 2, None), (4, 2, 0, 0.5), (8, 2, 1, 0.75)],
+)
 def test_routing_matches_naive_per_token_reference(E, k, shared, cf):
     m = moe(E=E, k=k, shared=shared, cf=cf, seed=E + k)
     y = torch.randn(2, 20, 16, dtype=torch.float64)
@@ -134,14 +136,22 @@ def test_router_role_is_in_every_init_rule_and_every_scheme_builds():
         assert ffn.down.weight.std().item() == pytest.approx(rule[Role.FFN_DOWN], rel=0.1)
 
 
-@pytest.mark.parametrize("kw", [dict(n_experts=8, top_k=2), dict(n_experts=8, top_k=1),
-                                dict(n_experts=4, top_k=4), dict(n_experts=8, top_k=2, n_shared_experts=1)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(n_experts=8, top_k=2),
+        dict(n_experts=8, top_k=1),
+        dict(n_experts=4, top_k=4),
+        dict(n_experts=8, top_k=2, n_shared_experts=1),
+    ],
+)
 @pytest.mark.parametrize("L", [4, 16])
 def test_span_branch_rms_at_init_with_moe(kw, L):
     """SpanNorm's calibrated down-projection gives FFN branch RMS ≈ sqrt(c/L) with MoE, as dense."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(d_model=128, n_heads=4, n_layers=L, scheme="span", span_scale="init", span_c=2.0,
-                                    **kw))
+    model = build_model(
+        ModelConfig(d_model=128, n_heads=4, n_layers=L, scheme="span", span_scale="init", span_c=2.0, **kw)
+    )
     with torch.no_grad(), taps(model) as rec:
         model(torch.randint(0, 256, (4, 64)))
     rms = [f.pow(2).mean().sqrt().item() for f in rec["ffn"]]
@@ -154,18 +164,24 @@ def test_active_parameters_match_dense_by_default():
     assert ModelConfig(d_model=256, n_heads=4, n_experts=8, top_k=1, n_shared_experts=2).expert_dim == 235
 
 
-@pytest.mark.parametrize("kwargs, fragment", [
-    (dict(n_experts=-1), "model.n_experts=-1 is invalid: expected an integer in [0, 4096]"),
-    (dict(n_experts=4, top_k=5), "model.top_k=5 is invalid: expected an integer in [1, n_experts=4]"),
-    (dict(n_experts=1), "model.top_k=2 is invalid: expected an integer in [1, n_experts=1]"),
-    (dict(top_k=0), "model.top_k=0 is invalid: expected a positive integer"),
-    (dict(n_experts=4, capacity_factor=0.0), "model.capacity_factor=0.0 is invalid: expected a positive number"),
-    (dict(n_experts=4, expert_d_ff=0), "model.expert_d_ff=0 is invalid: expected a positive integer (at most 1,048,576) or null"),
-    (dict(n_experts=4, moe_aux_coef=-0.1), "model.moe_aux_coef=-0.1 is invalid: expected a number >= 0"),
-    (dict(n_experts=4, moe_z_coef=float("nan")), "model.moe_z_coef=nan is invalid"),
-    (dict(n_shared_experts=1), "model.n_shared_experts=1 is invalid: expected 0 with model.n_experts=0"),
-    (dict(capacity_factor=1.25), "model.capacity_factor=1.25 is invalid: expected null with model.n_experts=0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(n_experts=-1), "model.n_experts=-1 is invalid: expected an integer in [0, 4096]"),
+        (dict(n_experts=4, top_k=5), "model.top_k=5 is invalid: expected an integer in [1, n_experts=4]"),
+        (dict(n_experts=1), "model.top_k=2 is invalid: expected an integer in [1, n_experts=1]"),
+        (dict(top_k=0), "model.top_k=0 is invalid: expected a positive integer"),
+        (dict(n_experts=4, capacity_factor=0.0), "model.capacity_factor=0.0 is invalid: expected a positive number"),
+        (
+            dict(n_experts=4, expert_d_ff=0),
+            "model.expert_d_ff=0 is invalid: expected a positive integer (at most 1,048,576) or null",
+        ),
+        (dict(n_experts=4, moe_aux_coef=-0.1), "model.moe_aux_coef=-0.1 is invalid: expected a number >= 0"),
+        (dict(n_experts=4, moe_z_coef=float("nan")), "model.moe_z_coef=nan is invalid"),
+        (dict(n_shared_experts=1), "model.n_shared_experts=1 is invalid: expected 0 with model.n_experts=0"),
+        (dict(capacity_factor=1.25), "model.capacity_factor=1.25 is invalid: expected null with model.n_experts=0"),
+    ],
+)
 def test_moe_config_errors_are_one_line(kwargs, fragment):
     with pytest.raises(ConfigError) as e:
         ModelConfig(**kwargs)
@@ -173,8 +189,22 @@ def test_moe_config_errors_are_one_line(kwargs, fragment):
 
 
 def test_moe_preset_error_through_cli(capsys, corpus, tmp_path):
-    assert main(["train", "--config", "moe-tiny", "--corpus", str(corpus), "--out", str(tmp_path / "r"),
-                 "--set", "model.top_k=9"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "moe-tiny",
+                "--corpus",
+                str(corpus),
+                "--out",
+                str(tmp_path / "r"),
+                "--set",
+                "model.top_k=9",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and "model.top_k=9 is invalid: expected an integer in [1, n_experts=4]" in err
 
@@ -191,9 +221,19 @@ def test_dense_model_is_unchanged_by_moe_fields():
 
 @pytest.mark.parametrize("scheme", [s.value for s in Scheme])
 def test_every_scheme_trains_with_moe(corpus, tmp_path, scheme):
-    cfg = load_config("moe-tiny", [f"data.corpus={corpus}", f"model.scheme={scheme}", "train.max_steps=30",
-                                   "train.log_interval=1", "train.eval_interval=30", "train.ckpt_interval=30",
-                                   "model.n_shared_experts=1", "model.capacity_factor=1.5"])
+    cfg = load_config(
+        "moe-tiny",
+        [
+            f"data.corpus={corpus}",
+            f"model.scheme={scheme}",
+            "train.max_steps=30",
+            "train.log_interval=1",
+            "train.eval_interval=30",
+            "train.ckpt_interval=30",
+            "model.n_shared_experts=1",
+            "model.capacity_factor=1.5",
+        ],
+    )
     summary = train(cfg, tmp_path / "run", progress=False)
     rows = read_metrics(tmp_path / "run")
     losses = [r["loss"] for r in rows]
@@ -205,11 +245,37 @@ def test_every_scheme_trains_with_moe(corpus, tmp_path, scheme):
 
 def test_stats_in_metrics_diagnostics_and_probe(corpus, tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "--config", "moe-tiny", "--corpus", str(corpus), "--out", str(run), "--quiet",
-                 "--set", "train.probe_interval=10", "--set", "model.capacity_factor=1.0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "moe-tiny",
+                "--corpus",
+                str(corpus),
+                "--out",
+                str(run),
+                "--quiet",
+                "--set",
+                "train.probe_interval=10",
+                "--set",
+                "model.capacity_factor=1.0",
+            ]
+        )
+        == 0
+    )
     rows = read_metrics(run)
-    assert set(rows[0]) == {"step", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "aux_loss", "z_loss",
-                            "moe_imbalance"}
+    assert set(rows[0]) == {
+        "step",
+        "loss",
+        "val_loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "aux_loss",
+        "z_loss",
+        "moe_imbalance",
+    }
     assert all(0.5 <= r["aux_loss"] <= 4 and r["z_loss"] > 0 and r["moe_imbalance"] >= 1.0 for r in rows)
     diag = [json.loads(line) for line in (run / "diagnostics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in diag] == [10, 20, 30, 40]
@@ -224,8 +290,24 @@ def test_stats_in_metrics_diagnostics_and_probe(corpus, tmp_path):
     (r,) = json.loads(out.read_text())["runs"]
     assert len(r["moe"]) == 2 and len(r["moe"][0]["fraction"]) == 4
     out = tmp_path / "q.json"  # fresh models: a dense scheme has moe null
-    assert main(["probe", "--config", "tiny", "--corpus", str(corpus), "--scheme", "pre", "--depths", "2",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                "--config",
+                "tiny",
+                "--corpus",
+                str(corpus),
+                "--scheme",
+                "pre",
+                "--depths",
+                "2",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert json.loads(out.read_text())["runs"][0]["moe"] is None
 
 
@@ -240,6 +322,7 @@ def test_moe_presets_exist_and_train(corpus, tmp_path):
 def test_training_loss_includes_the_weighted_moe_terms(corpus, tmp_path):
     """The logged loss stays the pure CE; the aux coefficients change the training only through
     the backpropagated sum (a large coefficient moves the run, a zero one does not add anything)."""
+
     def run(name, *sets):
         cfg = load_config("moe-tiny", [f"data.corpus={corpus}", "train.max_steps=10", "train.log_interval=1", *sets])
         train(cfg, tmp_path / name, progress=False)
@@ -257,6 +340,7 @@ def test_bf16_autocast_matches_fp32_and_trains(corpus, tmp_path):
         low = m(y)
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), m(y), rtol=0.05, atol=0.05)
-    summary = train(load_config("moe-tiny", [f"data.corpus={corpus}", "train.precision=bf16"]), tmp_path / "run",
-                    progress=False)
+    summary = train(
+        load_config("moe-tiny", [f"data.corpus={corpus}", "train.precision=bf16"]), tmp_path / "run", progress=False
+    )
     assert not summary["diverged"] and math.isfinite(summary["final_val_loss"])

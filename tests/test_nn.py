@@ -67,8 +67,10 @@ def test_rmsnorm_matches_torch_forward_and_backward():
         grads.append((y.detach(), xi.grad, module.weight.grad))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda x, w: _RMSNorm.apply(x, w, 1e-6),
-                                    (x[0, :2].clone().requires_grad_(), ours.weight.detach().clone().requires_grad_()))
+    assert torch.autograd.gradcheck(
+        lambda x, w: _RMSNorm.apply(x, w, 1e-6),
+        (x[0, :2].clone().requires_grad_(), ours.weight.detach().clone().requires_grad_()),
+    )
 
 
 def test_rmsnorm_keeps_low_precision_inputs_in_fp32():
@@ -88,7 +90,7 @@ def test_rope_is_the_rotate_half_rotation():
     inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
     angle = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq  # (T, hd/2)
     cos, sin = angle.cos().repeat(1, 2), angle.sin().repeat(1, 2)
-    x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
     want = x * cos + torch.cat([-x2, x1], dim=-1) * sin
     got = apply_rope(x, *(t.double() for t in rope_cache(T, hd, theta)))
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # the tables are built in fp32

@@ -20,8 +20,13 @@ def model(scheme, L, **kw):
 
 def stds(block):
     w = block.attn.qkv.weight
-    return {"qk": w[:2 * D].std().item(), "v": w[2 * D:].std().item(), "out": block.attn.out.weight.std().item(),
-            "up": block.ffn.up.weight.std().item(), "down": block.ffn.down.weight.std().item()}
+    return {
+        "qk": w[: 2 * D].std().item(),
+        "v": w[2 * D :].std().item(),
+        "out": block.attn.out.weight.std().item(),
+        "up": block.ffn.up.weight.std().item(),
+        "down": block.ffn.down.weight.std().item(),
+    }
 
 
 @pytest.mark.parametrize("L", [6, 48])
@@ -43,8 +48,13 @@ def test_b2t_fairseq_init_times_inverse_sqrt_depth(L):
     """The authors' fairseq init × L^(-1/2) on every block weight; embedding and head N(0, d^(-1/2))."""
     m = model("b2t", L)
     f = m.cfg.ffn_dim
-    want = {"qk": math.sqrt(2 / (2 * D)) / math.sqrt(2), "v": math.sqrt(2 / (2 * D)) / math.sqrt(2),
-            "out": math.sqrt(2 / (2 * D)), "up": 1 / math.sqrt(3 * D), "down": 1 / math.sqrt(3 * f)}
+    want = {
+        "qk": math.sqrt(2 / (2 * D)) / math.sqrt(2),
+        "v": math.sqrt(2 / (2 * D)) / math.sqrt(2),
+        "out": math.sqrt(2 / (2 * D)),
+        "up": 1 / math.sqrt(3 * D),
+        "down": 1 / math.sqrt(3 * f),
+    }
     for block in (m.blocks[0], m.blocks[-1]):
         got = stds(block)
         assert all(got[k] == pytest.approx(v / math.sqrt(L), rel=0.05) for k, v in want.items()), got
@@ -77,10 +87,10 @@ def test_mixln_split_and_init(L):
 @pytest.mark.parametrize("L", [6, 48])
 def test_lns_and_siamese_per_layer_constants(L):
     lns = model("lns", L)
-    assert [b.scale for b in lns.blocks] == pytest.approx([1 / math.sqrt(l + 1) for l in range(L)])
+    assert [b.scale for b in lns.blocks] == pytest.approx([1 / math.sqrt(i + 1) for i in range(L)])
     assert stds(lns.blocks[-1])["down"] == pytest.approx(0.02, rel=0.05)  # no depth-scaled init
     siamese = model("siamese", L)
-    assert [b.z_scale for b in siamese.blocks] == pytest.approx([1 / math.sqrt(2 * (l + 1)) for l in range(L)])
+    assert [b.z_scale for b in siamese.blocks] == pytest.approx([1 / math.sqrt(2 * (i + 1)) for i in range(L)])
 
 
 @pytest.mark.parametrize("L", [6, 48])
@@ -91,7 +101,9 @@ def test_deepscale_constants_and_unit_variance(L):
     assert m.embed.weight.std().item() == pytest.approx(1.0, rel=0.05)
     # the residual stream keeps unit RMS through the whole stack at init
     seen = []
-    hooks = [blk.register_forward_hook(lambda mod, i, o: seen.append(o.pow(2).mean().sqrt().item())) for blk in m.blocks]
+    hooks = [
+        blk.register_forward_hook(lambda mod, i, o: seen.append(o.pow(2).mean().sqrt().item())) for blk in m.blocks
+    ]
     with torch.no_grad():
         m(torch.randint(0, 256, (4, 64)))
     for h in hooks:
@@ -221,9 +233,18 @@ def test_schemes_command(capsys):
 def test_every_scheme_and_norm_trains(corpus, tmp_path, scheme, norm):
     from spannorm.train import load_config, read_metrics, train
 
-    cfg = load_config("tiny", [f"data.corpus={corpus}", f"model.scheme={scheme}", f"model.norm={norm}",
-                               "train.max_steps=50", "train.log_interval=1", "train.eval_interval=50",
-                               "train.ckpt_interval=50"])
+    cfg = load_config(
+        "tiny",
+        [
+            f"data.corpus={corpus}",
+            f"model.scheme={scheme}",
+            f"model.norm={norm}",
+            "train.max_steps=50",
+            "train.log_interval=1",
+            "train.eval_interval=50",
+            "train.ckpt_interval=50",
+        ],
+    )
     summary = train(cfg, tmp_path / "run", progress=False)
     losses = [r["loss"] for r in read_metrics(tmp_path / "run")]
     assert len(losses) == 50 and all(math.isfinite(x) for x in losses)
@@ -277,9 +298,23 @@ def test_deepscale_first_loss_is_near_ln_vocab(L, d):
     assert abs(loss - math.log(256)) < 0.5, loss
 
 
-TIED = {"pre": True, "post": False, "span": True, "deepnorm": False, "b2t": False, "admin": False, "peri": True,
-        "sandwich": True, "mixln": False, "hybrid": True, "hybrid_star": True, "lns": True, "residual": True,
-        "siamese": True, "deepscale": True}
+TIED = {
+    "pre": True,
+    "post": False,
+    "span": True,
+    "deepnorm": False,
+    "b2t": False,
+    "admin": False,
+    "peri": True,
+    "sandwich": True,
+    "mixln": False,
+    "hybrid": True,
+    "hybrid_star": True,
+    "lns": True,
+    "residual": True,
+    "siamese": True,
+    "deepscale": True,
+}
 
 
 @pytest.mark.parametrize("scheme", [s.value for s in Scheme])
@@ -288,8 +323,9 @@ def test_tied_head_is_part_of_each_recipe(scheme):
     assert m.cfg.use_tied_embeddings is TIED[scheme]
     assert (m.head is None) is TIED[scheme]
     for explicit in (True, False):  # an explicit value overrides the recipe
-        m = build_model(ModelConfig(d_model=32, n_heads=2, n_layers=2, scheme=scheme, vocab_size=64,
-                                    tie_embeddings=explicit))
+        m = build_model(
+            ModelConfig(d_model=32, n_heads=2, n_layers=2, scheme=scheme, vocab_size=64, tie_embeddings=explicit)
+        )
         assert (m.head is None) is explicit
     # init=shared: one recipe for every scheme, tied unless set
     shared = ModelConfig(d_model=32, n_heads=2, n_layers=2, scheme=scheme, vocab_size=64, init="shared")

@@ -11,8 +11,16 @@ from spannorm.cli import main
 from spannorm.diagnostics import _entry, _stack, frozen_branches, probe, skip_gains
 from spannorm.nn import rope_cache
 
-FIELDS = {"scheme", "depth", "stream_rms", "grad_norm", "grad_ratio_first_last", "skip_gain_measured",
-          "skip_gain_theory", "adjacent_cosine"}
+FIELDS = {
+    "scheme",
+    "depth",
+    "stream_rms",
+    "grad_norm",
+    "grad_ratio_first_last",
+    "skip_gain_measured",
+    "skip_gain_theory",
+    "adjacent_cosine",
+}
 
 
 def probed(scheme, L, d=64, seed=0, **kw):
@@ -75,21 +83,55 @@ def test_skip_gain_equals_finite_differences_with_frozen_branches():
 
 def test_probe_cli_json_and_plots(tmp_path, corpus, capsys):
     out = tmp_path / "p" / "probe.json"
-    assert main(["probe", "--config", "tiny", "--corpus", str(corpus), "--scheme", "pre,span",
-                 "--depths", "2,3", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                "--config",
+                "tiny",
+                "--corpus",
+                str(corpus),
+                "--scheme",
+                "pre,span",
+                "--depths",
+                "2,3",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     runs = json.loads(out.read_text())["runs"]
     assert [(r["scheme"], r["depth"]) for r in runs] == [("pre", 2), ("pre", 3), ("span", 2), ("span", 3)]
-    assert all(FIELDS <= set(r) and len(r["stream_rms"]) == r["depth"] == len(r["grad_norm"])
-               and len(r["adjacent_cosine"]) == r["depth"] - 1 for r in runs)
+    assert all(
+        FIELDS <= set(r)
+        and len(r["stream_rms"]) == r["depth"] == len(r["grad_norm"])
+        and len(r["adjacent_cosine"]) == r["depth"] - 1
+        for r in runs
+    )
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert "| span | 3 |" in capsys.readouterr().out
 
 
-
 def test_training_logs_diagnostics_and_probe_reads_checkpoint(tmp_path, corpus, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--config", "tiny", "--corpus", str(corpus), "--out", str(run), "--quiet",
-                 "--set", "train.probe_interval=10"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "tiny",
+                "--corpus",
+                str(corpus),
+                "--out",
+                str(run),
+                "--quiet",
+                "--set",
+                "train.probe_interval=10",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (run / "diagnostics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [10, 20, 30, 40]
     assert all(len(r["grad_norm"]) == 2 and len(r["stream_rms"]) == 2 for r in rows)

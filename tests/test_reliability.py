@@ -36,6 +36,7 @@ def untimed(rows):
 
 def strict_load(text):
     """json.loads that refuses NaN and Infinity, as strict parsers do."""
+
     def refuse(name):
         raise ValueError(f"not strict JSON: {name}")
 
@@ -64,6 +65,7 @@ def temp_files(root):
 
 # --- 1. killed after the final checkpoint, before summary.json -------------------------------
 
+
 def test_resume_after_the_final_checkpoint_writes_the_right_summary(corpus, tmp_path):
     cfg = tiny(corpus)
     full = train(cfg, tmp_path / "run", progress=False)
@@ -76,11 +78,15 @@ def test_resume_after_the_final_checkpoint_writes_the_right_summary(corpus, tmp_
 
 # --- 3. one process per run directory and per study directory -------------------------------
 
+
 def test_a_second_train_into_a_locked_run_is_refused(corpus, tmp_path, capsys):
     run = tmp_path / "run"
     with locked(run):  # another spannorm process is training into run (a new directory)
-        one_line_error(capsys, ["train", "--config", "tiny", "--corpus", str(corpus), "--out", str(run), "--quiet"],
-                       "is in use by another spannorm process")
+        one_line_error(
+            capsys,
+            ["train", "--config", "tiny", "--corpus", str(corpus), "--out", str(run), "--quiet"],
+            "is in use by another spannorm process",
+        )
     assert not (run / "config.yaml").exists()
     assert main(["train", "--config", "tiny", "--corpus", str(corpus), "--out", str(run), "--quiet"]) == 0
     (run / "summary.json").unlink()
@@ -89,17 +95,26 @@ def test_a_second_train_into_a_locked_run_is_refused(corpus, tmp_path, capsys):
 
 
 def test_a_second_study_into_a_locked_study_is_refused(corpus, tmp_path, capsys):
-    study = {"base": "tiny", "set": [f"data.corpus={corpus}"], "tokens_per_cell": 2560, "probe": False,
-             "grids": [{"name": "g", "axes": {"model.scheme": ["span"]}}]}
+    study = {
+        "base": "tiny",
+        "set": [f"data.corpus={corpus}"],
+        "tokens_per_cell": 2560,
+        "probe": False,
+        "grids": [{"name": "g", "axes": {"model.scheme": ["span"]}}],
+    }
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
     out = tmp_path / "st"
     with locked(out):
-        one_line_error(capsys, ["study", "--config", str(tmp_path / "study.yaml"), "--out", str(out), "--quiet"],
-                       "is in use by another spannorm process")
+        one_line_error(
+            capsys,
+            ["study", "--config", str(tmp_path / "study.yaml"), "--out", str(out), "--quiet"],
+            "is in use by another spannorm process",
+        )
     assert not (out / "cells").exists()
 
 
 # --- 4. resume during a divergence streak -------------------------------------------------
+
 
 def test_resume_is_exact_during_a_divergence_streak(corpus, tmp_path):
     # lr 10 without clipping: the loss stays above the first step's from step 6 on, and the run stops at
@@ -114,6 +129,7 @@ def test_resume_is_exact_during_a_divergence_streak(corpus, tmp_path):
 
 
 # --- 5, 13. probe --checkpoint: the manifest, non-finite results, its own flag in errors ------
+
 
 @pytest.fixture
 def finished_run(tmp_path, corpus):
@@ -150,8 +166,11 @@ def test_probe_refuses_non_finite_weights(finished_run, tmp_path, capsys):
 
     manifest["model.safetensors"] = hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
-    one_line_error(capsys, ["probe", "--checkpoint", str(finished_run), "--json", str(tmp_path / "p.json")],
-                   "holds non-finite weights")
+    one_line_error(
+        capsys,
+        ["probe", "--checkpoint", str(finished_run), "--json", str(tmp_path / "p.json")],
+        "holds non-finite weights",
+    )
 
 
 def test_probe_checkpoint_errors_name_the_checkpoint_flag(tmp_path, capsys):
@@ -161,14 +180,21 @@ def test_probe_checkpoint_errors_name_the_checkpoint_flag(tmp_path, capsys):
 
 # --- 6. k checkpoints, fallback, a missing checkpoints/latest --------------------------------
 
+
 def test_the_newest_k_checkpoints_are_kept(corpus, tmp_path, capsys):
     train(tiny(corpus, "train.ckpt_interval=10"), tmp_path / "a", progress=False)
-    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["latest", "step-0000030",
-                                                                                   "step-0000040"]
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == [
+        "latest",
+        "step-0000030",
+        "step-0000040",
+    ]
     train(tiny(corpus, "train.ckpt_interval=10", "train.keep_checkpoints=3"), tmp_path / "b", progress=False)
     assert len(list((tmp_path / "b" / "checkpoints").glob("step-*"))) == 3
-    one_line_error(capsys, ["train", "--config", "tiny", "--set", "train.keep_checkpoints=1"],
-                   "train.keep_checkpoints=1 is invalid: expected an integer >= 2")
+    one_line_error(
+        capsys,
+        ["train", "--config", "tiny", "--set", "train.keep_checkpoints=1"],
+        "train.keep_checkpoints=1 is invalid: expected an integer >= 2",
+    )
 
 
 def test_missing_latest_resumes_from_the_newest_checkpoint(corpus, tmp_path):
@@ -195,6 +221,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(corpus, tmp_
 
 # --- 9. checkpoints/latest pointing outside the run ------------------------------------------
 
+
 @pytest.mark.parametrize("where", ["relative", "absolute"])
 def test_latest_pointing_outside_the_run_is_refused(corpus, tmp_path, capsys, where):
     cfg = tiny(corpus, "train.ckpt_interval=10")
@@ -204,12 +231,17 @@ def test_latest_pointing_outside_the_run_is_refused(corpus, tmp_path, capsys, wh
     target = tmp_path / "other" / "checkpoints" / "step-0000040"
     (tmp_path / "cut" / "checkpoints").mkdir()
     (tmp_path / "cut" / "checkpoints" / "latest").write_text(
-        "../../other/checkpoints/step-0000040" if where == "relative" else str(target))
-    one_line_error(capsys, ["train", "--out", str(tmp_path / "cut"), "--resume", "--quiet"],
-                   "not a checkpoint directory of this run: refused")
+        "../../other/checkpoints/step-0000040" if where == "relative" else str(target)
+    )
+    one_line_error(
+        capsys,
+        ["train", "--out", str(tmp_path / "cut"), "--resume", "--quiet"],
+        "not a checkpoint directory of this run: refused",
+    )
 
 
 # --- 10. temporary files from kills -----------------------------------------------------------
+
 
 def test_temp_files_from_kills_are_swept(corpus, tmp_path):
     cfg = tiny(corpus, "train.ckpt_interval=10")
@@ -222,8 +254,13 @@ def test_temp_files_from_kills_are_swept(corpus, tmp_path):
     train(cfg, run, resume=True, progress=False)
     assert temp_files(run) == []
 
-    study = {"base": "tiny", "set": [f"data.corpus={corpus}"], "tokens_per_cell": 2560, "probe": False,
-             "grids": [{"name": "g", "axes": {"model.scheme": ["span"]}}]}
+    study = {
+        "base": "tiny",
+        "set": [f"data.corpus={corpus}"],
+        "tokens_per_cell": 2560,
+        "probe": False,
+        "grids": [{"name": "g", "axes": {"model.scheme": ["span"]}}],
+    }
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
     out = tmp_path / "st"
     argv = ["study", "--config", str(tmp_path / "study.yaml"), "--out", str(out), "--quiet"]
@@ -237,9 +274,18 @@ def test_temp_files_from_kills_are_swept(corpus, tmp_path):
 
 # --- 12. strict JSON ----------------------------------------------------------------------------
 
+
 def test_every_json_file_is_strict_json(corpus, tmp_path):
-    cfg = tiny(corpus, "model.scheme=pre", "train.lr=1e6", "train.grad_clip=0", "train.warmup_steps=0",
-               "model.init_std=10", "train.probe_interval=1", "train.log_interval=1")
+    cfg = tiny(
+        corpus,
+        "model.scheme=pre",
+        "train.lr=1e6",
+        "train.grad_clip=0",
+        "train.warmup_steps=0",
+        "model.init_std=10",
+        "train.probe_interval=1",
+        "train.log_interval=1",
+    )
     summary = train(cfg, tmp_path / "run", progress=False)
     assert summary["diverged_reason"] == "non-finite loss"
     files = list((tmp_path / "run").rglob("*.json")) + list((tmp_path / "run").rglob("*.jsonl"))
@@ -255,6 +301,7 @@ def test_every_json_file_is_strict_json(corpus, tmp_path):
 
 # --- also: a closed pipe, a diverged run's reason on stderr -------------------------------------
 
+
 def test_a_closed_pipe_ends_quietly():
     exe = Path(sys.executable).parent / "spannorm"
     proc = subprocess.Popen([exe, "schemes", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -265,20 +312,49 @@ def test_a_closed_pipe_ends_quietly():
 
 
 def test_a_diverged_run_exits_0_with_its_reason_on_stderr(corpus, tmp_path, capsys):
-    assert main(["train", "--config", "tiny", "--corpus", str(corpus), "--out", str(tmp_path / "r"), "--quiet",
-                 "--set", "train.lr=1e6", "--set", "train.grad_clip=0", "--set", "train.warmup_steps=0",
-                 "--set", "model.init_std=10", "--set", "model.scheme=pre"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "tiny",
+                "--corpus",
+                str(corpus),
+                "--out",
+                str(tmp_path / "r"),
+                "--quiet",
+                "--set",
+                "train.lr=1e6",
+                "--set",
+                "train.grad_clip=0",
+                "--set",
+                "train.warmup_steps=0",
+                "--set",
+                "model.init_std=10",
+                "--set",
+                "model.scheme=pre",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "the run diverged at step" in err and "non-finite loss" in err, err
 
 
 # --- the fault test: SIGKILL at random moments --------------------------------------------------
 
+
 def kill_and_resume(corpus, tmp_path, kills: int, steps: int, seed: int):
     """Train a tiny run (a checkpoint every step) with SIGKILL at random moments, half of them while a
     checkpoint is being written, resuming each time; then finish it. Returns the kills that landed."""
-    sets = [f"data.corpus={corpus}", f"train.max_steps={steps}", "train.ckpt_interval=1", "train.log_interval=1",
-            "train.eval_interval=20", "train.probe_interval=7"]
+    sets = [
+        f"data.corpus={corpus}",
+        f"train.max_steps={steps}",
+        "train.ckpt_interval=1",
+        "train.log_interval=1",
+        "train.eval_interval=20",
+        "train.probe_interval=7",
+    ]
     cli = [sys.executable, "-m", "spannorm.cli", "train", "--quiet"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}  # one thread, as this module's
     full, cut = tmp_path / "full", tmp_path / "cut"
@@ -293,7 +369,9 @@ def kill_and_resume(corpus, tmp_path, kills: int, steps: int, seed: int):
         latest = cut / "checkpoints" / "latest"
         before = latest.read_text() if latest.is_file() else ""
         deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None and not (latest.is_file() and latest.read_text() != before):
+        while (
+            time.time() < deadline and proc.poll() is None and not (latest.is_file() and latest.read_text() != before)
+        ):
             time.sleep(0.002)  # training (kills left no temporary file yet: they are swept first)
         if landed % 2:  # while a checkpoint is written: its temporary directory exists
             while time.time() < deadline and proc.poll() is None and not any(latest.parent.glob(".step-*.tmp-*")):
@@ -334,6 +412,7 @@ def test_sigkill_at_random_moments_12_kills(corpus, tmp_path):
 
 
 # --- 7. a full disk: one line, exit code 2, nothing half written -----------------------------------
+
 
 def disk_full(path="?"):
     import errno
@@ -415,8 +494,9 @@ def test_a_full_disk_writing_metrics_is_one_line(corpus, tmp_path, capsys, monke
 
     run = tmp_path / "run"
     monkeypatch.setattr(train_mod, "open", full_open, raising=False)
-    err = one_line_error(capsys, ["train", "--config", "tiny", "--corpus", str(corpus), "--out", str(run), "--quiet"],
-                         "the disk is full")
+    err = one_line_error(
+        capsys, ["train", "--config", "tiny", "--corpus", str(corpus), "--out", str(run), "--quiet"], "the disk is full"
+    )
     assert f"the run {str(run)!r}" in err and temp_files(run) == []
 
 
@@ -439,14 +519,22 @@ def test_any_other_os_error_is_one_line(capsys, monkeypatch):
 EDGES = {  # case: (argv after "spannorm", the fragment of the error); {f}: a file, {d}: a directory, {c}: the corpus
     "binary --config": (["train", "--config", "{f}"], "is not a UTF-8 text file"),
     "--out a file": (["train", "--config", "tiny", "--corpus", "{c}", "--out", "{f}"], "cannot be used as a directory"),
-    "--out under a file": (["train", "--config", "tiny", "--corpus", "{c}", "--out", "{f}/run"],
-                           "cannot be used as a directory"),
-    "data.cache_dir a file": (["train", "--config", "tiny", "--corpus", "{c}", "--out", "{d}/r",
-                               "--set", "data.cache_dir={f}"], "is not a directory"),
-    "probe --json a directory": (["probe", "--config", "tiny", "--corpus", "{c}", "--depths", "2", "--json", "{d}"],
-                                 "is a directory"),
-    "probe --json under a file": (["probe", "--config", "tiny", "--corpus", "{c}", "--depths", "2",
-                                   "--json", "{f}/p.json"], "cannot be created"),
+    "--out under a file": (
+        ["train", "--config", "tiny", "--corpus", "{c}", "--out", "{f}/run"],
+        "cannot be used as a directory",
+    ),
+    "data.cache_dir a file": (
+        ["train", "--config", "tiny", "--corpus", "{c}", "--out", "{d}/r", "--set", "data.cache_dir={f}"],
+        "is not a directory",
+    ),
+    "probe --json a directory": (
+        ["probe", "--config", "tiny", "--corpus", "{c}", "--depths", "2", "--json", "{d}"],
+        "is a directory",
+    ),
+    "probe --json under a file": (
+        ["probe", "--config", "tiny", "--corpus", "{c}", "--depths", "2", "--json", "{f}/p.json"],
+        "cannot be created",
+    ),
 }
 
 
@@ -460,28 +548,64 @@ def test_file_edges_give_one_line_errors(corpus, tmp_path, capsys, case):
 
 def test_a_corrupt_summary_is_a_one_line_error(finished_run, capsys):
     (finished_run / "summary.json").write_text('{"scheme": "sp')
-    one_line_error(capsys, ["train", "--out", str(finished_run), "--resume"],
-                   "summary.json' cannot be read as JSON (JSONDecodeError): delete it and resume the run")
+    one_line_error(
+        capsys,
+        ["train", "--out", str(finished_run), "--resume"],
+        "summary.json' cannot be read as JSON (JSONDecodeError): delete it and resume the run",
+    )
 
 
-@pytest.mark.parametrize("size,said", [("model.d_model=1099511627776", "at most 1,048,576"),  # (the model's bound)
-                                       ("model.d_model=262144", "GiB of memory"), ("train.batch_size=1000000000000",
-                                       "GiB of memory"), ("train.eval_batches=1000000000000", "GiB of memory"),
-                                       ("model.n_layers=100000000", "at most 1,048,576"),
-                                       ("model.n_layers=1000000", "GiB of memory")])
+@pytest.mark.parametrize(
+    "size,said",
+    [
+        ("model.d_model=1099511627776", "at most 1,048,576"),  # (the model's bound)
+        ("model.d_model=262144", "GiB of memory"),
+        ("train.batch_size=1000000000000", "GiB of memory"),
+        ("train.eval_batches=1000000000000", "GiB of memory"),
+        ("model.n_layers=100000000", "at most 1,048,576"),
+        ("model.n_layers=1000000", "GiB of memory"),
+    ],
+)
 def test_absurd_sizes_are_refused_before_anything_is_allocated(corpus, tmp_path, capsys, size, said):
-    one_line_error(capsys, ["train", "--config", "tiny", "--corpus", str(corpus), "--out", str(tmp_path / "r"),
-                            "--set", size, "--set", "model.n_heads=1"], said)
+    one_line_error(
+        capsys,
+        [
+            "train",
+            "--config",
+            "tiny",
+            "--corpus",
+            str(corpus),
+            "--out",
+            str(tmp_path / "r"),
+            "--set",
+            size,
+            "--set",
+            "model.n_heads=1",
+        ],
+        said,
+    )
     assert not (tmp_path / "r").exists()
 
 
 # --- Ctrl-C: a checkpoint, then exit 130; progress lines when stderr is not a terminal -------------
 
+
 def test_ctrl_c_writes_a_checkpoint_and_the_run_resumes_exactly(corpus, tmp_path):
     more = ["train.max_steps=300", "train.ckpt_interval=1000", "train.eval_interval=10"]
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "spannorm.cli", "train", "--config", "tiny", "--corpus", str(corpus),
-           "--out", str(run), *[a for m in more for a in ("--set", m)]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "spannorm.cli",
+        "train",
+        "--config",
+        "tiny",
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(run),
+        *[a for m in more for a in ("--set", m)],
+    ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
     deadline = time.time() + 120
     while time.time() < deadline and not any(r["step"] >= 20 for r in strict_rows(run / "metrics.jsonl")):

@@ -3,18 +3,21 @@
 import math
 
 import pytest
+import reference
 import torch
 
 from spannorm import ModelConfig, Scheme, build_model
-from spannorm.schemes import Streams
 from spannorm.nn import Role, rope_cache
-
-import reference
+from spannorm.schemes import Streams
 
 SCHEMES = [s.value for s in Scheme]
 # norm type (and, for dyt, the recipe): the fields each test case adds to the config
-NORMS = {"rms": dict(norm="rms"), "layer": dict(norm="layer"), "dyt": dict(norm="dyt"),
-         "dyt_llm": dict(norm="dyt", dyt_recipe="llm")}
+NORMS = {
+    "rms": dict(norm="rms"),
+    "layer": dict(norm="layer"),
+    "dyt": dict(norm="dyt"),
+    "dyt_llm": dict(norm="dyt", dyt_recipe="llm"),
+}
 # The model is float64 but its RoPE tables are float32 (as in every LM), hence 1e-6, not 1e-12;
 # a wrong equation is off by O(1).
 TOL = dict(rtol=1e-6, atol=1e-6)
@@ -127,11 +130,14 @@ def _ffn_branch_rms(cfg, seed=0):
     torch.manual_seed(seed)
     model = build_model(cfg)
     seen = []
+
     def branch(b, o):  # s·f as it enters N_2 (normalized first under span_scale=norm)
         return b.s * (torch.nn.functional.rms_norm(o, o.shape[-1:], eps=b.eps) if b.branch_norm else o)
 
-    hooks = [b.ffn.register_forward_hook(lambda m, i, o, b=b: seen.append(branch(b, o).pow(2).mean().item()))
-             for b in model.blocks]
+    hooks = [
+        b.ffn.register_forward_hook(lambda m, i, o, b=b: seen.append(branch(b, o).pow(2).mean().item()))
+        for b in model.blocks
+    ]
     with torch.no_grad():
         model(torch.randint(0, cfg.vocab_size, (4, 64)))
     for h in hooks:
@@ -143,8 +149,7 @@ def _ffn_branch_rms(cfg, seed=0):
 @pytest.mark.parametrize("span_scale", ["init", "multiplier", "norm"])
 @pytest.mark.parametrize("L", [4, 16, 64])
 def test_span_branch_rms_is_sqrt_c_over_L_at_init(L, span_scale, c):
-    cfg = ModelConfig(vocab_size=256, d_model=64, n_heads=4, n_layers=L, scheme="span",
-                      span_scale=span_scale, span_c=c)
+    cfg = ModelConfig(vocab_size=256, d_model=64, n_heads=4, n_layers=L, scheme="span", span_scale=span_scale, span_c=c)
     rms = _ffn_branch_rms(cfg)
     assert rms == pytest.approx(math.sqrt(c / L), rel=0.1)
 
@@ -166,8 +171,9 @@ def test_span_norm_keeps_the_branch_at_sqrt_c_over_L_whatever_the_weights():
         outputs[span_scale] = (before, block(x, rope))
     torch.testing.assert_close(outputs["norm"][1], outputs["norm"][0], rtol=1e-5, atol=1e-5)
     assert (outputs["multiplier"][1] - outputs["multiplier"][0]).abs().max() > 0.1
-    rms = _ffn_branch_rms(ModelConfig(vocab_size=256, d_model=64, n_heads=4, n_layers=16, scheme="span",
-                                      span_scale="norm", span_c=2.0))
+    rms = _ffn_branch_rms(
+        ModelConfig(vocab_size=256, d_model=64, n_heads=4, n_layers=16, scheme="span", span_scale="norm", span_c=2.0)
+    )
     assert rms == pytest.approx(math.sqrt(2.0 / 16), rel=1e-3)
 
 
@@ -180,14 +186,20 @@ def test_span_without_scaling_has_unit_branch(L):
 @pytest.mark.parametrize("L", [2, 12])
 def test_init_rules(L):
     """Measured weight stds follow each scheme's rule at two depths."""
+
     def stds(cfg):
         torch.manual_seed(0)
         model = build_model(cfg)
         b = model.blocks[0]
         d = cfg.d_model
-        return {Role.ATTN_QK: b.attn.qkv.weight[:2 * d].std().item(), Role.ATTN_V: b.attn.qkv.weight[2 * d:].std().item(),
-                Role.ATTN_OUT: b.attn.out.weight.std().item(), Role.FFN_UP: b.ffn.up.weight.std().item(),
-                Role.FFN_DOWN: b.ffn.down.weight.std().item(), Role.EMBED: model.embed.weight.std().item()}
+        return {
+            Role.ATTN_QK: b.attn.qkv.weight[: 2 * d].std().item(),
+            Role.ATTN_V: b.attn.qkv.weight[2 * d :].std().item(),
+            Role.ATTN_OUT: b.attn.out.weight.std().item(),
+            Role.FFN_UP: b.ffn.up.weight.std().item(),
+            Role.FFN_DOWN: b.ffn.down.weight.std().item(),
+            Role.EMBED: model.embed.weight.std().item(),
+        }
 
     d = 128
     pre = stds(ModelConfig(d_model=d, n_layers=L, scheme="pre"))
@@ -198,9 +210,9 @@ def test_init_rules(L):
     assert all(v == pytest.approx(0.02, rel=0.05) for v in post.values())
     for span_scale, target in (("init", math.sqrt(1 / L)), ("norm", 1.0), ("multiplier", 1.0)):
         span = stds(ModelConfig(d_model=d, n_layers=L, scheme="span", span_scale=span_scale))
-        assert span[Role.ATTN_QK] == pytest.approx(d ** -0.5, rel=0.05)
+        assert span[Role.ATTN_QK] == pytest.approx(d**-0.5, rel=0.05)
         # attention out: RMS d·σ_v·σ_out = target (sqrt(1/L) or 1) for an identity mixing
-        assert span[Role.ATTN_OUT] == pytest.approx(target / (d * d ** -0.5), rel=0.05)
+        assert span[Role.ATTN_OUT] == pytest.approx(target / (d * d**-0.5), rel=0.05)
     shared = stds(ModelConfig(d_model=d, n_layers=L, scheme="span", init="shared"))
     assert all(v == pytest.approx(0.02, rel=0.05) for v in shared.values())
 

@@ -25,10 +25,25 @@ def small_study(corpus, **changes):
         "set": [f"data.corpus={corpus}", "train.probe_interval=5"],
         "tokens_per_cell": 2560,  # 10 steps of 8 × 32
         "grids": [
-            {"name": "main", "axes": {"model.scheme": ["pre", "span"], "model.n_layers": [2, 3],
-                                      "train.lr": [1e-2], "train.seed": [1, 2]}},
-            {"name": "abl", "axes": {"model.scheme": ["span"], "model.n_layers": [3], "train.lr": [1e-2],
-                                     "train.seed": [1], "model.span_scale": ["norm", "none"]}},
+            {
+                "name": "main",
+                "axes": {
+                    "model.scheme": ["pre", "span"],
+                    "model.n_layers": [2, 3],
+                    "train.lr": [1e-2],
+                    "train.seed": [1, 2],
+                },
+            },
+            {
+                "name": "abl",
+                "axes": {
+                    "model.scheme": ["span"],
+                    "model.n_layers": [3],
+                    "train.lr": [1e-2],
+                    "train.seed": [1],
+                    "model.span_scale": ["norm", "none"],
+                },
+            },
         ],
     }
     data.update(changes)
@@ -50,10 +65,19 @@ def test_expand_grid_dedup_names_and_steps(corpus):
     study = study_from_dict(small_study(corpus))
     cells = expand(study)
     names = [c.name for c in cells]
-    # 2 schemes × 2 depths × 2 seeds, then the ablation: its span_scale=norm cell (the default) is the main grid's span_L3_s1
-    assert names == ["pre_L2_lr0.01_s1", "pre_L2_lr0.01_s2", "pre_L3_lr0.01_s1", "pre_L3_lr0.01_s2",
-                     "span_L2_lr0.01_s1", "span_L2_lr0.01_s2", "span_L3_lr0.01_s1", "span_L3_lr0.01_s2",
-                     "span_L3_lr0.01_s1_span_scale-none"]
+    # 2 schemes × 2 depths × 2 seeds, then the ablation:
+    # its span_scale=norm cell (the default) is the main grid's span_L3_s1
+    assert names == [
+        "pre_L2_lr0.01_s1",
+        "pre_L2_lr0.01_s2",
+        "pre_L3_lr0.01_s1",
+        "pre_L3_lr0.01_s2",
+        "span_L2_lr0.01_s1",
+        "span_L2_lr0.01_s2",
+        "span_L3_lr0.01_s1",
+        "span_L3_lr0.01_s2",
+        "span_L3_lr0.01_s1_span_scale-none",
+    ]
     shared = cells[names.index("span_L3_lr0.01_s1")]
     assert shared.grids == ["main", "abl"] and shared.extras == {} and shared.axes["model.span_scale"] == "norm"
     assert cells[-1].extras == {"model.span_scale": "none"} and cells[-1].series == "span span_scale=none"
@@ -72,7 +96,6 @@ def test_shipped_studies_expand_and_are_not_presets():
     assert {c.cfg.model.n_layers for c in ref if c.extras and not c.cfg.model.moe} == {48}
     assert {(c.cfg.model.n_layers, c.cfg.model.n_experts) for c in ref if c.cfg.model.moe} == {(6, 8), (24, 8)}
     assert len(expand(load_study("tiny"))) == 3 * 2 * 2 * 2 + 4 * 3 * 2 - 2
-    from spannorm.model import ModelConfig
 
     lr = expand(load_study("lr"))
     assert len(lr) == 9 * 2 * 6  # span (norm, the default), span init, span multiplier and 6 peers; 6 lrs
@@ -108,7 +131,7 @@ def test_study_runs_writes_outputs_and_reuses(corpus, tmp_path, capsys):
     assert f"the 9 finished cells' wall times sum to {sum(float(r['wall_s']) for r in rows) / 3600:.2f} h" in report
     assert "| series | L=2, lr=0.01 | L=3, lr=0.01 |" in report and "| span span_scale=none |" in report
     pre = [float(r["final_val_loss"]) for r in rows if r["name"].startswith("pre_L2")]
-    mean, std = sum(pre) / 2, abs(pre[0] - pre[1]) / 2 ** 0.5
+    mean, std = sum(pre) / 2, abs(pre[0] - pre[1]) / 2**0.5
     assert f"| pre | {mean:.3f} ± {std:.3f}" in report
     assert "![similarity](plots/similarity.png)" in report
     claims = report.split("## Claims")[1]
@@ -132,9 +155,11 @@ def _values(rows):
 
 
 def test_interrupted_study_resumes_to_the_same_results(corpus, tmp_path):
-    data = small_study(corpus, grids=[{"name": "g", "axes": {"model.scheme": ["pre", "span"],
-                                                             "model.n_layers": [2], "train.seed": [1]}}],
-                       probe=False)
+    data = small_study(
+        corpus,
+        grids=[{"name": "g", "axes": {"model.scheme": ["pre", "span"], "model.n_layers": [2], "train.seed": [1]}}],
+        probe=False,
+    )
     data["set"].append("train.ckpt_interval=5")
     data["tokens_per_cell"] = 5120  # 20 steps
     study = study_from_dict(data)
@@ -142,21 +167,26 @@ def test_interrupted_study_resumes_to_the_same_results(corpus, tmp_path):
     # as if killed mid-study: the first cell finished, the second stopped at step 13 (checkpoint at 10)
     cells = expand(study)
     train(cells[0].cfg, tmp_path / "cut" / "cells" / cells[0].name, progress=False)
-    assert train(cells[1].cfg, tmp_path / "cut" / "cells" / cells[1].name, progress=False,
-                 stop_after=13) == {"step": 13, "finished": False}
+    assert train(cells[1].cfg, tmp_path / "cut" / "cells" / cells[1].name, progress=False, stop_after=13) == {
+        "step": 13,
+        "finished": False,
+    }
     logged = []
     run_study(study, tmp_path / "cut", "cmd", log=logged.append)
     assert any(cells[0].name in ln and "reused" in ln for ln in logged)
     assert any(cells[1].name in ln and "trained" in ln for ln in logged)
     assert _values(read_csv(tmp_path / "cut" / "results.csv")) == _values(read_csv(tmp_path / "full" / "results.csv"))
     for c in cells:
-        assert _values(read_metrics(tmp_path / "cut" / "cells" / c.name)) == \
-            _values(read_metrics(tmp_path / "full" / "cells" / c.name))
+        assert _values(read_metrics(tmp_path / "cut" / "cells" / c.name)) == _values(
+            read_metrics(tmp_path / "full" / "cells" / c.name)
+        )
 
 
 def test_diverged_cell_is_stopped_and_reported(corpus, tmp_path, capsys):
-    data = small_study(corpus, grids=[{"name": "g", "axes": {"model.scheme": ["pre"], "model.n_layers": [2],
-                                                             "train.lr": [3e-3, 10.0]}}])
+    data = small_study(
+        corpus,
+        grids=[{"name": "g", "axes": {"model.scheme": ["pre"], "model.n_layers": [2], "train.lr": [3e-3, 10.0]}}],
+    )
     data["set"].append("train.grad_clip=0")
     data["tokens_per_cell"] = 5120  # 20 steps
     out = tmp_path / "st"
@@ -165,12 +195,16 @@ def test_diverged_cell_is_stopped_and_reported(corpus, tmp_path, capsys):
     ok, bad = read_csv(out / "results.csv")
     assert ok["status"] in ("ok", "stalled") and ok["steps"] == "20" and ok["diverged"] == "False"
     assert bad["status"] == "diverged" and bad["diverged"] == "True" and int(bad["steps"]) < 20
-    assert bad["diverged_step"] == bad["steps"] and bad["diverged_reason"] == "loss above its initial value after warmup"
+    assert (
+        bad["diverged_step"] == bad["steps"] and bad["diverged_reason"] == "loss above its initial value after warmup"
+    )
     assert bad["final_val_loss"] == "" and not (out / "cells" / bad["name"] / "probe.json").exists()
     report = (out / "report.md").read_text()
     assert "| pre | " in report and "div (1/1)" in report
-    assert f"- `{bad['name']}`: diverged at step {bad['steps']} of 20 (loss above its initial value after warmup)" \
+    assert (
+        f"- `{bad['name']}`: diverged at step {bad['steps']} of 20 (loss above its initial value after warmup)"
         in report
+    )
 
 
 def test_divergence_guard_in_the_trainer(corpus, tmp_path):
@@ -178,8 +212,10 @@ def test_divergence_guard_in_the_trainer(corpus, tmp_path):
     # a healthy run is the same with or without the guard
     train(load_config("tiny", base), tmp_path / "on", progress=False)
     off = train(load_config("tiny", base + ["train.stop_on_divergence=false"]), tmp_path / "off", progress=False)
-    assert read_metrics(tmp_path / "on") == [r | {"tokens_per_s": a["tokens_per_s"]} for r, a in
-                                             zip(read_metrics(tmp_path / "off"), read_metrics(tmp_path / "on"))]
+    assert read_metrics(tmp_path / "on") == [
+        r | {"tokens_per_s": a["tokens_per_s"]}
+        for r, a in zip(read_metrics(tmp_path / "off"), read_metrics(tmp_path / "on"))
+    ]
     assert not off["diverged"] and off["diverged_step"] is None and isinstance(off["stalled"], bool)
     # without warmup the guard starts at step 2 (step 1's loss is the reference itself)
     assert not train(load_config("tiny", base + ["train.warmup_steps=0"]), tmp_path / "w0", progress=False)["diverged"]
@@ -200,8 +236,7 @@ def test_divergence_guard_in_the_trainer(corpus, tmp_path):
 
 
 def test_jobs_2_gives_the_same_results(corpus, tmp_path, capsys):
-    data = small_study(corpus, grids=[{"name": "g", "axes": {"model.scheme": ["pre", "post"],
-                                                             "model.n_layers": [2]}}])
+    data = small_study(corpus, grids=[{"name": "g", "axes": {"model.scheme": ["pre", "post"], "model.n_layers": [2]}}])
     path = write_study(tmp_path, data)
     for jobs in (1, 2):
         assert main(["study", "--config", str(path), "--out", str(tmp_path / f"j{jobs}"), "--jobs", str(jobs)]) == 0
@@ -219,36 +254,68 @@ def test_a_cell_of_another_config_is_refused(corpus, tmp_path, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "with another config" in err
 
 
-@pytest.mark.parametrize("change, fragment", [
-    ({"bogus": 1}, "unknown key bogus; valid study keys: base, set, tokens_per_cell"),
-    ({"tokens_per_cell": 5000}, "tokens_per_cell=5000 is invalid for the base config: expected a multiple of "
-                                "train.batch_size × train.seq_len = 256"),
-    ({"tokens_per_cell": 0}, "tokens_per_cell=0 is invalid: expected a positive integer"),
-    ({"tokens_per_cell": 1024}, "train.warmup_steps=5 is invalid for the base config: expected fewer than the 4 steps"),
-    ({"grids": []}, "grids=[] is invalid: expected a non-empty list"),
-    ({"grids": [{"name": "g", "axes": {"model.n_layers": [2]}, "extra": 1}]}, "unknown key grids[0].extra; valid"),
-    ({"grids": [{"name": "g", "axes": {"model.n_layers": []}}]},
-     "grids[0].axes.model.n_layers=[] is invalid: expected a non-empty list"),
-    ({"grids": [{"name": "g", "axes": {"model.bogus": [1]}}]}, "unknown key model.bogus; valid keys: model.vocab_size"),
-    ({"grids": [{"name": "g", "axes": {"model.scheme": ["pre", "nope"]}}]},
-     "model.scheme='nope' is invalid: expected one of pre, post, span"),
-    ({"grids": [{"name": "g", "axes": {"train.max_steps": [5]}}]}, "which tokens_per_cell sets"),
-    ({"grids": [{"name": "g", "axes": {"n_layers": [2]}}]}, "a dotted config path such as model.n_layers"),
-    ({"base": "huge"}, "--config 'huge' is neither a YAML file nor a preset"),
-    ({"probe": "yes"}, "probe='yes' is invalid: expected true or false"),
-    ({"grids": [{"name": "g", "axes": {"train.lr": [1e-3, 1e-2], "train.seed": [1, 2]}, "best_lr_seeds": [3, 2]}]},
-     "grids[0].best_lr_seeds=2 is invalid: expected a seed not in the grid's train.seed axis [1, 2]"),
-    ({"grids": [{"name": "g", "axes": {"train.lr": [1e-3, 1e-2]}, "best_lr_seeds": [1337]}]},
-     "grids[0].best_lr_seeds=1337 is invalid: expected a seed other than the base config's train.seed"),
-    ({"grids": [{"name": "g", "axes": {"train.lr": [1e-3, 1e-2]}, "best_lr_seeds": 2}]},
-     "grids[0].best_lr_seeds=2 is invalid: expected a non-empty list of distinct integer seeds"),
-    ({"grids": [{"name": "g", "axes": {"train.lr": [1e-3, 1e-2]}, "best_lr_seeds": [2, "3"]}]},
-     "grids[0].best_lr_seeds=[2, '3'] is invalid: expected a non-empty list of distinct integer seeds"),
-    ({"grids": [{"name": "g", "axes": {"train.lr": [1e-3, 1e-3]}, "best_lr_seeds": [2]}]},
-     "grids[0].axes.train.lr=[0.001, 0.001] is invalid: expected a list of 2 or more learning rates"),
-    ({"grids": [{"name": "g", "axes": {"model.n_layers": [2]}, "best_lr_seeds": [2]}]},
-     "grids[0].axes.train.lr=None is invalid: expected a list of 2 or more learning rates"),
-])
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ({"bogus": 1}, "unknown key bogus; valid study keys: base, set, tokens_per_cell"),
+        (
+            {"tokens_per_cell": 5000},
+            "tokens_per_cell=5000 is invalid for the base config: expected a multiple of "
+            "train.batch_size × train.seq_len = 256",
+        ),
+        ({"tokens_per_cell": 0}, "tokens_per_cell=0 is invalid: expected a positive integer"),
+        (
+            {"tokens_per_cell": 1024},
+            "train.warmup_steps=5 is invalid for the base config: expected fewer than the 4 steps",
+        ),
+        ({"grids": []}, "grids=[] is invalid: expected a non-empty list"),
+        ({"grids": [{"name": "g", "axes": {"model.n_layers": [2]}, "extra": 1}]}, "unknown key grids[0].extra; valid"),
+        (
+            {"grids": [{"name": "g", "axes": {"model.n_layers": []}}]},
+            "grids[0].axes.model.n_layers=[] is invalid: expected a non-empty list",
+        ),
+        (
+            {"grids": [{"name": "g", "axes": {"model.bogus": [1]}}]},
+            "unknown key model.bogus; valid keys: model.vocab_size",
+        ),
+        (
+            {"grids": [{"name": "g", "axes": {"model.scheme": ["pre", "nope"]}}]},
+            "model.scheme='nope' is invalid: expected one of pre, post, span",
+        ),
+        ({"grids": [{"name": "g", "axes": {"train.max_steps": [5]}}]}, "which tokens_per_cell sets"),
+        ({"grids": [{"name": "g", "axes": {"n_layers": [2]}}]}, "a dotted config path such as model.n_layers"),
+        ({"base": "huge"}, "--config 'huge' is neither a YAML file nor a preset"),
+        ({"probe": "yes"}, "probe='yes' is invalid: expected true or false"),
+        (
+            {
+                "grids": [
+                    {"name": "g", "axes": {"train.lr": [1e-3, 1e-2], "train.seed": [1, 2]}, "best_lr_seeds": [3, 2]}
+                ]
+            },
+            "grids[0].best_lr_seeds=2 is invalid: expected a seed not in the grid's train.seed axis [1, 2]",
+        ),
+        (
+            {"grids": [{"name": "g", "axes": {"train.lr": [1e-3, 1e-2]}, "best_lr_seeds": [1337]}]},
+            "grids[0].best_lr_seeds=1337 is invalid: expected a seed other than the base config's train.seed",
+        ),
+        (
+            {"grids": [{"name": "g", "axes": {"train.lr": [1e-3, 1e-2]}, "best_lr_seeds": 2}]},
+            "grids[0].best_lr_seeds=2 is invalid: expected a non-empty list of distinct integer seeds",
+        ),
+        (
+            {"grids": [{"name": "g", "axes": {"train.lr": [1e-3, 1e-2]}, "best_lr_seeds": [2, "3"]}]},
+            "grids[0].best_lr_seeds=[2, '3'] is invalid: expected a non-empty list of distinct integer seeds",
+        ),
+        (
+            {"grids": [{"name": "g", "axes": {"train.lr": [1e-3, 1e-3]}, "best_lr_seeds": [2]}]},
+            "grids[0].axes.train.lr=[0.001, 0.001] is invalid: expected a list of 2 or more learning rates",
+        ),
+        (
+            {"grids": [{"name": "g", "axes": {"model.n_layers": [2]}, "best_lr_seeds": [2]}]},
+            "grids[0].axes.train.lr=None is invalid: expected a list of 2 or more learning rates",
+        ),
+    ],
+)
 def test_bad_study_yaml_is_a_one_line_error(corpus, tmp_path, capsys, change, fragment):
     out = tmp_path / "st"
     code = main(["study", "--config", str(write_study(tmp_path, small_study(corpus, **change))), "--out", str(out)])
@@ -259,8 +326,10 @@ def test_bad_study_yaml_is_a_one_line_error(corpus, tmp_path, capsys, change, fr
 
 
 def test_bad_study_command_line(tmp_path, capsys):
-    for argv, fragment in ((["study", "--config", "nosuch"], "neither a YAML file nor a shipped study; studies:"),
-                           (["study", "--config", "tiny", "--jobs", "0"], "--jobs 0 is invalid")):
+    for argv, fragment in (
+        (["study", "--config", "nosuch"], "neither a YAML file nor a shipped study; studies:"),
+        (["study", "--config", "tiny", "--jobs", "0"], "--jobs 0 is invalid"),
+    ):
         assert main(argv + ["--out", str(tmp_path / "st")]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and fragment in err, err
@@ -301,15 +370,21 @@ def test_ctrl_c_leaves_a_resumable_study(corpus, tmp_path, signame):
     import sys
     import time
 
-    data = small_study(corpus, grids=[{"name": "g", "axes": {"model.scheme": ["pre", "span"]}}], probe=False,
-                       tokens_per_cell=256 * 100)
+    data = small_study(
+        corpus, grids=[{"name": "g", "axes": {"model.scheme": ["pre", "span"]}}], probe=False, tokens_per_cell=256 * 100
+    )
     data["set"] += ["train.ckpt_interval=5", "train.log_interval=5", "train.eval_interval=100"]
     path = write_study(tmp_path, data)
     cli = [sys.executable, "-m", "spannorm.cli", "study", "--config", str(path), "--quiet"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     run_study(study_from_dict(data), tmp_path / "full", "cmd", log=lambda *a: None)
-    proc = subprocess.Popen([*cli, "--out", str(tmp_path / "cut"), "--jobs", "2"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*cli, "--out", str(tmp_path / "cut"), "--jobs", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     last = expand(study_from_dict(data))[-1].name
     latest = tmp_path / "cut" / "cells" / last / "checkpoints" / "latest"
     deadline = time.time() + 120
@@ -331,16 +406,18 @@ def test_ctrl_c_leaves_a_resumable_study(corpus, tmp_path, signame):
 
 
 def test_report_only_reports_finished_cells_and_trains_nothing(corpus, tmp_path):
-    data = small_study(corpus, grids=[{"name": "g", "axes": {"model.scheme": ["pre", "span"], "model.n_layers": [2]}}],
-                       probe=False)
+    data = small_study(
+        corpus, grids=[{"name": "g", "axes": {"model.scheme": ["pre", "span"], "model.n_layers": [2]}}], probe=False
+    )
     out = tmp_path / "st"
     rows = run_study(study_from_dict(data), out, "cmd", log=lambda *a: None, report_only=True)
     assert [r["status"] for r in rows] == ["not run", "not run"]
     assert not (out / "cells").exists() or not any((out / "cells").iterdir())
     assert "**2 not run yet** (a partial report)" in (out / "report.md").read_text()
     # one cell finished (as by a study stopped early): it is reported, the other is still "not run"
-    one = small_study(corpus, grids=[{"name": "g", "axes": {"model.scheme": ["pre"], "model.n_layers": [2]}}],
-                      probe=False)
+    one = small_study(
+        corpus, grids=[{"name": "g", "axes": {"model.scheme": ["pre"], "model.n_layers": [2]}}], probe=False
+    )
     run_study(study_from_dict(one), out, "cmd", log=lambda *a: None)
     rows = run_study(study_from_dict(data), out, "cmd", log=lambda *a: None, report_only=True)
     pre, span = (c.name for c in expand(study_from_dict(data)))
@@ -359,9 +436,13 @@ def test_lr_sensitivity_names_the_scalings_that_train_at_the_high_lr(corpus):
     data["grids"][1]["axes"]["train.lr"] = [1e-3, 1e-2]
     data["grids"][1]["axes"]["model.span_c"] = [1.0, 4.0]
     cells = expand(study_from_dict(data))
-    val = {("pre", "norm", 1.0): (2.0, 2.5), ("span", "norm", 1.0): (1.9, 3.3),  # default span: stalls
-           ("span", "none", 1.0): (2.1, 2.4), ("span", "norm", 4.0): (2.0, 2.6),  # below pre / above pre
-           ("span", "none", 4.0): (2.0, None)}  # diverged
+    val = {
+        ("pre", "norm", 1.0): (2.0, 2.5),
+        ("span", "norm", 1.0): (1.9, 3.3),  # default span: stalls
+        ("span", "none", 1.0): (2.1, 2.4),
+        ("span", "norm", 4.0): (2.0, 2.6),  # below pre / above pre
+        ("span", "none", 4.0): (2.0, None),
+    }  # diverged
     rows = []
     for c in cells:
         m = c.cfg.model
@@ -396,16 +477,27 @@ def test_signal_and_gradient_claims_leave_out_stalled_cells(corpus, tmp_path):
     for c in cells:
         d, bad = c.cfg.model.n_layers, c is stalled
         rms = 100.0 if bad else 1.0
-        probe = {"presum_rms": [{"attn": rms, "ffn": rms}] * d,
-                 "stream_rms": [1.0] * d + [1.0 if c.cfg.model.scheme.value == "span" else float(d)],
-                 "grad_ratio_first_last": 1e-9 if bad else 1.5,
-                 "adjacent_cosine": [0.5] * d, "layer_drop": [0.1] * d}
+        probe = {
+            "presum_rms": [{"attn": rms, "ffn": rms}] * d,
+            "stream_rms": [1.0] * d + [1.0 if c.cfg.model.scheme.value == "span" else float(d)],
+            "grad_ratio_first_last": 1e-9 if bad else 1.5,
+            "adjacent_cosine": [0.5] * d,
+            "layer_drop": [0.1] * d,
+        }
         (tmp_path / "cells" / c.name).mkdir(parents=True)
         (tmp_path / "cells" / c.name / "probe.json").write_text(json.dumps(probe))
         rows.append({"status": "stalled" if bad else "ok", "final_val_loss": 2.0})
-    init = [{"variant": v, "depth": d, "presum_rms": [{"attn": 1.0}], "stream_rms": [1.0],
-             "grad_ratio_first_last": 1e3 if v == "post" and d == 3 else 1.2}
-            for v in ("pre", "post", "span") for d in (2, 3)]
+    init = [
+        {
+            "variant": v,
+            "depth": d,
+            "presum_rms": [{"attn": 1.0}],
+            "stream_rms": [1.0],
+            "grad_ratio_first_last": 1e3 if v == "post" and d == 3 else 1.2,
+        }
+        for v in ("pre", "post", "span")
+        for d in (2, 3)
+    ]
     verdict = dict(claims(cells, rows, tmp_path, init))
     signal, grads = verdict["Bounded forward signal"], verdict["Bounded gradients"]
     assert signal.verdict == SUPPORTED and grads.verdict == SUPPORTED
@@ -429,8 +521,10 @@ def lr_study(corpus, **changes):
 
 def fake_rows(cells, results):
     """results.csv rows from {cell name: (status, val loss)}; other cells: not run."""
-    return [{"status": results.get(c.name, ("not run", None))[0], "final_val_loss": results.get(c.name, (0, None))[1]}
-            for c in cells]
+    return [
+        {"status": results.get(c.name, ("not run", None))[0], "final_val_loss": results.get(c.name, (0, None))[1]}
+        for c in cells
+    ]
 
 
 def test_follow_ups_add_seeds_at_the_best_lr_only(corpus):
@@ -439,29 +533,44 @@ def test_follow_ups_add_seeds_at_the_best_lr_only(corpus):
     study = study_from_dict(lr_study(corpus))
     cells = expand(study)
     assert all(c.cfg.train.seed == 1 for c in cells)
-    rows = fake_rows(cells, {
-        "pre_L2_lr0.001_s1": ("ok", 2.5), "pre_L2_lr0.01_s1": ("ok", 2.3),  # best 1e-2
-        "pre_L3_lr0.001_s1": ("ok", 2.4), "pre_L3_lr0.01_s1": ("stalled", 2.2),  # a stalled cell is never the best
-        "span_L2_lr0.001_s1": ("stalled", 3.3), "span_L2_lr0.01_s1": ("diverged", None),  # none trained: no seeds
-        "span_L3_lr0.01_s1": ("ok", 2.0),  # span_L3 at 1e-3 not run yet: no best lr so far
-        "span_L3_lr0.001_s1_span_scale-none": ("diverged", None), "span_L3_lr0.01_s1_span_scale-none": ("ok", 2.6),
-    })
+    rows = fake_rows(
+        cells,
+        {
+            "pre_L2_lr0.001_s1": ("ok", 2.5),
+            "pre_L2_lr0.01_s1": ("ok", 2.3),  # best 1e-2
+            "pre_L3_lr0.001_s1": ("ok", 2.4),
+            "pre_L3_lr0.01_s1": ("stalled", 2.2),  # a stalled cell is never the best
+            "span_L2_lr0.001_s1": ("stalled", 3.3),
+            "span_L2_lr0.01_s1": ("diverged", None),  # none trained: no seeds
+            "span_L3_lr0.01_s1": ("ok", 2.0),  # span_L3 at 1e-3 not run yet: no best lr so far
+            "span_L3_lr0.001_s1_span_scale-none": ("diverged", None),
+            "span_L3_lr0.01_s1_span_scale-none": ("ok", 2.6),
+        },
+    )
     more = follow_ups(study, cells, rows)
-    assert [c.name for c in more[:len(cells)]] == [c.name for c in cells]
-    assert [c.name for c in more[len(cells):]] == [
-        "pre_L2_lr0.01_s2", "pre_L2_lr0.01_s3", "pre_L3_lr0.001_s2", "pre_L3_lr0.001_s3",
-        "span_L3_lr0.01_s2_span_scale-none", "span_L3_lr0.01_s3_span_scale-none"]
+    assert [c.name for c in more[: len(cells)]] == [c.name for c in cells]
+    assert [c.name for c in more[len(cells) :]] == [
+        "pre_L2_lr0.01_s2",
+        "pre_L2_lr0.01_s3",
+        "pre_L3_lr0.001_s2",
+        "pre_L3_lr0.001_s3",
+        "span_L3_lr0.01_s2_span_scale-none",
+        "span_L3_lr0.01_s3_span_scale-none",
+    ]
     assert more[-1].grids == ["abl"] and more[-1].series == "span span_scale=none"
     # once span_L3 at 1e-3 has finished, it gets its seeds too (at its best lr); a failed cell blocks the point
     rows[[c.name for c in cells].index("span_L3_lr0.001_s1")] = {"status": "ok", "final_val_loss": 1.9}
-    assert [c.name for c in follow_ups(study, cells, rows)[len(cells):]][4:6] == ["span_L3_lr0.001_s2",
-                                                                                  "span_L3_lr0.001_s3"]
+    assert [c.name for c in follow_ups(study, cells, rows)[len(cells) :]][4:6] == [
+        "span_L3_lr0.001_s2",
+        "span_L3_lr0.001_s3",
+    ]
     rows[[c.name for c in cells].index("pre_L2_lr0.001_s1")] = {"status": "failed: OSError"}
     assert "pre_L2_lr0.01_s2" not in [c.name for c in follow_ups(study, cells, rows)]
     # a grid without best_lr_seeds adds nothing
     plain = study_from_dict(small_study(corpus))
-    assert [c.name for c in follow_ups(plain, expand(plain), fake_rows(expand(plain), {}))] == \
-        [c.name for c in expand(plain)]
+    assert [c.name for c in follow_ups(plain, expand(plain), fake_rows(expand(plain), {}))] == [
+        c.name for c in expand(plain)
+    ]
 
 
 def test_best_lr_and_stable_range_on_known_rows(corpus):
@@ -481,12 +590,20 @@ def test_best_lr_and_stable_range_on_known_rows(corpus):
     data["grids"][0]["axes"]["train.seed"] = [1, 2, 3]
     del data["grids"][0]["best_lr_seeds"]
     cells = expand(study_from_dict(data))
-    rows = fake_rows(cells, {
-        "pre_L2_lr0.001_s1": ("ok", 2.12), "pre_L2_lr0.002_s1": ("ok", 2.10), "pre_L2_lr0.004_s1": ("ok", 2.30),
-        "pre_L2_lr0.002_s2": ("ok", 2.20), "pre_L2_lr0.002_s3": ("ok", 2.30),
-        "pre_L2_lr0.001_s2": ("ok", 1.0),  # a later seed is not part of the rule
-        "span_L2_lr0.001_s1": ("stalled", 3.3), "span_L2_lr0.002_s1": ("diverged", None),
-        "span_L2_lr0.004_s1": ("diverged", None)})
+    rows = fake_rows(
+        cells,
+        {
+            "pre_L2_lr0.001_s1": ("ok", 2.12),
+            "pre_L2_lr0.002_s1": ("ok", 2.10),
+            "pre_L2_lr0.004_s1": ("ok", 2.30),
+            "pre_L2_lr0.002_s2": ("ok", 2.20),
+            "pre_L2_lr0.002_s3": ("ok", 2.30),
+            "pre_L2_lr0.001_s2": ("ok", 1.0),  # a later seed is not part of the rule
+            "span_L2_lr0.001_s1": ("stalled", 3.3),
+            "span_L2_lr0.002_s1": ("diverged", None),
+            "span_L2_lr0.004_s1": ("diverged", None),
+        },
+    )
     table = best_lr_table(cells, rows).splitlines()
     assert table[0] == "| series | L | best lr | val loss at the best lr | stable range | diverged or stalled |"
     assert table[2] == "| pre | 2 | 2e-3 | 2.200 ± 0.100 (n=3) | 1e-3 – 2e-3 (2 of 3) | — |"
@@ -496,25 +613,35 @@ def test_best_lr_and_stable_range_on_known_rows(corpus):
 
 
 def test_best_lr_seeds_study_runs_the_second_phase_and_resumes(corpus, tmp_path):
-    data = lr_study(corpus, grids=[{"name": "g", "axes": {"model.scheme": ["pre"], "model.n_layers": [2]}}],
-                    probe=False, tokens_per_cell=40960)  # 160 steps: enough to train (not stall) on the test corpus
+    data = lr_study(
+        corpus,
+        grids=[{"name": "g", "axes": {"model.scheme": ["pre"], "model.n_layers": [2]}}],
+        probe=False,
+        tokens_per_cell=40960,
+    )  # 160 steps: enough to train (not stall) on the test corpus
     data["grids"][0]["axes"]["train.lr"] = [1e-2, 3e-2]
     data["grids"][0]["best_lr_seeds"] = [2]
     study = study_from_dict(data)
     assert study_from_dict(study.to_dict()).to_dict() == study.to_dict() and study.to_dict()["grids"][0][
-        "best_lr_seeds"] == [2]
+        "best_lr_seeds"
+    ] == [2]
     logged = []
     rows = run_study(study, tmp_path / "full", "cmd", log=logged.append)
     first = {float(r["train.lr"]): r for r in rows[:2]}
     best = min(first, key=lambda lr: first[lr]["final_val_loss"])
     assert all(r["status"] == "ok" for r in rows[:2]) and len(rows) == 3
     assert rows[2]["name"] == f"pre_L2_lr{best:g}_s2" and rows[2]["status"] in ("ok", "stalled")
-    assert [ln.split(":")[0] for ln in logged if ln.startswith("[")] == ["[1/2] " + rows[0]["name"],
-                                                                         "[2/2] " + rows[1]["name"],
-                                                                         "[1/1] " + rows[2]["name"]]
+    assert [ln.split(":")[0] for ln in logged if ln.startswith("[")] == [
+        "[1/2] " + rows[0]["name"],
+        "[2/2] " + rows[1]["name"],
+        "[1/1] " + rows[2]["name"],
+    ]
     report = (tmp_path / "full" / "report.md").read_text()
-    assert "## Each scheme at its best learning rate" in report and f"| pre | 2 | {best:.0e}".replace("e-0", "e-") \
-        in report and "(n=2)" in report
+    assert (
+        "## Each scheme at its best learning rate" in report
+        and f"| pre | 2 | {best:.0e}".replace("e-0", "e-") in report
+        and "(n=2)" in report
+    )
     assert (tmp_path / "full" / "plots" / "best_lr.png").read_bytes()[:8] == PNG
     # stopped between the phases: --report-only shows the follow-up as not run, the next run adds the same one
     cut = tmp_path / "cut"

@@ -39,8 +39,11 @@ def test_training_flushes_denormals(corpus, tmp_path):
     torch.set_flush_denormal(False)
     tiny_float = torch.tensor([1e-39])  # below fp32's smallest normal, 1.18e-38
     assert (tiny_float * 1.0).item() != 0.0
-    train(tiny(corpus, "train.max_steps=2", "train.eval_interval=2", "train.ckpt_interval=2"), tmp_path / "run",
-          progress=False)
+    train(
+        tiny(corpus, "train.max_steps=2", "train.eval_interval=2", "train.ckpt_interval=2"),
+        tmp_path / "run",
+        progress=False,
+    )
     assert (tiny_float * 1.0).item() == 0.0
 
 
@@ -76,8 +79,18 @@ def test_divergence_verdict():
 
 def test_resume_after_sigkill(corpus, tmp_path):
     """A real kill -9 of the CLI mid-run, then `spannorm train --resume`: identical losses."""
-    sets = ["--set", f"data.corpus={corpus}", "--set", "train.max_steps=300", "--set", "train.ckpt_interval=5",
-            "--set", "train.log_interval=5", "--set", "train.eval_interval=100"]
+    sets = [
+        "--set",
+        f"data.corpus={corpus}",
+        "--set",
+        "train.max_steps=300",
+        "--set",
+        "train.ckpt_interval=5",
+        "--set",
+        "train.log_interval=5",
+        "--set",
+        "train.eval_interval=100",
+    ]
     cli = [sys.executable, "-m", "spannorm.cli", "train", "--config", "tiny", "--quiet", *sets]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     subprocess.run([*cli, "--out", str(tmp_path / "full")], check=True, env=env, capture_output=True)
@@ -89,8 +102,12 @@ def test_resume_after_sigkill(corpus, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "cut" / "summary.json").exists(), "the run finished before it could be killed"
-    res = subprocess.run([sys.executable, "-m", "spannorm.cli", "train", "--out", str(tmp_path / "cut"),
-                          "--resume", "--quiet"], env=env, capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "spannorm.cli", "train", "--out", str(tmp_path / "cut"), "--resume", "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
 
@@ -105,8 +122,12 @@ def test_lr_schedule():
 
 # Golden curve (torchtitan-style): the tiny preset on the test corpus, fp32, seed 1337. A change to
 # the model, init, data order or optimizer moves these numbers; update them only on purpose.
-GOLDEN = {"pre": [5.2047, 4.5716, 4.1656, 3.9872], "post": [5.3572, 4.7057, 4.1920, 4.0162],
-          "span": [5.3315, 4.7689, 4.3335, 4.1529], "span span_scale=init": [5.3112, 4.7381, 4.2992, 4.1173]}
+GOLDEN = {
+    "pre": [5.2047, 4.5716, 4.1656, 3.9872],
+    "post": [5.3572, 4.7057, 4.1920, 4.0162],
+    "span": [5.3315, 4.7689, 4.3335, 4.1529],
+    "span span_scale=init": [5.3112, 4.7381, 4.2992, 4.1173],
+}
 
 
 @pytest.mark.parametrize("series", sorted(GOLDEN))
@@ -114,8 +135,18 @@ def test_golden_loss_curve(corpus, tmp_path, series):
     # recorded with a tied head for every scheme (before post's recipe became untied): pinned explicitly;
     # "span" is the default scaling (norm), the former default init is pinned for its own curve
     scheme, *more = series.split()
-    train(tiny(corpus, f"model.scheme={scheme}", *(f"model.{m}" for m in more), "model.tie_embeddings=true",
-               "train.max_steps=20", "train.log_interval=5"), tmp_path / "run", progress=False)
+    train(
+        tiny(
+            corpus,
+            f"model.scheme={scheme}",
+            *(f"model.{m}" for m in more),
+            "model.tie_embeddings=true",
+            "train.max_steps=20",
+            "train.log_interval=5",
+        ),
+        tmp_path / "run",
+        progress=False,
+    )
     got = [r["loss"] for r in read_metrics(tmp_path / "run")]
     assert got == pytest.approx(GOLDEN[series], rel=2e-3), got
 
@@ -131,8 +162,9 @@ def test_train_cli_prints_summary(corpus, tmp_path, capsys):
 
 
 def test_non_finite_loss_stops_the_run(corpus, tmp_path):
-    cfg = tiny(corpus, "model.scheme=pre", "train.lr=1e6", "train.grad_clip=0", "train.warmup_steps=0",
-               "model.init_std=10")
+    cfg = tiny(
+        corpus, "model.scheme=pre", "train.lr=1e6", "train.grad_clip=0", "train.warmup_steps=0", "model.init_std=10"
+    )
     summary = train(cfg, tmp_path / "run", progress=False)
     rows = read_metrics(tmp_path / "run")
     assert summary["diverged"] and summary["final_val_loss"] is None and summary["steps"] < 40
@@ -144,8 +176,16 @@ def test_compiled_training_matches_eager(corpus, tmp_path):
     """train.compile=true (minutes: inductor compiles the model) gives the eager losses up to fusion rounding."""
     losses = {}
     for compiled in (False, True):
-        cfg = load_config("tiny", [f"data.corpus={corpus}", "train.max_steps=10", "train.log_interval=1",
-                                   f"train.compile={str(compiled).lower()}", "train.probe_interval=0"])
+        cfg = load_config(
+            "tiny",
+            [
+                f"data.corpus={corpus}",
+                "train.max_steps=10",
+                "train.log_interval=1",
+                f"train.compile={str(compiled).lower()}",
+                "train.probe_interval=0",
+            ],
+        )
         train(cfg, tmp_path / str(compiled), progress=False)
         losses[compiled] = [r["loss"] for r in read_metrics(tmp_path / str(compiled))]
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)

@@ -5,6 +5,16 @@ from .model import LM, ModelConfig, build_model
 from .nn import NormType
 from .schemes import SCHEMES, InitMode, Scheme, SpanScale
 
-__all__ = ["LM", "ModelConfig", "build_model", "Scheme", "SpanScale", "InitMode", "NormType", "SCHEMES",
-           "SpannormError", "ConfigError"]
+__all__ = [
+    "LM",
+    "ModelConfig",
+    "build_model",
+    "Scheme",
+    "SpanScale",
+    "InitMode",
+    "NormType",
+    "SCHEMES",
+    "SpannormError",
+    "ConfigError",
+]
 __version__ = "0.1.0"

@@ -69,10 +69,19 @@ def _build(case: Case):
         from .model import ModelConfig
 
         ffn = ModelConfig(d_model=s["d_model"], n_heads=s["n_heads"]).ffn_dim
-        cfg = LlamaConfig(vocab_size=s["vocab_size"], hidden_size=s["d_model"], intermediate_size=ffn,
-                          num_hidden_layers=case.depth, num_attention_heads=s["n_heads"],
-                          num_key_value_heads=s["n_heads"], max_position_embeddings=s["seq_len"],
-                          rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=False, mlp_bias=False)
+        cfg = LlamaConfig(
+            vocab_size=s["vocab_size"],
+            hidden_size=s["d_model"],
+            intermediate_size=ffn,
+            num_hidden_layers=case.depth,
+            num_attention_heads=s["n_heads"],
+            num_key_value_heads=s["n_heads"],
+            max_position_embeddings=s["seq_len"],
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            attention_bias=False,
+            mlp_bias=False,
+        )
         cfg._attn_implementation = "sdpa"
         model = LlamaForCausalLM(cfg).to(device)
         forward = torch.compile(model) if case.compile else model
@@ -82,17 +91,25 @@ def _build(case: Case):
     else:
         from .model import ModelConfig, build_model
 
-        model = build_model(ModelConfig(vocab_size=s["vocab_size"], d_model=s["d_model"], n_layers=case.depth,
-                                        n_heads=s["n_heads"], scheme=case.scheme,
-                                        **moe_fields(case.impl, s["d_model"], s["n_heads"]))).to(device)
+        model = build_model(
+            ModelConfig(
+                vocab_size=s["vocab_size"],
+                d_model=s["d_model"],
+                n_layers=case.depth,
+                n_heads=s["n_heads"],
+                scheme=case.scheme,
+                **moe_fields(case.impl, s["d_model"], s["n_heads"]),
+            )
+        ).to(device)
         forward = torch.compile(model) if case.compile else model
 
         def loss_fn(x, y):  # the training loss: cross-entropy (+ the weighted MoE auxiliary terms)
             return forward(x, y)[1] + model.moe_loss()
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x = torch.randint(0, s["vocab_size"], (s["batch_size"], s["seq_len"]),
-                      generator=torch.Generator().manual_seed(0)).to(device)
+    x = torch.randint(
+        0, s["vocab_size"], (s["batch_size"], s["seq_len"]), generator=torch.Generator().manual_seed(0)
+    ).to(device)
 
     def forward_loss():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.dtype == "bf16"):
@@ -151,9 +168,17 @@ def time_group(group: list[Case], reps: int = 5, warmup: int = 2) -> list[dict]:
         n_params, n_active = sum(p.numel() for p in model.parameters()), active_params(model)
         step = statistics.median(ts)
         flops_per_token = 6 * n_active + 6 * case.depth * s["seq_len"] * s["d_model"]
-        rows.append(asdict(case) | {"step_s": step, "tokens_per_s": tokens / step, "n_params": n_params,
-                                    "n_active_params": n_active, "flops_per_s": flops_per_token * tokens / step,
-                                    "saved_mb": None if case.compile else saved_activations_mb(model, forward_loss)})
+        rows.append(
+            asdict(case)
+            | {
+                "step_s": step,
+                "tokens_per_s": tokens / step,
+                "n_params": n_params,
+                "n_active_params": n_active,
+                "flops_per_s": flops_per_token * tokens / step,
+                "saved_mb": None if case.compile else saved_activations_mb(model, forward_loss),
+            }
+        )
     return rows
 
 
@@ -194,8 +219,15 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5, device: str = 
     return 2 * n**3 / statistics.median(times)
 
 
-def cases(schemes: list[str], depths: list[int], dtypes: list[str], with_hf: bool,
-          compile: bool = False, device: str = "cpu", tf32: bool = False) -> list[Case]:
+def cases(
+    schemes: list[str],
+    depths: list[int],
+    dtypes: list[str],
+    with_hf: bool,
+    compile: bool = False,
+    device: str = "cpu",
+    tf32: bool = False,
+) -> list[Case]:
     """pre, span and HF Llama over the depth sweep (the targets: few models per group, so that
     their steps interleave closely); the other schemes at the standard depth, each timed beside
     pre (group "peers"); with ``compile``, pre, span and HF Llama at the standard depth, each eager and
@@ -230,10 +262,14 @@ def run(all_cases: list[Case], reps: int = 5, log=print) -> dict:
     """Time every (dtype, group, depth) group in its own process, then each case's memory in its own."""
     device, tf32 = (all_cases[0].device, all_cases[0].tf32) if all_cases else ("cpu", False)
     n = 2048 if device == "cpu" else 8192
-    peaks = {"fp32": matmul_peak(torch.float32, n, device=device, tf32=tf32),
-             "bf16": matmul_peak(torch.bfloat16, n, device=device)}
-    log(f"matmul peak on {device}: fp32{' (TF32)' if tf32 else ''} {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
-        f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
+    peaks = {
+        "fp32": matmul_peak(torch.float32, n, device=device, tf32=tf32),
+        "bf16": matmul_peak(torch.bfloat16, n, device=device),
+    }
+    log(
+        f"matmul peak on {device}: fp32{' (TF32)' if tf32 else ''} {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
+        f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s"
+    )
     rows = []
     key = lambda c: (c.dtype, c.group, c.depth)  # noqa: E731
     for _, group in itertools.groupby(sorted(all_cases, key=key), key=key):
@@ -242,10 +278,12 @@ def run(all_cases: list[Case], reps: int = 5, log=print) -> dict:
         for case, row in zip(group, timed):
             row["peak_mem_mb"] = _subprocess("memory", json.dumps(asdict(case)))
             row["mfu"] = row["flops_per_s"] / peaks[row["dtype"]]
-            log(f"{row['impl']:9s} {row['scheme']:11s} L={row['depth']:<3d} {row['dtype']}"
+            log(
+                f"{row['impl']:9s} {row['scheme']:11s} L={row['depth']:<3d} {row['dtype']}"
                 f"{' compiled' if row['compile'] else '':9s}: {row['tokens_per_s']:9,.0f} tok/s  "
                 f"{row['peak_mem_mb']:7.0f} MB  MFU {row['mfu']:.1%}"
-                + (f"  saved activations {row['saved_mb']:.0f} MB" if row.get("saved_mb") else ""))
+                + (f"  saved activations {row['saved_mb']:.0f} MB" if row.get("saved_mb") else "")
+            )
             rows.append(row)
     return {"matmul_peak_flops": peaks, "rows": rows}
 
@@ -256,27 +294,42 @@ def ratios(result: dict) -> list[str]:
     import numpy as np
 
     rows = result["rows"]
-    L0 = size(Case(**{k: rows[0][k] for k in ("impl", "scheme", "depth", "dtype")},
-                   device=rows[0].get("device", "cpu")))["n_layers"] if rows else STANDARD["n_layers"]
+    L0 = (
+        size(
+            Case(**{k: rows[0][k] for k in ("impl", "scheme", "depth", "dtype")}, device=rows[0].get("device", "cpu"))
+        )["n_layers"]
+        if rows
+        else STANDARD["n_layers"]
+    )
 
     def find(impl, scheme, dtype, compiled=False, depth=L0, group="main"):
-        return next((r for r in rows if (r["impl"], r["scheme"], r["depth"], r["dtype"], r.get("compile", False),
-                                         r.get("group", "main")) == (impl, scheme, depth, dtype, compiled, group)),
-                    None)
+        return next(
+            (
+                r
+                for r in rows
+                if (r["impl"], r["scheme"], r["depth"], r["dtype"], r.get("compile", False), r.get("group", "main"))
+                == (impl, scheme, depth, dtype, compiled, group)
+            ),
+            None,
+        )
 
     lines = []
     for dtype in ("fp32", "bf16"):
         pre, span, hf = find("spannorm", "pre", dtype), find("spannorm", "span", dtype), find("hf-llama", "pre", dtype)
         if pre and span:
-            lines.append(f"{dtype}: span/pre step time {span['step_s'] / pre['step_s']:.3f}x, "
-                         f"peak memory {span['peak_mem_mb'] / pre['peak_mem_mb']:.3f}x")
+            lines.append(
+                f"{dtype}: span/pre step time {span['step_s'] / pre['step_s']:.3f}x, "
+                f"peak memory {span['peak_mem_mb'] / pre['peak_mem_mb']:.3f}x"
+            )
         if pre and hf:
             lines.append(f"{dtype}: spannorm pre / HF Llama tokens/s {pre['tokens_per_s'] / hf['tokens_per_s']:.3f}x")
         ours_pre, ours_span, hf_pre = ("spannorm", "pre"), ("spannorm", "span"), ("hf-llama", "pre")
-        for name, num, den, attr in (("span/pre step time", ours_span, ours_pre, "step_s"),
-                                     ("span/pre saved activations", ours_span, ours_pre, "saved_mb"),
-                                     ("spannorm pre / HF Llama tokens/s", ours_pre, hf_pre, "tokens_per_s"),
-                                     ("spannorm pre / HF Llama saved activations", ours_pre, hf_pre, "saved_mb")):
+        for name, num, den, attr in (
+            ("span/pre step time", ours_span, ours_pre, "step_s"),
+            ("span/pre saved activations", ours_span, ours_pre, "saved_mb"),
+            ("spannorm pre / HF Llama tokens/s", ours_pre, hf_pre, "tokens_per_s"),
+            ("spannorm pre / HF Llama saved activations", ours_pre, hf_pre, "saved_mb"),
+        ):
             by_depth = {}  # the ratio at every depth of the sweep: one depth's ratio is as noisy as the machine
             for d in sorted({r["depth"] for r in rows}):
                 a, b = find(*num, dtype, depth=d), find(*den, dtype, depth=d)
@@ -284,46 +337,65 @@ def ratios(result: dict) -> list[str]:
                     by_depth[d] = a[attr] / b[attr]
             if len(by_depth) > 1:
                 geo = math.exp(sum(math.log(v) for v in by_depth.values()) / len(by_depth))
-                lines.append(f"{dtype}: {name} by depth: " + ", ".join(f"L={d} {v:.3f}x" for d, v in by_depth.items())
-                             + f" (geometric mean {geo:.3f}x)")
+                lines.append(
+                    f"{dtype}: {name} by depth: "
+                    + ", ".join(f"L={d} {v:.3f}x" for d, v in by_depth.items())
+                    + f" (geometric mean {geo:.3f}x)"
+                )
         cpre, chf = (find(impl, "pre", dtype, True, group="compile") for impl in ("spannorm", "hf-llama"))
         if cpre and chf:
-            lines.append(f"{dtype} compiled: spannorm pre / HF Llama tokens/s "
-                         f"{cpre['tokens_per_s'] / chf['tokens_per_s']:.3f}x")
+            lines.append(
+                f"{dtype} compiled: spannorm pre / HF Llama tokens/s {cpre['tokens_per_s'] / chf['tokens_per_s']:.3f}x"
+            )
         cspan = find("spannorm", "span", dtype, True, group="compile")
         if cpre and cspan:
             lines.append(f"{dtype} compiled: span/pre step time {cspan['step_s'] / cpre['step_s']:.3f}x")
         for impl, scheme in (("spannorm", "pre"), ("spannorm", "span"), ("hf-llama", "pre")):
             eager, compiled = (find(impl, scheme, dtype, c, group="compile") for c in (False, True))
             if eager and compiled:
-                lines.append(f"{dtype}: {impl} {scheme} compiled / eager tokens/s "
-                             f"{compiled['tokens_per_s'] / eager['tokens_per_s']:.3f}x")
+                lines.append(
+                    f"{dtype}: {impl} {scheme} compiled / eager tokens/s "
+                    f"{compiled['tokens_per_s'] / eager['tokens_per_s']:.3f}x"
+                )
         peers = [r for r in rows if r.get("group") == "peers" and r["dtype"] == dtype]
         anchor = next((r for r in peers if r["scheme"] == "pre"), None)
         if anchor:
-            lines.append(f"{dtype}: step time / pre's, every scheme at L={L0}: " + ", ".join(
-                f"{r['scheme']} {r['step_s'] / anchor['step_s']:.2f}" for r in peers if r is not anchor))
+            lines.append(
+                f"{dtype}: step time / pre's, every scheme at L={L0}: "
+                + ", ".join(f"{r['scheme']} {r['step_s'] / anchor['step_s']:.2f}" for r in peers if r is not anchor)
+            )
         for impl, scheme in (("spannorm", "pre"), ("spannorm", "span"), ("hf-llama", "pre")):
-            pts = sorted((r["depth"], r["step_s"]) for r in rows if (r["impl"], r["scheme"], r["dtype"])
-                         == (impl, scheme, dtype) and not r.get("compile", False) and r.get("group", "main") == "main")
+            pts = sorted(
+                (r["depth"], r["step_s"])
+                for r in rows
+                if (r["impl"], r["scheme"], r["dtype"]) == (impl, scheme, dtype)
+                and not r.get("compile", False)
+                and r.get("group", "main") == "main"
+            )
             if len(pts) >= 3:
                 x, y = np.array(pts, dtype=float).T
                 slope, icpt = np.polyfit(x, y, 1)
                 r2 = 1 - ((y - (slope * x + icpt)) ** 2).sum() / ((y - y.mean()) ** 2).sum()
-                lines.append(f"{dtype}: {impl} {scheme} step time = {icpt * 1e3:.1f} ms + {slope * 1e3:.2f} ms × L "
-                             f"(R² {r2:.4f})")
+                lines.append(
+                    f"{dtype}: {impl} {scheme} step time = {icpt * 1e3:.1f} ms + {slope * 1e3:.2f} ms × L (R² {r2:.4f})"
+                )
     return lines
 
 
 def markdown(result: dict) -> str:
     """Every row of a bench result as a Markdown table."""
-    lines = ["| impl | scheme | L | dtype | compiled | group | tokens/s | step (ms) | peak mem (MB) | saved act. (MB) | MFU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| impl | scheme | L | dtype | compiled | group | tokens/s | step (ms) | peak mem (MB) "
+        "| saved act. (MB) | MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         saved = f"{r['saved_mb']:.0f}" if r.get("saved_mb") else "—"
-        lines.append(f"| {r['impl']} | {r['scheme']} | {r['depth']} | {r['dtype']} | "
-                     f"{'yes' if r.get('compile') else 'no'} | {r.get('group', 'main')} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['step_s'] * 1e3:.0f} | {r['peak_mem_mb']:.0f} | {saved} | {r['mfu']:.1%} |")
+        lines.append(
+            f"| {r['impl']} | {r['scheme']} | {r['depth']} | {r['dtype']} | "
+            f"{'yes' if r.get('compile') else 'no'} | {r.get('group', 'main')} | {r['tokens_per_s']:,.0f} | "
+            f"{r['step_s'] * 1e3:.0f} | {r['peak_mem_mb']:.0f} | {saved} | {r['mfu']:.1%} |"
+        )
     return "\n".join(lines)
 
 
@@ -361,8 +433,11 @@ def active_params(model) -> int:
 def moe_cases(dtypes: list[str], scheme: str = "span", device: str = "cpu", tf32: bool = False) -> list[Case]:
     """MoE and its dense equivalent at the device's standard size (one group per dtype: steps interleaved)."""
     L = (STANDARD if device == "cpu" else GPU_STANDARD)["n_layers"]
-    return [Case(impl, scheme, L, dtype, device=device, tf32=tf32) for dtype in dtypes
-            for impl in ("spannorm-moe-dense", "spannorm-moe")]
+    return [
+        Case(impl, scheme, L, dtype, device=device, tf32=tf32)
+        for dtype in dtypes
+        for impl in ("spannorm-moe-dense", "spannorm-moe")
+    ]
 
 
 def moe_ratios(result: dict) -> list[str]:
@@ -372,8 +447,10 @@ def moe_ratios(result: dict) -> list[str]:
         step = {r["impl"]: r["step_s"] for r in result["rows"] if r["dtype"] == dtype}
         if "spannorm-moe" in step and "spannorm-moe-dense" in step:
             moe, dense = step["spannorm-moe"], step["spannorm-moe-dense"]
-            lines.append(f"{dtype}: MoE (8 experts, top-2) / dense with the same active parameters: step time "
-                         f"{moe / dense:.3f}x ({moe * 1e3:.0f} ms vs {dense * 1e3:.0f} ms)")
+            lines.append(
+                f"{dtype}: MoE (8 experts, top-2) / dense with the same active parameters: step time "
+                f"{moe / dense:.3f}x ({moe * 1e3:.0f} ms vs {dense * 1e3:.0f} ms)"
+            )
     return lines
 
 

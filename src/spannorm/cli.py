@@ -23,17 +23,32 @@ class Parser(argparse.ArgumentParser):
 
 
 def _config_args(p: argparse.ArgumentParser, default: str | None) -> None:
-    p.add_argument("--config", default=default,
-                   help="a YAML file or a preset name (tiny, small, moe-tiny, moe-small)" + (f"; default {default}" if default else ""))
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set model.scheme=post (repeatable)")
-    p.add_argument("--corpus", help="a text file or directory to train on instead of the default corpus "
-                                    "(same as --set data.corpus=PATH)")
+    p.add_argument(
+        "--config",
+        default=default,
+        help="a YAML file or a preset name (tiny, small, moe-tiny, moe-small)"
+        + (f"; default {default}" if default else ""),
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set model.scheme=post (repeatable)",
+    )
+    p.add_argument(
+        "--corpus",
+        help="a text file or directory to train on instead of the default corpus (same as --set data.corpus=PATH)",
+    )
 
 
 def _device_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N "
-                                    "(same as --set train.device=DEVICE; default: the config's, auto)")
+    p.add_argument(
+        "--device",
+        help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N "
+        "(same as --set train.device=DEVICE; default: the config's, auto)",
+    )
 
 
 def _model_device_arg(p: argparse.ArgumentParser) -> None:
@@ -64,28 +79,53 @@ def build_parser() -> Parser:
     pr.add_argument("--d-model", type=int, help="width (default: the config's model.d_model)")
     _device_arg(pr)
     pr.add_argument("--batch", type=int, default=4, help="sequences in the probe batch (default 4)")
-    pr.add_argument("--checkpoint", type=Path, help="a run directory: probe its latest checkpoint (with its own config; --scheme, "
-                         "--depths, --d-model and --config are not used) and add layer-drop sensitivity")
-    pr.add_argument("--json", type=Path, default=Path("runs/probe/probe.json"),
-                    help="output JSON (default runs/probe/probe.json); PNG plots are written beside it")
+    pr.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="a run directory: probe its latest checkpoint (with its own config; --scheme, "
+        "--depths, --d-model and --config are not used) and add layer-drop sensitivity",
+    )
+    pr.add_argument(
+        "--json",
+        type=Path,
+        default=Path("runs/probe/probe.json"),
+        help="output JSON (default runs/probe/probe.json); PNG plots are written beside it",
+    )
 
     be = sub.add_parser("bench", help="training-step speed and memory of every scheme and of HF Llama")
     be.add_argument("--schemes", default=",".join(s.value for s in Scheme), help="comma-separated (default: all)")
-    be.add_argument("--depths", help="depth sweep for pre, span and HF Llama (default 4,8,16,32 on the CPU, 16 on CUDA)")
+    be.add_argument(
+        "--depths", help="depth sweep for pre, span and HF Llama (default 4,8,16,32 on the CPU, 16 on CUDA)"
+    )
     be.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16 (autocast); default both")
-    be.add_argument("--reps", type=int, default=5, help="timed rounds of interleaved steps, after 2 warm-up rounds "
-                    "(default 5)")
-    be.add_argument("--compile", action="store_true", help="also time pre, span and HF Llama eager and under "
-                    "torch.compile, all six interleaved (standard depth)")
+    be.add_argument(
+        "--reps", type=int, default=5, help="timed rounds of interleaved steps, after 2 warm-up rounds (default 5)"
+    )
+    be.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time pre, span and HF Llama eager and under torch.compile, all six interleaved (standard depth)",
+    )
     be.add_argument("--no-hf", action="store_true", help="skip the Hugging Face LlamaForCausalLM reference")
-    be.add_argument("--device", default="cpu", help="cpu (default; the CPU standard size) or cuda / cuda:N (the GPU "
-                    "standard size, peak allocated memory)")
+    be.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default; the CPU standard size) or cuda / cuda:N (the GPU standard size, peak allocated memory)",
+    )
     be.add_argument("--tf32", action="store_true", help="CUDA: fp32 matmuls in TF32 (all implementations alike)")
     be.add_argument("--json", type=Path, help="write {matmul_peak_flops, rows: [...]} here")
-    be.add_argument("--report", type=Path, metavar="JSON",
-                    help="time nothing: print the ratios and a Markdown table of a --json result")
-    be.add_argument("--moe", action="store_true", help="time only an 8-expert top-2 MoE span model against a dense one "
-                    "with the same active parameters (3 interleaved rounds per dtype; --schemes, --depths, HF unused)")
+    be.add_argument(
+        "--report",
+        type=Path,
+        metavar="JSON",
+        help="time nothing: print the ratios and a Markdown table of a --json result",
+    )
+    be.add_argument(
+        "--moe",
+        action="store_true",
+        help="time only an 8-expert top-2 MoE span model against a dense one "
+        "with the same active parameters (3 interleaved rounds per dtype; --schemes, --depths, HF unused)",
+    )
 
     sch = sub.add_parser("schemes", help="list every normalization scheme with its equation, init and reference")
     fmt = sch.add_mutually_exclusive_group()
@@ -99,27 +139,53 @@ def build_parser() -> Parser:
     cmp_.add_argument("--quiet", action="store_true", help="no progress bars")
     _device_arg(cmp_)
 
-    st = sub.add_parser("study", help="a grid of runs (schemes × depths × lrs × seeds) with results.csv, "
-                                      "report.md, plots and a verdict on each SpanNorm claim")
+    st = sub.add_parser(
+        "study",
+        help="a grid of runs (schemes × depths × lrs × seeds) with results.csv, "
+        "report.md, plots and a verdict on each SpanNorm claim",
+    )
     st.add_argument("--config", required=True, help="a study YAML file or a shipped study name (tiny, reference)")
-    st.add_argument("--out", type=Path, default=Path("runs/study"),
-                    help="study directory (default runs/study); running again reuses finished cells")
-    st.add_argument("--report-only", action="store_true",
-                    help="train nothing: write results.csv, plots and report.md from the cells finished so far")
-    st.add_argument("--jobs", type=int, default=1, help="cells trained at once, each in its own process with "
-                                                        "cores // jobs threads (default 1: in this process)")
-    st.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="append an override to the study's base config, e.g. --set data.corpus=PATH (repeatable)")
+    st.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/study"),
+        help="study directory (default runs/study); running again reuses finished cells",
+    )
+    st.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write results.csv, plots and report.md from the cells finished so far",
+    )
+    st.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="cells trained at once, each in its own process with cores // jobs threads (default 1: in this process)",
+    )
+    st.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="append an override to the study's base config, e.g. --set data.corpus=PATH (repeatable)",
+    )
     st.add_argument("--corpus", help="train every cell on this text file or directory (same as --set data.corpus=PATH)")
     st.add_argument("--quiet", action="store_true", help="no per-cell progress lines")
     _device_arg(st)
 
-    ex = sub.add_parser("export", help="a run's newest checkpoint as a Hugging Face folder (config, safetensors, tokenizer)")
+    ex = sub.add_parser(
+        "export", help="a run's newest checkpoint as a Hugging Face folder (config, safetensors, tokenizer)"
+    )
     ex.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory")
     ex.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the folder to write (must not exist)")
-    ex.add_argument("--to", choices=["spannorm", "llama"], default="spannorm",
-                    help="spannorm (SpanNormForCausalLM, every scheme; the default) or llama (a plain "
-                         "LlamaForCausalLM: pre models with RMSNorm and a dense FFN only)")
+    ex.add_argument(
+        "--to",
+        choices=["spannorm", "llama"],
+        default="spannorm",
+        help="spannorm (SpanNormForCausalLM, every scheme; the default) or llama (a plain "
+        "LlamaForCausalLM: pre models with RMSNorm and a dense FFN only)",
+    )
 
     ge = sub.add_parser("generate", help="continue a prompt with a run or a Hugging Face folder, streaming the tokens")
     ge.add_argument("model", type=Path, metavar="RUN_OR_HF_DIR", help="a run directory or a Hugging Face folder")
@@ -127,15 +193,24 @@ def build_parser() -> Parser:
     ge.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
     ge.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0: greedy (default 1)")
     ge.add_argument("--top-k", type=int, help="sample among the k most likely tokens only (default: all)")
-    ge.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with probability >= p "
-                                                "(nucleus; default 1: all)")
+    ge.add_argument(
+        "--top-p",
+        type=float,
+        help="sample from the smallest set of tokens with probability >= p (nucleus; default 1: all)",
+    )
     ge.add_argument("--seed", type=int, help="seed of the sampling (default: unseeded)")
     _model_device_arg(ge)
 
     ev = sub.add_parser("eval", help="loss, perplexity and bits per byte over the validation split and text files")
     ev.add_argument("model", type=Path, metavar="RUN_OR_HF_DIR", help="a run directory or a Hugging Face folder")
-    ev.add_argument("--text", type=Path, action="append", default=[], metavar="PATH",
-                    help="also evaluate this text file or directory (repeatable)")
+    ev.add_argument(
+        "--text",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="also evaluate this text file or directory (repeatable)",
+    )
     ev.add_argument("--seq-len", type=int, help="window length (default: the run's train.seq_len)")
     ev.add_argument("--batch-size", type=int, help="windows per forward (default: the run's train.batch_size, else 16)")
     ev.add_argument("--json", type=Path, metavar="OUT", help="also write the results to this JSON file")
@@ -146,7 +221,8 @@ def build_parser() -> Parser:
 def _shortcuts(args) -> list[str]:
     """``--set`` overrides for --corpus and --device."""
     return ([f"data.corpus={args.corpus}"] if args.corpus else []) + (
-        [f"train.device={args.device}"] if getattr(args, "device", None) else [])
+        [f"train.device={args.device}"] if getattr(args, "device", None) else []
+    )
 
 
 def _load(args):
@@ -162,9 +238,11 @@ def cmd_data_prepare(args) -> None:
 
     path = prepare(_load(args).data, verify=True)  # (a cached dataset: its files' sha256 checked too)
     meta = json.loads((path / "meta.json").read_text())
-    print(f"{meta['corpus']}: {len(meta['train_documents'])} train / {len(meta['val_documents'])} val documents "
-          f"(split by {meta['split']}), {meta['train_tokens']:,} / {meta['val_tokens']:,} tokens, "
-          f"{meta['tokenizer']} vocab {meta['vocab_size']} -> {path}")
+    print(
+        f"{meta['corpus']}: {len(meta['train_documents'])} train / {len(meta['val_documents'])} val documents "
+        f"(split by {meta['split']}), {meta['train_tokens']:,} / {meta['val_tokens']:,} tokens, "
+        f"{meta['tokenizer']} vocab {meta['vocab_size']} -> {path}"
+    )
 
 
 def cmd_train(args) -> None:
@@ -185,15 +263,22 @@ def cmd_train(args) -> None:
         if not args.config:
             raise ConfigError("--config is required: a YAML file or a preset name (tiny, small, moe-tiny, moe-small)")
         cfg = _load(args)
-        out = args.out or Path("runs") / f"{Path(args.config).stem}-{cfg.model.scheme.value}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = (
+            args.out
+            or Path("runs") / f"{Path(args.config).stem}-{cfg.model.scheme.value}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
     summary = train(cfg, out, resume=args.resume, progress=not args.quiet)
     if summary["diverged"]:  # exit code 0 all the same: the run did what was asked, and studies rely on it
-        print(f"spannorm: the run diverged at step {summary['diverged_step']}: {summary['diverged_reason']}",
-              file=sys.stderr)
+        print(
+            f"spannorm: the run diverged at step {summary['diverged_step']}: {summary['diverged_reason']}",
+            file=sys.stderr,
+        )
     val = summary["final_val_loss"]
-    print(f"{summary['scheme']}: {summary['steps']} steps, final val loss "
-          f"{'—' if val is None else f'{val:.4f}'}, diverged {'yes' if summary['diverged'] else 'no'}, "
-          f"{summary['tokens_per_s'] or 0:,.0f} tokens/s -> {out}")
+    print(
+        f"{summary['scheme']}: {summary['steps']} steps, final val loss "
+        f"{'—' if val is None else f'{val:.4f}'}, diverged {'yes' if summary['diverged'] else 'no'}, "
+        f"{summary['tokens_per_s'] or 0:,.0f} tokens/s -> {out}"
+    )
 
 
 def cmd_compare(args) -> None:
@@ -202,8 +287,10 @@ def cmd_compare(args) -> None:
 
     schemes = [coerce_enum(Scheme, "--schemes", s.strip()) for s in args.schemes.split(",") if s.strip()]
     if not schemes:
-        raise ConfigError(f"--schemes {args.schemes!r} is invalid: expected a comma-separated list of "
-                          + ", ".join(s.value for s in Scheme))
+        raise ConfigError(
+            f"--schemes {args.schemes!r} is invalid: expected a comma-separated list of "
+            + ", ".join(s.value for s in Scheme)
+        )
     base = _load(args)
     command = "spannorm " + " ".join(shlex.quote(a) for a in args.argv)
     summaries = compare(base, schemes, args.out, command, progress=not args.quiet)
@@ -219,12 +306,21 @@ def cmd_study(args) -> None:
         raise ConfigError(f"--jobs {args.jobs} is invalid: expected a positive integer")
     study = load_study(args.config, list(args.overrides) + _shortcuts(args))
     command = "spannorm " + " ".join(shlex.quote(a) for a in args.argv)
-    rows = run_study(study, args.out, command, jobs=args.jobs, log=(lambda *a: None) if args.quiet else print,
-                     report_only=args.report_only)
+    rows = run_study(
+        study,
+        args.out,
+        command,
+        jobs=args.jobs,
+        log=(lambda *a: None) if args.quiet else print,
+        report_only=args.report_only,
+    )
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "stalled", "diverged", "not run")}
-    print(f"{len(rows)} cells: {counts['ok']} ok, {counts['stalled']} stalled, {counts['diverged']} diverged"
-          + (f", {counts['not run']} not run" if counts["not run"] else "") + "\n"
-          f"results: {args.out / 'results.csv'}  report: {args.out / 'report.md'}")
+    print(
+        f"{len(rows)} cells: {counts['ok']} ok, {counts['stalled']} stalled, {counts['diverged']} diverged"
+        + (f", {counts['not run']} not run" if counts["not run"] else "")
+        + "\n"
+        f"results: {args.out / 'results.csv'}  report: {args.out / 'report.md'}"
+    )
 
 
 def _output_file(flag: str, path: Path) -> None:
@@ -271,8 +367,10 @@ def cmd_probe(args) -> None:
         plot_heatmaps(rows, plots[1])
     print(probe_table(runs))
     if args.checkpoint is not None:
-        print("\nlayer-drop sensitivity (val loss increase with block l as the identity): "
-              + ", ".join(f"{x:.3f}" for x in runs[0]["layer_drop"]))
+        print(
+            "\nlayer-drop sensitivity (val loss increase with block l as the identity): "
+            + ", ".join(f"{x:.3f}" for x in runs[0]["layer_drop"])
+        )
     print(f"\njson: {args.json}  plots: {', '.join(str(p) for p in plots)}")
     bad = [f"{r['scheme']} L={r['depth']}" for r in runs if _has_nan(r) or not math.isfinite(r["loss"])]
     if bad:
@@ -309,8 +407,9 @@ def cmd_bench(args) -> None:
             result = json.loads(args.report.read_text())
             text = "\n".join(moe_ratios(result) + ratios(result)) + "\n\n" + markdown(result)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"--report {str(args.report)!r} is not a spannorm bench --json file "
-                              f"({type(e).__name__}: {e})") from None
+            raise ConfigError(
+                f"--report {str(args.report)!r} is not a spannorm bench --json file ({type(e).__name__}: {e})"
+            ) from None
         print(text)
         return
     resolve_device(args.device, "--device")  # a one-line error for a bad value or a missing GPU
@@ -325,8 +424,10 @@ def cmd_bench(args) -> None:
     if not args.no_hf and importlib.util.find_spec("transformers") is None:
         raise ConfigError("the HF reference needs transformers: pip install 'spannorm[bench]', or pass --no-hf")
     depths = args.depths or ",".join(map(str, DEPTHS if args.device == "cpu" else GPU_DEPTHS))
-    result = run(cases(schemes, _int_list("--depths", depths), dtypes, not args.no_hf, args.compile,
-                       args.device, args.tf32), args.reps)
+    result = run(
+        cases(schemes, _int_list("--depths", depths), dtypes, not args.no_hf, args.compile, args.device, args.tf32),
+        args.reps,
+    )
     print("\n".join(ratios(result)) + "\n\n" + markdown(result))
     if args.json:
         atomic_write_text(args.json, dumps(result, indent=1))
@@ -336,8 +437,17 @@ def cmd_schemes(args) -> None:
     from .io import dumps
     from .schemes import SCHEMES
 
-    rows = [{"name": scheme.value, "class": cls.__name__, "equation": cls.equation, "init": cls.init_rule,
-             "tied_head": cls.tie_embeddings, "reference": cls.reference} for scheme, cls in SCHEMES.items()]
+    rows = [
+        {
+            "name": scheme.value,
+            "class": cls.__name__,
+            "equation": cls.equation,
+            "init": cls.init_rule,
+            "tied_head": cls.tie_embeddings,
+            "reference": cls.reference,
+        }
+        for scheme, cls in SCHEMES.items()
+    ]
     if args.json:
         print(dumps(rows, indent=1, ensure_ascii=False))
         return
@@ -348,8 +458,10 @@ def cmd_schemes(args) -> None:
             print(f"| `{row['name']}` | {row['equation']} | {row['init']} | {tied} | {row['reference']} |")
         return
     for row in rows:
-        print(f"{row['name']} ({row['class']}): {row['equation']}\n    init: {row['init']}\n    "
-              f"reference: {row['reference']}")
+        print(
+            f"{row['name']} ({row['class']}): {row['equation']}\n    init: {row['init']}\n    "
+            f"reference: {row['reference']}"
+        )
 
 
 def _hf():
@@ -393,8 +505,17 @@ def cmd_generate(args) -> None:
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ConfigError(f"--top-p {args.top_p} is invalid: expected a number in (0, 1]")
     model, tokenizer, _ = _load_model(args)
-    _hf().generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                   args.seed, streamer=TextStreamer(tokenizer))
+    _hf().generate(
+        model,
+        tokenizer,
+        args.prompt,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.seed,
+        streamer=TextStreamer(tokenizer),
+    )
 
 
 def cmd_eval(args) -> None:
@@ -406,8 +527,10 @@ def cmd_eval(args) -> None:
     model, tokenizer, run_cfg = _load_model(args)
     report = {"model": str(args.model)} | evaluate(model, tokenizer, run_cfg, args.text, args.seq_len, args.batch_size)
     for r in report["results"]:
-        print(f"{r['name']}: loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f}, "
-              f"bits per byte {r['bits_per_byte']:.4f} ({r['tokens']:,} tokens, {r['bytes']:,} bytes)")
+        print(
+            f"{r['name']}: loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f}, "
+            f"bits per byte {r['bits_per_byte']:.4f} ({r['tokens']:,} tokens, {r['bytes']:,} bytes)"
+        )
     if args.json:
         atomic_write_text(args.json, dumps(report, indent=1))
 
@@ -416,9 +539,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    handler = {"data": cmd_data_prepare, "train": cmd_train, "compare": cmd_compare,
-               "schemes": cmd_schemes, "probe": cmd_probe, "bench": cmd_bench, "study": cmd_study,
-               "export": cmd_export, "generate": cmd_generate, "eval": cmd_eval}[args.command]
+    handler = {
+        "data": cmd_data_prepare,
+        "train": cmd_train,
+        "compare": cmd_compare,
+        "schemes": cmd_schemes,
+        "probe": cmd_probe,
+        "bench": cmd_bench,
+        "study": cmd_study,
+        "export": cmd_export,
+        "generate": cmd_generate,
+        "eval": cmd_eval,
+    }[args.command]
     try:
         handler(args)
         sys.stdout.flush()  # here, so that a closed pipe (spannorm schemes | head) is caught below

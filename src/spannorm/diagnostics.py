@@ -55,8 +55,11 @@ def taps(model: LM):
         hooks.append(block.ffn.register_forward_hook(lambda m, a, out: rec["ffn"].append(out.detach())))
         for name, module in block.named_children():
             if isinstance(module, NORMS):
-                hooks.append(module.register_forward_pre_hook(
-                    lambda m, a, i=i, name=name: rec["presum"][i].append((name, _rms(a[0])))))
+                hooks.append(
+                    module.register_forward_pre_hook(
+                        lambda m, a, i=i, name=name: rec["presum"][i].append((name, _rms(a[0])))
+                    )
+                )
     try:
         yield rec
     finally:
@@ -145,6 +148,7 @@ def grad_norms(model: LM) -> list[dict[str, float]]:
 
 # --- per-step training diagnostics ---------------------------------------------------------
 
+
 @torch.no_grad()
 def attention_entropy(q: torch.Tensor, k: torch.Tensor) -> float:
     """Mean over heads, batch and positions of the Shannon entropy (nats) of the causal attention
@@ -177,7 +181,8 @@ def forward_stats(model: LM, rec: dict) -> dict:
     attn_entropy: per block, mean causal attention entropy (nats) on the first sequence;
     attn_entropy_max: the uniform-causal entropy for this sequence length (the upper bound);
     head_in_rms: RMS of the final hidden state (the final norm's output, before a scheme's head_scale);
-    logit_rms: RMS of the LM logits of the first sequence (head_scale applied, as in the forward); embed_rms: RMS of the embedding weight;
+    logit_rms: RMS of the LM logits of the first sequence (head_scale applied, as in the forward);
+    embed_rms: RMS of the embedding weight;
     embed_cos: mean pairwise cosine between the token embedding rows (all rows)."""
     head_in = rec["head_in"][-1]
     return {
@@ -239,12 +244,13 @@ def update_ratios(model: LM, before: dict[str, torch.Tensor]) -> dict:
 
 def adjacent_cosine(streams: list[torch.Tensor]) -> list[float]:
     """Mean per-token cosine similarity between consecutive blocks' outputs."""
-    return [torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).mean().item()
-            for a, b in zip(streams, streams[1:])]
+    return [
+        torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).mean().item()
+        for a, b in zip(streams, streams[1:])
+    ]
 
 
-def theory(model: LM, stream_rms0: float, attn_rms: list[float], ffn_rms: list[float],
-           stream_rms: list[float]) -> dict:
+def theory(model: LM, stream_rms0: float, attn_rms: list[float], ffn_rms: list[float], stream_rms: list[float]) -> dict:
     """Closed-form predictions at init (unit norm gains) from the measured branch scales.
 
     Branches are taken as uncorrelated with the stream, so a sum z = α·x + F has
@@ -320,6 +326,7 @@ def probe(model: LM, idx: torch.Tensor, targets: torch.Tensor) -> dict:
 @torch.no_grad()
 def layer_drop(model: LM, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
     """Validation-loss increase when each block in turn is replaced by the identity."""
+
     def loss() -> float:
         return sum(model(x, y)[1].item() for x, y in batches) / len(batches)
 
@@ -334,6 +341,7 @@ def layer_drop(model: LM, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> l
 
 
 # --- the probe job -------------------------------------------------------------------------
+
 
 def load_checkpoint_model(run_dir) -> tuple[LM, object]:
     """The model of a run directory, with the weights of its newest checkpoint that verifies against its
@@ -355,14 +363,17 @@ def load_checkpoint_model(run_dir) -> tuple[LM, object]:
     try:
         load_model(model, str(ckpt / "model.safetensors"))
     except Exception as e:
-        raise SpannormError(f"--checkpoint {str(run_dir)!r}: cannot load its weights: {str(e).splitlines()[0]}") from None
+        raise SpannormError(
+            f"--checkpoint {str(run_dir)!r}: cannot load its weights: {str(e).splitlines()[0]}"
+        ) from None
     if not all(p.isfinite().all() for p in model.parameters()):
         raise SpannormError(f"--checkpoint {str(run_dir)!r}: {ckpt.name} holds non-finite weights")
     return model, cfg
 
 
-def run_probe(cfg, schemes: list[Scheme], depths: list[int], batch_size: int, checkpoint=None,
-              device: str | None = None) -> list[dict]:
+def run_probe(
+    cfg, schemes: list[Scheme], depths: list[int], batch_size: int, checkpoint=None, device: str | None = None
+) -> list[dict]:
     """Probe fresh models (every scheme × depth, built from ``cfg`` with seed cfg.train.seed) or one
     checkpoint; the batch is the first validation batch of the run's data. ``device``: a device
     setting (auto, cpu, cuda, cuda:N); default the config's ``train.device``."""
@@ -400,16 +411,22 @@ def run_probe(cfg, schemes: list[Scheme], depths: list[int], batch_size: int, ch
 
 def probe_table(runs: list[dict]) -> str:
     """A Markdown table of the headline numbers of each probed model."""
+
     def g(x) -> str:
         return "—" if x is None else f"{x:.4g}"
 
-    lines = ["| scheme | L | final stream RMS | stream RMS theory | grad ratio first/last | skip gain | "
-             "skip gain theory | full gain |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| scheme | L | final stream RMS | stream RMS theory | grad ratio first/last | skip gain | "
+        "skip gain theory | full gain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
         theory_rms = r["stream_rms_theory"][-1] if r["stream_rms_theory"] else None
-        lines.append(f"| {r['scheme']} | {r['depth']} | {g(r['stream_rms'][-1])} | {g(theory_rms)} | "
-                     f"{g(r['grad_ratio_first_last'])} | {g(r['skip_gain_measured'])} | {g(r['skip_gain_theory'])} | "
-                     f"{g(r['full_gain_measured'])} |")
+        lines.append(
+            f"| {r['scheme']} | {r['depth']} | {g(r['stream_rms'][-1])} | {g(theory_rms)} | "
+            f"{g(r['grad_ratio_first_last'])} | {g(r['skip_gain_measured'])} | {g(r['skip_gain_theory'])} | "
+            f"{g(r['full_gain_measured'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -424,13 +441,15 @@ def plot_probe(runs: list[dict], out) -> None:
 
     from .io import atomic_write_bytes
 
-    panels = [("stream_rms", "residual stream RMS (dashed: theory)", True),
-              ("grad_norm", "gradient norm per block", True),
-              ("adjacent_cosine", "cosine(block l, block l+1)", False)]
+    panels = [
+        ("stream_rms", "residual stream RMS (dashed: theory)", True),
+        ("grad_norm", "gradient norm per block", True),
+        ("adjacent_cosine", "cosine(block l, block l+1)", False),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(15, 4))
     for ax, (key, title, log) in zip(axes, panels):
         for run in runs:
-            line, = ax.plot(range(1, len(run[key]) + 1), run[key], label=f"{run['scheme']} L={run['depth']}")
+            (line,) = ax.plot(range(1, len(run[key]) + 1), run[key], label=f"{run['scheme']} L={run['depth']}")
             if key == "stream_rms" and run.get("stream_rms_theory"):
                 ax.plot(range(1, len(run[key]) + 1), run["stream_rms_theory"], "--", color=line.get_color())
         ax.set_title(title)

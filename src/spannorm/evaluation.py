@@ -28,7 +28,7 @@ from .config import ConfigError
 
 def windows(ids: np.ndarray, seq_len: int) -> list[np.ndarray]:
     """Non-overlapping windows of seq_len + 1 tokens at stride seq_len; the last may be shorter."""
-    return [ids[s:s + seq_len + 1] for s in range(0, len(ids) - 1, seq_len)]
+    return [ids[s : s + seq_len + 1] for s in range(0, len(ids) - 1, seq_len)]
 
 
 def token_bytes(tokenizer, vocab_size: int) -> np.ndarray:
@@ -61,7 +61,7 @@ def score(model, wins: list[np.ndarray], batch_size: int = 16) -> tuple[float, i
         by_length.setdefault(len(w), []).append(w)
     for group in by_length.values():
         for i in range(0, len(group), batch_size):
-            batch = torch.from_numpy(np.stack(group[i:i + batch_size]).astype(np.int64)).to(device)
+            batch = torch.from_numpy(np.stack(group[i : i + batch_size]).astype(np.int64)).to(device)
             logits = model(input_ids=batch[:, :-1], use_cache=False).logits
             acc = torch.promote_types(logits.dtype, torch.float32)
             nats += F.cross_entropy(logits.flatten(0, 1).to(acc), batch[:, 1:].flatten(), reduction="sum").item()
@@ -71,12 +71,19 @@ def score(model, wins: list[np.ndarray], batch_size: int = 16) -> tuple[float, i
 
 def result(name: str, nats: float, tokens: int, n_bytes: int) -> dict:
     loss = nats / tokens
-    return {"name": name, "tokens": tokens, "bytes": n_bytes, "loss": loss, "perplexity": math.exp(loss),
-            "bits_per_byte": nats / (math.log(2) * n_bytes)}
+    return {
+        "name": name,
+        "tokens": tokens,
+        "bytes": n_bytes,
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_byte": nats / (math.log(2) * n_bytes),
+    }
 
 
-def evaluate_ids(model, name: str, sequences: list[np.ndarray], seq_len: int, sizes: np.ndarray,
-                 batch_size: int) -> dict:
+def evaluate_ids(
+    model, name: str, sequences: list[np.ndarray], seq_len: int, sizes: np.ndarray, batch_size: int
+) -> dict:
     """The result over token sequences scored separately (each file is one sequence)."""
     wins = [w for ids in sequences for w in windows(np.asarray(ids), seq_len)]
     if not wins:
@@ -85,8 +92,9 @@ def evaluate_ids(model, name: str, sequences: list[np.ndarray], seq_len: int, si
     return result(name, nats, tokens, int(sum(sizes[w[1:]].sum() for w in wins)))
 
 
-def evaluate(model, tokenizer, run_cfg, texts: list[Path], seq_len: int | None = None,
-             batch_size: int | None = None) -> dict:
+def evaluate(
+    model, tokenizer, run_cfg, texts: list[Path], seq_len: int | None = None, batch_size: int | None = None
+) -> dict:
     """{seq_len, results: [...]}: the validation split of the run (when ``run_cfg`` is given) and each
     text file or directory (a directory's files each scored on their own, the sums reported)."""
     from .data import TokenData, load_documents, prepare
@@ -110,6 +118,7 @@ def evaluate(model, tokenizer, run_cfg, texts: list[Path], seq_len: int | None =
         ids = [np.asarray(tokenizer(text, add_special_tokens=False).input_ids) for _, text in docs]
         results.append(evaluate_ids(model, str(path), ids, seq_len, sizes, batch_size))
     if not results:
-        raise ConfigError("nothing to evaluate: this folder holds no spannorm run config (no validation split); "
-                          "pass --text PATH")
+        raise ConfigError(
+            "nothing to evaluate: this folder holds no spannorm run config (no validation split); pass --text PATH"
+        )
     return {"seq_len": seq_len, "results": results}

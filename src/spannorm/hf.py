@@ -33,9 +33,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationMixin,
-                          PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DynamicCache,
+    GenerationMixin,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import ConfigError, SpannormError, to_dict
@@ -110,8 +117,15 @@ class SpanNormForCausalLM(PreTrainedModel, GenerationMixin):
     def get_input_embeddings(self):
         return self.lm.embed
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels=None,
-                use_cache: bool | None = None, logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels=None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("SpanNormForCausalLM does not support padding: pass one prompt, or prompts of one length")
@@ -136,6 +150,7 @@ AutoModelForCausalLM.register(SpanNormConfig, SpanNormForCausalLM)
 
 
 # --- tokenizers ------------------------------------------------------------------------------
+
 
 def byte_chars() -> list[str]:
     """GPT-2's printable stand-in for each byte b = 0..255 (the ByteLevel pre-tokenizer's alphabet):
@@ -168,6 +183,7 @@ def run_tokenizer(cfg) -> PreTrainedTokenizerFast:
 
 
 # --- loading ---------------------------------------------------------------------------------
+
 
 def read_run_config(path: Path):
     from .config import read_yaml
@@ -208,11 +224,14 @@ def load(path: Path, device: torch.device | str = "cpu"):
         tokenizer = AutoTokenizer.from_pretrained(path)
         cfg = read_run_config(path / RUN_FILE) if (path / RUN_FILE).is_file() else None
     else:
-        raise ConfigError(f"{str(path)!r} is neither a run directory (config.yaml) nor a Hugging Face folder (config.json)")
+        raise ConfigError(
+            f"{str(path)!r} is neither a run directory (config.yaml) nor a Hugging Face folder (config.json)"
+        )
     return model.to(device), tokenizer, cfg
 
 
 # --- export ----------------------------------------------------------------------------------
+
 
 def llama_refusal(lm: LM) -> str | None:
     """Why Llama cannot express ``lm`` exactly, or None. Llama's decoder:
@@ -220,8 +239,10 @@ def llama_refusal(lm: LM) -> str | None:
     RoPE (rotate-half), no embedding norm or scale and no factor before the head."""
     cfg = lm.cfg
     if cfg.scheme is not Scheme.PRE:
-        return (f"model.scheme={cfg.scheme.value}: Llama's block is PreNorm (h = x + Attn(N(x)); x' = h + FFN(N(h))), "
-                "only scheme pre maps onto it")
+        return (
+            f"model.scheme={cfg.scheme.value}: Llama's block is PreNorm (h = x + Attn(N(x)); x' = h + FFN(N(h))), "
+            "only scheme pre maps onto it"
+        )
     if cfg.norm is not NormType.RMS:
         return f"model.norm={cfg.norm.value}: Llama's norm is RMSNorm (model.norm=rms)"
     if cfg.moe:
@@ -238,16 +259,26 @@ def llama_state_dict(lm: LM) -> dict[str, torch.Tensor]:
     h at rows h·hd..(h+1)·hd of each, as Llama's q/k/v_proj) and RoPE is rotate-half in both, so
     q, k, v need no permutation; ``ffn.up`` rows are [gate; up] (silu(gate·y) ⊙ up·y), Llama's
     gate_proj and up_proj. A tied head is the embedding (``lm_head.weight`` = ``embed_tokens``)."""
-    sd = {"model.embed_tokens.weight": lm.embed.weight, "model.norm.weight": lm.final_norm.weight,
-          "lm_head.weight": lm.head_weight}
+    sd = {
+        "model.embed_tokens.weight": lm.embed.weight,
+        "model.norm.weight": lm.final_norm.weight,
+        "lm_head.weight": lm.head_weight,
+    }
     for i, block in enumerate(lm.blocks):
         p = f"model.layers.{i}."
         q, k, v = block.attn.qkv.weight.chunk(3)
         gate, up = block.ffn.up.weight.chunk(2)
-        sd |= {p + "input_layernorm.weight": block.norm1.weight, p + "post_attention_layernorm.weight": block.norm2.weight,
-               p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
-               p + "self_attn.o_proj.weight": block.attn.out.weight, p + "mlp.gate_proj.weight": gate,
-               p + "mlp.up_proj.weight": up, p + "mlp.down_proj.weight": block.ffn.down.weight}
+        sd |= {
+            p + "input_layernorm.weight": block.norm1.weight,
+            p + "post_attention_layernorm.weight": block.norm2.weight,
+            p + "self_attn.q_proj.weight": q,
+            p + "self_attn.k_proj.weight": k,
+            p + "self_attn.v_proj.weight": v,
+            p + "self_attn.o_proj.weight": block.attn.out.weight,
+            p + "mlp.gate_proj.weight": gate,
+            p + "mlp.up_proj.weight": up,
+            p + "mlp.down_proj.weight": block.ffn.down.weight,
+        }
     return {k: v.detach().clone() for k, v in sd.items()}
 
 
@@ -259,11 +290,23 @@ def to_llama(lm: LM, max_positions: int, eos_token_id: int | None):
     if reason is not None:
         raise SpannormError(f"--to llama: cannot express this model as LlamaForCausalLM: {reason}")
     cfg = lm.cfg
-    config = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
-                         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                         num_key_value_heads=cfg.n_heads, hidden_act="silu", max_position_embeddings=max_positions,
-                         rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, attention_bias=False, mlp_bias=False,
-                         tie_word_embeddings=cfg.use_tied_embeddings, bos_token_id=None, eos_token_id=eos_token_id)
+    config = LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_heads,
+        hidden_act="silu",
+        max_position_embeddings=max_positions,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=cfg.use_tied_embeddings,
+        bos_token_id=None,
+        eos_token_id=eos_token_id,
+    )
     model = LlamaForCausalLM(config)
     model.load_state_dict(llama_state_dict(lm))
     return model.eval()
@@ -294,8 +337,18 @@ def export(run_dir: Path, out_dir: Path, to: str = "spannorm") -> Path:
 
 # --- generation ------------------------------------------------------------------------------
 
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int | None = None, streamer=None) -> str:
+
+def generate(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    streamer=None,
+) -> str:
     """Continue ``prompt``: greedy at temperature 0, else sampling from softmax(logits/T) restricted
     to the ``top_k`` most likely tokens and to the smallest set of probability ≥ ``top_p`` (nucleus);
     ``streamer`` (e.g. ``transformers.TextStreamer``) receives tokens as they come. Returns the new text."""
@@ -307,7 +360,13 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 200, temperatu
     eos = tokenizer.eos_token_id
     sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0}
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             eos_token_id=eos, pad_token_id=eos if eos is not None else 0, streamer=streamer,
-                             **(sampling if temperature > 0 else {"do_sample": False}))
-    return tokenizer.decode(out[0, ids.shape[1]:])
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=eos if eos is not None else 0,
+            streamer=streamer,
+            **(sampling if temperature > 0 else {"do_sample": False}),
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :])

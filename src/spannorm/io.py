@@ -128,14 +128,17 @@ def locked(directory: Path, flag: str):
         directory.mkdir(parents=True, exist_ok=True)
         f = open(directory / ".lock", "a")
     except OSError as e:
-        raise SpannormError(f"{flag} {str(directory)!r} cannot be used as a directory: "
-                            f"{e.strerror or type(e).__name__}") from None
+        raise SpannormError(
+            f"{flag} {str(directory)!r} cannot be used as a directory: {e.strerror or type(e).__name__}"
+        ) from None
     try:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SpannormError(f"{flag} {str(directory)!r} is in use by another spannorm process: wait for it to "
-                                f"end or choose another {flag}") from None
+            raise SpannormError(
+                f"{flag} {str(directory)!r} is in use by another spannorm process: wait for it to "
+                f"end or choose another {flag}"
+            ) from None
         yield
     finally:
         f.close()

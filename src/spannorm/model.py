@@ -15,7 +15,6 @@ from .moe import MoE
 from .nn import NORMS, DyTRecipe, NormType, Role, linear_cross_entropy, make_norm, rope_cache
 from .schemes import SCHEMES, InitMode, Scheme, SpanScale, shared_init
 
-
 MAX_EXPERTS = 4096  # routed or shared experts per MoE layer (today's largest models use a few hundred)
 MAX_SIZE = 2**20  # vocab, width, depth, heads, FFN width: above it a weight matrix could not even be indexed
 
@@ -65,22 +64,54 @@ class ModelConfig:
         self.dyt_recipe = coerce_enum(DyTRecipe, "model.dyt_recipe", self.dyt_recipe)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
             value = getattr(self, name)
-            require(isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_SIZE,
-                    f"model.{name}", value, f"a positive integer (at most {MAX_SIZE:,})")
-        require(self.d_model % self.n_heads == 0, "model.d_model", self.d_model,
-                f"a multiple of model.n_heads={self.n_heads}")
-        require((self.d_model // self.n_heads) % 2 == 0, "model.n_heads", self.n_heads,
-                f"a divisor of d_model={self.d_model} that leaves an even head size (RoPE)")
-        require(self.d_ff is None or (isinstance(self.d_ff, int) and 0 < self.d_ff <= MAX_SIZE), "model.d_ff",
-                self.d_ff, f"a positive integer (at most {MAX_SIZE:,}) or null")
-        for name in ("norm_eps", "init_std", "span_c", "rope_theta", "dyt_alpha0", "dyt_alpha0_attn",
-                     "dyt_alpha0_other", "deepscale_k"):
+            require(
+                isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_SIZE,
+                f"model.{name}",
+                value,
+                f"a positive integer (at most {MAX_SIZE:,})",
+            )
+        require(
+            self.d_model % self.n_heads == 0,
+            "model.d_model",
+            self.d_model,
+            f"a multiple of model.n_heads={self.n_heads}",
+        )
+        require(
+            (self.d_model // self.n_heads) % 2 == 0,
+            "model.n_heads",
+            self.n_heads,
+            f"a divisor of d_model={self.d_model} that leaves an even head size (RoPE)",
+        )
+        require(
+            self.d_ff is None or (isinstance(self.d_ff, int) and 0 < self.d_ff <= MAX_SIZE),
+            "model.d_ff",
+            self.d_ff,
+            f"a positive integer (at most {MAX_SIZE:,}) or null",
+        )
+        for name in (
+            "norm_eps",
+            "init_std",
+            "span_c",
+            "rope_theta",
+            "dyt_alpha0",
+            "dyt_alpha0_attn",
+            "dyt_alpha0_other",
+            "deepscale_k",
+        ):
             value = getattr(self, name)
-            require(isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
-                    f"model.{name}", value, "a positive number")
+            require(
+                isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
+                f"model.{name}",
+                value,
+                "a positive number",
+            )
         self._validate_moe()
-        require(self.deepscale_k <= self.n_layers, "model.deepscale_k", self.deepscale_k,
-                f"a number in (0, n_layers={self.n_layers}] (β² = k/L must not exceed 1)")
+        require(
+            self.deepscale_k <= self.n_layers,
+            "model.deepscale_k",
+            self.deepscale_k,
+            f"a number in (0, n_layers={self.n_layers}] (β² = k/L must not exceed 1)",
+        )
 
     def _validate_moe(self) -> None:
         def is_int(v):
@@ -89,24 +120,45 @@ class ModelConfig:
         for name in ("n_experts", "n_shared_experts"):
             value = getattr(self, name)
             # (the init of an MoE draws 2^16 router samples per expert: a bound keeps that finite)
-            require(is_int(value) and 0 <= value <= MAX_EXPERTS, f"model.{name}", value,
-                    f"an integer in [0, {MAX_EXPERTS}]")
+            require(
+                is_int(value) and 0 <= value <= MAX_EXPERTS, f"model.{name}", value, f"an integer in [0, {MAX_EXPERTS}]"
+            )
         for name in ("moe_aux_coef", "moe_z_coef"):
             value = getattr(self, name)
-            require(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, f"model.{name}", value,
-                    "a number >= 0")
-        require(self.expert_d_ff is None or (is_int(self.expert_d_ff) and 0 < self.expert_d_ff <= MAX_SIZE),
-                "model.expert_d_ff", self.expert_d_ff, f"a positive integer (at most {MAX_SIZE:,}) or null")
+            require(
+                isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
+                f"model.{name}",
+                value,
+                "a number >= 0",
+            )
+        require(
+            self.expert_d_ff is None or (is_int(self.expert_d_ff) and 0 < self.expert_d_ff <= MAX_SIZE),
+            "model.expert_d_ff",
+            self.expert_d_ff,
+            f"a positive integer (at most {MAX_SIZE:,}) or null",
+        )
         cf = self.capacity_factor
-        require(cf is None or (isinstance(cf, (int, float)) and math.isfinite(cf) and cf > 0), "model.capacity_factor",
-                cf, "a positive number or null (dropless)")
+        require(
+            cf is None or (isinstance(cf, (int, float)) and math.isfinite(cf) and cf > 0),
+            "model.capacity_factor",
+            cf,
+            "a positive number or null (dropless)",
+        )
         if self.n_experts == 0:
             for name in ("n_shared_experts", "expert_d_ff", "capacity_factor"):
                 value = getattr(self, name)
-                require(value in (0, None), f"model.{name}", value,
-                        f"{'0' if name == 'n_shared_experts' else 'null'} with model.n_experts=0 (dense FFN)")
-        require(is_int(self.top_k) and 1 <= self.top_k <= (self.n_experts or self.top_k), "model.top_k", self.top_k,
-                f"an integer in [1, n_experts={self.n_experts}]" if self.moe else "a positive integer")
+                require(
+                    value in (0, None),
+                    f"model.{name}",
+                    value,
+                    f"{'0' if name == 'n_shared_experts' else 'null'} with model.n_experts=0 (dense FFN)",
+                )
+        require(
+            is_int(self.top_k) and 1 <= self.top_k <= (self.n_experts or self.top_k),
+            "model.top_k",
+            self.top_k,
+            f"an integer in [1, n_experts={self.n_experts}]" if self.moe else "a positive integer",
+        )
 
     @property
     def moe(self) -> bool:

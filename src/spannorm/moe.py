@@ -59,8 +59,15 @@ class MoE(nn.Module):
     ``imbalance`` (max_i count_i / mean_i count_i) and ``dropped`` (assignments over capacity).
     """
 
-    def __init__(self, d_model: int, d_ff: int, n_experts: int, top_k: int, n_shared: int = 0,
-                 capacity_factor: float | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        n_experts: int,
+        top_k: int,
+        n_shared: int = 0,
+        capacity_factor: float | None = None,
+    ):
         super().__init__()
         self.n_experts, self.top_k, self.capacity_factor = n_experts, top_k, capacity_factor
         self.router = nn.Linear(d_model, n_experts, bias=False)
@@ -90,8 +97,9 @@ class MoE(nn.Module):
         return logits, probs, weights / weights.sum(-1, keepdim=True), experts
 
     @staticmethod
-    def experts(xs: torch.Tensor, kept: list[int], w_up: torch.Tensor, w_down: torch.Tensor,
-                grouped: bool | None = None) -> torch.Tensor:
+    def experts(
+        xs: torch.Tensor, kept: list[int], w_up: torch.Tensor, w_down: torch.Tensor, grouped: bool | None = None
+    ) -> torch.Tensor:
         """Expert i applied to its contiguous slice of ``xs`` (``kept[i]`` rows): a loop of matmuls,
         or with ``grouped`` two grouped GEMMs (``F.grouped_mm``; default: on CUDA in bf16, its kernels' domain)."""
         if grouped is None:
@@ -101,8 +109,12 @@ class MoE(nn.Module):
             grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm  # torch._grouped_mm in older releases
             h = grouped_mm(xs, w_up.transpose(-2, -1), offs=offs)
             return grouped_mm(silu_gate(h), w_down.transpose(-2, -1), offs=offs)
-        return torch.cat([F.linear(silu_gate(F.linear(xe, up)), down)
-                          for xe, up, down in zip(xs.split(kept), w_up.unbind(0), w_down.unbind(0))])
+        return torch.cat(
+            [
+                F.linear(silu_gate(F.linear(xe, up)), down)
+                for xe, up, down in zip(xs.split(kept), w_up.unbind(0), w_down.unbind(0))
+            ]
+        )
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         x = y.reshape(-1, y.shape[-1])
@@ -133,6 +145,9 @@ class MoE(nn.Module):
         self.aux_loss = E * (frac * probs.mean(0)).sum()
         self.z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
         mean = N * k / E
-        self.stats = {"fraction": [c / (N * k) for c in n_assigned], "imbalance": max(n_assigned) / mean,
-                      "dropped": N * k - sum(kept)}
+        self.stats = {
+            "fraction": [c / (N * k) for c in n_assigned],
+            "imbalance": max(n_assigned) / mean,
+            "dropped": N * k - sum(kept),
+        }
         return out.view(y.shape[:-1] + out.shape[-1:])

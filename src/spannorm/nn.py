@@ -135,8 +135,9 @@ def make_norm(cfg, dim: int | None = None, site: Site = Site.OTHER) -> nn.Module
     return DyT(dim, cfg.dyt_alpha0_attn if site == Site.ATTN else cfg.dyt_alpha0_other, bias=False)
 
 
-def rope_cache(seq_len: int, head_dim: int, theta: float, device=None,
-               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cache(
+    seq_len: int, head_dim: int, theta: float, device=None, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and signed-sin tables of shape (seq_len, head_dim) in ``dtype``, rotate-half (Llama)
     layout: the sin table's first half is negated, so that rotate_half(x)·sin = roll(x)·sin_signed."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
@@ -259,7 +260,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=acc) if need_grad else None
         total = torch.zeros((), dtype=acc, device=x.device)
         for start in range(0, n, chunk_rows):
-            xc, tc = xd[start:start + chunk_rows], targets[start:start + chunk_rows, None]
+            xc, tc = xd[start : start + chunk_rows], targets[start : start + chunk_rows, None]
             logits = (xc @ wd.t()).to(acc)
             target = logits.gather(1, tc)
             top = logits.amax(-1, keepdim=True)
@@ -273,7 +274,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = e.div_(sum_e * n)  # softmax / N
                 g.scatter_add_(1, tc, torch.full_like(sum_e, -1.0 / n))
                 g = g.to(dtype)
-                grad_x[start:start + chunk_rows] = g @ wd
+                grad_x[start : start + chunk_rows] = g @ wd
                 grad_w += g.t() @ xc
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
@@ -289,8 +290,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 CHUNK_LOGITS = {"cpu": 2**21, "cuda": 2**26}
 
 
-def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_rows: int | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None
+) -> torch.Tensor:
     """Mean cross-entropy of the logits x·Wᵀ against ``targets`` (x: (N, d), W: (V, d)), in chunks
     of ``chunk_rows`` rows (default: about ``CHUNK_LOGITS`` of x's device per chunk): memory
     O(chunk·V) instead of O(N·V), and faster than materializing the logits. Under bf16 autocast

@@ -16,8 +16,8 @@ Attn and FFN the sublayers of ``nn.py`` (FFN may be any FFN module).
 
 ``attn_input`` names the norm whose output the attention reads (PreNorm's N_1), None where the
 attention reads the stream itself (the PostNorm family: post, span, deepnorm, b2t, admin, hybrid,
-residual, Mix-LN's PostNorm blocks and HybridNorm*'s blocks 1..). Only the DyT LLM recipe (``dyt_recipe=llm``) uses it: that
-norm gets α₀ = dyt_alpha0_attn, every other norm (FFN input, sublayer-output, stream, embedding,
+residual, Mix-LN's PostNorm blocks and HybridNorm*'s blocks 1..). Only the DyT LLM recipe (``dyt_recipe=llm``)
+uses it: that norm gets α₀ = dyt_alpha0_attn, every other norm (FFN input, sublayer-output, stream, embedding,
 final and per-head q/k/v norms) dyt_alpha0_other; a scheme without one has α₀_other everywhere.
 """
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import enum
 import math
-from functools import lru_cache
+from functools import cache
 from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import numpy as np
@@ -78,7 +78,8 @@ class InitMode(str, enum.Enum):
 
 # --- init calibration -------------------------------------------------------------------
 
-@lru_cache(maxsize=None)
+
+@cache
 def silu_second_moment(var: float) -> float:
     """E[silu(g)^2] for g ~ N(0, var), by 64-point Gauss-Hermite quadrature."""
     x, w = np.polynomial.hermite_e.hermegauss(64)
@@ -87,7 +88,7 @@ def silu_second_moment(var: float) -> float:
     return float(np.sum(w * silu**2) / math.sqrt(2.0 * math.pi))
 
 
-@lru_cache(maxsize=None)
+@cache
 def routed_weight_square(n_experts: int, top_k: int, var: float, samples: int = 1 << 16) -> float:
     """E[Σ_i w_i²] over the k renormalized top-k weights, for router logits i.i.d. N(0, var);
     Monte Carlo with a fixed seed (1/k if the router were uniform, 1 for k = 1)."""
@@ -162,6 +163,7 @@ def unit_variance_init(cfg: ModelConfig, target_rms: float) -> dict[Role, float]
 
 # --- blocks ----------------------------------------------------------------------------
 
+
 class Streams(NamedTuple):
     """The state of a two-stream scheme (ResiDual, SiameseNorm)."""
 
@@ -188,8 +190,11 @@ class Block(nn.Module):
         self.layer = layer  # 0-based index of this block
         qkv_norm = (lambda dim: make_norm(cfg, dim)) if self.qkv_norm else None
         self.attn = Attention(cfg.d_model, cfg.n_heads, qkv_norm)
-        self.ffn = (MoE(cfg.d_model, cfg.expert_dim, cfg.n_experts, cfg.top_k, cfg.n_shared_experts,
-                        cfg.capacity_factor) if cfg.moe else SwiGLU(cfg.d_model, cfg.ffn_dim))
+        self.ffn = (
+            MoE(cfg.d_model, cfg.expert_dim, cfg.n_experts, cfg.top_k, cfg.n_shared_experts, cfg.capacity_factor)
+            if cfg.moe
+            else SwiGLU(cfg.d_model, cfg.ffn_dim)
+        )
         attn_input = self.attn_input_norm(cfg, layer)
         for name in self.norms:
             setattr(self, name, make_norm(cfg, site=Site.ATTN if name == attn_input else Site.OTHER))
@@ -224,11 +229,11 @@ class Block(nn.Module):
 class PreNorm(Block):
     """PreNorm (Xiong et al. 2020, "On Layer Normalization in the Transformer Architecture"; GPT-2).
 
-        h  = x + Attn(N_1(x))
-        x' = h + FFN(N_2(h))            final N before the head
+    h  = x + Attn(N_1(x))
+    x' = h + FFN(N_2(h))            final N before the head
 
-        x ──┬──────────────────(+)──┬─────────────────(+)──► x'
-            └─ N_1 ─ Attn ──────┘   └─ N_2 ─ FFN ──────┘
+    x ──┬──────────────────(+)──┬─────────────────(+)──► x'
+        └─ N_1 ─ Attn ──────┘   └─ N_2 ─ FFN ──────┘
     """
 
     equation = "h = x + Attn(N(x)); x' = h + FFN(N(h)); final N before the head"
@@ -249,16 +254,18 @@ class PreNorm(Block):
 class PostNorm(Block):
     """PostNorm (Vaswani et al. 2017, "Attention Is All You Need").
 
-        h  = N_1(x + Attn(x))
-        x' = N_2(h + FFN(h))
+    h  = N_1(x + Attn(x))
+    x' = N_2(h + FFN(h))
 
-        x ──┬──────────(+)─ N_1 ──┬─────────(+)─ N_2 ──► x'
-            └─ Attn ────┘         └─ FFN ────┘
+    x ──┬──────────(+)─ N_1 ──┬─────────(+)─ N_2 ──► x'
+        └─ Attn ────┘         └─ FFN ────┘
     """
 
     equation = "h = N(x + Attn(x)); x' = N(h + FFN(h))"
-    init_rule = ("N(0, init_std), no depth scaling; needs learning-rate warmup; untied head "
-                 "(fairseq LM default; tying it stalls in the unigram phase)")
+    init_rule = (
+        "N(0, init_std), no depth scaling; needs learning-rate warmup; untied head "
+        "(fairseq LM default; tying it stalls in the unigram phase)"
+    )
     reference = "Vaswani et al. 2017, arXiv 1706.03762"
     tie_embeddings = False
 
@@ -292,11 +299,15 @@ class SpanNorm(Block):
     skip-path gain ∏(1 + σ_l²)^(-1/2) collapses and the model stalls at the unigram loss.
     """
 
-    equation = ("y = N(x + Attn(x)); x' = N(x + s·f), f = FFN(y)/rms(FFN(y)) (span_scale=norm; FFN(y) "
-                "otherwise); N on the embedding, no final N")
-    init_rule = ("q, k, v, FFN up: 1/sqrt(d); attention out and FFN down calibrated to output RMS 1, "
-                 "s = sqrt(c/L), c = 1, FFN branch RMS-normalized (span_scale=norm, the default; "
-                 "multiplier: not normalized; init: out/down at RMS sqrt(c/L), s = 1); tied head")
+    equation = (
+        "y = N(x + Attn(x)); x' = N(x + s·f), f = FFN(y)/rms(FFN(y)) (span_scale=norm; FFN(y) "
+        "otherwise); N on the embedding, no final N"
+    )
+    init_rule = (
+        "q, k, v, FFN up: 1/sqrt(d); attention out and FFN down calibrated to output RMS 1, "
+        "s = sqrt(c/L), c = 1, FFN branch RMS-normalized (span_scale=norm, the default; "
+        "multiplier: not normalized; init: out/down at RMS sqrt(c/L), s = 1); tied head"
+    )
     reference = "Wang, Li et al. 2026, arXiv 2601.22580 (ICML 2026)"
     embed_norm = True
 
@@ -335,8 +346,9 @@ class DeepNorm(Block):
     """
 
     equation = "h = N(α·x + Attn(x)); x' = N(α·h + FFN(h)); α = (2L)^(1/4)"
-    init_rule = ("xavier_normal; gain β = (8L)^(-1/4) on v, out, FFN up/down, gain 1 on q, k; "
-                 "untied head (fairseq LM default)")
+    init_rule = (
+        "xavier_normal; gain β = (8L)^(-1/4) on v, out, FFN up/down, gain 1 on q, k; untied head (fairseq LM default)"
+    )
     reference = "Wang et al. 2022, arXiv 2203.00555 (DeepNet)"
     tie_embeddings = False
 
@@ -349,9 +361,12 @@ class DeepNorm(Block):
         beta = (8 * cfg.n_layers) ** -0.25
         d, f = cfg.d_model, ffn_width(cfg)
         return shared_init(cfg) | {
-            Role.ATTN_QK: xavier_std(d, d), Role.ATTN_V: xavier_std(d, d, beta),
-            Role.ATTN_OUT: xavier_std(d, d, beta), Role.FFN_UP: xavier_std(d, f, beta),
-            Role.FFN_DOWN: xavier_std(f, d, beta), Role.ROUTER: xavier_std(d, f, beta),
+            Role.ATTN_QK: xavier_std(d, d),
+            Role.ATTN_V: xavier_std(d, d, beta),
+            Role.ATTN_OUT: xavier_std(d, d, beta),
+            Role.FFN_UP: xavier_std(d, f, beta),
+            Role.FFN_DOWN: xavier_std(f, d, beta),
+            Role.ROUTER: xavier_std(d, f, beta),
         }
 
     def forward(self, x, rope):
@@ -379,20 +394,26 @@ class B2T(Block):
     """
 
     equation = "h = N(x + Attn(x)); x' = N(x + h + FFN(h))"
-    init_rule = ("fairseq init × L^(-1/2) on block weights: q, k, v xavier gain 1/sqrt(2), out xavier, "
-                 "FFN 1/sqrt(3·fan_in); embedding, head N(0, d^(-1/2)); untied head")
+    init_rule = (
+        "fairseq init × L^(-1/2) on block weights: q, k, v xavier gain 1/sqrt(2), out xavier, "
+        "FFN 1/sqrt(3·fan_in); embedding, head N(0, d^(-1/2)); untied head"
+    )
     reference = "Takase et al. 2023, arXiv 2206.00330 (Findings of ACL 2023)"
     tie_embeddings = False
 
     @classmethod
     def init_stds(cls, cfg, layer):
         d, f = cfg.d_model, ffn_width(cfg)
-        r = cfg.n_layers ** -0.5
+        r = cfg.n_layers**-0.5
         up = r / math.sqrt(3 * d)
         return {
-            Role.EMBED: d**-0.5, Role.HEAD: d**-0.5,
-            Role.ATTN_QK: r * xavier_std(d, d, 2**-0.5), Role.ATTN_V: r * xavier_std(d, d, 2**-0.5),
-            Role.ATTN_OUT: r * xavier_std(d, d), Role.FFN_UP: up, Role.ROUTER: up,
+            Role.EMBED: d**-0.5,
+            Role.HEAD: d**-0.5,
+            Role.ATTN_QK: r * xavier_std(d, d, 2**-0.5),
+            Role.ATTN_V: r * xavier_std(d, d, 2**-0.5),
+            Role.ATTN_OUT: r * xavier_std(d, d),
+            Role.FFN_UP: up,
+            Role.ROUTER: up,
             Role.FFN_DOWN: r / math.sqrt(3 * f),
         }
 
@@ -404,14 +425,16 @@ class B2T(Block):
 class Admin(Block):
     """Admin (Liu et al. 2020, "Understanding the Difficulty of Training Transformers").
 
-        h  = N_1(ω_1 ⊙ x + Attn(x))
-        x' = N_2(ω_2 ⊙ h + FFN(h))      ω learnable vectors, initialized to
-                                         ω = sqrt((n+1)/ln(n+1) − 1), n = 2L residual sublayers
+    h  = N_1(ω_1 ⊙ x + Attn(x))
+    x' = N_2(ω_2 ⊙ h + FFN(h))      ω learnable vectors, initialized to
+                                     ω = sqrt((n+1)/ln(n+1) − 1), n = 2L residual sublayers
     """
 
     equation = "h = N(ω⊙x + Attn(x)); x' = N(ω⊙h + FFN(h)); ω learnable"
-    init_rule = ("ω = sqrt((n+1)/ln(n+1) − 1), n = 2L (closed-form ω of admin-torch, not the profiled ω of "
-                 "the paper); weights N(0, init_std); untied head (fairseq LM default)")
+    init_rule = (
+        "ω = sqrt((n+1)/ln(n+1) − 1), n = 2L (closed-form ω of admin-torch, not the profiled ω of "
+        "the paper); weights N(0, init_std); untied head (fairseq LM default)"
+    )
     reference = "Liu et al. 2020, arXiv 2004.08249"
     tie_embeddings = False
 
@@ -639,8 +662,7 @@ class SiameseNorm(Block):
         x_0 = y_0 = embedding;  output N_f(N_a(x_L) + N_b(y_L));  l = block index from 0 (our reading)
     """
 
-    equation = ("per sublayer: x ← N(x); z = F(N(x + N(y))); x ← x + z/sqrt(2(l+1)); y ← y + z; "
-                "output N(N(x) + N(y))")
+    equation = "per sublayer: x ← N(x); z = F(N(x + N(y))); x ← x + z/sqrt(2(l+1)); y ← y + z; output N(N(x) + N(y))"
     init_rule = "N(0, init_std), no depth scaling; tied head (not verified)"
     reference = "Li et al. 2026 (SiameseNorm, ICML 2026)"
     norms = ("post1", "in1", "pre1", "post2", "in2", "pre2")
@@ -681,10 +703,10 @@ class DeepScale(Block):
     variance 1/0.3); sqrt(0.3/d) is the reading that gives the first loss the issue asks for.
     """
 
-    equation = ("h = λ·x + β·Attn(N(x)); x' = λ·h + β·FFN(N(h)); λ² + β² = 1, β² = k/L; final N; "
-                "× sqrt(0.3/d) before the head")
-    init_rule = ("embedding N(0, 1); q, k, v, up 1/sqrt(d); out, down calibrated to unit output variance; "
-                 "tied head")
+    equation = (
+        "h = λ·x + β·Attn(N(x)); x' = λ·h + β·FFN(N(h)); λ² + β² = 1, β² = k/L; final N; × sqrt(0.3/d) before the head"
+    )
+    init_rule = "embedding N(0, 1); q, k, v, up 1/sqrt(d); out, down calibrated to unit output variance; tied head"
     reference = "Kedia et al. 2024, arXiv 2403.09635"
     attn_input = "norm1"
     final_norm = True

@@ -40,8 +40,15 @@ import yaml
 
 from .config import ConfigError, SpannormError, apply_overrides, read_yaml, require, to_dict
 from .io import atomic_write_text, dumps, locked, read_json, sweep_temp
-from .train import (RunConfig, load_run, resolve_config_path, resolve_shipped, run_config_from_dict, same_experiment,
-                    shipped_names)
+from .train import (
+    RunConfig,
+    load_run,
+    resolve_config_path,
+    resolve_shipped,
+    run_config_from_dict,
+    same_experiment,
+    shipped_names,
+)
 
 STUDIES = resources.files("spannorm") / "configs" / "studies"
 CORE = ("model.scheme", "model.n_layers", "train.lr", "train.seed")  # named in every cell's directory name
@@ -67,9 +74,14 @@ class StudyConfig:
     keep_checkpoints: bool = False  # keep finished cells' checkpoints (else deleted after the probe)
 
     def to_dict(self) -> dict:
-        return {"base": self.base, "set": list(self.set), "tokens_per_cell": self.tokens_per_cell,
-                "probe": self.probe, "keep_checkpoints": self.keep_checkpoints,
-                "grids": [{"name": g.name, "axes": g.axes} | _seeds_dict(g) for g in self.grids]}
+        return {
+            "base": self.base,
+            "set": list(self.set),
+            "tokens_per_cell": self.tokens_per_cell,
+            "probe": self.probe,
+            "keep_checkpoints": self.keep_checkpoints,
+            "grids": [{"name": g.name, "axes": g.axes} | _seeds_dict(g) for g in self.grids],
+        }
 
 
 def _seeds_dict(g: Grid) -> dict:
@@ -91,6 +103,7 @@ class Cell:
 
 
 # --- config --------------------------------------------------------------------------------
+
 
 def study_names() -> list[str]:
     return shipped_names(STUDIES)
@@ -117,16 +130,23 @@ def study_from_dict(data: dict, where: Path | None = None) -> StudyConfig:
     elif Path(base).is_file():
         base = str(Path(base).resolve())
     sets = data.get("set") or []
-    require(isinstance(sets, list) and all(isinstance(s, str) for s in sets), "set", sets,
-            "a list of KEY=VALUE strings, e.g. [model.d_model=64]")
+    require(
+        isinstance(sets, list) and all(isinstance(s, str) for s in sets),
+        "set",
+        sets,
+        "a list of KEY=VALUE strings, e.g. [model.d_model=64]",
+    )
     tokens = data.get("tokens_per_cell")
-    require(isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0, "tokens_per_cell", tokens,
-            "a positive integer (the token budget of every cell)")
+    require(
+        isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0,
+        "tokens_per_cell",
+        tokens,
+        "a positive integer (the token budget of every cell)",
+    )
     for key in ("probe", "keep_checkpoints"):
         require(isinstance(data.get(key, True), bool), key, data.get(key), "true or false")
     grids = data.get("grids")
-    require(isinstance(grids, list) and len(grids) > 0, "grids", grids,
-            "a non-empty list of {name, axes} mappings")
+    require(isinstance(grids, list) and len(grids) > 0, "grids", grids, "a non-empty list of {name, axes} mappings")
     out = []
     for i, g in enumerate(grids):
         require(isinstance(g, dict), f"grids[{i}]", g, "a mapping with keys name, axes")
@@ -134,35 +154,75 @@ def study_from_dict(data: dict, where: Path | None = None) -> StudyConfig:
             if key not in GRID_KEYS:
                 raise ConfigError(f"unknown key grids[{i}].{key}; valid grid keys: " + ", ".join(GRID_KEYS))
         name, axes = g.get("name"), g.get("axes")
-        require(isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9._-]+", name or "") is not None,
-                f"grids[{i}].name", name, "a name of letters, digits, '.', '_' or '-'")
+        require(
+            isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9._-]+", name or "") is not None,
+            f"grids[{i}].name",
+            name,
+            "a name of letters, digits, '.', '_' or '-'",
+        )
         require(name not in [o.name for o in out], f"grids[{i}].name", name, "a name no other grid has")
-        require(isinstance(axes, dict) and len(axes) > 0, f"grids[{i}].axes", axes,
-                "a non-empty mapping of dotted config paths to lists of values")
+        require(
+            isinstance(axes, dict) and len(axes) > 0,
+            f"grids[{i}].axes",
+            axes,
+            "a non-empty mapping of dotted config paths to lists of values",
+        )
         for path, values in axes.items():
-            require(isinstance(path, str) and re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", path) is not None,
-                    f"grids[{i}].axes key", path, "a dotted config path such as model.n_layers")
-            require(path != "train.max_steps", f"grids[{i}].axes key", path,
-                    "any config path but train.max_steps, which tokens_per_cell sets")
-            require(isinstance(values, list) and len(values) > 0 and all(_is_scalar(v) for v in values),
-                    f"grids[{i}].axes.{path}", values, "a non-empty list of scalar values")
+            require(
+                isinstance(path, str) and re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", path) is not None,
+                f"grids[{i}].axes key",
+                path,
+                "a dotted config path such as model.n_layers",
+            )
+            require(
+                path != "train.max_steps",
+                f"grids[{i}].axes key",
+                path,
+                "any config path but train.max_steps, which tokens_per_cell sets",
+            )
+            require(
+                isinstance(values, list) and len(values) > 0 and all(_is_scalar(v) for v in values),
+                f"grids[{i}].axes.{path}",
+                values,
+                "a non-empty list of scalar values",
+            )
         seeds = g.get("best_lr_seeds", [])
         if "best_lr_seeds" in g:
-            require(isinstance(seeds, list) and len(seeds) > 0 and len(set(seeds)) == len(seeds)
-                    and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds),
-                    f"grids[{i}].best_lr_seeds", seeds, "a non-empty list of distinct integer seeds, e.g. [2, 3]")
+            require(
+                isinstance(seeds, list)
+                and len(seeds) > 0
+                and len(set(seeds)) == len(seeds)
+                and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds),
+                f"grids[{i}].best_lr_seeds",
+                seeds,
+                "a non-empty list of distinct integer seeds, e.g. [2, 3]",
+            )
             for s in seeds:
-                require(s not in axes.get("train.seed", []), f"grids[{i}].best_lr_seeds", s,
-                        f"a seed not in the grid's train.seed axis {axes.get('train.seed')}")
+                require(
+                    s not in axes.get("train.seed", []),
+                    f"grids[{i}].best_lr_seeds",
+                    s,
+                    f"a seed not in the grid's train.seed axis {axes.get('train.seed')}",
+                )
             lrs = axes.get("train.lr")
-            require(isinstance(lrs, list) and len(set(lrs)) >= 2, f"grids[{i}].axes.train.lr", lrs,
-                    "a list of 2 or more learning rates in a grid with best_lr_seeds")
+            require(
+                isinstance(lrs, list) and len(set(lrs)) >= 2,
+                f"grids[{i}].axes.train.lr",
+                lrs,
+                "a list of 2 or more learning rates in a grid with best_lr_seeds",
+            )
         out.append(Grid(name, dict(axes), list(seeds)))
     for s in sets:
         if s.partition("=")[0].strip() == "train.max_steps":
             raise ConfigError("set: train.max_steps is invalid here: tokens_per_cell sets every cell's steps")
-    return StudyConfig(tokens_per_cell=tokens, grids=out, base=base, set=list(sets),
-                       probe=data.get("probe", True), keep_checkpoints=data.get("keep_checkpoints", False))
+    return StudyConfig(
+        tokens_per_cell=tokens,
+        grids=out,
+        base=base,
+        set=list(sets),
+        probe=data.get("probe", True),
+        keep_checkpoints=data.get("keep_checkpoints", False),
+    )
 
 
 def load_study(name: str, extra_sets: list[str] = ()) -> StudyConfig:
@@ -207,13 +267,17 @@ def _steps(study: StudyConfig, cfg_dict: dict, what: str) -> int:
     cfg = run_config_from_dict(copy.deepcopy(cfg_dict))
     per_step = cfg.train.batch_size * cfg.train.seq_len
     if study.tokens_per_cell % per_step:
-        raise ConfigError(f"tokens_per_cell={study.tokens_per_cell} is invalid{what}: expected a multiple of "
-                          f"train.batch_size × train.seq_len = {per_step} (e.g. "
-                          f"{max(1, round(study.tokens_per_cell / per_step)) * per_step})")
+        raise ConfigError(
+            f"tokens_per_cell={study.tokens_per_cell} is invalid{what}: expected a multiple of "
+            f"train.batch_size × train.seq_len = {per_step} (e.g. "
+            f"{max(1, round(study.tokens_per_cell / per_step)) * per_step})"
+        )
     steps = study.tokens_per_cell // per_step
     if cfg.train.warmup_steps >= steps:
-        raise ConfigError(f"train.warmup_steps={cfg.train.warmup_steps} is invalid{what}: expected fewer than "
-                          f"the {steps} steps that tokens_per_cell gives")
+        raise ConfigError(
+            f"train.warmup_steps={cfg.train.warmup_steps} is invalid{what}: expected fewer than "
+            f"the {steps} steps that tokens_per_cell gives"
+        )
     return steps
 
 
@@ -258,18 +322,25 @@ def expand(study: StudyConfig, follow: list[tuple[Grid, dict]] = ()) -> list[Cel
         extras = {p: v for p, v in resolved.items() if p not in CORE and v != _get(base_flat, p)}
         m, t = cfg.model, cfg.train
         name = f"{m.scheme.value}_L{m.n_layers}_lr{t.lr:g}_s{t.seed}" + "".join(
-            f"_{_leaf(p)}-{_fmt(v)}" for p, v in extras.items())
+            f"_{_leaf(p)}-{_fmt(v)}" for p, v in extras.items()
+        )
         name = re.sub(r"[^A-Za-z0-9._+-]", "-", name)
         if name in by_name:
-            raise ConfigError(f"two different cells get the directory name {name!r} (grid {grid.name!r}); "
-                              "make their axis values differ in scheme, depth, lr, seed or an extra axis")
+            raise ConfigError(
+                f"two different cells get the directory name {name!r} (grid {grid.name!r}); "
+                "make their axis values differ in scheme, depth, lr, seed or an extra axis"
+            )
         cell = Cell(name, [grid.name], resolved, extras, cfg)
         by_config[key] = by_name[name] = cell
 
     for i, grid in enumerate(study.grids):
         if "train.seed" not in grid.axes:  # the grid runs the base config's seed
-            require(base_cfg.train.seed not in grid.best_lr_seeds, f"grids[{i}].best_lr_seeds", base_cfg.train.seed,
-                    "a seed other than the base config's train.seed (the grid has no train.seed axis)")
+            require(
+                base_cfg.train.seed not in grid.best_lr_seeds,
+                f"grids[{i}].best_lr_seeds",
+                base_cfg.train.seed,
+                "a seed other than the base config's train.seed (the grid has no train.seed axis)",
+            )
         for values in itertools.product(*grid.axes.values()):
             add(grid, dict(zip(grid.axes, values)))
     for grid, point in follow:
@@ -335,12 +406,12 @@ def follow_ups(study: StudyConfig, cells: list[Cell], rows: list[dict]) -> list[
             best = best_lr(by_lr)
             if best is not None:
                 cell = firsts[(series, depth, best)]
-                follow += [(grid, {p: cell.axes[p] for p in grid.axes} | {"train.seed": s})
-                           for s in grid.best_lr_seeds]
+                follow += [(grid, {p: cell.axes[p] for p in grid.axes} | {"train.seed": s}) for s in grid.best_lr_seeds]
     return expand(study, follow) if follow else list(cells)
 
 
 # --- running -------------------------------------------------------------------------------
+
 
 def run_cell(cfg_dict: dict, run_dir: str, probe: bool, keep_checkpoints: bool, threads: int | None = None) -> dict:
     """Train (or reuse, or resume) one cell, probe its final model, drop its checkpoints.
@@ -381,8 +452,10 @@ def run_cells(study: StudyConfig, cells: list[Cell], out: Path, jobs: int, log) 
     for cell in cells:  # a cell directory of another config is a user error: refuse before any training
         run_dir = out / "cells" / cell.name
         if (run_dir / "config.yaml").is_file() and not same_experiment(load_run(run_dir), cell.cfg):
-            raise ConfigError(f"--out {str(out)!r} holds a cell {cell.name!r} with another config: "
-                              "choose another --out (or delete that cell)")
+            raise ConfigError(
+                f"--out {str(out)!r} holds a cell {cell.name!r} with another config: "
+                "choose another --out (or delete that cell)"
+            )
     for data in {json.dumps(to_dict(c.cfg.data), sort_keys=True): c.cfg.data for c in cells}.values():
         prepare(data)  # once, here, before any worker starts
     failed: dict[str, str] = {}
@@ -394,10 +467,17 @@ def run_cells(study: StudyConfig, cells: list[Cell], out: Path, jobs: int, log) 
             log(f"[{i}/{n}] {cell.name}: FAILED: {error}")
             return
         val = summary["final_val_loss"]
-        verdict = (f"diverged at step {summary['diverged_step']} ({summary['diverged_reason']})"
-                   if summary["diverged"] else "stalled" if summary.get("stalled") else "ok")
-        log(f"[{i}/{n}] {cell.name}: {'reused' if summary['reused'] else 'trained'}, val loss "
-            f"{'—' if val is None else f'{val:.4f}'}, {verdict}")
+        verdict = (
+            f"diverged at step {summary['diverged_step']} ({summary['diverged_reason']})"
+            if summary["diverged"]
+            else "stalled"
+            if summary.get("stalled")
+            else "ok"
+        )
+        log(
+            f"[{i}/{n}] {cell.name}: {'reused' if summary['reused'] else 'trained'}, val loss "
+            f"{'—' if val is None else f'{val:.4f}'}, {verdict}"
+        )
 
     def args(cell: Cell) -> tuple:
         return (to_dict(cell.cfg), str(out / "cells" / cell.name), study.probe, study.keep_checkpoints)
@@ -449,16 +529,35 @@ def _sigterm_interrupts():
 
 # --- results -------------------------------------------------------------------------------
 
-RESULT_COLUMNS = ("steps", "max_steps", "tokens", "final_val_loss", "final_loss", "diverged", "diverged_step",
-                  "diverged_reason", "stalled", "unigram_entropy", "tokens_per_s", "n_params", "wall_s", "status",
-                  "guard_skipped", "guard_rollbacks")  # the guard's columns: empty unless train.guard=true
+RESULT_COLUMNS = (
+    "steps",
+    "max_steps",
+    "tokens",
+    "final_val_loss",
+    "final_loss",
+    "diverged",
+    "diverged_step",
+    "diverged_reason",
+    "stalled",
+    "unigram_entropy",
+    "tokens_per_s",
+    "n_params",
+    "wall_s",
+    "status",
+    "guard_skipped",
+    "guard_rollbacks",
+)  # the guard's columns: empty unless train.guard=true
 
 
 def cell_result(cell: Cell, out: Path, error: str | None = None) -> dict:
     """One row of results.csv for ``cell``, read from its run directory."""
     run_dir = out / "cells" / cell.name
-    row: dict[str, Any] = {"name": cell.name, "grid": "+".join(cell.grids), **cell.axes,
-                           "max_steps": cell.cfg.train.max_steps}
+    row: dict[str, Any] = {
+        "name": cell.name,
+        "grid": "+".join(cell.grids),
+        **cell.axes,
+        "max_steps": cell.cfg.train.max_steps,
+    }
     summary_path = run_dir / "summary.json"
     if error == "not run":
         return row | {"status": "not run"}
@@ -469,8 +568,11 @@ def cell_result(cell: Cell, out: Path, error: str | None = None) -> dict:
     wall = json.loads(cell_json.read_text())["wall_s"] if cell_json.is_file() else None
     t = cell.cfg.train
     row |= {k: s.get(k) for k in RESULT_COLUMNS if k in s}
-    row |= {"tokens": s["steps"] * t.batch_size * t.seq_len, "wall_s": wall,
-            "status": "diverged" if s["diverged"] else "stalled" if s.get("stalled") else "ok"}
+    row |= {
+        "tokens": s["steps"] * t.batch_size * t.seq_len,
+        "wall_s": wall,
+        "status": "diverged" if s["diverged"] else "stalled" if s.get("stalled") else "ok",
+    }
     return row
 
 
@@ -486,8 +588,10 @@ def write_results(path: Path, cells: list[Cell], rows: list[dict]) -> None:
 
 # --- the study -----------------------------------------------------------------------------
 
-def run_study(study: StudyConfig, out: Path, command: str, jobs: int = 1, log=print,
-              report_only: bool = False) -> list[dict]:
+
+def run_study(
+    study: StudyConfig, out: Path, command: str, jobs: int = 1, log=print, report_only: bool = False
+) -> list[dict]:
     """Run (or resume) every cell of ``study`` into ``out/cells``; write results.csv, plots and report.md.
 
     Cells run seed by seed and shallow depths first, so a study stopped early has covered every
@@ -508,11 +612,21 @@ def run_study(study: StudyConfig, out: Path, command: str, jobs: int = 1, log=pr
         return _run_study(study, cells, out, command, jobs, log, report_only)
 
 
-def _run_study(study: StudyConfig, cells: list[Cell], out: Path, command: str, jobs: int, log,
-               report_only: bool) -> list[dict]:
+def _run_study(
+    study: StudyConfig, cells: list[Cell], out: Path, command: str, jobs: int, log, report_only: bool
+) -> list[dict]:
     """The body of :func:`run_study`."""
-    from .study_report import (claims, init_probe, plot_ablation, plot_best_lr, plot_curves,  # it imports this module
-                               plot_grad_heatmaps, plot_similarity, plot_val, report)
+    from .study_report import (
+        claims,
+        init_probe,
+        plot_ablation,
+        plot_best_lr,
+        plot_curves,  # it imports this module
+        plot_grad_heatmaps,
+        plot_similarity,
+        plot_val,
+        report,
+    )
 
     before = {c.name for c in cells if (out / "cells" / c.name / "summary.json").is_file()}
     out.mkdir(parents=True, exist_ok=True)
@@ -534,21 +648,25 @@ def _run_study(study: StudyConfig, cells: list[Cell], out: Path, command: str, j
         cells = follow_ups(study, cells, rows)
         more = cells[n:]
         before |= {c.name for c in more if (out / "cells" / c.name / "summary.json").is_file()}
-        log(f"best-lr seeds: {len(more)} cells at each series' best lr ({len(before & {c.name for c in more})} "
-            "finished before)")
+        log(
+            f"best-lr seeds: {len(more)} cells at each series' best lr ({len(before & {c.name for c in more})} "
+            "finished before)"
+        )
         run(more)
         rows = [cell_result(c, out, failed.get(c.name)) for c in cells]
     write_results(out / "results.csv", cells, rows)
     cs, rs = cells, rows
     plots = []
     if cs:
-        for name, make in (("val_vs_depth.png", lambda p: plot_val(p, cs, rs, "depth")),
-                           ("val_vs_lr.png", lambda p: plot_val(p, cs, rs, "lr")),
-                           ("ablation.png", lambda p: plot_ablation(p, cs, rs)),
-                           ("best_lr.png", lambda p: plot_best_lr(p, cs, rs)),
-                           ("loss_curves.png", lambda p: plot_curves(p, cs, out)),
-                           ("grad_heatmaps.png", lambda p: plot_grad_heatmaps(p, cs, out)),
-                           ("similarity.png", lambda p: plot_similarity(p, cs, out))):
+        for name, make in (
+            ("val_vs_depth.png", lambda p: plot_val(p, cs, rs, "depth")),
+            ("val_vs_lr.png", lambda p: plot_val(p, cs, rs, "lr")),
+            ("ablation.png", lambda p: plot_ablation(p, cs, rs)),
+            ("best_lr.png", lambda p: plot_best_lr(p, cs, rs)),
+            ("loss_curves.png", lambda p: plot_curves(p, cs, out)),
+            ("grad_heatmaps.png", lambda p: plot_grad_heatmaps(p, cs, out)),
+            ("similarity.png", lambda p: plot_similarity(p, cs, out)),
+        ):
             if make(out / "plots" / name):
                 plots.append(f"plots/{name}")
     depths = sorted({c.cfg.model.n_layers for c in cells})
@@ -556,11 +674,17 @@ def _run_study(study: StudyConfig, cells: list[Cell], out: Path, command: str, j
     _set(base, "train.max_steps", cells[0].cfg.train.max_steps)
     init = init_probe(base, depths, out / "init_probe.json")
     not_run = sum(e == "not run" for e in failed.values())
-    counts = {"trained": len([c for c in cells if c.name not in before and c.name not in failed]),
-              "reused": len(before), "failed": len(failed) - not_run, "not run": not_run}
+    counts = {
+        "trained": len([c for c in cells if c.name not in before and c.name not in failed]),
+        "reused": len(before),
+        "failed": len(failed) - not_run,
+        "not run": not_run,
+    }
     text = report(study, cs, rs, out, command, plots, claims(cs, rs, out, init), counts)
     atomic_write_text(out / "report.md", text)
     if failed and not report_only:
-        raise SpannormError(f"{len(failed)} of {len(cells)} cells failed ({', '.join(sorted(failed))}); "
-                            f"see {out / 'results.csv'}; run the study again to retry them")
+        raise SpannormError(
+            f"{len(failed)} of {len(cells)} cells failed ({', '.join(sorted(failed))}); "
+            f"see {out / 'results.csv'}; run the study again to retry them"
+        )
     return rows

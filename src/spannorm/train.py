@@ -100,8 +100,12 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads; None: torch's default
     compile: bool = False  # torch.compile the training forward (probing steps and evaluation stay eager)
     probe_interval: int = 50  # steps between rows of diagnostics.jsonl (per-block training diagnostics); 0: off
-    stop_on_divergence: bool = True  # after warmup, stop when the loss stays >= the first step's for 5 steps; non-finite always stops (unless train.guard saves it)
-    keep_checkpoints: int = 2  # the newest checkpoints kept (>= 2: a resume falls back to the previous one if the newest is damaged)
+    # after warmup, stop when the loss stays >= the first step's for 5 steps;
+    # a non-finite loss always stops (unless train.guard saves it)
+    stop_on_divergence: bool = True
+    keep_checkpoints: int = (
+        2  # the newest checkpoints kept (>= 2: a resume falls back to the previous one if the newest is damaged)
+    )
     guard: bool = False  # training guard: skip non-finite steps, roll back on repeated skips or a loss spike
     guard_skip_limit: int = 3  # skipped (non-finite) steps in a row that make the guard roll back
     guard_spike_z: float = 6.0  # a loss this many standard deviations above the window's mean rolls back; 0: off
@@ -111,12 +115,23 @@ class TrainConfig:
 
     def __post_init__(self):
         self.precision = coerce_enum(Precision, "train.precision", self.precision)
-        for name in ("batch_size", "seq_len", "max_steps", "log_interval", "eval_interval", "eval_batches",
-                     "ckpt_interval"):
+        for name in (
+            "batch_size",
+            "seq_len",
+            "max_steps",
+            "log_interval",
+            "eval_interval",
+            "eval_batches",
+            "ckpt_interval",
+        ):
             value = getattr(self, name)
             require(isinstance(value, int) and value > 0, f"train.{name}", value, "a positive integer")
-        require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "train.warmup_steps",
-                self.warmup_steps, "an integer >= 0")
+        require(
+            isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+            "train.warmup_steps",
+            self.warmup_steps,
+            "an integer >= 0",
+        )
         require(math.isfinite(self.lr) and self.lr > 0, "train.lr", self.lr, "a positive number")
         require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
         require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
@@ -125,18 +140,34 @@ class TrainConfig:
         require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "a number >= 0 (0 disables clipping)")
         require(self.threads is None or self.threads > 0, "train.threads", self.threads, "a positive integer or null")
         require(self.probe_interval >= 0, "train.probe_interval", self.probe_interval, "an integer >= 0 (0: off)")
-        require(isinstance(self.stop_on_divergence, bool), "train.stop_on_divergence", self.stop_on_divergence,
-                "true or false")
+        require(
+            isinstance(self.stop_on_divergence, bool),
+            "train.stop_on_divergence",
+            self.stop_on_divergence,
+            "true or false",
+        )
         require(valid_device(self.device), "train.device", self.device, DEVICE_FORMS)
-        require(isinstance(self.keep_checkpoints, int) and self.keep_checkpoints >= 2, "train.keep_checkpoints",
-                self.keep_checkpoints, "an integer >= 2")
+        require(
+            isinstance(self.keep_checkpoints, int) and self.keep_checkpoints >= 2,
+            "train.keep_checkpoints",
+            self.keep_checkpoints,
+            "an integer >= 2",
+        )
         require(isinstance(self.guard, bool), "train.guard", self.guard, "true or false")
         for name, low in (("guard_skip_limit", 1), ("guard_window", 2), ("guard_max_rollbacks", 0)):
             value = getattr(self, name)
-            require(isinstance(value, int) and not isinstance(value, bool) and value >= low, f"train.{name}", value,
-                    f"an integer >= {low}")
-        require(math.isfinite(self.guard_spike_z) and self.guard_spike_z >= 0, "train.guard_spike_z",
-                self.guard_spike_z, "a number >= 0 (0: no spike check)")
+            require(
+                isinstance(value, int) and not isinstance(value, bool) and value >= low,
+                f"train.{name}",
+                value,
+                f"an integer >= {low}",
+            )
+        require(
+            math.isfinite(self.guard_spike_z) and self.guard_spike_z >= 0,
+            "train.guard_spike_z",
+            self.guard_spike_z,
+            "a number >= 0 (0: no spike check)",
+        )
         require(0 < self.guard_lr_factor <= 1, "train.guard_lr_factor", self.guard_lr_factor, "a number in (0, 1]")
 
 
@@ -162,8 +193,9 @@ def resolve_shipped(name: str, folder, what: str, plural: str) -> Path:
         return path
     if name in shipped_names(folder):
         return Path(str(folder / f"{name}.yaml"))
-    raise ConfigError(f"--config {name!r} is neither a YAML file nor a {what}; {plural}: "
-                      + ", ".join(shipped_names(folder)))
+    raise ConfigError(
+        f"--config {name!r} is neither a YAML file nor a {what}; {plural}: " + ", ".join(shipped_names(folder))
+    )
 
 
 def preset_names() -> list[str]:
@@ -186,11 +218,18 @@ def run_config_from_dict(data: dict) -> RunConfig:
     if isinstance(model, dict):  # (a non-mapping is reported by from_dict)
         model = dict(model)
         vocab = model.get("vocab_size", data_cfg.model_vocab_size)
-        require(vocab == data_cfg.model_vocab_size, "model.vocab_size", vocab,
-                f"{data_cfg.model_vocab_size}, the tokenizer's vocabulary (set data.tokenizer/data.vocab_size)")
+        require(
+            vocab == data_cfg.model_vocab_size,
+            "model.vocab_size",
+            vocab,
+            f"{data_cfg.model_vocab_size}, the tokenizer's vocabulary (set data.tokenizer/data.vocab_size)",
+        )
         model["vocab_size"] = data_cfg.model_vocab_size
-    return RunConfig(model=from_dict(ModelConfig, model, "model"), data=data_cfg,
-                     train=from_dict(TrainConfig, data.get("train"), "train"))
+    return RunConfig(
+        model=from_dict(ModelConfig, model, "model"),
+        data=data_cfg,
+        train=from_dict(TrainConfig, data.get("train"), "train"),
+    )
 
 
 def load_config(config: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -202,18 +241,21 @@ def load_run(run_dir: Path, flag: str = "--out") -> RunConfig:
     """The resolved config saved in a run directory (``flag``: the option that named it, for errors)."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
-        raise ConfigError(f"{flag} {str(run_dir)!r} holds no run{' to resume' if flag == '--out' else ''} "
-                          "(no config.yaml)")
+        raise ConfigError(
+            f"{flag} {str(run_dir)!r} holds no run{' to resume' if flag == '--out' else ''} (no config.yaml)"
+        )
     return run_config_from_dict(read_yaml(path))
 
 
 def same_experiment(a: RunConfig, b: RunConfig) -> bool:
     """Whether two configs describe the same run, wherever it trains: equal but for ``train.device``
     (a run, a compare or a study started on one device may resume on another)."""
+
     def key(cfg: RunConfig) -> dict:
         d = to_dict(cfg)
         d["train"] = {k: v for k, v in d["train"].items() if k != "device"}
         return d
+
     return key(a) == key(b)
 
 
@@ -265,10 +307,12 @@ def check_memory(cfg: RunConfig) -> None:
     need = 16 * n_params + t.batch_size * max(t.seq_len * m.n_layers * 4 * m.d_model * width, 16 * t.eval_batches)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > ram:
-        raise ConfigError(f"the run needs more than {need / 2**30:,.0f} GiB of memory (over {n_params:,} parameters, "
-                          f"batches of {t.batch_size:,}×{t.seq_len:,} tokens, {t.eval_batches:,} validation batches), "
-                          f"more than this machine's {ram / 2**30:,.0f} GiB: make model.d_model, model.n_layers, "
-                          "train.batch_size, train.seq_len or train.eval_batches smaller")
+        raise ConfigError(
+            f"the run needs more than {need / 2**30:,.0f} GiB of memory (over {n_params:,} parameters, "
+            f"batches of {t.batch_size:,}×{t.seq_len:,} tokens, {t.eval_batches:,} validation batches), "
+            f"more than this machine's {ram / 2**30:,.0f} GiB: make model.d_model, model.n_layers, "
+            "train.batch_size, train.seq_len or train.eval_batches smaller"
+        )
 
 
 # --- checkpoints ---------------------------------------------------------------------------
@@ -282,13 +326,17 @@ def _digest(path: Path) -> str:
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """The run's checkpoint directories, newest first (a symbolic link is none: it may lead out of the run)."""
-    dirs = [p for p in (Path(run_dir) / "checkpoints").glob("step-*")
-            if CHECKPOINT.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    dirs = [
+        p
+        for p in (Path(run_dir) / "checkpoints").glob("step-*")
+        if CHECKPOINT.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+    ]
     return sorted(dirs, key=lambda p: int(p.name[5:]), reverse=True)
 
 
-def save_checkpoint(run_dir: Path, step: int, model: LM, opt: torch.optim.Optimizer, gen: torch.Generator,
-                    keep: int, **extra):
+def save_checkpoint(
+    run_dir: Path, step: int, model: LM, opt: torch.optim.Optimizer, gen: torch.Generator, keep: int, **extra
+):
     """Write checkpoint ``step`` (``extra``: more state, e.g. the divergence guard's) and keep the newest ``keep``
     (newer ones than ``step`` are the damaged ones a resume fell back past: deleted). Optimizer tensors are
     saved where they live and loaded onto the device of the run that resumes (any device)."""
@@ -298,8 +346,14 @@ def save_checkpoint(run_dir: Path, step: int, model: LM, opt: torch.optim.Optimi
         remove_dir(ckpts / name)
     with atomic_dir(ckpts / name) as tmp:
         _save_weights(model, tmp / "model.safetensors")
-        state = {"step": step, "optimizer": opt.state_dict(), "data_rng": gen.get_state(),
-                 "torch_rng": torch.get_rng_state(), "device_rng": rng_state(model_device(model)), **extra}
+        state = {
+            "step": step,
+            "optimizer": opt.state_dict(),
+            "data_rng": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "device_rng": rng_state(model_device(model)),
+            **extra,
+        }
         _save_state(state, tmp / "state.pt")
         manifest = {f: _digest(tmp / f) for f in ("model.safetensors", "state.pt")}
         atomic_write_text(tmp / "manifest.json", json.dumps(manifest))
@@ -357,8 +411,10 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     for ckpt in checkpoint_dirs(run_dir):
         if (problem := damage(ckpt)) is None:
             for bad, why in damaged:
-                print(f"spannorm: warning: checkpoint {str(bad)!r} is corrupt or truncated ({why}); "
-                      f"using {ckpt.name}", file=sys.stderr)
+                print(
+                    f"spannorm: warning: checkpoint {str(bad)!r} is corrupt or truncated ({why}); using {ckpt.name}",
+                    file=sys.stderr,
+                )
             return ckpt
         damaged.append((ckpt, problem))
     if damaged:
@@ -387,6 +443,7 @@ def load_checkpoint(ckpt: Path, model: LM, opt: torch.optim.Optimizer, gen: torc
 
 
 # --- the training guard --------------------------------------------------------------------
+
 
 @dataclass
 class GuardState:
@@ -425,7 +482,7 @@ class GuardState:
         return z if z >= t.guard_spike_z else None
 
     def keep(self, loss: float, t: TrainConfig) -> None:
-        self.window = (self.window + [loss])[-t.guard_window:]
+        self.window = (self.window + [loss])[-t.guard_window :]
 
 
 def initial_model(cfg: RunConfig) -> LM:
@@ -458,6 +515,7 @@ def truncate_rows(run_dir: Path, step: int, keep_guard: bool = False) -> None:
 
 
 # --- the loop ------------------------------------------------------------------------------
+
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The rows of metrics.jsonl with a loss (the guard's interventions: :func:`read_interventions`)."""
@@ -515,8 +573,9 @@ class DeferredInterrupt:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None) -> dict:
+def train(
+    cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool = True, stop_after: int | None = None
+) -> dict:
     """Train (or with ``resume`` continue) the run in ``run_dir``; returns the summary.
 
     ``stop_after`` ends the session after that many total steps without finishing the run,
@@ -531,8 +590,9 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
 
     def ended() -> dict | None:
         if not resume and (run_dir / "config.yaml").exists():
-            raise ConfigError(f"--out {str(run_dir)!r} already holds a run: pass --resume to continue it "
-                              "or choose another --out")
+            raise ConfigError(
+                f"--out {str(run_dir)!r} already holds a run: pass --resume to continue it or choose another --out"
+            )
         if resume and (run_dir / "summary.json").is_file():  # the run already ended
             return read_json(run_dir / "summary.json", "delete it and resume the run to write it again")
         return None
@@ -540,8 +600,10 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
     if (summary := ended()) is not None:
         return summary
     if t.compile and cfg.model.moe:
-        raise ConfigError(f"train.compile=true is not supported with MoE (model.n_experts={cfg.model.n_experts}): "
-                          "set train.compile=false")
+        raise ConfigError(
+            f"train.compile=true is not supported with MoE (model.n_experts={cfg.model.n_experts}): "
+            "set train.compile=false"
+        )
     device = resolve_device(t.device)
     check_memory(cfg)
     dataset = TokenData(prepare(cfg.data), t.seq_len)  # validates before any file is written
@@ -555,8 +617,15 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool
             raise os_error(e, f"the run {str(run_dir)!r}", "free space, then continue it with --resume") from None
 
 
-def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, device: torch.device, resume: bool,
-           progress: bool, stop_after: int | None) -> dict:
+def _train(
+    cfg: RunConfig,
+    run_dir: Path,
+    dataset: TokenData,
+    device: torch.device,
+    resume: bool,
+    progress: bool,
+    stop_after: int | None,
+) -> dict:
     """The body of :func:`train`, under the run directory's lock."""
     t = cfg.train
     if t.threads:
@@ -594,8 +663,15 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, device: torch.devi
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=t.max_steps, initial=step, desc=f"{cfg.model.scheme.value}", unit="step",
-                   dynamic_ncols=True, leave=False, disable=None)  # None: off when not a terminal
+        bar = tqdm(
+            total=t.max_steps,
+            initial=step,
+            desc=f"{cfg.model.scheme.value}",
+            unit="step",
+            dynamic_ncols=True,
+            leave=False,
+            disable=None,
+        )  # None: off when not a terminal
     lines = progress and bar.disable  # not a terminal: a progress line at each validation instead of a bar
     metrics = open(run_dir / "metrics.jsonl", "a")
     diagnostics = open(run_dir / "diagnostics.jsonl", "a")
@@ -608,8 +684,18 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, device: torch.devi
     def checkpoint():
         for f in (metrics, diagnostics):  # the rows up to the checkpoint are on disk before it
             os.fsync(f.fileno())
-        save_checkpoint(run_dir, step, model, opt, gen, t.keep_checkpoints, first_loss=first_loss,
-                        above=above, last_val=last_val, **({"guard": guard.state_dict()} if t.guard else {}))
+        save_checkpoint(
+            run_dir,
+            step,
+            model,
+            opt,
+            gen,
+            t.keep_checkpoints,
+            first_loss=first_loss,
+            above=above,
+            last_val=last_val,
+            **({"guard": guard.state_dict()} if t.guard else {}),
+        )
 
     interrupt = DeferredInterrupt().__enter__()  # left in the finally below
     try:
@@ -619,17 +705,23 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, device: torch.devi
                 group["lr"] = lr_at(step, t) * guard.lr_scale  # (x * 1.0 is x: no change without a rollback)
             x, y = to_device(dataset.sample(gen, t.batch_size), device)
             probing = t.probe_interval > 0 and (step + 1) % t.probe_interval == 0
-            with autocast(t, device), (taps(model) if probing else contextlib.nullcontext()) as rec:
+            with autocast(t, device), taps(model) if probing else contextlib.nullcontext() as rec:
                 _, loss = (model if probing else forward)(x, y)  # the pure cross-entropy: what is logged
             (loss + model.moe_loss() if moe else loss).backward()
             moe_row = {}
             if moe:  # this step's auxiliary terms (unweighted means over layers) and the worst layer's imbalance
                 aux, z = model.moe_terms()
-                moe_row = {"aux_loss": aux.item(), "z_loss": z.item(),
-                           "moe_imbalance": max(s["imbalance"] for s in model.moe_stats())}
+                moe_row = {
+                    "aux_loss": aux.item(),
+                    "z_loss": z.item(),
+                    "moe_imbalance": max(s["imbalance"] for s in model.moe_stats()),
+                }
             if probing:  # before clipping: the raw per-block gradient norms
-                row = {"step": step + 1, "grad_norm": [g["total"] for g in grad_norms(model)],
-                       "stream_rms": [s.float().pow(2).mean().sqrt().item() for s in rec["stream"]]}
+                row = {
+                    "step": step + 1,
+                    "grad_norm": [g["total"] for g in grad_norms(model)],
+                    "stream_rms": [s.float().pow(2).mean().sqrt().item() for s in rec["stream"]],
+                }
                 row |= forward_stats(model, rec)
                 if moe:
                     row["moe"] = model.moe_stats()
@@ -657,8 +749,9 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, device: torch.devi
                     guard.skipped += 1
                     guard.streak += 1
                     guard.unlogged += 1
-                    log(metrics, {"step": step, "kind": "skip",
-                                  "reason": NON_FINITE if not finite else NON_FINITE_GRAD})
+                    log(
+                        metrics, {"step": step, "kind": "skip", "reason": NON_FINITE if not finite else NON_FINITE_GRAD}
+                    )
                     if guard.streak >= t.guard_skip_limit:
                         why = f"{guard.streak} skipped steps in a row"
                 else:
@@ -697,9 +790,14 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, device: torch.devi
             val = evaluate(model, dataset, t) if step % t.eval_interval == 0 or (done and reason is None) else None
             last_val = val if val is not None else last_val
             if step % t.log_interval == 0 or done or val is not None:
-                row = {"step": step, "loss": loss_value, "val_loss": val, "lr": lr_at(step - 1, t) * guard.lr_scale,
-                       "grad_norm": grad_norm,
-                       "tokens_per_s": window_tokens / window_time}
+                row = {
+                    "step": step,
+                    "loss": loss_value,
+                    "val_loss": val,
+                    "lr": lr_at(step - 1, t) * guard.lr_scale,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": window_tokens / window_time,
+                }
                 row |= moe_row
                 if guard.unlogged:
                     row["skipped"], guard.unlogged = guard.unlogged, 0
@@ -714,11 +812,19 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, device: torch.devi
             if step % t.ckpt_interval == 0 or step == t.max_steps or interrupt.requested:
                 checkpoint()
             if lines and val is not None:
-                print(f"{cfg.model.scheme.value}: step {step}/{t.max_steps}, loss {loss_value:.4f}, val loss {val:.4f}, "
-                      f"{tokens_per_step / dt:,.0f} tokens/s", file=sys.stderr, flush=True)
+                print(
+                    f"{cfg.model.scheme.value}: step {step}/{t.max_steps}, loss {loss_value:.4f}, val loss {val:.4f}, "
+                    f"{tokens_per_step / dt:,.0f} tokens/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
             if interrupt.requested:
-                print(f"spannorm: interrupted at step {step}, checkpoint written: continue with "
-                      f"spannorm train --out {run_dir} --resume", file=sys.stderr, flush=True)
+                print(
+                    f"spannorm: interrupted at step {step}, checkpoint written: continue with "
+                    f"spannorm train --out {run_dir} --resume",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 raise KeyboardInterrupt
     finally:
         interrupt.__exit__(None, None, None)
@@ -747,7 +853,10 @@ def _train(cfg: RunConfig, run_dir: Path, dataset: TokenData, device: torch.devi
         "n_params": sum(p.numel() for p in model.parameters()),
     }
     if t.guard:
-        summary |= {"guard_skipped": guard.skipped, "guard_rollbacks": guard.rollbacks,
-                    "guard_lr_scale": guard.lr_scale}
+        summary |= {
+            "guard_skipped": guard.skipped,
+            "guard_rollbacks": guard.rollbacks,
+            "guard_lr_scale": guard.lr_scale,
+        }
     atomic_write_text(run_dir / "summary.json", dumps(summary, indent=1))
     return summary
