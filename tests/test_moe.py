@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from spannorm import ConfigError, ModelConfig, Scheme, build_model
 from spannorm.cli import main
-from spannorm.diagnostics import taps
+from spannorm.layers import Role, SwiGLU
 from spannorm.moe import MoE
-from spannorm.nn import Role, SwiGLU
+from spannorm.probe import taps
 from spannorm.train import load_config, preset_names, read_metrics, train
 
 

@@ -149,7 +149,7 @@ ATTN_INPUT = {
 
 
 def dyts(m):
-    from spannorm.nn import DyT
+    from spannorm.layers import DyT
 
     return {name: mod for name, mod in m.named_modules() if isinstance(mod, DyT)}
 

@@ -8,8 +8,8 @@ import torch
 
 from spannorm import ModelConfig, build_model
 from spannorm.cli import main
-from spannorm.diagnostics import _entry, _stack, frozen_branches, probe, skip_gains
-from spannorm.nn import rope_cache
+from spannorm.layers import rope_cache
+from spannorm.probe import _entry, _stack, frozen_branches, probe, skip_gains
 
 FIELDS = {
     "scheme",

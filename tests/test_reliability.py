@@ -294,7 +294,7 @@ def test_every_json_file_is_strict_json(corpus, tmp_path):
         for line in path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]:
             strict_load(line)
     assert read_metrics(tmp_path / "run")[-1]["loss"] is None  # the NaN, as null
-    from spannorm.io import dumps
+    from spannorm.files import dumps
 
     assert strict_load(dumps({"a": [float("nan"), float("inf"), -float("inf"), 1.5]})) == {"a": [None] * 3 + [1.5]}
 

@@ -7,7 +7,7 @@ import reference
 import torch
 
 from spannorm import ModelConfig, Scheme, build_model
-from spannorm.nn import Role, rope_cache
+from spannorm.layers import Role, rope_cache
 from spannorm.schemes import Streams
 
 SCHEMES = [s.value for s in Scheme]

@@ -1,8 +1,8 @@
 """spannorm: deep Transformers with SpanNorm and its peer normalization schemes."""
 
 from .config import ConfigError, SpannormError
+from .layers import NormType
 from .model import LM, ModelConfig, build_model
-from .nn import NormType
 from .schemes import SCHEMES, InitMode, Scheme, SpanScale
 
 __all__ = [

@@ -343,8 +343,8 @@ def _int_list(flag: str, text: str) -> list[int]:
 
 
 def cmd_probe(args) -> None:
-    from .diagnostics import plot_heatmaps, plot_probe, probe_table, read_diagnostics, run_probe
-    from .io import atomic_write_text, dumps
+    from .files import atomic_write_text, dumps
+    from .probe import plot_heatmaps, plot_probe, probe_table, read_diagnostics, run_probe
     from .schemes import Scheme
 
     if args.batch < 1:
@@ -391,7 +391,7 @@ def cmd_bench(args) -> None:
 
     from .bench import DEPTHS, GPU_DEPTHS, cases, markdown, moe_cases, moe_ratios, ratios, run
     from .device import resolve as resolve_device
-    from .io import atomic_write_text, dumps
+    from .files import atomic_write_text, dumps
 
     schemes = [coerce_enum(Scheme, "--schemes", s.strip()).value for s in args.schemes.split(",") if s.strip()]
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -434,7 +434,7 @@ def cmd_bench(args) -> None:
 
 
 def cmd_schemes(args) -> None:
-    from .io import dumps
+    from .files import dumps
     from .schemes import SCHEMES
 
     rows = [
@@ -520,7 +520,7 @@ def cmd_generate(args) -> None:
 
 def cmd_eval(args) -> None:
     from .evaluation import evaluate
-    from .io import atomic_write_text, dumps
+    from .files import atomic_write_text, dumps
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} is invalid: expected a positive integer")
@@ -561,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spannorm: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except OSError as e:  # one at a file edge that no command turned into its own error: one line all the same
-        from .io import os_error
+        from .files import os_error
 
         what = repr(str(e.filename)) if e.filename is not None else "a file"
         print(f"spannorm: error: {' '.join(str(os_error(e, what)).split())}", file=sys.stderr)

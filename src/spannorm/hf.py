@@ -46,8 +46,8 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import ConfigError, SpannormError, to_dict
+from .layers import NormType
 from .model import LM, ModelConfig
-from .nn import NormType
 from .schemes import SCHEMES, Scheme
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
@@ -315,7 +315,7 @@ def to_llama(lm: LM, max_positions: int, eos_token_id: int | None):
 def export(run_dir: Path, out_dir: Path, to: str = "spannorm") -> Path:
     """Write the run's newest checkpoint as a Hugging Face folder ``out_dir`` (must not exist):
     ``to="spannorm"`` (SpanNormForCausalLM) or ``"llama"`` (plain LlamaForCausalLM)."""
-    from .io import atomic_dir
+    from .files import atomic_dir
 
     out_dir = Path(out_dir)
     if out_dir.exists():

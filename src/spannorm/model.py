@@ -11,8 +11,8 @@ from torch import nn
 
 from .config import coerce_enum, require
 from .device import compute_dtype
+from .layers import NORMS, DyTRecipe, NormType, Role, linear_cross_entropy, make_norm, rope_cache
 from .moe import MoE
-from .nn import NORMS, DyTRecipe, NormType, Role, linear_cross_entropy, make_norm, rope_cache
 from .schemes import SCHEMES, InitMode, Scheme, SpanScale, shared_init
 
 MAX_EXPERTS = 4096  # routed or shared experts per MoE layer (today's largest models use a few hundred)

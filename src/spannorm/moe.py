@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .device import compute_dtype
-from .nn import Role, SwiGLU, silu_gate
+from .layers import Role, SwiGLU, silu_gate
 
 
 class ExpertWeight(nn.Module):

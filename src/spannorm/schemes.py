@@ -5,7 +5,7 @@ A scheme is one short block class whose ``forward`` reads like its equation, plu
     ``tie_embeddings`` (the head shares the embedding), ``head_scale`` (a fixed factor on the final
     state before the head) and, for two-stream schemes, ``enter`` (embedding -> state) and ``Exit``
     (state -> one tensor);
-  * an init rule as data: ``init_stds(cfg, layer)`` maps each weight :class:`~spannorm.nn.Role`
+  * an init rule as data: ``init_stds(cfg, layer)`` maps each weight :class:`~spannorm.layers.Role`
     to a std; ``reset_parameters`` initializes scheme-owned parameters (e.g. Admin's ω);
   * ``equation``, ``init_rule`` and ``reference`` strings for ``spannorm schemes``.
 Registering a scheme is one :class:`Scheme` value and one entry in ``SCHEMES``. Depth constants
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import Attention, Role, Site, SwiGLU, make_norm
 from .moe import MoE
-from .nn import Attention, Role, Site, SwiGLU, make_norm
 
 if TYPE_CHECKING:
     from .model import ModelConfig

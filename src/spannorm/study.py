@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from .config import ConfigError, SpannormError, apply_overrides, read_yaml, require, to_dict
-from .io import atomic_write_text, dumps, locked, read_json, sweep_temp
+from .files import atomic_write_text, dumps, locked, read_json, sweep_temp
 from .train import (
     RunConfig,
     load_run,
@@ -422,7 +422,7 @@ def run_cell(cfg_dict: dict, run_dir: str, probe: bool, keep_checkpoints: bool, 
     import torch
 
     from .compare import run_scheme
-    from .diagnostics import run_probe
+    from .probe import run_probe
 
     if threads:
         torch.set_num_threads(threads)

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from .config import to_dict
-from .io import atomic_write_bytes, atomic_write_text, dumps, read_jsonl
+from .files import atomic_write_bytes, atomic_write_text, dumps, read_jsonl
 from .study import (
     CORE,
     PROBE_BATCH,
@@ -431,8 +431,8 @@ def init_probe(study_base: dict, depths: list[int], path: Path) -> list[dict]:
     import torch
 
     from .data import TokenData, prepare
-    from .diagnostics import probe
     from .model import build_model
+    from .probe import probe
 
     cfg = run_config_from_dict(copy.deepcopy(study_base))
     key = {

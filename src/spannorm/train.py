@@ -65,9 +65,9 @@ from .data import DataConfig, TokenData, prepare
 from .device import DEVICE_FORMS, rng_state, set_rng_state, set_tf32, to_device, valid_device
 from .device import autocast as device_autocast
 from .device import resolve as resolve_device
-from .diagnostics import forward_stats, grad_norms, snapshot, taps, update_ratios
-from .io import atomic_dir, atomic_write_text, dumps, locked, os_error, read_json, read_jsonl, remove_dir, sweep_temp
+from .files import atomic_dir, atomic_write_text, dumps, locked, os_error, read_json, read_jsonl, remove_dir, sweep_temp
 from .model import LM, ModelConfig, build_model
+from .probe import forward_stats, grad_norms, snapshot, taps, update_ratios
 
 
 class Precision(str, enum.Enum):

@@ -28,8 +28,8 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
+from .layers import NORMS, Role, rope_cache
 from .model import LM
-from .nn import NORMS, Role, rope_cache
 from .schemes import Scheme, Streams
 
 
@@ -439,7 +439,7 @@ def plot_probe(runs: list[dict], out) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     panels = [
         ("stream_rms", "residual stream RMS (dashed: theory)", True),
@@ -469,7 +469,7 @@ def read_diagnostics(run_dir) -> list[dict]:
     """The rows the trainer logged to diagnostics.jsonl (see the module docstring of ``train``)."""
     from pathlib import Path
 
-    from .io import read_jsonl
+    from .files import read_jsonl
 
     return read_jsonl(Path(run_dir) / "diagnostics.jsonl")
 
@@ -484,7 +484,7 @@ def plot_heatmaps(rows: list[dict], out) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from .io import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spannorm.nn import linear_cross_entropy
+from spannorm.layers import linear_cross_entropy
 
 
 def _grads(fn, x, w, t):
@@ -50,7 +50,7 @@ def test_no_grad_computes_only_the_loss():
 
 
 def test_rmsnorm_matches_torch_forward_and_backward():
-    from spannorm.nn import RMSNorm, _RMSNorm
+    from spannorm.layers import RMSNorm, _RMSNorm
 
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, 5, 16, generator=g, dtype=torch.float64)
@@ -74,7 +74,7 @@ def test_rmsnorm_matches_torch_forward_and_backward():
 
 
 def test_rmsnorm_keeps_low_precision_inputs_in_fp32():
-    from spannorm.nn import RMSNorm
+    from spannorm.layers import RMSNorm
 
     y = RMSNorm(8, eps=1e-6)(torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True))
     assert y.dtype == torch.float32
@@ -83,7 +83,7 @@ def test_rmsnorm_keeps_low_precision_inputs_in_fp32():
 
 def test_rope_is_the_rotate_half_rotation():
     """apply_rope (roll and signed sin) against Llama's written form x·cos + [−x₂, x₁]·sin."""
-    from spannorm.nn import apply_rope, rope_cache
+    from spannorm.layers import apply_rope, rope_cache
 
     T, hd, theta = 7, 8, 10000.0
     x = torch.randn(2, 3, T, hd, dtype=torch.float64)
@@ -97,7 +97,7 @@ def test_rope_is_the_rotate_half_rotation():
 
 
 def test_silu_gate_matches_autograd():
-    from spannorm.nn import _SiluGate
+    from spannorm.layers import _SiluGate
 
     g = torch.Generator().manual_seed(3)
     h = torch.randn(3, 4, 10, generator=g, dtype=torch.float64, requires_grad=True)
