@@ -1,7 +1,7 @@
 import pytest
 
 from spannorm import ConfigError, ModelConfig, Scheme, build_model
-from spannorm.train import load_config, preset_names, run_config_from_dict
+from spannorm.run import load_config, preset_names, run_config_from_dict
 
 
 def test_public_api_builds_each_scheme():

@@ -21,7 +21,8 @@ from spannorm.probe import (
     uniform_causal_entropy,
     update_ratios,
 )
-from spannorm.train import load_config, train
+from spannorm.run import load_config
+from spannorm.train import train
 
 ROLES = ["attn.qk", "attn.v", "attn.out", "ffn.up", "ffn.down", "norm"]
 PER_BLOCK = ["grad_norm", "stream_rms", "attn_rms", "ffn_rms", "attn_entropy"]

@@ -12,8 +12,9 @@ import torch
 pytest.importorskip("transformers")
 
 from spannorm.cli import main  # noqa: E402
+from spannorm.run import load_config  # noqa: E402
 from spannorm.schemes import Scheme  # noqa: E402
-from spannorm.train import load_config, train  # noqa: E402
+from spannorm.train import train
 
 RUNS = {  # name -> overrides of the tiny preset
     "span": [],

@@ -231,7 +231,8 @@ def test_schemes_command(capsys):
 @pytest.mark.parametrize("norm", ["rms", "layer", "dyt"])
 @pytest.mark.parametrize("scheme", [s.value for s in Scheme])
 def test_every_scheme_and_norm_trains(corpus, tmp_path, scheme, norm):
-    from spannorm.train import load_config, read_metrics, train
+    from spannorm.run import load_config, read_metrics
+    from spannorm.train import train
 
     cfg = load_config(
         "tiny",
@@ -341,7 +342,7 @@ def test_shared_init_is_plain_for_every_weight():
 
 
 def test_tie_embeddings_from_config_file():
-    from spannorm.train import load_config
+    from spannorm.run import load_config
 
     assert load_config("tiny", ["model.scheme=post"]).model.use_tied_embeddings is False
     assert load_config("tiny", ["model.scheme=post", "model.tie_embeddings=true"]).model.use_tied_embeddings is True

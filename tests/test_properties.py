@@ -12,7 +12,7 @@ from spannorm.cli import main
 from spannorm.config import ConfigError
 from spannorm.data import DataConfig
 from spannorm.model import ModelConfig, build_model
-from spannorm.train import TrainConfig, load_config
+from spannorm.run import TrainConfig, load_config
 
 KEYS = (
     [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)]

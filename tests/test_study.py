@@ -9,8 +9,9 @@ import yaml
 
 from spannorm.cli import main
 from spannorm.config import ConfigError
+from spannorm.run import load_config, preset_names, read_metrics
 from spannorm.study import expand, load_study, run_study, study_from_dict, study_names
-from spannorm.train import PATIENCE, load_config, preset_names, read_metrics, train
+from spannorm.train import PATIENCE, train
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import ConfigError, SpannormError, coerce_enum
+from .files import atomic_write_text, dumps, os_error
 from .schemes import Scheme
 
 
@@ -226,7 +227,8 @@ def _shortcuts(args) -> list[str]:
 
 
 def _load(args):
-    from .train import load_config
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
+    from .run import load_config
 
     return load_config(args.config, list(args.overrides) + _shortcuts(args))
 
@@ -234,6 +236,7 @@ def _load(args):
 def cmd_data_prepare(args) -> None:
     import json
 
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from .data import prepare
 
     path = prepare(_load(args).data, verify=True)  # (a cached dataset: its files' sha256 checked too)
@@ -246,8 +249,10 @@ def cmd_data_prepare(args) -> None:
 
 
 def cmd_train(args) -> None:
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from .device import resolve as resolve_device
-    from .train import load_run, train
+    from .run import load_run
+    from .train import train
 
     if args.resume:
         if args.out is None:
@@ -282,15 +287,10 @@ def cmd_train(args) -> None:
 
 
 def cmd_compare(args) -> None:
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from .compare import compare, table
-    from .schemes import Scheme
 
-    schemes = [coerce_enum(Scheme, "--schemes", s.strip()) for s in args.schemes.split(",") if s.strip()]
-    if not schemes:
-        raise ConfigError(
-            f"--schemes {args.schemes!r} is invalid: expected a comma-separated list of "
-            + ", ".join(s.value for s in Scheme)
-        )
+    schemes = _schemes("--schemes", args.schemes)
     base = _load(args)
     command = "spannorm " + " ".join(shlex.quote(a) for a in args.argv)
     summaries = compare(base, schemes, args.out, command, progress=not args.quiet)
@@ -300,6 +300,7 @@ def cmd_compare(args) -> None:
 
 
 def cmd_study(args) -> None:
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from .study import load_study, run_study
 
     if args.jobs < 1:
@@ -332,6 +333,15 @@ def _output_file(flag: str, path: Path) -> None:
         raise ConfigError(f"{flag} {str(path)!r} cannot be created: {str(parent)!r} is not a directory")
 
 
+def _schemes(flag: str, text: str) -> list[Scheme]:
+    """A comma-separated list of scheme names."""
+    schemes = [coerce_enum(Scheme, flag, s.strip()) for s in text.split(",") if s.strip()]
+    if not schemes:
+        valid = ", ".join(s.value for s in Scheme)
+        raise ConfigError(f"{flag} {text!r} is invalid: expected a comma-separated list of {valid}")
+    return schemes
+
+
 def _int_list(flag: str, text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -343,9 +353,8 @@ def _int_list(flag: str, text: str) -> list[int]:
 
 
 def cmd_probe(args) -> None:
-    from .files import atomic_write_text, dumps
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from .probe import plot_heatmaps, plot_probe, probe_table, read_diagnostics, run_probe
-    from .schemes import Scheme
 
     if args.batch < 1:
         raise ConfigError(f"--batch {args.batch} is invalid: expected a positive integer")
@@ -353,7 +362,7 @@ def cmd_probe(args) -> None:
     if args.checkpoint is not None:
         schemes, depths, cfg = [], [], None
     else:
-        schemes = [coerce_enum(Scheme, "--scheme", s.strip()) for s in args.scheme.split(",") if s.strip()]
+        schemes = _schemes("--scheme", args.scheme)
         depths = _int_list("--depths", args.depths)
         if args.d_model is not None:
             args.overrides = list(args.overrides) + [f"model.d_model={args.d_model}"]
@@ -389,11 +398,11 @@ def cmd_bench(args) -> None:
     import importlib.util
     import json
 
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from .bench import DEPTHS, GPU_DEPTHS, cases, markdown, moe_cases, moe_ratios, ratios, run
     from .device import resolve as resolve_device
-    from .files import atomic_write_text, dumps
 
-    schemes = [coerce_enum(Scheme, "--schemes", s.strip()).value for s in args.schemes.split(",") if s.strip()]
+    schemes = [s.value for s in _schemes("--schemes", args.schemes)]
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     for d in dtypes:
         if d not in ("fp32", "bf16"):
@@ -434,7 +443,7 @@ def cmd_bench(args) -> None:
 
 
 def cmd_schemes(args) -> None:
-    from .files import dumps
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from .schemes import SCHEMES
 
     rows = [
@@ -472,6 +481,7 @@ def _hf():
         raise ConfigError("this command needs transformers: pip install 'spannorm[hf]'")
     import transformers
 
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from . import hf
 
     transformers.logging.set_verbosity_error()
@@ -481,6 +491,7 @@ def _hf():
 
 def _load_model(args):
     """(model, tokenizer, run config or None) of args.model on --device (default: auto)."""
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from .device import resolve as resolve_device
 
     device = resolve_device(args.device or "auto", "--device")
@@ -519,8 +530,8 @@ def cmd_generate(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from .evaluation import evaluate
-    from .files import atomic_write_text, dumps
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} is invalid: expected a positive integer")
@@ -561,8 +572,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spannorm: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except OSError as e:  # one at a file edge that no command turned into its own error: one line all the same
-        from .files import os_error
-
         what = repr(str(e.filename)) if e.filename is not None else "a file"
         print(f"spannorm: error: {' '.join(str(os_error(e, what)).split())}", file=sys.stderr)
         return 2

@@ -346,26 +346,14 @@ def layer_drop(model: LM, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> l
 def load_checkpoint_model(run_dir) -> tuple[LM, object]:
     """The model of a run directory, with the weights of its newest checkpoint that verifies against its
     sha256 manifest (as a resume would load), and its RunConfig."""
-    from pathlib import Path
-
-    from safetensors.torch import load_model
-
     from .config import SpannormError
     from .model import build_model
-    from .train import find_checkpoint, load_run
+    from .run import RunDir
 
-    run_dir = Path(run_dir)
-    cfg = load_run(run_dir, "--checkpoint")
-    ckpt = find_checkpoint(run_dir)
-    if ckpt is None:
-        raise SpannormError(f"--checkpoint {str(run_dir)!r} has no checkpoint yet (no checkpoints/step-N)")
+    run = RunDir(run_dir, "--checkpoint")
+    cfg = run.config()
     model = build_model(cfg.model)
-    try:
-        load_model(model, str(ckpt / "model.safetensors"))
-    except Exception as e:
-        raise SpannormError(
-            f"--checkpoint {str(run_dir)!r}: cannot load its weights: {str(e).splitlines()[0]}"
-        ) from None
+    ckpt = run.load_weights(model)
     if not all(p.isfinite().all() for p in model.parameters()):
         raise SpannormError(f"--checkpoint {str(run_dir)!r}: {ckpt.name} holds non-finite weights")
     return model, cfg

@@ -40,15 +40,7 @@ import yaml
 
 from .config import ConfigError, SpannormError, apply_overrides, read_yaml, require, to_dict
 from .files import atomic_write_text, dumps, locked, read_json, sweep_temp
-from .train import (
-    RunConfig,
-    load_run,
-    resolve_config_path,
-    resolve_shipped,
-    run_config_from_dict,
-    same_experiment,
-    shipped_names,
-)
+from .run import RunConfig, RunDir, resolve_config_path, resolve_shipped, run_config_from_dict, shipped_names
 
 STUDIES = resources.files("spannorm") / "configs" / "studies"
 CORE = ("model.scheme", "model.n_layers", "train.lr", "train.seed")  # named in every cell's directory name
@@ -421,14 +413,15 @@ def run_cell(cfg_dict: dict, run_dir: str, probe: bool, keep_checkpoints: bool, 
     """
     import torch
 
-    from .compare import run_scheme
     from .probe import run_probe
+    from .train import train_or_reuse
 
     if threads:
         torch.set_num_threads(threads)
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
-    summary = run_scheme(run_config_from_dict(cfg_dict), run_dir, progress=False)
+    cfg = run_config_from_dict(cfg_dict)
+    summary = train_or_reuse(cfg, run_dir, False, f"--out {str(run_dir.parent.parent)!r} holds a cell {run_dir.name!r}")
     reused = bool(summary.get("reused"))
     ckpts = run_dir / "checkpoints"
     if probe and not summary["diverged"] and not (run_dir / "probe.json").is_file() and (ckpts / "latest").is_file():
@@ -450,12 +443,7 @@ def run_cells(study: StudyConfig, cells: list[Cell], out: Path, jobs: int, log) 
     from .data import prepare
 
     for cell in cells:  # a cell directory of another config is a user error: refuse before any training
-        run_dir = out / "cells" / cell.name
-        if (run_dir / "config.yaml").is_file() and not same_experiment(load_run(run_dir), cell.cfg):
-            raise ConfigError(
-                f"--out {str(out)!r} holds a cell {cell.name!r} with another config: "
-                "choose another --out (or delete that cell)"
-            )
+        RunDir(out / "cells" / cell.name).check_config(cell.cfg, f"--out {str(out)!r} holds a cell {cell.name!r}")
     for data in {json.dumps(to_dict(c.cfg.data), sort_keys=True): c.cfg.data for c in cells}.values():
         prepare(data)  # once, here, before any worker starts
     failed: dict[str, str] = {}

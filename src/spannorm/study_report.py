@@ -20,6 +20,7 @@ import yaml
 
 from .config import to_dict
 from .files import atomic_write_bytes, atomic_write_text, dumps, read_jsonl
+from .run import run_config_from_dict
 from .study import (
     CORE,
     PROBE_BATCH,
@@ -36,7 +37,7 @@ from .study import (
     lr_points,
     stable_lrs,
 )
-from .train import STALL_MARGIN, run_config_from_dict
+from .train import STALL_MARGIN
 
 
 @dataclass
@@ -220,7 +221,7 @@ def plot_val(path: Path, cells: list[Cell], rows: list[dict], x: str, key=None, 
 
 def plot_curves(path: Path, cells: list[Cell], out: Path) -> bool:
     """Training loss curves, one panel per (depth, lr), one line per series (the smallest seed)."""
-    from .train import read_metrics
+    from .run import read_metrics
 
     series = plotted_series(cells)
     firsts = {k: c for k, c in first_seed(cells).items() if k[0] in series}
