@@ -360,6 +360,7 @@ def test_bad_study_command_line(tmp_path, capsys):
     for argv, fragment in (
         (["study", "--config", "nosuch"], "neither a YAML file nor a shipped study; studies:"),
         (["study", "--config", "tiny", "--jobs", "0"], "--jobs 0 is invalid"),
+        (["study", "--config", "lr", "--set", "train.max_steps=5"], "--set train.max_steps is invalid here"),
     ):
         assert main(argv + ["--out", str(tmp_path / "st")]) == 2
         err = capsys.readouterr().err

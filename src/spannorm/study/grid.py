@@ -115,9 +115,7 @@ class StudyConfig:
                 grid.name,
                 "a name no other grid has",
             )
-        for s in self.set:
-            if s.partition("=")[0].strip() == "train.max_steps":
-                raise ConfigError("set: train.max_steps is invalid here: tokens_per_cell sets every cell's steps")
+        check_sets(self.set, "set:")
 
     def to_dict(self) -> dict:
         """The study as YAML-safe data (study.yaml); a grid without best_lr_seeds leaves the key out."""
@@ -180,10 +178,18 @@ def study_from_dict(data: dict, where: Path | None = None) -> StudyConfig:
     return study
 
 
+def check_sets(sets: list[str], where: str) -> None:
+    """Refuse an override of train.max_steps (``where``: "set:" or "--set"): tokens_per_cell sets the steps."""
+    for s in sets:
+        if s.partition("=")[0].strip() == "train.max_steps":
+            raise ConfigError(f"{where} train.max_steps is invalid here: tokens_per_cell sets every cell's steps")
+
+
 def load_study(name: str, extra_sets: list[str] = ()) -> StudyConfig:
     """Load a study YAML (or shipped study name); ``extra_sets`` are appended to its ``set``."""
     path = resolve_study_path(name)
     study = study_from_dict(read_yaml(path), where=path)
+    check_sets(extra_sets, "--set")
     study.set += list(extra_sets)
     return study
 
