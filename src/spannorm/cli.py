@@ -223,6 +223,18 @@ def build_parser() -> Parser:
     ev.add_argument("--include-path", type=Path, metavar="DIR", help="--lm-eval: also find tasks in this YAML folder")
     ev.add_argument("--limit", type=int, metavar="N", help="--lm-eval: score only the first N items of each task")
     _model_device_arg(ev)
+
+    tk = sub.add_parser(
+        "track", help="replay a run's metrics.jsonl and diagnostics.jsonl into TensorBoard or an offline W&B run"
+    )
+    tk.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory")
+    tk.add_argument(
+        "--to",
+        required=True,
+        metavar="TRACKERS",
+        help="comma-separated: tensorboard (RUN_DIR/tensorboard; pip install 'spannorm[tensorboard]') and/or "
+        "wandb (offline, RUN_DIR/wandb; pip install 'spannorm[wandb]')",
+    )
     return parser
 
 
@@ -578,6 +590,16 @@ def cmd_lm_eval(args) -> None:
         atomic_write_text(args.json, dumps(report, indent=1))
 
 
+def cmd_track(args) -> None:
+    from .trackers import replay
+
+    names = [n.strip() for n in args.to.split(",") if n.strip()]
+    if not names:
+        raise ConfigError(f"--to {args.to!r} is invalid: expected tensorboard and/or wandb")
+    n_metrics, n_diagnostics = replay(args.run_dir, names)
+    print(f"{args.run_dir}: {n_metrics} metrics rows, {n_diagnostics} diagnostics rows -> {', '.join(names)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -593,6 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         "export": cmd_export,
         "generate": cmd_generate,
         "eval": cmd_eval,
+        "track": cmd_track,
     }[args.command]
     try:
         handler(args)
