@@ -215,7 +215,27 @@ def build_parser() -> Parser:
     ev.add_argument("--seq-len", type=int, help="window length (default: the run's train.seq_len)")
     ev.add_argument("--batch-size", type=int, help="windows per forward (default: the run's train.batch_size, else 16)")
     ev.add_argument("--json", type=Path, metavar="OUT", help="also write the results to this JSON file")
+    ev.add_argument(
+        "--lm-eval",
+        metavar="TASKS",
+        help="instead: run these comma-separated lm-eval-harness tasks (spannorm_spelling, shipped; yours with "
+        "--include-path; lm-eval's own) with lm-eval's hf model; needs pip install 'spannorm[eval]'",
+    )
+    ev.add_argument("--include-path", type=Path, metavar="DIR", help="--lm-eval: also find tasks in this YAML folder")
+    ev.add_argument("--limit", type=int, metavar="N", help="--lm-eval: score only the first N items of each task")
     _model_device_arg(ev)
+
+    tk = sub.add_parser(
+        "track", help="replay a run's metrics.jsonl and diagnostics.jsonl into TensorBoard or an offline W&B run"
+    )
+    tk.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory")
+    tk.add_argument(
+        "--to",
+        required=True,
+        metavar="TRACKERS",
+        help="comma-separated: tensorboard (RUN_DIR/tensorboard; pip install 'spannorm[tensorboard]') and/or "
+        "wandb (offline, RUN_DIR/wandb; pip install 'spannorm[wandb]')",
+    )
     return parser
 
 
@@ -535,6 +555,12 @@ def cmd_eval(args) -> None:
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} is invalid: expected a positive integer")
+    if args.json:
+        _output_file("--json", args.json)
+    if args.lm_eval is not None:
+        return cmd_lm_eval(args)
+    if args.include_path is not None or args.limit is not None:
+        raise ConfigError("--include-path and --limit go with --lm-eval TASKS")
     model, tokenizer, run_cfg = _load_model(args)
     report = {"model": str(args.model)} | evaluate(model, tokenizer, run_cfg, args.text, args.seq_len, args.batch_size)
     for r in report["results"]:
@@ -544,6 +570,45 @@ def cmd_eval(args) -> None:
         )
     if args.json:
         atomic_write_text(args.json, dumps(report, indent=1))
+
+
+def cmd_lm_eval(args) -> None:
+    """``spannorm eval --lm-eval TASKS``: lm-eval-harness's table of the tasks (spannorm.harness)."""
+    from .device import resolve as resolve_device
+    from .files import atomic_write_text, dumps
+
+    tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+    if not tasks:
+        raise ConfigError(f"--lm-eval {args.lm_eval!r} is invalid: expected comma-separated task names")
+    if args.text:
+        raise ConfigError("--text goes without --lm-eval: run them as two commands")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit {args.limit} is invalid: expected a positive integer")
+    if args.seq_len is not None and args.seq_len < 1:
+        raise ConfigError(f"--seq-len {args.seq_len} is invalid: expected a positive integer")
+    if not ((args.model / "config.json").is_file() or (args.model / "config.yaml").is_file()):
+        raise ConfigError(
+            f"{str(args.model)!r} is neither a run directory (config.yaml) nor a Hugging Face folder (config.json)"
+        )
+    _hf()  # (a one-line error without transformers; registers spannorm's model with the Auto classes)
+    from .harness import evaluate, table
+
+    device = str(resolve_device(args.device or "auto", "--device"))
+    out = evaluate(args.model, tasks, args.include_path, args.limit, args.batch_size or 16, device, args.seq_len)
+    print(table(out))
+    if args.json:
+        report = {"model": str(args.model), "lm_eval": {k: out[k] for k in ("results", "versions", "n-samples")}}
+        atomic_write_text(args.json, dumps(report, indent=1))
+
+
+def cmd_track(args) -> None:
+    from .trackers import replay
+
+    names = [n.strip() for n in args.to.split(",") if n.strip()]
+    if not names:
+        raise ConfigError(f"--to {args.to!r} is invalid: expected tensorboard and/or wandb")
+    n_metrics, n_diagnostics = replay(args.run_dir, names)
+    print(f"{args.run_dir}: {n_metrics} metrics rows, {n_diagnostics} diagnostics rows -> {', '.join(names)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -561,6 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         "export": cmd_export,
         "generate": cmd_generate,
         "eval": cmd_eval,
+        "track": cmd_track,
     }[args.command]
     try:
         handler(args)
