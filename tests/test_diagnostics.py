@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from spannorm.model import ModelConfig, build_model
+from spannorm.model import build_model
+from spannorm.model_config import ModelConfig
 from spannorm.probe import (
     attention_entropy,
     forward_stats,

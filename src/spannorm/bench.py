@@ -66,7 +66,7 @@ def _build(case: Case):
     if case.impl == "hf-llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from .model import ModelConfig
+        from .model_config import ModelConfig
 
         ffn = ModelConfig(d_model=s["d_model"], n_heads=s["n_heads"]).ffn_dim
         cfg = LlamaConfig(
@@ -89,7 +89,8 @@ def _build(case: Case):
         def loss_fn(x, y):
             return forward(input_ids=x, labels=y).loss
     else:
-        from .model import ModelConfig, build_model
+        from .model import build_model
+        from .model_config import ModelConfig
 
         model = build_model(
             ModelConfig(
@@ -406,7 +407,7 @@ MOE = dict(n_experts=8, top_k=2)  # expert width: the default, dense ffn_dim / t
 
 def moe_fields(impl: str, d_model: int, n_heads: int) -> dict:
     """Extra ModelConfig fields of the MoE comparison's two impls ({} for the others)."""
-    from .model import ModelConfig
+    from .model_config import ModelConfig
 
     if impl == "spannorm-moe":
         return dict(MOE)

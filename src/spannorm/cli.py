@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import ConfigError, SpannormError, coerce_enum
-from .schemes import Scheme
+from .model_config import Scheme
 
 
 class Parser(argparse.ArgumentParser):
@@ -283,7 +283,6 @@ def cmd_train(args) -> None:
 
 def cmd_compare(args) -> None:
     from .compare import compare, table
-    from .schemes import Scheme
 
     schemes = [coerce_enum(Scheme, "--schemes", s.strip()) for s in args.schemes.split(",") if s.strip()]
     if not schemes:
@@ -345,7 +344,6 @@ def _int_list(flag: str, text: str) -> list[int]:
 def cmd_probe(args) -> None:
     from .files import atomic_write_text, dumps
     from .probe import plot_heatmaps, plot_probe, probe_table, read_diagnostics, run_probe
-    from .schemes import Scheme
 
     if args.batch < 1:
         raise ConfigError(f"--batch {args.batch} is invalid: expected a positive integer")

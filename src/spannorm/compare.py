@@ -9,7 +9,7 @@ import yaml
 
 from .config import ConfigError, to_dict
 from .files import atomic_write_bytes, atomic_write_text
-from .schemes import Scheme
+from .model_config import Scheme
 from .train import RunConfig, load_run, read_metrics, same_experiment, train
 
 COLUMNS = ("scheme", "final val loss", "diverged", "tokens/s", "steps", "params")

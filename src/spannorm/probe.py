@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from .layers import NORMS, Role, rope_cache
 from .model import LM
-from .schemes import Scheme, Streams
+from .model_config import Scheme
+from .schemes import Streams
 
 
 def _rms(t: torch.Tensor) -> float:

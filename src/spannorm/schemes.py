@@ -8,11 +8,11 @@ A scheme is one short block class whose ``forward`` reads like its equation, plu
   * an init rule as data: ``init_stds(cfg, layer)`` maps each weight :class:`~spannorm.layers.Role`
     to a std; ``reset_parameters`` initializes scheme-owned parameters (e.g. Admin's ω);
   * ``equation``, ``init_rule`` and ``reference`` strings for ``spannorm schemes``.
-Registering a scheme is one :class:`Scheme` value and one entry in ``SCHEMES``. Depth constants
-are plain Python floats computed from the actual depth, never buffers.
+Registering a scheme is one :class:`~spannorm.model_config.Scheme` value and one entry in ``SCHEMES``.
+Depth constants are plain Python floats computed from the actual depth, never buffers.
 
 Notation: block l of L (0-based in code), input x, output x'; N is the norm (rms, layer or dyt),
-Attn and FFN the sublayers of ``nn.py`` (FFN may be any FFN module).
+Attn and FFN the sublayers of ``layers.py`` (FFN may be any FFN module).
 
 ``attn_input`` names the norm whose output the attention reads (PreNorm's N_1), None where the
 attention reads the stream itself (the PostNorm family: post, span, deepnorm, b2t, admin, hybrid,
@@ -23,10 +23,9 @@ final and per-head q/k/v norms) dyt_alpha0_other; a scheme without one has α₀
 
 from __future__ import annotations
 
-import enum
 import math
 from functools import cache
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -34,47 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import Attention, Role, Site, SwiGLU, make_norm
+from .model_config import InitMode, ModelConfig, Scheme, SpanScale
 from .moe import MoE
-
-if TYPE_CHECKING:
-    from .model import ModelConfig
-
-
-class Scheme(str, enum.Enum):
-    """Normalization placement."""
-
-    PRE = "pre"
-    POST = "post"
-    SPAN = "span"
-    DEEPNORM = "deepnorm"
-    B2T = "b2t"
-    ADMIN = "admin"
-    PERI = "peri"
-    SANDWICH = "sandwich"
-    MIXLN = "mixln"
-    HYBRID = "hybrid"
-    HYBRID_STAR = "hybrid_star"
-    LNS = "lns"
-    RESIDUAL = "residual"
-    SIAMESE = "siamese"
-    DEEPSCALE = "deepscale"
-
-
-class SpanScale(str, enum.Enum):
-    """How SpanNorm keeps the branch variance at c/L (see SPANNORM.md, "The scaling strategy")."""
-
-    INIT = "init"  # output projections initialized so that branch RMS ≈ sqrt(c/L)
-    MULTIPLIER = "multiplier"  # fixed multiplier sqrt(c/L) on the FFN branch, unit-RMS init
-    NORM = "norm"  # FFN branch RMS-normalized (no gain), times sqrt(c/L): Var(s·f) = c/L at every step
-    NONE = "none"  # no depth scaling: unit-RMS branch
-
-
-class InitMode(str, enum.Enum):
-    """Which init rule the model uses."""
-
-    RECOMMENDED = "recommended"  # each scheme's own rule (the default)
-    SHARED = "shared"  # one common rule for every scheme: every weight N(0, init_std)
-
 
 # --- init calibration -------------------------------------------------------------------
 
@@ -746,3 +706,15 @@ SCHEMES: dict[Scheme, type[Block]] = {
     Scheme.SIAMESE: SiameseNorm,
     Scheme.DEEPSCALE: DeepScale,
 }
+
+
+def use_final_norm(cfg: ModelConfig) -> bool:
+    """``final_norm`` resolved: the explicit value, else the scheme's default."""
+    return SCHEMES[cfg.scheme].final_norm if cfg.final_norm is None else cfg.final_norm
+
+
+def use_tied_embeddings(cfg: ModelConfig) -> bool:
+    """``tie_embeddings`` resolved: the explicit value, else True (init=shared) or the scheme's choice."""
+    if cfg.tie_embeddings is not None:
+        return cfg.tie_embeddings
+    return cfg.init is InitMode.SHARED or SCHEMES[cfg.scheme].tie_embeddings

@@ -66,7 +66,8 @@ from .device import DEVICE_FORMS, rng_state, set_rng_state, set_tf32, to_device,
 from .device import autocast as device_autocast
 from .device import resolve as resolve_device
 from .files import atomic_dir, atomic_write_text, dumps, locked, os_error, read_json, read_jsonl, remove_dir, sweep_temp
-from .model import LM, ModelConfig, build_model
+from .model import LM, build_model
+from .model_config import ModelConfig
 from .probe import forward_stats, grad_norms, snapshot, taps, update_ratios
 
 
