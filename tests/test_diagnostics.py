@@ -16,12 +16,12 @@ from spannorm.probe import (
     attention_entropy,
     forward_stats,
     mean_pairwise_cosine,
-    read_diagnostics,
     snapshot,
     taps,
     uniform_causal_entropy,
     update_ratios,
 )
+from spannorm.probe_command import read_diagnostics
 from spannorm.train import load_config, train
 
 ROLES = ["attn.qk", "attn.v", "attn.out", "ffn.up", "ffn.down", "norm"]

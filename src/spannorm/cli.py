@@ -343,7 +343,7 @@ def _int_list(flag: str, text: str) -> list[int]:
 
 def cmd_probe(args) -> None:
     from .files import atomic_write_text, dumps
-    from .probe import plot_heatmaps, plot_probe, probe_table, read_diagnostics, run_probe
+    from .probe_command import plot_heatmaps, plot_probe, probe_table, read_diagnostics, run_probe
 
     if args.batch < 1:
         raise ConfigError(f"--batch {args.batch} is invalid: expected a positive integer")

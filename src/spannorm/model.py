@@ -18,6 +18,10 @@ from .schemes import SCHEMES, shared_init, use_final_norm, use_tied_embeddings
 class LM(nn.Module):
     """Causal language model: ``forward(idx) -> (logits, None)``; ``forward(idx, targets) -> (None, loss)``.
 
+    The forward is three steps, then the head: ``embed_tokens`` (tokens -> the first block's input),
+    ``trunk`` (the blocks) and ``final`` (the final norm); the probe calls the same steps, so that it
+    measures the model's own path.
+
     With targets the head and the mean cross-entropy are fused (``layers.linear_cross_entropy``):
     the (tokens × vocab) logits are never materialized. ``loss`` is the pure cross-entropy; MoE
     models add ``moe_loss()`` (auxiliary terms of the same forward) to train.
@@ -94,24 +98,41 @@ class LM(nn.Module):
             return None
         return [{"layer": i} | m.stats for i, m in enumerate(layers)]
 
-    def head_input(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """The state the LM head reads, (B, T, d): logits = head_input · W_headᵀ. ``start``: the
-        absolute position of idx[:, 0] (RoPE), > 0 only for incremental decoding with a KV cache."""
-        T = idx.shape[1]
-        dtype = compute_dtype(self.embed.weight)  # RoPE tables in the matmuls' dtype
-        rope = rope_cache(start + T, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta, idx.device, dtype)
-        if start:
-            rope = tuple(t[start:] for t in rope)
+    def rope(self, seq_len: int, device: torch.device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE tables of positions start .. start + seq_len − 1, in the matmuls' dtype."""
+        dtype = compute_dtype(self.embed.weight)
+        rope = rope_cache(start + seq_len, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta, device, dtype)
+        return tuple(t[start:] for t in rope) if start else rope
+
+    def embed_tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        """Step 1, tokens -> x_0, the first block's input: the token embedding, times the DyT LLM recipe's
+        scalar, through the scheme's embedding norm N_0."""
         x = self.embed(idx)
         if self.embed_scale is not None:
             x = x * self.embed_scale
-        state = self.blocks[0].enter(self.embed_norm(x))
+        return self.embed_norm(x)
+
+    def trunk(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Step 2, x_0 -> the blocks' output: the scheme's entry state, every block, the scheme's exit
+        (which merges a two-stream state into one tensor)."""
+        state = self.blocks[0].enter(x)
         for block in self.blocks:
             state = block(state, rope)
-        x = self.final_norm(self.exit(state))
+        return self.exit(state)
+
+    def final(self, x: torch.Tensor) -> torch.Tensor:
+        """Step 3, the blocks' output -> the state the LM head reads: the final norm, times the scheme's
+        head_scale."""
+        x = self.final_norm(x)
         if self.head_scale != 1.0:
             x = x * self.head_scale
         return x
+
+    def head_input(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """The state the LM head reads, (B, T, d): logits = head_input · W_headᵀ. ``start``: the
+        absolute position of idx[:, 0] (RoPE), > 0 only for incremental decoding with a KV cache."""
+        x = self.trunk(self.embed_tokens(idx), self.rope(idx.shape[1], idx.device, start))
+        return self.final(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         x = self.head_input(idx)

@@ -7,6 +7,7 @@ A scheme is one short block class whose ``forward`` reads like its equation, plu
     (state -> one tensor);
   * an init rule as data: ``init_stds(cfg, layer)`` maps each weight :class:`~spannorm.layers.Role`
     to a std; ``reset_parameters`` initializes scheme-owned parameters (e.g. Admin's ω);
+  * ``theory``: its closed-form signal propagation at init, where it has one (``spannorm probe``);
   * ``equation``, ``init_rule`` and ``reference`` strings for ``spannorm schemes``.
 Registering a scheme is one :class:`~spannorm.model_config.Scheme` value and one entry in ``SCHEMES``.
 Depth constants are plain Python floats computed from the actual depth, never buffers.
@@ -131,6 +132,22 @@ class Streams(NamedTuple):
     pre: torch.Tensor  # the PreNorm-like stream
 
 
+class Theory(NamedTuple):
+    """A scheme's closed-form signal propagation at init (:meth:`Block.theory`)."""
+
+    stream_rms: list[float]  # per block, the RMS of its output
+    skip_gain: float  # the skip-path gain from the first block's input to the last block's output
+
+
+def post_skip_gain(alpha: float, ins: list[float], attn_rms: list[float], ffn_rms: list[float]) -> float:
+    """The skip-path gain of blocks h = N(α·x + Attn(x)), x' = N(α·h + FFN(h)) with unit-gain norms: each
+    sum passes α/rms(α·x + F); the attention sum's input x has RMS ``ins[l]``, the FFN sum's input h RMS 1."""
+    gain = 1.0
+    for a, f, x in zip(attn_rms, ffn_rms, ins):
+        gain *= alpha / math.sqrt((alpha * x) ** 2 + a * a) * alpha / math.sqrt(alpha**2 + f * f)
+    return gain
+
+
 class Block(nn.Module):
     """What every scheme shares: ``attn``, ``ffn`` and the norms named in ``norms``."""
 
@@ -182,6 +199,25 @@ class Block(nn.Module):
         """The state the first block receives."""
         return x
 
+    @classmethod
+    def theory(
+        cls,
+        blocks: list[Block],
+        stream_rms0: float,
+        attn_rms: list[float],
+        ffn_rms: list[float],
+        stream_rms: list[float],
+    ) -> Theory | None:
+        """The closed-form prediction at init (unit norm gains) from the measured RMS of the first block's
+        input, of each block's branch outputs and of each block's output; None where the scheme has none.
+
+        Branches are taken as uncorrelated with the stream, so a sum z = α·x + F has
+        rms(z)² = α²·rms(x)² + rms(F)², and a norm N(z) passes a tangent perturbation with gain 1/rms(z),
+        so an α-weighted skip passes α/rms(z); with rms(x) = 1 that is (1 + σ²/α²)^(-1/2),
+        σ² = Var(F)/Var(x) (SPANNORM.md).
+        """
+        return None
+
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor]):
         raise NotImplementedError
 
@@ -206,6 +242,15 @@ class PreNorm(Block):
     def init_stds(cls, cfg, layer):
         return gpt2_init(cfg)
 
+    @classmethod
+    def theory(cls, blocks, stream_rms0, attn_rms, ffn_rms, stream_rms):
+        """Var(x_{l+1}) = Var(x_l) + Var(a_l) + Var(f_l); skip gain 1."""
+        var, pred = stream_rms0**2, []
+        for a, f in zip(attn_rms, ffn_rms):
+            var += a * a + f * f
+            pred.append(math.sqrt(var))
+        return Theory(pred, 1.0)
+
     def forward(self, x, rope):
         h = x + self.attn(self.norm1(x), rope)
         return h + self.ffn(self.norm2(h))
@@ -228,6 +273,12 @@ class PostNorm(Block):
     )
     reference = "Vaswani et al. 2017, arXiv 1706.03762"
     tie_embeddings = False
+
+    @classmethod
+    def theory(cls, blocks, stream_rms0, attn_rms, ffn_rms, stream_rms):
+        """Stream RMS 1; skip gain ∏ over the 2L sums of 1/rms(z) (:func:`post_skip_gain`, α = 1)."""
+        ins = [stream_rms0] + stream_rms[:-1]
+        return Theory([1.0] * len(stream_rms), post_skip_gain(1.0, ins, attn_rms, ffn_rms))
 
     def forward(self, x, rope):
         h = self.norm1(x + self.attn(x, rope))
@@ -287,6 +338,16 @@ class SpanNorm(Block):
         RMS of the FFN module's own output."""
         return self.s * (1.0 if self.branch_norm else ffn_rms)
 
+    @classmethod
+    def theory(cls, blocks, stream_rms0, attn_rms, ffn_rms, stream_rms):
+        """Stream RMS 1; skip gain ∏_l 1/rms(x_l + s·f_l) = ∏_l (1 + σ_l²)^(-1/2) (f_l/rms(f_l) under
+        span_scale=norm)."""
+        ins = [stream_rms0] + stream_rms[:-1]
+        gain = 1.0
+        for block, f, x in zip(blocks, ffn_rms, ins):
+            gain /= math.sqrt(x * x + block.entering_rms(f) ** 2)
+        return Theory([1.0] * len(stream_rms), gain)
+
     def forward(self, x, rope):
         y = self.norm1(x + self.attn(x, rope))
         f = self.ffn(y)
@@ -328,6 +389,12 @@ class DeepNorm(Block):
             Role.FFN_DOWN: xavier_std(f, d, beta),
             Role.ROUTER: xavier_std(d, f, beta),
         }
+
+    @classmethod
+    def theory(cls, blocks, stream_rms0, attn_rms, ffn_rms, stream_rms):
+        """As PostNorm with α = (2L)^(1/4): stream RMS 1; each sum passes α/rms(α·x + F)."""
+        ins = [stream_rms0] + stream_rms[:-1]
+        return Theory([1.0] * len(stream_rms), post_skip_gain(blocks[0].alpha, ins, attn_rms, ffn_rms))
 
     def forward(self, x, rope):
         h = self.norm1(self.alpha * x + self.attn(x, rope))
@@ -561,6 +628,11 @@ class LNScaling(PreNorm):
     @classmethod
     def init_stds(cls, cfg, layer):
         return shared_init(cfg)
+
+    @classmethod
+    def theory(cls, blocks, stream_rms0, attn_rms, ffn_rms, stream_rms):
+        """None: PreNorm's closed form is not checked against LayerNorm Scaling's measurements."""
+        return None
 
     def forward(self, x, rope):
         h = x + self.attn(self.norm1(x) * self.scale, rope)

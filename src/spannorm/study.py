@@ -422,7 +422,7 @@ def run_cell(cfg_dict: dict, run_dir: str, probe: bool, keep_checkpoints: bool, 
     import torch
 
     from .compare import run_scheme
-    from .probe import run_probe
+    from .probe_command import run_probe
 
     if threads:
         torch.set_num_threads(threads)
