@@ -7,11 +7,10 @@ import torch
 from spannorm import cli
 from spannorm.config import ConfigError
 from spannorm.device import resolve, valid_device
-from spannorm.layers import NormType
-from spannorm.model import ModelConfig, build_model
+from spannorm.model import build_model
+from spannorm.model_config import ModelConfig, NormType, Scheme
 from spannorm.moe import MoE
 from spannorm.run import load_config, read_metrics
-from spannorm.schemes import Scheme
 from spannorm.train import train
 
 

@@ -12,9 +12,10 @@ import torch
 pytest.importorskip("transformers")
 
 from spannorm.cli import main  # noqa: E402
+from spannorm.model_config import Scheme  # noqa: E402
 from spannorm.run import load_config  # noqa: E402
-from spannorm.schemes import Scheme  # noqa: E402
-from spannorm.train import train
+from spannorm.schemes import use_tied_embeddings  # noqa: E402
+from spannorm.train import train  # noqa: E402
 
 RUNS = {  # name -> overrides of the tiny preset
     "span": [],
@@ -143,7 +144,7 @@ with torch.no_grad():
         ours = lm(idx)[0]
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), ours, rtol=0, atol=1e-5)
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "llama" and config["tie_word_embeddings"] == cfg.model.use_tied_embeddings
+    assert config["model_type"] == "llama" and config["tie_word_embeddings"] == use_tied_embeddings(cfg.model)
 
 
 def test_export_to_llama_refuses_what_llama_cannot_express(runs, tmp_path, capsys):
@@ -158,7 +159,8 @@ def test_export_to_llama_refuses_what_llama_cannot_express(runs, tmp_path, capsy
 )
 def test_llama_refusal_names_the_option(more):
     from spannorm.hf import llama_refusal
-    from spannorm.model import ModelConfig, build_model
+    from spannorm.model import build_model
+    from spannorm.model_config import ModelConfig
 
     reason = llama_refusal(build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, scheme="pre", **more)))
     assert f"model.{next(iter(more))}=" in reason

@@ -11,8 +11,9 @@ import yaml
 from spannorm.cli import main
 from spannorm.config import ConfigError, to_dict
 from spannorm.files import dumps
+from spannorm.run import load_config, read_metrics
 from spannorm.trackers import make_trackers, scalars
-from spannorm.train import load_config
+from spannorm.train import train
 
 DIAGNOSTICS = {  # a 2-block MoE run's diagnostics row (the keys the trainer writes)
     "grad_norm": [0.5, 0.25],
@@ -176,3 +177,23 @@ def test_tracker_errors_are_one_line(run_dir, tmp_path, monkeypatch, capsys):
         assert main(["track", *args]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err, err
+
+
+def test_a_run_with_train_trackers_writes_its_loss_curve_to_tensorboard(corpus, tmp_path):
+    """The trainer feeds the tracker as it writes metrics.jsonl; a session killed after step 25 (checkpoint at
+    20) and resumed shows each step once in TensorBoard, with the losses of metrics.jsonl."""
+    more = ["train.trackers=[tensorboard]", "train.log_interval=1", "train.ckpt_interval=10", "train.probe_interval=10"]
+    cfg = load_config("tiny", [f"data.corpus={corpus}", *more])
+    run = tmp_path / "run"
+    assert train(cfg, run, progress=False, stop_after=25)["finished"] is False
+    train(cfg, run, resume=True, progress=False)
+    rows = read_metrics(run)
+    tb = tensorboard_scalars(run)
+    assert [s for s, _ in tb["metrics/loss"]] == [r["step"] for r in rows] == list(range(1, cfg.train.max_steps + 1))
+    assert [v for _, v in tb["metrics/loss"]] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+    assert [s for s, _ in tb["diagnostics/grad_norm/block_00"]] == list(range(10, cfg.train.max_steps + 1, 10))
+
+
+def test_train_trackers_is_checked_when_the_config_loads(corpus):
+    with pytest.raises(ConfigError, match=r"train.trackers=\['mlflow'\] is invalid: expected a list of tensorboard"):
+        load_config("tiny", [f"data.corpus={corpus}", "train.trackers=[mlflow]"])

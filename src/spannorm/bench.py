@@ -28,7 +28,8 @@ import torch
 
 from .config import SpannormError
 from .device import resolve, set_tf32, synchronize
-from .model import ModelConfig, build_model
+from .model import build_model
+from .model_config import ModelConfig
 from .moe import MoE
 from .output import md_table, num
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from . import __version__
 from .config import ConfigError, SpannormError, coerce_enum
 from .files import atomic_write_text, dumps, os_error
-from .schemes import Scheme
+from .model_config import Scheme
 
 
 class Parser(argparse.ArgumentParser):
@@ -374,7 +374,7 @@ def _int_list(flag: str, text: str) -> list[int]:
 
 def cmd_probe(args) -> None:
     # imported here, not above: the CLI starts (--help, argument errors) without loading torch
-    from .probe import plot_heatmaps, plot_probe, probe_table, read_diagnostics, run_probe
+    from .probe_command import plot_heatmaps, plot_probe, probe_table, read_diagnostics, run_probe
 
     if args.batch < 1:
         raise ConfigError(f"--batch {args.batch} is invalid: expected a positive integer")
@@ -574,8 +574,8 @@ def cmd_eval(args) -> None:
 
 def cmd_lm_eval(args) -> None:
     """``spannorm eval --lm-eval TASKS``: lm-eval-harness's table of the tasks (spannorm.harness)."""
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from .device import resolve as resolve_device
-    from .files import atomic_write_text, dumps
 
     tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
     if not tasks:
@@ -591,7 +591,7 @@ def cmd_lm_eval(args) -> None:
             f"{str(args.model)!r} is neither a run directory (config.yaml) nor a Hugging Face folder (config.json)"
         )
     _hf()  # (a one-line error without transformers; registers spannorm's model with the Auto classes)
-    from .harness import evaluate, table
+    from .harness import evaluate, table  # (here: it needs transformers and lm_eval, optional dependencies)
 
     device = str(resolve_device(args.device or "auto", "--device"))
     out = evaluate(args.model, tasks, args.include_path, args.limit, args.batch_size or 16, device, args.seq_len)
@@ -602,6 +602,7 @@ def cmd_lm_eval(args) -> None:
 
 
 def cmd_track(args) -> None:
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from .trackers import replay
 
     names = [n.strip() for n in args.to.split(",") if n.strip()]

@@ -9,9 +9,9 @@ import yaml
 
 from .config import to_dict
 from .files import atomic_write_text
+from .model_config import Scheme
 from .output import md_table, num, pyplot, save_figure
 from .run import RunConfig, read_metrics
-from .schemes import Scheme
 from .train import train_or_reuse
 
 COLUMNS = ("scheme", "final val loss", "diverged", "tokens/s", "steps", "params")

@@ -76,7 +76,7 @@ def lm_eval_tokenizer(folder: Path):
 @contextlib.contextmanager
 def hf_folder(path: Path):
     """``path`` if it is a Hugging Face folder; a run directory's export in a temporary folder otherwise."""
-    from . import hf
+    from . import hf  # (here: spannorm.hf imports transformers, an optional dependency)
 
     if (Path(path) / "config.json").is_file():
         yield Path(path)
@@ -98,7 +98,7 @@ def evaluate(
     dict (``results``: {task: {"acc,none": …, "acc_stderr,none": …}}, ``configs``, ``versions``, …).
     ``max_length``: the longest context (default: the run's train.seq_len, when known); ``limit``: score
     only the first N items of each task."""
-    from . import hf
+    from . import hf  # (here: spannorm.hf imports transformers, an optional dependency)
 
     lm_eval, HFLM, _ = _lm_eval()
     manager = task_manager(tasks, include_path)

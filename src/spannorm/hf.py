@@ -48,10 +48,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .config import ConfigError, SpannormError, read_yaml, to_dict
 from .data import EOT, Tokenizer, prepare
 from .files import atomic_dir
-from .layers import NormType
-from .model import LM, ModelConfig
+from .model import LM
+from .model_config import ModelConfig, NormType, Scheme
 from .run import RunDir, run_config_from_dict
-from .schemes import SCHEMES, Scheme
+from .schemes import SCHEMES, use_final_norm, use_tied_embeddings
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
 HF_NAMES = {"top_k": "moe_top_k"}  # ModelConfig field -> SpanNormConfig attribute (HF reads top_k as sampling's)
@@ -73,7 +73,7 @@ class SpanNormConfig(PretrainedConfig):
         for name in MODEL_FIELDS:
             key = HF_NAMES.get(name, name)
             setattr(self, key, to_dict(kwargs.pop(key, defaults[name])))
-        kwargs.setdefault("tie_word_embeddings", self.model_config().use_tied_embeddings)  # (informative)
+        kwargs.setdefault("tie_word_embeddings", use_tied_embeddings(self.model_config()))  # (informative)
         super().__init__(**kwargs)
 
     @classmethod
@@ -230,7 +230,7 @@ def llama_refusal(lm: LM) -> str | None:
         return f"model.norm={cfg.norm.value}: Llama's norm is RMSNorm (model.norm=rms)"
     if cfg.moe:
         return f"model.n_experts={cfg.n_experts}: Llama's FFN is one dense SwiGLU (model.n_experts=0)"
-    if not cfg.use_final_norm:
+    if not use_final_norm(cfg):
         return "model.final_norm=false: Llama always applies a final RMSNorm before the head"
     if SCHEMES[cfg.scheme].embed_norm or lm.embed_scale is not None or lm.head_scale != 1.0:
         return "the model scales or normalizes the embedding or the head input, which Llama does not"
@@ -286,7 +286,7 @@ def to_llama(lm: LM, max_positions: int, eos_token_id: int | None):
         rope_theta=cfg.rope_theta,
         attention_bias=False,
         mlp_bias=False,
-        tie_word_embeddings=cfg.use_tied_embeddings,
+        tie_word_embeddings=use_tied_embeddings(cfg),
         bos_token_id=None,
         eos_token_id=eos_token_id,
     )

@@ -53,7 +53,9 @@ from .config import ConfigError, SpannormError, apply_overrides, coerce_enum, fr
 from .data import DataConfig
 from .device import DEVICE_FORMS, rng_state, set_rng_state, valid_device
 from .files import atomic_dir, atomic_write_text, dumps, locked, read_json, read_jsonl, remove_dir, sweep_temp
-from .model import ModelConfig
+from .model_config import ModelConfig
+
+TRACKERS = ("tensorboard", "wandb")  # train.trackers: each needs the package, and the spannorm extra, of its name
 
 
 class Precision(str, enum.Enum):
@@ -98,9 +100,12 @@ class TrainConfig:
     guard_window: int = 50  # the losses (of steps taken) the spike's z-score is computed over; checked once full
     guard_lr_factor: float = 1.0  # each rollback multiplies the learning rate (from then on) by this, in (0, 1]
     guard_max_rollbacks: int = 3  # rollbacks allowed in the run; then a skip streak makes the run diverged
+    trackers: list[str] = field(default_factory=list)  # experiment trackers that mirror the logs: tensorboard, wandb
 
     def __post_init__(self):
         self.precision = coerce_enum(Precision, "train.precision", self.precision)
+        for name in self.trackers:
+            require(name in TRACKERS, "train.trackers", self.trackers, f"a list of {', '.join(TRACKERS)}")
         for name in (
             "batch_size",
             "seq_len",
@@ -224,12 +229,13 @@ def load_config(config: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 
 def same_experiment(a: RunConfig, b: RunConfig) -> bool:
-    """Whether two configs describe the same run, wherever it trains: equal but for ``train.device``
-    (a run, a compare or a study started on one device may resume on another)."""
+    """Whether two configs describe the same run, wherever it trains and whatever watches it: equal but for
+    ``train.device`` and ``train.trackers`` (a run, a compare or a study started on one device may resume on
+    another)."""
 
     def key(cfg: RunConfig) -> dict:
         d = to_dict(cfg)
-        d["train"] = {k: v for k, v in d["train"].items() if k != "device"}
+        d["train"] = {k: v for k, v in d["train"].items() if k not in ("device", "trackers")}
         return d
 
     return key(a) == key(b)

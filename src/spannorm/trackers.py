@@ -28,9 +28,10 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, read_yaml
+from .files import read_jsonl
+from .run import TRACKERS, RunDir
 
-TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # name -> the package (and extra) it needs
 ITEMS = {"fraction": "expert"}  # what a list's entries are, when they are not blocks (MoE: a layer's experts)
 SKIP = {"step", "layer"}  # the row's step is the x axis; an MoE entry's layer is its index
 
@@ -157,8 +158,8 @@ def make_trackers(names: list[str], run_dir: Path, config: dict, start_step: int
     for name in names:
         if name not in TRACKERS:
             raise ConfigError(f"tracker {name!r} is unknown: expected {' or '.join(TRACKERS)}")
-        if importlib.util.find_spec(TRACKERS[name]) is None:
-            raise ConfigError(f"tracker {name} needs {TRACKERS[name]}: pip install 'spannorm[{name}]'")
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(f"tracker {name} needs {name}: pip install 'spannorm[{name}]'")
     made = []
     for name in dict.fromkeys(names):  # (each once)
         made.append(TensorBoardTracker(run_dir, start_step) if name == "tensorboard" else WandbTracker(run_dir, config))
@@ -169,16 +170,12 @@ def replay(run_dir: Path, names: list[str]) -> tuple[int, int]:
     """Feed a run's metrics.jsonl and diagnostics.jsonl rows, in step order as the trainer logs them
     (a step's diagnostics before its metrics), to new trackers ``names``: (metrics rows, diagnostics rows).
     A TensorBoard folder already there is superseded (TensorBoard shows the replay only)."""
-    from .config import read_yaml
-    from .files import read_jsonl
-    from .train import read_metrics
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
+    run = RunDir(run_dir, "RUN_DIR")
+    if not run.has_run():
         raise ConfigError(f"RUN_DIR {str(run_dir)!r} is not a run directory (no config.yaml)")
-    metrics, diagnostics = read_metrics(run_dir), read_jsonl(run_dir / "diagnostics.jsonl")
+    metrics, diagnostics = run.metrics(), read_jsonl(run.diagnostics_file)
     rows = sorted([(r["step"], 0, r) for r in diagnostics] + [(r["step"], 1, r) for r in metrics], key=lambda x: x[:2])
-    tracker = make_trackers(names, run_dir, read_yaml(run_dir / "config.yaml"))
+    tracker = make_trackers(names, run_dir, read_yaml(run.config_file))
     try:
         for _, is_metrics, row in rows:
             (tracker.log_metrics if is_metrics else tracker.log_diagnostics)(row)

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .config import ConfigError
+from .config import ConfigError, to_dict
 from .data import TokenData, prepare
 from .device import autocast as device_autocast
 from .device import resolve as resolve_device
@@ -47,6 +47,7 @@ from .files import dumps, os_error
 from .model import LM, build_model
 from .probe import forward_stats, grad_norms, snapshot, taps, update_ratios
 from .run import Precision, RunConfig, RunDir, TrainConfig, load_checkpoint, rng_states
+from .trackers import Tracker, make_trackers
 
 NON_FINITE = "non-finite loss"
 NON_FINITE_GRAD = "non-finite gradient"
@@ -241,24 +242,41 @@ class Throughput(Stateful):
 
 
 class Logs:
-    """metrics.jsonl and diagnostics.jsonl, open for appending while the trainer runs."""
+    """metrics.jsonl and diagnostics.jsonl, open for appending while the trainer runs, and the experiment
+    trackers (``train.trackers``) that mirror their rows (the files stay the record)."""
 
-    def __init__(self, run: RunDir):
-        self.run = run
-        self.files = {}
+    def __init__(self, run: RunDir, cfg: RunConfig):
+        self.run, self.cfg = run, cfg
+        self.files: dict = {}
+        self.trackers = Tracker()  # (no tracker outside a session)
 
-    def __enter__(self):
+    @contextlib.contextmanager
+    def session(self, step: int):
+        """The logs open for a training session that starts at ``step``."""
+        self.trackers = make_trackers(self.cfg.train.trackers, self.run.path, to_dict(self.cfg), start_step=step)
+        self._open()
+        try:
+            yield self
+        finally:
+            self._close()
+            self.trackers.close()
+
+    def _open(self) -> None:
         self.files = {"metrics": open(self.run.metrics_file, "a"), "diagnostics": open(self.run.diagnostics_file, "a")}
-        return self
 
-    def __exit__(self, *exc):
+    def _close(self) -> None:
         for f in self.files.values():
             f.close()
 
     def write(self, name: str, row: dict) -> None:
+        """Append ``row`` to ``name`` (metrics or diagnostics) and show it to the trackers (not the guard's rows)."""
         f = self.files[name]
         f.write(dumps(row) + "\n")
         f.flush()
+        if name == "diagnostics":
+            self.trackers.log_diagnostics(row)
+        elif "kind" not in row:
+            self.trackers.log_metrics(row)
 
     def sync(self) -> None:
         """The rows written so far are on disk (before a checkpoint that counts on them)."""
@@ -267,9 +285,10 @@ class Logs:
 
     def truncate(self, step: int) -> None:
         """Forget the rows past ``step`` but the guard's (the steps a rollback abandoned)."""
-        self.__exit__()
+        self._close()
         self.run.truncate_logs(step, keep_guard=True)
-        self.__enter__()
+        self._open()
+        self.trackers.rewind(step)
 
 
 class Progress:
@@ -357,7 +376,7 @@ class Trainer:
         self.divergence = DivergenceMonitor()
         self.guard = TrainingGuard()
         self.throughput = Throughput()
-        self.logs = Logs(run)
+        self.logs = Logs(run, cfg)
         self.show_progress = progress
         self.tokens_per_step = t.batch_size * t.seq_len
 
@@ -398,7 +417,7 @@ class Trainer:
         t = self.t
         self.model.train()
         progress = Progress(self.show_progress, self.cfg.model.scheme.value, self.step, t.max_steps)
-        with DeferredInterrupt() as interrupt, self.logs, progress:
+        with DeferredInterrupt() as interrupt, self.logs.session(self.step), progress:
             while self.step < t.max_steps and (stop_after is None or self.step < stop_after):
                 t0 = time.perf_counter()
                 result = self.train_step()

@@ -21,7 +21,7 @@ import torch
 from ..config import SpannormError, to_dict
 from ..data import prepare
 from ..files import atomic_write_text, dumps
-from ..probe import run_probe
+from ..probe_command import run_probe
 from ..run import RunDir, run_config_from_dict
 from ..train import train_or_reuse
 from .grid import PROBE_BATCH, Cell, StudyConfig
