@@ -51,10 +51,9 @@ def checkpoint_lm(run_dir):
     """The run's model loaded straight from its checkpoint, without spannorm.hf."""
     from safetensors.torch import load_model
 
-    from spannorm.hf import read_run_config
     from spannorm.model import build_model
 
-    cfg = read_run_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml")
     lm = build_model(cfg.model)
     load_model(
         lm, str(run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text() / "model.safetensors")

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from .config import ConfigError
+from .run import load_config
 
 TASKS_DIR = Path(__file__).parent / "eval_tasks"  # lm-eval tasks shipped with spannorm
 
@@ -104,7 +105,7 @@ def evaluate(
     manager = task_manager(tasks, include_path)
     with hf_folder(path) as folder:
         if max_length is None and (folder / hf.RUN_FILE).is_file():
-            max_length = hf.read_run_config(folder / hf.RUN_FILE).train.seq_len
+            max_length = load_config(folder / hf.RUN_FILE).train.seq_len
         tokenizer, prefix = lm_eval_tokenizer(folder)
         model = HFLM(
             pretrained=str(folder),

@@ -45,12 +45,12 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .config import ConfigError, SpannormError, read_yaml, to_dict
+from .config import ConfigError, SpannormError, to_dict
 from .data import EOT, Tokenizer, prepare
 from .files import atomic_dir
 from .model import LM
 from .model_config import ModelConfig, NormType, Scheme
-from .run import RunDir, run_config_from_dict
+from .run import RunDir, load_config
 from .schemes import SCHEMES, use_final_norm, use_tied_embeddings
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
@@ -205,7 +205,7 @@ def load(path: Path, device: torch.device | str = "cpu"):
     elif (path / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
-        cfg = run_config_from_dict(read_yaml(path / RUN_FILE)) if (path / RUN_FILE).is_file() else None
+        cfg = load_config(path / RUN_FILE) if (path / RUN_FILE).is_file() else None
     else:
         raise ConfigError(
             f"{str(path)!r} is neither a run directory (config.yaml) nor a Hugging Face folder (config.json)"
