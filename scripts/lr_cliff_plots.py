@@ -21,8 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from spannorm.files import read_jsonl  # noqa: E402
+from spannorm.run import load_run  # noqa: E402
 from spannorm.schemes import SCHEMES  # noqa: E402
-from spannorm.train import load_run  # noqa: E402
 
 MARKERS = "os^vDx+*P"  # one per update_ratio role
 

@@ -1,13 +1,27 @@
+import subprocess
+import sys
+
 import pytest
 
 from spannorm import ConfigError, ModelConfig, Scheme, build_model
-from spannorm.train import load_config, preset_names, run_config_from_dict
+from spannorm.run import load_config, preset_names, run_config_from_dict
 
 
 def test_public_api_builds_each_scheme():
     for scheme in Scheme:
         model = build_model(ModelConfig(scheme=scheme.value, d_model=32, n_heads=2, n_layers=2))
         assert model.cfg.scheme is scheme
+
+
+def test_model_config_imports_neither_torch_nor_the_model():
+    """ModelConfig and its enums sit below the model: a config can be built and checked without torch.
+    The import runs the package's __init__ too, which defers its torch names (LM, build_model, SCHEMES)."""
+    code = (
+        "import sys; from spannorm.model_config import ModelConfig; ModelConfig(scheme='pre'); "
+        "loaded = {'torch', 'spannorm.model', 'spannorm.schemes', 'spannorm.layers'} & set(sys.modules); "
+        "assert not loaded, loaded"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize(

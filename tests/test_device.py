@@ -7,11 +7,11 @@ import torch
 from spannorm import cli
 from spannorm.config import ConfigError
 from spannorm.device import resolve, valid_device
-from spannorm.layers import NormType
-from spannorm.model import ModelConfig, build_model
+from spannorm.model import build_model
+from spannorm.model_config import ModelConfig, NormType, Scheme
 from spannorm.moe import MoE
-from spannorm.schemes import Scheme
-from spannorm.train import load_config, read_metrics, train
+from spannorm.run import load_config, read_metrics
+from spannorm.train import train
 
 
 @pytest.mark.parametrize("norm", list(NormType))
@@ -112,7 +112,7 @@ def test_grouped_expert_gemm_matches_the_loop(capacity):
 def test_device_is_not_part_of_a_runs_identity(corpus):
     """A compare or study directory started on one device resumes on another; any other change is
     another experiment."""
-    from spannorm.train import same_experiment
+    from spannorm.run import same_experiment
 
     base = [f"data.corpus={corpus}"]
     cpu, auto = (load_config("tiny", base + [f"train.device={d}"]) for d in ("cpu", "auto"))

@@ -10,18 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from spannorm.model import ModelConfig, build_model
+from spannorm.model import build_model
+from spannorm.model_config import ModelConfig
 from spannorm.probe import (
     attention_entropy,
     forward_stats,
     mean_pairwise_cosine,
-    read_diagnostics,
     snapshot,
     taps,
     uniform_causal_entropy,
     update_ratios,
 )
-from spannorm.train import load_config, train
+from spannorm.probe_command import read_diagnostics
+from spannorm.run import load_config
+from spannorm.train import train
 
 ROLES = ["attn.qk", "attn.v", "attn.out", "ffn.up", "ffn.down", "norm"]
 PER_BLOCK = ["grad_norm", "stream_rms", "attn_rms", "ffn_rms", "attn_entropy"]

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from spannorm.config import ConfigError
 from spannorm.data import TokenData, prepare
 from spannorm.model import LM
-from spannorm.train import load_config, lr_at, read_interventions, read_metrics, train
+from spannorm.run import RunDir, load_config, read_metrics
+from spannorm.train import lr_at, train
 
 NAN = float("nan")
 
@@ -52,7 +53,7 @@ def test_non_finite_step_is_skipped(corpus, tmp_path, monkeypatch):
     cfg = guarded(corpus)
     seen = inject(monkeypatch, cfg, {12: NAN})
     summary = train(cfg, tmp_path / "run", progress=False)
-    assert read_interventions(tmp_path / "run") == [{"step": 12, "kind": "skip", "reason": "non-finite loss"}]
+    assert RunDir(tmp_path / "run").interventions() == [{"step": 12, "kind": "skip", "reason": "non-finite loss"}]
     rows = read_metrics(tmp_path / "run")
     assert [r.get("skipped") for r in rows] == [None, None, 1, None, None, None, None, None]  # row 15
     assert summary["finished"] and not summary["diverged"] and math.isfinite(summary["final_val_loss"])
@@ -68,7 +69,7 @@ def test_skip_streak_rolls_back_past_the_batches(corpus, tmp_path, monkeypatch):
     cfg = guarded(corpus, "train.guard_lr_factor=0.5")
     seen = inject(monkeypatch, cfg, {23: NAN, 24: NAN, 25: NAN})
     summary = train(cfg, tmp_path / "run", progress=False)
-    assert read_interventions(tmp_path / "run") == [
+    assert RunDir(tmp_path / "run").interventions() == [
         {"step": 23, "kind": "skip", "reason": "non-finite loss"},
         {"step": 24, "kind": "skip", "reason": "non-finite loss"},
         {"step": 25, "kind": "skip", "reason": "non-finite loss"},
@@ -90,7 +91,7 @@ def test_rollbacks_spent_make_the_run_diverged(corpus, tmp_path, monkeypatch):
     cfg = guarded(corpus, "train.guard_max_rollbacks=1", "train.guard_skip_limit=2")
     inject(monkeypatch, cfg, {13: NAN, 14: NAN, 17: NAN, 18: NAN})  # after the rollback: steps 13, 14
     summary = train(cfg, tmp_path / "run", progress=False)
-    kinds = [(r["step"], r["kind"]) for r in read_interventions(tmp_path / "run")]
+    kinds = [(r["step"], r["kind"]) for r in RunDir(tmp_path / "run").interventions()]
     assert kinds == [(13, "skip"), (14, "skip"), (14, "rollback"), (13, "skip"), (14, "skip")]
     assert summary["diverged"] and summary["diverged_step"] == 14
     assert summary["diverged_reason"].startswith("non-finite loss (2 skipped steps in a row")
@@ -100,7 +101,7 @@ def test_rollback_without_a_checkpoint_restarts_from_the_initial_weights(corpus,
     cfg = guarded(corpus, "train.ckpt_interval=20")
     seen = inject(monkeypatch, cfg, {3: NAN, 4: NAN, 5: NAN})
     summary = train(cfg, tmp_path / "run", progress=False)
-    assert read_interventions(tmp_path / "run")[-1] == {
+    assert RunDir(tmp_path / "run").interventions()[-1] == {
         "step": 5,
         "kind": "rollback",
         "reason": "3 skipped steps in a row",
@@ -114,7 +115,7 @@ def test_loss_spike_rolls_back(corpus, tmp_path, monkeypatch):
     cfg = guarded(corpus)
     seen = inject(monkeypatch, cfg, {27: 10.0})
     summary = train(cfg, tmp_path / "run", progress=False)
-    (row,) = read_interventions(tmp_path / "run")
+    (row,) = RunDir(tmp_path / "run").interventions()
     assert (row["step"], row["kind"], row["to_step"]) == (27, "rollback", 20)
     assert row["reason"].startswith("loss spike: z=") and float(row["reason"][14:].split()[0]) >= 6
     assert len(seen) == 47 and len(set(seen)) == 47
@@ -122,7 +123,7 @@ def test_loss_spike_rolls_back(corpus, tmp_path, monkeypatch):
     assert (summary["guard_skipped"], summary["guard_rollbacks"]) == (0, 1)
     # the spike check can be turned off
     off = train(guarded(corpus, "train.guard_spike_z=0"), tmp_path / "off", progress=False)
-    assert read_interventions(tmp_path / "off") == [] and off["guard_rollbacks"] == 0
+    assert RunDir(tmp_path / "off").interventions() == [] and off["guard_rollbacks"] == 0
 
 
 def test_resume_after_rollbacks_is_exact(corpus, tmp_path, monkeypatch):
@@ -130,7 +131,7 @@ def test_resume_after_rollbacks_is_exact(corpus, tmp_path, monkeypatch):
     # NaN in batches 23-25: rollback at step 25 to 20; a spike in batch 38, met at step 33: rollback to 30
     inject(monkeypatch, cfg, {23: NAN, 24: NAN, 25: NAN, 38: 10.0})
     full = train(cfg, tmp_path / "full", progress=False)
-    assert [(r["step"], r["kind"]) for r in read_interventions(tmp_path / "full")][-2:] == [
+    assert [(r["step"], r["kind"]) for r in RunDir(tmp_path / "full").interventions()][-2:] == [
         (25, "rollback"),
         (33, "rollback"),
     ]
@@ -158,7 +159,7 @@ def test_guard_never_fires_on_a_healthy_run(corpus, tmp_path):
     golden = ["model.scheme=pre", "model.tie_embeddings=true", "train.max_steps=20", "train.log_interval=5"]
     for name, more in (("off", []), ("on", ["train.guard=true", "train.guard_window=8"])):
         summary = train(tiny(corpus, *golden, *more), tmp_path / name, progress=False)
-    assert read_interventions(tmp_path / "on") == []
+    assert RunDir(tmp_path / "on").interventions() == []
     assert curve(tmp_path / "on") == curve(tmp_path / "off")  # exactly
     assert [r["loss"] for r in read_metrics(tmp_path / "on")] == pytest.approx(
         [5.2047, 4.5716, 4.1656, 3.9872], rel=2e-3

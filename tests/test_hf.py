@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from spannorm.schemes import Scheme
+from spannorm.model_config import Scheme
 
 hf = pytest.importorskip("spannorm.hf")
 
@@ -23,7 +23,7 @@ IDS = [s + "".join(f"-{k}={v}" for k, v in more.items()) for s, more in VARIANTS
 def tiny_model(scheme, seed=0, **more):
     """A 4-block model (Mix-LN then has a PostNorm and PreNorm blocks) with every parameter moved off
     its init value, so that a weight that failed to load would show in the logits."""
-    from spannorm.model import ModelConfig
+    from spannorm.model_config import ModelConfig
 
     torch.manual_seed(seed)
     cfg = ModelConfig(d_model=32, n_layers=4, n_heads=2, scheme=scheme, **more)
@@ -40,7 +40,7 @@ def test_import_spannorm_does_not_import_transformers():
 
 
 def test_config_carries_every_model_field():
-    from spannorm.model import ModelConfig
+    from spannorm.model_config import ModelConfig
 
     cfg = ModelConfig(
         d_model=64,

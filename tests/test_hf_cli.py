@@ -12,8 +12,10 @@ import torch
 pytest.importorskip("transformers")
 
 from spannorm.cli import main  # noqa: E402
-from spannorm.schemes import Scheme  # noqa: E402
-from spannorm.train import load_config, train  # noqa: E402
+from spannorm.model_config import Scheme  # noqa: E402
+from spannorm.run import load_config  # noqa: E402
+from spannorm.schemes import use_tied_embeddings  # noqa: E402
+from spannorm.train import train  # noqa: E402
 
 RUNS = {  # name -> overrides of the tiny preset
     "span": [],
@@ -49,10 +51,9 @@ def checkpoint_lm(run_dir):
     """The run's model loaded straight from its checkpoint, without spannorm.hf."""
     from safetensors.torch import load_model
 
-    from spannorm.hf import read_run_config
     from spannorm.model import build_model
 
-    cfg = read_run_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml")
     lm = build_model(cfg.model)
     load_model(
         lm, str(run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text() / "model.safetensors")
@@ -142,7 +143,7 @@ with torch.no_grad():
         ours = lm(idx)[0]
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), ours, rtol=0, atol=1e-5)
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "llama" and config["tie_word_embeddings"] == cfg.model.use_tied_embeddings
+    assert config["model_type"] == "llama" and config["tie_word_embeddings"] == use_tied_embeddings(cfg.model)
 
 
 def test_export_to_llama_refuses_what_llama_cannot_express(runs, tmp_path, capsys):
@@ -157,7 +158,8 @@ def test_export_to_llama_refuses_what_llama_cannot_express(runs, tmp_path, capsy
 )
 def test_llama_refusal_names_the_option(more):
     from spannorm.hf import llama_refusal
-    from spannorm.model import ModelConfig, build_model
+    from spannorm.model import build_model
+    from spannorm.model_config import ModelConfig
 
     reason = llama_refusal(build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, scheme="pre", **more)))
     assert f"model.{next(iter(more))}=" in reason

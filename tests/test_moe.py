@@ -13,7 +13,8 @@ from spannorm.cli import main
 from spannorm.layers import Role, SwiGLU
 from spannorm.moe import MoE
 from spannorm.probe import taps
-from spannorm.train import load_config, preset_names, read_metrics, train
+from spannorm.run import load_config, preset_names, read_metrics
+from spannorm.train import train
 
 
 def moe(d=16, f=24, E=4, k=2, shared=0, cf=None, seed=0):

@@ -9,6 +9,7 @@ import torch
 
 from spannorm import ModelConfig, Scheme, build_model
 from spannorm.cli import main
+from spannorm.schemes import use_tied_embeddings
 
 D = 128
 
@@ -231,7 +232,8 @@ def test_schemes_command(capsys):
 @pytest.mark.parametrize("norm", ["rms", "layer", "dyt"])
 @pytest.mark.parametrize("scheme", [s.value for s in Scheme])
 def test_every_scheme_and_norm_trains(corpus, tmp_path, scheme, norm):
-    from spannorm.train import load_config, read_metrics, train
+    from spannorm.run import load_config, read_metrics
+    from spannorm.train import train
 
     cfg = load_config(
         "tiny",
@@ -320,7 +322,7 @@ TIED = {
 @pytest.mark.parametrize("scheme", [s.value for s in Scheme])
 def test_tied_head_is_part_of_each_recipe(scheme):
     m = build_model(ModelConfig(d_model=32, n_heads=2, n_layers=2, scheme=scheme, vocab_size=64))
-    assert m.cfg.use_tied_embeddings is TIED[scheme]
+    assert use_tied_embeddings(m.cfg) is TIED[scheme]
     assert (m.head is None) is TIED[scheme]
     for explicit in (True, False):  # an explicit value overrides the recipe
         m = build_model(
@@ -329,8 +331,8 @@ def test_tied_head_is_part_of_each_recipe(scheme):
         assert (m.head is None) is explicit
     # init=shared: one recipe for every scheme, tied unless set
     shared = ModelConfig(d_model=32, n_heads=2, n_layers=2, scheme=scheme, vocab_size=64, init="shared")
-    assert shared.use_tied_embeddings and build_model(shared).head is None
-    assert not ModelConfig(scheme=scheme, init="shared", tie_embeddings=False).use_tied_embeddings
+    assert use_tied_embeddings(shared) and build_model(shared).head is None
+    assert not use_tied_embeddings(ModelConfig(scheme=scheme, init="shared", tie_embeddings=False))
 
 
 def test_shared_init_is_plain_for_every_weight():
@@ -341,10 +343,10 @@ def test_shared_init_is_plain_for_every_weight():
 
 
 def test_tie_embeddings_from_config_file():
-    from spannorm.train import load_config
+    from spannorm.run import load_config
 
-    assert load_config("tiny", ["model.scheme=post"]).model.use_tied_embeddings is False
-    assert load_config("tiny", ["model.scheme=post", "model.tie_embeddings=true"]).model.use_tied_embeddings is True
+    assert use_tied_embeddings(load_config("tiny", ["model.scheme=post"]).model) is False
+    assert use_tied_embeddings(load_config("tiny", ["model.scheme=post", "model.tie_embeddings=true"]).model) is True
 
 
 def test_schemes_command_states_each_recipe(capsys):

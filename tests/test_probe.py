@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 from spannorm import ModelConfig, build_model
 from spannorm.cli import main
 from spannorm.layers import rope_cache
-from spannorm.probe import _entry, _stack, frozen_branches, probe, skip_gains
+from spannorm.probe import frozen_branches, probe, skip_gains
 
 FIELDS = {
     "scheme",
@@ -70,15 +72,21 @@ def test_skip_gain_equals_finite_differences_with_frozen_branches():
     m = model.double()
     rope = tuple(t.double() for t in rope_cache(16, 16, 10000.0))
     with torch.no_grad():
-        x = _entry(m, idx)
+        x = m.embed_tokens(idx)
         v = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         unit = x / x.norm(dim=-1, keepdim=True)
         v = v - (v * unit).sum(-1, keepdim=True) * unit
         with frozen_branches(m):
-            _stack(m, x, rope)
-            diff = _stack(m, x + 1e-6 * v, rope) - _stack(m, x - 1e-6 * v, rope)
+            m.trunk(x, rope)
+            diff = m.trunk(x + 1e-6 * v, rope) - m.trunk(x - 1e-6 * v, rope)
     fd = diff.pow(2).mean().sqrt().item() / (2e-6 * v.pow(2).mean().sqrt().item())
     assert skip == pytest.approx(fd, rel=1e-6)
+
+
+def test_the_measurements_do_not_import_the_trainer():
+    """probe sits below train (the trainer logs its measurements); probe_command sits above it."""
+    code = "import sys, spannorm.probe; assert 'spannorm.train' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_probe_cli_json_and_plots(tmp_path, corpus, capsys):

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from spannorm.cli import main
 from spannorm.config import ConfigError
 from spannorm.data import DataConfig
-from spannorm.model import ModelConfig, build_model
-from spannorm.train import TrainConfig, load_config
+from spannorm.model import build_model
+from spannorm.model_config import ModelConfig
+from spannorm.run import TrainConfig, load_config
 
 KEYS = (
     [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)]

@@ -18,7 +18,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from spannorm.cli import main
-from spannorm.train import load_config, load_run, read_metrics, train
+from spannorm.run import RunDir, load_config, load_run, read_metrics
+from spannorm.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -126,6 +127,21 @@ def test_resume_is_exact_during_a_divergence_streak(corpus, tmp_path):
     resumed = train(cfg, tmp_path / "cut", resume=True, progress=False)
     assert untimed([resumed]) == untimed([full])
     assert untimed(read_metrics(tmp_path / "cut")) == untimed(read_metrics(tmp_path / "full"))
+
+
+def test_every_part_of_the_trainer_is_in_the_checkpoint(corpus, tmp_path):
+    """A resume recomputes nothing: the divergence monitor, the training guard, the throughput meter and the last
+    validation loss are saved in each checkpoint, beside the optimizer and the RNGs."""
+    import torch
+
+    cfg = tiny(corpus, "train.ckpt_interval=10", "train.eval_interval=10", "train.log_interval=1")
+    train(cfg, tmp_path / "run", progress=False, stop_after=20)
+    state = torch.load(RunDir(tmp_path / "run").find_checkpoint() / "state.pt", weights_only=True)
+    rows = read_metrics(tmp_path / "run")
+    assert state["step"] == 20 and state["last_val"] == rows[-1]["val_loss"]
+    assert state["divergence"]["first_loss"] == rows[0]["loss"]
+    assert state["throughput"]["tokens"] == 20 * cfg.train.batch_size * cfg.train.seq_len
+    assert state["guard"]["skipped"] == 0 and state["guard"]["lr_scale"] == 1.0
 
 
 # --- 5, 13. probe --checkpoint: the manifest, non-finite results, its own flag in errors ------
@@ -446,7 +462,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_resumable(corpus, tmp_path,
     import torch
     from safetensors import SafetensorError
 
-    import spannorm.train as train_mod
+    import spannorm.run as run_mod
 
     run = tmp_path / "run"
     argv = ["train", "--config", "tiny", "--corpus", str(corpus), "--out", str(run), "--quiet"]
@@ -463,7 +479,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_resumable(corpus, tmp_path,
 
     with monkeypatch.context() as m:
         if where == "weights":
-            m.setattr(train_mod, "save_model", full_weights)
+            m.setattr(run_mod, "save_model", full_weights)
         else:
             m.setattr(torch, "save", full_state)
         err = one_line_error(capsys, argv, "the disk is full (No space left on device)")

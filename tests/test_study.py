@@ -9,8 +9,9 @@ import yaml
 
 from spannorm.cli import main
 from spannorm.config import ConfigError
-from spannorm.study import expand, load_study, run_study, study_from_dict, study_names
-from spannorm.train import PATIENCE, load_config, preset_names, read_metrics, train
+from spannorm.run import load_config, preset_names, read_metrics
+from spannorm.study import expand, load_study, plan_study, run_study, study_from_dict, study_names
+from spannorm.train import PATIENCE, train
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -63,7 +64,7 @@ def read_csv(path):
 
 def test_expand_grid_dedup_names_and_steps(corpus):
     study = study_from_dict(small_study(corpus))
-    cells = expand(study)
+    cells = expand(plan_study(study))
     names = [c.name for c in cells]
     # 2 schemes × 2 depths × 2 seeds, then the ablation:
     # its span_scale=norm cell (the default) is the main grid's span_L3_s1
@@ -84,20 +85,20 @@ def test_expand_grid_dedup_names_and_steps(corpus):
     assert all(c.cfg.train.max_steps == 10 for c in cells)
     # a batch-size axis changes the step count, not the token budget
     data = small_study(corpus, grids=[{"name": "g", "axes": {"train.batch_size": [4, 8]}}])
-    assert [c.cfg.train.max_steps for c in expand(study_from_dict(data))] == [20, 10]
+    assert [c.cfg.train.max_steps for c in expand(plan_study(study_from_dict(data)))] == [20, 10]
 
 
 def test_shipped_studies_expand_and_are_not_presets():
     assert {"tiny", "reference"} <= set(study_names())
     assert "studies" not in preset_names() and "reference" not in preset_names()
-    ref = expand(load_study("reference"))
+    ref = expand(plan_study(load_study("reference")))
     assert len(ref) == 8 * 3 * 2 * 2 + 2 * 9 - 2 + 2 * 2 * 2 * 2
     assert {c.cfg.model.d_model for c in ref} == {64} and {c.cfg.train.max_steps for c in ref} == {256}
     assert {c.cfg.model.n_layers for c in ref if c.extras and not c.cfg.model.moe} == {48}
     assert {(c.cfg.model.n_layers, c.cfg.model.n_experts) for c in ref if c.cfg.model.moe} == {(6, 8), (24, 8)}
-    assert len(expand(load_study("tiny"))) == 3 * 2 * 2 * 2 + 4 * 3 * 2 - 2
+    assert len(expand(plan_study(load_study("tiny")))) == 3 * 2 * 2 * 2 + 4 * 3 * 2 - 2
 
-    lr = expand(load_study("lr"))
+    lr = expand(plan_study(load_study("lr")))
     assert len(lr) == 9 * 2 * 6  # span (norm, the default), span init, span multiplier and 6 peers; 6 lrs
     assert {c.cfg.train.max_steps for c in lr} == {256} and {c.cfg.model.d_model for c in lr} == {64}
     assert {c.cfg.model.n_layers for c in lr} == {12, 48} and {c.cfg.train.seed for c in lr} == {1}
@@ -165,7 +166,7 @@ def test_interrupted_study_resumes_to_the_same_results(corpus, tmp_path):
     study = study_from_dict(data)
     run_study(study, tmp_path / "full", "cmd", log=lambda *a: None)
     # as if killed mid-study: the first cell finished, the second stopped at step 13 (checkpoint at 10)
-    cells = expand(study)
+    cells = expand(plan_study(study))
     train(cells[0].cfg, tmp_path / "cut" / "cells" / cells[0].name, progress=False)
     assert train(cells[1].cfg, tmp_path / "cut" / "cells" / cells[1].name, progress=False, stop_after=13) == {
         "step": 13,
@@ -257,7 +258,9 @@ def test_a_cell_of_another_config_is_refused(corpus, tmp_path, capsys):
 @pytest.mark.parametrize(
     "change, fragment",
     [
-        ({"bogus": 1}, "unknown key bogus; valid study keys: base, set, tokens_per_cell"),
+        ({"bogus": 1}, "unknown key bogus; valid keys: base, set, tokens_per_cell"),
+        ({"tokens_per_cell": None}, "tokens_per_cell=None is invalid: expected an integer"),
+        ({"grids": [{"axes": {"model.n_layers": [2]}}]}, "missing key grids[0].name; required keys: grids[0].name"),
         (
             {"tokens_per_cell": 5000},
             "tokens_per_cell=5000 is invalid for the base config: expected a multiple of "
@@ -300,11 +303,15 @@ def test_a_cell_of_another_config_is_refused(corpus, tmp_path, capsys):
         ),
         (
             {"grids": [{"name": "g", "axes": {"train.lr": [1e-3, 1e-2]}, "best_lr_seeds": 2}]},
-            "grids[0].best_lr_seeds=2 is invalid: expected a non-empty list of distinct integer seeds",
+            "grids[0].best_lr_seeds=2 is invalid: expected a list",
         ),
         (
             {"grids": [{"name": "g", "axes": {"train.lr": [1e-3, 1e-2]}, "best_lr_seeds": [2, "3"]}]},
-            "grids[0].best_lr_seeds=[2, '3'] is invalid: expected a non-empty list of distinct integer seeds",
+            "grids[0].best_lr_seeds[1]='3' is invalid: expected an integer",
+        ),
+        (
+            {"grids": [{"name": "g", "axes": {"train.lr": [1e-3, 1e-2]}, "best_lr_seeds": [2, 2]}]},
+            "grids[0].best_lr_seeds=[2, 2] is invalid: expected a list of distinct integer seeds",
         ),
         (
             {"grids": [{"name": "g", "axes": {"train.lr": [1e-3, 1e-3]}, "best_lr_seeds": [2]}]},
@@ -325,10 +332,35 @@ def test_bad_study_yaml_is_a_one_line_error(corpus, tmp_path, capsys, change, fr
     assert not (out / "cells").exists()
 
 
+STUDY_MODULES = ("grid", "cells", "results", "claims", "plots", "report", "runner")  # each imports only earlier ones
+
+
+def test_study_modules_import_one_way():
+    """spannorm.study's modules import each other in one direction, at module level, and no private names."""
+    import ast
+    from pathlib import Path
+
+    import spannorm.study
+
+    folder = Path(spannorm.study.__file__).parent
+    assert sorted(p.stem for p in folder.glob("*.py")) == sorted(STUDY_MODULES + ("__init__",))
+    for i, name in enumerate(STUDY_MODULES):
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        top = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom) or node.level == 0:
+                continue
+            assert id(node) in top, f"{name}.py imports .{node.module or ''} inside a function"
+            assert not any(a.name.startswith("_") for a in node.names), f"{name}.py imports a private name"
+            if node.level == 1:
+                assert node.module in STUDY_MODULES[:i], f"{name}.py imports .{node.module}, not an earlier module"
+
+
 def test_bad_study_command_line(tmp_path, capsys):
     for argv, fragment in (
         (["study", "--config", "nosuch"], "neither a YAML file nor a shipped study; studies:"),
         (["study", "--config", "tiny", "--jobs", "0"], "--jobs 0 is invalid"),
+        (["study", "--config", "lr", "--set", "train.max_steps=5"], "--set train.max_steps is invalid here"),
     ):
         assert main(argv + ["--out", str(tmp_path / "st")]) == 2
         err = capsys.readouterr().err
@@ -385,7 +417,7 @@ def test_ctrl_c_leaves_a_resumable_study(corpus, tmp_path, signame):
         stderr=subprocess.PIPE,
         text=True,
     )
-    last = expand(study_from_dict(data))[-1].name
+    last = expand(plan_study(study_from_dict(data)))[-1].name
     latest = tmp_path / "cut" / "cells" / last / "checkpoints" / "latest"
     deadline = time.time() + 120
     while time.time() < deadline and not (latest.is_file() and latest.read_text() >= "step-0000010"):
@@ -420,7 +452,7 @@ def test_report_only_reports_finished_cells_and_trains_nothing(corpus, tmp_path)
     )
     run_study(study_from_dict(one), out, "cmd", log=lambda *a: None)
     rows = run_study(study_from_dict(data), out, "cmd", log=lambda *a: None, report_only=True)
-    pre, span = (c.name for c in expand(study_from_dict(data)))
+    pre, span = (c.name for c in expand(plan_study(study_from_dict(data))))
     assert pre.startswith("pre_L2") and span.startswith("span_L2")
     assert [(r["name"], r["status"]) for r in rows] == [(pre, rows[0]["status"]), (span, "not run")]
     assert rows[0]["status"] in ("ok", "stalled") and float(rows[0]["final_val_loss"]) > 0
@@ -429,13 +461,13 @@ def test_report_only_reports_finished_cells_and_trains_nothing(corpus, tmp_path)
 
 def test_lr_sensitivity_names_the_scalings_that_train_at_the_high_lr(corpus):
     """The report's answer to "which scaling removes SpanNorm's high-lr sensitivity", on made-up results."""
-    from spannorm.study_report import lr_sensitivity
+    from spannorm.study import lr_sensitivity
 
     data = small_study(corpus)
     data["grids"][0]["axes"]["train.lr"] = [1e-3, 1e-2]
     data["grids"][1]["axes"]["train.lr"] = [1e-3, 1e-2]
     data["grids"][1]["axes"]["model.span_c"] = [1.0, 4.0]
-    cells = expand(study_from_dict(data))
+    cells = expand(plan_study(study_from_dict(data)))
     val = {
         ("pre", "norm", 1.0): (2.0, 2.5),
         ("span", "norm", 1.0): (1.9, 3.3),  # default span: stalls
@@ -469,9 +501,9 @@ def test_lr_sensitivity_names_the_scalings_that_train_at_the_high_lr(corpus):
 
 def test_signal_and_gradient_claims_leave_out_stalled_cells(corpus, tmp_path):
     """Claims 1 and 2 score the probes of cells that trained; a stalled cell's probe is shown, not scored."""
-    from spannorm.study_report import NOT_SUPPORTED, SUPPORTED, claims
+    from spannorm.study import NOT_SUPPORTED, SUPPORTED, claims
 
-    cells = [c for c in expand(study_from_dict(small_study(corpus))) if not c.extras]
+    cells = [c for c in expand(plan_study(study_from_dict(small_study(corpus)))) if not c.extras]
     stalled = next(c for c in cells if c.cfg.model.scheme.value == "span" and c.cfg.model.n_layers == 3)
     rows = []
     for c in cells:
@@ -530,8 +562,8 @@ def fake_rows(cells, results):
 def test_follow_ups_add_seeds_at_the_best_lr_only(corpus):
     from spannorm.study import follow_ups
 
-    study = study_from_dict(lr_study(corpus))
-    cells = expand(study)
+    plan = plan_study(study_from_dict(lr_study(corpus)))
+    cells = expand(plan)
     assert all(c.cfg.train.seed == 1 for c in cells)
     rows = fake_rows(
         cells,
@@ -547,7 +579,7 @@ def test_follow_ups_add_seeds_at_the_best_lr_only(corpus):
             "span_L3_lr0.01_s1_span_scale-none": ("ok", 2.6),
         },
     )
-    more = follow_ups(study, cells, rows)
+    more = follow_ups(plan, cells, rows)
     assert [c.name for c in more[: len(cells)]] == [c.name for c in cells]
     assert [c.name for c in more[len(cells) :]] == [
         "pre_L2_lr0.01_s2",
@@ -560,22 +592,21 @@ def test_follow_ups_add_seeds_at_the_best_lr_only(corpus):
     assert more[-1].grids == ["abl"] and more[-1].series == "span span_scale=none"
     # once span_L3 at 1e-3 has finished, it gets its seeds too (at its best lr); a failed cell blocks the point
     rows[[c.name for c in cells].index("span_L3_lr0.001_s1")] = {"status": "ok", "final_val_loss": 1.9}
-    assert [c.name for c in follow_ups(study, cells, rows)[len(cells) :]][4:6] == [
+    assert [c.name for c in follow_ups(plan, cells, rows)[len(cells) :]][4:6] == [
         "span_L3_lr0.001_s2",
         "span_L3_lr0.001_s3",
     ]
     rows[[c.name for c in cells].index("pre_L2_lr0.001_s1")] = {"status": "failed: OSError"}
-    assert "pre_L2_lr0.01_s2" not in [c.name for c in follow_ups(study, cells, rows)]
+    assert "pre_L2_lr0.01_s2" not in [c.name for c in follow_ups(plan, cells, rows)]
     # a grid without best_lr_seeds adds nothing
-    plain = study_from_dict(small_study(corpus))
+    plain = plan_study(study_from_dict(small_study(corpus)))
     assert [c.name for c in follow_ups(plain, expand(plain), fake_rows(expand(plain), {}))] == [
         c.name for c in expand(plain)
     ]
 
 
 def test_best_lr_and_stable_range_on_known_rows(corpus):
-    from spannorm.study import best_lr, stable_lrs
-    from spannorm.study_report import best_lr_table
+    from spannorm.study import best_lr, best_lr_table, stable_lrs
 
     ok = lambda v: {"status": "ok", "final_val_loss": v}  # noqa: E731
     by_lr = {5e-4: ok(2.30), 1e-3: ok(2.14), 2e-3: ok(2.10), 4e-3: ok(2.151), 8e-3: {"status": "diverged"}}
@@ -589,7 +620,7 @@ def test_best_lr_and_stable_range_on_known_rows(corpus):
     data["grids"][0]["axes"]["train.lr"] = [1e-3, 2e-3, 4e-3]
     data["grids"][0]["axes"]["train.seed"] = [1, 2, 3]
     del data["grids"][0]["best_lr_seeds"]
-    cells = expand(study_from_dict(data))
+    cells = expand(plan_study(study_from_dict(data)))
     rows = fake_rows(
         cells,
         {

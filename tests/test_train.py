@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from spannorm.train import TrainConfig, load_config, load_run, lr_at, read_metrics, train
+from spannorm.run import TrainConfig, load_config, load_run, read_metrics
+from spannorm.train import lr_at, train
 
 
 def tiny(corpus, *more):

@@ -26,6 +26,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .config import SpannormError
+from .device import resolve, set_tf32, synchronize
+from .model import build_model
+from .model_config import ModelConfig
+from .moe import MoE
+from .output import md_table, num
+
 STANDARD = dict(d_model=256, n_layers=8, n_heads=4, vocab_size=8192, seq_len=256, batch_size=8)
 DEPTHS = (4, 8, 16, 32)
 # on a GPU: a ~270M-parameter Llama (SwiGLU width 2816 from d_model), 8 × 1024 tokens per step
@@ -58,15 +65,11 @@ def _rss_mb() -> float:
 def _build(case: Case):
     """The model, a step function (forward + backward + AdamW; it waits for the device) and the
     training forward alone (returns the loss), on a fixed batch."""
-    from .device import resolve, set_tf32, synchronize
-
     s, device = size(case), resolve(case.device, "--device")
     if device.type == "cuda":
         set_tf32(case.tf32)
     if case.impl == "hf-llama":
         from transformers import LlamaConfig, LlamaForCausalLM
-
-        from .model import ModelConfig
 
         ffn = ModelConfig(d_model=s["d_model"], n_heads=s["n_heads"]).ffn_dim
         cfg = LlamaConfig(
@@ -89,8 +92,6 @@ def _build(case: Case):
         def loss_fn(x, y):
             return forward(input_ids=x, labels=y).loss
     else:
-        from .model import ModelConfig, build_model
-
         model = build_model(
             ModelConfig(
                 vocab_size=s["vocab_size"],
@@ -202,8 +203,6 @@ def peak_memory(case: Case) -> float:
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5, device: str = "cpu", tf32: bool = False) -> float:
     """Median FLOP/s of an n×n×n matmul on this machine (or on a CUDA ``device``, where fp32 runs in
     TF32 if ``tf32``, as the cases do)."""
-    from .device import set_tf32, synchronize
-
     device = torch.device(device)
     if device.type == "cuda":
         set_tf32(tf32)
@@ -252,8 +251,6 @@ def cases(
 def _subprocess(*args: str):
     res = subprocess.run([sys.executable, "-m", "spannorm.bench", *args], capture_output=True, text=True)
     if res.returncode != 0:
-        from .config import SpannormError
-
         raise SpannormError(f"bench {args[0]} {args[1]} failed: {(res.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -324,7 +321,7 @@ def ratios(result: dict) -> list[str]:
         if pre and hf:
             lines.append(f"{dtype}: spannorm pre / HF Llama tokens/s {pre['tokens_per_s'] / hf['tokens_per_s']:.3f}x")
         ours_pre, ours_span, hf_pre = ("spannorm", "pre"), ("spannorm", "span"), ("hf-llama", "pre")
-        for name, num, den, attr in (
+        for name, numerator, denominator, attr in (
             ("span/pre step time", ours_span, ours_pre, "step_s"),
             ("span/pre saved activations", ours_span, ours_pre, "saved_mb"),
             ("spannorm pre / HF Llama tokens/s", ours_pre, hf_pre, "tokens_per_s"),
@@ -332,7 +329,7 @@ def ratios(result: dict) -> list[str]:
         ):
             by_depth = {}  # the ratio at every depth of the sweep: one depth's ratio is as noisy as the machine
             for d in sorted({r["depth"] for r in rows}):
-                a, b = find(*num, dtype, depth=d), find(*den, dtype, depth=d)
+                a, b = find(*numerator, dtype, depth=d), find(*denominator, dtype, depth=d)
                 if a and b and a.get(attr) and b.get(attr):  # saved_mb: absent in older results
                     by_depth[d] = a[attr] / b[attr]
             if len(by_depth) > 1:
@@ -384,19 +381,24 @@ def ratios(result: dict) -> list[str]:
 
 def markdown(result: dict) -> str:
     """Every row of a bench result as a Markdown table."""
-    lines = [
-        "| impl | scheme | L | dtype | compiled | group | tokens/s | step (ms) | peak mem (MB) "
-        "| saved act. (MB) | MFU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+    header = ["impl", "scheme", "L", "dtype", "compiled", "group", "tokens/s", "step (ms)", "peak mem (MB)"]
+    rows = [
+        [
+            r["impl"],
+            r["scheme"],
+            str(r["depth"]),
+            r["dtype"],
+            "yes" if r.get("compile") else "no",
+            r.get("group", "main"),
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['step_s'] * 1e3:.0f}",
+            f"{r['peak_mem_mb']:.0f}",
+            num(r.get("saved_mb") or None, ".0f"),
+            f"{r['mfu']:.1%}",
+        ]
+        for r in result["rows"]
     ]
-    for r in result["rows"]:
-        saved = f"{r['saved_mb']:.0f}" if r.get("saved_mb") else "—"
-        lines.append(
-            f"| {r['impl']} | {r['scheme']} | {r['depth']} | {r['dtype']} | "
-            f"{'yes' if r.get('compile') else 'no'} | {r.get('group', 'main')} | {r['tokens_per_s']:,.0f} | "
-            f"{r['step_s'] * 1e3:.0f} | {r['peak_mem_mb']:.0f} | {saved} | {r['mfu']:.1%} |"
-        )
-    return "\n".join(lines)
+    return md_table(header + ["saved act. (MB)", "MFU"], rows)
 
 
 # --- MoE: an 8-expert top-2 model against a dense one with the same active parameters ---------
@@ -406,8 +408,6 @@ MOE = dict(n_experts=8, top_k=2)  # expert width: the default, dense ffn_dim / t
 
 def moe_fields(impl: str, d_model: int, n_heads: int) -> dict:
     """Extra ModelConfig fields of the MoE comparison's two impls ({} for the others)."""
-    from .model import ModelConfig
-
     if impl == "spannorm-moe":
         return dict(MOE)
     if impl == "spannorm-moe-dense":  # dense d_ff = top_k × expert width: the MoE's active FFN
@@ -419,8 +419,6 @@ def moe_fields(impl: str, d_model: int, n_heads: int) -> dict:
 def active_params(model) -> int:
     """Parameters one token uses in matmuls: all, less the routed experts it does not visit (fraction
     1 − k/E), less an untied embedding (a lookup; with a tied head it is the head's matmul)."""
-    from .moe import MoE
-
     n = sum(p.numel() for p in model.parameters())
     if getattr(model, "head", None) is not None:  # spannorm LM with an untied head
         n -= model.embed.weight.numel()

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from . import __version__
 from .config import ConfigError, SpannormError, coerce_enum
-from .schemes import Scheme
+from .files import atomic_write_text, dumps, os_error
+from .model_config import Scheme
 
 
 class Parser(argparse.ArgumentParser):
@@ -214,7 +215,27 @@ def build_parser() -> Parser:
     ev.add_argument("--seq-len", type=int, help="window length (default: the run's train.seq_len)")
     ev.add_argument("--batch-size", type=int, help="windows per forward (default: the run's train.batch_size, else 16)")
     ev.add_argument("--json", type=Path, metavar="OUT", help="also write the results to this JSON file")
+    ev.add_argument(
+        "--lm-eval",
+        metavar="TASKS",
+        help="instead: run these comma-separated lm-eval-harness tasks (spannorm_spelling, shipped; yours with "
+        "--include-path; lm-eval's own) with lm-eval's hf model; needs pip install 'spannorm[eval]'",
+    )
+    ev.add_argument("--include-path", type=Path, metavar="DIR", help="--lm-eval: also find tasks in this YAML folder")
+    ev.add_argument("--limit", type=int, metavar="N", help="--lm-eval: score only the first N items of each task")
     _model_device_arg(ev)
+
+    tk = sub.add_parser(
+        "track", help="replay a run's metrics.jsonl and diagnostics.jsonl into TensorBoard or an offline W&B run"
+    )
+    tk.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory")
+    tk.add_argument(
+        "--to",
+        required=True,
+        metavar="TRACKERS",
+        help="comma-separated: tensorboard (RUN_DIR/tensorboard; pip install 'spannorm[tensorboard]') and/or "
+        "wandb (offline, RUN_DIR/wandb; pip install 'spannorm[wandb]')",
+    )
     return parser
 
 
@@ -226,7 +247,8 @@ def _shortcuts(args) -> list[str]:
 
 
 def _load(args):
-    from .train import load_config
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
+    from .run import load_config
 
     return load_config(args.config, list(args.overrides) + _shortcuts(args))
 
@@ -234,6 +256,7 @@ def _load(args):
 def cmd_data_prepare(args) -> None:
     import json
 
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from .data import prepare
 
     path = prepare(_load(args).data, verify=True)  # (a cached dataset: its files' sha256 checked too)
@@ -246,8 +269,10 @@ def cmd_data_prepare(args) -> None:
 
 
 def cmd_train(args) -> None:
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from .device import resolve as resolve_device
-    from .train import load_run, train
+    from .run import load_run
+    from .train import train
 
     if args.resume:
         if args.out is None:
@@ -282,15 +307,10 @@ def cmd_train(args) -> None:
 
 
 def cmd_compare(args) -> None:
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from .compare import compare, table
-    from .schemes import Scheme
 
-    schemes = [coerce_enum(Scheme, "--schemes", s.strip()) for s in args.schemes.split(",") if s.strip()]
-    if not schemes:
-        raise ConfigError(
-            f"--schemes {args.schemes!r} is invalid: expected a comma-separated list of "
-            + ", ".join(s.value for s in Scheme)
-        )
+    schemes = _schemes("--schemes", args.schemes)
     base = _load(args)
     command = "spannorm " + " ".join(shlex.quote(a) for a in args.argv)
     summaries = compare(base, schemes, args.out, command, progress=not args.quiet)
@@ -300,6 +320,7 @@ def cmd_compare(args) -> None:
 
 
 def cmd_study(args) -> None:
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from .study import load_study, run_study
 
     if args.jobs < 1:
@@ -332,6 +353,15 @@ def _output_file(flag: str, path: Path) -> None:
         raise ConfigError(f"{flag} {str(path)!r} cannot be created: {str(parent)!r} is not a directory")
 
 
+def _schemes(flag: str, text: str) -> list[Scheme]:
+    """A comma-separated list of scheme names."""
+    schemes = [coerce_enum(Scheme, flag, s.strip()) for s in text.split(",") if s.strip()]
+    if not schemes:
+        valid = ", ".join(s.value for s in Scheme)
+        raise ConfigError(f"{flag} {text!r} is invalid: expected a comma-separated list of {valid}")
+    return schemes
+
+
 def _int_list(flag: str, text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -343,9 +373,8 @@ def _int_list(flag: str, text: str) -> list[int]:
 
 
 def cmd_probe(args) -> None:
-    from .files import atomic_write_text, dumps
-    from .probe import plot_heatmaps, plot_probe, probe_table, read_diagnostics, run_probe
-    from .schemes import Scheme
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
+    from .probe_command import plot_heatmaps, plot_probe, probe_table, read_diagnostics, run_probe
 
     if args.batch < 1:
         raise ConfigError(f"--batch {args.batch} is invalid: expected a positive integer")
@@ -353,7 +382,7 @@ def cmd_probe(args) -> None:
     if args.checkpoint is not None:
         schemes, depths, cfg = [], [], None
     else:
-        schemes = [coerce_enum(Scheme, "--scheme", s.strip()) for s in args.scheme.split(",") if s.strip()]
+        schemes = _schemes("--scheme", args.scheme)
         depths = _int_list("--depths", args.depths)
         if args.d_model is not None:
             args.overrides = list(args.overrides) + [f"model.d_model={args.d_model}"]
@@ -389,11 +418,11 @@ def cmd_bench(args) -> None:
     import importlib.util
     import json
 
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from .bench import DEPTHS, GPU_DEPTHS, cases, markdown, moe_cases, moe_ratios, ratios, run
     from .device import resolve as resolve_device
-    from .files import atomic_write_text, dumps
 
-    schemes = [coerce_enum(Scheme, "--schemes", s.strip()).value for s in args.schemes.split(",") if s.strip()]
+    schemes = [s.value for s in _schemes("--schemes", args.schemes)]
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     for d in dtypes:
         if d not in ("fp32", "bf16"):
@@ -434,7 +463,7 @@ def cmd_bench(args) -> None:
 
 
 def cmd_schemes(args) -> None:
-    from .files import dumps
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from .schemes import SCHEMES
 
     rows = [
@@ -472,6 +501,7 @@ def _hf():
         raise ConfigError("this command needs transformers: pip install 'spannorm[hf]'")
     import transformers
 
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from . import hf
 
     transformers.logging.set_verbosity_error()
@@ -481,6 +511,7 @@ def _hf():
 
 def _load_model(args):
     """(model, tokenizer, run config or None) of args.model on --device (default: auto)."""
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from .device import resolve as resolve_device
 
     device = resolve_device(args.device or "auto", "--device")
@@ -519,11 +550,17 @@ def cmd_generate(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from .evaluation import evaluate
-    from .files import atomic_write_text, dumps
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} is invalid: expected a positive integer")
+    if args.json:
+        _output_file("--json", args.json)
+    if args.lm_eval is not None:
+        return cmd_lm_eval(args)
+    if args.include_path is not None or args.limit is not None:
+        raise ConfigError("--include-path and --limit go with --lm-eval TASKS")
     model, tokenizer, run_cfg = _load_model(args)
     report = {"model": str(args.model)} | evaluate(model, tokenizer, run_cfg, args.text, args.seq_len, args.batch_size)
     for r in report["results"]:
@@ -533,6 +570,46 @@ def cmd_eval(args) -> None:
         )
     if args.json:
         atomic_write_text(args.json, dumps(report, indent=1))
+
+
+def cmd_lm_eval(args) -> None:
+    """``spannorm eval --lm-eval TASKS``: lm-eval-harness's table of the tasks (spannorm.harness)."""
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
+    from .device import resolve as resolve_device
+
+    tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+    if not tasks:
+        raise ConfigError(f"--lm-eval {args.lm_eval!r} is invalid: expected comma-separated task names")
+    if args.text:
+        raise ConfigError("--text goes without --lm-eval: run them as two commands")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit {args.limit} is invalid: expected a positive integer")
+    if args.seq_len is not None and args.seq_len < 1:
+        raise ConfigError(f"--seq-len {args.seq_len} is invalid: expected a positive integer")
+    if not ((args.model / "config.json").is_file() or (args.model / "config.yaml").is_file()):
+        raise ConfigError(
+            f"{str(args.model)!r} is neither a run directory (config.yaml) nor a Hugging Face folder (config.json)"
+        )
+    _hf()  # (a one-line error without transformers; registers spannorm's model with the Auto classes)
+    from .harness import evaluate, table  # (here: it needs transformers and lm_eval, optional dependencies)
+
+    device = str(resolve_device(args.device or "auto", "--device"))
+    out = evaluate(args.model, tasks, args.include_path, args.limit, args.batch_size or 16, device, args.seq_len)
+    print(table(out))
+    if args.json:
+        report = {"model": str(args.model), "lm_eval": {k: out[k] for k in ("results", "versions", "n-samples")}}
+        atomic_write_text(args.json, dumps(report, indent=1))
+
+
+def cmd_track(args) -> None:
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
+    from .trackers import replay
+
+    names = [n.strip() for n in args.to.split(",") if n.strip()]
+    if not names:
+        raise ConfigError(f"--to {args.to!r} is invalid: expected tensorboard and/or wandb")
+    n_metrics, n_diagnostics = replay(args.run_dir, names)
+    print(f"{args.run_dir}: {n_metrics} metrics rows, {n_diagnostics} diagnostics rows -> {', '.join(names)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -550,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         "export": cmd_export,
         "generate": cmd_generate,
         "eval": cmd_eval,
+        "track": cmd_track,
     }[args.command]
     try:
         handler(args)
@@ -561,8 +639,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spannorm: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except OSError as e:  # one at a file edge that no command turned into its own error: one line all the same
-        from .files import os_error
-
         what = repr(str(e.filename)) if e.filename is not None else "a file"
         print(f"spannorm: error: {' '.join(str(os_error(e, what)).split())}", file=sys.stderr)
         return 2

@@ -7,54 +7,34 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, to_dict
-from .files import atomic_write_bytes, atomic_write_text
-from .schemes import Scheme
-from .train import RunConfig, load_run, read_metrics, same_experiment, train
+from .config import to_dict
+from .files import atomic_write_text
+from .model_config import Scheme
+from .output import md_table, num, pyplot, save_figure
+from .run import RunConfig, read_metrics
+from .train import train_or_reuse
 
 COLUMNS = ("scheme", "final val loss", "diverged", "tokens/s", "steps", "params")
-
-
-def run_scheme(cfg: RunConfig, run_dir: Path, progress: bool) -> dict:
-    """Train one cell, reusing a finished run or resuming an interrupted one with the same config."""
-    if (run_dir / "config.yaml").is_file():
-        if not same_experiment(load_run(run_dir), cfg):
-            raise ConfigError(
-                f"--out {str(run_dir.parent)!r} holds a {run_dir.name!r} run with another config: choose another --out"
-            )
-        finished = (run_dir / "summary.json").is_file()
-        return train(cfg, run_dir, resume=True, progress=progress) | {"reused": finished}
-    return train(cfg, run_dir, progress=progress)
 
 
 def table(rows: list[dict]) -> str:
     """A Markdown table of the summaries."""
 
-    def fmt(s: dict) -> list[str]:
-        val = s["final_val_loss"]
+    def cells(s: dict) -> list[str]:
         return [
             s["scheme"],
-            "—" if val is None else f"{val:.4f}",
+            num(s["final_val_loss"], ".4f"),
             "yes" if s["diverged"] else "no",
-            f"{s['tokens_per_s']:,.0f}" if s.get("tokens_per_s") else "—",
+            num(s.get("tokens_per_s") or None, ",.0f"),
             str(s["steps"]),
             f"{s['n_params']:,}",
         ]
 
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(s)) + " |" for s in rows]
-    return "\n".join(lines)
+    return md_table(list(COLUMNS), [cells(s) for s in rows])
 
 
 def plot(out: Path, runs: dict[str, list[dict]]) -> None:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_train, ax_val) = pyplot().subplots(1, 2, figsize=(11, 4))
     for scheme, rows in runs.items():
         ax_train.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=scheme)
         val = [r for r in rows if r["val_loss"] is not None]
@@ -65,11 +45,7 @@ def plot(out: Path, runs: dict[str, list[dict]]) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(out, buf.getvalue())
+    save_figure(fig, out, dpi=110)
 
 
 def compare(
@@ -81,7 +57,9 @@ def compare(
     for scheme in schemes:
         cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, scheme=scheme))
         log(f"[{scheme.value}] training into {out / scheme.value}")
-        summary = run_scheme(cfg, out / scheme.value, progress)
+        summary = train_or_reuse(
+            cfg, out / scheme.value, progress, what=f"--out {str(out)!r} holds a {scheme.value!r} run"
+        )
         log(
             f"[{scheme.value}] {'reused finished run' if summary.get('reused') else 'done'}: "
             f"val loss {summary['final_val_loss']}, diverged {summary['diverged']}"

@@ -53,6 +53,20 @@ def _coerce(tp: Any, field: str, value: Any) -> Any:
         if value is None:
             return None
         return _coerce(args[0], field, value)
+    if tp is Any:  # checked by the dataclass itself (its __post_init__)
+        return value
+    if origin is list:  # list[T]: each item a T, named field[i]
+        require(isinstance(value, list), field, value, "a list")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, f"{field}[{i}]", v) for i, v in enumerate(value)]
+    if origin is dict:  # dict[str, T]: each value a T, named field.key
+        require(isinstance(value, dict), field, value, "a mapping")
+        _, item = typing.get_args(tp)
+        for key in value:
+            require(isinstance(key, str), f"{field} key", key, "a string")
+        return {key: _coerce(item, f"{field}.{key}", v) for key, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, field)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return coerce_enum(tp, field, value)
     if tp is bool:
@@ -77,32 +91,43 @@ def _coerce(tp: Any, field: str, value: Any) -> Any:
 
 
 def from_dict(cls: type, data: Any, prefix: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, checking keys and value types."""
+    """Build dataclass ``cls`` from a mapping, checking keys and value types. ``prefix`` names the mapping in
+    errors (``model``: model.n_layers); "" for a top-level mapping, whose keys are named as they are. A field
+    without a default is a required key."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise invalid(prefix, data, "a mapping of " + ", ".join(f.name for f in dataclasses.fields(cls)))
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+
+    def name(key: str) -> str:
+        return f"{prefix}.{key}" if prefix else key
+
     for key in data:
         if key not in names:
-            raise ConfigError(f"unknown key {prefix}.{key}; valid keys: " + ", ".join(f"{prefix}.{n}" for n in names))
-    kwargs = {}
-    for key, value in data.items():
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = from_dict(tp, value, f"{prefix}.{key}")
-        else:
-            kwargs[key] = _coerce(tp, f"{prefix}.{key}", value)
-    return cls(**kwargs)
+            raise ConfigError(f"unknown key {name(key)}; valid keys: " + ", ".join(name(n) for n in names))
+    for key in required:
+        if key not in data:
+            raise ConfigError(f"missing key {name(key)}; required keys: " + ", ".join(name(n) for n in required))
+    return cls(**{key: _coerce(hints[key], name(key), value) for key, value in data.items()})
 
 
 def to_dict(obj: Any) -> Any:
-    """A dataclass as plain YAML-safe data (enums become their string values)."""
+    """A dataclass as plain YAML-safe data (enums become their string values; lists and dicts are copied)."""
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, enum.Enum):
         return obj.value
+    if isinstance(obj, list):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
     return obj
 
 

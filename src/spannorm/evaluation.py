@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError
+from .data import TokenData, load_documents, prepare
 
 
 def windows(ids: np.ndarray, seq_len: int) -> list[np.ndarray]:
@@ -34,7 +35,7 @@ def windows(ids: np.ndarray, seq_len: int) -> list[np.ndarray]:
 def token_bytes(tokenizer, vocab_size: int) -> np.ndarray:
     """UTF-8 bytes each token id stands for (0 for special tokens and ids beyond the tokenizer), read
     from the byte-level alphabet of its token strings (GPT-2's: ``hf.byte_chars``)."""
-    from .hf import byte_chars
+    from .hf import byte_chars  # (here: spannorm.hf imports transformers, an optional dependency)
 
     value = {c: b for b, c in enumerate(byte_chars())}
     special = set(tokenizer.all_special_ids)
@@ -97,8 +98,6 @@ def evaluate(
 ) -> dict:
     """{seq_len, results: [...]}: the validation split of the run (when ``run_cfg`` is given) and each
     text file or directory (a directory's files each scored on their own, the sums reported)."""
-    from .data import TokenData, load_documents, prepare
-
     if seq_len is None:
         if run_cfg is None:
             raise ConfigError("--seq-len is required: this folder holds no spannorm run config to take it from")

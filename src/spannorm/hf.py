@@ -46,9 +46,12 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import ConfigError, SpannormError, to_dict
-from .layers import NormType
-from .model import LM, ModelConfig
-from .schemes import SCHEMES, Scheme
+from .data import EOT, Tokenizer, prepare
+from .files import atomic_dir
+from .model import LM
+from .model_config import ModelConfig, NormType, Scheme
+from .run import RunDir, load_config
+from .schemes import SCHEMES, use_final_norm, use_tied_embeddings
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
 HF_NAMES = {"top_k": "moe_top_k"}  # ModelConfig field -> SpanNormConfig attribute (HF reads top_k as sampling's)
@@ -70,7 +73,7 @@ class SpanNormConfig(PretrainedConfig):
         for name in MODEL_FIELDS:
             key = HF_NAMES.get(name, name)
             setattr(self, key, to_dict(kwargs.pop(key, defaults[name])))
-        kwargs.setdefault("tie_word_embeddings", self.model_config().use_tied_embeddings)  # (informative)
+        kwargs.setdefault("tie_word_embeddings", use_tied_embeddings(self.model_config()))  # (informative)
         super().__init__(**kwargs)
 
     @classmethod
@@ -175,8 +178,6 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 def run_tokenizer(cfg) -> PreTrainedTokenizerFast:
     """A run's tokenizer (``cfg``: its RunConfig): the byte tokenizer, or the BPE its dataset was
     tokenized with (``<|endoftext|>``, the document separator, as eos)."""
-    from .data import EOT, Tokenizer, prepare
-
     if cfg.data.tokenizer is Tokenizer.BYTE:
         return byte_tokenizer()
     return PreTrainedTokenizerFast(tokenizer_file=str(prepare(cfg.data) / "tokenizer.json"), eos_token=EOT)
@@ -185,30 +186,12 @@ def run_tokenizer(cfg) -> PreTrainedTokenizerFast:
 # --- loading ---------------------------------------------------------------------------------
 
 
-def read_run_config(path: Path):
-    from .config import read_yaml
-    from .train import run_config_from_dict
-
-    return run_config_from_dict(read_yaml(path))
-
-
 def from_run(run_dir: Path) -> tuple[SpanNormForCausalLM, object]:
     """(model with the newest checkpoint's weights, RunConfig) of a run directory."""
-    from safetensors.torch import load_model
-
-    from .train import find_checkpoint
-
-    run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir / "config.yaml")
-    ckpt = find_checkpoint(run_dir)  # the newest one that verifies against its sha256 manifest, as a resume
-    if ckpt is None:
-        raise SpannormError(f"run {str(run_dir)!r} has no checkpoint yet (no checkpoints/step-N)")
+    run = RunDir(run_dir, "run")
+    cfg = run.config()
     model = SpanNormForCausalLM(SpanNormConfig.from_model_config(cfg.model))
-    path = ckpt / "model.safetensors"
-    try:
-        load_model(model.lm, str(path))
-    except Exception as e:  # missing file, or weights of another config
-        raise SpannormError(f"cannot load {str(path)!r}: {str(e).splitlines()[0]}") from None
+    run.load_weights(model.lm)  # the newest checkpoint that verifies against its sha256 manifest, as a resume
     return model.eval(), cfg
 
 
@@ -222,7 +205,7 @@ def load(path: Path, device: torch.device | str = "cpu"):
     elif (path / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
-        cfg = read_run_config(path / RUN_FILE) if (path / RUN_FILE).is_file() else None
+        cfg = load_config(path / RUN_FILE) if (path / RUN_FILE).is_file() else None
     else:
         raise ConfigError(
             f"{str(path)!r} is neither a run directory (config.yaml) nor a Hugging Face folder (config.json)"
@@ -247,7 +230,7 @@ def llama_refusal(lm: LM) -> str | None:
         return f"model.norm={cfg.norm.value}: Llama's norm is RMSNorm (model.norm=rms)"
     if cfg.moe:
         return f"model.n_experts={cfg.n_experts}: Llama's FFN is one dense SwiGLU (model.n_experts=0)"
-    if not cfg.use_final_norm:
+    if not use_final_norm(cfg):
         return "model.final_norm=false: Llama always applies a final RMSNorm before the head"
     if SCHEMES[cfg.scheme].embed_norm or lm.embed_scale is not None or lm.head_scale != 1.0:
         return "the model scales or normalizes the embedding or the head input, which Llama does not"
@@ -303,7 +286,7 @@ def to_llama(lm: LM, max_positions: int, eos_token_id: int | None):
         rope_theta=cfg.rope_theta,
         attention_bias=False,
         mlp_bias=False,
-        tie_word_embeddings=cfg.use_tied_embeddings,
+        tie_word_embeddings=use_tied_embeddings(cfg),
         bos_token_id=None,
         eos_token_id=eos_token_id,
     )
@@ -315,8 +298,6 @@ def to_llama(lm: LM, max_positions: int, eos_token_id: int | None):
 def export(run_dir: Path, out_dir: Path, to: str = "spannorm") -> Path:
     """Write the run's newest checkpoint as a Hugging Face folder ``out_dir`` (must not exist):
     ``to="spannorm"`` (SpanNormForCausalLM) or ``"llama"`` (plain LlamaForCausalLM)."""
-    from .files import atomic_dir
-
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise ConfigError(f"OUT_DIR {str(out_dir)!r} already exists: choose a new folder")

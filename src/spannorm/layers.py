@@ -13,32 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .device import compute_dtype
-
-
-class NormType(str, enum.Enum):
-    """Which normalization N is; each has a learnable gain."""
-
-    RMS = "rms"  # RMSNorm: x / rms(x) · γ
-    LAYER = "layer"  # LayerNorm: (x − mean) / std · γ + β
-    DYT = "dyt"  # Dynamic Tanh: γ · tanh(α·x) + β, α learnable from α₀ (not a normalization)
-
-
-class DyTRecipe(str, enum.Enum):
-    """How ``norm=dyt`` is set up (:func:`make_norm`, and the embedding scalar of ``model.LM``).
-
-    ``llm`` follows the authors' LLaMA code (Zhu et al. 2025, jiachenzhu/DyT at aab5dde,
-    ``other_tasks/LLaMA``), read there: (1) the DyT module is γ·tanh(α·x), no β; (2) α₀ is set per
-    site by three flags, attention-input norm, FFN-input norm and final norm, whose README commands
-    give 0.8/0.2/0.2 (7B), 0.6/0.15/0.15 (13B), 0.2/0.05/0.05 (34B, 70B): FFN and final are always
-    equal, hence our two values ``dyt_alpha0_attn`` / ``dyt_alpha0_other``; (3) the embedding output is
-    multiplied by a learnable scalar filled with sqrt(d). That α₀ should grow as the width shrinks is
-    the paper's finding (not verified: we did not read the paper's text; the size table agrees).
-    Our reading for sites LLaMA lacks: sublayer-output, stream, embedding and per-head q/k/v norms
-    get α₀_other.
-    """
-
-    PLAIN = "plain"  # γ·tanh(α·x) + β at every site, α₀ = dyt_alpha0
-    LLM = "llm"  # Zhu et al.'s LLaMA recipe: no β; α₀ per site; learnable scalar sqrt(d) on the embedding
+from .model_config import DyTRecipe, NormType
 
 
 class Site(str, enum.Enum):

@@ -3,201 +3,26 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import coerce_enum, require
 from .device import compute_dtype
-from .layers import NORMS, DyTRecipe, NormType, Role, linear_cross_entropy, make_norm, rope_cache
+from .layers import NORMS, Role, linear_cross_entropy, make_norm, rope_cache
+from .model_config import InitMode, ModelConfig
 from .moe import MoE
-from .schemes import SCHEMES, InitMode, Scheme, SpanScale, shared_init
-
-MAX_EXPERTS = 4096  # routed or shared experts per MoE layer (today's largest models use a few hundred)
-MAX_SIZE = 2**20  # vocab, width, depth, heads, FFN width: above it a weight matrix could not even be indexed
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = 256  # number of token ids (256 for the byte tokenizer)
-    d_model: int = 128  # width of the residual stream
-    n_layers: int = 6  # number of transformer blocks L
-    n_heads: int = 4  # attention heads; must divide d_model, head size must be even (RoPE)
-    d_ff: int | None = None  # SwiGLU hidden width; None: 8/3·d_model rounded up to a multiple of 32
-    scheme: Scheme = Scheme.SPAN  # normalization placement (see `spannorm schemes`)
-    norm: NormType = NormType.RMS  # norm type N: rms, layer or dyt
-    norm_eps: float = 1e-6  # epsilon inside every rms/layer norm
-    dyt_alpha0: float = 0.5  # initial α of the dyt norm type (dyt_recipe=plain)
-    # norm=dyt only: plain (γ·tanh(α·x) + β, α₀ = dyt_alpha0 at every site) or llm (Zhu et al.'s LLaMA recipe:
-    # no β, α₀ per site, a learnable scalar sqrt(d) after the embedding); no effect with norm=rms or layer
-    dyt_recipe: DyTRecipe = DyTRecipe.PLAIN
-    # dyt_recipe=llm: α₀ of the attention-input DyT and of every other DyT. Defaults: the authors' LLaMA2-7B
-    # values (13B: 0.6/0.15; 34B, 70B: 0.2/0.05). Our models are far narrower, and the authors found α₀ should
-    # grow as the width shrinks (the paper; not verified here), so these are likely too small for us.
-    dyt_alpha0_attn: float = 0.8
-    dyt_alpha0_other: float = 0.2
-    final_norm: bool | None = None  # norm before the LM head; None: the scheme's default
-    # share the token embedding with the LM head; None: the scheme's recommended choice with init=recommended,
-    # True with init=shared (one recipe for every scheme)
-    tie_embeddings: bool | None = None
-    rope_theta: float = 10000.0  # rotary embedding base
-    init: InitMode = InitMode.RECOMMENDED  # recommended (each scheme's own rule) or shared
-    init_std: float = 0.02  # base std of the init rules
-    span_scale: SpanScale = SpanScale.NORM  # SpanNorm scaling: norm, multiplier, init or none (docs/spannorm-lr.md)
-    span_c: float = 1.0  # SpanNorm's c: target branch variance c/L
-    deepscale_k: float = 1.0  # DeepScaleLM's k: branch weight β² = k/L (at most L)
-    n_experts: int = 0  # 0: dense SwiGLU FFN; >= 1: MoE FFN with this many routed experts
-    top_k: int = 2  # routed experts per token (at most n_experts)
-    n_shared_experts: int = 0  # experts every token passes through, besides the routed ones
-    expert_d_ff: int | None = None  # hidden width of one expert; None: ceil(ffn_dim / (top_k + n_shared_experts))
-    capacity_factor: float | None = None  # None: dropless; c: an expert takes at most ceil(c·N·k/E) assignments
-    moe_aux_coef: float = 0.01  # weight of the load-balancing loss E·Σ f_i·P_i (mean over MoE layers)
-    moe_z_coef: float = 0.001  # weight of the router z-loss mean(logsumexp(logits)²) (mean over MoE layers)
-
-    def __post_init__(self):
-        self.scheme = coerce_enum(Scheme, "model.scheme", self.scheme)
-        self.norm = coerce_enum(NormType, "model.norm", self.norm)
-        self.init = coerce_enum(InitMode, "model.init", self.init)
-        self.span_scale = coerce_enum(SpanScale, "model.span_scale", self.span_scale)
-        self.dyt_recipe = coerce_enum(DyTRecipe, "model.dyt_recipe", self.dyt_recipe)
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
-            value = getattr(self, name)
-            require(
-                isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_SIZE,
-                f"model.{name}",
-                value,
-                f"a positive integer (at most {MAX_SIZE:,})",
-            )
-        require(
-            self.d_model % self.n_heads == 0,
-            "model.d_model",
-            self.d_model,
-            f"a multiple of model.n_heads={self.n_heads}",
-        )
-        require(
-            (self.d_model // self.n_heads) % 2 == 0,
-            "model.n_heads",
-            self.n_heads,
-            f"a divisor of d_model={self.d_model} that leaves an even head size (RoPE)",
-        )
-        require(
-            self.d_ff is None or (isinstance(self.d_ff, int) and 0 < self.d_ff <= MAX_SIZE),
-            "model.d_ff",
-            self.d_ff,
-            f"a positive integer (at most {MAX_SIZE:,}) or null",
-        )
-        for name in (
-            "norm_eps",
-            "init_std",
-            "span_c",
-            "rope_theta",
-            "dyt_alpha0",
-            "dyt_alpha0_attn",
-            "dyt_alpha0_other",
-            "deepscale_k",
-        ):
-            value = getattr(self, name)
-            require(
-                isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
-                f"model.{name}",
-                value,
-                "a positive number",
-            )
-        self._validate_moe()
-        require(
-            self.deepscale_k <= self.n_layers,
-            "model.deepscale_k",
-            self.deepscale_k,
-            f"a number in (0, n_layers={self.n_layers}] (β² = k/L must not exceed 1)",
-        )
-
-    def _validate_moe(self) -> None:
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        for name in ("n_experts", "n_shared_experts"):
-            value = getattr(self, name)
-            # (the init of an MoE draws 2^16 router samples per expert: a bound keeps that finite)
-            require(
-                is_int(value) and 0 <= value <= MAX_EXPERTS, f"model.{name}", value, f"an integer in [0, {MAX_EXPERTS}]"
-            )
-        for name in ("moe_aux_coef", "moe_z_coef"):
-            value = getattr(self, name)
-            require(
-                isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
-                f"model.{name}",
-                value,
-                "a number >= 0",
-            )
-        require(
-            self.expert_d_ff is None or (is_int(self.expert_d_ff) and 0 < self.expert_d_ff <= MAX_SIZE),
-            "model.expert_d_ff",
-            self.expert_d_ff,
-            f"a positive integer (at most {MAX_SIZE:,}) or null",
-        )
-        cf = self.capacity_factor
-        require(
-            cf is None or (isinstance(cf, (int, float)) and math.isfinite(cf) and cf > 0),
-            "model.capacity_factor",
-            cf,
-            "a positive number or null (dropless)",
-        )
-        if self.n_experts == 0:
-            for name in ("n_shared_experts", "expert_d_ff", "capacity_factor"):
-                value = getattr(self, name)
-                require(
-                    value in (0, None),
-                    f"model.{name}",
-                    value,
-                    f"{'0' if name == 'n_shared_experts' else 'null'} with model.n_experts=0 (dense FFN)",
-                )
-        require(
-            is_int(self.top_k) and 1 <= self.top_k <= (self.n_experts or self.top_k),
-            "model.top_k",
-            self.top_k,
-            f"an integer in [1, n_experts={self.n_experts}]" if self.moe else "a positive integer",
-        )
-
-    @property
-    def moe(self) -> bool:
-        """Whether the FFN of every block is an MoE layer."""
-        return self.n_experts > 0
-
-    @property
-    def expert_dim(self) -> int:
-        """The hidden width of one expert (MoE models): active FFN parameters ≈ the dense model's."""
-        if self.expert_d_ff is not None:
-            return self.expert_d_ff
-        return math.ceil(self.ffn_dim / (self.top_k + self.n_shared_experts))
-
-    @property
-    def ffn_dim(self) -> int:
-        """The dense SwiGLU hidden width (MoE models derive ``expert_dim`` from it)."""
-        return self.d_ff if self.d_ff is not None else 32 * math.ceil(8 * self.d_model / 3 / 32)
-
-    @property
-    def use_embed_scale(self) -> bool:
-        """Whether a learnable scalar, initialized to sqrt(d), multiplies the token embedding (DyT LLM recipe)."""
-        return self.norm is NormType.DYT and self.dyt_recipe is DyTRecipe.LLM
-
-    @property
-    def use_final_norm(self) -> bool:
-        return SCHEMES[self.scheme].final_norm if self.final_norm is None else self.final_norm
-
-    @property
-    def use_tied_embeddings(self) -> bool:
-        """``tie_embeddings`` resolved: explicit value, else True (init=shared) or the scheme's choice."""
-        if self.tie_embeddings is not None:
-            return self.tie_embeddings
-        return self.init is InitMode.SHARED or SCHEMES[self.scheme].tie_embeddings
+from .schemes import SCHEMES, shared_init, use_final_norm, use_tied_embeddings
 
 
 class LM(nn.Module):
     """Causal language model: ``forward(idx) -> (logits, None)``; ``forward(idx, targets) -> (None, loss)``.
 
-    With targets the head and the mean cross-entropy are fused (``nn.linear_cross_entropy``):
+    The forward is three steps, then the head: ``embed_tokens`` (tokens -> the first block's input),
+    ``trunk`` (the blocks) and ``final`` (the final norm); the probe calls the same steps, so that it
+    measures the model's own path.
+
+    With targets the head and the mean cross-entropy are fused (``layers.linear_cross_entropy``):
     the (tokens × vocab) logits are never materialized. ``loss`` is the pure cross-entropy; MoE
     models add ``moe_loss()`` (auxiliary terms of the same forward) to train.
     """
@@ -213,10 +38,10 @@ class LM(nn.Module):
         self.embed_norm = make_norm(cfg) if block.embed_norm else nn.Identity()
         self.blocks = nn.ModuleList(block(cfg, layer) for layer in range(cfg.n_layers))
         self.exit = block.Exit(cfg) if block.Exit is not None else nn.Identity()
-        self.final_norm = make_norm(cfg) if cfg.use_final_norm else nn.Identity()
+        self.final_norm = make_norm(cfg) if use_final_norm(cfg) else nn.Identity()
         self.head_scale = block.head_scale(cfg)  # a plain float, part of the scheme's equation
         self.head = None
-        if not cfg.use_tied_embeddings:
+        if not use_tied_embeddings(cfg):
             self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
             self.head.role = Role.HEAD
         self.reset_parameters()
@@ -273,24 +98,41 @@ class LM(nn.Module):
             return None
         return [{"layer": i} | m.stats for i, m in enumerate(layers)]
 
-    def head_input(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """The state the LM head reads, (B, T, d): logits = head_input · W_headᵀ. ``start``: the
-        absolute position of idx[:, 0] (RoPE), > 0 only for incremental decoding with a KV cache."""
-        T = idx.shape[1]
-        dtype = compute_dtype(self.embed.weight)  # RoPE tables in the matmuls' dtype
-        rope = rope_cache(start + T, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta, idx.device, dtype)
-        if start:
-            rope = tuple(t[start:] for t in rope)
+    def rope(self, seq_len: int, device: torch.device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE tables of positions start .. start + seq_len − 1, in the matmuls' dtype."""
+        dtype = compute_dtype(self.embed.weight)
+        rope = rope_cache(start + seq_len, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta, device, dtype)
+        return tuple(t[start:] for t in rope) if start else rope
+
+    def embed_tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        """Step 1, tokens -> x_0, the first block's input: the token embedding, times the DyT LLM recipe's
+        scalar, through the scheme's embedding norm N_0."""
         x = self.embed(idx)
         if self.embed_scale is not None:
             x = x * self.embed_scale
-        state = self.blocks[0].enter(self.embed_norm(x))
+        return self.embed_norm(x)
+
+    def trunk(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Step 2, x_0 -> the blocks' output: the scheme's entry state, every block, the scheme's exit
+        (which merges a two-stream state into one tensor)."""
+        state = self.blocks[0].enter(x)
         for block in self.blocks:
             state = block(state, rope)
-        x = self.final_norm(self.exit(state))
+        return self.exit(state)
+
+    def final(self, x: torch.Tensor) -> torch.Tensor:
+        """Step 3, the blocks' output -> the state the LM head reads: the final norm, times the scheme's
+        head_scale."""
+        x = self.final_norm(x)
         if self.head_scale != 1.0:
             x = x * self.head_scale
         return x
+
+    def head_input(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """The state the LM head reads, (B, T, d): logits = head_input · W_headᵀ. ``start``: the
+        absolute position of idx[:, 0] (RoPE), > 0 only for incremental decoding with a KV cache."""
+        x = self.trunk(self.embed_tokens(idx), self.rope(idx.shape[1], idx.device, start))
+        return self.final(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         x = self.head_input(idx)

@@ -47,12 +47,14 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: Path, dpi: int = 100, tight: bool = False) -> None:
-    """Lay out ``fig``, write it to ``path`` as a PNG (atomically) and close it. ``tight`` crops to the
-    drawn area, so that a legend placed beside the axes is kept."""
+def save_figure(fig, path: Path, dpi: int = 100, tight: bool = False, layout: bool = True) -> None:
+    """Lay out ``fig`` (tight_layout; ``layout=False`` keeps a layout set by hand), write it to ``path`` as a
+    PNG (atomically) and close it. ``tight`` crops to the drawn area, so that a legend placed beside the axes
+    is kept."""
     plt = pyplot()
     buf = io.BytesIO()
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())

@@ -7,12 +7,13 @@ A scheme is one short block class whose ``forward`` reads like its equation, plu
     (state -> one tensor);
   * an init rule as data: ``init_stds(cfg, layer)`` maps each weight :class:`~spannorm.layers.Role`
     to a std; ``reset_parameters`` initializes scheme-owned parameters (e.g. Admin's ω);
+  * ``theory``: its closed-form signal propagation at init, where it has one (``spannorm probe``);
   * ``equation``, ``init_rule`` and ``reference`` strings for ``spannorm schemes``.
-Registering a scheme is one :class:`Scheme` value and one entry in ``SCHEMES``. Depth constants
-are plain Python floats computed from the actual depth, never buffers.
+Registering a scheme is one :class:`~spannorm.model_config.Scheme` value and one entry in ``SCHEMES``.
+Depth constants are plain Python floats computed from the actual depth, never buffers.
 
 Notation: block l of L (0-based in code), input x, output x'; N is the norm (rms, layer or dyt),
-Attn and FFN the sublayers of ``nn.py`` (FFN may be any FFN module).
+Attn and FFN the sublayers of ``layers.py`` (FFN may be any FFN module).
 
 ``attn_input`` names the norm whose output the attention reads (PreNorm's N_1), None where the
 attention reads the stream itself (the PostNorm family: post, span, deepnorm, b2t, admin, hybrid,
@@ -23,10 +24,9 @@ final and per-head q/k/v norms) dyt_alpha0_other; a scheme without one has α₀
 
 from __future__ import annotations
 
-import enum
 import math
 from functools import cache
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -34,47 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import Attention, Role, Site, SwiGLU, make_norm
+from .model_config import InitMode, ModelConfig, Scheme, SpanScale
 from .moe import MoE
-
-if TYPE_CHECKING:
-    from .model import ModelConfig
-
-
-class Scheme(str, enum.Enum):
-    """Normalization placement."""
-
-    PRE = "pre"
-    POST = "post"
-    SPAN = "span"
-    DEEPNORM = "deepnorm"
-    B2T = "b2t"
-    ADMIN = "admin"
-    PERI = "peri"
-    SANDWICH = "sandwich"
-    MIXLN = "mixln"
-    HYBRID = "hybrid"
-    HYBRID_STAR = "hybrid_star"
-    LNS = "lns"
-    RESIDUAL = "residual"
-    SIAMESE = "siamese"
-    DEEPSCALE = "deepscale"
-
-
-class SpanScale(str, enum.Enum):
-    """How SpanNorm keeps the branch variance at c/L (see SPANNORM.md, "The scaling strategy")."""
-
-    INIT = "init"  # output projections initialized so that branch RMS ≈ sqrt(c/L)
-    MULTIPLIER = "multiplier"  # fixed multiplier sqrt(c/L) on the FFN branch, unit-RMS init
-    NORM = "norm"  # FFN branch RMS-normalized (no gain), times sqrt(c/L): Var(s·f) = c/L at every step
-    NONE = "none"  # no depth scaling: unit-RMS branch
-
-
-class InitMode(str, enum.Enum):
-    """Which init rule the model uses."""
-
-    RECOMMENDED = "recommended"  # each scheme's own rule (the default)
-    SHARED = "shared"  # one common rule for every scheme: every weight N(0, init_std)
-
 
 # --- init calibration -------------------------------------------------------------------
 
@@ -171,6 +132,22 @@ class Streams(NamedTuple):
     pre: torch.Tensor  # the PreNorm-like stream
 
 
+class Theory(NamedTuple):
+    """A scheme's closed-form signal propagation at init (:meth:`Block.theory`)."""
+
+    stream_rms: list[float]  # per block, the RMS of its output
+    skip_gain: float  # the skip-path gain from the first block's input to the last block's output
+
+
+def post_skip_gain(alpha: float, ins: list[float], attn_rms: list[float], ffn_rms: list[float]) -> float:
+    """The skip-path gain of blocks h = N(α·x + Attn(x)), x' = N(α·h + FFN(h)) with unit-gain norms: each
+    sum passes α/rms(α·x + F); the attention sum's input x has RMS ``ins[l]``, the FFN sum's input h RMS 1."""
+    gain = 1.0
+    for a, f, x in zip(attn_rms, ffn_rms, ins):
+        gain *= alpha / math.sqrt((alpha * x) ** 2 + a * a) * alpha / math.sqrt(alpha**2 + f * f)
+    return gain
+
+
 class Block(nn.Module):
     """What every scheme shares: ``attn``, ``ffn`` and the norms named in ``norms``."""
 
@@ -222,6 +199,25 @@ class Block(nn.Module):
         """The state the first block receives."""
         return x
 
+    @classmethod
+    def theory(
+        cls,
+        blocks: list[Block],
+        stream_rms0: float,
+        attn_rms: list[float],
+        ffn_rms: list[float],
+        stream_rms: list[float],
+    ) -> Theory | None:
+        """The closed-form prediction at init (unit norm gains) from the measured RMS of the first block's
+        input, of each block's branch outputs and of each block's output; None where the scheme has none.
+
+        Branches are taken as uncorrelated with the stream, so a sum z = α·x + F has
+        rms(z)² = α²·rms(x)² + rms(F)², and a norm N(z) passes a tangent perturbation with gain 1/rms(z),
+        so an α-weighted skip passes α/rms(z); with rms(x) = 1 that is (1 + σ²/α²)^(-1/2),
+        σ² = Var(F)/Var(x) (SPANNORM.md).
+        """
+        return None
+
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor]):
         raise NotImplementedError
 
@@ -246,6 +242,15 @@ class PreNorm(Block):
     def init_stds(cls, cfg, layer):
         return gpt2_init(cfg)
 
+    @classmethod
+    def theory(cls, blocks, stream_rms0, attn_rms, ffn_rms, stream_rms):
+        """Var(x_{l+1}) = Var(x_l) + Var(a_l) + Var(f_l); skip gain 1."""
+        var, pred = stream_rms0**2, []
+        for a, f in zip(attn_rms, ffn_rms):
+            var += a * a + f * f
+            pred.append(math.sqrt(var))
+        return Theory(pred, 1.0)
+
     def forward(self, x, rope):
         h = x + self.attn(self.norm1(x), rope)
         return h + self.ffn(self.norm2(h))
@@ -268,6 +273,12 @@ class PostNorm(Block):
     )
     reference = "Vaswani et al. 2017, arXiv 1706.03762"
     tie_embeddings = False
+
+    @classmethod
+    def theory(cls, blocks, stream_rms0, attn_rms, ffn_rms, stream_rms):
+        """Stream RMS 1; skip gain ∏ over the 2L sums of 1/rms(z) (:func:`post_skip_gain`, α = 1)."""
+        ins = [stream_rms0] + stream_rms[:-1]
+        return Theory([1.0] * len(stream_rms), post_skip_gain(1.0, ins, attn_rms, ffn_rms))
 
     def forward(self, x, rope):
         h = self.norm1(x + self.attn(x, rope))
@@ -327,6 +338,16 @@ class SpanNorm(Block):
         RMS of the FFN module's own output."""
         return self.s * (1.0 if self.branch_norm else ffn_rms)
 
+    @classmethod
+    def theory(cls, blocks, stream_rms0, attn_rms, ffn_rms, stream_rms):
+        """Stream RMS 1; skip gain ∏_l 1/rms(x_l + s·f_l) = ∏_l (1 + σ_l²)^(-1/2) (f_l/rms(f_l) under
+        span_scale=norm)."""
+        ins = [stream_rms0] + stream_rms[:-1]
+        gain = 1.0
+        for block, f, x in zip(blocks, ffn_rms, ins):
+            gain /= math.sqrt(x * x + block.entering_rms(f) ** 2)
+        return Theory([1.0] * len(stream_rms), gain)
+
     def forward(self, x, rope):
         y = self.norm1(x + self.attn(x, rope))
         f = self.ffn(y)
@@ -368,6 +389,12 @@ class DeepNorm(Block):
             Role.FFN_DOWN: xavier_std(f, d, beta),
             Role.ROUTER: xavier_std(d, f, beta),
         }
+
+    @classmethod
+    def theory(cls, blocks, stream_rms0, attn_rms, ffn_rms, stream_rms):
+        """As PostNorm with α = (2L)^(1/4): stream RMS 1; each sum passes α/rms(α·x + F)."""
+        ins = [stream_rms0] + stream_rms[:-1]
+        return Theory([1.0] * len(stream_rms), post_skip_gain(blocks[0].alpha, ins, attn_rms, ffn_rms))
 
     def forward(self, x, rope):
         h = self.norm1(self.alpha * x + self.attn(x, rope))
@@ -602,6 +629,11 @@ class LNScaling(PreNorm):
     def init_stds(cls, cfg, layer):
         return shared_init(cfg)
 
+    @classmethod
+    def theory(cls, blocks, stream_rms0, attn_rms, ffn_rms, stream_rms):
+        """None: PreNorm's closed form is not checked against LayerNorm Scaling's measurements."""
+        return None
+
     def forward(self, x, rope):
         h = x + self.attn(self.norm1(x) * self.scale, rope)
         return h + self.ffn(self.norm2(h) * self.scale)
@@ -746,3 +778,15 @@ SCHEMES: dict[Scheme, type[Block]] = {
     Scheme.SIAMESE: SiameseNorm,
     Scheme.DEEPSCALE: DeepScale,
 }
+
+
+def use_final_norm(cfg: ModelConfig) -> bool:
+    """``final_norm`` resolved: the explicit value, else the scheme's default."""
+    return SCHEMES[cfg.scheme].final_norm if cfg.final_norm is None else cfg.final_norm
+
+
+def use_tied_embeddings(cfg: ModelConfig) -> bool:
+    """``tie_embeddings`` resolved: the explicit value, else True (init=shared) or the scheme's choice."""
+    if cfg.tie_embeddings is not None:
+        return cfg.tie_embeddings
+    return cfg.init is InitMode.SHARED or SCHEMES[cfg.scheme].tie_embeddings

@@ -1,0 +1,243 @@
+"""The model's options: ``ModelConfig`` and the enums of its fields.
+
+Plain data, validated on construction; this module imports neither torch nor the model, so that
+configs can be read, checked and written (CLI, studies, reports) without either.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+from .config import coerce_enum, require
+
+
+class Scheme(str, enum.Enum):
+    """Normalization placement."""
+
+    PRE = "pre"
+    POST = "post"
+    SPAN = "span"
+    DEEPNORM = "deepnorm"
+    B2T = "b2t"
+    ADMIN = "admin"
+    PERI = "peri"
+    SANDWICH = "sandwich"
+    MIXLN = "mixln"
+    HYBRID = "hybrid"
+    HYBRID_STAR = "hybrid_star"
+    LNS = "lns"
+    RESIDUAL = "residual"
+    SIAMESE = "siamese"
+    DEEPSCALE = "deepscale"
+
+
+class SpanScale(str, enum.Enum):
+    """How SpanNorm keeps the branch variance at c/L (see SPANNORM.md, "The scaling strategy")."""
+
+    INIT = "init"  # output projections initialized so that branch RMS ≈ sqrt(c/L)
+    MULTIPLIER = "multiplier"  # fixed multiplier sqrt(c/L) on the FFN branch, unit-RMS init
+    NORM = "norm"  # FFN branch RMS-normalized (no gain), times sqrt(c/L): Var(s·f) = c/L at every step
+    NONE = "none"  # no depth scaling: unit-RMS branch
+
+
+class InitMode(str, enum.Enum):
+    """Which init rule the model uses."""
+
+    RECOMMENDED = "recommended"  # each scheme's own rule (the default)
+    SHARED = "shared"  # one common rule for every scheme: every weight N(0, init_std)
+
+
+class NormType(str, enum.Enum):
+    """Which normalization N is; each has a learnable gain."""
+
+    RMS = "rms"  # RMSNorm: x / rms(x) · γ
+    LAYER = "layer"  # LayerNorm: (x − mean) / std · γ + β
+    DYT = "dyt"  # Dynamic Tanh: γ · tanh(α·x) + β, α learnable from α₀ (not a normalization)
+
+
+class DyTRecipe(str, enum.Enum):
+    """How ``norm=dyt`` is set up (:func:`make_norm`, and the embedding scalar of ``model.LM``).
+
+    ``llm`` follows the authors' LLaMA code (Zhu et al. 2025, jiachenzhu/DyT at aab5dde,
+    ``other_tasks/LLaMA``), read there: (1) the DyT module is γ·tanh(α·x), no β; (2) α₀ is set per
+    site by three flags, attention-input norm, FFN-input norm and final norm, whose README commands
+    give 0.8/0.2/0.2 (7B), 0.6/0.15/0.15 (13B), 0.2/0.05/0.05 (34B, 70B): FFN and final are always
+    equal, hence our two values ``dyt_alpha0_attn`` / ``dyt_alpha0_other``; (3) the embedding output is
+    multiplied by a learnable scalar filled with sqrt(d). That α₀ should grow as the width shrinks is
+    the paper's finding (not verified: we did not read the paper's text; the size table agrees).
+    Our reading for sites LLaMA lacks: sublayer-output, stream, embedding and per-head q/k/v norms
+    get α₀_other.
+    """
+
+    PLAIN = "plain"  # γ·tanh(α·x) + β at every site, α₀ = dyt_alpha0
+    LLM = "llm"  # Zhu et al.'s LLaMA recipe: no β; α₀ per site; learnable scalar sqrt(d) on the embedding
+
+
+MAX_EXPERTS = 4096  # routed or shared experts per MoE layer (today's largest models use a few hundred)
+MAX_SIZE = 2**20  # vocab, width, depth, heads, FFN width: above it a weight matrix could not even be indexed
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256  # number of token ids (256 for the byte tokenizer)
+    d_model: int = 128  # width of the residual stream
+    n_layers: int = 6  # number of transformer blocks L
+    n_heads: int = 4  # attention heads; must divide d_model, head size must be even (RoPE)
+    d_ff: int | None = None  # SwiGLU hidden width; None: 8/3·d_model rounded up to a multiple of 32
+    scheme: Scheme = Scheme.SPAN  # normalization placement (see `spannorm schemes`)
+    norm: NormType = NormType.RMS  # norm type N: rms, layer or dyt
+    norm_eps: float = 1e-6  # epsilon inside every rms/layer norm
+    dyt_alpha0: float = 0.5  # initial α of the dyt norm type (dyt_recipe=plain)
+    # norm=dyt only: plain (γ·tanh(α·x) + β, α₀ = dyt_alpha0 at every site) or llm (Zhu et al.'s LLaMA recipe:
+    # no β, α₀ per site, a learnable scalar sqrt(d) after the embedding); no effect with norm=rms or layer
+    dyt_recipe: DyTRecipe = DyTRecipe.PLAIN
+    # dyt_recipe=llm: α₀ of the attention-input DyT and of every other DyT. Defaults: the authors' LLaMA2-7B
+    # values (13B: 0.6/0.15; 34B, 70B: 0.2/0.05). Our models are far narrower, and the authors found α₀ should
+    # grow as the width shrinks (the paper; not verified here), so these are likely too small for us.
+    dyt_alpha0_attn: float = 0.8
+    dyt_alpha0_other: float = 0.2
+    final_norm: bool | None = None  # norm before the LM head; None: the scheme's default
+    # share the token embedding with the LM head; None: the scheme's recommended choice with init=recommended,
+    # True with init=shared (one recipe for every scheme)
+    tie_embeddings: bool | None = None
+    rope_theta: float = 10000.0  # rotary embedding base
+    init: InitMode = InitMode.RECOMMENDED  # recommended (each scheme's own rule) or shared
+    init_std: float = 0.02  # base std of the init rules
+    span_scale: SpanScale = SpanScale.NORM  # SpanNorm scaling: norm, multiplier, init or none (docs/spannorm-lr.md)
+    span_c: float = 1.0  # SpanNorm's c: target branch variance c/L
+    deepscale_k: float = 1.0  # DeepScaleLM's k: branch weight β² = k/L (at most L)
+    n_experts: int = 0  # 0: dense SwiGLU FFN; >= 1: MoE FFN with this many routed experts
+    top_k: int = 2  # routed experts per token (at most n_experts)
+    n_shared_experts: int = 0  # experts every token passes through, besides the routed ones
+    expert_d_ff: int | None = None  # hidden width of one expert; None: ceil(ffn_dim / (top_k + n_shared_experts))
+    capacity_factor: float | None = None  # None: dropless; c: an expert takes at most ceil(c·N·k/E) assignments
+    moe_aux_coef: float = 0.01  # weight of the load-balancing loss E·Σ f_i·P_i (mean over MoE layers)
+    moe_z_coef: float = 0.001  # weight of the router z-loss mean(logsumexp(logits)²) (mean over MoE layers)
+
+    def __post_init__(self):
+        self.scheme = coerce_enum(Scheme, "model.scheme", self.scheme)
+        self.norm = coerce_enum(NormType, "model.norm", self.norm)
+        self.init = coerce_enum(InitMode, "model.init", self.init)
+        self.span_scale = coerce_enum(SpanScale, "model.span_scale", self.span_scale)
+        self.dyt_recipe = coerce_enum(DyTRecipe, "model.dyt_recipe", self.dyt_recipe)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
+            value = getattr(self, name)
+            require(
+                isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_SIZE,
+                f"model.{name}",
+                value,
+                f"a positive integer (at most {MAX_SIZE:,})",
+            )
+        require(
+            self.d_model % self.n_heads == 0,
+            "model.d_model",
+            self.d_model,
+            f"a multiple of model.n_heads={self.n_heads}",
+        )
+        require(
+            (self.d_model // self.n_heads) % 2 == 0,
+            "model.n_heads",
+            self.n_heads,
+            f"a divisor of d_model={self.d_model} that leaves an even head size (RoPE)",
+        )
+        require(
+            self.d_ff is None or (isinstance(self.d_ff, int) and 0 < self.d_ff <= MAX_SIZE),
+            "model.d_ff",
+            self.d_ff,
+            f"a positive integer (at most {MAX_SIZE:,}) or null",
+        )
+        for name in (
+            "norm_eps",
+            "init_std",
+            "span_c",
+            "rope_theta",
+            "dyt_alpha0",
+            "dyt_alpha0_attn",
+            "dyt_alpha0_other",
+            "deepscale_k",
+        ):
+            value = getattr(self, name)
+            require(
+                isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
+                f"model.{name}",
+                value,
+                "a positive number",
+            )
+        self._validate_moe()
+        require(
+            self.deepscale_k <= self.n_layers,
+            "model.deepscale_k",
+            self.deepscale_k,
+            f"a number in (0, n_layers={self.n_layers}] (β² = k/L must not exceed 1)",
+        )
+
+    def _validate_moe(self) -> None:
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ("n_experts", "n_shared_experts"):
+            value = getattr(self, name)
+            # (the init of an MoE draws 2^16 router samples per expert: a bound keeps that finite)
+            require(
+                is_int(value) and 0 <= value <= MAX_EXPERTS, f"model.{name}", value, f"an integer in [0, {MAX_EXPERTS}]"
+            )
+        for name in ("moe_aux_coef", "moe_z_coef"):
+            value = getattr(self, name)
+            require(
+                isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
+                f"model.{name}",
+                value,
+                "a number >= 0",
+            )
+        require(
+            self.expert_d_ff is None or (is_int(self.expert_d_ff) and 0 < self.expert_d_ff <= MAX_SIZE),
+            "model.expert_d_ff",
+            self.expert_d_ff,
+            f"a positive integer (at most {MAX_SIZE:,}) or null",
+        )
+        cf = self.capacity_factor
+        require(
+            cf is None or (isinstance(cf, (int, float)) and math.isfinite(cf) and cf > 0),
+            "model.capacity_factor",
+            cf,
+            "a positive number or null (dropless)",
+        )
+        if self.n_experts == 0:
+            for name in ("n_shared_experts", "expert_d_ff", "capacity_factor"):
+                value = getattr(self, name)
+                require(
+                    value in (0, None),
+                    f"model.{name}",
+                    value,
+                    f"{'0' if name == 'n_shared_experts' else 'null'} with model.n_experts=0 (dense FFN)",
+                )
+        require(
+            is_int(self.top_k) and 1 <= self.top_k <= (self.n_experts or self.top_k),
+            "model.top_k",
+            self.top_k,
+            f"an integer in [1, n_experts={self.n_experts}]" if self.moe else "a positive integer",
+        )
+
+    @property
+    def moe(self) -> bool:
+        """Whether the FFN of every block is an MoE layer."""
+        return self.n_experts > 0
+
+    @property
+    def expert_dim(self) -> int:
+        """The hidden width of one expert (MoE models): active FFN parameters ≈ the dense model's."""
+        if self.expert_d_ff is not None:
+            return self.expert_d_ff
+        return math.ceil(self.ffn_dim / (self.top_k + self.n_shared_experts))
+
+    @property
+    def ffn_dim(self) -> int:
+        """The dense SwiGLU hidden width (MoE models derive ``expert_dim`` from it)."""
+        return self.d_ff if self.d_ff is not None else 32 * math.ceil(8 * self.d_model / 3 / 32)
+
+    @property
+    def use_embed_scale(self) -> bool:
+        """Whether a learnable scalar, initialized to sqrt(d), multiplies the token embedding (DyT LLM recipe)."""
+        return self.norm is NormType.DYT and self.dyt_recipe is DyTRecipe.LLM

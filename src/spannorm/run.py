@@ -1,0 +1,467 @@
+"""A run: its config (model, data, train) and its directory.
+
+A run directory::
+
+    config.yaml         the resolved config (what --resume reloads)
+    metrics.jsonl       one row per log step: step, loss, val_loss, lr, grad_norm, tokens_per_s;
+                        MoE runs add aux_loss, z_loss (unweighted means over layers) and moe_imbalance;
+                        with train.guard, a row whose interval had skipped steps adds skipped (their number),
+                        and each intervention of the guard is a row of its own: step, kind (skip or rollback),
+                        reason, and for a rollback to_step (the checkpoint's step; 0: the initial weights)
+    diagnostics.jsonl   every probe_interval steps, one row (the step's forward and gradients, weights before it):
+                          grad_norm, stream_rms        per block: gradient norm (before clipping), stream RMS
+                          attn_rms, ffn_rms            per block: RMS of the raw branch outputs (SpanNorm: f, not s·f)
+                          attn_entropy                 per block: mean causal attention entropy (nats), 1st sequence
+                          attn_entropy_max             uniform-causal entropy, mean_t ln(t+1): the reference
+                          update_ratio                 ‖ΔW‖/‖W‖ of this optimizer step: {role: [per block]} for
+                                                       attn.qk, attn.v, attn.out, ffn.up, ffn.down, router (MoE),
+                                                       norm (all norm gains of the block); embed, head (untied): one
+                          logit_rms, head_in_rms       RMS of the logits (1st sequence) and of the head input
+                          embed_rms, embed_cos         RMS of the embedding, mean pairwise cosine of its rows
+                          moe                          MoE runs: per-layer expert load (see probe.py)
+    summary.json        written when the run ends: final validation loss, diverged (step, reason), stalled, tokens/s;
+                        with train.guard: guard_skipped, guard_rollbacks, guard_lr_scale
+    checkpoints/latest  name of the newest complete checkpoint directory
+    checkpoints/step-N/ model.safetensors; state.pt: the step, the optimizer, the RNGs and the state of each of
+                        the trainer's parts (divergence monitor, training guard, throughput meter, validation);
+                        manifest.json (sha256). The newest train.keep_checkpoints of them are kept, and a resume
+                        starts from the newest one whose files match their sha256
+    .lock               held (flock) by the process that trains the run: a second one is refused
+
+Every JSON file is strict JSON: a non-finite number (a NaN loss) is written as null.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_model, save_model
+
+from .config import ConfigError, SpannormError, apply_overrides, coerce_enum, from_dict, read_yaml, require, to_dict
+from .data import DataConfig
+from .device import DEVICE_FORMS, rng_state, set_rng_state, valid_device
+from .files import atomic_dir, atomic_write_text, dumps, locked, read_json, read_jsonl, remove_dir, sweep_temp
+from .model_config import ModelConfig
+
+TRACKERS = ("tensorboard", "wandb")  # train.trackers: each needs the package, and the spannorm extra, of its name
+
+
+class Precision(str, enum.Enum):
+    """Numeric precision of the forward/backward pass (weights and optimizer stay fp32)."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"  # bf16 autocast (fast on CPUs with AMX)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1337  # seeds the init and the data order
+    batch_size: int = 16  # sequences per step
+    seq_len: int = 128  # tokens per sequence
+    max_steps: int = 500  # optimizer steps in the run
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr (cosine decay)
+    warmup_steps: int = 50  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, on weight matrices only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global gradient norm to this value; 0 disables
+    precision: Precision = Precision.FP32  # fp32 or bf16 (autocast)
+    device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda or cuda:N
+    tf32: bool = False  # CUDA: fp32 matmuls in TF32 (faster, ~1e-3 relative error); fp32 means fp32 by default
+    log_interval: int = 10  # steps between metrics rows
+    eval_interval: int = 100  # steps between validation passes (and one at the end)
+    eval_batches: int = 8  # validation batches per pass
+    ckpt_interval: int = 100  # steps between checkpoints (and one at the end)
+    threads: int | None = None  # torch intra-op threads; None: torch's default
+    compile: bool = False  # torch.compile the training forward (probing steps and evaluation stay eager)
+    probe_interval: int = 50  # steps between rows of diagnostics.jsonl (per-block training diagnostics); 0: off
+    # after warmup, stop when the loss stays >= the first step's for 5 steps;
+    # a non-finite loss always stops (unless train.guard saves it)
+    stop_on_divergence: bool = True
+    keep_checkpoints: int = (
+        2  # the newest checkpoints kept (>= 2: a resume falls back to the previous one if the newest is damaged)
+    )
+    guard: bool = False  # training guard: skip non-finite steps, roll back on repeated skips or a loss spike
+    guard_skip_limit: int = 3  # skipped (non-finite) steps in a row that make the guard roll back
+    guard_spike_z: float = 6.0  # a loss this many standard deviations above the window's mean rolls back; 0: off
+    guard_window: int = 50  # the losses (of steps taken) the spike's z-score is computed over; checked once full
+    guard_lr_factor: float = 1.0  # each rollback multiplies the learning rate (from then on) by this, in (0, 1]
+    guard_max_rollbacks: int = 3  # rollbacks allowed in the run; then a skip streak makes the run diverged
+    trackers: list[str] = field(default_factory=list)  # experiment trackers that mirror the logs: tensorboard, wandb
+
+    def __post_init__(self):
+        self.precision = coerce_enum(Precision, "train.precision", self.precision)
+        for name in self.trackers:
+            require(name in TRACKERS, "train.trackers", self.trackers, f"a list of {', '.join(TRACKERS)}")
+        for name in (
+            "batch_size",
+            "seq_len",
+            "max_steps",
+            "log_interval",
+            "eval_interval",
+            "eval_batches",
+            "ckpt_interval",
+        ):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value > 0, f"train.{name}", value, "a positive integer")
+        require(
+            isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+            "train.warmup_steps",
+            self.warmup_steps,
+            "an integer >= 0",
+        )
+        require(math.isfinite(self.lr) and self.lr > 0, "train.lr", self.lr, "a positive number")
+        require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+        require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
+        require(0 <= self.beta1 < 1, "train.beta1", self.beta1, "a number in [0, 1)")
+        require(0 <= self.beta2 < 1, "train.beta2", self.beta2, "a number in [0, 1)")
+        require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "a number >= 0 (0 disables clipping)")
+        require(self.threads is None or self.threads > 0, "train.threads", self.threads, "a positive integer or null")
+        require(self.probe_interval >= 0, "train.probe_interval", self.probe_interval, "an integer >= 0 (0: off)")
+        require(
+            isinstance(self.stop_on_divergence, bool),
+            "train.stop_on_divergence",
+            self.stop_on_divergence,
+            "true or false",
+        )
+        require(valid_device(self.device), "train.device", self.device, DEVICE_FORMS)
+        require(
+            isinstance(self.keep_checkpoints, int) and self.keep_checkpoints >= 2,
+            "train.keep_checkpoints",
+            self.keep_checkpoints,
+            "an integer >= 2",
+        )
+        require(isinstance(self.guard, bool), "train.guard", self.guard, "true or false")
+        for name, low in (("guard_skip_limit", 1), ("guard_window", 2), ("guard_max_rollbacks", 0)):
+            value = getattr(self, name)
+            require(
+                isinstance(value, int) and not isinstance(value, bool) and value >= low,
+                f"train.{name}",
+                value,
+                f"an integer >= {low}",
+            )
+        require(
+            math.isfinite(self.guard_spike_z) and self.guard_spike_z >= 0,
+            "train.guard_spike_z",
+            self.guard_spike_z,
+            "a number >= 0 (0: no spike check)",
+        )
+        require(0 < self.guard_lr_factor <= 1, "train.guard_lr_factor", self.guard_lr_factor, "a number in (0, 1]")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)  # the model (vocab_size comes from data)
+    data: DataConfig = field(default_factory=DataConfig)  # corpus and tokenizer
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimization and bookkeeping
+
+
+PRESETS = resources.files("spannorm") / "configs"
+
+
+def shipped_names(folder) -> list[str]:
+    """Names of the YAML files shipped in a package folder (without .yaml)."""
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_shipped(name: str, folder, what: str, plural: str) -> Path:
+    """A YAML path, or the name of a YAML file shipped in ``folder`` (a ``what``)."""
+    path = Path(name)
+    if path.is_file() or path.suffix in (".yaml", ".yml"):
+        return path
+    if name in shipped_names(folder):
+        return Path(str(folder / f"{name}.yaml"))
+    raise ConfigError(
+        f"--config {name!r} is neither a YAML file nor a {what}; {plural}: " + ", ".join(shipped_names(folder))
+    )
+
+
+def preset_names() -> list[str]:
+    return shipped_names(PRESETS)
+
+
+def resolve_config_path(name: str) -> Path:
+    """A YAML path, or the name of a preset shipped in spannorm/configs/."""
+    return resolve_shipped(name, PRESETS, "preset", "presets")
+
+
+def run_config_from_dict(data: dict) -> RunConfig:
+    """Validate a nested dict into a RunConfig; model.vocab_size is derived from the tokenizer."""
+    sections = ("model", "data", "train")
+    for key in data:
+        if key not in sections:
+            raise ConfigError(f"unknown key {key}; valid top-level keys: " + ", ".join(sections))
+    data_cfg = from_dict(DataConfig, data.get("data"), "data")
+    model = data.get("model") or {}
+    if isinstance(model, dict):  # (a non-mapping is reported by from_dict)
+        model = dict(model)
+        vocab = model.get("vocab_size", data_cfg.model_vocab_size)
+        require(
+            vocab == data_cfg.model_vocab_size,
+            "model.vocab_size",
+            vocab,
+            f"{data_cfg.model_vocab_size}, the tokenizer's vocabulary (set data.tokenizer/data.vocab_size)",
+        )
+        model["vocab_size"] = data_cfg.model_vocab_size
+    return RunConfig(
+        model=from_dict(ModelConfig, model, "model"),
+        data=data_cfg,
+        train=from_dict(TrainConfig, data.get("train"), "train"),
+    )
+
+
+def load_config(config: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Load a preset or YAML file and apply ``section.key=value`` overrides."""
+    return run_config_from_dict(apply_overrides(read_yaml(resolve_config_path(str(config))), list(overrides)))
+
+
+def same_experiment(a: RunConfig, b: RunConfig) -> bool:
+    """Whether two configs describe the same run, wherever it trains and whatever watches it: equal but for
+    ``train.device`` and ``train.trackers`` (a run, a compare or a study started on one device may resume on
+    another)."""
+
+    def key(cfg: RunConfig) -> dict:
+        d = to_dict(cfg)
+        d["train"] = {k: v for k, v in d["train"].items() if k not in ("device", "trackers")}
+        return d
+
+    return key(a) == key(b)
+
+
+# --- the run directory ---------------------------------------------------------------------
+
+CHECKPOINT = re.compile(r"step-(\d+)")
+CHECKPOINT_FILES = ("model.safetensors", "state.pt")
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    """The step of a checkpoint directory (step-0000040: 40)."""
+    return int(CHECKPOINT.fullmatch(ckpt.name)[1])
+
+
+class RunDir:
+    """A run directory (the layout is in this module's docstring). ``flag`` is the option that named it
+    (--out, --checkpoint, ...): errors name it."""
+
+    def __init__(self, path: Path | str, flag: str = "--out"):
+        self.path, self.flag = Path(path), flag
+        self.config_file = self.path / "config.yaml"
+        self.metrics_file = self.path / "metrics.jsonl"
+        self.diagnostics_file = self.path / "diagnostics.jsonl"
+        self.summary_file = self.path / "summary.json"
+        self.checkpoints = self.path / "checkpoints"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # config and summary
+
+    def has_run(self) -> bool:
+        return self.config_file.is_file()
+
+    def config(self) -> RunConfig:
+        """The resolved config saved in the directory."""
+        if not self.has_run():
+            to_resume = " to resume" if self.flag == "--out" else ""
+            raise ConfigError(f"{self.flag} {str(self.path)!r} holds no run{to_resume} (no config.yaml)")
+        return run_config_from_dict(read_yaml(self.config_file))
+
+    def check_config(self, cfg: RunConfig, what: str) -> None:
+        """Refuse a directory that holds a run of another config (``what`` names it in the error:
+        "--out 'x' holds {what} with another config"); a directory without a run passes."""
+        if self.has_run() and not same_experiment(self.config(), cfg):
+            raise ConfigError(f"{what} with another config: choose another --out (or delete it)")
+
+    def start(self, cfg: RunConfig) -> None:
+        """Write the config of a new run, and its empty logs."""
+        atomic_write_text(self.config_file, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        atomic_write_text(self.metrics_file, "")
+        atomic_write_text(self.diagnostics_file, "")
+
+    def summary(self) -> dict | None:
+        """The summary of a run that ended (None while it has not)."""
+        if not self.summary_file.is_file():
+            return None
+        return read_json(self.summary_file, "delete it and resume the run to write it again")
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_text(self.summary_file, dumps(summary, indent=1))
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the directory's lock for the block (a second process is refused), after sweeping the temporary
+        files a kill left."""
+        with locked(self.path, self.flag):
+            sweep_temp(self.path, self.checkpoints)
+            yield
+
+    # logs
+
+    def metrics(self) -> list[dict]:
+        """The rows of metrics.jsonl with a loss (the guard's interventions: :meth:`interventions`)."""
+        return [r for r in read_jsonl(self.metrics_file) if "kind" not in r]
+
+    def interventions(self) -> list[dict]:
+        """The training guard's rows of metrics.jsonl: step, kind (skip or rollback), reason (, to_step)."""
+        return [r for r in read_jsonl(self.metrics_file) if "kind" in r]
+
+    def truncate_logs(self, step: int, keep_guard: bool = False) -> None:
+        """Forget the rows of metrics.jsonl and diagnostics.jsonl past ``step`` (``keep_guard``: not the guard's)."""
+        for path in (self.metrics_file, self.diagnostics_file):
+            rows = [r for r in read_jsonl(path) if r["step"] <= step or (keep_guard and "kind" in r)]
+            atomic_write_text(path, "".join(dumps(r) + "\n" for r in rows))
+
+    # checkpoints
+
+    def checkpoint_dirs(self) -> list[Path]:
+        """The checkpoint directories, newest first (a symbolic link is none: it may lead out of the run)."""
+        dirs = [
+            p
+            for p in self.checkpoints.glob("step-*")
+            if CHECKPOINT.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+        ]
+        return sorted(dirs, key=checkpoint_step, reverse=True)
+
+    def save_checkpoint(self, step: int, model: torch.nn.Module, state: dict, keep: int) -> None:
+        """Write checkpoint ``step``: the weights and ``state`` (optimizer, RNGs, the trainer's parts), and keep
+        the newest ``keep`` (newer ones than ``step`` are the damaged ones a resume fell back past: deleted).
+        Optimizer tensors are saved where they live and loaded onto the device of the run that resumes."""
+        name = f"step-{step:07d}"
+        if (self.checkpoints / name).exists():  # a damaged one a resume fell back past
+            remove_dir(self.checkpoints / name)
+        with atomic_dir(self.checkpoints / name) as tmp:
+            _save_weights(model, tmp / "model.safetensors")
+            _save_state({"step": step, **state}, tmp / "state.pt")
+            manifest = {f: _digest(tmp / f) for f in CHECKPOINT_FILES}
+            atomic_write_text(tmp / "manifest.json", json.dumps(manifest))
+        atomic_write_text(self.checkpoints / "latest", name)
+        dirs = self.checkpoint_dirs()
+        newer = [d for d in dirs if checkpoint_step(d) > step]
+        for old in newer + [d for d in dirs if checkpoint_step(d) <= step][keep:]:
+            remove_dir(old)
+
+    def find_checkpoint(self) -> Path | None:
+        """The newest checkpoint whose files verify (None if the run has none yet); a damaged newer one is
+        reported on stderr and passed over; if every one is damaged, an error."""
+        latest = self.checkpoints / "latest"
+        if latest.is_file() and not CHECKPOINT.fullmatch(name := latest.read_text(errors="replace").strip()):
+            raise SpannormError(f"{str(latest)!r} names {name!r}, not a checkpoint directory of this run: refused")
+        damaged = []
+        for ckpt in self.checkpoint_dirs():
+            if (problem := damage(ckpt)) is None:
+                for bad, why in damaged:
+                    print(
+                        f"spannorm: warning: checkpoint {str(bad)!r} is corrupt or truncated ({why}); "
+                        f"using {ckpt.name}",
+                        file=sys.stderr,
+                    )
+                return ckpt
+            damaged.append((ckpt, problem))
+        if damaged:
+            ckpt, why = damaged[0]
+            older = f" (and the {len(damaged) - 1} older ones)" if len(damaged) > 1 else ""
+            raise SpannormError(f"checkpoint {str(ckpt)!r}{older} is corrupt or truncated: {why}")
+        return None
+
+    def load_weights(self, model: torch.nn.Module) -> Path:
+        """Load the weights of the newest checkpoint that verifies into ``model`` (as a resume would);
+        returns that checkpoint. Errors (no checkpoint, weights of another shape) are one line."""
+        ckpt = self.find_checkpoint()
+        if ckpt is None:
+            raise SpannormError(f"{self.flag} {str(self.path)!r} has no checkpoint yet (no checkpoints/step-N)")
+        try:
+            load_model(model, str(ckpt / "model.safetensors"))
+        except Exception as e:  # a missing file, or the weights of another config
+            raise SpannormError(
+                f"{self.flag} {str(self.path)!r}: cannot load its weights: {str(e).splitlines()[0]}"
+            ) from None
+        return ckpt
+
+
+def load_run(run_dir: Path | str, flag: str = "--out") -> RunConfig:
+    """The resolved config saved in a run directory (``flag``: the option that named it, for errors)."""
+    return RunDir(run_dir, flag).config()
+
+
+def read_metrics(run_dir: Path | str) -> list[dict]:
+    """The rows of a run's metrics.jsonl with a loss."""
+    return RunDir(run_dir).metrics()
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _save_weights(model: torch.nn.Module, path: Path) -> None:
+    """safetensors' save_model; an I/O error (a full disk) is raised as the OSError it is."""
+    from safetensors import SafetensorError
+
+    try:
+        save_model(model, str(path))
+    except SafetensorError as e:
+        if (m := re.search(r"\(os error (\d+)\)", str(e))) is None:
+            raise
+        raise OSError(int(m[1]), os.strerror(int(m[1])), str(path)) from None
+
+
+def _save_state(state: dict, path: Path) -> None:
+    """torch.save through a Python file, so that an I/O error (a full disk) is raised as the OSError it is (torch
+    raises a RuntimeError of its own on the way out, and a path gives only that)."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(state, f)
+    except RuntimeError as e:
+        if isinstance(e.__context__, OSError):
+            raise e.__context__ from None
+        raise
+
+
+def damage(ckpt: Path) -> str | None:
+    """What is wrong with a checkpoint directory's files (None: each matches its sha256 in manifest.json)."""
+    try:
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+        digests = {f: manifest[f] for f in CHECKPOINT_FILES}
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        return f"cannot read manifest.json ({type(e).__name__})"
+    for fname in CHECKPOINT_FILES:
+        if not (ckpt / fname).is_file() or _digest(ckpt / fname) != digests[fname]:
+            return f"{fname} is missing or does not match its sha256"
+    return None
+
+
+def load_checkpoint(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> dict:
+    """Restore a verified checkpoint (:meth:`RunDir.find_checkpoint`): the weights, the optimizer and the RNGs;
+    returns its whole state (the step and the trainer's parts)."""
+    bad = f"checkpoint {str(ckpt)!r} is corrupt or truncated"
+    try:
+        device = next(model.parameters()).device
+        missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False, device=str(device))
+        state = torch.load(ckpt / "state.pt", weights_only=True, map_location="cpu")
+        opt.load_state_dict(state["optimizer"])  # moves the optimizer state onto the parameters' device
+        gen.set_state(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        set_rng_state(device, state.get("device_rng"))
+    except Exception as e:  # any failure here means the files do not fit this run
+        raise SpannormError(f"{bad} or does not match the run's config: {str(e).splitlines()[0]}") from None
+    if missing or unexpected:
+        raise SpannormError(f"{bad} or does not match the run's config: missing {missing}, unexpected {unexpected}")
+    return state
+
+
+def rng_states(model: torch.nn.Module, gen: torch.Generator) -> dict:
+    """The RNG states a checkpoint saves: the data order's, torch's and the model's device's."""
+    device = next(model.parameters()).device
+    return {"data_rng": gen.get_state(), "torch_rng": torch.get_rng_state(), "device_rng": rng_state(device)}

@@ -1,0 +1,127 @@
+"""Running a study's cells: in this process (``jobs=1``) or in ``jobs`` spawned worker processes.
+
+A finished cell (summary.json present, same config) is reused and an interrupted one resumes from its
+checkpoint, so a study can be stopped and started again.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import torch
+
+from ..config import SpannormError, to_dict
+from ..data import prepare
+from ..files import atomic_write_text, dumps
+from ..probe_command import run_probe
+from ..run import RunDir, run_config_from_dict
+from ..train import train_or_reuse
+from .grid import PROBE_BATCH, Cell, StudyConfig
+
+
+def run_cell(cfg_dict: dict, run_dir: str, probe: bool, keep_checkpoints: bool, threads: int | None = None) -> dict:
+    """Train (or reuse, or resume) one cell, probe its final model, drop its checkpoints.
+
+    Runs in a worker process when the study has ``jobs > 1``; everything it writes is atomic, so
+    a kill at any point leaves a cell that the next run of the study reuses or resumes.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    run_dir = Path(run_dir)
+    t0 = time.perf_counter()
+    where = f"--out {str(run_dir.parent.parent)!r} holds a cell {run_dir.name!r}"
+    summary = train_or_reuse(run_config_from_dict(cfg_dict), run_dir, False, where)
+    reused = bool(summary.get("reused"))
+    ckpts = run_dir / "checkpoints"
+    if probe and not summary["diverged"] and not (run_dir / "probe.json").is_file() and (ckpts / "latest").is_file():
+        row = run_probe(None, [], [], PROBE_BATCH, checkpoint=run_dir)[0]
+        atomic_write_text(run_dir / "probe.json", dumps(row))
+    if not keep_checkpoints and ckpts.exists():
+        shutil.rmtree(ckpts)
+    if not reused or not (run_dir / "cell.json").is_file():  # the wall time of the session that finished it
+        atomic_write_text(run_dir / "cell.json", dumps({"wall_s": time.perf_counter() - t0}))
+    return summary | {"reused": reused}
+
+
+def _cell_threads(jobs: int) -> int:
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def run_cells(study: StudyConfig, cells: list[Cell], out: Path, jobs: int, log) -> dict[str, str]:
+    """Run every cell; returns {cell name: error} for the cells that failed (the others are on disk)."""
+    for cell in cells:  # a cell directory of another config is a user error: refuse before any training
+        RunDir(out / "cells" / cell.name).check_config(cell.cfg, f"--out {str(out)!r} holds a cell {cell.name!r}")
+    for data in {json.dumps(to_dict(c.cfg.data), sort_keys=True): c.cfg.data for c in cells}.values():
+        prepare(data)  # once, here, before any worker starts
+    failed: dict[str, str] = {}
+    n = len(cells)
+
+    def done(i: int, cell: Cell, summary: dict | None, error: str | None) -> None:
+        if error is not None:
+            failed[cell.name] = error
+            log(f"[{i}/{n}] {cell.name}: FAILED: {error}")
+            return
+        val = summary["final_val_loss"]
+        verdict = (
+            f"diverged at step {summary['diverged_step']} ({summary['diverged_reason']})"
+            if summary["diverged"]
+            else "stalled"
+            if summary.get("stalled")
+            else "ok"
+        )
+        log(
+            f"[{i}/{n}] {cell.name}: {'reused' if summary['reused'] else 'trained'}, val loss "
+            f"{'—' if val is None else f'{val:.4f}'}, {verdict}"
+        )
+
+    def args(cell: Cell) -> tuple:
+        return (to_dict(cell.cfg), str(out / "cells" / cell.name), study.probe, study.keep_checkpoints)
+
+    if jobs == 1:
+        for i, cell in enumerate(cells, 1):
+            try:
+                done(i, cell, run_cell(*args(cell)), None)
+            except (SpannormError, RuntimeError, OSError, ValueError) as e:
+                done(i, cell, None, f"{type(e).__name__}: {' '.join(str(e).split())}")
+        return failed
+
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+    old_term = _sigterm_interrupts()
+    try:
+        futures = {pool.submit(run_cell, *args(cell), threads=_cell_threads(jobs)): cell for cell in cells}
+        for i, fut in enumerate(as_completed(futures), 1):
+            try:
+                done(i, futures[fut], fut.result(), None)
+            except Exception as e:  # the worker's exception, or a dead worker (BrokenProcessPool)
+                done(i, futures[fut], None, f"{type(e).__name__}: {' '.join(str(e).split())}")
+    except BaseException:  # Ctrl-C or SIGTERM: stop the workers; their cells resume from a checkpoint next time
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+    pool.shutdown()
+    return failed
+
+
+def _sigterm_interrupts():
+    """Make SIGTERM interrupt like Ctrl-C, so that ``kill PID`` also stops the worker processes (a
+    study started in the background with ``&`` ignores SIGINT). Returns the previous handler, or None
+    where handlers cannot be set (not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)

@@ -1,0 +1,321 @@
+"""A study's config, its grids, and their expansion into cells.
+
+:class:`StudyConfig` and :class:`Grid` are read with :func:`spannorm.config.from_dict` (key and type
+checks) and check the rest themselves. :func:`plan_study` resolves the base run config once, with the
+step count that ``tokens_per_cell`` gives; :func:`expand` turns the plan into the study's distinct cells.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, apply_overrides, from_dict, read_yaml, require, to_dict
+from ..output import value
+from ..run import RunConfig, resolve_config_path, resolve_shipped, run_config_from_dict, shipped_names
+
+STUDIES = resources.files("spannorm") / "configs" / "studies"
+CORE = ("model.scheme", "model.n_layers", "train.lr", "train.seed")  # named in every cell's directory name
+PROBE_BATCH = 4  # sequences in the probe batch (as `spannorm probe`)
+
+
+@dataclass
+class Grid:
+    name: str  # label of the grid in results.csv and report.md
+    axes: dict[str, list[Any]]  # dotted config path -> values; the grid is the cartesian product of the axes
+    best_lr_seeds: list[int] = field(default_factory=list)  # seeds run again at each point's best lr (follow_ups)
+
+    def check(self, where: str) -> None:
+        """Raise a ConfigError unless the grid is valid; ``where`` names it in errors (grids[0])."""
+        require(
+            re.fullmatch(r"[A-Za-z0-9._-]+", self.name) is not None,
+            f"{where}.name",
+            self.name,
+            "a name of letters, digits, '.', '_' or '-'",
+        )
+        require(
+            len(self.axes) > 0,
+            f"{where}.axes",
+            self.axes,
+            "a non-empty mapping of dotted config paths to lists of values",
+        )
+        for path, values in self.axes.items():
+            require(
+                re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", path) is not None,
+                f"{where}.axes key",
+                path,
+                "a dotted config path such as model.n_layers",
+            )
+            require(
+                path != "train.max_steps",
+                f"{where}.axes key",
+                path,
+                "any config path but train.max_steps, which tokens_per_cell sets",
+            )
+            require(
+                len(values) > 0 and all(_is_scalar(v) for v in values),
+                f"{where}.axes.{path}",
+                values,
+                "a non-empty list of scalar values",
+            )
+        if not self.best_lr_seeds:
+            return
+        require(
+            len(set(self.best_lr_seeds)) == len(self.best_lr_seeds),
+            f"{where}.best_lr_seeds",
+            self.best_lr_seeds,
+            "a list of distinct integer seeds, e.g. [2, 3]",
+        )
+        for s in self.best_lr_seeds:
+            require(
+                s not in self.axes.get("train.seed", []),
+                f"{where}.best_lr_seeds",
+                s,
+                f"a seed not in the grid's train.seed axis {self.axes.get('train.seed')}",
+            )
+        lrs = self.axes.get("train.lr")
+        require(
+            isinstance(lrs, list) and len(set(lrs)) >= 2,
+            f"{where}.axes.train.lr",
+            lrs,
+            "a list of 2 or more learning rates in a grid with best_lr_seeds",
+        )
+
+
+@dataclass(kw_only=True)
+class StudyConfig:
+    base: str = "tiny"  # preset name or path of a run config YAML
+    set: list[str] = field(default_factory=list)  # KEY=VALUE overrides applied to base (as --set)
+    tokens_per_cell: int  # every cell trains on this many tokens: max_steps = tokens / (batch_size · seq_len)
+    probe: bool = True  # probe each finished cell's final model into probe.json
+    keep_checkpoints: bool = False  # keep finished cells' checkpoints (else deleted after the probe)
+    grids: list[Grid]  # the study is the union of the grids' cells; identical cells run once
+
+    def __post_init__(self):
+        require(self.base != "", "base", self.base, "a preset name or a run config YAML path")
+        require(
+            self.tokens_per_cell > 0,
+            "tokens_per_cell",
+            self.tokens_per_cell,
+            "a positive integer (the token budget of every cell)",
+        )
+        require(len(self.grids) > 0, "grids", self.grids, "a non-empty list of {name, axes} mappings")
+        for i, grid in enumerate(self.grids):
+            grid.check(f"grids[{i}]")
+            require(
+                grid.name not in [other.name for other in self.grids[:i]],
+                f"grids[{i}].name",
+                grid.name,
+                "a name no other grid has",
+            )
+        check_sets(self.set, "set:")
+
+    def to_dict(self) -> dict:
+        """The study as YAML-safe data (study.yaml); a grid without best_lr_seeds leaves the key out."""
+        data = to_dict(self)
+        for grid in data["grids"]:
+            if not grid["best_lr_seeds"]:
+                del grid["best_lr_seeds"]
+        return data
+
+
+def series_label(scheme: str, values: dict[str, Any]) -> str:
+    """A series' name: the scheme, then ``leaf=value`` for each (dotted path: value) of ``values``
+    (e.g. "span span_scale=none")."""
+    return " ".join([scheme] + [f"{_leaf(path)}={value(v)}" for path, v in values.items()])
+
+
+@dataclass
+class Cell:
+    name: str  # directory name under cells/
+    grids: list[str]  # the grids that contain this cell
+    axes: dict[str, Any]  # every axis of its grids -> this cell's resolved value
+    extras: dict[str, Any]  # non-core axes whose value differs from the base config
+    cfg: RunConfig
+
+    @property
+    def series(self) -> str:
+        """Scheme plus the non-default extra axes: one line in a plot, one row in the claims."""
+        return series_label(self.cfg.model.scheme.value, self.extras)
+
+    @property
+    def depth_lr(self) -> tuple[int, float]:
+        """(depth, lr): where the cell sits within its series."""
+        return self.cfg.model.n_layers, self.cfg.train.lr
+
+
+# --- config --------------------------------------------------------------------------------
+
+
+def study_names() -> list[str]:
+    return shipped_names(STUDIES)
+
+
+def resolve_study_path(name: str) -> Path:
+    """A study YAML path, or the name of a study shipped in spannorm/configs/studies/."""
+    return resolve_shipped(name, STUDIES, "shipped study", "studies")
+
+
+def _is_scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (str, int, float, bool))
+
+
+def study_from_dict(data: dict, where: Path | None = None) -> StudyConfig:
+    """Validate a study mapping; a relative ``base`` path is looked up beside the study file ``where``."""
+    study = from_dict(StudyConfig, data, "")
+    base = study.base
+    if where is not None and not Path(base).is_absolute() and (where.parent / base).is_file():
+        study.base = str((where.parent / base).resolve())
+    elif Path(base).is_file():
+        study.base = str(Path(base).resolve())
+    return study
+
+
+def check_sets(sets: list[str], where: str) -> None:
+    """Refuse an override of train.max_steps (``where``: "set:" or "--set"): tokens_per_cell sets the steps."""
+    for s in sets:
+        if s.partition("=")[0].strip() == "train.max_steps":
+            raise ConfigError(f"{where} train.max_steps is invalid here: tokens_per_cell sets every cell's steps")
+
+
+def load_study(name: str, extra_sets: list[str] = ()) -> StudyConfig:
+    """Load a study YAML (or shipped study name); ``extra_sets`` are appended to its ``set``."""
+    path = resolve_study_path(name)
+    study = study_from_dict(read_yaml(path), where=path)
+    check_sets(extra_sets, "--set")
+    study.set += list(extra_sets)
+    return study
+
+
+# --- the plan: the base config, resolved once ----------------------------------------------
+
+
+def _get(d: dict, path: str) -> Any:
+    for part in path.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def _set(d: dict, path: str, v: Any) -> None:
+    *parents, leaf = path.split(".")
+    for part in parents:
+        d = d.setdefault(part, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"axis {path!r} is invalid: {part} is not a section")
+    d[leaf] = v
+
+
+def _leaf(path: str) -> str:
+    return path.rsplit(".", 1)[-1]
+
+
+def _steps(tokens_per_cell: int, cfg: RunConfig, what: str) -> int:
+    """The steps that train ``cfg`` on ``tokens_per_cell`` tokens (``what``: where, for errors)."""
+    per_step = cfg.train.batch_size * cfg.train.seq_len
+    if tokens_per_cell % per_step:
+        raise ConfigError(
+            f"tokens_per_cell={tokens_per_cell} is invalid{what}: expected a multiple of "
+            f"train.batch_size × train.seq_len = {per_step} (e.g. "
+            f"{max(1, round(tokens_per_cell / per_step)) * per_step})"
+        )
+    steps = tokens_per_cell // per_step
+    if cfg.train.warmup_steps >= steps:
+        raise ConfigError(
+            f"train.warmup_steps={cfg.train.warmup_steps} is invalid{what}: expected fewer than "
+            f"the {steps} steps that tokens_per_cell gives"
+        )
+    return steps
+
+
+def _with_steps(cfg: RunConfig, steps: int) -> RunConfig:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A study with its base run config resolved, once: what every cell starts from."""
+
+    study: StudyConfig
+    base: dict  # the base preset or YAML with the study's set applied, train.max_steps from tokens_per_cell
+    base_cfg: RunConfig  # ``base``, validated
+
+
+def plan_study(study: StudyConfig) -> Plan:
+    """Resolve and validate ``study``'s base config (and the best_lr_seeds that depend on its seed)."""
+    base = apply_overrides(read_yaml(resolve_config_path(study.base)), list(study.set))
+    try:
+        base_cfg = run_config_from_dict(copy.deepcopy(base))
+    except ConfigError as e:
+        raise ConfigError(f"base {study.base!r} with set {study.set}: {e}") from None
+    steps = _steps(study.tokens_per_cell, base_cfg, " for the base config")
+    _set(base, "train.max_steps", steps)
+    for i, grid in enumerate(study.grids):
+        if "train.seed" not in grid.axes:  # the grid runs the base config's seed
+            require(
+                base_cfg.train.seed not in grid.best_lr_seeds,
+                f"grids[{i}].best_lr_seeds",
+                base_cfg.train.seed,
+                "a seed other than the base config's train.seed (the grid has no train.seed axis)",
+            )
+    return Plan(study, base, _with_steps(base_cfg, steps))
+
+
+def expand(plan: Plan, follow: list[tuple[Grid, dict]] = ()) -> list[Cell]:
+    """Every distinct cell of the study, in grid order; validates every cell's config.
+
+    ``follow`` (from :func:`spannorm.study.results.follow_ups`): (grid, axis point) pairs of the second
+    phase, whose new cells come after all the grids' cells.
+    """
+    base_flat = to_dict(plan.base_cfg)
+    by_config: dict[str, Cell] = {}
+    by_name: dict[str, Cell] = {}
+
+    def add(grid: Grid, point: dict) -> None:
+        paths = list(point)
+        what = f" in grid {grid.name!r} at " + ", ".join(f"{k}={value(v)}" for k, v in point.items())
+        d = copy.deepcopy(plan.base)
+        for path, v in point.items():
+            _set(d, path, v)
+        try:
+            cfg = run_config_from_dict(d)
+            cfg = _with_steps(cfg, _steps(plan.study.tokens_per_cell, cfg, what))
+        except ConfigError as e:
+            msg = str(e)
+            raise ConfigError(msg if what in msg else f"{msg} ({what.strip()})") from None
+        flat = to_dict(cfg)
+        key = json.dumps(flat, sort_keys=True)
+        resolved = {p: _get(flat, p) for p in paths}
+        if key in by_config:
+            cell = by_config[key]
+            if grid.name not in cell.grids:
+                cell.grids.append(grid.name)
+            for p, v in resolved.items():
+                cell.axes.setdefault(p, v)
+            return
+        extras = {p: v for p, v in resolved.items() if p not in CORE and v != _get(base_flat, p)}
+        m, t = cfg.model, cfg.train
+        name = f"{m.scheme.value}_L{m.n_layers}_lr{t.lr:g}_s{t.seed}" + "".join(
+            f"_{_leaf(p)}-{value(v)}" for p, v in extras.items()
+        )
+        name = re.sub(r"[^A-Za-z0-9._+-]", "-", name)
+        if name in by_name:
+            raise ConfigError(
+                f"two different cells get the directory name {name!r} (grid {grid.name!r}); "
+                "make their axis values differ in scheme, depth, lr, seed or an extra axis"
+            )
+        cell = Cell(name, [grid.name], resolved, extras, cfg)
+        by_config[key] = by_name[name] = cell
+
+    for grid in plan.study.grids:
+        for values in itertools.product(*grid.axes.values()):
+            add(grid, dict(zip(grid.axes, values)))
+    for grid, point in follow:
+        add(grid, point)
+    return list(by_config.values())

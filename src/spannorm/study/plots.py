@@ -1,0 +1,256 @@
+"""A study's plots (plots/*.png): validation loss against depth and lr, the best lrs, the SpanNorm scaling
+ablation, training curves, per-block gradient norms and trained-model similarity."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..files import read_jsonl
+from ..output import pyplot, save_figure
+from ..run import read_metrics
+from .grid import Cell
+from .results import aggregate, best_lr, best_lr_points, first_seed, read_probe, scaling_series
+
+DPI = 90  # every plot's; tight (cropped to the drawn area) keeps a legend placed beside the axes
+
+
+def plotted_series(cells: list[Cell]) -> list[str]:
+    """The series that sweep depth (a plot of an ablation's one-depth series would only clutter)."""
+    depths: dict[str, set] = {}
+    for c in cells:
+        depths.setdefault(c.series, set()).add(c.cfg.model.n_layers)
+    return [s for s, d in depths.items() if len(d) > 1] or list(depths)
+
+
+def plot_val(path: Path, cells: list[Cell], rows: list[dict], x: str, key=None, best: dict | None = None) -> bool:
+    """Validation loss against depth (x='depth', one panel per lr) or lr (one panel per depth), one line
+    per series: ``key(cell)`` (default: the series that sweep depth; None leaves a cell out). ``best``
+    ({(series, depth): lr}, x='lr'): mark those lrs, and the points diverged or stalled in most seeds
+    at the unigram line."""
+    if key is None:
+        swept = plotted_series(cells)
+        key = lambda c: c.series if c.series in swept else None  # noqa: E731
+    points = aggregate(cells, rows, lambda c: (key(c), *c.depth_lr) if key(c) else None)
+    series = list(dict.fromkeys(k[0] for k in points))
+    panel_of = (lambda k: k[2]) if x == "depth" else (lambda k: k[1])
+    x_of = (lambda k: k[1]) if x == "depth" else (lambda k: k[2])
+    panels = sorted({panel_of(k) for k in points})
+    if not panels:
+        return False
+    unigram = next((r["unigram_entropy"] for r in rows if r.get("unigram_entropy") is not None), None)
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if unigram is not None:  # the level of a model that learned only token frequencies
+            ax.axhline(unigram, color="0.6", linestyle="--", linewidth=1, label="unigram entropy (stalled)")
+        for i, s in enumerate(series):
+            color = f"C{i % 10}"  # the same in every panel
+            ks = sorted(
+                (k for k in points if k[0] == s and panel_of(k) == panel and points[k].mean is not None), key=x_of
+            )
+            if ks:
+                ax.errorbar(
+                    [x_of(k) for k in ks],
+                    [points[k].mean for k in ks],
+                    yerr=[points[k].std or 0.0 for k in ks],
+                    marker="o",
+                    capsize=3,
+                    label=s,
+                    color=color,
+                )
+            if best is None:
+                continue
+            bad = [x_of(k) for k in points if k[0] == s and panel_of(k) == panel and points[k].failed]
+            if bad and unigram is not None:
+                ax.plot(bad, [unigram] * len(bad), "x", color=color, markersize=9)
+            b = points.get((s, panel, best.get((s, panel))))
+            if b is not None and b.mean is not None:
+                ax.plot([best[(s, panel)]], [b.mean], "*", color=color, markersize=14)
+        if best is not None:  # legend entries of the marks
+            ax.plot([], [], "k*", markersize=10, label="best lr")
+            ax.plot([], [], "kx", label="diverged or stalled (drawn at the unigram line)")
+        ax.set_title(f"lr {panel:g}" if x == "depth" else f"L = {panel}")
+        ax.set_xlabel("depth L" if x == "depth" else "peak learning rate")
+        ax.set_xscale("log")
+        ticks = sorted({x_of(k) for k in points if panel_of(k) == panel})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+        ax.set_ylabel("final val loss (nats/token)")
+        ax.grid(alpha=0.3)
+    handles = {}
+    for ax in axes[0]:
+        handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle("validation loss (mean ± std over seeds; diverged cells left out)", fontsize=9)
+    save_figure(fig, path, dpi=DPI, tight=True)
+    return True
+
+
+def plot_curves(path: Path, cells: list[Cell], out: Path) -> bool:
+    """Training loss curves, one panel per (depth, lr), one line per series (the smallest seed)."""
+    series = plotted_series(cells)
+    firsts = {k: c for k, c in first_seed(cells).items() if k[0] in series}
+    panels = sorted({k[1:] for k in firsts})
+    if not panels:
+        return False
+    plt = pyplot()
+    cols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.5 * nrows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        top = 0.0
+        for s in series:
+            if (s, *panel) in firsts:
+                rows = read_metrics(out / "cells" / firsts[(s, *panel)].name)
+                ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=s)
+                if rows and rows[0]["loss"] is not None and math.isfinite(rows[0]["loss"]):
+                    top = max(top, rows[0]["loss"])
+        if top:
+            ax.set_ylim(top=top * 1.1)
+        ax.set_title(f"L = {panel[0]}, lr {panel[1]:g}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    axes[0][0].legend(fontsize=7)
+    save_figure(fig, path, dpi=DPI, tight=True)
+    return True
+
+
+def plot_best_lr(path: Path, cells: list[Cell], rows: list[dict]) -> bool:
+    """Validation loss against lr for each series with 2+ lrs, one panel per depth, its best lr marked."""
+    points = best_lr_points(cells, rows)
+    best = {k: best_lr(v) for k, v in points.items()}
+    return bool(points) and plot_val(
+        path,
+        cells,
+        rows,
+        "lr",
+        best=best,
+        key=lambda c: c.series if (c.series, c.cfg.model.n_layers) in points else None,
+    )
+
+
+def plot_ablation(path: Path, cells: list[Cell], rows: list[dict]) -> bool:
+    """Validation loss against lr for each SpanNorm scaling, beside PreNorm, at the ablation's depths."""
+    depths = {c.cfg.model.n_layers for c in cells if scaling_series(c)}
+    return bool(depths) and plot_val(
+        path,
+        cells,
+        rows,
+        "lr",
+        key=lambda c: scaling_series(c) or ("pre" if c.series == "pre" and c.cfg.model.n_layers in depths else None),
+    )
+
+
+def _deepest(cells: list[Cell]) -> int:
+    return max(c.cfg.model.n_layers for c in cells)
+
+
+def plot_grad_heatmaps(path: Path, cells: list[Cell], out: Path) -> bool:
+    """log10 per-block gradient norm (block × step) of each series at the deepest depth, one column per lr."""
+    series = plotted_series(cells)
+    depth = _deepest(cells)
+    firsts = {k: c for k, c in first_seed(cells).items() if k[0] in series and k[1] == depth}
+    heatmaps = {}
+    for k, c in firsts.items():
+        rows = read_jsonl(out / "cells" / c.name / "diagnostics.jsonl")
+        if rows:
+            norms = np.log10(np.maximum(np.array([r["grad_norm"] for r in rows], dtype=float).T, 1e-30))
+            heatmaps[k] = (norms, rows[0]["step"], rows[-1]["step"])
+    if not heatmaps:
+        return False
+    names = [s for s in series if any(k[0] == s for k in heatmaps)]
+    lrs = sorted({k[2] for k in heatmaps})
+    finite = np.concatenate([norms[np.isfinite(norms)] for norms, _, _ in heatmaps.values()])
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (-3.0, 1.0)
+    plt = pyplot()
+    fig, axes = plt.subplots(len(names), len(lrs), figsize=(4 * len(lrs) + 1, 2.2 * len(names) + 0.8), squeeze=False)
+    im = None
+    for i, s in enumerate(names):
+        for j, lr in enumerate(lrs):
+            ax = axes[i][j]
+            if (s, depth, lr) not in heatmaps:
+                ax.axis("off")
+                continue
+            norms, first, last = heatmaps[(s, depth, lr)]
+            im = ax.imshow(
+                norms,
+                aspect="auto",
+                origin="lower",
+                vmin=vmin,
+                vmax=vmax,
+                extent=(first, max(last, first + 1), 0.5, norms.shape[0] + 0.5),
+            )
+            ax.set_title(f"{s}, lr {lr:g}", fontsize=8)
+            ax.set_ylabel("block", fontsize=7)
+            ax.tick_params(labelsize=6)
+    fig.subplots_adjust(hspace=0.5, right=0.85)
+    fig.colorbar(im, ax=axes, shrink=0.8, label="log10 grad norm")
+    fig.suptitle(f"per-block gradient norm during training, L = {depth} (x: step)", fontsize=9)
+    save_figure(fig, path, dpi=DPI, layout=False)  # laid out above, by hand: no tight_layout, no cropping
+    return True
+
+
+def plot_similarity(path: Path, cells: list[Cell], out: Path) -> bool:
+    """Series × block heatmaps at the deepest depth from probe.json: adjacent cosine and layer drop
+    (mean over seeds), one column per lr."""
+    series = plotted_series(cells)
+    depth = _deepest(cells)
+    probes: dict = {}
+    for c in cells:
+        if c.series in series and c.cfg.model.n_layers == depth and (p := read_probe(out, c)):
+            probes.setdefault((c.series, c.cfg.train.lr), []).append(p)
+    if not probes:
+        return False
+    names = [s for s in series if any(k[0] == s for k in probes)]
+    lrs = sorted({k[1] for k in probes})
+    plt = pyplot()
+    fig, axes = plt.subplots(2, len(lrs), figsize=(5 * len(lrs) + 1, 0.35 * len(names) * 2 + 2.5), squeeze=False)
+    for j, lr in enumerate(lrs):
+        for i, (key, title, cmap) in enumerate(
+            (
+                ("adjacent_cosine", "cosine(block l, block l+1)", "viridis"),
+                ("layer_drop", "val loss increase without block l", "magma"),
+            )
+        ):
+            width = depth - 1 if key == "adjacent_cosine" else depth
+            grid = np.full((len(names), width), np.nan)
+            for r, s in enumerate(names):
+                ps = [p[key] for p in probes.get((s, lr), []) if p.get(key)]
+                if ps:
+                    grid[r] = np.mean(np.array(ps, dtype=float), axis=0)
+            ax = axes[i][j]
+            im = ax.imshow(
+                grid,
+                aspect="auto",
+                cmap=cmap,
+                interpolation="nearest",
+                extent=(0.5, width + 0.5, len(names) - 0.5, -0.5),
+            )
+            ax.set_yticks(range(len(names)), names, fontsize=7)
+            ax.set_xlabel("block l", fontsize=8)
+            ax.set_title(f"{title}, L = {depth}, lr {lr:g}", fontsize=8)
+            fig.colorbar(im, ax=ax)
+    save_figure(fig, path, dpi=DPI, tight=True)
+    return True
+
+
+def plot_study(out: Path, cells: list[Cell], rows: list[dict]) -> list[str]:
+    """Write every plot the study has data for into ``out/plots``; returns their paths relative to ``out``."""
+    if not cells:
+        return []
+    plots = {
+        "val_vs_depth.png": lambda path: plot_val(path, cells, rows, "depth"),
+        "val_vs_lr.png": lambda path: plot_val(path, cells, rows, "lr"),
+        "ablation.png": lambda path: plot_ablation(path, cells, rows),
+        "best_lr.png": lambda path: plot_best_lr(path, cells, rows),
+        "loss_curves.png": lambda path: plot_curves(path, cells, out),
+        "grad_heatmaps.png": lambda path: plot_grad_heatmaps(path, cells, out),
+        "similarity.png": lambda path: plot_similarity(path, cells, out),
+    }
+    return [f"plots/{name}" for name, plot in plots.items() if plot(out / "plots" / name)]

@@ -1,0 +1,239 @@
+"""report.md of a study: its tables (mean ± std over seeds), each series at its best learning rate, the
+learning-rate sensitivity of SpanNorm's scalings, the plots and the claims' verdicts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from ..config import to_dict
+from ..output import lr, md_table
+from ..train import STALL_MARGIN
+from .claims import Claim
+from .grid import CORE, Cell, Grid, Plan, series_label
+from .results import STABLE_MARGIN, aggregate, best_lr, best_lr_points, scaling_series, stable_lrs
+
+
+def grid_table(grid: Grid, cells: list[Cell], rows: list[dict]) -> str:
+    """Rows: scheme and the grid's other non-core axes; columns: depth × lr; entries: mean ± std over seeds."""
+    others = [p for p in grid.axes if p not in CORE]
+
+    def label(c: Cell) -> str:
+        return series_label(c.cfg.model.scheme.value, {p: c.axes[p] for p in others})
+
+    points = aggregate(cells, rows, lambda c: (label(c), *c.depth_lr) if grid.name in c.grids else None)
+    labels = list(dict.fromkeys(k[0] for k in points))
+    cols = sorted({k[1:] for k in points})
+    return md_table(
+        ["series"] + [f"L={d}, lr={rate:g}" for d, rate in cols],
+        [[lab] + [points[(lab, *c)].text() if (lab, *c) in points else "" for c in cols] for lab in labels],
+    )
+
+
+def best_lr_table(cells: list[Cell], rows: list[dict]) -> str:
+    """Markdown: each (series, depth)'s best lr (best_lr), its val loss over all seeds, its stable range
+    (stable_lrs), and the lrs that diverged or stalled; "" if no series has 2+ lrs at a depth."""
+    points = best_lr_points(cells, rows)
+    aggs = aggregate(cells, rows, lambda c: (c.series, *c.depth_lr))
+    table = []
+    for (series, depth), by_lr in sorted(points.items(), key=lambda kv: kv[0][1]):
+        bad = (
+            ", ".join(
+                f"{lr(rate)} {'div' if r['status'] == 'diverged' else 'stalled'}"
+                for rate, r in by_lr.items()
+                if r.get("status") in ("diverged", "stalled")
+            )
+            or "—"
+        )
+        best = best_lr(by_lr)
+        if best is None:
+            table.append([series, str(depth), "none", "—", "—", bad])
+            continue
+        a, stable = aggs[(series, depth, best)], stable_lrs(by_lr)
+        span = lr(stable[0]) + (f" – {lr(stable[-1])}" if len(stable) > 1 else "")
+        table.append(
+            [series, str(depth), lr(best), f"{a.text()} (n={a.n})", f"{span} ({len(stable)} of {len(by_lr)})", bad]
+        )
+    if not table:
+        return ""
+    return md_table(["series", "L", "best lr", "val loss at the best lr", "stable range", "diverged or stalled"], table)
+
+
+def lr_sensitivity(cells: list[Cell], rows: list[dict]) -> str:
+    """Markdown: which SpanNorm scaling, if any, trains at the highest learning rate as well as PreNorm.
+
+    For every depth swept by a grid with a span_scale or span_c axis: each scaling's mean val loss
+    at the lowest and highest lr and the change between them, beside PreNorm's (dense, same depth).
+    A scaling *removes the sensitivity* if at the highest lr it trained (not diverged or stalled in
+    most seeds) and its mean val loss is at most PreNorm's there. "" if the study has no such grid.
+    """
+    points = aggregate(cells, rows, lambda c: (scaling_series(c), *c.depth_lr) if scaling_series(c) else None)
+    not_run = {c.cfg.model.n_layers for c, r in zip(cells, rows) if scaling_series(c) and r.get("status") == "not run"}
+    pre = aggregate(cells, rows, lambda c: ("pre", *c.depth_lr) if c.series == "pre" else None)
+    lines = []
+    for depth in sorted({k[1] for k in points}):
+        lrs = sorted({k[2] for k in points if k[1] == depth})
+        if len(lrs) < 2:
+            continue
+        lo, hi = lrs[0], lrs[-1]
+        ref = pre.get(("pre", depth, hi))
+        table = []
+        removes, missing = [], depth in not_run
+        series = [("pre", pre)] + [(s, points) for s in dict.fromkeys(k[0] for k in points if k[1] == depth)]
+        for name, src in series:
+            a, b = src.get((name, depth, lo)), src.get((name, depth, hi))
+            change = (
+                f"{b.mean - a.mean:+.3f}"
+                if a and b and a.mean is not None and b.mean is not None and not a.failed and not b.failed
+                else "—"
+            )
+            if name == "pre":
+                verdict = "(reference)"
+            elif b is None or ref is None or ref.mean is None:
+                verdict, missing = "not run yet", True  # pre's or this cell's highest-lr cells
+            else:
+                ok = not b.failed and b.mean is not None and b.mean <= ref.mean
+                verdict = "yes" if ok else "no"
+                removes += [name] if ok else []
+            table.append([name, a.text() if a else "not run", b.text() if b else "not run", change, verdict])
+        summary = (
+            f"Scalings that remove the sensitivity at L={depth} (train at lr={hi:g} with a val loss at most "
+            f"PreNorm's{f' {ref.mean:.3f}' if ref and ref.mean is not None else ''}): "
+            + (", ".join(f"`{s}`" for s in removes) if removes else "**none**")
+            + (" so far; some cells are not run yet" if missing else "")
+            + "."
+        )
+        if any(k[1] == depth and "span_scale=none" in k[0] for k in points):
+            summary += " With span_scale=none, span_c is not used: those rows are the same model, trained again."
+        lines += [
+            f"At L={depth}, between lr={lo:g} and lr={hi:g}:",
+            "",
+            md_table(["series", f"lr={lo:g}", f"lr={hi:g}", "change", f"trains at lr={hi:g} as well as pre"], table),
+            "",
+            summary,
+            "",
+        ]
+    return "\n".join(lines).rstrip()
+
+
+def report(
+    plan: Plan,
+    cells: list[Cell],
+    rows: list[dict],
+    command: str,
+    plots: list[str],
+    claim_list: list[tuple[str, Claim]],
+    counts: dict,
+) -> str:
+    """The text of report.md: ``cells`` and their ``rows`` (results.csv), ``plots`` (paths relative to the
+    study directory), the claims' verdicts and ``counts`` of cells trained, reused, failed and not run."""
+    study, t = plan.study, plan.base_cfg.train
+    unigram = next((r["unigram_entropy"] for r in rows if r.get("unigram_entropy") is not None), None)
+    lines = [
+        "# spannorm study",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"{len(cells)} cells: {counts['trained']} trained in this session, {counts['reused']} reused, "
+        f"{counts['failed']} failed"
+        + (f", **{counts['not run']} not run yet** (a partial report)" if counts.get("not run") else "")
+        + f". Every cell trains on {study.tokens_per_cell:,} tokens "
+        f"({t.max_steps} steps × {t.batch_size} × {t.seq_len} tokens in the base config; cells that change "
+        "batch_size or seq_len get their own step count). Base config: "
+        f"`{study.base}` with set {study.set or '[]'} (below).",
+        "",
+    ]
+    guarded = [r for r in rows if r.get("guard_skipped") or r.get("guard_rollbacks")]
+    if guarded:  # the training guard (train.guard) saved steps: say where, since it changes what was trained
+        lines += [
+            "The training guard (`train.guard`) intervened in "
+            + ", ".join(
+                f"{r['name']} ({r['guard_skipped']} steps skipped, {r['guard_rollbacks']} rollbacks)" for r in guarded
+            )
+            + "; each cell's metrics.jsonl has a row per intervention.",
+            "",
+        ]
+    walls = [r["wall_s"] for r in rows if r.get("wall_s") is not None]
+    if walls:
+        lines += [
+            f"Training time: the {len(walls)} finished cells' wall times sum to {sum(walls) / 3600:.2f} h "
+            "(a cell resumed from a checkpoint counts only its last part); `--jobs N` runs N cells at once.",
+            "",
+        ]
+    lines += [
+        "Entries are the final validation loss, mean ± std over seeds (sample std; diverged cells left out). "
+        "*div (k/n)*: k of n seeds diverged — the training loss became non-finite, or was at or above the first "
+        "step's loss after warmup, and the run was stopped there. *stalled (k/n)*: the final validation loss is "
+        f"within {STALL_MARGIN} nats of the unigram entropy of the training tokens"
+        + (f" ({unigram:.3f} nats)" if unigram is not None else "")
+        + ", i.e. the model learned little more than token frequencies.",
+        "",
+    ]
+    for grid in study.grids:
+        lines += [f"## Grid `{grid.name}`", "", grid_table(grid, cells, rows), ""]
+    bad = [r for r in rows if r.get("status") not in ("ok", "not run")]
+    if bad:
+        lines += ["## Diverged, stalled and failed cells", ""]
+        for r in bad:
+            if r["status"] == "diverged":
+                detail = f"diverged at step {r['diverged_step']} of {r['max_steps']} ({r['diverged_reason']})"
+            elif r["status"] == "stalled":
+                detail = f"stalled, final val loss {r['final_val_loss']:.4f}"
+            else:
+                detail = r["status"]
+            lines.append(f"- `{r['name']}`: {detail}")
+        lines.append("")
+    if best := best_lr_table(cells, rows):
+        lines += [
+            "## Each scheme at its best learning rate",
+            "",
+            "The rule, fixed before the data: for each series and depth, the *best lr* is the one whose first "
+            "seed's final validation loss is the lowest among the cells that neither diverged nor stalled "
+            "(*none* if all did). The val loss there is the mean ± std over every seed run at that lr (n seeds; "
+            "a grid with `best_lr_seeds` runs those seeds at the best lr after the grid). The *stable range* "
+            f"is the lrs whose first seed trained (neither diverged nor stalled) to within {STABLE_MARGIN} nats "
+            "of the best lr's, lowest – highest (k of the lrs tried); the last column lists the lrs whose first "
+            "seed diverged or stalled.",
+            "",
+            best,
+            "",
+        ]
+    if sens := lr_sensitivity(cells, rows):
+        lines += [
+            "## Learning-rate sensitivity of SpanNorm's scalings",
+            "",
+            "The prototype in SPANNORM.md found SpanNorm ahead of PreNorm at the lower lr and behind it at the "
+            "higher one. Which scaling, if any, removes that sensitivity:",
+            "",
+            sens,
+            "",
+        ]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
+    lines += [
+        "## Claims (SPANNORM.md)",
+        "",
+        "Each verdict comes from the stated rule applied to this study's cells (and, for claims 1 and 2, to "
+        "`init_probe.json`, probes of fresh models at the study's depths and size). *Inconclusive* means the "
+        "data do not decide.",
+        "",
+    ]
+    for i, (title, c) in enumerate(claim_list, 1):
+        lines += [f"{i}. **{title}: {c.verdict}.** {c.evidence}", f"   - Rule: {c.rule}."]
+    lines += [
+        "",
+        "## Base config",
+        "",
+        "```yaml",
+        yaml.safe_dump(to_dict(plan.base_cfg), sort_keys=False).rstrip(),
+        "```",
+        "",
+        "## Study config",
+        "",
+        "```yaml",
+        yaml.safe_dump(study.to_dict(), sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,91 @@
+"""``run_study``: a study from its config to report.md: the plan, the cells of both phases, results.csv,
+the plots, the init probe, the claims and the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from ..config import SpannormError, require
+from ..files import atomic_write_text, locked, sweep_temp
+from .cells import run_cells
+from .claims import claims, init_probe
+from .grid import Cell, Plan, StudyConfig, expand, plan_study
+from .plots import plot_study
+from .report import report
+from .results import cell_result, follow_ups, write_results
+
+
+def run_study(
+    study: StudyConfig, out: Path, command: str, jobs: int = 1, log=print, report_only: bool = False
+) -> list[dict]:
+    """Run (or resume) every cell of ``study`` into ``out/cells``; write results.csv, plots and report.md.
+
+    Cells run seed by seed and shallow depths first, so a study stopped early has covered every
+    scheme; then the follow_ups of grids with best_lr_seeds, the same way. ``report_only``: train
+    nothing; report the cells finished so far (the rest "not run").
+
+    A study that trains holds the lock of ``out`` (a second one into it is refused) and first deletes the
+    temporary files that kills left; ``report_only`` takes no lock (it trains nothing, and every file it
+    writes is replaced atomically), so it can report on a study that is running.
+    """
+    require(isinstance(jobs, int) and jobs >= 1, "--jobs", jobs, "a positive integer")
+    out = Path(out)
+    plan = plan_study(study)
+    cells = expand(plan)  # validates before any file is written
+    if report_only:
+        return _run_study(plan, cells, out, command, jobs, log, report_only)
+    with locked(out, "--out"):
+        sweep_temp(out, out / "plots", *out.glob("cells/*"))  # (each cell's checkpoints: when train resumes it)
+        return _run_study(plan, cells, out, command, jobs, log, report_only)
+
+
+def _run_study(plan: Plan, cells: list[Cell], out: Path, command: str, jobs: int, log, report_only: bool) -> list[dict]:
+    """The body of :func:`run_study`."""
+    study = plan.study
+    before = {c.name for c in cells if (out / "cells" / c.name / "summary.json").is_file()}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "study.yaml", yaml.safe_dump(study.to_dict(), sort_keys=False))
+    log(f"study: {len(cells)} cells ({len(before)} finished before) -> {out / 'cells'}")
+    failed: dict[str, str] = {}
+
+    def run(todo: list[Cell]) -> None:
+        if report_only:
+            failed.update({c.name: "not run" for c in todo if c.name not in before})
+        else:
+            order = sorted(todo, key=lambda c: (c.cfg.train.seed, c.cfg.model.n_layers))  # stable: grid order otherwise
+            failed.update(run_cells(study, order, out, jobs, log))
+
+    run(cells)
+    rows = [cell_result(c, out, failed.get(c.name)) for c in cells]
+    if any(grid.best_lr_seeds for grid in study.grids):  # the second phase, found again from the first's results
+        n = len(cells)
+        cells = follow_ups(plan, cells, rows)
+        more = cells[n:]
+        before |= {c.name for c in more if (out / "cells" / c.name / "summary.json").is_file()}
+        log(
+            f"best-lr seeds: {len(more)} cells at each series' best lr ({len(before & {c.name for c in more})} "
+            "finished before)"
+        )
+        run(more)
+        rows = [cell_result(c, out, failed.get(c.name)) for c in cells]
+    write_results(out / "results.csv", cells, rows)
+    plots = plot_study(out, cells, rows)
+    depths = sorted({c.cfg.model.n_layers for c in cells})
+    init = init_probe(plan.base_cfg, depths, out / "init_probe.json")
+    not_run = sum(e == "not run" for e in failed.values())
+    counts = {
+        "trained": len([c for c in cells if c.name not in before and c.name not in failed]),
+        "reused": len(before),
+        "failed": len(failed) - not_run,
+        "not run": not_run,
+    }
+    text = report(plan, cells, rows, command, plots, claims(cells, rows, out, init), counts)
+    atomic_write_text(out / "report.md", text)
+    if failed and not report_only:
+        raise SpannormError(
+            f"{len(failed)} of {len(cells)} cells failed ({', '.join(sorted(failed))}); "
+            f"see {out / 'results.csv'}; run the study again to retry them"
+        )
+    return rows
