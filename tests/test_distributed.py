@@ -79,3 +79,29 @@ def test_a_run_saved_by_two_ranks_resumes_on_one_and_the_reverse(corpus, tmp_pat
     done = torchrun(tmp_path, job(corpus, back, *one, resume=True))
     assert done.returncode == 0, done.stderr[-3000:]
     assert losses(back) == pytest.approx(losses(full), abs=TOL)
+
+
+KILL = """
+import os, signal
+import torch.distributed as dist
+from spannorm.train import Trainer
+step = Trainer.train_step
+def train_step(self):
+    if self.step == 7 and dist.get_rank() == 1:  # rank 1 dies in the middle of the run
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(self)
+Trainer.train_step = train_step
+"""
+
+
+def test_killing_one_rank_ends_the_job_and_leaves_a_resumable_run(corpus, tmp_path):
+    sets = [f"train.batch_size={B}", "train.distributed=ddp", "train.ckpt_interval=5"]
+    full = tmp_path / "full"
+    train(tiny(corpus, f"train.batch_size={2 * B}", "train.ckpt_interval=5"), full, progress=False)
+    cut = tmp_path / "cut"
+    done = torchrun(tmp_path, KILL + job(corpus, cut, *sets))
+    assert done.returncode != 0
+    assert "exitcode  : -9" in done.stderr and "Signal 9 (SIGKILL) received by PID" in done.stderr, done.stderr[-3000:]
+    assert not (cut / "summary.json").exists()
+    train(tiny(corpus, *sets), cut, resume=True, progress=False)  # from the checkpoint of step 5, in one process
+    assert losses(cut) == pytest.approx(losses(full), abs=TOL)
