@@ -293,6 +293,8 @@ def cmd_train(args) -> None:
             or Path("runs") / f"{Path(args.config).stem}-{cfg.model.scheme.value}-{time.strftime('%Y%m%d-%H%M%S')}"
         )
     summary = train(cfg, out, resume=args.resume, progress=not args.quiet)
+    if os.environ.get("RANK", "0") != "0":  # (under torchrun, rank 0 reports)
+        return
     if summary["diverged"]:  # exit code 0 all the same: the run did what was asked, and studies rely on it
         print(
             f"spannorm: the run diverged at step {summary['diverged_step']}: {summary['diverged_reason']}",

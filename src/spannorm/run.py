@@ -58,6 +58,13 @@ from .model_config import ModelConfig
 TRACKERS = ("tensorboard", "wandb")  # train.trackers: each needs the package, and the spannorm extra, of its name
 
 
+class Distributed(str, enum.Enum):
+    """How the processes torchrun starts share the training (one process: none, whatever is set)."""
+
+    NONE = "none"  # one process
+    DDP = "ddp"  # DistributedDataParallel: every rank holds the whole model, gradients are averaged
+
+
 class Precision(str, enum.Enum):
     """Numeric precision of the forward/backward pass (weights and optimizer stay fp32)."""
 
@@ -101,13 +108,17 @@ class TrainConfig:
     guard_lr_factor: float = 1.0  # each rollback multiplies the learning rate (from then on) by this, in (0, 1]
     guard_max_rollbacks: int = 3  # rollbacks allowed in the run; then a skip streak makes the run diverged
     trackers: list[str] = field(default_factory=list)  # experiment trackers that mirror the logs: tensorboard, wandb
+    grad_accum_steps: int = 1  # micro-batches of batch_size per optimizer step, in each process
+    distributed: Distributed = Distributed.NONE  # under torchrun: ddp (the global batch: batch_size × ranks × accum)
 
     def __post_init__(self):
         self.precision = coerce_enum(Precision, "train.precision", self.precision)
+        self.distributed = coerce_enum(Distributed, "train.distributed", self.distributed)
         for name in self.trackers:
             require(name in TRACKERS, "train.trackers", self.trackers, f"a list of {', '.join(TRACKERS)}")
         for name in (
             "batch_size",
+            "grad_accum_steps",
             "seq_len",
             "max_steps",
             "log_interval",

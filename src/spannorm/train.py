@@ -36,13 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from . import distributed
 from .config import ConfigError, to_dict
 from .data import TokenData, prepare
 from .device import autocast as device_autocast
 from .device import resolve as resolve_device
 from .device import set_tf32, to_device
+from .distributed import Ranks
 from .files import dumps, os_error
 from .model import LM, build_model
 from .probe import forward_stats, grad_norms, snapshot, taps, update_ratios
@@ -83,11 +86,13 @@ def autocast(t: TrainConfig, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model: LM, data: TokenData, t: TrainConfig) -> float:
+def evaluate(model: LM, data: TokenData, t: TrainConfig, micro: int = 1) -> float:
+    """The mean validation loss over train.eval_batches global batches, each ``micro`` batches of batch_size
+    (the micro-batches of all ranks): the same windows however the global batch is split."""
     model.eval()
     device = model_device(model)
     losses = []
-    for batch in data.val_batches(t.batch_size, t.eval_batches):
+    for batch in data.val_batches(t.batch_size, t.eval_batches * micro):
         with autocast(t, device):
             losses.append(model(*to_device(batch, device))[1].item())
     model.train()
@@ -245,14 +250,17 @@ class Logs:
     """metrics.jsonl and diagnostics.jsonl, open for appending while the trainer runs, and the experiment
     trackers (``train.trackers``) that mirror their rows (the files stay the record)."""
 
-    def __init__(self, run: RunDir, cfg: RunConfig):
-        self.run, self.cfg = run, cfg
+    def __init__(self, run: RunDir, cfg: RunConfig, enabled: bool = True):
+        self.run, self.cfg, self.enabled = run, cfg, enabled  # enabled: rank 0 (the others write nothing)
         self.files: dict = {}
         self.trackers = Tracker()  # (no tracker outside a session)
 
     @contextlib.contextmanager
     def session(self, step: int):
         """The logs open for a training session that starts at ``step``."""
+        if not self.enabled:
+            yield self
+            return
         self.trackers = make_trackers(self.cfg.train.trackers, self.run.path, to_dict(self.cfg), start_step=step)
         self._open()
         try:
@@ -270,6 +278,8 @@ class Logs:
 
     def write(self, name: str, row: dict) -> None:
         """Append ``row`` to ``name`` (metrics or diagnostics) and show it to the trackers (not the guard's rows)."""
+        if not self.enabled:
+            return
         f = self.files[name]
         f.write(dumps(row) + "\n")
         f.flush()
@@ -285,6 +295,8 @@ class Logs:
 
     def truncate(self, step: int) -> None:
         """Forget the rows past ``step`` but the guard's (the steps a rollback abandoned)."""
+        if not self.enabled:
+            return
         self._close()
         self.run.truncate_logs(step, keep_guard=True)
         self._open()
@@ -364,21 +376,30 @@ class StepResult:
 class Trainer:
     """Trains one run: the model, AdamW, the data order and the parts above, in ``run``'s directory."""
 
-    def __init__(self, cfg: RunConfig, run: RunDir, dataset: TokenData, device: torch.device, progress: bool):
+    def __init__(
+        self, cfg: RunConfig, run: RunDir, dataset: TokenData, device: torch.device, progress: bool, ranks: Ranks
+    ):
         t = self.t = cfg.train
-        self.cfg, self.run, self.dataset, self.device = cfg, run, dataset, device
+        self.cfg, self.run, self.dataset, self.device, self.ranks = cfg, run, dataset, device, ranks
         self.model = initial_model(cfg).to(device)
         self.opt = make_optimizer(self.model, t)
         self.forward = torch.compile(self.model) if t.compile else self.model
+        if ranks.world > 1:  # (DDP: the same initial weights on every rank, gradients averaged over them)
+            self.forward = DistributedDataParallel(self.forward)
+        self.accum = t.grad_accum_steps  # micro-batches per step here: the global batch is batch_size × ranks × accum
         self.gen = torch.Generator().manual_seed(t.seed)  # the data order
         self.step = 0
         self.last_val = None  # the newest validation loss
         self.divergence = DivergenceMonitor()
         self.guard = TrainingGuard()
         self.throughput = Throughput()
-        self.logs = Logs(run, cfg)
-        self.show_progress = progress
-        self.tokens_per_step = t.batch_size * t.seq_len
+        self.logs = Logs(run, cfg, ranks.main)
+        self.show_progress = progress and ranks.main
+
+    @property
+    def tokens_per_step(self) -> int:
+        """The global batch's tokens."""
+        return self.t.batch_size * self.t.seq_len * self.accum * self.ranks.world
 
     # state
 
@@ -391,6 +412,7 @@ class Trainer:
             "divergence": self.divergence.state_dict(),
             "guard": self.guard.state_dict(),
             "throughput": self.throughput.state_dict(),
+            "ranks": self.ranks.world,
         }
 
     def restore(self, ckpt: Path) -> dict:
@@ -402,11 +424,21 @@ class Trainer:
         self.divergence.load_state_dict(state.get("divergence") or legacy)
         self.guard.load_state_dict(state.get("guard"))
         self.throughput.load_state_dict(state.get("throughput"))
+        self.accum = self.t.grad_accum_steps * state.get("ranks", 1)  # the global batch of the saved run ...
+        if self.accum % self.ranks.world:
+            raise ConfigError(
+                f"the run was saved by {state.get('ranks', 1)} processes with train.grad_accum_steps="
+                f"{self.t.grad_accum_steps}: resume it with a number of processes that divides "
+                f"{self.accum}, so that its global batch stays the same"
+            )
+        self.accum //= self.ranks.world  # ... kept with this number of processes
         return state
 
     def checkpoint(self) -> None:
-        self.logs.sync()  # the rows up to the checkpoint are on disk before it
-        self.run.save_checkpoint(self.step, self.model, self.state_dict(), self.t.keep_checkpoints)
+        if self.ranks.main:  # (the other ranks hold the same weights, optimizer state and RNGs)
+            self.logs.sync()  # the rows up to the checkpoint are on disk before it
+            self.run.save_checkpoint(self.step, self.model, self.state_dict(), self.t.keep_checkpoints)
+        self.ranks.barrier()  # (a rollback on any rank reads it)
 
     # the loop
 
@@ -432,21 +464,23 @@ class Trainer:
                 done = self.step == t.max_steps or divergence is not None
                 val = None
                 if self.step % t.eval_interval == 0 or (done and divergence is None):
-                    val = self.last_val = evaluate(self.model, self.dataset, t)
+                    val = self.last_val = evaluate(self.model, self.dataset, t, self.accum * self.ranks.world)
                 if self.step % t.log_interval == 0 or done or val is not None:
                     self.logs.write("metrics", self.metrics_row(result, val))
                 progress.update(self.step, result.loss, val, self.tokens_per_step / seconds)
                 if divergence is not None:
                     return self.summary(divergence)
-                if self.step % t.ckpt_interval == 0 or self.step == t.max_steps or interrupt.requested:
+                interrupted = self.ranks.share(interrupt.requested)  # (every rank stops at the same step)
+                if self.step % t.ckpt_interval == 0 or self.step == t.max_steps or interrupted:
                     self.checkpoint()
-                if interrupt.requested:
+                if interrupted and self.ranks.main:
                     print(
                         f"spannorm: interrupted at step {self.step}, checkpoint written: continue with "
                         f"spannorm train --out {self.run} --resume",
                         file=sys.stderr,
                         flush=True,
                     )
+                if interrupted:
                     raise KeyboardInterrupt
         if self.step < t.max_steps:
             return {"step": self.step, "finished": False}
@@ -474,11 +508,26 @@ class Trainer:
         t, model, moe = self.t, self.model, self.cfg.model.moe
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, t) * self.guard.lr_scale  # (x * 1.0 is x: no change without a rollback)
-        x, y = to_device(self.dataset.sample(self.gen, t.batch_size), self.device)
+        # every rank draws the same global batch and trains on its rows, in accum micro-batches of batch_size
+        x, y = self.dataset.sample(self.gen, t.batch_size * self.accum * self.ranks.world)
+        rows = self.ranks.rows(len(x))
+        x, y = to_device((x[rows], y[rows]), self.device)
         probing = t.probe_interval > 0 and (self.step + 1) % t.probe_interval == 0
-        with autocast(t, self.device), taps(model) if probing else contextlib.nullcontext() as rec:
-            _, loss = (model if probing else self.forward)(x, y)
-        (loss + model.moe_loss() if moe else loss).backward()
+        losses, rec = [], None
+        for micro in range(self.accum):
+            part = slice(micro * t.batch_size, (micro + 1) * t.batch_size)
+            tapped = probing and micro == 0  # (the diagnostics' forward statistics: the first micro-batch)
+            last = micro == self.accum - 1  # DDP averages the gradients over the ranks after the last one
+            with (
+                autocast(t, self.device),
+                taps(model) if tapped else contextlib.nullcontext() as tapped_rec,
+                contextlib.nullcontext() if last or self.ranks.world == 1 else self.forward.no_sync(),
+            ):
+                _, loss = (self.forward if not tapped or self.ranks.world > 1 else model)(x[part], y[part])
+            ((loss + model.moe_loss() if moe else loss) / self.accum).backward()
+            losses.append(loss.detach())
+            rec = tapped_rec if tapped else rec
+        loss = torch.stack(losses).mean()
         moe_row = {}
         if moe:  # this step's auxiliary terms (unweighted means over layers) and the worst layer's imbalance
             aux, z = model.moe_terms()
@@ -499,13 +548,13 @@ class Trainer:
             before = snapshot(model)
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-        loss_value = loss.item()
+        loss_value = self.ranks.mean(loss.item())  # (the gradients, averaged by DDP, are the same on every rank)
         skipped = t.guard and not (math.isfinite(loss_value) and math.isfinite(grad_norm))
         if not skipped:
             self.opt.step()
         if probing:
             row["update_ratio"] = update_ratios(model, before)
-            self.logs.write("diagnostics", row)
+            self.logs.write("diagnostics", row)  # (rank 0's)
         self.opt.zero_grad(set_to_none=True)
         return StepResult(loss_value, grad_norm, skipped, moe_row)
 
@@ -540,7 +589,11 @@ class Trainer:
         }
 
     def summary(self, divergence: str | None) -> dict:
-        """The summary of the ended run, written to summary.json (``divergence``: why it stopped early)."""
+        """The summary of the ended run, written to summary.json by rank 0 and returned on every rank
+        (``divergence``: why it stopped early)."""
+        return self.ranks.share(self.write_summary(divergence) if self.ranks.main else None)
+
+    def write_summary(self, divergence: str | None) -> dict:
         rows = self.run.metrics()
         diverged_early = divergence is not None
         if not diverged_early and is_diverged(rows):
@@ -606,9 +659,14 @@ def train(
         )
     device = resolve_device(t.device)
     check_memory(cfg)
+    ranks = distributed.start(t, device)
+    if ranks.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # (torchrun: one GPU a process)
     dataset = TokenData(prepare(cfg.data), t.seq_len)  # validates before any file is written
-    with run.lock():
-        if (summary := ended()) is not None:  # (again: another process may have got here first)
+    with run.lock() if ranks.main else contextlib.nullcontext():  # (rank 0 writes the run directory)
+        summary = ended()  # (again: another process may have got here first)
+        ranks.barrier()  # (every rank has looked before rank 0 writes)
+        if summary is not None:
             return summary
         try:
             if t.threads:
@@ -616,16 +674,20 @@ def train(
             if device.type == "cuda":
                 set_tf32(t.tf32)
             torch.set_flush_denormal(True)
-            trainer = Trainer(cfg, run, dataset, device, progress)
-            if not resume:
+            trainer = Trainer(cfg, run, dataset, device, progress, ranks)
+            if not resume and ranks.main:
                 run.start(cfg)
-            else:
+            elif resume:
                 if (ckpt := run.find_checkpoint()) is not None:
                     trainer.restore(ckpt)
-                run.truncate_logs(trainer.step)  # forget the rows past the checkpoint
+                if ranks.main:
+                    run.truncate_logs(trainer.step)  # forget the rows past the checkpoint
+            ranks.barrier()
             return trainer.fit(stop_after)
         except OSError as e:  # a full disk, mostly: the last checkpoint is intact (each is written atomically)
             raise os_error(e, f"the run {str(run)!r}", "free space, then continue it with --resume") from None
+        finally:
+            distributed.stop()
 
 
 def train_or_reuse(cfg: RunConfig, run_dir: Path, progress: bool, what: str) -> dict:

@@ -1,0 +1,107 @@
+"""Gradient accumulation, and several processes under torchrun (DDP, gloo on the CPU): the same losses as
+one process with the same global batch."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from spannorm.run import load_config, read_metrics
+from spannorm.train import train
+
+TOL = 1e-5
+B = 4  # sequences per micro-batch
+
+
+def tiny(corpus, *more):
+    return load_config("tiny", [f"data.corpus={corpus}", "train.log_interval=1", "train.max_steps=10", *more])
+
+
+def losses(run_dir) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir)]
+
+
+def torchrun(tmp_path, script: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """Run a Python script under torchrun with ``nproc`` processes on the CPU."""
+    path = tmp_path / "job.py"
+    path.write_text(script)
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    return subprocess.run(cmd + [str(path)], capture_output=True, text=True, env=env, timeout=600)
+
+
+JOB = """
+from spannorm.run import load_config
+from spannorm.train import train
+cfg = load_config("tiny", {sets!r})
+print(train(cfg, {out!r}, resume={resume}, progress=False, stop_after={stop_after}))
+"""
+
+
+def job(corpus, out, *more, resume=False, stop_after=None) -> str:
+    sets = [f"data.corpus={corpus}", "train.log_interval=1", "train.max_steps=10", *more]
+    return JOB.format(sets=sets, out=str(out), resume=resume, stop_after=stop_after)
+
+
+def test_accumulation_matches_one_larger_batch(corpus, tmp_path):
+    big = train(tiny(corpus, f"train.batch_size={2 * B}"), tmp_path / "big", progress=False)
+    acc = train(tiny(corpus, f"train.batch_size={B}", "train.grad_accum_steps=2"), tmp_path / "acc", progress=False)
+    assert losses(tmp_path / "acc") == pytest.approx(losses(tmp_path / "big"), abs=TOL)
+    assert acc["final_val_loss"] == pytest.approx(big["final_val_loss"], abs=TOL)
+
+
+def test_ddp_on_two_processes_matches_one_process(corpus, tmp_path):
+    train(tiny(corpus, f"train.batch_size={2 * B}"), tmp_path / "one", progress=False)
+    done = torchrun(tmp_path, job(corpus, tmp_path / "ddp", f"train.batch_size={B}", "train.distributed=ddp"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "one"), abs=TOL)
+    # with accumulation too: 2 ranks × 2 micro-batches of B/2
+    more = [f"train.batch_size={B // 2}", "train.grad_accum_steps=2", "train.distributed=ddp"]
+    done = torchrun(tmp_path, job(corpus, tmp_path / "ddp-acc", *more))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert losses(tmp_path / "ddp-acc") == pytest.approx(losses(tmp_path / "one"), abs=TOL)
+
+
+def test_a_run_saved_by_two_ranks_resumes_on_one_and_the_reverse(corpus, tmp_path):
+    sets = [f"train.batch_size={B}", "train.distributed=ddp", "train.ckpt_interval=5"]
+    full = tmp_path / "full"
+    assert torchrun(tmp_path, job(corpus, full, *sets)).returncode == 0
+    # saved by 2 ranks at step 5, resumed by 1 (which accumulates 2 micro-batches to keep the global batch)
+    cut = tmp_path / "cut"
+    assert torchrun(tmp_path, job(corpus, cut, *sets, stop_after=5)).returncode == 0
+    train(tiny(corpus, *sets), cut, resume=True, progress=False)
+    assert losses(cut) == pytest.approx(losses(full), abs=TOL)
+    # saved by 1 process with 2 micro-batches, resumed by 2 ranks
+    one = [f"train.batch_size={B}", "train.distributed=ddp", "train.ckpt_interval=5", "train.grad_accum_steps=2"]
+    back = tmp_path / "back"
+    train(tiny(corpus, *one), back, progress=False, stop_after=5)
+    done = torchrun(tmp_path, job(corpus, back, *one, resume=True))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert losses(back) == pytest.approx(losses(full), abs=TOL)
+
+
+KILL = """
+import os, signal
+import torch.distributed as dist
+from spannorm.train import Trainer
+step = Trainer.train_step
+def train_step(self):
+    if self.step == 7 and dist.get_rank() == 1:  # rank 1 dies in the middle of the run
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(self)
+Trainer.train_step = train_step
+"""
+
+
+def test_killing_one_rank_ends_the_job_and_leaves_a_resumable_run(corpus, tmp_path):
+    sets = [f"train.batch_size={B}", "train.distributed=ddp", "train.ckpt_interval=5"]
+    full = tmp_path / "full"
+    train(tiny(corpus, f"train.batch_size={2 * B}", "train.ckpt_interval=5"), full, progress=False)
+    cut = tmp_path / "cut"
+    done = torchrun(tmp_path, KILL + job(corpus, cut, *sets))
+    assert done.returncode != 0
+    assert "exitcode  : -9" in done.stderr and "Signal 9 (SIGKILL) received by PID" in done.stderr, done.stderr[-3000:]
+    assert not (cut / "summary.json").exists()
+    train(tiny(corpus, *sets), cut, resume=True, progress=False)  # from the checkpoint of step 5, in one process
+    assert losses(cut) == pytest.approx(losses(full), abs=TOL)
