@@ -11,7 +11,9 @@ checkpoint (``state_dict`` / ``load_state_dict``), so a resume continues exactly
     Logs                metrics.jsonl and diagnostics.jsonl (appended; fsynced before each checkpoint)
     Progress            the progress bar on a terminal, a line per validation otherwise
 
-The run directory (its config, logs, checkpoints, summary) is :class:`spannorm.run.RunDir`.
+The run directory (its config, logs, checkpoints, summary) is :class:`spannorm.run.RunDir`. Each step trains
+on a global batch of batch_size × processes × train.grad_accum_steps sequences (several processes: torchrun
+with train.distributed=ddp, :mod:`spannorm.distributed`; rank 0 alone writes the run directory).
 
 The training guard (``train.guard``, off by default): a step whose loss or global gradient norm is not finite
 is skipped (no update); ``guard_skip_limit`` skipped steps in a row, or a loss spike after warmup (a z-score
