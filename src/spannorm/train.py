@@ -401,14 +401,14 @@ class Trainer:
         t = self.t = cfg.train
         self.cfg, self.run, self.dataset, self.device, self.ranks = cfg, run, dataset, device, ranks
         self.model = initial_model(cfg).to(device)
-        self.sharded = ranks.world > 1 and t.distributed is Distributed.FSDP
+        self.sharded = ranks.joined and t.distributed is Distributed.FSDP
         if self.sharded:  # FSDP2: each block's weights sharded over the ranks, then the rest (embedding, head)
             for block in self.model.blocks:
                 fully_shard(block)
             fully_shard(self.model)
         self.opt = make_optimizer(self.model, t)  # (after sharding: over each rank's shards)
         self.forward = torch.compile(self.model) if t.compile else self.model
-        if ranks.world > 1 and not self.sharded:  # DDP: the same initial weights everywhere, gradients averaged
+        if ranks.joined and not self.sharded:  # DDP: the same initial weights everywhere, gradients averaged
             self.forward = DistributedDataParallel(self.forward)
         self.accum = t.grad_accum_steps  # micro-batches per step here: the global batch is batch_size × ranks × accum
         self.gen = torch.Generator().manual_seed(t.seed)  # the data order
@@ -569,9 +569,9 @@ class Trainer:
             with (
                 autocast(t, self.device),
                 taps(model) if tapped else contextlib.nullcontext() as tapped_rec,
-                contextlib.nullcontext() if last or self.ranks.world == 1 or self.sharded else self.forward.no_sync(),
+                contextlib.nullcontext() if last or not self.ranks.joined or self.sharded else self.forward.no_sync(),
             ):
-                _, loss = (self.forward if not tapped or self.ranks.world > 1 else model)(x[part], y[part])
+                _, loss = (self.forward if not tapped or self.ranks.joined else model)(x[part], y[part])
             ((loss + model.moe_loss() if moe else loss) / self.accum).backward()
             losses.append(loss.detach())
             rec = tapped_rec if tapped else rec
@@ -712,7 +712,7 @@ def train(
     device = resolve_device(t.device)
     check_memory(cfg)
     ranks = distributed.start(t, device)
-    if ranks.world > 1 and device.type == "cuda":
+    if ranks.joined and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # (torchrun: one GPU a process)
     dataset = TokenData(prepare(cfg.data), t.seq_len)  # validates before any file is written
     with run.lock() if ranks.main else contextlib.nullcontext():  # (rank 0 writes the run directory)
