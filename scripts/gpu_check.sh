@@ -4,6 +4,7 @@
 #   2. each piece's kernels timed, ours against torch's -> OUT_DIR/kernels.md   (scripts/gpu_kernels.py)
 #   3. the GPU bench: pre, span and HF Llama at the GPU standard size, bf16 and fp32 (and fp32 with TF32),
 #      steps interleaved, peak allocated memory, MFU   -> OUT_DIR/bench-{bf16,fp32,tf32}.{json,txt}
+#   4. torchrun with one process (NCCL on the GPU): a tiny run under ddp and under fsdp -> OUT_DIR/torchrun-*.txt
 # Usage, from the repository root:  bash scripts/gpu_check.sh OUT_DIR
 # Python: $PYTHON, else .venv/bin/python, else python3; the source tree is used as is (PYTHONPATH=src),
 # so nothing needs installing where torch, transformers and pytest already are. DEVICE=cpu makes a dry run
@@ -36,5 +37,9 @@ for mode in bf16 fp32 tf32; do
   step "bench $mode" 120 "bench-$mode.txt" "$py" -m spannorm.cli bench --device "$device" --schemes pre,span \
     --dtypes $dtype --reps "${REPS:-10}" $([ $mode = tf32 ] && echo --tf32) --json "$out/bench-$mode.json"
 done
-tail -n 3 "$out/pytest.txt"; cat "$out/kernels.md" "$out"/bench-*.txt
+for mode in ddp fsdp; do  # (the NCCL path: one GPU is lent, so one process)
+  step "torchrun $mode" 120 "torchrun-$mode.txt" "$py" -m torch.distributed.run --standalone --nproc_per_node 1 \
+    -m spannorm train --config tiny --device "$device" --set train.distributed=$mode --out "$out/run-$mode" --quiet
+done
+tail -n 3 "$out/pytest.txt"; cat "$out/kernels.md" "$out"/bench-*.txt "$out"/torchrun-*.txt
 exit $status

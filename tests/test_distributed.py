@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from spannorm.files import read_jsonl
 from spannorm.run import load_config, read_metrics
 from spannorm.train import train
 
@@ -105,3 +106,42 @@ def test_killing_one_rank_ends_the_job_and_leaves_a_resumable_run(corpus, tmp_pa
     assert not (cut / "summary.json").exists()
     train(tiny(corpus, *sets), cut, resume=True, progress=False)  # from the checkpoint of step 5, in one process
     assert losses(cut) == pytest.approx(losses(full), abs=TOL)
+
+
+def test_fsdp_on_two_processes_matches_one_process(corpus, tmp_path):
+    diag = ["train.probe_interval=5"]  # (the per-block diagnostics on sharded weights too)
+    train(tiny(corpus, f"train.batch_size={2 * B}", *diag), tmp_path / "one", progress=False)
+    for name, more in (
+        ("fsdp", [f"train.batch_size={B}"]),
+        ("acc", [f"train.batch_size={B // 2}", "train.grad_accum_steps=2"]),
+    ):
+        done = torchrun(tmp_path, job(corpus, tmp_path / name, *more, "train.distributed=fsdp", *diag))
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert losses(tmp_path / name) == pytest.approx(losses(tmp_path / "one"), abs=TOL)
+    one_diag = read_jsonl(tmp_path / "one" / "diagnostics.jsonl")
+    fsdp_diag = read_jsonl(tmp_path / "fsdp" / "diagnostics.jsonl")
+    per_block = [[g for r in rows for g in r["grad_norm"]] for rows in (fsdp_diag, one_diag)]
+    assert len(per_block[0]) == 4 and per_block[0] == pytest.approx(per_block[1], rel=1e-4)  # 2 rows × 2 blocks
+
+
+def test_a_sharded_checkpoint_resumes_on_one_process_and_the_reverse(corpus, tmp_path):
+    sets = [f"train.batch_size={B}", "train.distributed=fsdp", "train.ckpt_interval=5"]
+    full = tmp_path / "full"
+    assert torchrun(tmp_path, job(corpus, full, *sets)).returncode == 0
+    assert (full / "checkpoints" / "step-0000010" / "dcp" / ".metadata").is_file()
+    cut = tmp_path / "cut"  # saved by 2 ranks (shards), resumed by 1 process
+    assert torchrun(tmp_path, job(corpus, cut, *sets, stop_after=5)).returncode == 0
+    train(tiny(corpus, *sets), cut, resume=True, progress=False)
+    assert losses(cut) == pytest.approx(losses(full), abs=TOL)
+    # the weights of the sharded checkpoint load whole (export, probe)
+    from spannorm.model import build_model
+    from spannorm.run import RunDir
+
+    whole = build_model(tiny(corpus).model)
+    RunDir(full, "--checkpoint").load_weights(whole)
+    back = tmp_path / "back"  # saved by 1 process (model.safetensors), resumed by 2 sharded ranks
+    one = [f"train.batch_size={B}", "train.distributed=fsdp", "train.ckpt_interval=5", "train.grad_accum_steps=2"]
+    train(tiny(corpus, *one), back, progress=False, stop_after=5)
+    done = torchrun(tmp_path, job(corpus, back, *one, resume=True))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert losses(back) == pytest.approx(losses(full), abs=TOL)

@@ -25,6 +25,7 @@ class Ranks:
 
     rank: int = 0
     world: int = 1
+    joined: bool = False  # in torchrun's process group (then DDP or FSDP2 wraps the model, even for one rank)
 
     @property
     def main(self) -> bool:
@@ -75,7 +76,7 @@ def start(t: TrainConfig, device: torch.device) -> Ranks:
         return Ranks()  # (train.distributed=ddp in one plain process: one rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Ranks(dist.get_rank(), dist.get_world_size())
+    return Ranks(dist.get_rank(), dist.get_world_size(), joined=True)
 
 
 def stop() -> None:

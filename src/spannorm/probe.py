@@ -29,6 +29,7 @@ from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from .layers import NORMS, Role
 from .model import LM
@@ -122,6 +123,12 @@ def skip_gains(model: LM, idx: torch.Tensor, eps: float = 1e-6, seed: int = 0) -
     return _rms(jv) / _rms(v), full
 
 
+def whole(t):
+    """A tensor whole: a DTensor (a weight or gradient sharded over the ranks, FSDP2) gathered, on every rank
+    (every rank must call it, in the same order); any other value as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def grad_norms(model: LM) -> list[dict[str, float]]:
     """Per block: gradient norm of attn, ffn and the other (norm/scheme) parameters, and the total."""
     rows = []
@@ -130,7 +137,7 @@ def grad_norms(model: LM) -> list[dict[str, float]]:
         for name, p in block.named_parameters():
             if p.grad is not None:
                 module = name.split(".")[0]
-                grads[module if module in ("attn", "ffn") else "other"].append(p.grad)
+                grads[module if module in ("attn", "ffn") else "other"].append(whole(p.grad))
         row = {group: math.sqrt(sum(g.double().pow(2).sum().item() for g in gs)) for group, gs in grads.items()}
         row["total"] = math.sqrt(sum(norm * norm for norm in row.values()))
         rows.append(row)
@@ -175,22 +182,22 @@ def forward_stats(model: LM, rec: dict) -> dict:
     logit_rms: RMS of the LM logits of the first sequence (head_scale applied, as in the forward);
     embed_rms: RMS of the embedding weight;
     embed_cos: mean pairwise cosine between the token embedding rows (all rows)."""
-    head_in = rec["head_in"][-1]
+    head_in, embed = rec["head_in"][-1], whole(model.embed.weight)
     return {
         "attn_rms": [_rms(a) for a in rec["attn"]],
         "ffn_rms": [_rms(f) for f in rec["ffn"]],
         "attn_entropy": [attention_entropy(q, k) for q, k in rec["qk"]],
         "attn_entropy_max": uniform_causal_entropy(head_in.shape[1]),
         "head_in_rms": _rms(head_in),
-        "logit_rms": _rms(F.linear(head_in[:1].float() * model.head_scale, model.head_weight.float())),
-        "embed_rms": _rms(model.embed.weight),
-        "embed_cos": mean_pairwise_cosine(model.embed.weight),
+        "logit_rms": _rms(F.linear(head_in[:1].float() * whole(model.head_scale), whole(model.head_weight).float())),
+        "embed_rms": _rms(embed),
+        "embed_cos": mean_pairwise_cosine(embed),
     }
 
 
 def snapshot(model: LM) -> dict[str, torch.Tensor]:
     """A copy of every parameter by name: the weights before an optimizer step, for :func:`update_ratios`."""
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
+    return {name: whole(p.detach()).clone() for name, p in model.named_parameters()}
 
 
 def _ratio(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float | None:
@@ -210,11 +217,11 @@ def _role_pairs(root: torch.nn.Module, prefix: str, before: dict) -> dict[str, l
         role = getattr(module, "role", None)
         if role is not None:
             roles = role if isinstance(role, tuple) else (role,)
-            after, old = module.weight.detach().chunk(len(roles)), before[f"{name}.weight"].chunk(len(roles))
+            after, old = whole(module.weight.detach()).chunk(len(roles)), before[f"{name}.weight"].chunk(len(roles))
             for r, a, b in zip(roles, after, old):
                 groups[Role(r).value].append((a, b))
         if isinstance(module, NORMS):
-            groups["norm"] += [(p.detach(), before[f"{name}.{n}"]) for n, p in module.named_parameters()]
+            groups["norm"] += [(whole(p.detach()), before[f"{name}.{n}"]) for n, p in module.named_parameters()]
     return groups
 
 
@@ -227,9 +234,9 @@ def update_ratios(model: LM, before: dict[str, torch.Tensor]) -> dict:
     blocks = [_role_pairs(block, f"blocks.{i}", before) for i, block in enumerate(model.blocks)]
     keys = [r.value for r in Role if r not in (Role.EMBED, Role.HEAD)] + ["norm"]
     out = {k: [_ratio(g[k]) if k in g else None for g in blocks] for k in keys if any(k in g for g in blocks)}
-    out["embed"] = _ratio([(model.embed.weight.detach(), before["embed.weight"])])
+    out["embed"] = _ratio([(whole(model.embed.weight.detach()), before["embed.weight"])])
     if model.head is not None:
-        out["head"] = _ratio([(model.head.weight.detach(), before["head.weight"])])
+        out["head"] = _ratio([(whole(model.head.weight.detach()), before["head.weight"])])
     return out
 
 

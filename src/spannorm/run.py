@@ -41,13 +41,22 @@ import math
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import yaml
 from safetensors.torch import load_model, save_model
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from .config import ConfigError, SpannormError, apply_overrides, coerce_enum, from_dict, read_yaml, require, to_dict
 from .data import DataConfig
@@ -63,6 +72,7 @@ class Distributed(str, enum.Enum):
 
     NONE = "none"  # one process
     DDP = "ddp"  # DistributedDataParallel: every rank holds the whole model, gradients are averaged
+    FSDP = "fsdp"  # FSDP2 (fully_shard, per block): weights, gradients and optimizer state sharded over the ranks
 
 
 class Precision(str, enum.Enum):
@@ -255,7 +265,7 @@ def same_experiment(a: RunConfig, b: RunConfig) -> bool:
 # --- the run directory ---------------------------------------------------------------------
 
 CHECKPOINT = re.compile(r"step-(\d+)")
-CHECKPOINT_FILES = ("model.safetensors", "state.pt")
+SHARDS_METADATA = "dcp/.metadata"  # torch.distributed.checkpoint's index of a sharded checkpoint's files
 
 
 def checkpoint_step(ckpt: Path) -> int:
@@ -346,18 +356,23 @@ class RunDir:
         ]
         return sorted(dirs, key=checkpoint_step, reverse=True)
 
-    def save_checkpoint(self, step: int, model: torch.nn.Module, state: dict, keep: int) -> None:
+    def save_checkpoint(self, step: int, model: torch.nn.Module, state: dict, keep: int, write_weights=None) -> None:
         """Write checkpoint ``step``: the weights and ``state`` (optimizer, RNGs, the trainer's parts), and keep
         the newest ``keep`` (newer ones than ``step`` are the damaged ones a resume fell back past: deleted).
-        Optimizer tensors are saved where they live and loaded onto the device of the run that resumes."""
+        Optimizer tensors are saved where they live and loaded onto the device of the run that resumes.
+        ``write_weights(tmp)``: how the weights are written into the checkpoint's directory (default
+        model.safetensors; a sharded run: the ranks' shards in dcp/)."""
         name = f"step-{step:07d}"
         if (self.checkpoints / name).exists():  # a damaged one a resume fell back past
             remove_dir(self.checkpoints / name)
         with atomic_dir(self.checkpoints / name) as tmp:
-            _save_weights(model, tmp / "model.safetensors")
+            if write_weights is None:
+                _save_weights(model, tmp / "model.safetensors")
+            else:
+                write_weights(tmp)
             _save_state({"step": step, **state}, tmp / "state.pt")
-            manifest = {f: _digest(tmp / f) for f in CHECKPOINT_FILES}
-            atomic_write_text(tmp / "manifest.json", json.dumps(manifest))
+            files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+            atomic_write_text(tmp / "manifest.json", json.dumps({f: _digest(tmp / f) for f in files}))
         atomic_write_text(self.checkpoints / "latest", name)
         dirs = self.checkpoint_dirs()
         newer = [d for d in dirs if checkpoint_step(d) > step]
@@ -394,7 +409,10 @@ class RunDir:
         if ckpt is None:
             raise SpannormError(f"{self.flag} {str(self.path)!r} has no checkpoint yet (no checkpoints/step-N)")
         try:
-            load_model(model, str(ckpt / "model.safetensors"))
+            if sharded(ckpt):
+                load_shards(ckpt, model)
+            else:
+                load_model(model, str(ckpt / "model.safetensors"))
         except Exception as e:  # a missing file, or the weights of another config
             raise SpannormError(
                 f"{self.flag} {str(self.path)!r}: cannot load its weights: {str(e).splitlines()[0]}"
@@ -444,24 +462,61 @@ def damage(ckpt: Path) -> str | None:
     """What is wrong with a checkpoint directory's files (None: each matches its sha256 in manifest.json)."""
     try:
         manifest = json.loads((ckpt / "manifest.json").read_text())
-        digests = {f: manifest[f] for f in CHECKPOINT_FILES}
-    except (OSError, ValueError, TypeError, KeyError) as e:
+        digests = {str(f): str(d) for f, d in manifest.items()}
+    except (OSError, ValueError, TypeError, AttributeError) as e:
         return f"cannot read manifest.json ({type(e).__name__})"
-    for fname in CHECKPOINT_FILES:
-        if not (ckpt / fname).is_file() or _digest(ckpt / fname) != digests[fname]:
+    for needed in ("state.pt", "model.safetensors" if not sharded(ckpt) else SHARDS_METADATA):
+        if needed not in digests:
+            return f"manifest.json does not list {needed}"
+    for fname, digest in digests.items():
+        path = ckpt / fname
+        if ".." in Path(fname).parts or not path.is_file() or _digest(path) != digest:
             return f"{fname} is missing or does not match its sha256"
     return None
 
 
+def sharded(ckpt: Path) -> bool:
+    """Whether a checkpoint holds its weights and optimizer as the shards of a sharded run (dcp/)."""
+    return (ckpt / "dcp").is_dir()
+
+
+def save_shards(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Every rank writes its shards of the weights and the optimizer state (torch.distributed.checkpoint)."""
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+
+
+def load_shards(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer | None = None) -> None:
+    """Load a sharded checkpoint's weights (and optimizer state) into ``model`` (and ``opt``), sharded over any
+    number of ranks or whole in one process: torch.distributed.checkpoint reshards."""
+    no_dist = not dist.is_initialized()
+    if no_dist:  # (one process reading a sharded checkpoint is what is meant: torch's warning says nothing)
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+    if opt is None:
+        msd = get_model_state_dict(model)
+        dcp.load({"model": msd}, checkpoint_id=str(ckpt / "dcp"), no_dist=no_dist)
+        set_model_state_dict(model, msd)
+        return
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(ckpt / "dcp"), no_dist=no_dist)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
 def load_checkpoint(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> dict:
     """Restore a verified checkpoint (:meth:`RunDir.find_checkpoint`): the weights, the optimizer and the RNGs;
-    returns its whole state (the step and the trainer's parts)."""
+    returns its whole state (the step and the trainer's parts). A sharded checkpoint loads into a model sharded
+    over any number of ranks or whole; a whole one (model.safetensors) into a whole model."""
     bad = f"checkpoint {str(ckpt)!r} is corrupt or truncated"
     try:
         device = next(model.parameters()).device
-        missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False, device=str(device))
         state = torch.load(ckpt / "state.pt", weights_only=True, map_location="cpu")
-        opt.load_state_dict(state["optimizer"])  # moves the optimizer state onto the parameters' device
+        if sharded(ckpt):
+            load_shards(ckpt, model, opt)
+            missing = unexpected = []
+        else:
+            missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False, device=str(device))
+            opt.load_state_dict(state["optimizer"])  # moves the optimizer state onto the parameters' device
         gen.set_state(state["data_rng"])
         torch.set_rng_state(state["torch_rng"])
         set_rng_state(device, state.get("device_rng"))

@@ -38,6 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -51,7 +58,17 @@ from .distributed import Ranks
 from .files import dumps, os_error
 from .model import LM, build_model
 from .probe import forward_stats, grad_norms, snapshot, taps, update_ratios
-from .run import Precision, RunConfig, RunDir, TrainConfig, load_checkpoint, rng_states
+from .run import (
+    Distributed,
+    Precision,
+    RunConfig,
+    RunDir,
+    TrainConfig,
+    load_checkpoint,
+    rng_states,
+    save_shards,
+    sharded,
+)
 from .trackers import Tracker, make_trackers
 
 NON_FINITE = "non-finite loss"
@@ -384,9 +401,14 @@ class Trainer:
         t = self.t = cfg.train
         self.cfg, self.run, self.dataset, self.device, self.ranks = cfg, run, dataset, device, ranks
         self.model = initial_model(cfg).to(device)
-        self.opt = make_optimizer(self.model, t)
+        self.sharded = ranks.joined and t.distributed is Distributed.FSDP
+        if self.sharded:  # FSDP2: each block's weights sharded over the ranks, then the rest (embedding, head)
+            for block in self.model.blocks:
+                fully_shard(block)
+            fully_shard(self.model)
+        self.opt = make_optimizer(self.model, t)  # (after sharding: over each rank's shards)
         self.forward = torch.compile(self.model) if t.compile else self.model
-        if ranks.world > 1:  # (DDP: the same initial weights on every rank, gradients averaged over them)
+        if ranks.joined and not self.sharded:  # DDP: the same initial weights everywhere, gradients averaged
             self.forward = DistributedDataParallel(self.forward)
         self.accum = t.grad_accum_steps  # micro-batches per step here: the global batch is batch_size × ranks × accum
         self.gen = torch.Generator().manual_seed(t.seed)  # the data order
@@ -406,9 +428,9 @@ class Trainer:
     # state
 
     def state_dict(self) -> dict:
-        """The checkpoint's state besides the weights."""
+        """The checkpoint's state besides the weights (and, sharded, the optimizer's: in the shards)."""
         return {
-            "optimizer": self.opt.state_dict(),
+            **({} if self.sharded else {"optimizer": self.opt.state_dict()}),
             **rng_states(self.model, self.gen),
             "last_val": self.last_val,
             "divergence": self.divergence.state_dict(),
@@ -419,7 +441,7 @@ class Trainer:
 
     def restore(self, ckpt: Path) -> dict:
         """Load a checkpoint into the model, the optimizer, the RNGs and the parts; returns its state."""
-        state = load_checkpoint(ckpt, self.model, self.opt, self.gen)
+        state = self.load(ckpt)
         self.step, self.last_val = int(state["step"]), state.get("last_val")
         # (checkpoints written before the parts had names keep the divergence state at the top level)
         legacy = {"first_loss": state.get("first_loss"), "above": state.get("above", 0)}
@@ -436,10 +458,32 @@ class Trainer:
         self.accum //= self.ranks.world  # ... kept with this number of processes
         return state
 
+    def load(self, ckpt: Path) -> dict:
+        """The weights, optimizer and RNGs of a checkpoint; returns its state. A whole checkpoint (of one
+        process or DDP) goes into a sharded model through a whole copy, whose state every rank then shards."""
+        if not self.sharded or sharded(ckpt):
+            return load_checkpoint(ckpt, self.model, self.opt, self.gen)
+        whole = initial_model(self.cfg)
+        whole_opt = make_optimizer(whole, self.t)
+        state = load_checkpoint(ckpt, whole, whole_opt, self.gen)
+        model_state, opt_state = get_state_dict(whole, whole_opt)
+        full = StateDictOptions(full_state_dict=True)
+        set_state_dict(self.model, self.opt, model_state_dict=model_state, optim_state_dict=opt_state, options=full)
+        return state
+
     def checkpoint(self) -> None:
-        if self.ranks.main:  # (the other ranks hold the same weights, optimizer state and RNGs)
+        """Rank 0 writes the checkpoint (DDP: the other ranks hold the same weights, optimizer state and RNGs);
+        sharded, every rank writes its shards into rank 0's temporary directory of it."""
+
+        def write_shards(tmp: Path | None) -> None:
+            save_shards(self.ranks.share(tmp) / "dcp", self.model, self.opt)
+
+        if self.ranks.main:
             self.logs.sync()  # the rows up to the checkpoint are on disk before it
-            self.run.save_checkpoint(self.step, self.model, self.state_dict(), self.t.keep_checkpoints)
+            write = write_shards if self.sharded else None
+            self.run.save_checkpoint(self.step, self.model, self.state_dict(), self.t.keep_checkpoints, write)
+        elif self.sharded:
+            write_shards(None)
         self.ranks.barrier()  # (a rollback on any rank reads it)
 
     # the loop
@@ -520,12 +564,14 @@ class Trainer:
             part = slice(micro * t.batch_size, (micro + 1) * t.batch_size)
             tapped = probing and micro == 0  # (the diagnostics' forward statistics: the first micro-batch)
             last = micro == self.accum - 1  # DDP averages the gradients over the ranks after the last one
+            if self.sharded:
+                model.set_requires_gradient_sync(last)
             with (
                 autocast(t, self.device),
                 taps(model) if tapped else contextlib.nullcontext() as tapped_rec,
-                contextlib.nullcontext() if last or self.ranks.world == 1 else self.forward.no_sync(),
+                contextlib.nullcontext() if last or not self.ranks.joined or self.sharded else self.forward.no_sync(),
             ):
-                _, loss = (self.forward if not tapped or self.ranks.world > 1 else model)(x[part], y[part])
+                _, loss = (self.forward if not tapped or self.ranks.joined else model)(x[part], y[part])
             ((loss + model.moe_loss() if moe else loss) / self.accum).backward()
             losses.append(loss.detach())
             rec = tapped_rec if tapped else rec
@@ -566,9 +612,13 @@ class Trainer:
         the rows of the abandoned steps are forgotten."""
         rolled_from, data_rng = self.step, self.gen.get_state()
         if (ckpt := self.run.find_checkpoint()) is not None:
-            state = load_checkpoint(ckpt, self.model, self.opt, self.gen)
+            state = self.load(ckpt)
         else:  # as the trainer built them
-            self.model.load_state_dict(initial_model(self.cfg).state_dict())
+            initial = initial_model(self.cfg).state_dict()
+            if self.sharded:
+                set_model_state_dict(self.model, initial, options=StateDictOptions(full_state_dict=True))
+            else:
+                self.model.load_state_dict(initial)
             self.opt.state.clear()
             state = {"step": 0}
         self.gen.set_state(data_rng)
@@ -662,7 +712,7 @@ def train(
     device = resolve_device(t.device)
     check_memory(cfg)
     ranks = distributed.start(t, device)
-    if ranks.world > 1 and device.type == "cuda":
+    if ranks.joined and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # (torchrun: one GPU a process)
     dataset = TokenData(prepare(cfg.data), t.seq_len)  # validates before any file is written
     with run.lock() if ranks.main else contextlib.nullcontext():  # (rank 0 writes the run directory)
