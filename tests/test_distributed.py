@@ -29,7 +29,7 @@ def torchrun(tmp_path, script: str, nproc: int = 2) -> subprocess.CompletedProce
     path.write_text(script)
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    return subprocess.run(cmd + [str(path)], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(cmd + [str(path)], capture_output=True, text=True, env=env, timeout=240)
 
 
 JOB = """

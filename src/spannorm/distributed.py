@@ -79,6 +79,10 @@ def start(t: TrainConfig, device: torch.device) -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size(), joined=True)
 
 
-def stop() -> None:
+def stop(together: bool = False) -> None:
+    """Leave the process group (if this process joined one). ``together``: at a barrier first, when the run ended
+    on every rank (gloo's teardown can hang a rank that destroys its group while another is still busy)."""
     if dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()

@@ -735,11 +735,14 @@ def train(
                 if ranks.main:
                     run.truncate_logs(trainer.step)  # forget the rows past the checkpoint
             ranks.barrier()
-            return trainer.fit(stop_after)
+            summary = trainer.fit(stop_after)
+            del trainer  # (its DDP wrapper is freed while the process group still exists)
+            distributed.stop(together=True)
+            return summary
         except OSError as e:  # a full disk, mostly: the last checkpoint is intact (each is written atomically)
             raise os_error(e, f"the run {str(run)!r}", "free space, then continue it with --resume") from None
         finally:
-            distributed.stop()
+            distributed.stop()  # (after an error: at once, no barrier; torchrun ends the other ranks)
 
 
 def train_or_reuse(cfg: RunConfig, run_dir: Path, progress: bool, what: str) -> dict:
