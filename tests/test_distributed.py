@@ -4,6 +4,7 @@ one process with the same global batch."""
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -191,3 +192,24 @@ def test_a_failing_torchrun_cell_is_reported_in_one_line(corpus, tmp_path, capsy
         run_study(study, tmp_path / "s", "test", log=print)
     line = next(x for x in capsys.readouterr().out.splitlines() if "FAILED" in x)
     assert "torchrun with 2 processes exited with code 1: spannorm: error: train.compile=true is not supported" in line
+
+
+HANG = """
+import time
+import torch.distributed as dist
+from spannorm.train import Trainer
+step = Trainer.train_step
+def train_step(self):
+    if self.step == 3 and dist.get_rank() == 1:  # rank 1 hangs (alive, but never reaches the next collective)
+        time.sleep(120)
+    return step(self)
+Trainer.train_step = train_step
+"""
+
+
+def test_a_hung_rank_ends_the_job_after_train_dist_timeout_s(corpus, tmp_path):
+    t0 = time.perf_counter()
+    sets = [f"train.batch_size={B}", "train.distributed=ddp", "train.dist_timeout_s=5"]
+    done = torchrun(tmp_path, HANG + job(corpus, tmp_path / "hung", *sets))
+    assert done.returncode != 0 and time.perf_counter() - t0 < 90, done.stderr[-3000:]
+    assert "Timed out waiting 5000ms" in done.stderr, done.stderr[-3000:]  # (gloo's words, on rank 0)
