@@ -4,6 +4,7 @@ one process with the same global batch."""
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -145,3 +146,70 @@ def test_a_sharded_checkpoint_resumes_on_one_process_and_the_reverse(corpus, tmp
     done = torchrun(tmp_path, job(corpus, back, *one, resume=True))
     assert done.returncode == 0, done.stderr[-3000:]
     assert losses(back) == pytest.approx(losses(full), abs=TOL)
+
+
+def test_a_study_cell_trains_under_torchrun(corpus, tmp_path, capsys):
+    from spannorm.study import run_study, study_from_dict
+
+    def study(batch, nproc, distributed):
+        return study_from_dict(
+            {
+                "base": "tiny",
+                "set": [f"data.corpus={corpus}", f"train.batch_size={batch}", f"train.distributed={distributed}"],
+                "tokens_per_cell": 2560,  # 10 steps of 8 sequences of 32 tokens
+                "nproc_per_cell": nproc,
+                "grids": [{"name": "g", "axes": {"model.scheme": ["span"], "model.n_layers": [2, 3]}}],
+            }
+        )
+
+    one = run_study(study(2 * B, 1, "none"), tmp_path / "one", "test", log=lambda *_: None)
+    two = run_study(study(B, 2, "ddp"), tmp_path / "two", "test", jobs=2, log=print)
+    assert [r["final_val_loss"] for r in two] == pytest.approx([r["final_val_loss"] for r in one], abs=TOL)
+    for row in two:  # 10 steps of the global batch, and the probe read the model
+        cell = tmp_path / "two" / "cells" / row["name"]
+        assert row["tokens"] == 2560 and [r["step"] for r in read_metrics(cell)][-1] == 10
+        assert (cell / "probe.json").is_file()
+    capsys.readouterr()
+    run_study(study(B, 2, "ddp"), tmp_path / "two", "test", log=print)  # finished cells are reused
+    assert capsys.readouterr().out.count("reused") == 2
+
+
+def test_a_failing_torchrun_cell_is_reported_in_one_line(corpus, tmp_path, capsys):
+    from spannorm.config import SpannormError
+    from spannorm.study import run_study, study_from_dict
+
+    study = study_from_dict(
+        {
+            "base": "tiny",
+            # every rank refuses the config: compile is not supported with MoE
+            "set": [f"data.corpus={corpus}", "train.distributed=ddp", "model.n_experts=2", "train.compile=true"],
+            "tokens_per_cell": 5120,
+            "nproc_per_cell": 2,
+            "grids": [{"name": "g", "axes": {"model.scheme": ["span"]}}],
+        }
+    )
+    with pytest.raises(SpannormError, match="1 of 1 cells failed"):
+        run_study(study, tmp_path / "s", "test", log=print)
+    line = next(x for x in capsys.readouterr().out.splitlines() if "FAILED" in x)
+    assert "torchrun with 2 processes exited with code 1: spannorm: error: train.compile=true is not supported" in line
+
+
+HANG = """
+import time
+import torch.distributed as dist
+from spannorm.train import Trainer
+step = Trainer.train_step
+def train_step(self):
+    if self.step == 3 and dist.get_rank() == 1:  # rank 1 hangs (alive, but never reaches the next collective)
+        time.sleep(120)
+    return step(self)
+Trainer.train_step = train_step
+"""
+
+
+def test_a_hung_rank_ends_the_job_after_train_dist_timeout_s(corpus, tmp_path):
+    t0 = time.perf_counter()
+    sets = [f"train.batch_size={B}", "train.distributed=ddp", "train.dist_timeout_s=5"]
+    done = torchrun(tmp_path, HANG + job(corpus, tmp_path / "hung", *sets))
+    assert done.returncode != 0 and time.perf_counter() - t0 < 90, done.stderr[-3000:]
+    assert "Timed out waiting 5000ms" in done.stderr, done.stderr[-3000:]  # (gloo's words, on rank 0)

@@ -264,7 +264,7 @@ def test_a_cell_of_another_config_is_refused(corpus, tmp_path, capsys):
         (
             {"tokens_per_cell": 5000},
             "tokens_per_cell=5000 is invalid for the base config: expected a multiple of "
-            "train.batch_size × train.seq_len = 256",
+            "train.batch_size × train.seq_len × train.grad_accum_steps × nproc_per_cell = 256",
         ),
         ({"tokens_per_cell": 0}, "tokens_per_cell=0 is invalid: expected a positive integer"),
         (
@@ -289,6 +289,8 @@ def test_a_cell_of_another_config_is_refused(corpus, tmp_path, capsys):
         ({"grids": [{"name": "g", "axes": {"n_layers": [2]}}]}, "a dotted config path such as model.n_layers"),
         ({"base": "huge"}, "--config 'huge' is neither a YAML file nor a preset"),
         ({"probe": "yes"}, "probe='yes' is invalid: expected true or false"),
+        ({"nproc_per_cell": 0}, "nproc_per_cell=0 is invalid: expected a positive integer"),
+        ({"nproc_per_cell": 2}, "nproc_per_cell=2 is invalid for the base config: train.distributed is none"),
         (
             {
                 "grids": [

@@ -9,6 +9,7 @@ processes share it (up to the order of floating-point sums). Rank 0 alone writes
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -75,7 +76,8 @@ def start(t: TrainConfig, device: torch.device) -> Ranks:
     if not launched():
         return Ranks()  # (train.distributed=ddp in one plain process: one rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=t.dist_timeout_s))
     return Ranks(dist.get_rank(), dist.get_world_size(), joined=True)
 
 

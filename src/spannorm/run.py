@@ -120,6 +120,8 @@ class TrainConfig:
     trackers: list[str] = field(default_factory=list)  # experiment trackers that mirror the logs: tensorboard, wandb
     grad_accum_steps: int = 1  # micro-batches of batch_size per optimizer step, in each process
     distributed: Distributed = Distributed.NONE  # under torchrun: ddp (the global batch: batch_size × ranks × accum)
+    # under torchrun: how long a rank waits for the others at a collective before the job fails (a hung rank)
+    dist_timeout_s: float = 1800.0
 
     def __post_init__(self):
         self.precision = coerce_enum(Precision, "train.precision", self.precision)
@@ -138,6 +140,7 @@ class TrainConfig:
         ):
             value = getattr(self, name)
             require(isinstance(value, int) and value > 0, f"train.{name}", value, "a positive integer")
+        require(self.dist_timeout_s > 0, "train.dist_timeout_s", self.dist_timeout_s, "a positive number of seconds")
         require(
             isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
             "train.warmup_steps",
@@ -251,12 +254,12 @@ def load_config(config: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 def same_experiment(a: RunConfig, b: RunConfig) -> bool:
     """Whether two configs describe the same run, wherever it trains and whatever watches it: equal but for
-    ``train.device`` and ``train.trackers`` (a run, a compare or a study started on one device may resume on
-    another)."""
+    ``train.device``, ``train.trackers`` and ``train.dist_timeout_s`` (a run, a compare or a study started on
+    one device may resume on another)."""
 
     def key(cfg: RunConfig) -> dict:
         d = to_dict(cfg)
-        d["train"] = {k: v for k, v in d["train"].items() if k not in ("device", "trackers")}
+        d["train"] = {k: v for k, v in d["train"].items() if k not in ("device", "trackers", "dist_timeout_s")}
         return d
 
     return key(a) == key(b)

@@ -655,6 +655,7 @@ class Trainer:
         summary = {
             "scheme": self.cfg.model.scheme.value,
             "steps": self.step,
+            "tokens": self.step * self.tokens_per_step,  # (the global batch: every rank, every micro-batch)
             "finished": True,
             "final_loss": rows[-1]["loss"] if rows else None,
             "final_val_loss": last_val,

@@ -11,34 +11,45 @@ import multiprocessing
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
+import yaml
 
 from ..config import SpannormError, to_dict
 from ..data import prepare
 from ..files import atomic_write_text, dumps
 from ..probe_command import run_probe
-from ..run import RunDir, run_config_from_dict
+from ..run import RunConfig, RunDir, run_config_from_dict
 from ..train import train_or_reuse
 from .grid import PROBE_BATCH, Cell, StudyConfig
 
 
-def run_cell(cfg_dict: dict, run_dir: str, probe: bool, keep_checkpoints: bool, threads: int | None = None) -> dict:
+def run_cell(
+    cfg_dict: dict, run_dir: str, probe: bool, keep_checkpoints: bool, threads: int | None = None, nproc: int = 1
+) -> dict:
     """Train (or reuse, or resume) one cell, probe its final model, drop its checkpoints.
 
     Runs in a worker process when the study has ``jobs > 1``; everything it writes is atomic, so
-    a kill at any point leaves a cell that the next run of the study reuses or resumes.
+    a kill at any point leaves a cell that the next run of the study reuses or resumes. ``nproc`` > 1:
+    the cell trains under torchrun in that many processes (:func:`train_under_torchrun`).
     """
     if threads:
         torch.set_num_threads(threads)
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     where = f"--out {str(run_dir.parent.parent)!r} holds a cell {run_dir.name!r}"
-    summary = train_or_reuse(run_config_from_dict(cfg_dict), run_dir, False, where)
+    cfg = run_config_from_dict(cfg_dict)
+    if nproc > 1 and not RunDir(run_dir).summary_file.is_file():
+        summary = train_under_torchrun(cfg, run_dir, nproc, threads or torch.get_num_threads(), where)
+    else:
+        summary = train_or_reuse(cfg, run_dir, False, where)
     reused = bool(summary.get("reused"))
     ckpts = run_dir / "checkpoints"
     if probe and not summary["diverged"] and not (run_dir / "probe.json").is_file() and (ckpts / "latest").is_file():
@@ -49,6 +60,39 @@ def run_cell(cfg_dict: dict, run_dir: str, probe: bool, keep_checkpoints: bool, 
     if not reused or not (run_dir / "cell.json").is_file():  # the wall time of the session that finished it
         atomic_write_text(run_dir / "cell.json", dumps({"wall_s": time.perf_counter() - t0}))
     return summary | {"reused": reused}
+
+
+def train_under_torchrun(cfg: RunConfig, run_dir: Path, nproc: int, threads: int, where: str) -> dict:
+    """Train (or resume) the run ``cfg`` in ``run_dir`` as ``torchrun --standalone --nproc_per_node nproc -m
+    spannorm train``, each process with ``threads // nproc`` threads; returns rank 0's summary. A process that
+    fails ends the job (torchrun's doing) and raises a SpannormError with its error line; a kill of this
+    process (Ctrl-C, SIGTERM) ends the job first, so that no rank outlives the study."""
+    run = RunDir(run_dir)
+    if run.has_run():
+        run.check_config(cfg, where)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "config.yaml"
+        config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        what = ["--resume"] if run.has_run() else ["--config", str(config)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        cmd += ["-m", "spannorm", "train", "--quiet", "--out", str(run_dir), *what]
+        env = os.environ | {"OMP_NUM_THREADS": str(max(1, threads // nproc))}
+        old_term = _sigterm_interrupts()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            output, _ = proc.communicate()
+        except BaseException:
+            proc.terminate()  # torchrun passes it on to its processes and waits for them
+            proc.wait()
+            raise
+        finally:
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
+    if proc.returncode != 0:
+        lines = [line.strip() for line in output.splitlines() if line.strip()]
+        why = next((line for line in lines if line.startswith("spannorm: error:")), lines[-1] if lines else "no output")
+        raise SpannormError(f"torchrun with {nproc} processes exited with code {proc.returncode}: {why}")
+    return run.summary() | {"reused": False}
 
 
 def _cell_threads(jobs: int) -> int:
@@ -85,10 +129,11 @@ def run_cells(study: StudyConfig, cells: list[Cell], out: Path, jobs: int, log) 
     def args(cell: Cell) -> tuple:
         return (to_dict(cell.cfg), str(out / "cells" / cell.name), study.probe, study.keep_checkpoints)
 
+    nproc = study.nproc_per_cell
     if jobs == 1:
         for i, cell in enumerate(cells, 1):
             try:
-                done(i, cell, run_cell(*args(cell)), None)
+                done(i, cell, run_cell(*args(cell), nproc=nproc), None)
             except (SpannormError, RuntimeError, OSError, ValueError) as e:
                 done(i, cell, None, f"{type(e).__name__}: {' '.join(str(e).split())}")
         return failed
@@ -96,7 +141,7 @@ def run_cells(study: StudyConfig, cells: list[Cell], out: Path, jobs: int, log) 
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
     old_term = _sigterm_interrupts()
     try:
-        futures = {pool.submit(run_cell, *args(cell), threads=_cell_threads(jobs)): cell for cell in cells}
+        futures = {pool.submit(run_cell, *args(cell), threads=_cell_threads(jobs), nproc=nproc): cell for cell in cells}
         for i, fut in enumerate(as_completed(futures), 1):
             try:
                 done(i, futures[fut], fut.result(), None)

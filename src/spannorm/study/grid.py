@@ -19,7 +19,7 @@ from typing import Any
 
 from ..config import ConfigError, apply_overrides, from_dict, read_yaml, require, to_dict
 from ..output import value
-from ..run import RunConfig, resolve_config_path, resolve_shipped, run_config_from_dict, shipped_names
+from ..run import Distributed, RunConfig, resolve_config_path, resolve_shipped, run_config_from_dict, shipped_names
 
 STUDIES = resources.files("spannorm") / "configs" / "studies"
 CORE = ("model.scheme", "model.n_layers", "train.lr", "train.seed")  # named in every cell's directory name
@@ -93,7 +93,10 @@ class Grid:
 class StudyConfig:
     base: str = "tiny"  # preset name or path of a run config YAML
     set: list[str] = field(default_factory=list)  # KEY=VALUE overrides applied to base (as --set)
-    tokens_per_cell: int  # every cell trains on this many tokens: max_steps = tokens / (batch_size · seq_len)
+    tokens_per_cell: int  # every cell trains on this many tokens: max_steps = tokens / tokens per step
+    # processes per cell, under torchrun (cells whose train.distributed is ddp or fsdp); a step's tokens are
+    # batch_size × seq_len × grad_accum_steps × nproc_per_cell
+    nproc_per_cell: int = 1
     probe: bool = True  # probe each finished cell's final model into probe.json
     keep_checkpoints: bool = False  # keep finished cells' checkpoints (else deleted after the probe)
     grids: list[Grid]  # the study is the union of the grids' cells; identical cells run once
@@ -105,6 +108,12 @@ class StudyConfig:
             "tokens_per_cell",
             self.tokens_per_cell,
             "a positive integer (the token budget of every cell)",
+        )
+        require(
+            self.nproc_per_cell >= 1,
+            "nproc_per_cell",
+            self.nproc_per_cell,
+            "a positive integer (processes per cell; more than 1 needs train.distributed ddp or fsdp)",
         )
         require(len(self.grids) > 0, "grids", self.grids, "a non-empty list of {name, axes} mappings")
         for i, grid in enumerate(self.grids):
@@ -216,16 +225,22 @@ def _leaf(path: str) -> str:
     return path.rsplit(".", 1)[-1]
 
 
-def _steps(tokens_per_cell: int, cfg: RunConfig, what: str) -> int:
-    """The steps that train ``cfg`` on ``tokens_per_cell`` tokens (``what``: where, for errors)."""
-    per_step = cfg.train.batch_size * cfg.train.seq_len
-    if tokens_per_cell % per_step:
+def _steps(study: StudyConfig, cfg: RunConfig, what: str) -> int:
+    """The steps that train ``cfg`` on the study's tokens_per_cell tokens (``what``: where, for errors)."""
+    t, nproc, tokens = cfg.train, study.nproc_per_cell, study.tokens_per_cell
+    if nproc > 1 and t.distributed is Distributed.NONE:
         raise ConfigError(
-            f"tokens_per_cell={tokens_per_cell} is invalid{what}: expected a multiple of "
-            f"train.batch_size × train.seq_len = {per_step} (e.g. "
-            f"{max(1, round(tokens_per_cell / per_step)) * per_step})"
+            f"nproc_per_cell={nproc} is invalid{what}: train.distributed is none; set it to ddp or fsdp "
+            "(set: [train.distributed=ddp]) or use nproc_per_cell: 1"
         )
-    steps = tokens_per_cell // per_step
+    per_step = t.batch_size * t.seq_len * t.grad_accum_steps * nproc
+    if tokens % per_step:
+        raise ConfigError(
+            f"tokens_per_cell={tokens} is invalid{what}: expected a multiple of train.batch_size × "
+            f"train.seq_len × train.grad_accum_steps × nproc_per_cell = {per_step} (e.g. "
+            f"{max(1, round(tokens / per_step)) * per_step})"
+        )
+    steps = tokens // per_step
     if cfg.train.warmup_steps >= steps:
         raise ConfigError(
             f"train.warmup_steps={cfg.train.warmup_steps} is invalid{what}: expected fewer than "
@@ -254,7 +269,7 @@ def plan_study(study: StudyConfig) -> Plan:
         base_cfg = run_config_from_dict(copy.deepcopy(base))
     except ConfigError as e:
         raise ConfigError(f"base {study.base!r} with set {study.set}: {e}") from None
-    steps = _steps(study.tokens_per_cell, base_cfg, " for the base config")
+    steps = _steps(study, base_cfg, " for the base config")
     _set(base, "train.max_steps", steps)
     for i, grid in enumerate(study.grids):
         if "train.seed" not in grid.axes:  # the grid runs the base config's seed
@@ -285,7 +300,7 @@ def expand(plan: Plan, follow: list[tuple[Grid, dict]] = ()) -> list[Cell]:
             _set(d, path, v)
         try:
             cfg = run_config_from_dict(d)
-            cfg = _with_steps(cfg, _steps(plan.study.tokens_per_cell, cfg, what))
+            cfg = _with_steps(cfg, _steps(plan.study, cfg, what))
         except ConfigError as e:
             msg = str(e)
             raise ConfigError(msg if what in msg else f"{msg} ({what.strip()})") from None

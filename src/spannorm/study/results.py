@@ -55,7 +55,7 @@ def cell_result(cell: Cell, out: Path, error: str | None = None) -> dict:
     t = cell.cfg.train
     row |= {k: s.get(k) for k in RESULT_COLUMNS if k in s}
     row |= {
-        "tokens": s["steps"] * t.batch_size * t.seq_len,
+        "tokens": s.get("tokens", s["steps"] * t.batch_size * t.seq_len),  # (a summary before it had tokens)
         "wall_s": wall,
         "status": "diverged" if s["diverged"] else "stalled" if s.get("stalled") else "ok",
     }
