@@ -197,3 +197,14 @@ def test_a_run_with_train_trackers_writes_its_loss_curve_to_tensorboard(corpus, 
 def test_train_trackers_is_checked_when_the_config_loads(corpus):
     with pytest.raises(ConfigError, match=r"train.trackers=\['mlflow'\] is invalid: expected a list of tensorboard"):
         load_config("tiny", [f"data.corpus={corpus}", "train.trackers=[mlflow]"])
+
+
+def test_a_quiet_run_with_wandb_prints_nothing_of_wandb(corpus, tmp_path, monkeypatch, capfd):
+    pytest.importorskip("wandb")
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    sets = ["--set", f"data.corpus={corpus}", "--set", "train.max_steps=3", "--set", "train.trackers=[wandb]"]
+    assert main(["train", "--config", "tiny", *sets, "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    out, err = capfd.readouterr()
+    assert "wandb:" not in out + err and out.count("\n") == 1, out + err  # the trainer's one line
+    assert wandb_records(tmp_path / "run")  # (the W&B run is written all the same)

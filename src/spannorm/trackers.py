@@ -124,9 +124,10 @@ class TensorBoardTracker(Tracker):
 
 class WandbTracker(Tracker):
     """An offline W&B run in ``run_dir/wandb`` (project spannorm, named after the run directory, the
-    run's config as its config); ``wandb sync RUN_DIR/wandb/offline-run-*`` uploads it."""
+    run's config as its config); ``wandb sync RUN_DIR/wandb/offline-run-*`` uploads it. ``quiet``: W&B prints
+    nothing (its banner, run summary and sync hint are otherwise printed on stderr)."""
 
-    def __init__(self, run_dir: Path, config: dict):
+    def __init__(self, run_dir: Path, config: dict, quiet: bool = False):
         import wandb  # an optional dependency: imported only when this tracker is asked for
 
         self.run = wandb.init(
@@ -135,7 +136,7 @@ class WandbTracker(Tracker):
             project="spannorm",
             name=Path(run_dir).resolve().name,
             config=config,
-            settings=wandb.Settings(console="off"),  # the trainer's output stays the terminal's
+            settings=wandb.Settings(console="off", silent=quiet),  # the trainer's output stays the terminal's
         )
         self.run.define_metric("step")
         for prefix in ("metrics", "diagnostics"):
@@ -151,10 +152,11 @@ class WandbTracker(Tracker):
         wandb.teardown()  # waits until W&B's service has written the run out: finish alone may return before
 
 
-def make_trackers(names: list[str], run_dir: Path, config: dict, start_step: int = 0) -> Tracker:
+def make_trackers(names: list[str], run_dir: Path, config: dict, start_step: int = 0, quiet: bool = False) -> Tracker:
     """The trackers ``names`` (tensorboard, wandb; [] for none) of the run in ``run_dir`` with the
     config ``config`` (a dict, W&B's run config), which starts at ``start_step`` (a resume: the
-    checkpoint's step). A ConfigError for an unknown name or a missing package, before any is made."""
+    checkpoint's step); ``quiet``: they print nothing. A ConfigError for an unknown name or a missing
+    package, before any is made."""
     for name in names:
         if name not in TRACKERS:
             raise ConfigError(f"tracker {name!r} is unknown: expected {' or '.join(TRACKERS)}")
@@ -162,7 +164,9 @@ def make_trackers(names: list[str], run_dir: Path, config: dict, start_step: int
             raise ConfigError(f"tracker {name} needs {name}: pip install 'spannorm[{name}]'")
     made = []
     for name in dict.fromkeys(names):  # (each once)
-        made.append(TensorBoardTracker(run_dir, start_step) if name == "tensorboard" else WandbTracker(run_dir, config))
+        made.append(
+            TensorBoardTracker(run_dir, start_step) if name == "tensorboard" else WandbTracker(run_dir, config, quiet)
+        )
     return Trackers(made)
 
 

@@ -269,8 +269,9 @@ class Logs:
     """metrics.jsonl and diagnostics.jsonl, open for appending while the trainer runs, and the experiment
     trackers (``train.trackers``) that mirror their rows (the files stay the record)."""
 
-    def __init__(self, run: RunDir, cfg: RunConfig, enabled: bool = True):
+    def __init__(self, run: RunDir, cfg: RunConfig, enabled: bool = True, quiet: bool = False):
         self.run, self.cfg, self.enabled = run, cfg, enabled  # enabled: rank 0 (the others write nothing)
+        self.quiet = quiet  # the trackers print nothing (no progress display: --quiet)
         self.files: dict = {}
         self.trackers = Tracker()  # (no tracker outside a session)
 
@@ -280,7 +281,9 @@ class Logs:
         if not self.enabled:
             yield self
             return
-        self.trackers = make_trackers(self.cfg.train.trackers, self.run.path, to_dict(self.cfg), start_step=step)
+        self.trackers = make_trackers(
+            self.cfg.train.trackers, self.run.path, to_dict(self.cfg), start_step=step, quiet=self.quiet
+        )
         self._open()
         try:
             yield self
@@ -417,7 +420,7 @@ class Trainer:
         self.divergence = DivergenceMonitor()
         self.guard = TrainingGuard()
         self.throughput = Throughput()
-        self.logs = Logs(run, cfg, ranks.main)
+        self.logs = Logs(run, cfg, ranks.main, quiet=not progress)
         self.show_progress = progress and ranks.main
 
     @property
