@@ -1,20 +1,22 @@
 """The lr study's seed-1 final val losses as Markdown tables, one per depth (rates not yet run: "not yet"),
 then issue 13's acceptance rule applied to the cells on disk.
 
-python3 scripts/lr_study_tables.py [STUDY_DIR]     # default docs/lr-study
+.venv/bin/python scripts/lr_study_tables.py [STUDY_DIR]     # default docs/lr-study
 
 The rule, as issue 13 wrote it before the study ran, at each depth (12 and 48):
 1. the SpanNorm default is not stalled (nor diverged) at any rate where pre is not;
 2. at its best rate its val loss, the mean of seeds 1-3, is below pre's at pre's best rate;
 3. against the bar, `multiplier`: a wider stable range (the rates within 0.05 nats of the series' own best,
    not stalled) without a higher best-rate loss (mean of 3 seeds).
-The best rate is the study's: the lowest seed-1 val loss among the cells neither diverged nor stalled.
+The best rate and the stable range are the study report's (spannorm.study.results.best_lr, stable_lrs).
 """
 
 import json
 import statistics
 import sys
 from pathlib import Path
+
+from spannorm.study.results import best_lr, stable_lrs
 
 LRS = ["0.0005", "0.001", "0.002", "0.004", "0.008", "0.016"]
 SERIES = [
@@ -28,7 +30,6 @@ SERIES = [
     ("peri", "peri", ""),
     ("lns", "lns", ""),
 ]
-STABLE = 0.05  # nats: the stable range's tolerance (the study report's)
 SEEDS = (1, 2, 3)
 
 
@@ -39,6 +40,11 @@ def summary(study: Path, scheme: str, depth: int, lr: str, seed: int, suffix: st
 
 def trained(s: dict | None) -> bool:
     return s is not None and not s["diverged"] and not s["stalled"]
+
+
+def row(s: dict) -> dict:
+    """A summary as the study's results.csv row says it (what best_lr and stable_lrs read)."""
+    return {"final_val_loss": s["final_val_loss"], "status": "ok" if trained(s) else "stalled or diverged"}
 
 
 def cell(s: dict | None) -> str:
@@ -54,10 +60,11 @@ class Series:
 
     def __init__(self, study: Path, scheme: str, suffix: str, depth: int):
         self.first = {lr: summary(study, scheme, depth, lr, 1, suffix) for lr in LRS}
-        ok = {lr: s["final_val_loss"] for lr, s in self.first.items() if trained(s)}
-        self.trained = [lr for lr in LRS if lr in ok]
-        self.best = min(ok, key=ok.get) if ok else None
-        self.stable = [lr for lr in self.trained if ok[lr] <= ok[self.best] + STABLE] if ok else []
+        self.trained = [lr for lr in LRS if trained(self.first[lr])]
+        by_lr = {float(lr): row(s) for lr, s in self.first.items() if s is not None}
+        best = best_lr(by_lr)
+        self.best = None if best is None else next(lr for lr in LRS if float(lr) == best)
+        self.stable = [lr for lr in LRS if float(lr) in stable_lrs(by_lr)]
         runs = [summary(study, scheme, depth, self.best, seed, suffix) for seed in SEEDS] if self.best else []
         self.at_best = [s["final_val_loss"] for s in runs if s is not None and not s["diverged"]]
 
