@@ -68,12 +68,13 @@ def train_under_torchrun(cfg: RunConfig, run_dir: Path, nproc: int, threads: int
     fails ends the job (torchrun's doing) and raises a SpannormError with its error line; a kill of this
     process (Ctrl-C, SIGTERM) ends the job first, so that no rank outlives the study."""
     run = RunDir(run_dir)
-    if run.has_run():
+    resume = run.has_run()
+    if resume:
         run.check_config(cfg, where)
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "config.yaml"
         config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        what = ["--resume"] if run.has_run() else ["--config", str(config)]
+        what = ["--resume"] if resume else ["--config", str(config)]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         cmd += ["-m", "spannorm", "train", "--quiet", "--out", str(run_dir), *what]
         env = os.environ | {"OMP_NUM_THREADS": str(max(1, threads // nproc))}
