@@ -75,7 +75,7 @@ def test_admin_omega(L):
 
 @pytest.mark.parametrize("L", [6, 48])
 def test_mixln_split_and_init(L):
-    m = model("mixln", L)
+    m = model("mixln", L, init_std=0.02)
     n_post = math.floor(0.25 * L)
     assert [b.post for b in m.blocks] == [True] * n_post + [False] * (L - n_post)
     # the repository's default post_pre: every linear weight N(0, 0.02), embedding N(0, sqrt(2/5)), untied head
@@ -87,7 +87,7 @@ def test_mixln_split_and_init(L):
 
 @pytest.mark.parametrize("L", [6, 48])
 def test_lns_and_siamese_per_layer_constants(L):
-    lns = model("lns", L)
+    lns = model("lns", L, init_std=0.02)
     assert [b.scale for b in lns.blocks] == pytest.approx([1 / math.sqrt(i + 1) for i in range(L)])
     assert stds(lns.blocks[-1])["down"] == pytest.approx(0.02, rel=0.05)  # no depth-scaled init
     siamese = model("siamese", L)
@@ -113,7 +113,7 @@ def test_deepscale_constants_and_unit_variance(L):
 
 
 def test_peri_and_sandwich_entry_exit():
-    peri, sandwich = model("peri", 4), model("sandwich", 4)
+    peri, sandwich = model("peri", 4, init_std=0.02), model("sandwich", 4)
     assert isinstance(peri.embed_norm, torch.nn.RMSNorm) and isinstance(peri.final_norm, torch.nn.RMSNorm)
     # CogView's Sandwich-LN: no embedding norm, a final norm before the head
     assert isinstance(sandwich.embed_norm, torch.nn.Identity) and isinstance(sandwich.final_norm, torch.nn.RMSNorm)
@@ -269,8 +269,8 @@ def test_readme_schemes_table_is_current(capsys):
 @pytest.mark.parametrize("L", [6, 48])
 @pytest.mark.parametrize("scheme", ["post", "residual", "siamese", "admin"])
 def test_plain_init_schemes(scheme, L):
-    """Schemes whose recommended init is plain N(0, init_std): no depth scaling at any depth."""
-    m = model(scheme, L)
+    """Schemes whose recommended init is plain N(0, σ): no depth scaling at any depth."""
+    m = model(scheme, L, init_std=0.02)
     for block in (m.blocks[0], m.blocks[-1]):
         assert all(v == pytest.approx(0.02, rel=0.05) for v in stds(block).values())
 
@@ -279,7 +279,7 @@ def test_plain_init_schemes(scheme, L):
 @pytest.mark.parametrize("scheme", ["hybrid", "hybrid_star"])
 def test_hybrid_megatron_init(scheme, L):
     """The authors' OLMo configs (init_fn full_megatron): out and down × 1/sqrt(2L), the rest plain."""
-    m = model(scheme, L)
+    m = model(scheme, L, init_std=0.02)
     for block in (m.blocks[0], m.blocks[-1]):
         got = stds(block)
         assert got["qk"] == pytest.approx(0.02, rel=0.05) and got["up"] == pytest.approx(0.02, rel=0.05)
@@ -336,7 +336,7 @@ def test_tied_head_is_part_of_each_recipe(scheme):
 
 
 def test_shared_init_is_plain_for_every_weight():
-    m = model("b2t", 6, init="shared", tie_embeddings=False)
+    m = model("b2t", 6, init="shared", tie_embeddings=False, init_std=0.02)
     assert all(v == pytest.approx(0.02, rel=0.05) for v in stds(m.blocks[-1]).values())
     assert m.embed.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert m.head.weight.std().item() == pytest.approx(0.02, rel=0.05)

@@ -202,18 +202,18 @@ def test_init_rules(L):
         }
 
     d = 128
-    pre = stds(ModelConfig(d_model=d, n_layers=L, scheme="pre"))
+    pre = stds(ModelConfig(d_model=d, n_layers=L, scheme="pre", init_std=0.02))
     assert pre[Role.ATTN_OUT] == pytest.approx(0.02 / math.sqrt(2 * L), rel=0.05)
     assert pre[Role.FFN_DOWN] == pytest.approx(0.02 / math.sqrt(2 * L), rel=0.05)
     assert pre[Role.FFN_UP] == pytest.approx(0.02, rel=0.05)
-    post = stds(ModelConfig(d_model=d, n_layers=L, scheme="post"))
+    post = stds(ModelConfig(d_model=d, n_layers=L, scheme="post", init_std=0.02))
     assert all(v == pytest.approx(0.02, rel=0.05) for v in post.values())
     for span_scale, target in (("init", math.sqrt(1 / L)), ("norm", 1.0), ("multiplier", 1.0)):
         span = stds(ModelConfig(d_model=d, n_layers=L, scheme="span", span_scale=span_scale))
         assert span[Role.ATTN_QK] == pytest.approx(d**-0.5, rel=0.05)
         # attention out: RMS d·σ_v·σ_out = target (sqrt(1/L) or 1) for an identity mixing
         assert span[Role.ATTN_OUT] == pytest.approx(target / (d * d**-0.5), rel=0.05)
-    shared = stds(ModelConfig(d_model=d, n_layers=L, scheme="span", init="shared"))
+    shared = stds(ModelConfig(d_model=d, n_layers=L, scheme="span", init="shared", init_std=0.02))
     assert all(v == pytest.approx(0.02, rel=0.05) for v in shared.values())
 
 

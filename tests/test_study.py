@@ -334,7 +334,8 @@ def test_bad_study_yaml_is_a_one_line_error(corpus, tmp_path, capsys, change, fr
     assert not (out / "cells").exists()
 
 
-STUDY_MODULES = ("grid", "cells", "results", "claims", "plots", "report", "runner")  # each imports only earlier ones
+# each imports only earlier ones
+STUDY_MODULES = ("grid", "cells", "results", "search", "claims", "verdicts", "plots", "report", "runner")
 
 
 def test_study_modules_import_one_way():
@@ -488,7 +489,7 @@ def test_lr_sensitivity_names_the_scalings_that_train_at_the_high_lr(corpus):
     assert "At L=3, between lr=0.001 and lr=0.01" in text
     line = {r.split(" | ")[0].lstrip("| "): r for r in text.splitlines() if r.startswith("| ")}
     assert line["pre"].endswith("| 2.000 ± 0.000 | 2.500 ± 0.000 | +0.500 | (reference) |")  # 2 seeds
-    assert line["span span_scale=norm span_c=1"].endswith("| 3.300 stalled (1/1) | — | no |")
+    assert line["span span_scale=norm span_c=1"].endswith("| 3.300 ± 0.000 stalled (2/2) | — | no |")
     assert line["span span_scale=none span_c=1"].endswith("| 2.400 | +0.300 | yes |")
     assert line["span span_scale=norm span_c=4"].endswith("| 2.600 | +0.600 | no |")
     assert line["span span_scale=none span_c=4"].endswith("| div (1/1) | — | no |")

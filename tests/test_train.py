@@ -133,8 +133,9 @@ GOLDEN = {
 
 @pytest.mark.parametrize("series", sorted(GOLDEN))
 def test_golden_loss_curve(corpus, tmp_path, series):
-    # recorded with a tied head for every scheme (before post's recipe became untied): pinned explicitly;
-    # "span" is the default scaling (norm), the former default init is pinned for its own curve
+    # recorded with a tied head for every scheme (before post's recipe became untied) and the base std 0.02 (before
+    # the width rules of issue 24): both pinned explicitly; "span" is the default scaling (norm), the former
+    # default init is pinned for its own curve
     scheme, *more = series.split()
     train(
         tiny(
@@ -142,6 +143,7 @@ def test_golden_loss_curve(corpus, tmp_path, series):
             f"model.scheme={scheme}",
             *(f"model.{m}" for m in more),
             "model.tie_embeddings=true",
+            "model.init_std=0.02",
             "train.max_steps=20",
             "train.log_interval=5",
         ),

@@ -474,6 +474,10 @@ def cmd_schemes(args) -> None:
             "class": cls.__name__,
             "equation": cls.equation,
             "init": cls.init_rule,
+            "base_std": cls.base_std.describe(),
+            "base_std_rule": cls.base_std.rule.value,
+            "authors_std": cls.base_std.std,
+            "authors_width": cls.base_std.width,
             "tied_head": cls.tie_embeddings,
             "reference": cls.reference,
         }
@@ -483,15 +487,21 @@ def cmd_schemes(args) -> None:
         print(dumps(rows, indent=1, ensure_ascii=False))
         return
     if args.markdown:
-        print("| `scheme` | block equation | recommended recipe | tied head | reference |\n|---|---|---|---|---|")
+        print(
+            "| `scheme` | block equation | recommended recipe | σ: base std at width d | tied head | reference |\n"
+            "|---|---|---|---|---|---|"
+        )
         for row in rows:
             tied = "yes" if row["tied_head"] else "no"
-            print(f"| `{row['name']}` | {row['equation']} | {row['init']} | {tied} | {row['reference']} |")
+            print(
+                f"| `{row['name']}` | {row['equation']} | {row['init']} | {row['base_std']} | {tied} | "
+                f"{row['reference']} |"
+            )
         return
     for row in rows:
         print(
             f"{row['name']} ({row['class']}): {row['equation']}\n    init: {row['init']}\n    "
-            f"reference: {row['reference']}"
+            f"σ: {row['base_std']}\n    reference: {row['reference']}"
         )
 
 

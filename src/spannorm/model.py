@@ -10,9 +10,9 @@ from torch import nn
 
 from .device import compute_dtype
 from .layers import NORMS, Role, linear_cross_entropy, make_norm, rope_cache
-from .model_config import InitMode, ModelConfig
+from .model_config import ModelConfig
 from .moe import MoE
-from .schemes import SCHEMES, shared_init, use_final_norm, use_tied_embeddings
+from .schemes import SCHEMES, use_final_norm, use_tied_embeddings, weight_stds
 
 
 class LM(nn.Module):
@@ -48,9 +48,7 @@ class LM(nn.Module):
 
     def init_rule(self, layer: int) -> dict[Role, float]:
         """Role -> std for block ``layer`` (layer 0's rule also covers embedding and head)."""
-        if self.cfg.init is InitMode.SHARED:
-            return shared_init(self.cfg)
-        return SCHEMES[self.cfg.scheme].init_stds(self.cfg, layer)
+        return weight_stds(self.cfg, layer)
 
     def reset_parameters(self) -> None:
         """Apply the init rule: a std per weight role, norms to their defaults, scheme parameters."""

@@ -46,7 +46,7 @@ class InitMode(str, enum.Enum):
     """Which init rule the model uses."""
 
     RECOMMENDED = "recommended"  # each scheme's own rule (the default)
-    SHARED = "shared"  # one common rule for every scheme: every weight N(0, init_std)
+    SHARED = "shared"  # one common rule for every scheme: every weight N(0, base std), tied head
 
 
 class NormType(str, enum.Enum):
@@ -104,7 +104,10 @@ class ModelConfig:
     tie_embeddings: bool | None = None
     rope_theta: float = 10000.0  # rotary embedding base
     init: InitMode = InitMode.RECOMMENDED  # recommended (each scheme's own rule) or shared
-    init_std: float = 0.02  # base std of the init rules
+    # base std of the init rules; null: the scheme's width rule (`spannorm schemes`: the fan-in 1/sqrt(d_model), or
+    # its authors' constant carried from the width they tuned it at); a number: that std at every width
+    init_std: float | None = None
+    init_scale: float = 1.0  # every weight std of the init rule × this (the fair study's init axis); norms untouched
     span_scale: SpanScale = SpanScale.NORM  # SpanNorm scaling: norm, multiplier, init or none (docs/spannorm-lr.md)
     span_c: float = 1.0  # SpanNorm's c: target branch variance c/L
     deepscale_k: float = 1.0  # DeepScaleLM's k: branch weight β² = k/L (at most L)
@@ -148,9 +151,21 @@ class ModelConfig:
             self.d_ff,
             f"a positive integer (at most {MAX_SIZE:,}) or null",
         )
+        require(
+            self.init_std is None
+            or (
+                isinstance(self.init_std, (int, float))
+                and not isinstance(self.init_std, bool)
+                and math.isfinite(self.init_std)
+                and self.init_std > 0
+            ),
+            "model.init_std",
+            self.init_std,
+            "a positive number, or null for the scheme's width rule",
+        )
         for name in (
             "norm_eps",
-            "init_std",
+            "init_scale",
             "span_c",
             "rope_theta",
             "dyt_alpha0",
@@ -160,7 +175,7 @@ class ModelConfig:
         ):
             value = getattr(self, name)
             require(
-                isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
                 f"model.{name}",
                 value,
                 "a positive number",

@@ -6,7 +6,9 @@ A scheme is one short block class whose ``forward`` reads like its equation, plu
     state before the head) and, for two-stream schemes, ``enter`` (embedding -> state) and ``Exit``
     (state -> one tensor);
   * an init rule as data: ``init_stds(cfg, layer)`` maps each weight :class:`~spannorm.layers.Role`
-    to a std; ``reset_parameters`` initializes scheme-owned parameters (e.g. Admin's ω);
+    to a std; σ in a rule is its base std, ``base_std`` (a :class:`BaseStd`: a rule of the width, the
+    authors' constant and width named) unless ``model.init_std`` sets it; ``model.init_scale`` multiplies
+    every std (:func:`weight_stds`); ``reset_parameters`` initializes scheme-owned parameters (e.g. Admin's ω);
   * ``theory``: its closed-form signal propagation at init, where it has one (``spannorm probe``);
   * ``equation``, ``init_rule`` and ``reference`` strings for ``spannorm schemes``.
 Registering a scheme is one :class:`~spannorm.model_config.Scheme` value and one entry in ``SCHEMES``.
@@ -24,6 +26,7 @@ final and per-head q/k/v norms) dyt_alpha0_other; a scheme without one has α₀
 
 from __future__ import annotations
 
+import enum
 import math
 from functools import cache
 from typing import ClassVar, NamedTuple
@@ -97,15 +100,69 @@ def span_factor(cfg: ModelConfig) -> float:
     return math.sqrt(cfg.span_c / cfg.n_layers)
 
 
+class WidthRule(str, enum.Enum):
+    """How a base std follows the width d when ``model.init_std`` is null (:class:`BaseStd`)."""
+
+    FAN_IN = "fan-in"  # 1/sqrt(d)
+    CARRIED = "carried"  # the authors' constant at their width, carried at the same multiple of 1/sqrt(d)
+
+
+class BaseStd(NamedTuple):
+    """A scheme's base std as a rule of the width: its authors' constant ``std``, tuned at width ``width``
+    (``source`` says whose), and the ``rule`` that carries it to width d: ``fan-in``, 1/sqrt(d), or
+    ``carried``, std·sqrt(width/d) (GPT-2's 0.02 at 768 is 0.554/sqrt(d): 0.069 at d = 64). A constant tuned
+    at one width is not a recipe at another: at d = 64, 0.02 is 6× below the fan-in scale. Which rule a
+    scheme uses was chosen by measurement (docs/fair-study/recipes/)."""
+
+    std: float
+    width: int
+    source: str
+    rule: WidthRule = WidthRule.FAN_IN
+
+    def __call__(self, d_model: int) -> float:
+        if self.rule is WidthRule.CARRIED:
+            return self.std * math.sqrt(self.width / d_model)
+        return d_model**-0.5
+
+    def describe(self) -> str:
+        """The rule in words, for `spannorm schemes`."""
+        rule = "1/sqrt(d)" if self.rule is WidthRule.FAN_IN else f"{self.std:g}·sqrt({self.width}/d)"
+        return (
+            f"base std {rule} ({self.rule.value}; authors' constant: {self.std:g} at width {self.width}, {self.source})"
+        )
+
+
+GPT2_STD = BaseStd(0.02, 768, "GPT-2's initializer_range at GPT-2 small's width")
+# fairseq draws token embeddings N(0, d^(-1/2)): already a fan-in rule (512: its transformer_lm width)
+FAIRSEQ_STD = BaseStd(512**-0.5, 512, "fairseq's embedding N(0, d^(-1/2)), already a fan-in rule")
+
+
+def base_std(cfg: ModelConfig) -> float:
+    """The base std of ``cfg``'s init rule: ``init_std`` if set, else the scheme's width rule (``init=shared``:
+    the shared rule, :data:`SHARED_STD`)."""
+    if cfg.init_std is not None:
+        return cfg.init_std
+    rule = SHARED_STD if cfg.init is InitMode.SHARED else SCHEMES[cfg.scheme].base_std
+    return rule(cfg.d_model)
+
+
 def shared_init(cfg: ModelConfig) -> dict[Role, float]:
-    """The common rule of ``init = shared``: every weight N(0, init_std)."""
-    return {role: cfg.init_std for role in Role}
+    """The common rule of ``init = shared``, and the start of most recommended rules: every weight N(0, base std)."""
+    std = base_std(cfg)
+    return {role: std for role in Role}
 
 
 def gpt2_init(cfg: ModelConfig) -> dict[Role, float]:
-    """GPT-2: N(0, init_std), attention out and FFN down × 1/sqrt(2L)."""
-    scaled = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    """GPT-2: N(0, base std), attention out and FFN down × 1/sqrt(2L)."""
+    scaled = base_std(cfg) / math.sqrt(2 * cfg.n_layers)
     return shared_init(cfg) | {Role.ATTN_OUT: scaled, Role.FFN_DOWN: scaled}
+
+
+def weight_stds(cfg: ModelConfig, layer: int) -> dict[Role, float]:
+    """Role -> std for block ``layer`` (layer 0's rule also covers embedding and head): the recommended or the
+    shared rule, every std × ``init_scale``."""
+    rule = shared_init(cfg) if cfg.init is InitMode.SHARED else SCHEMES[cfg.scheme].init_stds(cfg, layer)
+    return {role: std * cfg.init_scale for role, std in rule.items()}
 
 
 def unit_variance_init(cfg: ModelConfig, target_rms: float) -> dict[Role, float]:
@@ -153,6 +210,7 @@ class Block(nn.Module):
 
     equation: ClassVar[str] = ""  # the block equation, for `spannorm schemes`
     init_rule: ClassVar[str] = ""  # the recommended init, in words
+    base_std: ClassVar[BaseStd] = GPT2_STD  # the base std's width rule (model.init_std: null)
     reference: ClassVar[str] = ""  # the paper
     norms: ClassVar[tuple[str, ...]] = ("norm1", "norm2")  # norm modules this block owns
     attn_input: ClassVar[str | None] = None  # the norm of ``norms`` the attention reads (module docstring)
@@ -233,7 +291,7 @@ class PreNorm(Block):
     """
 
     equation = "h = x + Attn(N(x)); x' = h + FFN(N(h)); final N before the head"
-    init_rule = "GPT-2: N(0, init_std); attention out and FFN down × 1/sqrt(2L); tied head"
+    init_rule = "GPT-2: N(0, σ); attention out and FFN down × 1/sqrt(2L); tied head"
     reference = "Xiong et al. 2020, arXiv 2002.04745; Radford et al. 2019 (GPT-2)"
     attn_input = "norm1"
     final_norm = True
@@ -268,10 +326,16 @@ class PostNorm(Block):
 
     equation = "h = N(x + Attn(x)); x' = N(h + FFN(h))"
     init_rule = (
-        "N(0, init_std), no depth scaling; needs learning-rate warmup; untied head "
+        "N(0, σ), no depth scaling; needs learning-rate warmup; untied head "
         "(fairseq LM default; tying it stalls in the unigram phase)"
     )
     reference = "Vaswani et al. 2017, arXiv 1706.03762"
+    base_std = BaseStd(
+        0.02,
+        768,
+        "BERT's initializer_range at BERT-base's width, a PostNorm LM; Vaswani et al. drew xavier",
+        WidthRule.CARRIED,  # fan-in stalled at d = 64 (docs/fair-study/recipes/)
+    )
     tie_embeddings = False
 
     @classmethod
@@ -304,7 +368,7 @@ class SpanNorm(Block):
       norm:       (the default) as multiplier, and the FFN branch is RMS-normalized without a gain before s:
                   x' = N_2(x + s·f/rms(f)), so Var(s·f) = c/L at every step of training, not only at init;
       none:       out-projections initialized for output RMS ≈ 1, s = 1.
-    Input projections (q, k, v, FFN up) use the fan-in std 1/sqrt(d); the embedding init_std.
+    Input projections (q, k, v, FFN up) use the fan-in std 1/sqrt(d); the embedding N(0, σ).
     Why ``norm`` is the default (docs/spannorm-lr.md): with Adam, a branch's output weights grow at the
     learning rate whatever their init; above a learning-rate cliff the FFN branch outgrows the skip, the
     skip-path gain ∏(1 + σ_l²)^(-1/2) collapses and the model stalls at the unigram loss.
@@ -320,6 +384,7 @@ class SpanNorm(Block):
         "multiplier: not normalized; init: out/down at RMS sqrt(c/L), s = 1); tied head"
     )
     reference = "Wang, Li et al. 2026, arXiv 2601.22580 (ICML 2026)"
+    base_std = BaseStd(0.02, 768, "GPT-2's, for the embedding and tied head; the paper's own is not known to us")
     embed_norm = True
 
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -368,10 +433,12 @@ class DeepNorm(Block):
 
     equation = "h = N(α·x + Attn(x)); x' = N(α·h + FFN(h)); α = (2L)^(1/4)"
     init_rule = (
-        "xavier_normal; gain β = (8L)^(-1/4) on v, out, FFN up/down, gain 1 on q, k; untied head (fairseq LM default)"
+        "xavier_normal; gain β = (8L)^(-1/4) on v, out, FFN up/down, gain 1 on q, k; embedding, head N(0, σ); "
+        "untied head (fairseq LM default)"
     )
     reference = "Wang et al. 2022, arXiv 2203.00555 (DeepNet)"
     tie_embeddings = False
+    base_std = FAIRSEQ_STD
 
     def __init__(self, cfg, layer):
         super().__init__(cfg, layer)
@@ -414,7 +481,7 @@ class B2T(Block):
       out       xavier_uniform;
       FFN up, down (and an MoE router: up's std)   torch's nn.Linear default, U(±1/sqrt(fan_in)),
                 std 1/sqrt(3·fan_in) (their fc1/fc2 are plain nn.Linear, not fairseq's xavier Linear);
-      embedding and untied head   N(0, d^(-1/2)), not depth-scaled.
+      embedding and untied head   N(0, σ), σ = d^(-1/2) (fairseq's), not depth-scaled.
     We draw normals with these stds (the authors draw uniforms); fairseq also multiplies the
     embedding output by sqrt(d), which our model does not. Untied head: ``share_decoder_input_output_embed``
     is False by default in their ``transformer_lm.py``.
@@ -423,10 +490,11 @@ class B2T(Block):
     equation = "h = N(x + Attn(x)); x' = N(x + h + FFN(h))"
     init_rule = (
         "fairseq init × L^(-1/2) on block weights: q, k, v xavier gain 1/sqrt(2), out xavier, "
-        "FFN 1/sqrt(3·fan_in); embedding, head N(0, d^(-1/2)); untied head"
+        "FFN 1/sqrt(3·fan_in); embedding, head N(0, σ); untied head"
     )
     reference = "Takase et al. 2023, arXiv 2206.00330 (Findings of ACL 2023)"
     tie_embeddings = False
+    base_std = FAIRSEQ_STD
 
     @classmethod
     def init_stds(cls, cfg, layer):
@@ -434,8 +502,8 @@ class B2T(Block):
         r = cfg.n_layers**-0.5
         up = r / math.sqrt(3 * d)
         return {
-            Role.EMBED: d**-0.5,
-            Role.HEAD: d**-0.5,
+            Role.EMBED: base_std(cfg),
+            Role.HEAD: base_std(cfg),
             Role.ATTN_QK: r * xavier_std(d, d, 2**-0.5),
             Role.ATTN_V: r * xavier_std(d, d, 2**-0.5),
             Role.ATTN_OUT: r * xavier_std(d, d),
@@ -460,9 +528,10 @@ class Admin(Block):
     equation = "h = N(ω⊙x + Attn(x)); x' = N(ω⊙h + FFN(h)); ω learnable"
     init_rule = (
         "ω = sqrt((n+1)/ln(n+1) − 1), n = 2L (closed-form ω of admin-torch, not the profiled ω of "
-        "the paper); weights N(0, init_std); untied head (fairseq LM default)"
+        "the paper); weights N(0, σ); untied head (fairseq LM default)"
     )
     reference = "Liu et al. 2020, arXiv 2004.08249"
+    base_std = BaseStd(0.02, 768, "GPT-2's; Admin's fairseq code draws xavier (not read)", WidthRule.CARRIED)  # as post
     tie_embeddings = False
 
     def __init__(self, cfg, layer):
@@ -493,6 +562,7 @@ class PeriLN(Block):
     equation = "h = x + N(Attn(N(x))); x' = h + N(FFN(N(h))); N on the embedding; final N"
     init_rule = "as PreNorm (GPT-2); tied head (not verified)"
     reference = "Kim et al. 2025, arXiv 2502.02732"
+    base_std = BaseStd(0.02, 768, "GPT-2's, as PreNorm; Peri-LN's own width not verified")
     norms = ("norm1", "norm1_out", "norm2", "norm2_out")
     attn_input = "norm1"
     embed_norm = True
@@ -526,15 +596,16 @@ class MixLN(Block):
     Pre-LN and Post-LN"): the first ⌊L/4⌋ blocks are PostNorm, the rest PreNorm (final N).
 
     Init: the repository's default ``norm_type=post_pre`` (its README runs Mix-LN so): every linear
-    weight N(0, init_std) (their initializer_range 0.02), the embedding N(0, sqrt(2/5)) ≈ N(0, 0.63),
-    an untied head (LlamaForCausalLM's own lm_head, N(0, init_std)). Read in nikitus20/mixln, a copy of
+    weight N(0, σ) (their initializer_range 0.02), the embedding N(0, sqrt(2/5)) ≈ N(0, 0.63),
+    an untied head (LlamaForCausalLM's own lm_head, N(0, σ)). Read in nikitus20/mixln, a copy of
     pengxiang-li/Mix-LN (``peft_pretraining/modeling_llama.py``, ``_init_weights``); the option
     ``scale_post_pre`` (PreNorm blocks' out and down × 1/sqrt(2L)) is not the default and not ours.
     """
 
     equation = "blocks l < ⌊0.25·L⌋: PostNorm; the rest: PreNorm; final N"
-    init_rule = "N(0, init_std) for every linear weight; embedding N(0, sqrt(2/5) ≈ 0.63); untied head"
+    init_rule = "N(0, σ) for every linear weight; embedding N(0, sqrt(2/5) ≈ 0.63); untied head"
     reference = "Li et al. 2024, arXiv 2412.13795"
+    base_std = BaseStd(0.02, 768, "LLaMA's initializer_range in the Mix-LN code; their width not verified")
     final_norm = True
     tie_embeddings = False
 
@@ -567,8 +638,9 @@ class HybridNorm(Block):
     """
 
     equation = "h = x + Attn(x) with per-head N on q, k, v; x' = N(h) + FFN(N(h)); final N"
-    init_rule = "Megatron: N(0, init_std); attention out and FFN down × 1/sqrt(2L); tied head"
+    init_rule = "Megatron: N(0, σ); attention out and FFN down × 1/sqrt(2L); tied head"
     reference = "Zhuo et al. 2025, arXiv 2503.04598"
+    base_std = BaseStd(0.02, 768, "Megatron's init_method_std in the HybridNorm configs; their width not verified")
     norms = ("norm",)
     qkv_norm = True
     final_norm = True
@@ -618,8 +690,11 @@ class LNScaling(PreNorm):
     """
 
     equation = "h = x + Attn(N(x)/sqrt(l)); x' = h + FFN(N(h)/sqrt(l)); l from 1; final N"
-    init_rule = "N(0, init_std), no depth-scaled init; tied head (not verified)"
+    init_rule = "N(0, σ), no depth-scaled init; tied head (not verified)"
     reference = "Sun et al. 2025, arXiv 2502.05795"
+    base_std = BaseStd(
+        0.02, 768, "the LLaMA initializer_range of Sun et al.; their width not verified", WidthRule.CARRIED
+    )
 
     def __init__(self, cfg, layer):
         super().__init__(cfg, layer)
@@ -659,8 +734,9 @@ class ResiDual(Block):
     """
 
     equation = "per sublayer: a' = N(a + F(a)); d' = d + F(a); output a_L + N(d_L)"
-    init_rule = "N(0, init_std), no depth scaling; tied head (not verified)"
+    init_rule = "N(0, σ), no depth scaling; tied head (not verified)"
     reference = "Xie et al. 2023, arXiv 2304.14802"
+    base_std = BaseStd(0.02, 768, "GPT-2's; ResiDual's own init not verified")
     Exit = ResiDualExit
 
     @staticmethod
@@ -695,8 +771,9 @@ class SiameseNorm(Block):
     """
 
     equation = "per sublayer: x ← N(x); z = F(N(x + N(y))); x ← x + z/sqrt(2(l+1)); y ← y + z; output N(N(x) + N(y))"
-    init_rule = "N(0, init_std), no depth scaling; tied head (not verified)"
+    init_rule = "N(0, σ), no depth scaling; tied head (not verified)"
     reference = "Li et al. 2026 (SiameseNorm, ICML 2026)"
+    base_std = BaseStd(0.02, 768, "GPT-2's; SiameseNorm's own init not verified")
     norms = ("post1", "in1", "pre1", "post2", "in2", "pre2")
     attn_input = "in1"
     Exit = SiameseExit
@@ -740,6 +817,9 @@ class DeepScale(Block):
     )
     init_rule = "embedding N(0, 1); q, k, v, up 1/sqrt(d); out, down calibrated to unit output variance; tied head"
     reference = "Kedia et al. 2024, arXiv 2403.09635"
+    base_std = BaseStd(
+        0.02, 768, "GPT-2's, used only by an untied head: the embedding is N(0, 1), the inputs 1/sqrt(d)"
+    )
     attn_input = "norm1"
     final_norm = True
 
@@ -778,6 +858,10 @@ SCHEMES: dict[Scheme, type[Block]] = {
     Scheme.SIAMESE: SiameseNorm,
     Scheme.DEEPSCALE: DeepScale,
 }
+
+
+# ``init=shared``: one base std for every scheme, with the width rule of PreNorm's (GPT-2's) recipe
+SHARED_STD = SCHEMES[Scheme.PRE].base_std
 
 
 def use_final_norm(cfg: ModelConfig) -> bool:

@@ -150,16 +150,15 @@ def claim_quality(points: dict, extras: dict) -> Claim:
         wins += diff > noise
         losses += -diff > noise
         spread = "one seed" if a.std is None and b.std is None else f"std {noise:.3f}"
-        rows.append(f"L={d}, lr={lr:g}: {pre} {a.mean:.3f}, {span} {b.mean:.3f} (Δ={diff:+.3f}, {spread})")
+        rows.append(f"L={d}, lr={lr:g}: {pre} {a.mean:.3f}, {span} {b.mean:.3f} (Δ(pre − span)={diff:+.3f}, {spread})")
     scored = sum(
         1 for d, lr in common if points[(pre, d, lr)].mean is not None and points[(span, d, lr)].mean is not None
     )
     if not scored:
         return Claim(INCONCLUSIVE, "; ".join(rows) or f"no (depth, lr) with both {pre} and {span}", rule)
     ev = (
-        f"{span} lower at {wins}/{scored}, higher at {losses}/{scored}: "
-        + "; ".join(rows)
-        + _best_lr_evidence(points, pre, span)
+        f"{span} lower at {wins}/{scored}, higher at {losses}/{scored} (Δ(pre − span) is {pre}'s mean val loss "
+        f"minus {span}'s: positive means {span} is lower): " + "; ".join(rows) + _best_lr_evidence(points, pre, span)
     )
     if one_seed:
         return Claim(INCONCLUSIVE, "fewer than 2 finite seeds somewhere, so the seed noise is unknown; " + ev, rule)

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..config import ConfigError, apply_overrides, from_dict, read_yaml, require, to_dict
 from ..output import value
@@ -27,10 +27,102 @@ PROBE_BATCH = 4  # sequences in the probe batch (as `spannorm probe`)
 
 
 @dataclass
+class SearchAxis:
+    """One axis of a grid's search (:mod:`spannorm.study.search`): the values start · factor^k in [min, max]."""
+
+    start: float  # the first centre
+    min: float  # the search never goes below it (a stated limit)
+    max: float  # nor above it
+    factor: float = 2.0  # one step: × factor
+
+    def check(self, where: str) -> None:
+        require(self.factor > 1, f"{where}.factor", self.factor, "a number > 1")
+        require(self.min > 0, f"{where}.min", self.min, "a positive number")
+        require(
+            self.min <= self.start <= self.max, f"{where}.start", self.start, f"a number in [{self.min}, {self.max}]"
+        )
+
+    def at(self, k: int) -> float | None:
+        """The k-th value from the start (k may be negative), or None outside [min, max]."""
+        v = float(f"{self.start * self.factor**k:.6g}")
+        return v if self.min * (1 - 1e-9) <= v <= self.max * (1 + 1e-9) else None
+
+
+@dataclass
+class Confirm:
+    """Confirmation cells at each searched point's best: other seeds, a larger budget."""
+
+    seeds: list[int]  # seeds trained at the best (the search's seed may be among them: a new run at this budget)
+    tokens_per_cell: int  # the budget of each confirmation cell
+    set: list[str] = field(default_factory=list)  # KEY=VALUE overrides for these cells only (e.g. a longer warmup)
+
+    def check(self, where: str) -> None:
+        require(
+            len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds),
+            f"{where}.seeds",
+            self.seeds,
+            "a non-empty list of distinct integer seeds",
+        )
+        require(self.tokens_per_cell > 0, f"{where}.tokens_per_cell", self.tokens_per_cell, "a positive integer")
+        check_sets(self.set, f"{where}.set:")
+
+
+@dataclass
+class Peer:
+    """The best peer, added to a grid's model.scheme axis once it is known: of the ``among`` schemes' points
+    of grid ``grid`` (an earlier grid with a search and confirm) whose other axes match ``at``, the one with the
+    lowest mean confirmed val loss, once every one of them has finished its confirmation cells."""
+
+    grid: str
+    among: list[str]
+    at: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Grid:
     name: str  # label of the grid in results.csv and report.md
     axes: dict[str, list[Any]]  # dotted config path -> values; the grid is the cartesian product of the axes
     best_lr_seeds: list[int] = field(default_factory=list)  # seeds run again at each point's best lr (follow_ups)
+    # per point of the axes, a search for the best over these axes (e.g. train.lr and model.init_scale), extended
+    # while the best sits at an edge (spannorm.study.search); the axes themselves then hold one seed
+    search: dict[str, SearchAxis] = field(default_factory=dict)
+    # an axis of ``axes`` (e.g. model.n_layers): a point's search starts at the best of the point with the previous
+    # value on it, once that one is done (the first value starts at the search's start)
+    warm_start: str | None = None
+    confirm: Confirm | None = None  # cells at each searched point's best (needs search)
+    peer: Peer | None = None  # adds the best peer of an earlier grid to model.scheme (needs search)
+
+    def _check_search(self, where: str) -> None:
+        for path, axis in self.search.items():
+            require(
+                path not in self.axes and path != "train.max_steps",
+                f"{where}.search key",
+                path,
+                "a config path that is not one of the grid's axes (nor train.max_steps)",
+            )
+            axis.check(f"{where}.search.{path}")
+        require(len(self.search) <= 2, f"{where}.search", list(self.search), "one or two axes")
+        require(
+            not (self.search and self.best_lr_seeds),
+            f"{where}.best_lr_seeds",
+            self.best_lr_seeds,
+            "empty in a grid with a search (its confirm: seeds run at the best)",
+        )
+        require(
+            self.warm_start is None or (self.search and self.warm_start in self.axes),
+            f"{where}.warm_start",
+            self.warm_start,
+            f"one of the grid's axes {list(self.axes)}, in a grid with a search",
+        )
+        require(self.confirm is None or bool(self.search), f"{where}.confirm", "set", "a grid with a search (search:)")
+        if self.confirm is not None:
+            self.confirm.check(f"{where}.confirm")
+        require(
+            self.peer is None or (bool(self.search) and "model.scheme" in self.axes),
+            f"{where}.peer",
+            "set",
+            "a grid with a search and a model.scheme axis",
+        )
 
     def check(self, where: str) -> None:
         """Raise a ConfigError unless the grid is valid; ``where`` names it in errors (grids[0])."""
@@ -65,6 +157,7 @@ class Grid:
                 values,
                 "a non-empty list of scalar values",
             )
+        self._check_search(where)
         if not self.best_lr_seeds:
             return
         require(
@@ -100,6 +193,7 @@ class StudyConfig:
     probe: bool = True  # probe each finished cell's final model into probe.json
     keep_checkpoints: bool = False  # keep finished cells' checkpoints (else deleted after the probe)
     grids: list[Grid]  # the study is the union of the grids' cells; identical cells run once
+    note: str = ""  # printed at the top of report.md (e.g. why a study is superseded)
 
     def __post_init__(self):
         require(self.base != "", "base", self.base, "a preset name or a run config YAML path")
@@ -118,6 +212,15 @@ class StudyConfig:
         require(len(self.grids) > 0, "grids", self.grids, "a non-empty list of {name, axes} mappings")
         for i, grid in enumerate(self.grids):
             grid.check(f"grids[{i}]")
+            if grid.peer is not None:
+                earlier = {g.name: g for g in self.grids[:i]}
+                source = earlier.get(grid.peer.grid)
+                require(
+                    source is not None and source.confirm is not None,
+                    f"grids[{i}].peer.grid",
+                    grid.peer.grid,
+                    f"the name of an earlier grid with a search and confirm ({', '.join(earlier) or 'none'})",
+                )
             require(
                 grid.name not in [other.name for other in self.grids[:i]],
                 f"grids[{i}].name",
@@ -129,9 +232,18 @@ class StudyConfig:
     def to_dict(self) -> dict:
         """The study as YAML-safe data (study.yaml); a grid without best_lr_seeds leaves the key out."""
         data = to_dict(self)
+        if not data["note"]:
+            del data["note"]
         for grid in data["grids"]:
-            if not grid["best_lr_seeds"]:
-                del grid["best_lr_seeds"]
+            for key, empty in (
+                ("best_lr_seeds", []),
+                ("search", {}),
+                ("warm_start", None),
+                ("confirm", None),
+                ("peer", None),
+            ):
+                if grid[key] == empty:
+                    del grid[key]
         return data
 
 
@@ -148,11 +260,14 @@ class Cell:
     axes: dict[str, Any]  # every axis of its grids -> this cell's resolved value
     extras: dict[str, Any]  # non-core axes whose value differs from the base config
     cfg: RunConfig
+    tokens: int | None = None  # its budget where it is not the study's tokens_per_cell (confirmation cells)
 
     @property
     def series(self) -> str:
-        """Scheme plus the non-default extra axes: one line in a plot, one row in the claims."""
-        return series_label(self.cfg.model.scheme.value, self.extras)
+        """Scheme plus the non-default extra axes (and a budget of its own): one line in a plot, one row in
+        the claims."""
+        label = series_label(self.cfg.model.scheme.value, self.extras)
+        return label if self.tokens is None else f"{label} tokens={self.tokens}"
 
     @property
     def depth_lr(self) -> tuple[int, float]:
@@ -225,9 +340,10 @@ def _leaf(path: str) -> str:
     return path.rsplit(".", 1)[-1]
 
 
-def _steps(study: StudyConfig, cfg: RunConfig, what: str) -> int:
-    """The steps that train ``cfg`` on the study's tokens_per_cell tokens (``what``: where, for errors)."""
-    t, nproc, tokens = cfg.train, study.nproc_per_cell, study.tokens_per_cell
+def _steps(study: StudyConfig, cfg: RunConfig, what: str, tokens: int | None = None) -> int:
+    """The steps that train ``cfg`` on ``tokens`` tokens (default: the study's tokens_per_cell; ``what``: where,
+    for errors)."""
+    t, nproc, tokens = cfg.train, study.nproc_per_cell, tokens or study.tokens_per_cell
     if nproc > 1 and t.distributed is Distributed.NONE:
         raise ConfigError(
             f"nproc_per_cell={nproc} is invalid{what}: train.distributed is none; set it to ddp or fsdp "
@@ -279,28 +395,46 @@ def plan_study(study: StudyConfig) -> Plan:
                 base_cfg.train.seed,
                 "a seed other than the base config's train.seed (the grid has no train.seed axis)",
             )
+        if grid.confirm is not None:  # checked now, not hours later when the search reaches it
+            what = f" for grids[{i}].confirm"
+            try:
+                cfg = run_config_from_dict(apply_overrides(copy.deepcopy(base), list(grid.confirm.set)))
+            except ConfigError as e:
+                raise ConfigError(f"grids[{i}].confirm.set {grid.confirm.set}: {e}") from None
+            _steps(study, cfg, what, grid.confirm.tokens_per_cell)
     return Plan(study, base, _with_steps(base_cfg, steps))
 
 
-def expand(plan: Plan, follow: list[tuple[Grid, dict]] = ()) -> list[Cell]:
+class Follow(NamedTuple):
+    """A cell of a later phase: its grid, its point (config path -> value), and for confirmation cells their
+    budget and overrides."""
+
+    grid: Grid
+    point: dict
+    tokens: int | None = None  # None: the study's tokens_per_cell
+    sets: tuple[str, ...] = ()  # KEY=VALUE overrides applied after the point
+
+
+def expand(plan: Plan, follow: list[Follow] = ()) -> list[Cell]:
     """Every distinct cell of the study, in grid order; validates every cell's config.
 
-    ``follow`` (from :func:`spannorm.study.results.follow_ups`): (grid, axis point) pairs of the second
-    phase, whose new cells come after all the grids' cells.
+    ``follow`` (from :func:`spannorm.study.results.follow_ups` and :func:`spannorm.study.search.search_follow`):
+    the cells of later phases, which come after all the grids' cells. A grid with a search has no cells of
+    its own: its search gives them.
     """
     base_flat = to_dict(plan.base_cfg)
     by_config: dict[str, Cell] = {}
     by_name: dict[str, Cell] = {}
 
-    def add(grid: Grid, point: dict) -> None:
+    def add(grid: Grid, point: dict, tokens: int | None = None, sets: tuple[str, ...] = ()) -> None:
         paths = list(point)
         what = f" in grid {grid.name!r} at " + ", ".join(f"{k}={value(v)}" for k, v in point.items())
         d = copy.deepcopy(plan.base)
         for path, v in point.items():
             _set(d, path, v)
         try:
-            cfg = run_config_from_dict(d)
-            cfg = _with_steps(cfg, _steps(plan.study, cfg, what))
+            cfg = run_config_from_dict(apply_overrides(d, list(sets)))
+            cfg = _with_steps(cfg, _steps(plan.study, cfg, what, tokens))
         except ConfigError as e:
             msg = str(e)
             raise ConfigError(msg if what in msg else f"{msg} ({what.strip()})") from None
@@ -319,18 +453,20 @@ def expand(plan: Plan, follow: list[tuple[Grid, dict]] = ()) -> list[Cell]:
         name = f"{m.scheme.value}_L{m.n_layers}_lr{t.lr:g}_s{t.seed}" + "".join(
             f"_{_leaf(p)}-{value(v)}" for p, v in extras.items()
         )
+        name += f"_tokens-{tokens}" if tokens else ""
         name = re.sub(r"[^A-Za-z0-9._+-]", "-", name)
         if name in by_name:
             raise ConfigError(
                 f"two different cells get the directory name {name!r} (grid {grid.name!r}); "
                 "make their axis values differ in scheme, depth, lr, seed or an extra axis"
             )
-        cell = Cell(name, [grid.name], resolved, extras, cfg)
+        cell = Cell(name, [grid.name], resolved, extras, cfg, tokens)
         by_config[key] = by_name[name] = cell
 
     for grid in plan.study.grids:
-        for values in itertools.product(*grid.axes.values()):
-            add(grid, dict(zip(grid.axes, values)))
-    for grid, point in follow:
-        add(grid, point)
+        if not grid.search:
+            for values in itertools.product(*grid.axes.values()):
+                add(grid, dict(zip(grid.axes, values)))
+    for f in follow:
+        add(*f)
     return list(by_config.values())

@@ -12,7 +12,7 @@ from ..files import read_jsonl
 from ..output import pyplot, save_figure
 from ..run import read_metrics
 from .grid import Cell
-from .results import aggregate, best_lr, best_lr_points, first_seed, read_probe, scaling_series
+from .results import aggregate, best_lr, best_lr_points, first_seed, read_probe, scaling_depths, scaling_series
 
 DPI = 90  # every plot's; tight (cropped to the drawn area) keeps a legend placed beside the axes
 
@@ -136,14 +136,17 @@ def plot_best_lr(path: Path, cells: list[Cell], rows: list[dict]) -> bool:
 
 
 def plot_ablation(path: Path, cells: list[Cell], rows: list[dict]) -> bool:
-    """Validation loss against lr for each SpanNorm scaling, beside PreNorm, at the ablation's depths."""
-    depths = {c.cfg.model.n_layers for c in cells if scaling_series(c)}
+    """Validation loss against lr for each SpanNorm scaling (the default span of another grid too), beside
+    PreNorm, at the ablation's depths."""
+    depths = scaling_depths(cells)
     return bool(depths) and plot_val(
         path,
         cells,
         rows,
         "lr",
-        key=lambda c: scaling_series(c) or ("pre" if c.series == "pre" and c.cfg.model.n_layers in depths else None),
+        key=lambda c: (
+            scaling_series(c, depths) or ("pre" if c.series == "pre" and c.cfg.model.n_layers in depths else None)
+        ),
     )
 
 

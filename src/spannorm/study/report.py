@@ -12,7 +12,17 @@ from ..output import lr, md_table
 from ..train import STALL_MARGIN
 from .claims import Claim
 from .grid import CORE, Cell, Grid, Plan, series_label
-from .results import STABLE_MARGIN, aggregate, best_lr, best_lr_points, scaling_series, stable_lrs
+from .results import (
+    SCALING_AXES,
+    STABLE_MARGIN,
+    aggregate,
+    best_lr,
+    best_lr_points,
+    scaling_depths,
+    scaling_series,
+    stable_lrs,
+)
+from .search import RECIPE_MARGIN, Search, search_report
 
 
 def grid_table(grid: Grid, cells: list[Cell], rows: list[dict]) -> str:
@@ -63,23 +73,36 @@ def best_lr_table(cells: list[Cell], rows: list[dict]) -> str:
 def lr_sensitivity(cells: list[Cell], rows: list[dict]) -> str:
     """Markdown: which SpanNorm scaling, if any, trains at the highest learning rate as well as PreNorm.
 
-    For every depth swept by a grid with a span_scale or span_c axis: each scaling's mean val loss
-    at the lowest and highest lr and the change between them, beside PreNorm's (dense, same depth).
-    A scaling *removes the sensitivity* if at the highest lr it trained (not diverged or stalled in
-    most seeds) and its mean val loss is at most PreNorm's there. "" if the study has no such grid.
+    For every depth swept by a grid with a span_scale or span_c axis (:func:`scaling_depths`): each
+    scaling's mean val loss at that grid's lowest and highest lr and the change between them, beside
+    PreNorm's (dense, same depth). Every dense span cell at those depths takes part, labelled by its
+    scaling, so the default span of another grid is one of the rows. A scaling *removes the
+    sensitivity* if at the highest lr it trained (not diverged or stalled in most seeds) and its mean
+    val loss is at most PreNorm's there. "" if the study has no such grid.
     """
-    points = aggregate(cells, rows, lambda c: (scaling_series(c), *c.depth_lr) if scaling_series(c) else None)
-    not_run = {c.cfg.model.n_layers for c, r in zip(cells, rows) if scaling_series(c) and r.get("status") == "not run"}
+    depths = scaling_depths(cells)
+    label = {c.name: s for c in cells if (s := scaling_series(c, depths))}  # each cell once, whatever its grids
+    points = aggregate(cells, rows, lambda c: (label[c.name], *c.depth_lr) if c.name in label else None)
+    not_run = {
+        (label[c.name], *c.depth_lr) for c, r in zip(cells, rows) if c.name in label and r.get("status") == "not run"
+    }
     pre = aggregate(cells, rows, lambda c: ("pre", *c.depth_lr) if c.series == "pre" else None)
     lines = []
-    for depth in sorted({k[1] for k in points}):
-        lrs = sorted({k[2] for k in points if k[1] == depth})
+    for depth in sorted(depths):
+        # the lrs of the ablation's grids (cells with a span_scale or span_c axis) at this depth
+        lrs = sorted(
+            {
+                c.cfg.train.lr
+                for c in cells
+                if c.name in label and c.cfg.model.n_layers == depth and any(p in c.axes for p in SCALING_AXES)
+            }
+        )
         if len(lrs) < 2:
             continue
         lo, hi = lrs[0], lrs[-1]
         ref = pre.get(("pre", depth, hi))
         table = []
-        removes, missing = [], depth in not_run
+        removes, missing = [], any(k[1] == depth for k in not_run)
         series = [("pre", pre)] + [(s, points) for s in dict.fromkeys(k[0] for k in points if k[1] == depth)]
         for name, src in series:
             a, b = src.get((name, depth, lo)), src.get((name, depth, hi))
@@ -90,13 +113,19 @@ def lr_sensitivity(cells: list[Cell], rows: list[dict]) -> str:
             )
             if name == "pre":
                 verdict = "(reference)"
+            elif b is None and (name, depth, hi) not in not_run:
+                verdict = f"no cell at lr={hi:g}"  # a series of another grid that does not sweep this lr
             elif b is None or ref is None or ref.mean is None:
                 verdict, missing = "not run yet", True  # pre's or this cell's highest-lr cells
             else:
                 ok = not b.failed and b.mean is not None and b.mean <= ref.mean
                 verdict = "yes" if ok else "no"
                 removes += [name] if ok else []
-            table.append([name, a.text() if a else "not run", b.text() if b else "not run", change, verdict])
+            cell_text = [
+                g.text() if g else "not run" if name == "pre" or (name, depth, rate) in not_run else "—"
+                for g, rate in ((a, lo), (b, hi))
+            ]
+            table.append([name, *cell_text, change, verdict])
         summary = (
             f"Scalings that remove the sensitivity at L={depth} (train at lr={hi:g} with a val loss at most "
             f"PreNorm's{f' {ref.mean:.3f}' if ref and ref.mean is not None else ''}): "
@@ -125,14 +154,16 @@ def report(
     plots: list[str],
     claim_list: list[tuple[str, Claim]],
     counts: dict,
+    found: list[Search] = (),
+    verdicts: str = "",
 ) -> str:
     """The text of report.md: ``cells`` and their ``rows`` (results.csv), ``plots`` (paths relative to the
-    study directory), the claims' verdicts and ``counts`` of cells trained, reused, failed and not run."""
+    study directory), the claims' verdicts, ``counts`` of cells trained, reused, failed and not run, and the
+    grids' searches (``found``) with their ``verdicts`` (:func:`spannorm.study.verdicts.verdicts_report`)."""
     study, t = plan.study, plan.base_cfg.train
     unigram = next((r["unigram_entropy"] for r in rows if r.get("unigram_entropy") is not None), None)
-    lines = [
-        "# spannorm study",
-        "",
+    lines = ["# spannorm study", ""] + ([f"> **Note.** {' '.join(study.note.split())}", ""] if study.note else [])
+    lines += [
         f"Command: `{command}`",
         "",
         f"{len(cells)} cells: {counts['trained']} trained in this session, {counts['reused']} reused, "
@@ -171,7 +202,24 @@ def report(
         "",
     ]
     for grid in study.grids:
-        lines += [f"## Grid `{grid.name}`", "", grid_table(grid, cells, rows), ""]
+        if not grid.search:
+            lines += [f"## Grid `{grid.name}`", "", grid_table(grid, cells, rows), ""]
+    if found:
+        lines += [
+            "## Searches",
+            "",
+            "Each point's best over its searched axes, by the rule of `spannorm.study.search` (fixed before the "
+            "data): start with a cross around the start (or, with `warm_start`, around the best of the point "
+            "before it); the best is the lowest final val loss among cells neither diverged nor stalled; while a "
+            "neighbour of the best one step away on any axis is not trained, train it. *Bracketed*: the best was "
+            "compared with a worse or failed cell on both sides of every axis; otherwise the axis limit that "
+            f"stopped it. *Recipe − best*: at the best lr, the recipe's own init scale against the best (within "
+            f"{RECIPE_MARGIN} nats: ok). *Confirmation*: mean ± std of the confirm seeds at the best, on the "
+            "confirm budget. Below the table, every cell each search tried (the best in bold; … not finished).",
+            "",
+            search_report(found, cells, rows),
+            "",
+        ]
     bad = [r for r in rows if r.get("status") not in ("ok", "not run")]
     if bad:
         lines += ["## Diverged, stalled and failed cells", ""]
@@ -219,8 +267,18 @@ def report(
         "data do not decide.",
         "",
     ]
-    for i, (title, c) in enumerate(claim_list, 1):
-        lines += [f"{i}. **{title}: {c.verdict}.** {c.evidence}", f"   - Rule: {c.rule}."]
+    if found:  # the generic rules compare series at equal (depth, lr): not the comparison a search makes
+        lines += [
+            "This study searches each series' own best (above), so its claims are judged by the rules written in "
+            "its study file (R1–R6), on the confirmation cells at each series' best, not by the generic rules "
+            "that compare series at equal (depth, lr). *Pending*: a side's confirmation cells have not all "
+            "finished.",
+            "",
+            verdicts,
+        ]
+    else:
+        for i, (title, c) in enumerate(claim_list, 1):
+            lines += [f"{i}. **{title}: {c.verdict}.** {c.evidence}", f"   - Rule: {c.rule}."]
     lines += [
         "",
         "## Base config",
@@ -232,7 +290,7 @@ def report(
         "## Study config",
         "",
         "```yaml",
-        yaml.safe_dump(study.to_dict(), sort_keys=False).rstrip(),
+        yaml.safe_dump(study.to_dict(), sort_keys=False, allow_unicode=True).rstrip(),
         "```",
         "",
     ]

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..files import atomic_write_text, read_json
 from ..output import value
-from .grid import Cell, Grid, Plan, expand
+from .grid import Cell, Follow, Plan, expand
 
 RESULT_COLUMNS = (
     "steps",
@@ -128,10 +128,16 @@ def best_lr_points(cells: list[Cell], rows: list[dict]) -> dict:
 
 
 def follow_ups(plan: Plan, cells: list[Cell], rows: list[dict]) -> list[Cell]:
-    """The first phase's ``cells`` (rows: their results) plus the second phase: for each grid with
-    best_lr_seeds, each (series, depth) of its cells whose first-seed cells have all finished gets cells
-    for those seeds at its best_lr. A pure function of the results, so a resumed study finds the same ones."""
-    follow: list[tuple[Grid, dict]] = []
+    """The first phase's ``cells`` (rows: their results) plus the second phase (:func:`best_lr_follow`)."""
+    follow = best_lr_follow(plan, cells, rows)
+    return expand(plan, follow) if follow else list(cells)
+
+
+def best_lr_follow(plan: Plan, cells: list[Cell], rows: list[dict]) -> list[Follow]:
+    """The second phase: for each grid with best_lr_seeds, each (series, depth) of its cells whose first-seed
+    cells have all finished gets cells for those seeds at its best_lr. A pure function of the results, so a
+    resumed study finds the same ones."""
+    follow: list[Follow] = []
     for grid in plan.study.grids:
         if not grid.best_lr_seeds:
             continue
@@ -143,8 +149,10 @@ def follow_ups(plan: Plan, cells: list[Cell], rows: list[dict]) -> list[Cell]:
             best = best_lr(by_lr)
             if best is not None:
                 cell = firsts[(series, depth, best)]
-                follow += [(grid, {p: cell.axes[p] for p in grid.axes} | {"train.seed": s}) for s in grid.best_lr_seeds]
-    return expand(plan, follow) if follow else list(cells)
+                follow += [
+                    Follow(grid, {p: cell.axes[p] for p in grid.axes} | {"train.seed": s}) for s in grid.best_lr_seeds
+                ]
+    return follow
 
 
 # --- seed groups ---------------------------------------------------------------------------
@@ -211,8 +219,20 @@ def aggregate(cells: list[Cell], rows: list[dict], key) -> dict:
 SCALING_AXES = ("model.span_scale", "model.span_c")  # the axes of a SpanNorm scaling ablation
 
 
-def scaling_series(c: Cell) -> str | None:
-    """The SpanNorm scaling of a cell in a span_scale/span_c grid (e.g. "span span_scale=init span_c=1"), else None."""
-    if not any(p in c.axes for p in SCALING_AXES) or c.cfg.model.scheme.value != "span":
+def scaling_series(c: Cell, depths: set[int]) -> str | None:
+    """The SpanNorm scaling of a dense span cell (no extra axes but span_scale and span_c) at one of the
+    scaling ablation's ``depths`` (:func:`scaling_depths`), e.g. "span span_scale=norm span_c=1" for the
+    default span of another grid; else None."""
+    if not _dense_span(c) or c.cfg.model.n_layers not in depths:
         return None
     return f"span span_scale={c.cfg.model.span_scale.value} span_c={value(c.cfg.model.span_c)}"
+
+
+def _dense_span(c: Cell) -> bool:
+    return c.cfg.model.scheme.value == "span" and all(p in SCALING_AXES for p in c.extras)
+
+
+def scaling_depths(cells: list[Cell]) -> set[int]:
+    """The depths of the study's SpanNorm scaling ablation: those of its dense span cells in a grid with a
+    span_scale or span_c axis (none: the study has no such grid)."""
+    return {c.cfg.model.n_layers for c in cells if _dense_span(c) and any(p in c.axes for p in SCALING_AXES)}

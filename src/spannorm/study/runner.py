@@ -14,7 +14,9 @@ from .claims import claims, init_probe
 from .grid import Cell, Plan, StudyConfig, expand, plan_study
 from .plots import plot_study
 from .report import report
-from .results import cell_result, follow_ups, write_results
+from .results import best_lr_follow, cell_result, write_results
+from .search import search_follow, searches
+from .verdicts import verdicts_report
 
 
 def run_study(
@@ -46,7 +48,7 @@ def _run_study(plan: Plan, cells: list[Cell], out: Path, command: str, jobs: int
     study = plan.study
     before = {c.name for c in cells if (out / "cells" / c.name / "summary.json").is_file()}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "study.yaml", yaml.safe_dump(study.to_dict(), sort_keys=False))
+    atomic_write_text(out / "study.yaml", yaml.safe_dump(study.to_dict(), sort_keys=False, allow_unicode=True))
     log(f"study: {len(cells)} cells ({len(before)} finished before) -> {out / 'cells'}")
     failed: dict[str, str] = {}
 
@@ -59,16 +61,26 @@ def _run_study(plan: Plan, cells: list[Cell], out: Path, command: str, jobs: int
 
     run(cells)
     rows = [cell_result(c, out, failed.get(c.name)) for c in cells]
-    if any(grid.best_lr_seeds for grid in study.grids):  # the second phase, found again from the first's results
-        n = len(cells)
-        cells = follow_ups(plan, cells, rows)
-        more = cells[n:]
-        before |= {c.name for c in more if (out / "cells" / c.name / "summary.json").is_file()}
-        log(
-            f"best-lr seeds: {len(more)} cells at each series' best lr ({len(before & {c.name for c in more})} "
-            "finished before)"
-        )
-        run(more)
+    if any(grid.best_lr_seeds or grid.search for grid in study.grids):
+        # the later phases, found again from the finished cells: the best-lr seeds, and each search, round by
+        # round (a round's cells are those its searches ask for, given every cell finished before it)
+        grid_cells, grid_rows, n, ran = cells, rows, len(cells), set()
+        while True:
+            follow = best_lr_follow(plan, grid_cells, grid_rows) + search_follow(searches(plan, out, failed))
+            cells = grid_cells + expand(plan, follow)[n:] if follow else grid_cells
+            finished = {c.name for c in cells[n:] if (out / "cells" / c.name / "summary.json").is_file()}
+            before |= finished - ran
+            todo = [c for c in cells[n:] if c.name not in failed and c.name not in finished]
+            log(
+                f"later phases: {len(cells) - n} cells so far ({len(before & finished)} finished before), "
+                f"{len(todo)} to run"
+            )
+            if not todo:
+                break
+            run(todo)
+            ran |= {c.name for c in todo}
+            if report_only:
+                break
         rows = [cell_result(c, out, failed.get(c.name)) for c in cells]
     write_results(out / "results.csv", cells, rows)
     plots = plot_study(out, cells, rows)
@@ -81,7 +93,9 @@ def _run_study(plan: Plan, cells: list[Cell], out: Path, command: str, jobs: int
         "failed": len(failed) - not_run,
         "not run": not_run,
     }
-    text = report(plan, cells, rows, command, plots, claims(cells, rows, out, init), counts)
+    found = searches(plan, out, failed) if any(grid.search for grid in study.grids) else []
+    fair = verdicts_report(plan, found, out, failed) if found else ""
+    text = report(plan, cells, rows, command, plots, claims(cells, rows, out, init), counts, found, fair)
     atomic_write_text(out / "report.md", text)
     if failed and not report_only:
         raise SpannormError(

@@ -1,0 +1,319 @@
+"""A grid's search: per point of its axes, the best over one or two searched axes (say learning rate × init
+scale), bracketed on each, then confirmation cells at that best.
+
+The rule, fixed before the data. Each searched axis is a lattice start · factor^k within [min, max]; a cell
+is a point plus one lattice value per axis, trained on the study's tokens_per_cell with the point's seed.
+  1. The first cells are the start and its neighbours one step away on each axis (a cross of 5 cells for
+     two axes). With ``warm_start`` (an axis of the grid, e.g. model.n_layers), a point starts at the best of
+     the point with the previous value on that axis, once that one's search is done.
+  2. The *best* is the cell with the lowest final val loss among those that neither diverged nor stalled
+     (ties: the earlier lattice position). While any of its neighbours one step away on each axis is not
+     yet trained, those are added; so the search moves until the best has been compared with a worse (or
+     failed) cell on both sides of every axis: it is *bracketed*. A neighbour outside [min, max] is not
+     added, and the report says which axis reached its limit.
+  3. If no cell trained, the search steps down the first axis (a lower learning rate) from its lowest
+     value tried, until one trains or the limit is reached.
+  4. A point whose search is done gets ``confirm`` cells at its best: each of the confirm seeds, on the
+     confirm budget, with the confirm overrides.
+The search is a pure function of the finished cells on disk: a stopped study replays it to the same cells.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..output import md_table
+from .grid import Cell, Follow, Grid, Peer, Plan, expand
+from .results import cell_result
+
+Coords = tuple[int, ...]
+FINISHED = ("ok", "stalled", "diverged")
+
+
+@dataclass
+class Search:
+    """One point's search: its cells by lattice coordinates, and where it stands."""
+
+    grid: Grid
+    point: dict  # the grid's axes -> this point's values
+    tried: dict[Coords, tuple[Cell, dict]] = field(default_factory=dict)  # coords -> (cell, results.csv row)
+    state: str = "waiting"  # waiting (for its warm start), running, done
+    best: Coords | None = None
+    limits: list[str] = field(default_factory=list)  # the axes whose limit stopped the bracket, in words
+
+    def values(self, coords: Coords) -> dict:
+        """The searched axes' values at ``coords``."""
+        return {path: axis.at(k) for (path, axis), k in zip(self.grid.search.items(), coords)}
+
+    @property
+    def best_cell(self) -> tuple[Cell, dict] | None:
+        return None if self.best is None else self.tried[self.best]
+
+
+def _trained(row: dict) -> bool:
+    return row.get("status") == "ok" and row.get("final_val_loss") not in (None, "")
+
+
+def _neighbours(grid: Grid, coords: Coords) -> tuple[list[Coords], list[str]]:
+    """The lattice neighbours of ``coords`` one step away on each axis, and the limits that left some out."""
+    out, limits = [], []
+    for i, (path, axis) in enumerate(grid.search.items()):
+        for step, bound in ((-1, "min"), (1, "max")):
+            c = coords[:i] + (coords[i] + step,) + coords[i + 1 :]
+            if axis.at(c[i]) is None:
+                limits.append(f"{path} reached its limit {bound}={getattr(axis, bound):g}")
+            else:
+                out.append(c)
+    return out, limits
+
+
+def _replay(plan: Plan, search: Search, start: Coords, out: Path, failed: dict) -> None:
+    """Run the rule over the cells on disk from ``start``: fills ``search.tried``, ``state``, ``best``."""
+    grid = search.grid
+    todo = [start] + _neighbours(grid, start)[0]
+    while True:
+        new = [c for c in todo if c not in search.tried]
+        cells = expand(plan, [Follow(grid, search.point | search.values(c)) for c in new]) if new else []
+        for c, cell in zip(new, cells):
+            search.tried[c] = (cell, cell_result(cell, out, failed.get(cell.name)))
+        if any(row.get("status") not in FINISHED for _, row in search.tried.values()):
+            search.state = "running"
+            return
+        scored = {c: float(row["final_val_loss"]) for c, (_, row) in search.tried.items() if _trained(row)}
+        if not scored:  # rule 3: nothing trained: a lower value of the first axis
+            low = min(search.tried, key=lambda c: (c[0], c))
+            down = (low[0] - 1,) + low[1:]
+            if grid.search[next(iter(grid.search))].at(down[0]) is None:
+                search.state, search.limits = (
+                    "done",
+                    [f"no cell trained down to the limit of {next(iter(grid.search))}"],
+                )
+                return
+            todo = [down]
+            continue
+        search.best = min(scored, key=lambda c: (scored[c], c))
+        ring, search.limits = _neighbours(grid, search.best)
+        todo = [c for c in ring if c not in search.tried]
+        if not todo:
+            search.state = "done"
+            return
+
+
+def _points(axes: dict) -> list[dict]:
+    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+
+def confirm_follow(search: Search) -> list[Follow]:
+    """The confirmation cells ``search`` asks for: none until it is done with a best."""
+    conf = search.grid.confirm
+    if search.state != "done" or search.best is None or conf is None:
+        return []
+    at = search.point | search.values(search.best)
+    return [
+        Follow(search.grid, at | {"train.seed": seed}, conf.tokens_per_cell, tuple(conf.set)) for seed in conf.seeds
+    ]
+
+
+def confirmed(plan: Plan, search: Search, out: Path, failed: dict) -> list[dict] | None:
+    """The results.csv rows of ``search``'s confirmation cells, or None while any is not finished (or it has none)."""
+    follow = confirm_follow(search)
+    if not follow:
+        return None
+    n = len(expand(plan))
+    rows = [cell_result(c, out, failed.get(c.name)) for c in expand(plan, follow)[n:]]
+    return rows if rows and all(r.get("status") in FINISHED for r in rows) else None
+
+
+def mean_val(rows: list[dict]) -> float | None:
+    vals = [float(r["final_val_loss"]) for r in rows if _trained(r)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def best_peer(plan: Plan, peer: Peer, earlier: list[Search], out: Path, failed: dict) -> str | None:
+    """``peer`` resolved (:class:`~spannorm.study.grid.Peer`) from the searches ``earlier``, or None while it is
+    not known yet."""
+    mine = [
+        s
+        for s in earlier
+        if s.grid.name == peer.grid
+        and s.point.get("model.scheme") in peer.among
+        and all(s.point.get(k) == v for k, v in peer.at.items())
+    ]
+    scores = {}
+    for s in mine:
+        if s.state != "done":
+            return None
+        if s.best is None:
+            continue  # nothing trained: not a candidate
+        rows = confirmed(plan, s, out, failed)
+        if rows is None:
+            return None
+        if (m := mean_val(rows)) is not None:
+            scores[s.point["model.scheme"]] = m
+    return min(scores, key=lambda k: (scores[k], k)) if scores else None
+
+
+def searches(plan: Plan, out: Path, failed: dict | None = None) -> list[Search]:
+    """Every searched point of the study, replayed against the cells in ``out`` (``failed``: cell name ->
+    error of this session, whose cells count as not finished)."""
+    failed = failed or {}
+    result: list[Search] = []
+    for grid in plan.study.grids:
+        if not grid.search:
+            continue
+        axes = dict(grid.axes)
+        if grid.peer is not None and (name := best_peer(plan, grid.peer, result, out, failed)) is not None:
+            axes["model.scheme"] = list(dict.fromkeys(axes["model.scheme"] + [name]))
+        done: dict[str, Search] = {}
+        warm = grid.warm_start
+        order = axes[warm] if warm else [None]
+        for point in sorted(_points(axes), key=lambda p: order.index(p[warm]) if warm else 0):
+            search = Search(grid, point)
+            start: Coords | None = (0,) * len(grid.search)
+            if warm and (i := order.index(point[warm])) > 0:
+                prev = done[repr(point | {warm: order[i - 1]})]
+                start = None if prev.state != "done" else (prev.best or start)
+            if start is not None:
+                _replay(plan, search, start, out, failed)
+            done[repr(point)] = search
+            result.append(search)
+    return result
+
+
+def search_follow(found: list[Search]) -> list[Follow]:
+    """The cells the searches ask for: every cell tried, and the confirm cells of each point that is done."""
+    follow = []
+    for s in found:
+        follow += [Follow(s.grid, s.point | s.values(c)) for c in s.tried] + confirm_follow(s)
+    return follow
+
+
+def confirm_cells(search: Search, cells: list[Cell]) -> list[Cell]:
+    """The confirmation cells of ``search`` among ``cells`` (empty until its search is done)."""
+    if search.state != "done" or search.best is None or search.grid.confirm is None:
+        return []
+    best = search.tried[search.best][0]
+    conf = search.grid.confirm
+    same = {p: best.axes[p] for p in best.axes if p != "train.seed"}
+    return [
+        c
+        for c in cells
+        if c.tokens == conf.tokens_per_cell
+        and search.grid.name in c.grids
+        and all(c.axes.get(p) == v for p, v in same.items())
+    ]
+
+
+# --- the report ------------------------------------------------------------------------------
+
+RECIPE_MARGIN = 0.05  # nats: a recipe (the searched axes' start values) within this of the best does not handicap
+
+
+def _label(search: Search) -> str:
+    p = search.point
+    rest = [
+        f"{k.rsplit('.', 1)[-1]}={v}" for k, v in p.items() if k not in ("model.scheme", "model.n_layers", "train.seed")
+    ]
+    return " ".join([str(p.get("model.scheme", "")), *rest]).strip() + (
+        f", L={p['model.n_layers']}" if "model.n_layers" in p else ""
+    )
+
+
+def _entry(row: dict) -> str:
+    status = row.get("status", "")
+    if status == "ok":
+        return f"{float(row['final_val_loss']):.3f}"
+    if status == "stalled":
+        return f"{float(row['final_val_loss']):.3f} stalled"
+    return "div" if status == "diverged" else "…" if status in ("not run", "failed: no summary.json") else "failed"
+
+
+def _confirm_text(search: Search, cells: list[Cell], row_of: dict) -> str:
+    mine = confirm_cells(search, cells)
+    vals = [float(row_of[c.name]["final_val_loss"]) for c in mine if _trained(row_of[c.name])]
+    if not mine:
+        return "—"
+    n, bad = len(mine), sum(row_of[c.name].get("status") in ("diverged", "stalled") for c in mine)
+    if not vals:
+        return f"none finished (0/{n})"
+    mean = sum(vals) / len(vals)
+    std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else None
+    return (
+        f"{mean:.3f}"
+        + (f" ± {std:.3f}" if std is not None else "")
+        + f" (n={len(vals)}/{n}"
+        + (f", {bad} diverged or stalled)" if bad else ")")
+    )
+
+
+def recipe_gap(search: Search) -> float | None:
+    """At the best value of the first axis (the lr), the recipe's (the other axes at their start) val loss minus
+    the best's; None if that cell did not train or is not run."""
+    if search.best is None:
+        return None
+    at = (search.best[0],) + (0,) * (len(search.best) - 1)
+    row = search.tried.get(at, (None, {}))[1]
+    if not _trained(row):
+        return None
+    return float(row["final_val_loss"]) - float(search.tried[search.best][1]["final_val_loss"])
+
+
+def search_report(found: list[Search], cells: list[Cell], rows: list[dict]) -> str:
+    """Markdown: one summary row per searched point, then each point's search history (every cell it tried)."""
+    if not found:
+        return ""
+    row_of = {c.name: r for c, r in zip(cells, rows)}
+    paths = list(found[0].grid.search)
+    leaf = [p.rsplit(".", 1)[-1] for p in paths]
+    summary = []
+    for s in found:
+        best = s.values(s.best) if s.best is not None else {}
+        val = _entry(s.tried[s.best][1]) if s.best is not None else "—"
+        gap = recipe_gap(s)
+        bracket = (
+            "waiting"
+            if s.state == "waiting"
+            else "running"
+            if s.state == "running"
+            else ("yes" if not s.limits else "; ".join(s.limits))
+        )
+        summary.append(
+            [_label(s), *[f"{best[p]:g}" if p in best else "—" for p in paths], val, bracket]
+            + (
+                [("—" if gap is None else f"{gap:+.3f}" + (" ok" if gap <= RECIPE_MARGIN else " **handicap**"))]
+                if len(paths) > 1
+                else []
+            )
+            + [_confirm_text(s, cells, row_of)]
+        )
+    head = ["point", *[f"best {name}" for name in leaf], "val loss there (search seed)", "bracketed"]
+    head += (
+        [f"recipe ({leaf[1]}={found[0].grid.search[paths[1]].start:g}) − best, at the best {leaf[0]}"]
+        if len(paths) > 1
+        else []
+    )
+    head += ["confirmation: val loss"]
+    lines = [md_table(head, summary), ""]
+    for s in found:
+        if not s.tried:
+            continue
+        xs = sorted({c[0] for c in s.tried})
+        ys = sorted({c[1] for c in s.tried}) if len(paths) > 1 else [None]
+        table = []
+        for y in ys:
+            cells_y = []
+            for x in xs:
+                c = (x,) if y is None else (x, y)
+                e = _entry(s.tried[c][1]) if c in s.tried else ""
+                cells_y.append(f"**{e}**" if c == s.best else e)
+            table.append(([f"{found[0].grid.search[paths[1]].at(y):g}"] if y is not None else [""]) + cells_y)
+        first = found[0].grid.search[paths[0]]
+        lines += [
+            f"{_label(s)} ({len(s.tried)} cells; {s.state}):",
+            "",
+            md_table([f"{leaf[1]} \\ {leaf[0]}" if len(paths) > 1 else ""] + [f"{first.at(x):g}" for x in xs], table),
+            "",
+        ]
+    return "\n".join(lines).rstrip()

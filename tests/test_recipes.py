@@ -1,0 +1,117 @@
+"""Width-aware recipes (issue 24): every scheme's base std σ is a rule of the width, checked at two widths and two
+depths against an independent table; model.init_std pins a number, model.init_scale multiplies every std."""
+
+import math
+
+import pytest
+import torch
+
+from spannorm import ModelConfig, Scheme, build_model
+from spannorm.layers import Role
+from spannorm.schemes import weight_stds
+
+FAN_IN = "fan-in"
+CARRIED = "carried"  # GPT-2's 0.02 at width 768: 0.02·sqrt(768/d)
+# the rule each scheme's σ follows, written out by hand: docs/fair-study/recipes/ measured the choice for pre, span,
+# post, peri, lns, siamese and mixln; admin follows post, sandwich and hybrid(_star) pre, residual siamese
+RULE = {
+    "pre": FAN_IN,
+    "post": CARRIED,
+    "span": FAN_IN,
+    "deepnorm": FAN_IN,
+    "b2t": FAN_IN,
+    "admin": CARRIED,
+    "peri": FAN_IN,
+    "sandwich": FAN_IN,
+    "mixln": FAN_IN,
+    "hybrid": FAN_IN,
+    "hybrid_star": FAN_IN,
+    "lns": CARRIED,
+    "residual": FAN_IN,
+    "siamese": FAN_IN,
+    "deepscale": FAN_IN,
+}
+GPT2_OUT_DOWN = {"pre", "peri", "sandwich", "hybrid", "hybrid_star"}  # out and down × 1/sqrt(2L)
+PLAIN = {"post", "admin", "lns", "residual", "siamese", "mixln"}  # every linear weight σ
+
+
+def sigma(scheme: str, d: int) -> float:
+    return d**-0.5 if RULE[scheme] == FAN_IN else 0.02 * math.sqrt(768 / d)
+
+
+def expected(scheme: str, d: int, L: int, s: float | None = None) -> dict[Role, float]:
+    """Roles whose std is σ (``s``, default the width rule's) or a multiple of it, and constants that do not
+    follow it, by scheme (the other roles: tests/test_peers.py)."""
+    s = sigma(scheme, d) if s is None else s
+    if scheme in GPT2_OUT_DOWN:
+        return {Role.EMBED: s, Role.ATTN_QK: s, Role.FFN_UP: s, Role.ATTN_OUT: s / math.sqrt(2 * L)}
+    if scheme in PLAIN:
+        return {Role.ATTN_QK: s, Role.ATTN_OUT: s, Role.FFN_DOWN: s} | (
+            {Role.EMBED: math.sqrt(2 / 5)} if scheme == "mixln" else {Role.EMBED: s}
+        )
+    if scheme in ("span", "deepnorm", "b2t"):  # σ on the embedding and the head; the blocks have their own rules
+        return {Role.EMBED: s, Role.HEAD: s}
+    assert scheme == "deepscale"
+    return {Role.EMBED: 1.0, Role.ATTN_QK: d**-0.5}  # unit-variance embedding, fan-in inputs: no σ
+
+
+@pytest.mark.parametrize("d", [64, 256])
+@pytest.mark.parametrize("L", [4, 48])
+@pytest.mark.parametrize("scheme", [s.value for s in Scheme])
+def test_every_scheme_base_std_follows_its_width_rule(scheme, d, L):
+    assert set(RULE) == {s.value for s in Scheme}
+    cfg = ModelConfig(d_model=d, n_heads=4, n_layers=L, scheme=scheme)
+    got = weight_stds(cfg, L - 1)
+    for role, std in expected(scheme, d, L).items():
+        assert got[role] == pytest.approx(std, rel=1e-9), role
+    # a number pins σ at every width; init_scale multiplies every std of the rule
+    pinned = weight_stds(ModelConfig(d_model=d, n_heads=4, n_layers=L, scheme=scheme, init_std=0.02), L - 1)
+    for role, std in expected(scheme, d, L, s=0.02).items():
+        assert pinned[role] == pytest.approx(std, rel=1e-9), role
+    scaled = weight_stds(ModelConfig(d_model=d, n_heads=4, n_layers=L, scheme=scheme, init_scale=0.25), L - 1)
+    assert scaled == pytest.approx({r: 0.25 * v for r, v in got.items()})
+
+
+@pytest.mark.parametrize("scheme", ["pre", "span", "deepnorm"])
+def test_init_scale_multiplies_the_measured_weights_and_not_the_norms(scheme):
+    def build(scale):
+        torch.manual_seed(0)
+        return build_model(ModelConfig(d_model=64, n_heads=4, n_layers=3, scheme=scheme, init_scale=scale))
+
+    a, b = build(1.0), build(2.0)
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        if p.dim() == 2:
+            assert q.std().item() == pytest.approx(2 * p.std().item(), rel=1e-5), name
+        else:  # norm gains (and biases) are not weights of the init rule
+            assert torch.equal(p, q), name
+
+
+def test_shared_init_uses_the_width_rule():
+    for d in (64, 256):
+        cfg = ModelConfig(d_model=d, n_heads=4, n_layers=4, scheme="b2t", init="shared")
+        assert all(v == pytest.approx(sigma("pre", d)) for v in weight_stds(cfg, 0).values())
+
+
+@pytest.mark.parametrize("value", [0, -0.1, float("nan"), "big", True])
+def test_bad_init_std_or_scale_is_a_one_line_error(value):
+    from spannorm.config import ConfigError
+
+    for field in ("init_std", "init_scale"):
+        with pytest.raises(ConfigError, match=f"model.{field}="):
+            ModelConfig(**{field: value})
+
+
+def test_the_code_s_width_rules_are_the_measured_ones():
+    """scripts/fair_recipes.py applies fair-recipes.yaml's rule to its committed cells and fails on a disagreement."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(root / "scripts/fair_recipes.py"), str(root / "docs/fair-study/recipes")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("\n") == 2 + 7  # a row per screened scheme

@@ -1,0 +1,202 @@
+"""A grid's search (spannorm.study.search): the best over lr × init scale, bracketed on both axes, replayed from
+the cells on disk; warm starts across depth; limits; confirmation cells; a real study that runs one."""
+
+import json
+import math
+
+import pytest
+
+from spannorm.config import ConfigError
+from spannorm.study import expand, plan_study, run_study, study_from_dict
+from spannorm.study.search import search_follow, searches
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def search_study(corpus, **grid_changes):
+    grid = {
+        "name": "fair",
+        "axes": {"model.scheme": ["pre", "span"], "model.n_layers": [2, 3], "train.seed": [1]},
+        "search": {
+            "train.lr": {"start": 4e-3, "min": 5e-4, "max": 6.4e-2},
+            "model.init_scale": {"start": 1, "min": 0.125, "max": 8},
+        },
+        "warm_start": "model.n_layers",
+        "confirm": {"seeds": [1, 2, 3], "tokens_per_cell": 5120, "set": ["train.warmup_steps=4"]},
+    } | grid_changes
+    return {
+        "base": "tiny",
+        "set": [f"data.corpus={corpus}", "train.probe_interval=0"],
+        "tokens_per_cell": 2560,
+        "probe": False,
+        "grids": [grid],
+    }
+
+
+def bowl(cell):
+    """A fake final val loss with its minimum at lr 1.6e-2 and init scale 0.5 (pre) or lr 2e-3, scale 2 (span)."""
+    m = cell.cfg.model
+    lr0, s0 = (1.6e-2, 0.5) if m.scheme.value == "pre" else (2e-3, 2.0)
+    return 2 + (math.log2(cell.cfg.train.lr / lr0)) ** 2 + (math.log2(m.init_scale / s0)) ** 2 + 0.01 * m.n_layers
+
+
+def fake_train(plan, out, loss=bowl, status=lambda cell: "ok"):
+    """Write a summary.json for every cell the searches ask for, round after round, until they ask for none."""
+    rounds = 0
+    while True:
+        cells = expand(plan, search_follow(searches(plan, out)))
+        new = [c for c in cells if not (out / "cells" / c.name / "summary.json").is_file()]
+        if not new:
+            return rounds
+        for c in new:
+            d = out / "cells" / c.name
+            d.mkdir(parents=True)
+            s = status(c)
+            summary = {"steps": c.cfg.train.max_steps, "final_val_loss": loss(c), "diverged": s == "diverged"}
+            (d / "summary.json").write_text(json.dumps(summary | {"stalled": s == "stalled"}))
+        rounds += 1
+
+
+def test_the_search_brackets_the_best_on_both_axes_and_confirms_it(corpus, tmp_path):
+    plan = plan_study(study_from_dict(search_study(corpus)))
+    assert fake_train(plan, tmp_path) > 2
+    found = searches(plan, tmp_path)
+    assert [s.state for s in found] == ["done"] * 4
+    for s in found:
+        want = (1.6e-2, 0.5) if s.point["model.scheme"] == "pre" else (2e-3, 2.0)
+        assert tuple(s.values(s.best).values()) == want
+        assert s.limits == []
+        i, j = s.best  # bracketed: all four neighbours were trained, and are worse
+        for c in ((i - 1, j), (i + 1, j), (i, j - 1), (i, j + 1)):
+            assert s.tried[c][1]["final_val_loss"] > s.tried[s.best][1]["final_val_loss"]
+    # the deeper point started from the shallower one's best: its cross only
+    deep = next(s for s in found if s.point == {"model.scheme": "pre", "model.n_layers": 3, "train.seed": 1})
+    shallow = next(s for s in found if s.point == {"model.scheme": "pre", "model.n_layers": 2, "train.seed": 1})
+    assert len(deep.tried) == 5 < len(shallow.tried)
+    confirm = [f for f in search_follow(found) if f.tokens]
+    assert len(confirm) == 4 * 3
+    assert {f.point["train.seed"] for f in confirm} == {1, 2, 3}
+
+
+def test_a_search_replays_to_the_same_cells_and_stops_at_its_limits(corpus, tmp_path):
+    data = search_study(corpus)
+    data["grids"][0]["search"]["train.lr"]["max"] = 8e-3  # pre's best (1.6e-2) is beyond it
+    plan = plan_study(study_from_dict(data))
+    fake_train(plan, tmp_path)
+    first = [(s.point, sorted(s.tried), s.best) for s in searches(plan, tmp_path)]
+    assert first == [(s.point, sorted(s.tried), s.best) for s in searches(plan, tmp_path)]
+    pre = next(s for s in searches(plan, tmp_path) if s.point["model.scheme"] == "pre")
+    assert pre.values(pre.best)["train.lr"] == 8e-3
+    assert pre.limits == ["train.lr reached its limit max=0.008"]
+
+
+def test_a_search_where_nothing_trains_steps_down_the_lr(corpus, tmp_path):
+    plan = plan_study(study_from_dict(search_study(corpus, warm_start=None)))
+    fake_train(plan, tmp_path, status=lambda c: "ok" if c.cfg.train.lr < 1e-3 else "diverged")
+    s = searches(plan, tmp_path)[0]
+    assert s.state == "done" and s.values(s.best)["train.lr"] == 5e-4  # the limit: min
+    assert "train.lr reached its limit min=0.0005" in s.limits
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ({"search": {"model.n_layers": {"start": 2, "min": 1, "max": 4}}}, "grids[0].search key='model.n_layers'"),
+        ({"search": {"train.lr": {"start": 1, "min": 0.1, "max": 0.5}}}, "grids[0].search.train.lr.start=1.0"),
+        ({"search": {"train.lr": {"start": 1e-3, "min": 1e-4, "max": 1e-2, "factor": 1}}}, "factor=1.0"),
+        ({"warm_start": "train.lr"}, "grids[0].warm_start='train.lr'"),
+        ({"search": {}, "warm_start": None, "confirm": {"seeds": [1], "tokens_per_cell": 5120}}, "grids[0].confirm"),
+        ({"confirm": {"seeds": [1], "tokens_per_cell": 5000}}, "tokens_per_cell=5000 is invalid for grids[0].confirm"),
+        ({"confirm": {"seeds": [1], "tokens_per_cell": 5120, "set": ["train.max_steps=3"]}}, "train.max_steps"),
+    ],
+)
+def test_bad_search_is_a_one_line_error(corpus, change, fragment):
+    with pytest.raises(ConfigError) as e:
+        plan_study(study_from_dict(search_study(corpus, **change)))
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_study_with_a_search_trains_resumes_and_reports(corpus, tmp_path):
+    data = search_study(corpus)
+    g = data["grids"][0]
+    g["axes"] = {"model.scheme": ["pre"], "model.n_layers": [2], "train.seed": [1]}
+    g["search"] = {"train.lr": {"start": 1e-2, "min": 5e-3, "max": 2e-2}}  # 3 lrs at most
+    g["confirm"]["seeds"] = [2]
+    study = study_from_dict(data)
+    rows = run_study(study, tmp_path, "test", log=lambda *_: None)
+    names = [r["name"] for r in rows]
+    assert {"pre_L2_lr0.005_s1", "pre_L2_lr0.01_s1", "pre_L2_lr0.02_s1"} == {n for n in names if "tokens" not in n}
+    (confirm,) = [r for r in rows if "tokens" in r["name"]]
+    assert confirm["name"].endswith("_s2_tokens-5120") and confirm["steps"] == 20 and confirm["status"] == "ok"
+    again = run_study(study, tmp_path, "test", log=lambda *_: None)
+    assert [r["final_val_loss"] for r in again] == [r["final_val_loss"] for r in rows]
+    text = (tmp_path / "report.md").read_text()
+    assert "## Searches" in text and "rules written in its study file" in text
+
+
+def test_a_peer_grid_adds_the_best_confirmed_peer_once_it_is_known(corpus, tmp_path):
+    data = search_study(corpus, warm_start=None)
+    data["grids"][0]["axes"] = {"model.scheme": ["span", "pre", "post"], "model.n_layers": [2], "train.seed": [1]}
+    data["grids"].append(
+        {
+            "name": "wide",
+            "axes": {"model.scheme": ["span"], "model.d_model": [32, 48], "model.n_layers": [2], "train.seed": [1]},
+            "search": data["grids"][0]["search"],
+            "warm_start": "model.d_model",
+            "peer": {"grid": "fair", "among": ["pre", "post"], "at": {"model.n_layers": 2}},
+        }
+    )
+    plan = plan_study(study_from_dict(data))
+
+    def loss(cell):  # post's confirmation is the lowest of the peers
+        return bowl(cell) - (0.5 if cell.cfg.model.scheme.value == "post" and cell.tokens else 0)
+
+    fake_train(plan, tmp_path, loss=loss)
+    wide = [s for s in searches(plan, tmp_path) if s.grid.name == "wide"]
+    assert sorted((s.point["model.scheme"], s.point["model.d_model"]) for s in wide) == [
+        ("post", 32),
+        ("post", 48),
+        ("span", 32),
+        ("span", 48),
+    ]
+    # the d_model 32 points are the first grid's cells again (one directory each), and 48 starts from their best
+    names = [c.name for c in expand(plan, search_follow(searches(plan, tmp_path)))]
+    assert len(names) == len(set(names)) and not any("d_model-32" in n for n in names)
+    assert all(s.state == "done" for s in wide)
+
+
+def test_a_peer_must_name_an_earlier_grid_with_confirm(corpus):
+    data = search_study(corpus)
+    data["grids"][0]["peer"] = {"grid": "nope", "among": ["pre"]}
+    with pytest.raises(ConfigError, match=r"grids\[0\].peer.grid='nope' is invalid"):
+        study_from_dict(data)
+
+
+def test_fair_verdicts_compare_confirmed_bests_by_the_study_rules(corpus, tmp_path):
+    from spannorm.study.verdicts import BETTER, WORSE, comparison_table, verdicts_report
+
+    data = search_study(corpus, warm_start=None)
+    grid = data["grids"][0]
+    grid["axes"] = {"model.scheme": ["span", "pre", "post"], "model.n_layers": [2], "train.seed": [1]}
+    grid["peer"] = {"grid": "fair", "among": ["post"]}
+    data["grids"] = [dict(grid, name="fair", peer=None), dict(grid, name="peers")]
+    data["grids"][0].pop("peer")
+    plan = plan_study(study_from_dict(data))
+    offset = {"span": 0.0, "pre": 0.3, "post": -0.3}
+
+    def loss(cell):  # span: 0.3 below pre, 0.3 above post; seeds differ by 0.01
+        return bowl(cell) + offset[cell.cfg.model.scheme.value] + 0.01 * cell.cfg.train.seed
+
+    def status(cell):  # post diverges at the higher lrs, where span trains
+        return "diverged" if cell.cfg.model.scheme.value == "post" and cell.cfg.train.lr >= 8e-3 else "ok"
+
+    fake_train(plan, tmp_path, loss=loss, status=status)
+    found = searches(plan, tmp_path)
+    table, results = comparison_table(plan, found, tmp_path, {})
+    got = {(role, other.point["model.scheme"]): r for role, _, other, r in results}
+    assert set(got) == {("pre", "pre"), ("best peer", "post")}  # each pair once, though two grids hold it
+    assert got[("pre", "pre")]["verdict"] == BETTER and got[("pre", "pre")]["delta"] == pytest.approx(0.3)
+    assert got[("best peer", "post")]["verdict"] == WORSE
+    text = verdicts_report(plan, found, tmp_path, {})
+    assert "Stability where PostNorm diverges or stalls (claim 3): supported." in text
+    assert "Quality: lower validation loss than PreNorm (claim 4): supported." in text
