@@ -197,6 +197,44 @@ def test_fair_verdicts_compare_confirmed_bests_by_the_study_rules(corpus, tmp_pa
     assert set(got) == {("pre", "pre"), ("best peer", "post")}  # each pair once, though two grids hold it
     assert got[("pre", "pre")]["verdict"] == BETTER and got[("pre", "pre")]["delta"] == pytest.approx(0.3)
     assert got[("best peer", "post")]["verdict"] == WORSE
-    text = verdicts_report(plan, found, tmp_path, {})
-    assert "Stability where PostNorm diverges or stalls (claim 3): supported." in text
-    assert "Quality: lower validation loss than PreNorm (claim 4): supported." in text
+    text = verdicts_report(plan, found, tmp_path, {}, init=[])
+    assert "Stability where PostNorm diverges or stalls (claim 3, R4): supported." in text
+    assert "Quality: lower validation loss than PreNorm (claim 4, R3): supported." in text
+    # no probes were written (fake cells): the probe-based claims cannot decide
+    assert "Less collapse after training (claim 5, R5): inconclusive." in text
+    for f in search_follow(found):  # probes of the confirmation cells: span's deep blocks less alike than pre's
+        if f.tokens:
+            (c,) = expand(plan, [f])[-1:]
+            span = c.cfg.model.scheme.value == "span"
+            probe = {"adjacent_cosine": [0.9 if span else 0.99] * 2, "layer_drop": [0.05 if span else 0.001] * 2}
+            probe |= {"presum_rms": [{"attn": 1.0}], "stream_rms": [1.0], "grad_ratio_first_last": 1.0}
+            (tmp_path / "cells" / c.name / "probe.json").write_text(json.dumps(probe))
+    text = verdicts_report(plan, found, tmp_path, {}, init=[])
+    assert (
+        "Less collapse after training (claim 5, R5): supported.** L=2, at each best lr: adjacent cosine pre 0.990"
+        in text
+    )
+    assert "All of the above in MoE models (claim 6, R6): inconclusive.** the study has no MoE points" in text
+
+
+def test_the_moe_claim_is_judged_on_the_moe_points(corpus, tmp_path):
+    from spannorm.study.verdicts import verdicts_report
+
+    data = search_study(corpus, warm_start="model.n_experts")
+    data["grids"][0]["axes"] = {
+        "model.scheme": ["span", "pre"],
+        "model.n_experts": [0, 2],
+        "model.n_layers": [2],
+        "train.seed": [1],
+    }
+    plan = plan_study(study_from_dict(data))
+
+    def loss(cell):  # span 0.3 below pre, dense or MoE; seeds 0.01 apart
+        return bowl(cell) + (0.3 if cell.cfg.model.scheme.value == "pre" else 0) + 0.01 * cell.cfg.train.seed
+
+    fake_train(plan, tmp_path, loss=loss)
+    text = verdicts_report(plan, searches(plan, tmp_path), tmp_path, {}, init=[])
+    dense, moe = (line for line in text.splitlines() if "(claim 4, R3)" in line or "(claim 6, R6)" in line)
+    assert "supported.** n_experts=0, n_layers=2: span better" in dense and "n_experts=2" not in dense
+    # R3 on the MoE point holds; R5's collapse has no probes here: claim 6 stays inconclusive
+    assert "inconclusive.** supported: n_experts=2, n_layers=2: span better | inconclusive: no depth" in moe

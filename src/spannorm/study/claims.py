@@ -166,11 +166,13 @@ def claim_quality(points: dict, extras: dict) -> Claim:
     return Claim(verdict, ev, rule)
 
 
-def claim_collapse(cells: list[Cell], out: Path, extras: dict, ok: set[str]) -> Claim:
+def claim_collapse(cells: list[Cell], out: Path, extras: dict, ok: set[str], at_best: bool = False) -> Claim:
+    """``at_best``: each series' cells are at its own best lr (a search's confirmation), compared as one lr."""
     pre, span = series_label("pre", extras), series_label("span", extras)
+    per = "at each one's best lr" if at_best else "per lr"
     rule = (
         f"at the deepest depth with probes of both that trained (neither diverged nor stalled: a stalled model's "
-        f"layers say nothing about collapse), per lr (mean over seeds): {span} is less collapsed if its "
+        f"layers say nothing about collapse), {per} (mean over seeds): {span} is less collapsed if its "
         "mean adjacent cosine over the deeper half of the blocks is lower AND its mean layer-drop loss increase "
         f"there is higher than {pre}'s; supported if so at more than half of the lrs, not supported if both "
         "favour PreNorm at half or more, else inconclusive"
@@ -178,13 +180,14 @@ def claim_collapse(cells: list[Cell], out: Path, extras: dict, ok: set[str]) -> 
     probes: dict = {}
     for c in cells:
         if c.series in (pre, span) and c.name in ok and (p := read_probe(out, c)) and p.get("layer_drop"):
-            probes.setdefault((c.series, *c.depth_lr), []).append(p)
+            probes.setdefault((c.series, c.cfg.model.n_layers, None if at_best else c.cfg.train.lr), []).append(p)
     depths = sorted({k[1] for k in probes if (pre, *k[1:]) in probes and (span, *k[1:]) in probes})
     if not depths:
         return Claim(INCONCLUSIVE, f"no depth with trained-model probes of both {pre} and {span}", rule)
     depth = depths[-1]
     lrs = sorted(
-        {k[2] for k in probes if k[1] == depth and (pre, depth, k[2]) in probes and (span, depth, k[2]) in probes}
+        {k[2] for k in probes if k[1] == depth and (pre, depth, k[2]) in probes and (span, depth, k[2]) in probes},
+        key=lambda x: x or 0.0,
     )
 
     def deep(ps: list[dict], key: str) -> float:
@@ -197,8 +200,9 @@ def claim_collapse(cells: list[Cell], out: Path, extras: dict, ok: set[str]) -> 
         drop_a, drop_b = deep(a, "layer_drop"), deep(b, "layer_drop")
         good += cos_b < cos_a and drop_b > drop_a
         bad += cos_b >= cos_a and drop_b <= drop_a
+        where = "at each best lr" if lr is None else f"lr={lr:g}"
         ev.append(
-            f"L={depth}, lr={lr:g}: adjacent cosine {pre} {cos_a:.3f} vs {span} {cos_b:.3f}, "
+            f"L={depth}, {where}: adjacent cosine {pre} {cos_a:.3f} vs {span} {cos_b:.3f}, "
             f"layer drop {pre} {drop_a:.4f} vs {span} {drop_b:.4f}"
         )
     verdict = SUPPORTED if good > len(lrs) / 2 else NOT_SUPPORTED if bad >= len(lrs) / 2 else INCONCLUSIVE

@@ -94,7 +94,7 @@ def _run_study(plan: Plan, cells: list[Cell], out: Path, command: str, jobs: int
         "not run": not_run,
     }
     found = searches(plan, out, failed) if any(grid.search for grid in study.grids) else []
-    fair = verdicts_report(plan, found, out, failed) if found else ""
+    fair = verdicts_report(plan, found, out, failed, init) if found else ""
     text = report(plan, cells, rows, command, plots, claims(cells, rows, out, init), counts, found, fair)
     atomic_write_text(out / "report.md", text)
     if failed and not report_only:

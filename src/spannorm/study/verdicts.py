@@ -10,18 +10,23 @@ R1 (recipes) is :func:`spannorm.study.search.recipe_gap` in the searches' table.
   R4  claim 3 (stability where PostNorm fails): over the lattice cells that post and span both ran at one point
       (same depth, lr and init scale), supported if span trained at every one where post diverged or stalled;
       inconclusive if there is none.
-Claims 1, 2, 5 and 6 (R5, R6) are not applied by the harness yet: the report says so.
+  R5  claims 1, 2 and 5 (signal, gradients, collapse): the rules of spannorm.study.claims, on the probes of the
+      dense d_model-64 confirmation cells, each series at its own best (claim 5 compares them as one lr).
+  R6  claim 6 (MoE): R3, R4 and R5's collapse rule on the MoE points (model.n_experts > 0): supported if all
+      are, not supported if any is not, else inconclusive.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from pathlib import Path
 
 from ..output import md_table
-from .claims import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Claim
-from .grid import Plan
-from .search import FINISHED, Search, best_peer, confirmed
+from .claims import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Claim, claim_collapse, claim_gradients, claim_signal
+from .grid import Cell, Plan, expand
+from .results import cell_result
+from .search import FINISHED, Search, best_peer, confirm_follow, confirmed
 
 BETTER, WORSE, SAME, PENDING = "span better", "span worse", "no difference", "pending"
 
@@ -116,11 +121,16 @@ def comparison_table(plan: Plan, found: list[Search], out: Path, failed: dict) -
     return (md_table(head + ["verdict (R2)"], rows) if rows else ""), results
 
 
-def claim_quality(results: list) -> Claim:
+def _moe(s: Search) -> bool:
+    return bool(s.point.get("model.n_experts"))
+
+
+def claim_quality(results: list, moe: bool = False) -> Claim:
+    """R3 on the dense points, or (``moe``) on the MoE points."""
     rule = (
         "R3: supported if span is better than pre (R2) at every point, not supported if worse at any, else inconclusive"
     )
-    mine = [(span, r) for role, span, _, r in results if role == "pre"]
+    mine = [(span, r) for role, span, _, r in results if role == "pre" and _moe(span) is moe]
     if not mine:
         return Claim(INCONCLUSIVE, "no point with both span and pre searched yet", rule)
     verdicts = [r["verdict"] for _, r in mine]
@@ -130,7 +140,7 @@ def claim_quality(results: list) -> Claim:
     return Claim(SUPPORTED if all(v == BETTER for v in verdicts) else INCONCLUSIVE, ev, rule)
 
 
-def claim_stability(found: list[Search]) -> Claim:
+def claim_stability(found: list[Search], moe: bool = False) -> Claim:
     rule = (
         "R4: over the lattice cells post and span both ran at one point (depth, lr, init scale), supported if span "
         "trained wherever post diverged or stalled; inconclusive if post never did"
@@ -139,7 +149,7 @@ def claim_stability(found: list[Search]) -> Claim:
     bad, ev = [], []
     for (g, key, scheme), post in by.items():
         span = by.get((g, key, "span"))
-        if scheme != "post" or span is None:
+        if scheme != "post" or span is None or _moe(post) is not moe:
             continue
         for c, (_, row) in post.tried.items():
             if c in span.tried and row.get("status") in ("diverged", "stalled"):
@@ -154,16 +164,59 @@ def claim_stability(found: list[Search]) -> Claim:
     return Claim(SUPPORTED if all(bad) else NOT_SUPPORTED, "; ".join(ev), rule)
 
 
-def verdicts_report(plan: Plan, found: list[Search], out: Path, failed: dict) -> str:
-    """Markdown: the R2 table and claims 3 and 4 by R3 and R4; claims 1, 2, 5, 6 not applied yet."""
+def confirmation_views(plan: Plan, found: list[Search], out: Path, failed: dict) -> tuple[list[Cell], set[str]]:
+    """The confirmation cells of every search, once each, seen as their scheme's plain series (extras other than
+    model.n_experts dropped, no budget label; cells of another width left out), and the names of those that trained,
+    for the rules of spannorm.study.claims."""
+    follow = [f for s in found for f in confirm_follow(s)]
+    if not follow:
+        return [], set()
+    n = len(expand(plan))
+    views, ok = {}, set()
+    for c in expand(plan, follow)[n:]:
+        if "model.d_model" in c.extras:
+            continue
+        extras = {k: v for k, v in c.extras.items() if k == "model.n_experts"}
+        views[c.name] = dataclasses.replace(c, extras=extras, tokens=None)
+        if cell_result(c, out, failed.get(c.name)).get("status") == "ok":
+            ok.add(c.name)
+    return list(views.values()), ok
+
+
+def verdicts_report(plan: Plan, found: list[Search], out: Path, failed: dict, init: list[dict]) -> str:
+    """Markdown: the R2 table and the six claims by R3–R6 (``init``: the study's init probe, for claims 1 and 2)."""
     table, results = comparison_table(plan, found, out, failed)
+    views, ok = confirmation_views(plan, found, out, failed)
+    collapse = claim_collapse(views, out, {}, ok, at_best=True)
+    moe_values = sorted({v for s in found if (v := s.point.get("model.n_experts"))})
+    moe_rule = (
+        "R6: R3, R4 (where the MoE points include post) and R5's collapse rule on the MoE points: supported if all "
+        "are, not supported if any is not, else inconclusive"
+    )
+    if moe_values:
+        has_post = any(_moe(s) and s.point.get("model.scheme") == "post" for s in found)
+        sub = [claim_quality(results, moe=True)] + ([claim_stability(found, moe=True)] if has_post else [])
+        sub += [claim_collapse(views, out, {"model.n_experts": k}, ok, at_best=True) for k in moe_values]
+        verdicts = [c.verdict for c in sub]
+        verdict = (
+            SUPPORTED
+            if all(v == SUPPORTED for v in verdicts)
+            else NOT_SUPPORTED
+            if NOT_SUPPORTED in verdicts
+            else INCONCLUSIVE
+        )
+        moe = Claim(verdict, " | ".join(f"{c.verdict}: {c.evidence}" for c in sub), moe_rule)
+    else:
+        moe = Claim(INCONCLUSIVE, "the study has no MoE points", moe_rule)
+    claims = (
+        ("Bounded forward signal (claim 1, R5)", claim_signal(views, out, init, ok)),
+        ("Bounded gradients (claim 2, R5)", claim_gradients(views, out, init, ok)),
+        ("Stability where PostNorm diverges or stalls (claim 3, R4)", claim_stability(found)),
+        ("Quality: lower validation loss than PreNorm (claim 4, R3)", claim_quality(results)),
+        ("Less collapse after training (claim 5, R5)", collapse),
+        ("All of the above in MoE models (claim 6, R6)", moe),
+    )
     lines = ["SpanNorm against pre and the best peer (rule R2 of the study file):", "", table or "(no pair yet)", ""]
-    for title, c in (
-        ("Stability where PostNorm diverges or stalls (claim 3)", claim_stability(found)),
-        ("Quality: lower validation loss than PreNorm (claim 4)", claim_quality(results)),
-    ):
+    for title, c in claims:
         lines += [f"- **{title}: {c.verdict}.** {c.evidence}", f"  - Rule: {c.rule}."]
-    lines += [
-        "- Claims 1, 2, 5 and 6 (rules R5, R6 of the study file): not applied by the harness yet.",
-    ]
     return "\n".join(lines)
