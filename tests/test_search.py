@@ -238,3 +238,19 @@ def test_the_moe_claim_is_judged_on_the_moe_points(corpus, tmp_path):
     assert "supported.** n_experts=0, n_layers=2: span better" in dense and "n_experts=2" not in dense
     # R3 on the MoE point holds; R5's collapse has no probes here: claim 6 stays inconclusive
     assert "inconclusive.** supported: n_experts=2, n_layers=2: span better | inconclusive: no depth" in moe
+
+
+def test_a_search_beside_a_plain_grid_shares_its_cells(corpus, tmp_path):
+    data = search_study(corpus)
+    axes = {"model.scheme": ["pre"], "model.n_layers": [2], "train.lr": [4e-3, 1e-3], "train.seed": [1]}
+    plain = {"name": "plain", "axes": axes}
+    data["grids"].insert(0, plain)
+    plan = plan_study(study_from_dict(data))
+    fake_train(plan, tmp_path)
+    pre = next(
+        s for s in searches(plan, tmp_path) if s.point == {"model.scheme": "pre", "model.n_layers": 2, "train.seed": 1}
+    )
+    assert tuple(pre.values(pre.best).values()) == (1.6e-2, 0.5)
+    cells = {c.name: c for c in expand(plan, search_follow(searches(plan, tmp_path)))}
+    assert cells["pre_L2_lr0.004_s1"].grids == ["plain", "fair"]  # one cell, in both grids
+    assert "pre_L2_lr0.001_s1" in cells and len(cells) == len(set(cells))

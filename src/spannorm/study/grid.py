@@ -415,58 +415,61 @@ class Follow(NamedTuple):
     sets: tuple[str, ...] = ()  # KEY=VALUE overrides applied after the point
 
 
+def build_cell(plan: Plan, follow: Follow) -> Cell:
+    """The cell of one (grid, point[, budget, overrides]); validates its config."""
+    grid, point, tokens, sets = follow
+    what = f" in grid {grid.name!r} at " + ", ".join(f"{k}={value(v)}" for k, v in point.items())
+    d = copy.deepcopy(plan.base)
+    for path, v in point.items():
+        _set(d, path, v)
+    try:
+        cfg = run_config_from_dict(apply_overrides(d, list(sets)))
+        cfg = _with_steps(cfg, _steps(plan.study, cfg, what, tokens))
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if what in msg else f"{msg} ({what.strip()})") from None
+    flat, base_flat = to_dict(cfg), to_dict(plan.base_cfg)
+    resolved = {p: _get(flat, p) for p in point}
+    extras = {p: v for p, v in resolved.items() if p not in CORE and v != _get(base_flat, p)}
+    m, t = cfg.model, cfg.train
+    name = f"{m.scheme.value}_L{m.n_layers}_lr{t.lr:g}_s{t.seed}" + "".join(
+        f"_{_leaf(p)}-{value(v)}" for p, v in extras.items()
+    )
+    name += f"_tokens-{tokens}" if tokens else ""
+    return Cell(re.sub(r"[^A-Za-z0-9._+-]", "-", name), [grid.name], resolved, extras, cfg, tokens)
+
+
 def expand(plan: Plan, follow: list[Follow] = ()) -> list[Cell]:
     """Every distinct cell of the study, in grid order; validates every cell's config.
 
     ``follow`` (from :func:`spannorm.study.results.follow_ups` and :func:`spannorm.study.search.search_follow`):
     the cells of later phases, which come after all the grids' cells. A grid with a search has no cells of
-    its own: its search gives them.
+    its own: its search gives them. Cells of the same config are one cell, of every grid that names it.
     """
-    base_flat = to_dict(plan.base_cfg)
     by_config: dict[str, Cell] = {}
     by_name: dict[str, Cell] = {}
 
-    def add(grid: Grid, point: dict, tokens: int | None = None, sets: tuple[str, ...] = ()) -> None:
-        paths = list(point)
-        what = f" in grid {grid.name!r} at " + ", ".join(f"{k}={value(v)}" for k, v in point.items())
-        d = copy.deepcopy(plan.base)
-        for path, v in point.items():
-            _set(d, path, v)
-        try:
-            cfg = run_config_from_dict(apply_overrides(d, list(sets)))
-            cfg = _with_steps(cfg, _steps(plan.study, cfg, what, tokens))
-        except ConfigError as e:
-            msg = str(e)
-            raise ConfigError(msg if what in msg else f"{msg} ({what.strip()})") from None
-        flat = to_dict(cfg)
-        key = json.dumps(flat, sort_keys=True)
-        resolved = {p: _get(flat, p) for p in paths}
+    def add(f: Follow) -> None:
+        cell = build_cell(plan, f)
+        key = json.dumps(to_dict(cell.cfg), sort_keys=True)
         if key in by_config:
-            cell = by_config[key]
-            if grid.name not in cell.grids:
-                cell.grids.append(grid.name)
-            for p, v in resolved.items():
-                cell.axes.setdefault(p, v)
+            same = by_config[key]
+            if f.grid.name not in same.grids:
+                same.grids.append(f.grid.name)
+            for p, v in cell.axes.items():
+                same.axes.setdefault(p, v)
             return
-        extras = {p: v for p, v in resolved.items() if p not in CORE and v != _get(base_flat, p)}
-        m, t = cfg.model, cfg.train
-        name = f"{m.scheme.value}_L{m.n_layers}_lr{t.lr:g}_s{t.seed}" + "".join(
-            f"_{_leaf(p)}-{value(v)}" for p, v in extras.items()
-        )
-        name += f"_tokens-{tokens}" if tokens else ""
-        name = re.sub(r"[^A-Za-z0-9._+-]", "-", name)
-        if name in by_name:
+        if cell.name in by_name:
             raise ConfigError(
-                f"two different cells get the directory name {name!r} (grid {grid.name!r}); "
+                f"two different cells get the directory name {cell.name!r} (grid {f.grid.name!r}); "
                 "make their axis values differ in scheme, depth, lr, seed or an extra axis"
             )
-        cell = Cell(name, [grid.name], resolved, extras, cfg, tokens)
-        by_config[key] = by_name[name] = cell
+        by_config[key] = by_name[cell.name] = cell
 
     for grid in plan.study.grids:
         if not grid.search:
             for values in itertools.product(*grid.axes.values()):
-                add(grid, dict(zip(grid.axes, values)))
+                add(Follow(grid, dict(zip(grid.axes, values))))
     for f in follow:
-        add(*f)
+        add(Follow(*f))
     return list(by_config.values())

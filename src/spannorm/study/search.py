@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..output import md_table
-from .grid import Cell, Follow, Grid, Peer, Plan, expand
+from .grid import Cell, Follow, Grid, Peer, Plan, build_cell
 from .results import cell_result
 
 Coords = tuple[int, ...]
@@ -46,10 +46,6 @@ class Search:
     def values(self, coords: Coords) -> dict:
         """The searched axes' values at ``coords``."""
         return {path: axis.at(k) for (path, axis), k in zip(self.grid.search.items(), coords)}
-
-    @property
-    def best_cell(self) -> tuple[Cell, dict] | None:
-        return None if self.best is None else self.tried[self.best]
 
 
 def _trained(row: dict) -> bool:
@@ -75,8 +71,8 @@ def _replay(plan: Plan, search: Search, start: Coords, out: Path, failed: dict) 
     todo = [start] + _neighbours(grid, start)[0]
     while True:
         new = [c for c in todo if c not in search.tried]
-        cells = expand(plan, [Follow(grid, search.point | search.values(c)) for c in new]) if new else []
-        for c, cell in zip(new, cells):
+        for c in new:
+            cell = build_cell(plan, Follow(grid, search.point | search.values(c)))
             search.tried[c] = (cell, cell_result(cell, out, failed.get(cell.name)))
         if any(row.get("status") not in FINISHED for _, row in search.tried.values()):
             search.state = "running"
@@ -121,8 +117,7 @@ def confirmed(plan: Plan, search: Search, out: Path, failed: dict) -> list[dict]
     follow = confirm_follow(search)
     if not follow:
         return None
-    n = len(expand(plan))
-    rows = [cell_result(c, out, failed.get(c.name)) for c in expand(plan, follow)[n:]]
+    rows = [cell_result(c, out, failed.get(c.name)) for c in (build_cell(plan, f) for f in follow)]
     return rows if rows and all(r.get("status") in FINISHED for r in rows) else None
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..output import md_table
 from .claims import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Claim, claim_collapse, claim_gradients, claim_signal
-from .grid import Cell, Plan, expand
+from .grid import Cell, Plan, build_cell
 from .results import cell_result
 from .search import FINISHED, Search, best_peer, confirm_follow, confirmed
 
@@ -171,9 +171,8 @@ def confirmation_views(plan: Plan, found: list[Search], out: Path, failed: dict)
     follow = [f for s in found for f in confirm_follow(s)]
     if not follow:
         return [], set()
-    n = len(expand(plan))
     views, ok = {}, set()
-    for c in expand(plan, follow)[n:]:
+    for c in (build_cell(plan, f) for f in follow):
         if "model.d_model" in c.extras:
             continue
         extras = {k: v for k, v in c.extras.items() if k == "model.n_experts"}
