@@ -256,7 +256,16 @@ def recipe_gap(search: Search) -> float | None:
 
 
 def search_report(found: list[Search], cells: list[Cell], rows: list[dict]) -> str:
-    """Markdown: one summary row per searched point, then each point's search history (every cell it tried)."""
+    """Markdown: one summary row per searched point, then each point's search history (every cell it tried); a
+    point that another grid searched with the same cells (e.g. a warm start's first value) is shown once."""
+    seen: set = set()
+    unique = []
+    for s in found:
+        same = frozenset(c.name for c, _ in s.tried.values())
+        if not same or same not in seen:
+            unique.append(s)
+        seen.add(same)
+    found = unique
     if not found:
         return ""
     row_of = {c.name: r for c, r in zip(cells, rows)}
