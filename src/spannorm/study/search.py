@@ -232,7 +232,7 @@ def _confirm_text(search: Search, cells: list[Cell], row_of: dict) -> str:
         return "—"
     n, bad = len(mine), sum(row_of[c.name].get("status") in ("diverged", "stalled") for c in mine)
     if not vals:
-        return f"none finished (0/{n})"
+        return f"none trained (0/{n}" + (f", {bad} diverged or stalled)" if bad else ")")
     mean = sum(vals) / len(vals)
     std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else None
     return (
