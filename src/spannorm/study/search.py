@@ -231,16 +231,12 @@ def _confirm_text(search: Search, cells: list[Cell], row_of: dict) -> str:
     if not mine:
         return "—"
     n, bad = len(mine), sum(row_of[c.name].get("status") in ("diverged", "stalled") for c in mine)
+    tail = f", {bad} diverged or stalled)" if bad else ")"
     if not vals:
-        return f"none trained (0/{n}" + (f", {bad} diverged or stalled)" if bad else ")")
+        return f"none trained (0/{n}{tail}"
     mean = sum(vals) / len(vals)
     std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else None
-    return (
-        f"{mean:.3f}"
-        + (f" ± {std:.3f}" if std is not None else "")
-        + f" (n={len(vals)}/{n}"
-        + (f", {bad} diverged or stalled)" if bad else ")")
-    )
+    return f"{mean:.3f}" + (f" ± {std:.3f}" if std is not None else "") + f" (n={len(vals)}/{n}{tail}"
 
 
 def recipe_gap(search: Search) -> float | None:
