@@ -23,6 +23,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _path(text: str) -> Path:
+    """A path option's value: an empty one is refused (Path("") would be the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected a path")
+    return Path(text)
+
+
 def _config_args(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument(
         "--config",
@@ -68,7 +75,7 @@ def build_parser() -> Parser:
 
     tr = sub.add_parser("train", help="train one model")
     _config_args(tr, None)
-    tr.add_argument("--out", type=Path, help="run directory (default runs/<config>-<scheme>-<time>)")
+    tr.add_argument("--out", type=_path, help="run directory (default runs/<config>-<scheme>-<time>)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     _device_arg(tr)
@@ -82,13 +89,13 @@ def build_parser() -> Parser:
     pr.add_argument("--batch", type=int, default=4, help="sequences in the probe batch (default 4)")
     pr.add_argument(
         "--checkpoint",
-        type=Path,
+        type=_path,
         help="a run directory: probe its latest checkpoint (with its own config; --scheme, "
         "--depths, --d-model and --config are not used) and add layer-drop sensitivity",
     )
     pr.add_argument(
         "--json",
-        type=Path,
+        type=_path,
         default=Path("runs/probe/probe.json"),
         help="output JSON (default runs/probe/probe.json); PNG plots are written beside it",
     )
@@ -114,10 +121,10 @@ def build_parser() -> Parser:
         help="cpu (default; the CPU standard size) or cuda / cuda:N (the GPU standard size, peak allocated memory)",
     )
     be.add_argument("--tf32", action="store_true", help="CUDA: fp32 matmuls in TF32 (all implementations alike)")
-    be.add_argument("--json", type=Path, help="write {matmul_peak_flops, rows: [...]} here")
+    be.add_argument("--json", type=_path, help="write {matmul_peak_flops, rows: [...]} here")
     be.add_argument(
         "--report",
-        type=Path,
+        type=_path,
         metavar="JSON",
         help="time nothing: print the ratios and a Markdown table of a --json result",
     )
@@ -136,7 +143,7 @@ def build_parser() -> Parser:
     cmp_ = sub.add_parser("compare", help="train several schemes and compare them (the main job)")
     _config_args(cmp_, "small")
     cmp_.add_argument("--schemes", default="pre,post,span", help="comma-separated schemes (default pre,post,span)")
-    cmp_.add_argument("--out", type=Path, default=Path("runs/compare"), help="output directory (default runs/compare)")
+    cmp_.add_argument("--out", type=_path, default=Path("runs/compare"), help="output directory (default runs/compare)")
     cmp_.add_argument("--quiet", action="store_true", help="no progress bars")
     _device_arg(cmp_)
 
@@ -148,7 +155,7 @@ def build_parser() -> Parser:
     st.add_argument("--config", required=True, help="a study YAML file or a shipped study name (tiny, reference)")
     st.add_argument(
         "--out",
-        type=Path,
+        type=_path,
         default=Path("runs/study"),
         help="study directory (default runs/study); running again reuses finished cells",
     )
@@ -178,8 +185,8 @@ def build_parser() -> Parser:
     ex = sub.add_parser(
         "export", help="a run's newest checkpoint as a Hugging Face folder (config, safetensors, tokenizer)"
     )
-    ex.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory")
-    ex.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the folder to write (must not exist)")
+    ex.add_argument("run_dir", type=_path, metavar="RUN_DIR", help="the run directory")
+    ex.add_argument("out_dir", type=_path, metavar="OUT_DIR", help="the folder to write (must not exist)")
     ex.add_argument(
         "--to",
         choices=["spannorm", "llama"],
@@ -189,7 +196,7 @@ def build_parser() -> Parser:
     )
 
     ge = sub.add_parser("generate", help="continue a prompt with a run or a Hugging Face folder, streaming the tokens")
-    ge.add_argument("model", type=Path, metavar="RUN_OR_HF_DIR", help="a run directory or a Hugging Face folder")
+    ge.add_argument("model", type=_path, metavar="RUN_OR_HF_DIR", help="a run directory or a Hugging Face folder")
     ge.add_argument("--prompt", required=True, help="the text to continue")
     ge.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
     ge.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0: greedy (default 1)")
@@ -203,10 +210,10 @@ def build_parser() -> Parser:
     _model_device_arg(ge)
 
     ev = sub.add_parser("eval", help="loss, perplexity and bits per byte over the validation split and text files")
-    ev.add_argument("model", type=Path, metavar="RUN_OR_HF_DIR", help="a run directory or a Hugging Face folder")
+    ev.add_argument("model", type=_path, metavar="RUN_OR_HF_DIR", help="a run directory or a Hugging Face folder")
     ev.add_argument(
         "--text",
-        type=Path,
+        type=_path,
         action="append",
         default=[],
         metavar="PATH",
@@ -214,21 +221,21 @@ def build_parser() -> Parser:
     )
     ev.add_argument("--seq-len", type=int, help="window length (default: the run's train.seq_len)")
     ev.add_argument("--batch-size", type=int, help="windows per forward (default: the run's train.batch_size, else 16)")
-    ev.add_argument("--json", type=Path, metavar="OUT", help="also write the results to this JSON file")
+    ev.add_argument("--json", type=_path, metavar="OUT", help="also write the results to this JSON file")
     ev.add_argument(
         "--lm-eval",
         metavar="TASKS",
         help="instead: run these comma-separated lm-eval-harness tasks (spannorm_spelling, shipped; yours with "
         "--include-path; lm-eval's own) with lm-eval's hf model; needs pip install 'spannorm[eval]'",
     )
-    ev.add_argument("--include-path", type=Path, metavar="DIR", help="--lm-eval: also find tasks in this YAML folder")
+    ev.add_argument("--include-path", type=_path, metavar="DIR", help="--lm-eval: also find tasks in this YAML folder")
     ev.add_argument("--limit", type=int, metavar="N", help="--lm-eval: score only the first N items of each task")
     _model_device_arg(ev)
 
     tk = sub.add_parser(
         "track", help="replay a run's metrics.jsonl and diagnostics.jsonl into TensorBoard or an offline W&B run"
     )
-    tk.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory")
+    tk.add_argument("run_dir", type=_path, metavar="RUN_DIR", help="the run directory")
     tk.add_argument(
         "--to",
         required=True,
@@ -272,7 +279,7 @@ def cmd_train(args) -> None:
     # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from .device import resolve as resolve_device
     from .run import load_run
-    from .train import train
+    from .train import diverged_at, train
 
     if args.resume:
         if args.out is None:
@@ -292,14 +299,11 @@ def cmd_train(args) -> None:
             args.out
             or Path("runs") / f"{Path(args.config).stem}-{cfg.model.scheme.value}-{time.strftime('%Y%m%d-%H%M%S')}"
         )
-    summary = train(cfg, out, resume=args.resume, progress=not args.quiet)
+    summary = train(cfg, out, resume=args.resume, progress=not args.quiet, cli=True)
     if os.environ.get("RANK", "0") != "0":  # (under torchrun, rank 0 reports)
         return
     if summary["diverged"]:  # exit code 0 all the same: the run did what was asked, and studies rely on it
-        print(
-            f"spannorm: the run diverged at step {summary['diverged_step']}: {summary['diverged_reason']}",
-            file=sys.stderr,
-        )
+        print(f"spannorm: the run {diverged_at(summary)}: {summary['diverged_reason']}", file=sys.stderr)
     val = summary["final_val_loss"]
     print(
         f"{summary['scheme']}: {summary['steps']} steps, final val loss "

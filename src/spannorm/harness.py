@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from .config import ConfigError
+from .files import temp_dir
 from .run import load_config
 
 TASKS_DIR = Path(__file__).parent / "eval_tasks"  # lm-eval tasks shipped with spannorm
@@ -82,7 +83,7 @@ def hf_folder(path: Path):
     if (Path(path) / "config.json").is_file():
         yield Path(path)
         return
-    with tempfile.TemporaryDirectory(prefix="spannorm-lm-eval-") as tmp:
+    with temp_dir(Path(tempfile.gettempdir()), "spannorm-lm-eval") as tmp:  # (one a kill left: deleted)
         yield hf.export(path, Path(tmp) / "hf")
 
 

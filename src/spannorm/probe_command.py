@@ -17,7 +17,6 @@ import torch
 from .config import SpannormError
 from .data import TokenData, prepare
 from .device import resolve, to_device
-from .files import read_jsonl
 from .model import LM, build_model
 from .model_config import Scheme
 from .output import md_table, num, pyplot, save_figure
@@ -127,7 +126,7 @@ def plot_probe(runs: list[dict], out: Path) -> None:
 
 def read_diagnostics(run_dir) -> list[dict]:
     """The rows the trainer logged to diagnostics.jsonl (see the module docstring of ``train``)."""
-    return read_jsonl(Path(run_dir) / "diagnostics.jsonl")
+    return RunDir(run_dir, "--checkpoint").diagnostics()
 
 
 def plot_heatmaps(rows: list[dict], out: Path) -> None:

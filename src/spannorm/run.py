@@ -26,7 +26,11 @@ A run directory::
                         the trainer's parts (divergence monitor, training guard, throughput meter, validation);
                         manifest.json (sha256). The newest train.keep_checkpoints of them are kept, and a resume
                         starts from the newest one whose files match their sha256
+    run_id              the run's random id, also in each of its checkpoints' state.pt: a checkpoint of another
+                        run (copied in) is refused
     .lock               held (flock) by the process that trains the run: a second one is refused
+
+Nothing in a run directory is a symbolic link: a run that holds one is refused (it is never followed out of it).
 
 Every JSON file is strict JSON: a non-finite number (a NaN loss) is written as null.
 """
@@ -41,6 +45,7 @@ import math
 import os
 import re
 import sys
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from importlib import resources
@@ -61,7 +66,18 @@ from torch.distributed.checkpoint.state_dict import (
 from .config import ConfigError, SpannormError, apply_overrides, coerce_enum, from_dict, read_yaml, require, to_dict
 from .data import DataConfig
 from .device import DEVICE_FORMS, rng_state, set_rng_state, valid_device
-from .files import atomic_dir, atomic_write_text, dumps, locked, read_json, read_jsonl, remove_dir, sweep_temp
+from .files import (
+    atomic_dir,
+    atomic_write_text,
+    dumps,
+    locked,
+    no_links,
+    read_json,
+    read_jsonl,
+    remove_dir,
+    shape_problem,
+    sweep_temp,
+)
 from .model_config import ModelConfig
 
 TRACKERS = ("tensorboard", "wandb")  # train.trackers: each needs the package, and the spannorm extra, of its name
@@ -252,6 +268,19 @@ def load_config(config: str | Path, overrides: list[str] = ()) -> RunConfig:
     return run_config_from_dict(apply_overrides(read_yaml(resolve_config_path(str(config))), list(overrides)))
 
 
+def read_run_config(path: Path) -> RunConfig:
+    """The config a run saved (its config.yaml, an exported folder's spannorm_run.yaml), which holds each section
+    as a mapping: an empty or partial file is a damaged one, not a run of the default config."""
+    data = read_yaml(path)
+    for section in ("model", "data", "train"):
+        if not isinstance(data.get(section), dict):
+            raise ConfigError(
+                f"{str(path)!r} is not the config of a run: its {section} section is missing or not a mapping "
+                "(a run saves model, data and train)"
+            )
+    return run_config_from_dict(data)
+
+
 def same_experiment(a: RunConfig, b: RunConfig) -> bool:
     """Whether two configs describe the same run, wherever it trains and whatever watches it: equal but for
     ``train.device``, ``train.trackers`` and ``train.dist_timeout_s`` (a run, a compare or a study started on
@@ -276,6 +305,41 @@ def checkpoint_step(ckpt: Path) -> int:
     return int(CHECKPOINT.fullmatch(ckpt.name)[1])
 
 
+# what the files of a run hold ({key: kind}, see files.shape_problem), checked whenever one is read back
+SUMMARY_FIELDS = {
+    "scheme": "str",
+    **dict.fromkeys(("steps", "tokens", "n_params", "guard_skipped", "guard_rollbacks"), "int"),
+    **dict.fromkeys(("finished", "diverged", "stalled"), "bool"),
+    **dict.fromkeys(("final_loss", "final_val_loss", "unigram_entropy", "tokens_per_s"), "number?"),
+    "diverged_step": "int?",
+    "diverged_reason": "str?",
+    "guard_lr_scale": "number",
+}
+SUMMARY_REQUIRED = ("scheme", "steps", "final_val_loss", "diverged", "diverged_step", "diverged_reason", "tokens_per_s")
+METRICS_FIELDS = {
+    **dict.fromkeys(("step", "skipped", "to_step"), "int"),
+    **dict.fromkeys(("loss", "val_loss", "lr", "grad_norm", "tokens_per_s"), "number?"),
+    **dict.fromkeys(("aux_loss", "z_loss", "moe_imbalance"), "number?"),
+    **dict.fromkeys(("kind", "reason"), "str"),
+}
+DIAGNOSTICS_FIELDS = {"step": "int", **dict.fromkeys(("grad_norm", "stream_rms", "attn_rms", "ffn_rms"), "numbers")}
+
+
+def metrics_problem(row) -> str | None:
+    """What is wrong with a row of metrics.jsonl: a loss row (step, loss, val_loss, ...) or a guard's (step, kind,
+    reason)."""
+    guard = isinstance(row, dict) and "kind" in row
+    return shape_problem(row, METRICS_FIELDS, ("step", "kind", "reason") if guard else ("step", "loss", "val_loss"))
+
+
+def summary_problem(summary) -> str | None:
+    return shape_problem(summary, SUMMARY_FIELDS, SUMMARY_REQUIRED)
+
+
+def diagnostics_problem(row) -> str | None:
+    return shape_problem(row, DIAGNOSTICS_FIELDS, ("step", "grad_norm", "stream_rms"))
+
+
 class RunDir:
     """A run directory (the layout is in this module's docstring). ``flag`` is the option that named it
     (--out, --checkpoint, ...): errors name it."""
@@ -287,6 +351,7 @@ class RunDir:
         self.diagnostics_file = self.path / "diagnostics.jsonl"
         self.summary_file = self.path / "summary.json"
         self.checkpoints = self.path / "checkpoints"
+        self.run_id_file = self.path / "run_id"
 
     def __str__(self) -> str:
         return str(self.path)
@@ -294,14 +359,23 @@ class RunDir:
     # config and summary
 
     def has_run(self) -> bool:
+        self.check_links()
         return self.config_file.is_file()
+
+    def check_links(self) -> None:
+        """Refuse a run directory that holds a symbolic link (nothing in it is followed out of it)."""
+        no_links(self.path, self.flag)
+
+    def run_id(self) -> str | None:
+        """The run's id (None: a run written before runs had one)."""
+        return self.run_id_file.read_text().strip() if self.run_id_file.is_file() else None
 
     def config(self) -> RunConfig:
         """The resolved config saved in the directory."""
         if not self.has_run():
             to_resume = " to resume" if self.flag == "--out" else ""
             raise ConfigError(f"{self.flag} {str(self.path)!r} holds no run{to_resume} (no config.yaml)")
-        return run_config_from_dict(read_yaml(self.config_file))
+        return read_run_config(self.config_file)
 
     def check_config(self, cfg: RunConfig, what: str) -> None:
         """Refuse a directory that holds a run of another config (``what`` names it in the error:
@@ -310,16 +384,22 @@ class RunDir:
             raise ConfigError(f"{what} with another config: choose another --out (or delete it)")
 
     def start(self, cfg: RunConfig) -> None:
-        """Write the config of a new run, and its empty logs."""
+        """Write the config of a new run, its id and its empty logs."""
+        atomic_write_text(self.run_id_file, uuid.uuid4().hex)
         atomic_write_text(self.config_file, yaml.safe_dump(to_dict(cfg), sort_keys=False))
         atomic_write_text(self.metrics_file, "")
         atomic_write_text(self.diagnostics_file, "")
 
     def summary(self) -> dict | None:
         """The summary of a run that ended (None while it has not)."""
+        self.check_links()
         if not self.summary_file.is_file():
             return None
-        return read_json(self.summary_file, "delete it and resume the run to write it again")
+        return read_json(
+            self.summary_file,
+            "delete it and resume the run to write it again",
+            summary_problem,
+        )
 
     def write_summary(self, summary: dict) -> None:
         atomic_write_text(self.summary_file, dumps(summary, indent=1))
@@ -329,6 +409,7 @@ class RunDir:
         """Hold the directory's lock for the block (a second process is refused), after sweeping the temporary
         files a kill left."""
         with locked(self.path, self.flag):
+            self.check_links()
             sweep_temp(self.path, self.checkpoints)
             yield
 
@@ -336,16 +417,26 @@ class RunDir:
 
     def metrics(self) -> list[dict]:
         """The rows of metrics.jsonl with a loss (the guard's interventions: :meth:`interventions`)."""
-        return [r for r in read_jsonl(self.metrics_file) if "kind" not in r]
+        self.check_links()
+        return [r for r in read_jsonl(self.metrics_file, metrics_problem) if "kind" not in r]
 
     def interventions(self) -> list[dict]:
         """The training guard's rows of metrics.jsonl: step, kind (skip or rollback), reason (, to_step)."""
-        return [r for r in read_jsonl(self.metrics_file) if "kind" in r]
+        self.check_links()
+        return [r for r in read_jsonl(self.metrics_file, metrics_problem) if "kind" in r]
+
+    def diagnostics(self) -> list[dict]:
+        """The rows of diagnostics.jsonl (each with the per-block lists of every row's length)."""
+        self.check_links()
+        rows = read_jsonl(self.diagnostics_file, diagnostics_problem)
+        if len({(len(r["grad_norm"]), len(r["stream_rms"])) for r in rows}) > 1:
+            raise SpannormError(f"{self.diagnostics_file} is not what spannorm writes: its rows have different depths")
+        return rows
 
     def truncate_logs(self, step: int, keep_guard: bool = False) -> None:
         """Forget the rows of metrics.jsonl and diagnostics.jsonl past ``step`` (``keep_guard``: not the guard's)."""
-        for path in (self.metrics_file, self.diagnostics_file):
-            rows = [r for r in read_jsonl(path) if r["step"] <= step or (keep_guard and "kind" in r)]
+        for path, check in ((self.metrics_file, metrics_problem), (self.diagnostics_file, diagnostics_problem)):
+            rows = [r for r in read_jsonl(path, check) if r["step"] <= step or (keep_guard and "kind" in r)]
             atomic_write_text(path, "".join(dumps(r) + "\n" for r in rows))
 
     # checkpoints
@@ -373,7 +464,7 @@ class RunDir:
                 _save_weights(model, tmp / "model.safetensors")
             else:
                 write_weights(tmp)
-            _save_state({"step": step, **state}, tmp / "state.pt")
+            _save_state({"step": step, "run_id": self.run_id(), **state}, tmp / "state.pt")
             files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
             atomic_write_text(tmp / "manifest.json", json.dumps({f: _digest(tmp / f) for f in files}))
         atomic_write_text(self.checkpoints / "latest", name)
@@ -384,13 +475,24 @@ class RunDir:
 
     def find_checkpoint(self) -> Path | None:
         """The newest checkpoint whose files verify (None if the run has none yet); a damaged newer one is
-        reported on stderr and passed over; if every one is damaged, an error."""
+        reported on stderr and passed over; if every one is damaged, an error. A ``latest`` that names no
+        checkpoint directory there, and a checkpoint of another run, are refused (a resume would start again
+        at step 0, or continue another run)."""
+        self.check_links()
         latest = self.checkpoints / "latest"
-        if latest.is_file() and not CHECKPOINT.fullmatch(name := latest.read_text(errors="replace").strip()):
-            raise SpannormError(f"{str(latest)!r} names {name!r}, not a checkpoint directory of this run: refused")
+        if latest.is_file():
+            name = latest.read_text(errors="replace").strip()
+            if not CHECKPOINT.fullmatch(name):
+                raise SpannormError(f"{str(latest)!r} names {name!r}, not a checkpoint directory of this run: refused")
+            if not (self.checkpoints / name).is_dir():
+                raise SpannormError(
+                    f"{str(latest)!r} names {name!r}, which is missing or not a directory: refused (put it back, "
+                    "or delete checkpoints/latest to continue from the newest checkpoint there)"
+                )
         damaged = []
         for ckpt in self.checkpoint_dirs():
             if (problem := damage(ckpt)) is None:
+                self.check_owner(ckpt)
                 for bad, why in damaged:
                     print(
                         f"spannorm: warning: checkpoint {str(bad)!r} is corrupt or truncated ({why}); "
@@ -404,6 +506,20 @@ class RunDir:
             older = f" (and the {len(damaged) - 1} older ones)" if len(damaged) > 1 else ""
             raise SpannormError(f"checkpoint {str(ckpt)!r}{older} is corrupt or truncated: {why}")
         return None
+
+    def check_owner(self, ckpt: Path) -> None:
+        """Refuse a checkpoint that another run wrote (its state.pt holds another run id)."""
+        if (mine := self.run_id()) is None:  # (a run from before runs had ids: its checkpoints have none)
+            return
+        try:
+            theirs = torch.load(ckpt / "state.pt", weights_only=True, map_location="cpu", mmap=True).get("run_id")
+        except Exception as e:  # (damage() checked the file's sha256: this is a file of another program)
+            raise SpannormError(f"checkpoint {str(ckpt)!r} cannot be read: {type(e).__name__}") from None
+        if theirs != mine:
+            raise SpannormError(
+                f"checkpoint {str(ckpt)!r} was written by another run (run id {theirs}, this run's is {mine}): "
+                "refused; delete it"
+            )
 
     def load_weights(self, model: torch.nn.Module) -> Path:
         """Load the weights of the newest checkpoint that verifies into ``model`` (as a resume would);
@@ -437,16 +553,24 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _save_weights(model: torch.nn.Module, path: Path) -> None:
-    """safetensors' save_model; an I/O error (a full disk) is raised as the OSError it is."""
+@contextlib.contextmanager
+def safetensors_os_errors(path: Path):
+    """Within the block, an I/O error that safetensors reports as a SafetensorError of its own ("... (os error
+    28)": a full disk) is raised as the OSError it is, naming ``path``."""
     from safetensors import SafetensorError
 
     try:
-        save_model(model, str(path))
+        yield
     except SafetensorError as e:
         if (m := re.search(r"\(os error (\d+)\)", str(e))) is None:
             raise
         raise OSError(int(m[1]), os.strerror(int(m[1])), str(path)) from None
+
+
+def _save_weights(model: torch.nn.Module, path: Path) -> None:
+    """safetensors' save_model; an I/O error (a full disk) is raised as the OSError it is."""
+    with safetensors_os_errors(path):
+        save_model(model, str(path))
 
 
 def _save_state(state: dict, path: Path) -> None:

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import re
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .config import ConfigError, read_yaml
-from .files import read_jsonl
+from .config import ConfigError, to_dict
+from .files import os_error
 from .run import TRACKERS, RunDir
 
 ITEMS = {"fraction": "expert"}  # what a list's entries are, when they are not blocks (MoE: a layer's experts)
@@ -130,6 +132,14 @@ class WandbTracker(Tracker):
     def __init__(self, run_dir: Path, config: dict, quiet: bool = False):
         import wandb  # an optional dependency: imported only when this tracker is asked for
 
+        folder = Path(run_dir) / "wandb"
+        try:  # W&B writes to a temporary directory instead of a folder it cannot write: a write here first
+            folder.mkdir(exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            raise os_error(e, f"{str(folder)!r}", "the W&B run is written there") from None
+        if not os.access(folder, os.W_OK | os.R_OK):  # (W&B's own test: a read-only file system, for root too)
+            raise ConfigError(f"W&B cannot write {str(folder)!r}: it is not writable (the W&B run is written there)")
         self.run = wandb.init(
             mode="offline",
             dir=str(run_dir),
@@ -138,6 +148,10 @@ class WandbTracker(Tracker):
             config=config,
             settings=wandb.Settings(console="off", silent=quiet),  # the trainer's output stays the terminal's
         )
+        if not Path(self.run.dir).resolve().is_relative_to(folder.resolve()):  # (W&B found it unwritable all the same)
+            where = self.run.dir
+            self.close()
+            raise ConfigError(f"W&B cannot write {str(folder)!r} (it wrote to {where!r} instead): make it writable")
         self.run.define_metric("step")
         for prefix in ("metrics", "diagnostics"):
             self.run.define_metric(f"{prefix}/*", step_metric="step")
@@ -152,16 +166,21 @@ class WandbTracker(Tracker):
         wandb.teardown()  # waits until W&B's service has written the run out: finish alone may return before
 
 
-def make_trackers(names: list[str], run_dir: Path, config: dict, start_step: int = 0, quiet: bool = False) -> Tracker:
-    """The trackers ``names`` (tensorboard, wandb; [] for none) of the run in ``run_dir`` with the
-    config ``config`` (a dict, W&B's run config), which starts at ``start_step`` (a resume: the
-    checkpoint's step); ``quiet``: they print nothing. A ConfigError for an unknown name or a missing
-    package, before any is made."""
+def check_trackers(names: list[str]) -> None:
+    """A ConfigError for an unknown tracker name or a tracker whose package is not installed."""
     for name in names:
         if name not in TRACKERS:
             raise ConfigError(f"tracker {name!r} is unknown: expected {' or '.join(TRACKERS)}")
         if importlib.util.find_spec(name) is None:
             raise ConfigError(f"tracker {name} needs {name}: pip install 'spannorm[{name}]'")
+
+
+def make_trackers(names: list[str], run_dir: Path, config: dict, start_step: int = 0, quiet: bool = False) -> Tracker:
+    """The trackers ``names`` (tensorboard, wandb; [] for none) of the run in ``run_dir`` with the
+    config ``config`` (a dict, W&B's run config), which starts at ``start_step`` (a resume: the
+    checkpoint's step); ``quiet``: they print nothing. A ConfigError for an unknown name or a missing
+    package, before any is made."""
+    check_trackers(names)
     made = []
     for name in dict.fromkeys(names):  # (each once)
         made.append(
@@ -177,9 +196,10 @@ def replay(run_dir: Path, names: list[str]) -> tuple[int, int]:
     run = RunDir(run_dir, "RUN_DIR")
     if not run.has_run():
         raise ConfigError(f"RUN_DIR {str(run_dir)!r} is not a run directory (no config.yaml)")
-    metrics, diagnostics = run.metrics(), read_jsonl(run.diagnostics_file)
+    metrics, diagnostics = run.metrics(), run.diagnostics()
+    config = to_dict(run.config())  # (validated, as every file read back: W&B's run config)
     rows = sorted([(r["step"], 0, r) for r in diagnostics] + [(r["step"], 1, r) for r in metrics], key=lambda x: x[:2])
-    tracker = make_trackers(names, run_dir, read_yaml(run.config_file))
+    tracker = make_trackers(names, run_dir, config)
     try:
         for _, is_metrics, row in rows:
             (tracker.log_metrics if is_metrics else tracker.log_diagnostics)(row)

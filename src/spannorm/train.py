@@ -55,7 +55,7 @@ from .device import autocast as device_autocast
 from .device import resolve as resolve_device
 from .device import set_tf32, to_device
 from .distributed import Ranks
-from .files import dumps, os_error
+from .files import disk_full, dumps, os_error
 from .model import LM, build_model
 from .probe import forward_stats, grad_norms, snapshot, taps, update_ratios
 from .run import (
@@ -69,7 +69,7 @@ from .run import (
     save_shards,
     sharded,
 )
-from .trackers import Tracker, make_trackers
+from .trackers import Tracker, check_trackers, make_trackers
 
 NON_FINITE = "non-finite loss"
 NON_FINITE_GRAD = "non-finite gradient"
@@ -518,10 +518,14 @@ class Trainer:
                     self.logs.write("metrics", self.metrics_row(result, val))
                 progress.update(self.step, result.loss, val, self.tokens_per_step / seconds)
                 if divergence is not None:
-                    return self.summary(divergence)
+                    summary = self.summary(divergence)
+                    if self.ranks.share(interrupt.requested):  # (a Ctrl-C while the summary was written)
+                        raise KeyboardInterrupt
+                    return summary
                 interrupted = self.ranks.share(interrupt.requested)  # (every rank stops at the same step)
                 if self.step % t.ckpt_interval == 0 or self.step == t.max_steps or interrupted:
                     self.checkpoint()
+                    interrupted = self.ranks.share(interrupt.requested)  # (also a Ctrl-C while it was written)
                 if interrupted and self.ranks.main:
                     print(
                         f"spannorm: interrupted at step {self.step}, checkpoint written: continue with "
@@ -680,12 +684,25 @@ class Trainer:
         return summary
 
 
+def diverged_at(summary: dict) -> str:
+    """How a summary's run diverged: at step N (it stopped there), or by its end (its last loss was not below
+    its first: summary.json's diverged_step is null, no step stopped it)."""
+    step = summary.get("diverged_step")
+    return f"diverged at step {step}" if step is not None else "diverged by its end"
+
+
 def skip_reason(result: StepResult) -> str:
     return NON_FINITE if not math.isfinite(result.loss) else NON_FINITE_GRAD
 
 
 def train(
-    cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool = True, stop_after: int | None = None
+    cfg: RunConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    cli: bool = False,
 ) -> dict:
     """Train (or with ``resume`` continue) the run in ``run_dir``; returns the summary.
 
@@ -695,14 +712,19 @@ def train(
     Denormal floats (below 1.2e-38) are flushed to zero in this thread (``torch.set_flush_denormal``):
     where gradients vanish (PostNorm, unscaled deep stacks) they are otherwise computed 10-20x
     slower by the CPU, and a run that cannot learn would take hours.
+
+    ``cli``: errors name the command line's options (--out, --resume), not this function's arguments.
     """
-    run = RunDir(run_dir)
+    out, again = ("--out", "--resume") if cli else ("run_dir", "resume=True")
+    if not str(run_dir).strip():  # (Path("") is the current directory)
+        raise ConfigError(f"{out} '' is invalid: expected the path of a run directory")
+    run = RunDir(run_dir, out)
     t = cfg.train
 
     def ended() -> dict | None:
         if not resume and run.has_run():
             raise ConfigError(
-                f"--out {str(run)!r} already holds a run: pass --resume to continue it or choose another --out"
+                f"{out} {str(run)!r} already holds a run: pass {again} to continue it or choose another {out}"
             )
         return run.summary() if resume else None
 
@@ -713,6 +735,7 @@ def train(
             f"train.compile=true is not supported with MoE (model.n_experts={cfg.model.n_experts}): "
             "set train.compile=false"
         )
+    check_trackers(t.trackers)  # (a missing package: before the run directory exists)
     device = resolve_device(t.device)
     check_memory(cfg)
     ranks = distributed.start(t, device)
@@ -744,7 +767,8 @@ def train(
             distributed.stop(together=True)
             return summary
         except OSError as e:  # a full disk, mostly: the last checkpoint is intact (each is written atomically)
-            raise os_error(e, f"the run {str(run)!r}", "free space, then continue it with --resume") from None
+            fix = "free space, then continue it with --resume" if disk_full(e) else ""
+            raise os_error(e, f"the run {str(run)!r}", fix) from None
         finally:
             distributed.stop()  # (after an error: at once, no barrier; torchrun ends the other ranks)
 
@@ -754,7 +778,7 @@ def train_or_reuse(cfg: RunConfig, run_dir: Path, progress: bool, what: str) -> 
     another config is refused (``what`` names it). The summary says ``reused`` for a run that had ended."""
     run = RunDir(run_dir)
     if not run.has_run():
-        return train(cfg, run_dir, progress=progress)
+        return train(cfg, run_dir, progress=progress, cli=True)
     run.check_config(cfg, what)
     reused = run.summary_file.is_file()
-    return train(cfg, run_dir, resume=True, progress=progress) | {"reused": reused}
+    return train(cfg, run_dir, resume=True, progress=progress, cli=True) | {"reused": reused}

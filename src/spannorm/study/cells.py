@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -24,10 +23,10 @@ import yaml
 
 from ..config import SpannormError, to_dict
 from ..data import prepare
-from ..files import atomic_write_text, dumps
+from ..files import atomic_write_text, dumps, temp_dir
 from ..probe_command import run_probe
 from ..run import RunConfig, RunDir, run_config_from_dict
-from ..train import train_or_reuse
+from ..train import diverged_at, train_or_reuse
 from .grid import PROBE_BATCH, Cell, StudyConfig
 
 
@@ -71,7 +70,7 @@ def train_under_torchrun(cfg: RunConfig, run_dir: Path, nproc: int, threads: int
     resume = run.has_run()
     if resume:
         run.check_config(cfg, where)
-    with tempfile.TemporaryDirectory() as tmp:
+    with temp_dir(run_dir.parent, "torchrun") as tmp:  # (in the study: one that a kill left is deleted there)
         config = Path(tmp) / "config.yaml"
         config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         what = ["--resume"] if resume else ["--config", str(config)]
@@ -116,7 +115,7 @@ def run_cells(study: StudyConfig, cells: list[Cell], out: Path, jobs: int, log) 
             return
         val = summary["final_val_loss"]
         verdict = (
-            f"diverged at step {summary['diverged_step']} ({summary['diverged_reason']})"
+            f"{diverged_at(summary)} ({summary['diverged_reason']})"
             if summary["diverged"]
             else "stalled"
             if summary.get("stalled")

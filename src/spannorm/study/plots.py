@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import read_jsonl
 from ..output import pyplot, save_figure
-from ..run import read_metrics
+from ..run import RunDir, read_metrics
 from .grid import Cell
 from .results import aggregate, best_lr, best_lr_points, first_seed, read_probe, scaling_depths, scaling_series
 
@@ -161,7 +160,7 @@ def plot_grad_heatmaps(path: Path, cells: list[Cell], out: Path) -> bool:
     firsts = {k: c for k, c in first_seed(cells).items() if k[0] in series and k[1] == depth}
     heatmaps = {}
     for k, c in firsts.items():
-        rows = read_jsonl(out / "cells" / c.name / "diagnostics.jsonl")
+        rows = RunDir(out / "cells" / c.name).diagnostics()
         if rows:
             norms = np.log10(np.maximum(np.array([r["grad_norm"] for r in rows], dtype=float).T, 1e-30))
             heatmaps[k] = (norms, rows[0]["step"], rows[-1]["step"])

@@ -225,7 +225,9 @@ def report(
         lines += ["## Diverged, stalled and failed cells", ""]
         for r in bad:
             if r["status"] == "diverged":
-                detail = f"diverged at step {r['diverged_step']} of {r['max_steps']} ({r['diverged_reason']})"
+                step = r.get("diverged_step")
+                at = f"at step {step} of {r['max_steps']}" if step is not None else "by its end"
+                detail = f"diverged {at} ({r['diverged_reason']})"
             elif r["status"] == "stalled":
                 detail = f"stalled, final val loss {r['final_val_loss']:.4f}"
             else:

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write_text, read_json
+from ..files import atomic_write_text, read_json, shape_problem
 from ..output import value
+from ..run import SUMMARY_FIELDS
 from .grid import Cell, Follow, Plan, expand
 
 RESULT_COLUMNS = (
@@ -35,6 +35,14 @@ RESULT_COLUMNS = (
 )  # the guard's columns: empty unless train.guard=true
 
 
+CELL_FIELDS = {"wall_s": "number?"}  # cell.json: the wall time of the session that finished the cell
+PROBE_FIELDS = {  # probe.json: the probe of a cell's final model (spannorm.probe), what the report reads of it
+    "stream_rms": "numbers",
+    "layer_drop": "numbers",
+    "grad_ratio_first_last": "number?",
+}
+
+
 def cell_result(cell: Cell, out: Path, error: str | None = None) -> dict:
     """One row of results.csv for ``cell``, read from its run directory."""
     run_dir = out / "cells" / cell.name
@@ -49,9 +57,15 @@ def cell_result(cell: Cell, out: Path, error: str | None = None) -> dict:
         return row | {"status": "not run"}
     if error is not None or not summary_path.is_file():
         return row | {"status": "failed: " + (error or "no summary.json")}
-    s = read_json(summary_path, "delete it and run the study again to write it again")
+    again = "delete it and run the study again to write it again"
+    # (what a row needs: summaries of older versions lack some of today's keys)
+    s = read_json(
+        summary_path, again, lambda s: shape_problem(s, SUMMARY_FIELDS, ("steps", "final_val_loss", "diverged"))
+    )
     cell_json = run_dir / "cell.json"
-    wall = json.loads(cell_json.read_text())["wall_s"] if cell_json.is_file() else None
+    wall = None
+    if cell_json.is_file():
+        wall = read_json(cell_json, again, lambda c: shape_problem(c, CELL_FIELDS, tuple(CELL_FIELDS)))["wall_s"]
     t = cell.cfg.train
     row |= {k: s.get(k) for k in RESULT_COLUMNS if k in s}
     row |= {
@@ -75,7 +89,8 @@ def write_results(path: Path, cells: list[Cell], rows: list[dict]) -> None:
 def read_probe(out: Path, cell: Cell) -> dict | None:
     """The probe of ``cell``'s trained model (its probe.json), or None if it has none."""
     path = out / "cells" / cell.name / "probe.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    fix = "delete it and run the study again to write it again"
+    return read_json(path, fix, lambda p: shape_problem(p, PROBE_FIELDS)) if path.is_file() else None
 
 
 # --- the best learning rate (second phase) -------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from ..config import SpannormError, require
-from ..files import atomic_write_text, locked, sweep_temp
+from ..files import atomic_write_text, locked, no_links, sweep_temp
 from .cells import run_cells
 from .claims import claims, init_probe
 from .grid import Cell, Plan, StudyConfig, expand, plan_study
@@ -36,10 +36,13 @@ def run_study(
     out = Path(out)
     plan = plan_study(study)
     cells = expand(plan)  # validates before any file is written
+    no_links(out, "--out")  # (nothing in a study directory is followed out of it)
     if report_only:
         return _run_study(plan, cells, out, command, jobs, log, report_only)
     with locked(out, "--out"):
-        sweep_temp(out, out / "plots", *out.glob("cells/*"))  # (each cell's checkpoints: when train resumes it)
+        no_links(out, "--out")  # (again, under the lock)
+        # (each cell's checkpoints: when train resumes it)
+        sweep_temp(out, out / "plots", out / "cells", *out.glob("cells/*"))
         return _run_study(plan, cells, out, command, jobs, log, report_only)
 
 
