@@ -577,7 +577,7 @@ def test_a_corrupt_summary_is_a_one_line_error(finished_run, capsys):
         ("model.d_model=1099511627776", "at most 1,048,576"),  # (the model's bound)
         ("model.d_model=262144", "GiB of memory"),
         ("train.batch_size=1000000000000", "GiB of memory"),
-        ("train.eval_batches=1000000000000", "GiB of memory"),
+        ("train.eval_batches=1000000000000", "distinct windows"),  # (drawn batch by batch: no memory is asked)
         ("model.n_layers=100000000", "at most 1,048,576"),
         ("model.n_layers=1000000", "GiB of memory"),
     ],

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .config import ConfigError, SpannormError, coerce_enum
+from .config import ConfigError, SpannormError, coerce_enum, read_bounded
 from .files import atomic_write_text, dumps, os_error
 from .model_config import Scheme
 
@@ -219,6 +219,12 @@ def build_parser() -> Parser:
         metavar="PATH",
         help="also evaluate this text file or directory (repeatable)",
     )
+    ev.add_argument(
+        "--validation",
+        action="store_true",
+        help="a Hugging Face folder: also score the validation split its spannorm_run.yaml names (paths of the "
+        "machine that exported it: read only when asked; a run directory's is always scored)",
+    )
     ev.add_argument("--seq-len", type=int, help="window length (default: the run's train.seq_len)")
     ev.add_argument("--batch-size", type=int, help="windows per forward (default: the run's train.batch_size, else 16)")
     ev.add_argument("--json", type=_path, metavar="OUT", help="also write the results to this JSON file")
@@ -360,11 +366,13 @@ def _output_file(flag: str, path: Path) -> None:
 
 
 def _schemes(flag: str, text: str) -> list[Scheme]:
-    """A comma-separated list of scheme names."""
+    """A comma-separated list of scheme names, each once."""
     schemes = [coerce_enum(Scheme, flag, s.strip()) for s in text.split(",") if s.strip()]
+    valid = ", ".join(s.value for s in Scheme)
     if not schemes:
-        valid = ", ".join(s.value for s in Scheme)
         raise ConfigError(f"{flag} {text!r} is invalid: expected a comma-separated list of {valid}")
+    if twice := [s.value for s in dict.fromkeys(schemes) if schemes.count(s) > 1]:
+        raise ConfigError(f"{flag} {text!r} names {', '.join(twice)} twice: expected each scheme once")
     return schemes
 
 
@@ -393,6 +401,7 @@ def cmd_probe(args) -> None:
         if args.d_model is not None:
             args.overrides = list(args.overrides) + [f"model.d_model={args.d_model}"]
         cfg = _load(args)
+        _check_probe_size(cfg, schemes, depths, args.batch)
     runs = run_probe(cfg, schemes, depths, args.batch, checkpoint=args.checkpoint, device=args.device)
     atomic_write_text(args.json, dumps({"runs": runs}, indent=1))
     plots = [args.json.with_suffix(".png")]
@@ -410,6 +419,22 @@ def cmd_probe(args) -> None:
     bad = [f"{r['scheme']} L={r['depth']}" for r in runs if _has_nan(r) or not math.isfinite(r["loss"])]
     if bad:
         raise SpannormError(f"the probe of {', '.join(bad)} gave a non-finite loss or NaN values (null in {args.json})")
+
+
+def _check_probe_size(cfg, schemes: list, depths: list[int], batch: int) -> None:
+    """Refuse a probe too large for this machine before anything is built: the probe holds every scheme × depth
+    model at once and one batch of ``batch`` sequences (train.check_memory's estimate, over all of them)."""
+    import dataclasses
+
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
+    from .model_config import MAX_SIZE
+    from .train import check_memory
+
+    if max(depths) > MAX_SIZE:
+        raise ConfigError(f"--depths {max(depths):,} is invalid: expected depths of at most {MAX_SIZE:,}")
+    model = dataclasses.replace(cfg.model, n_layers=min(MAX_SIZE, len(schemes) * sum(depths)))
+    probe = dataclasses.replace(cfg, model=model, train=dataclasses.replace(cfg.train, batch_size=batch))
+    check_memory(probe, "the probe", "--batch, --depths, --scheme's count, --d-model or train.seq_len")
 
 
 def _has_nan(x) -> bool:
@@ -438,8 +463,9 @@ def cmd_bench(args) -> None:
     if args.json:
         _output_file("--json", args.json)
     if args.report:
+        raw = read_bounded(args.report, MAX_REPORT_BYTES, "--report")
         try:
-            result = json.loads(args.report.read_text())
+            result = json.loads(raw)
             text = "\n".join(moe_ratios(result) + ratios(result)) + "\n\n" + markdown(result)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConfigError(
@@ -540,13 +566,28 @@ def cmd_export(args) -> None:
     print(f"{args.run_dir} -> {out} ({kind})")
 
 
+MAX_REPORT_BYTES = 64 << 20  # a bench --json file is a few kB; /dev/zero or a log given by mistake is not one
+MIN_TEMPERATURE = 1e-3  # below it the logits / temperature overflow (1e-39: inf - inf = nan); 0 is greedy
+
+
 def cmd_generate(args) -> None:
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from transformers import TextStreamer
+
+    from .run import SEED_RANGE, valid_seed  # (run loads torch)
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens} is invalid: expected a positive integer")
-    if not args.temperature >= 0:
-        raise ConfigError(f"--temperature {args.temperature} is invalid: expected a number >= 0 (0: greedy)")
+    if not (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature < math.inf):
+        raise ConfigError(
+            f"--temperature {args.temperature} is invalid: expected 0 (greedy) or a finite number >= {MIN_TEMPERATURE}"
+        )
+    if args.seed is not None and not valid_seed(args.seed):
+        raise ConfigError(f"--seed {args.seed} is invalid: expected {SEED_RANGE}")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # (bytes that are not UTF-8 on the command line arrive as lone surrogates)
+        raise ConfigError("--prompt is not UTF-8 text: give the prompt as UTF-8") from None
     if args.top_k is not None and args.top_k < 1:
         raise ConfigError(f"--top-k {args.top_k} is invalid: expected a positive integer")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -578,7 +619,11 @@ def cmd_eval(args) -> None:
     if args.include_path is not None or args.limit is not None:
         raise ConfigError("--include-path and --limit go with --lm-eval TASKS")
     model, tokenizer, run_cfg = _load_model(args)
-    report = {"model": str(args.model)} | evaluate(model, tokenizer, run_cfg, args.text, args.seq_len, args.batch_size)
+    validation = run_cfg is not None and (args.validation or (args.model / "config.yaml").is_file())
+    if args.validation and run_cfg is None:
+        raise ConfigError(f"--validation: {str(args.model)!r} holds no spannorm run config (no validation split)")
+    scores = evaluate(model, tokenizer, run_cfg, args.text, args.seq_len, args.batch_size, validation)
+    report = {"model": str(args.model)} | scores
     for r in report["results"]:
         print(
             f"{r['name']}: loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f}, "

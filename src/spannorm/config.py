@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
+import select
+import stat
+import time
 import types
 import typing
 from pathlib import Path
@@ -25,8 +29,14 @@ class ConfigError(SpannormError, ValueError):
     """An invalid configuration value."""
 
 
+def short(value, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a value echoed in an error may be huge)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def invalid(field: str, value: Any, valid: str) -> ConfigError:
-    return ConfigError(f"{field}={value!r} is invalid: expected {valid}")
+    return ConfigError(f"{field}={short(value)} is invalid: expected {valid}")
 
 
 def require(ok: bool, field: str, value: Any, valid: str) -> None:
@@ -132,41 +142,127 @@ def to_dict(obj: Any) -> Any:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``section.key=value`` strings to a nested dict; values are parsed as YAML scalars."""
+    """Apply ``section.key=value`` strings to a nested dict; values are parsed as YAML (:func:`parse_yaml`)."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set {item!r} is invalid: expected KEY=VALUE, e.g. model.scheme=span")
+            raise ConfigError(f"--set {short(item)} is invalid: expected KEY=VALUE, e.g. model.scheme=span")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+            value = parse_yaml(raw, f"--set {key}") if raw != "" else ""
+        except yaml.YAMLError:  # (not YAML: the text itself)
             value = raw
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r} is invalid: {part} is not a section")
+                raise ConfigError(f"--set {short(item)} is invalid: {part} is not a section")
         node[parts[-1]] = value
     return data
 
 
-def read_yaml(path: Path) -> dict:
-    """Read a YAML mapping, with one-line errors for a missing or malformed file."""
+MAX_YAML_BYTES = 1 << 20  # a config or study file larger than this is not one (/dev/zero, a log given by mistake)
+MAX_YAML_DEPTH = 20  # nesting: a config needs 3 levels, a study 5
+PIPE_WAIT_S = 30.0  # how long a pipe (--config <(...)) may take to deliver its text
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader without what no config needs and an attacker can use: aliases (a 400-byte file of
+    nested aliases expands to gigabytes), keys given twice (the second would win silently) and deep nesting (a
+    RecursionError)."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, f"an alias (*{event.anchor}) is not allowed", event.start_mark
+            )
+        if self.depth >= MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"values nested more than {MAX_YAML_DEPTH} deep are not allowed", event.start_mark
+            )
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # (refused later: a config's keys are strings)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {short(key)} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """YAML text as data (:class:`_StrictLoader`); an error of the content is a one-line ConfigError about ``what``
+    (a YAML syntax error is raised as it is: the caller words it)."""
     try:
-        text = Path(path).read_text()
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a safe loader)
+    except (yaml.composer.ComposerError, yaml.constructor.ConstructorError) as e:
+        at = f" (line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1})" if e.problem_mark else ""
+        raise ConfigError(f"{what} is refused: {e.problem}{at}") from None
+
+
+def read_bounded(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of a regular file or a pipe (``--config <(...)``), at most ``limit`` of them: a larger file, a
+    device that never ends (/dev/zero) and a FIFO no one writes to are one-line errors (``what`` names the file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # (a FIFO without a writer: not a wait forever)
     except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        raise ConfigError(f"{what} {str(path)!r} does not exist") from None
     except OSError as e:
-        raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {str(path)!r} is not a UTF-8 text file") from None
+        raise ConfigError(f"{what} {str(path)!r} cannot be read: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(f"{what} {str(path)!r} is a directory, not a file")
+        pipe = stat.S_ISFIFO(mode)
+        chunks, size, deadline = [], 0, time.monotonic() + PIPE_WAIT_S
+        while True:
+            if pipe and not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                raise ConfigError(f"{what} {str(path)!r} is a pipe that sent nothing for {PIPE_WAIT_S:.0f} s")
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                continue
+            except OSError as e:
+                raise ConfigError(f"{what} {str(path)!r} cannot be read: {e.strerror}") from None
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise ConfigError(f"{what} {str(path)!r} is larger than {limit:,} bytes: it is not one")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_yaml(path: Path) -> dict:
+    """Read a YAML mapping (a regular file or a pipe, :func:`read_bounded`; parsed by :func:`parse_yaml`), with
+    one-line errors for a missing, huge or malformed file."""
+    what = "config file"
+    raw = read_bounded(Path(path), MAX_YAML_BYTES, what)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {str(path)!r} is not a UTF-8 text file") from None
+    try:
+        data = parse_yaml(text, f"{what} {str(path)!r}")
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{what} {str(path)!r} must hold a mapping, got {type(data).__name__}")
     return data

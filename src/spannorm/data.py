@@ -324,11 +324,17 @@ def _fetch_verified(url: str, sdist: Path, settings: dict[str, str]) -> str:
 
 
 def _redact(url: str) -> str:
-    """``url`` without a password."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
+    """``url`` without its credentials, as pip shows it: ``user:****@host`` for a password, ``****@host`` for a user
+    name alone (often a token)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # (an unparsable URL: shown without anything before an @)
+        return url.rpartition("@")[2]
+    if "@" not in parts.netloc:
         return url
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}"))
+    user, host = parts.netloc.rpartition("@")[::2]
+    shown = f"{user.partition(':')[0]}:****" if ":" in user else "****"
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{shown}@{host}"))
 
 
 def _reason(e: BaseException) -> str:
@@ -351,6 +357,12 @@ def load_documents(corpus: str, cache: Path) -> list[tuple[str, str]]:
                 f"data.corpus={corpus!r} does not exist: expected {DEFAULT_CORPUS!r} "
                 "or a path to a text file or directory"
             )
+    return documents_at(root, f"data.corpus={corpus!r}", "corpus file")
+
+
+def documents_at(root: Path, what: str, file_word: str) -> list[tuple[str, str]]:
+    """(name, text) pairs of a text file or of a directory's files (``what``, ``file_word``: how errors call them).
+    A path is always a path: ``./shakespeare`` is the user's directory, never the default corpus."""
     if root.is_file():
         paths = [root]
     else:
@@ -364,11 +376,11 @@ def load_documents(corpus: str, cache: Path) -> list[tuple[str, str]]:
         try:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError:
-            raise ConfigError(f"corpus file {str(p)!r} is not UTF-8 text") from None
+            raise ConfigError(f"{file_word} {str(p)!r} is not UTF-8 text") from None
         if text.strip():
             docs.append((str(p.relative_to(root)) if root.is_dir() else p.name, text))
     if not docs:
-        raise ConfigError(f"data.corpus={corpus!r} is empty: it holds no non-empty text file")
+        raise ConfigError(f"{what} is empty: it holds no non-empty text file")
     return docs
 
 
@@ -553,6 +565,17 @@ class TokenData:
                     f"tokens; use a shorter seq_len or a larger corpus"
                 )
 
+    def check_val(self, batch_size: int, n_batches: int) -> None:
+        """Refuse more validation windows than the validation split has distinct ones (train.eval_batches of
+        train.batch_size windows): more would only score the same windows again, and slowly."""
+        distinct = self.val.size - self.seq_len
+        if batch_size * n_batches > distinct:
+            raise ConfigError(
+                f"train.eval_batches={n_batches:,} is invalid: {n_batches:,} batches of {batch_size:,} windows, but "
+                f"the validation split has {distinct:,} distinct windows of {self.seq_len} tokens: expected at "
+                f"most {max(1, distinct // batch_size):,}"
+            )
+
     def unigram_entropy(self) -> float:
         """Entropy (nats/token) of the training tokens' frequencies: the loss of a model that learned
         only how often each token occurs."""
@@ -571,8 +594,13 @@ class TokenData:
         return self._windows(self.train, starts)
 
     def val_batches(self, batch_size: int, n_batches: int):
-        """The same evenly spaced validation windows every time."""
+        """The same evenly spaced validation windows every time: the starts of np.linspace(0, last, n), computed
+        batch by batch (bit for bit the same values), so that many batches allocate nothing in advance."""
         last = self.val.size - self.seq_len - 1
-        starts = np.linspace(0, last, batch_size * n_batches).astype(np.int64).tolist()
-        for i in range(0, len(starts), batch_size):
-            yield self._windows(self.val, starts[i : i + batch_size])
+        n = batch_size * n_batches
+        step = last / (n - 1) if n > 1 else 0.0  # (np.linspace's step, as it computes it)
+        for i in range(0, n, batch_size):
+            starts = np.arange(i, min(i + batch_size, n), dtype=np.float64) * step
+            if i + len(starts) == n and n > 1:
+                starts[-1] = last  # (np.linspace ends at its stop exactly)
+            yield self._windows(self.val, starts.astype(np.int64).tolist())

@@ -18,8 +18,8 @@ DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
 
 
 def valid_device(spec) -> bool:
-    """Whether ``spec`` is a device setting: auto, cpu, cuda or cuda:N (N a non-negative integer)."""
-    return isinstance(spec, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", spec) is not None
+    """Whether ``spec`` is a device setting: auto, cpu, cuda or cuda:N (N a device index, at most 4 digits)."""
+    return isinstance(spec, str) and re.fullmatch(r"auto|cpu|cuda(:\d{1,4})?", spec) is not None
 
 
 def resolve(spec: str, field: str = "train.device") -> torch.device:

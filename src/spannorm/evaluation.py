@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError
-from .data import TokenData, load_documents, prepare
+from .data import TokenData, documents_at, prepare
 
 
 def windows(ids: np.ndarray, seq_len: int) -> list[np.ndarray]:
@@ -89,15 +89,24 @@ def evaluate_ids(
     wins = [w for ids in sequences for w in windows(np.asarray(ids), seq_len)]
     if not wins:
         raise ConfigError(f"{name!r} holds fewer than two tokens: nothing to score")
+    n_bytes = int(sum(sizes[w[1:]].sum() for w in wins))
+    if n_bytes == 0:
+        raise ConfigError(f"{name!r} holds only special tokens (<|endoftext|>): no text to score per byte")
     nats, tokens = score(model, wins, batch_size)
-    return result(name, nats, tokens, int(sum(sizes[w[1:]].sum() for w in wins)))
+    return result(name, nats, tokens, n_bytes)
 
 
 def evaluate(
-    model, tokenizer, run_cfg, texts: list[Path], seq_len: int | None = None, batch_size: int | None = None
+    model,
+    tokenizer,
+    run_cfg,
+    texts: list[Path],
+    seq_len: int | None = None,
+    batch_size: int | None = None,
+    validation: bool = True,
 ) -> dict:
-    """{seq_len, results: [...]}: the validation split of the run (when ``run_cfg`` is given) and each
-    text file or directory (a directory's files each scored on their own, the sums reported)."""
+    """{seq_len, results: [...]}: the validation split of the run (when ``run_cfg`` is given and ``validation``)
+    and each text file or directory (a directory's files each scored on their own, the sums reported)."""
     if seq_len is None:
         if run_cfg is None:
             raise ConfigError("--seq-len is required: this folder holds no spannorm run config to take it from")
@@ -107,17 +116,18 @@ def evaluate(
     batch_size = batch_size or (run_cfg.train.batch_size if run_cfg is not None else 16)
     sizes = token_bytes(tokenizer, model.config.vocab_size)
     results = []
-    if run_cfg is not None:
+    if run_cfg is not None and validation:
         val = TokenData(prepare(run_cfg.data), seq_len).val
         results.append(evaluate_ids(model, "validation", [np.asarray(val)], seq_len, sizes, batch_size))
     for path in texts:
         if not Path(path).exists():
             raise ConfigError(f"--text {str(path)!r} does not exist: expected a text file or directory")
-        docs = load_documents(str(path), run_cfg.data.cache() if run_cfg is not None else Path("."))
+        docs = documents_at(Path(path), f"--text {str(path)!r}", "--text file")  # (a path, never a corpus name)
         ids = [np.asarray(tokenizer(text, add_special_tokens=False).input_ids) for _, text in docs]
         results.append(evaluate_ids(model, str(path), ids, seq_len, sizes, batch_size))
     if not results:
         raise ConfigError(
-            "nothing to evaluate: this folder holds no spannorm run config (no validation split); pass --text PATH"
+            "nothing to evaluate: pass --text PATH (or --validation: the validation split of a folder's "
+            "spannorm_run.yaml)"
         )
     return {"seq_len": seq_len, "results": results}

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import SpannormError
+from .config import SpannormError, short
 
 TEMP = ".*.tmp-*"  # the names of the temporary files and directories below: .<name>.tmp-<random>
 
@@ -263,12 +263,6 @@ KINDS = {  # the kinds of value shape_problem checks: (test, what it is called)
         "a list of numbers",
     ),
 }
-
-
-def short(value, limit: int = 40) -> str:
-    """``repr(value)``, cut to ``limit`` characters (a value echoed in an error may be huge)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def shape_problem(obj, fields: dict[str, str], required=()) -> str | None:

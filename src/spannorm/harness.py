@@ -66,7 +66,7 @@ def lm_eval_tokenizer(folder: Path):
     """The folder's tokenizer with the prefix and padding tokens lm-eval needs: (tokenizer, prefix id)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     prefix = tokenizer.eos_token_id
     if prefix is None:  # the byte tokenizer: documents are joined by a blank line
         prefix = tokenizer("\n", add_special_tokens=False).input_ids[-1]

@@ -203,8 +203,9 @@ def load(path: Path, device: torch.device | str = "cpu"):
         model, cfg = from_run(path)
         tokenizer = run_tokenizer(cfg)
     elif (path / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(path).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        # trust_remote_code=False: a folder's own Python is never run (nor asked about on a terminal)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         cfg = load_config(path / RUN_FILE) if (path / RUN_FILE).is_file() else None
     else:
         raise ConfigError(

@@ -80,6 +80,14 @@ from .files import (
 )
 from .model_config import ModelConfig
 
+MAX_DIST_TIMEOUT_S = 30 * 24 * 3600  # torch.distributed's timeouts overflow beyond finite, bounded values
+SEED_RANGE = "an integer in [0, 2**64)"  # what torch.manual_seed takes
+
+
+def valid_seed(seed) -> bool:
+    return isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**64
+
+
 TRACKERS = ("tensorboard", "wandb")  # train.trackers: each needs the package, and the spannorm extra, of its name
 
 
@@ -156,7 +164,13 @@ class TrainConfig:
         ):
             value = getattr(self, name)
             require(isinstance(value, int) and value > 0, f"train.{name}", value, "a positive integer")
-        require(self.dist_timeout_s > 0, "train.dist_timeout_s", self.dist_timeout_s, "a positive number of seconds")
+        require(
+            isinstance(self.dist_timeout_s, (int, float)) and 0 < self.dist_timeout_s <= MAX_DIST_TIMEOUT_S,
+            "train.dist_timeout_s",
+            self.dist_timeout_s,
+            f"a positive number of seconds, at most {MAX_DIST_TIMEOUT_S:,} (30 days)",
+        )
+        require(valid_seed(self.seed), "train.seed", self.seed, SEED_RANGE)
         require(
             isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
             "train.warmup_steps",
@@ -220,7 +234,7 @@ def shipped_names(folder) -> list[str]:
 def resolve_shipped(name: str, folder, what: str, plural: str) -> Path:
     """A YAML path, or the name of a YAML file shipped in ``folder`` (a ``what``)."""
     path = Path(name)
-    if path.is_file() or path.suffix in (".yaml", ".yml"):
+    if (path.exists() and not path.is_dir()) or path.suffix in (".yaml", ".yml"):  # (a pipe: --config <(...))
         return path
     if name in shipped_names(folder):
         return Path(str(folder / f"{name}.yaml"))

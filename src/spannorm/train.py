@@ -118,22 +118,25 @@ def evaluate(model: LM, data: TokenData, t: TrainConfig, micro: int = 1) -> floa
     return sum(losses) / len(losses)
 
 
-def check_memory(cfg: RunConfig) -> None:
+def check_memory(
+    cfg: RunConfig,
+    what: str = "the run",
+    knobs: str = "model.d_model, model.n_layers, train.batch_size or train.seq_len",
+) -> None:
     """Refuse a run that cannot fit in this machine's memory, before anything is allocated. The estimate is a
     lower bound: the attention weights (4·d_model² a block) and the embedding, in fp32 with their gradients and
-    AdamW's two moments (16 bytes a parameter), and the larger of one batch's block inputs and q, k, v
-    (4·d_model values a token and block) and the validation pass's window starts (16 bytes each)."""
+    AdamW's two moments (16 bytes a parameter), and one batch's block inputs and q, k, v (4·d_model values a token
+    and block). Validation windows are drawn batch by batch (any train.eval_batches allocates one batch)."""
     m, t = cfg.model, cfg.train
     n_params = 4 * m.n_layers * m.d_model**2 + m.vocab_size * m.d_model
     width = 2 if t.precision is Precision.BF16 else 4
-    need = 16 * n_params + t.batch_size * max(t.seq_len * m.n_layers * 4 * m.d_model * width, 16 * t.eval_batches)
+    need = 16 * n_params + t.batch_size * t.seq_len * m.n_layers * 4 * m.d_model * width
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > ram:
         raise ConfigError(
-            f"the run needs more than {need / 2**30:,.0f} GiB of memory (over {n_params:,} parameters, "
-            f"batches of {t.batch_size:,}×{t.seq_len:,} tokens, {t.eval_batches:,} validation batches), "
-            f"more than this machine's {ram / 2**30:,.0f} GiB: make model.d_model, model.n_layers, "
-            "train.batch_size, train.seq_len or train.eval_batches smaller"
+            f"{what} needs more than {need / 2**30:,.0f} GiB of memory (over {n_params:,} parameters, "
+            f"batches of {t.batch_size:,}×{t.seq_len:,} tokens), more than this machine's {ram / 2**30:,.0f} GiB: "
+            f"make {knobs} smaller"
         )
 
 
@@ -742,6 +745,7 @@ def train(
     if ranks.joined and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # (torchrun: one GPU a process)
     dataset = TokenData(prepare(cfg.data), t.seq_len)  # validates before any file is written
+    dataset.check_val(t.batch_size, t.eval_batches)
     with run.lock() if ranks.main else contextlib.nullcontext():  # (rank 0 writes the run directory)
         summary = ended()  # (again: another process may have got here first)
         ranks.barrier()  # (every rank has looked before rank 0 writes)
