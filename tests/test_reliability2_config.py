@@ -105,6 +105,26 @@ def test_a_fifo_nobody_writes_is_refused_not_waited_on_forever(tmp_path, capsys,
     assert "is a pipe that sent nothing" in capsys.readouterr().err
 
 
+def test_a_terminal_that_types_nothing_is_waited_on_not_spun_on(tmp_path, capsys, monkeypatch):
+    """``--config /dev/stdin`` on a terminal: a device read without blocking would spin forever."""
+    monkeypatch.setattr("spannorm.config.PIPE_WAIT_S", 0.5)
+    controller, terminal = os.openpty()
+    codes = []
+    argv = ["train", "--config", os.ttyname(terminal), "--out", str(tmp_path / "r")]
+    worker = threading.Thread(target=lambda: codes.append(main(argv)), daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    alive = worker.is_alive()
+    if alive:  # (before the fix: spinning; typing a line and closing the terminal lets it go)
+        os.write(controller, b"\x04")
+    os.close(controller)
+    os.close(terminal)
+    worker.join(timeout=20)
+    assert not alive, "--config naming a terminal that types nothing spun forever"
+    assert codes == [2]
+    assert "is a device that sent nothing" in capsys.readouterr().err
+
+
 def test_config_from_a_pipe_is_accepted(corpus, tmp_path):
     """``--config <(...)``: a /dev/fd path, a pipe with a writer."""
     r, w = os.pipe()

@@ -226,11 +226,11 @@ def read_bounded(path: Path, limit: int, what: str) -> bytes:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
             raise ConfigError(f"{what} {str(path)!r} is a directory, not a file")
-        pipe = stat.S_ISFIFO(mode)
+        kind = None if stat.S_ISREG(mode) else "pipe" if stat.S_ISFIFO(mode) else "device"  # (a terminal: a device)
         chunks, size, deadline = [], 0, time.monotonic() + PIPE_WAIT_S
-        while True:
-            if pipe and not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                raise ConfigError(f"{what} {str(path)!r} is a pipe that sent nothing for {PIPE_WAIT_S:.0f} s")
+        while True:  # (what is not a regular file is waited on, never read in a loop that spins)
+            if kind and not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                raise ConfigError(f"{what} {str(path)!r} is a {kind} that sent nothing for {PIPE_WAIT_S:.0f} s")
             try:
                 chunk = os.read(fd, 1 << 16)
             except BlockingIOError:
