@@ -163,23 +163,21 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 MAX_YAML_BYTES = 1 << 20  # a config or study file larger than this is not one (/dev/zero, a log given by mistake)
 MAX_YAML_DEPTH = 20  # nesting: a config needs 3 levels, a study 5
+MAX_YAML_VALUES = 100_000  # values once aliases are expanded: a study holds a few hundred
 PIPE_WAIT_S = 30.0  # how long a pipe (--config <(...)) may take to deliver its text
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """YAML's safe loader without what no config needs and an attacker can use: aliases (a 400-byte file of
-    nested aliases expands to gigabytes), keys given twice (the second would win silently) and deep nesting (a
-    RecursionError)."""
+    """YAML's safe loader without what an attacker can use: aliases are allowed (a study shares its search grids
+    with ``&search``/``*search``) but what they expand to is counted (a 400-byte file of nested aliases expands to
+    gigabytes, one that holds itself never ends), keys given twice are refused (the second would win silently) and
+    so is deep nesting (a RecursionError)."""
 
     depth = 0
 
     def compose_node(self, parent, index):
         event = self.peek_event()
-        if self.check_event(yaml.AliasEvent):
-            raise yaml.composer.ComposerError(
-                None, None, f"an alias (*{event.anchor}) is not allowed", event.start_mark
-            )
-        if self.depth >= MAX_YAML_DEPTH:
+        if not self.check_event(yaml.AliasEvent) and self.depth >= MAX_YAML_DEPTH:
             raise yaml.composer.ComposerError(
                 None, None, f"values nested more than {MAX_YAML_DEPTH} deep are not allowed", event.start_mark
             )
@@ -188,6 +186,29 @@ class _StrictLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
+
+    def compose_document(self):
+        node = super().compose_document()
+        sizes: dict[int, int] = {}  # id(node) -> values it expands to; -1 while it is being counted
+
+        def size(n) -> int:  # (nodes shared through aliases are counted once each time they are used, walked once)
+            if sizes.get(id(n)) == -1:
+                raise yaml.composer.ComposerError(
+                    None, None, "an alias inside its own anchor is not allowed", n.start_mark
+                )
+            if id(n) not in sizes:
+                sizes[id(n)] = -1
+                children = [] if isinstance(n, yaml.ScalarNode) else n.value
+                pairs = [c for pair in children for c in pair] if isinstance(n, yaml.MappingNode) else children
+                sizes[id(n)] = 1 + sum(size(c) for c in pairs)
+            if sizes[id(n)] > MAX_YAML_VALUES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"the text expands to more than {MAX_YAML_VALUES:,} values (aliases)", n.start_mark
+                )
+            return sizes[id(n)]
+
+        size(node)
+        return node
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -203,11 +224,18 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def _unshared(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _unshared(v) for k, v in value.items()}
+    return [_unshared(v) for v in value] if isinstance(value, list) else value
+
+
 def parse_yaml(text: str, what: str) -> Any:
     """YAML text as data (:class:`_StrictLoader`); an error of the content is a one-line ConfigError about ``what``
-    (a YAML syntax error is raised as it is: the caller words it)."""
+    (a YAML syntax error is raised as it is: the caller words it). What an alias shares is copied: changing one
+    place never changes another."""
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a safe loader)
+        return _unshared(yaml.load(text, Loader=_StrictLoader))  # noqa: S506 (a safe loader)
     except (yaml.composer.ComposerError, yaml.constructor.ConstructorError) as e:
         at = f" (line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1})" if e.problem_mark else ""
         raise ConfigError(f"{what} is refused: {e.problem}{at}") from None
