@@ -622,7 +622,8 @@ def cmd_eval(args) -> None:
     validation = run_cfg is not None and (args.validation or (args.model / "config.yaml").is_file())
     if args.validation and run_cfg is None:
         raise ConfigError(f"--validation: {str(args.model)!r} holds no spannorm run config (no validation split)")
-    scores = evaluate(model, tokenizer, run_cfg, args.text, args.seq_len, args.batch_size, validation)
+    run_dir = args.model if (args.model / "config.yaml").is_file() else None
+    scores = evaluate(model, tokenizer, run_cfg, args.text, args.seq_len, args.batch_size, validation, run_dir)
     report = {"model": str(args.model)} | scores
     for r in report["results"]:
         print(

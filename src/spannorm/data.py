@@ -346,6 +346,20 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def absolute_corpus(corpus: str) -> str:
+    """``data.corpus`` as a run records it: the default corpus by name, a path made absolute (a run resumed,
+    exported or evaluated from another working directory reads the same text)."""
+    return corpus if corpus == DEFAULT_CORPUS else str(Path(corpus).expanduser().absolute())
+
+
+def dataset_identity(dataset: Path, corpus: str) -> dict:
+    """What a run records of the dataset it trains on: the prepared directory's name (tokenizer, vocabulary and
+    a hash of every document's name and text and of the split's settings), its files' sha256 and ``corpus``
+    (where it was read, :func:`absolute_corpus`)."""
+    files = json.loads((dataset / "meta.json").read_text()).get("files", {})
+    return {"dataset": dataset.name, "corpus": corpus, "files": {f: v["sha256"] for f, v in files.items()}}
+
+
 def load_documents(corpus: str, cache: Path) -> list[tuple[str, str]]:
     """(name, text) pairs, sorted by name; a file is one document, a directory's files are many."""
     if corpus == DEFAULT_CORPUS:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .config import ConfigError
 from .data import TokenData, documents_at, prepare
+from .run import RunDir
 
 
 def windows(ids: np.ndarray, seq_len: int) -> list[np.ndarray]:
@@ -104,9 +105,11 @@ def evaluate(
     seq_len: int | None = None,
     batch_size: int | None = None,
     validation: bool = True,
+    run_dir: Path | None = None,
 ) -> dict:
     """{seq_len, results: [...]}: the validation split of the run (when ``run_cfg`` is given and ``validation``)
-    and each text file or directory (a directory's files each scored on their own, the sums reported)."""
+    and each text file or directory (a directory's files each scored on their own, the sums reported). ``run_dir``:
+    the run directory the model is from, whose validation split is refused when its corpus changed since."""
     if seq_len is None:
         if run_cfg is None:
             raise ConfigError("--seq-len is required: this folder holds no spannorm run config to take it from")
@@ -117,7 +120,8 @@ def evaluate(
     sizes = token_bytes(tokenizer, model.config.vocab_size)
     results = []
     if run_cfg is not None and validation:
-        val = TokenData(prepare(run_cfg.data), seq_len).val
+        dataset = RunDir(run_dir, "the run").dataset(run_cfg) if run_dir is not None else prepare(run_cfg.data)
+        val = TokenData(dataset, seq_len).val
         results.append(evaluate_ids(model, "validation", [np.asarray(val)], seq_len, sizes, batch_size))
     for path in texts:
         if not Path(path).exists():

@@ -45,12 +45,12 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .config import ConfigError, SpannormError, to_dict
-from .data import EOT, Tokenizer, prepare
-from .files import atomic_dir
+from .config import ConfigError, SpannormError, short, to_dict
+from .data import EOT, Tokenizer
+from .files import atomic_dir, os_error
 from .model import LM
 from .model_config import ModelConfig, NormType, Scheme
-from .run import RunDir, load_config
+from .run import RunDir, load_config, safetensors_os_errors
 from .schemes import SCHEMES, use_final_norm, use_tied_embeddings
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
@@ -175,12 +175,18 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
-def run_tokenizer(cfg) -> PreTrainedTokenizerFast:
-    """A run's tokenizer (``cfg``: its RunConfig): the byte tokenizer, or the BPE its dataset was
-    tokenized with (``<|endoftext|>``, the document separator, as eos)."""
+def run_tokenizer(cfg, run_dir: Path) -> PreTrainedTokenizerFast:
+    """A run's tokenizer (``cfg``: its RunConfig): the byte tokenizer, or the BPE it was trained with
+    (``<|endoftext|>``, the document separator, as eos): the copy in the run directory, else (a run written
+    before runs kept one) its dataset's, refused when the corpus changed since (:meth:`RunDir.dataset`)."""
     if cfg.data.tokenizer is Tokenizer.BYTE:
         return byte_tokenizer()
-    return PreTrainedTokenizerFast(tokenizer_file=str(prepare(cfg.data) / "tokenizer.json"), eos_token=EOT)
+    run = RunDir(run_dir, "run")
+    path = run.tokenizer_file if run.tokenizer_file.is_file() else run.dataset(cfg) / "tokenizer.json"
+    try:
+        return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=EOT)
+    except Exception as e:  # (tokenizers raises its own Exception for a damaged file)
+        raise SpannormError(f"the run's tokenizer {str(path)!r} cannot be read ({short(str(e))})") from None
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -195,18 +201,34 @@ def from_run(run_dir: Path) -> tuple[SpanNormForCausalLM, object]:
     return model.eval(), cfg
 
 
+def from_folder(path: Path):
+    """(model, tokenizer) of a Hugging Face folder. A folder's own Python is never run (trust_remote_code=False,
+    nor asked about on a terminal) and its weights are read from safetensors only (a pickle can run code); a
+    folder that transformers cannot load (a damaged or missing file) is one line."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, use_safetensors=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as e:  # (transformers, safetensors and tokenizers raise many kinds, some their own)
+        raise SpannormError(
+            f"{str(path)!r} cannot be loaded as a Hugging Face folder ({type(e).__name__}: {short(str(e), 200)}); "
+            "expected config.json, model.safetensors and a tokenizer, as spannorm export writes"
+        ) from None
+    return model, tokenizer
+
+
 def load(path: Path, device: torch.device | str = "cpu"):
     """(model, tokenizer, RunConfig or None) of a run directory or of a Hugging Face folder
     (``spannorm export``'s, or any causal LM folder with a tokenizer)."""
     path = Path(path)
     if (path / "config.yaml").is_file():
         model, cfg = from_run(path)
-        tokenizer = run_tokenizer(cfg)
+        tokenizer = run_tokenizer(cfg, path)
     elif (path / "config.json").is_file():
-        # trust_remote_code=False: a folder's own Python is never run (nor asked about on a terminal)
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        cfg = load_config(path / RUN_FILE) if (path / RUN_FILE).is_file() else None
+        model, tokenizer = from_folder(path)
+        cfg = None
+        if (path / RUN_FILE).is_file():  # (its cache_dir is ours: a shared folder never chooses where we write)
+            cfg = load_config(path / RUN_FILE)
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_dir=None))
     else:
         raise ConfigError(
             f"{str(path)!r} is neither a run directory (config.yaml) nor a Hugging Face folder (config.json)"
@@ -305,15 +327,18 @@ def export(run_dir: Path, out_dir: Path, to: str = "spannorm") -> Path:
     if not (Path(run_dir) / "config.yaml").is_file():
         raise ConfigError(f"RUN_DIR {str(run_dir)!r} is not a run directory (no config.yaml)")
     model, cfg = from_run(run_dir)
-    tokenizer = run_tokenizer(cfg)
+    tokenizer = run_tokenizer(cfg, run_dir)
     if to == "llama":
         model = to_llama(model.lm, cfg.train.seq_len, tokenizer.eos_token_id)
     elif to != "spannorm":
         raise ConfigError(f"--to {to!r} is invalid: expected spannorm or llama")
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.copyfile(Path(run_dir) / "config.yaml", tmp / RUN_FILE)
+    try:
+        with atomic_dir(out_dir) as tmp, safetensors_os_errors(out_dir / "model.safetensors"):
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            shutil.copyfile(Path(run_dir) / "config.yaml", tmp / RUN_FILE)
+    except OSError as e:
+        raise os_error(e, f"OUT_DIR {str(out_dir)!r}", "nothing was written there") from None
     return out_dir
 
 

@@ -26,6 +26,11 @@ A run directory::
                         the trainer's parts (divergence monitor, training guard, throughput meter, validation);
                         manifest.json (sha256). The newest train.keep_checkpoints of them are kept, and a resume
                         starts from the newest one whose files match their sha256
+    data.json           the dataset it trains on (data.dataset_identity: its name holds a hash of the documents
+                        and settings; its files' sha256): a resume, an eval of its validation split and an
+                        export are refused when data.corpus now gives other data
+    tokenizer.json      the BPE tokenizer it was trained with (BPE runs): export, generate and eval use it, never
+                        one trained again from the corpus as it is now
     run_id              the run's random id, also in each of its checkpoints' state.pt: a checkpoint of another
                         run (copied in) is refused
     .lock               held (flock) by the process that trains the run: a second one is refused
@@ -63,8 +68,18 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from .config import ConfigError, SpannormError, apply_overrides, coerce_enum, from_dict, read_yaml, require, to_dict
-from .data import DataConfig
+from .config import (
+    ConfigError,
+    SpannormError,
+    apply_overrides,
+    coerce_enum,
+    from_dict,
+    read_yaml,
+    require,
+    short,
+    to_dict,
+)
+from .data import DataConfig, absolute_corpus, dataset_identity, prepare
 from .device import DEVICE_FORMS, rng_state, set_rng_state, valid_device
 from .files import (
     atomic_dir,
@@ -303,6 +318,7 @@ def same_experiment(a: RunConfig, b: RunConfig) -> bool:
     def key(cfg: RunConfig) -> dict:
         d = to_dict(cfg)
         d["train"] = {k: v for k, v in d["train"].items() if k not in ("device", "trackers", "dist_timeout_s")}
+        d["data"]["corpus"] = absolute_corpus(d["data"]["corpus"])  # (a relative path: where it is now)
         return d
 
     return key(a) == key(b)
@@ -350,6 +366,10 @@ def summary_problem(summary) -> str | None:
     return shape_problem(summary, SUMMARY_FIELDS, SUMMARY_REQUIRED)
 
 
+def data_problem(data) -> str | None:
+    return shape_problem(data, {"dataset": "str", "corpus": "str"}, ("dataset",))
+
+
 def diagnostics_problem(row) -> str | None:
     return shape_problem(row, DIAGNOSTICS_FIELDS, ("step", "grad_norm", "stream_rms"))
 
@@ -366,6 +386,8 @@ class RunDir:
         self.summary_file = self.path / "summary.json"
         self.checkpoints = self.path / "checkpoints"
         self.run_id_file = self.path / "run_id"
+        self.data_file = self.path / "data.json"
+        self.tokenizer_file = self.path / "tokenizer.json"
 
     def __str__(self) -> str:
         return str(self.path)
@@ -397,12 +419,33 @@ class RunDir:
         if self.has_run() and not same_experiment(self.config(), cfg):
             raise ConfigError(f"{what} with another config: choose another --out (or delete it)")
 
-    def start(self, cfg: RunConfig) -> None:
-        """Write the config of a new run, its id and its empty logs."""
+    def start(self, cfg: RunConfig, dataset: Path) -> None:
+        """Write the config of a new run, its id, what it trains on (``dataset``, prepared from ``cfg.data``: its
+        identity and its tokenizer) and its empty logs."""
         atomic_write_text(self.run_id_file, uuid.uuid4().hex)
+        atomic_write_text(self.data_file, dumps(dataset_identity(dataset, cfg.data.corpus), indent=1))
+        if (dataset / "tokenizer.json").is_file():
+            atomic_write_text(self.tokenizer_file, (dataset / "tokenizer.json").read_text())
         atomic_write_text(self.config_file, yaml.safe_dump(to_dict(cfg), sort_keys=False))
         atomic_write_text(self.metrics_file, "")
         atomic_write_text(self.diagnostics_file, "")
+
+    def dataset(self, cfg: RunConfig) -> Path:
+        """The prepared dataset of the run's data (``cfg``: its config), refused in one line when it is not the
+        one the run was trained on (its data.json; a run written before runs recorded it is not checked)."""
+        dataset = prepare(cfg.data)
+        if self.data_file.is_file():
+            self.check_links()
+            want = read_json(
+                self.data_file, "restore it, or delete it (the run's data is then not checked)", data_problem
+            )["dataset"]
+            if (have := dataset.name) != want:
+                raise ConfigError(
+                    f"{self.flag} {str(self.path)!r} was trained on the dataset {want}, but data.corpus="
+                    f"{short(cfg.data.corpus)} now gives {have}: the corpus changed since (a document added, "
+                    "removed or edited); restore it, or train a new run on it"
+                )
+        return dataset
 
     def summary(self) -> dict | None:
         """The summary of a run that ended (None while it has not)."""

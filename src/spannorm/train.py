@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .config import ConfigError, to_dict
-from .data import TokenData, prepare
+from .data import TokenData, absolute_corpus, prepare
 from .device import autocast as device_autocast
 from .device import resolve as resolve_device
 from .device import set_tf32, to_device
@@ -722,6 +722,8 @@ def train(
     if not str(run_dir).strip():  # (Path("") is the current directory)
         raise ConfigError(f"{out} '' is invalid: expected the path of a run directory")
     run = RunDir(run_dir, out)
+    if not resume:  # (a relative corpus is recorded where it is: a resume from elsewhere reads the same text)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, corpus=absolute_corpus(cfg.data.corpus)))
     t = cfg.train
 
     def ended() -> dict | None:
@@ -744,7 +746,9 @@ def train(
     ranks = distributed.start(t, device)
     if ranks.joined and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # (torchrun: one GPU a process)
-    dataset = TokenData(prepare(cfg.data), t.seq_len)  # validates before any file is written
+    # validates before any file is written; a resume reads the data the run was trained on, or refuses
+    data_dir = run.dataset(cfg) if resume else prepare(cfg.data)
+    dataset = TokenData(data_dir, t.seq_len)
     dataset.check_val(t.batch_size, t.eval_batches)
     with run.lock() if ranks.main else contextlib.nullcontext():  # (rank 0 writes the run directory)
         summary = ended()  # (again: another process may have got here first)
@@ -759,7 +763,7 @@ def train(
             torch.set_flush_denormal(True)
             trainer = Trainer(cfg, run, dataset, device, progress, ranks)
             if not resume and ranks.main:
-                run.start(cfg)
+                run.start(cfg, data_dir)
             elif resume:
                 if (ckpt := run.find_checkpoint()) is not None:
                     trainer.restore(ckpt)
