@@ -257,6 +257,7 @@ def test_eval_bits_per_byte_agree_across_tokenizers(runs, corpus, tmp_path, caps
                     str(text),
                     "--text",
                     str(corpus),
+                    "--validation",
                     "--json",
                     str(out),
                     "--device",

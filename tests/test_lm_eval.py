@@ -129,3 +129,13 @@ def test_lm_eval_bad_input_is_one_line(runs, bad, words, capsys):
     assert main(["eval", str(runs / "byte"), *bad]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and words in err, err
+
+
+def test_an_unreadable_task_file_is_named_not_an_unknown_task(runs, tmp_path, capsys):
+    """Issue 25, defect 34: lm-eval skips a task YAML it cannot parse, so its task was reported as unknown."""
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mine.yaml").write_text("task: my_task\ndataset_path: [unclosed\n")
+    argv = ["eval", str(runs / "byte"), "--lm-eval", "my_task", "--include-path", str(tmp_path / "tasks")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "mine.yaml" in err and "cannot be read" in err, err

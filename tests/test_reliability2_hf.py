@@ -160,3 +160,21 @@ def test_a_text_of_only_special_tokens_is_one_line(exported, tmp_path, capsys, w
     (tmp_path / "eot.txt").write_text("<|endoftext|>" * 40)
     model = run if which == "run" else folder
     one_line_error(capsys, ["eval", str(model), "--text", str(tmp_path / "eot.txt")], "only special tokens")
+
+
+def test_eval_of_a_text_needs_no_validation_split_and_names_only_its_options(exported, tmp_path, capsys):
+    """Defect 27: with --text, a run's validation split is scored only with --validation, so a split that cannot be
+    scored (its corpus gone) never blocks the text; a --seq-len longer than the training split is a window like
+    any other, not an error about train.seq_len (an option not passed)."""
+    run, _ = exported["byte"]
+    moved = tmp_path / "run"
+    shutil.copytree(run, moved)
+    config = yaml.safe_load((moved / "config.yaml").read_text())
+    config["data"]["corpus"] = str(tmp_path / "gone")
+    (moved / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (tmp_path / "mine.txt").write_text("text of mine. " * 40)
+    text = ["--text", str(tmp_path / "mine.txt")]
+    got = scores(capsys, ["eval", str(moved), *text, "--seq-len", "100000000", "--json", str(tmp_path / "a.json")])
+    assert list(got) == [str(tmp_path / "mine.txt")] and got[str(tmp_path / "mine.txt")]["tokens"] == 14 * 40 - 1
+    err = one_line_error(capsys, ["eval", str(moved), *text, "--validation"], "gone")
+    assert "train.seq_len" not in err

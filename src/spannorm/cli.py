@@ -217,13 +217,14 @@ def build_parser() -> Parser:
         action="append",
         default=[],
         metavar="PATH",
-        help="also evaluate this text file or directory (repeatable)",
+        help="evaluate this text file or directory (repeatable; a run's validation split then only with --validation)",
     )
     ev.add_argument(
         "--validation",
         action="store_true",
-        help="a Hugging Face folder: also score the validation split its spannorm_run.yaml names (paths of the "
-        "machine that exported it: read only when asked; a run directory's is always scored)",
+        help="also score the validation split: a run directory's (scored by default when no --text is given), or "
+        "the one a Hugging Face folder's spannorm_run.yaml names (paths of the machine that exported it: read only "
+        "when asked)",
     )
     ev.add_argument("--seq-len", type=int, help="window length (default: the run's train.seq_len)")
     ev.add_argument("--batch-size", type=int, help="windows per forward (default: the run's train.batch_size, else 16)")
@@ -619,7 +620,9 @@ def cmd_eval(args) -> None:
     if args.include_path is not None or args.limit is not None:
         raise ConfigError("--include-path and --limit go with --lm-eval TASKS")
     model, tokenizer, run_cfg = _load_model(args)
-    validation = run_cfg is not None and (args.validation or (args.model / "config.yaml").is_file())
+    # a run's validation split by default, but not when texts are given (then only with --validation: a split that
+    # cannot be scored, its corpus changed or gone, never blocks scoring a text)
+    validation = run_cfg is not None and (args.validation or ((args.model / "config.yaml").is_file() and not args.text))
     if args.validation and run_cfg is None:
         raise ConfigError(f"--validation: {str(args.model)!r} holds no spannorm run config (no validation split)")
     run_dir = args.model if (args.model / "config.yaml").is_file() else None

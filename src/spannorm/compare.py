@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import yaml
@@ -11,7 +12,7 @@ from .config import to_dict
 from .files import atomic_write_text
 from .model_config import Scheme
 from .output import md_table, num, pyplot, save_figure
-from .run import RunConfig, read_metrics
+from .run import Distributed, RunConfig, read_metrics
 from .train import train_or_reuse
 
 COLUMNS = ("scheme", "final val loss", "diverged", "tokens/s", "steps", "params")
@@ -48,6 +49,20 @@ def plot(out: Path, runs: dict[str, list[dict]]) -> None:
     save_figure(fig, out, dpi=110)
 
 
+def budget(t) -> str:
+    """The tokens a run of TrainConfig ``t`` trains on, in words: every step's global batch is batch_size sequences
+    × grad_accum_steps micro-batches × the processes torchrun started."""
+    processes = int(os.environ.get("WORLD_SIZE", "1")) if t.distributed is not Distributed.NONE else 1
+    sequences = t.batch_size * t.grad_accum_steps * processes
+    parts = [f"batch_size {t.batch_size}"]
+    parts += [f"{t.grad_accum_steps} micro-batches"] if t.grad_accum_steps > 1 else []
+    parts += [f"{processes} processes"] if processes > 1 else []
+    how = f" ({' × '.join(parts)})" if len(parts) > 1 else ""
+    return (
+        f"{t.max_steps} steps of {sequences}×{t.seq_len} tokens{how} ({t.max_steps * sequences * t.seq_len:,} tokens)"
+    )
+
+
 def compare(
     base: RunConfig, schemes: list[Scheme], out: Path, command: str, progress: bool = True, log=print
 ) -> list[dict]:
@@ -74,8 +89,7 @@ def compare(
             "",
             f"Command: `{command}`",
             "",
-            f"Every scheme trains the same model size, data and seed: {t.max_steps} steps of "
-            f"{t.batch_size}×{t.seq_len} tokens ({t.max_steps * t.batch_size * t.seq_len:,} tokens), "
+            f"Every scheme trains the same model size, data and seed: {budget(t)}, "
             f"lr {t.lr:g}, {t.precision.value}. *Diverged*: a loss became non-finite, or (with "
             "train.stop_on_divergence) was at or above the first step's loss after warmup, which stops the run, or the "
             "last training loss is not below the first. tokens/s is training throughput on this machine.",

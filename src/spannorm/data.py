@@ -559,7 +559,9 @@ def dataset_damage(out: Path, hashes: bool = False) -> str | None:
 class TokenData:
     """Random training windows and fixed validation windows over memmapped token ids."""
 
-    def __init__(self, path: Path, seq_len: int):
+    def __init__(self, path: Path, seq_len: int | None):
+        """``seq_len``: the training window, which both splits must hold; None (eval, whose windows may be shorter):
+        not checked."""
         self.path = Path(path)
         if (problem := dataset_damage(self.path)) is not None:
             raise SpannormError(f"the dataset {str(self.path)!r} is damaged ({problem}): delete it and run again")
@@ -573,7 +575,7 @@ class TokenData:
             ) from None
         self.seq_len = seq_len
         for part, arr in (("train", self.train), ("val", self.val)):
-            if arr.size < seq_len + 2:
+            if seq_len is not None and arr.size < seq_len + 2:
                 raise ConfigError(
                     f"train.seq_len={seq_len} is invalid: the {part} split has only {arr.size} "
                     f"tokens; use a shorter seq_len or a larger corpus"

@@ -121,7 +121,7 @@ def evaluate(
     results = []
     if run_cfg is not None and validation:
         dataset = RunDir(run_dir, "the run").dataset(run_cfg) if run_dir is not None else prepare(run_cfg.data)
-        val = TokenData(dataset, seq_len).val
+        val = TokenData(dataset, None).val  # (its windows: those of a text, of any length)
         results.append(evaluate_ids(model, "validation", [np.asarray(val)], seq_len, sizes, batch_size))
     for path in texts:
         if not Path(path).exists():

@@ -19,7 +19,9 @@ import importlib.util
 import tempfile
 from pathlib import Path
 
-from .config import ConfigError
+import yaml
+
+from .config import ConfigError, short
 from .files import temp_dir
 from .run import load_config
 
@@ -38,6 +40,26 @@ def _lm_eval():
     return lm_eval, HFLM, TaskManager
 
 
+class _TaskLoader(yaml.SafeLoader):
+    """YAML as lm-eval reads a task file: its tags (``!function utils.process``) are accepted, not run."""
+
+
+_TaskLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def unreadable_task_file(include_path: Path) -> None:
+    """A ConfigError naming the first task YAML under ``include_path`` that is not YAML."""
+    for path in sorted(include_path.rglob("*.yaml")):
+        try:
+            yaml.load(path.read_text(encoding="utf-8"), Loader=_TaskLoader)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            reason = short(" ".join(str(e).split()) or type(e).__name__, 200)
+            raise ConfigError(
+                f"--include-path: the task file {str(path)!r} cannot be read ({reason}): lm-eval would skip it; fix "
+                "its YAML"
+            ) from None
+
+
 def task_manager(tasks: list[str], include_path: Path | None = None):
     """An lm-eval TaskManager that knows every name in ``tasks``, or a ConfigError naming the unknown
     ones. lm-eval's own registry (thousands of YAML files, slow to index) is read only when a task is
@@ -52,6 +74,8 @@ def task_manager(tasks: list[str], include_path: Path | None = None):
         paths.append(str(include_path))
     manager = TaskManager(include_path=paths, include_defaults=False)
     if not set(tasks) <= set(manager.all_tasks):
+        if include_path is not None:
+            unreadable_task_file(Path(include_path))  # (lm-eval skips such a file: its task would be "unknown")
         manager = TaskManager(include_path=paths)
     unknown = sorted(set(tasks) - set(manager.all_tasks))
     if unknown:

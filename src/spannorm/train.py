@@ -76,7 +76,7 @@ NON_FINITE_GRAD = "non-finite gradient"
 ABOVE_INITIAL = "loss above its initial value after warmup"
 NOT_BELOW_FIRST = "last training loss not below the first"
 PATIENCE = 5  # consecutive steps at or above the first loss (after warmup) that make a run diverged
-STALL_MARGIN = 0.05  # nats: a final val loss within this of the unigram entropy means the run stalled
+STALL_MARGIN = 0.05  # nats: a final val loss not at least this far below the unigram entropy: the run stalled
 
 
 def lr_at(step: int, t: TrainConfig) -> float:

@@ -138,7 +138,9 @@ def run_cells(study: StudyConfig, cells: list[Cell], out: Path, jobs: int, log) 
                 done(i, cell, None, f"{type(e).__name__}: {' '.join(str(e).split())}")
         return failed
 
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(
+        max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_without_shared_locks
+    )
     old_term = _sigterm_interrupts()
     try:
         futures = {pool.submit(run_cell, *args(cell), threads=_cell_threads(jobs), nproc=nproc): cell for cell in cells}
@@ -157,6 +159,14 @@ def run_cells(study: StudyConfig, cells: list[Cell], out: Path, jobs: int, log) 
             signal.signal(signal.SIGTERM, old_term)
     pool.shutdown()
     return failed
+
+
+def _worker_without_shared_locks() -> None:
+    """A cell worker's tqdm lock is a thread lock: the multiprocessing lock tqdm makes by default is a semaphore that a
+    worker terminated by a Ctrl-C or SIGTERM of the study never releases, which Python then warns about as leaked."""
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
 
 
 def _sigterm_interrupts():

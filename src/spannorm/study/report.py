@@ -26,18 +26,26 @@ from .search import RECIPE_MARGIN, Search, search_report
 
 
 def grid_table(grid: Grid, cells: list[Cell], rows: list[dict]) -> str:
-    """Rows: scheme and the grid's other non-core axes; columns: depth × lr; entries: mean ± std over seeds."""
+    """Rows: scheme and the grid's other non-core axes; columns: depth × lr; entries: mean ± std over seeds, "not run"
+    where the grid has cells that did not finish yet ("" where it has none). A sentence while none finished."""
     others = [p for p in grid.axes if p not in CORE]
 
     def label(c: Cell) -> str:
         return series_label(c.cfg.model.scheme.value, {p: c.axes[p] for p in others})
 
+    planned = list(dict.fromkeys((label(c), *c.depth_lr) for c in cells if grid.name in c.grids))
     points = aggregate(cells, rows, lambda c: (label(c), *c.depth_lr) if grid.name in c.grids else None)
-    labels = list(dict.fromkeys(k[0] for k in points))
-    cols = sorted({k[1:] for k in points})
+    if not points:
+        return f"No cell of this grid has finished yet ({sum(grid.name in c.grids for c in cells)} planned)."
+    labels = list(dict.fromkeys(k[0] for k in planned))
+    cols = sorted({k[1:] for k in planned})
+
+    def entry(key) -> str:
+        return points[key].text() if key in points else "not run" if key in planned else ""
+
     return md_table(
         ["series"] + [f"L={d}, lr={rate:g}" for d, rate in cols],
-        [[lab] + [points[(lab, *c)].text() if (lab, *c) in points else "" for c in cols] for lab in labels],
+        [[lab] + [entry((lab, *c)) for c in cols] for lab in labels],
     )
 
 
@@ -196,7 +204,7 @@ def report(
         "Entries are the final validation loss, mean ± std over seeds (sample std; diverged cells left out). "
         "*div (k/n)*: k of n seeds diverged — the training loss became non-finite, or was at or above the first "
         "step's loss after warmup, and the run was stopped there. *stalled (k/n)*: the final validation loss is "
-        f"within {STALL_MARGIN} nats of the unigram entropy of the training tokens"
+        f"not at least {STALL_MARGIN} nats below the unigram entropy of the training tokens"
         + (f" ({unigram:.3f} nats)" if unigram is not None else "")
         + ", i.e. the model learned little more than token frequencies.",
         "",
