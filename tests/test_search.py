@@ -254,3 +254,18 @@ def test_a_search_beside_a_plain_grid_shares_its_cells(corpus, tmp_path):
     cells = {c.name: c for c in expand(plan, search_follow(searches(plan, tmp_path)))}
     assert cells["pre_L2_lr0.004_s1"].grids == ["plain", "fair"]  # one cell, in both grids
     assert "pre_L2_lr0.001_s1" in cells and len(cells) == len(set(cells))
+
+
+def test_a_recipe_that_does_not_train_at_the_best_lr_is_a_handicap(corpus, tmp_path):
+    """R1 in the report: the recipe's cell (init scale 1) at the best lr stalled, the best is at another scale: the
+    recipe handicaps its scheme (the report said "—", as if there were nothing to say; fair study, post at L = 48)."""
+    from spannorm.study.search import recipe_gap, recipe_text
+
+    def status(c):
+        return "stalled" if c.cfg.model.scheme.value == "pre" and c.cfg.model.init_scale == 1 else "ok"
+
+    plan = plan_study(study_from_dict(search_study(corpus, warm_start=None)))
+    fake_train(plan, tmp_path, status=status)
+    pre, span = (next(s for s in searches(plan, tmp_path) if s.point["model.scheme"] == k) for k in ("pre", "span"))
+    assert recipe_gap(pre) == math.inf and recipe_text(pre) == "stalled **handicap**"
+    assert recipe_gap(span) == pytest.approx(1.0) and recipe_text(span) == "+1.000 **handicap**"  # (scale 1 vs 2)

@@ -21,6 +21,7 @@ The search is a pure function of the finished cells on disk: a stopped study rep
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -241,14 +242,26 @@ def _confirm_text(search: Search, cells: list[Cell], row_of: dict) -> str:
 
 def recipe_gap(search: Search) -> float | None:
     """At the best value of the first axis (the lr), the recipe's (the other axes at their start) val loss minus
-    the best's; None if that cell did not train or is not run."""
+    the best's: rule R1's number. None if there is no best or the recipe's cell there is not run; inf if it
+    diverged or stalled (a recipe that does not train at the best lr handicaps its scheme most of all)."""
     if search.best is None:
         return None
     at = (search.best[0],) + (0,) * (len(search.best) - 1)
     row = search.tried.get(at, (None, {}))[1]
+    if row.get("status") in ("diverged", "stalled"):
+        return math.inf
     if not _trained(row):
         return None
     return float(row["final_val_loss"]) - float(search.tried[search.best][1]["final_val_loss"])
+
+
+def recipe_text(search: Search) -> str:
+    gap = recipe_gap(search)
+    if gap is None:
+        return "—"
+    if gap == math.inf:
+        return f"{search.tried[(search.best[0],) + (0,) * (len(search.best) - 1)][1]['status']} **handicap**"
+    return f"{gap:+.3f}" + (" ok" if gap <= RECIPE_MARGIN else " **handicap**")
 
 
 def search_report(found: list[Search], cells: list[Cell], rows: list[dict]) -> str:
@@ -271,7 +284,6 @@ def search_report(found: list[Search], cells: list[Cell], rows: list[dict]) -> s
     for s in found:
         best = s.values(s.best) if s.best is not None else {}
         val = _entry(s.tried[s.best][1]) if s.best is not None else "—"
-        gap = recipe_gap(s)
         bracket = (
             "waiting"
             if s.state == "waiting"
@@ -281,11 +293,7 @@ def search_report(found: list[Search], cells: list[Cell], rows: list[dict]) -> s
         )
         summary.append(
             [_label(s), *[f"{best[p]:g}" if p in best else "—" for p in paths], val, bracket]
-            + (
-                [("—" if gap is None else f"{gap:+.3f}" + (" ok" if gap <= RECIPE_MARGIN else " **handicap**"))]
-                if len(paths) > 1
-                else []
-            )
+            + ([recipe_text(s)] if len(paths) > 1 else [])
             + [_confirm_text(s, cells, row_of)]
         )
     head = ["point", *[f"best {name}" for name in leaf], "val loss there (search seed)", "bracketed"]
