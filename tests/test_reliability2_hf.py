@@ -127,7 +127,15 @@ def pickle_only(folder):
     (folder / "model.safetensors").unlink()
 
 
-@pytest.mark.parametrize("damage", [damage_tokenizer, truncate_weights, remove_tokenizer, pickle_only])
+def odd_tokenizer_config(folder):
+    """A value of the wrong type that transformers reads only when the tokenizer is used (found by the fuzz test)."""
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(config | {"model_max_length": []}))
+
+
+@pytest.mark.parametrize(
+    "damage", [damage_tokenizer, truncate_weights, remove_tokenizer, pickle_only, odd_tokenizer_config]
+)
 def test_a_damaged_folder_is_one_line(exported, tmp_path, capsys, damage):
     """Defect 14: a bad tokenizer.json, truncated weights, no tokenizer, a pickle instead of safetensors."""
     _, folder = exported["bpe"]

@@ -677,6 +677,11 @@ def cmd_track(args) -> None:
     print(f"{args.run_dir}: {n_metrics} metrics rows, {n_diagnostics} diagnostics rows -> {', '.join(names)}")
 
 
+def _one_line(message: str) -> str:
+    """``message`` on one line that any stream can write (a lone surrogate, from a file's bad escape, escaped)."""
+    return " ".join(message.split()).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -701,11 +706,11 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout again at exit)
         return 141
     except SpannormError as e:
-        print(f"spannorm: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"spannorm: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # one at a file edge that no command turned into its own error: one line all the same
         what = repr(str(e.filename)) if e.filename is not None else "a file"
-        print(f"spannorm: error: {' '.join(str(os_error(e, what)).split())}", file=sys.stderr)
+        print(f"spannorm: error: {_one_line(str(os_error(e, what)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("spannorm: interrupted", file=sys.stderr)

@@ -208,6 +208,7 @@ def from_folder(path: Path):
     try:
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, use_safetensors=True).eval()
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        tokenizer("a text", add_special_tokens=False)  # (a damaged tokenizer_config.json fails only when used)
     except Exception as e:  # (transformers, safetensors and tokenizers raise many kinds, some their own)
         raise SpannormError(
             f"{str(path)!r} cannot be loaded as a Hugging Face folder ({type(e).__name__}: {short(str(e), 200)}); "

@@ -53,8 +53,10 @@ def save_figure(fig, path: Path, dpi: int = 100, tight: bool = False, layout: bo
     is kept."""
     plt = pyplot()
     buf = io.BytesIO()
-    if layout:
-        fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
-    plt.close(fig)
+    try:
+        if layout:
+            fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
+    finally:
+        plt.close(fig)  # (also when it cannot be drawn: pyplot keeps every figure it opened until closed)
     atomic_write_bytes(path, buf.getvalue())

@@ -404,7 +404,15 @@ class RunDir:
 
     def run_id(self) -> str | None:
         """The run's id (None: a run written before runs had one)."""
-        return self.run_id_file.read_text().strip() if self.run_id_file.is_file() else None
+        if not self.run_id_file.is_file():
+            return None
+        run_id = self.run_id_file.read_bytes().strip()
+        if not re.fullmatch(rb"[0-9a-f]{32}", run_id):
+            raise SpannormError(
+                f"{str(self.run_id_file)!r} is not the file spannorm writes (expected 32 hexadecimal digits): restore "
+                "it, or delete it (its checkpoints are then not checked against it)"
+            )
+        return run_id.decode()
 
     def config(self) -> RunConfig:
         """The resolved config saved in the directory."""
