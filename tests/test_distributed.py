@@ -213,3 +213,53 @@ def test_a_hung_rank_ends_the_job_after_train_dist_timeout_s(corpus, tmp_path):
     done = torchrun(tmp_path, HANG + job(corpus, tmp_path / "hung", *sets))
     assert done.returncode != 0 and time.perf_counter() - t0 < 90, done.stderr[-3000:]
     assert "Timed out waiting 5000ms" in done.stderr, done.stderr[-3000:]  # (gloo's words, on rank 0)
+
+
+KILL_IN_WRITE = """
+import os, signal
+import torch.distributed as dist
+from torch.distributed.checkpoint import filesystem
+write = filesystem._FileSystemWriter.write_data
+calls = []
+def write_data(self, plan, planner):
+    calls.append(1)
+    done = write(self, plan, planner)
+    if len(calls) == 2 and dist.get_rank() == 1:  # inside the write of step 10's checkpoint: its shard written
+        done.wait()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return done
+filesystem._FileSystemWriter.write_data = write_data
+"""
+
+
+def test_a_rank_killed_inside_a_sharded_checkpoint_write_loses_nothing(corpus, tmp_path, monkeypatch):
+    """Issue 25: SIGKILL of one of 2 FSDP ranks inside a checkpoint write; resumed by 1 process, then by 2: the
+    losses and the final weights are the uninterrupted run's (fp32), and nothing the kill left remains."""
+    import torch
+
+    from spannorm import files
+    from spannorm.model import build_model
+    from spannorm.run import RunDir
+
+    sets = [f"train.batch_size={B}", "train.distributed=fsdp", "train.ckpt_interval=5", "train.max_steps=15"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert torchrun(tmp_path, job(corpus, full, *sets)).returncode == 0
+    done = torchrun(tmp_path, KILL_IN_WRITE + job(corpus, cut, *sets))
+    assert done.returncode != 0 and "exitcode  : -9" in done.stderr, done.stderr[-3000:]
+    assert (cut / "checkpoints" / "latest").read_text() == "step-0000005"
+    assert not (cut / "checkpoints" / "step-0000010").exists()  # (rank 0's temporary one: gone, or left stale)
+
+    monkeypatch.setattr(files, "STALE_S", 0.0)  # (a temporary directory no process holds is stale at once)
+    train(tiny(corpus, *sets), cut, resume=True, progress=False, stop_after=10)  # 1 process: steps 6-10
+    done = torchrun(tmp_path, job(corpus, cut, *sets, resume=True))  # 2 ranks again: steps 11-15
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    assert losses(cut) == pytest.approx(losses(full), abs=TOL)
+    weights = []
+    for run in (full, cut):
+        model = build_model(tiny(corpus).model)
+        RunDir(run, "--checkpoint").load_weights(model)
+        weights.append(model.state_dict())
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(weights[1][name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+    assert not [p for p in cut.rglob("*") if ".tmp-" in p.name], "a temporary file or directory was left behind"

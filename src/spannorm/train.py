@@ -443,6 +443,7 @@ class Trainer:
             "guard": self.guard.state_dict(),
             "throughput": self.throughput.state_dict(),
             "ranks": self.ranks.world,
+            "micro_batches": self.accum * self.ranks.world,  # a step's global batch, kept by every resume
         }
 
     def restore(self, ckpt: Path) -> dict:
@@ -454,12 +455,14 @@ class Trainer:
         self.divergence.load_state_dict(state.get("divergence") or legacy)
         self.guard.load_state_dict(state.get("guard"))
         self.throughput.load_state_dict(state.get("throughput"))
-        self.accum = self.t.grad_accum_steps * state.get("ranks", 1)  # the global batch of the saved run ...
+        # the global batch of the saved run (micro-batches of batch_size; checkpoints before micro_batches was
+        # recorded: grad_accum_steps in each of its processes, which a resume on other processes did not keep) ...
+        self.accum = state.get("micro_batches", self.t.grad_accum_steps * state.get("ranks", 1))
         if self.accum % self.ranks.world:
             raise ConfigError(
-                f"the run was saved by {state.get('ranks', 1)} processes with train.grad_accum_steps="
-                f"{self.t.grad_accum_steps}: resume it with a number of processes that divides "
-                f"{self.accum}, so that its global batch stays the same"
+                f"the run's steps are {self.accum} micro-batches of train.batch_size (saved by {state.get('ranks', 1)} "
+                f"processes): resume it with a number of processes that divides {self.accum}, so that its global "
+                "batch stays the same"
             )
         self.accum //= self.ranks.world  # ... kept with this number of processes
         return state
