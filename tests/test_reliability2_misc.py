@@ -82,3 +82,32 @@ def test_stalled_is_described_as_it_is_computed(corpus, tmp_path):
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert f"val >= unigram - {STALL_MARGIN}" in readme and "within 0.05 nats of the unigram" not in readme
+
+
+@pytest.mark.parametrize(
+    "name, content, argv",
+    [
+        (
+            "metrics.jsonl",
+            '{"step": "five", "loss": 1.0}\n{"step": 10, "loss": 1.0}\n',
+            ["track", "RUN", "--to", "tensorboard"],
+        ),
+        ("summary.json", "[]", ["train", "--out", "RUN", "--resume", "--quiet"]),
+        ("summary.json", '{"scheme": 7}', ["study", "--config", "STUDY", "--out", "OUT", "--report-only", "--quiet"]),
+        ("cell.json", '{"wall_s": "slow"}', ["study", "--config", "STUDY", "--out", "OUT", "--report-only", "--quiet"]),
+    ],
+    ids=["metrics-track", "summary-resume", "summary-study", "cell-study"],
+)
+def test_valid_json_of_the_wrong_shape_is_one_line(corpus, tmp_path, capsys, name, content, argv):
+    """Defect 15: JSON that parses but is not what spannorm writes was a KeyError or TypeError traceback."""
+    import yaml
+
+    study = {"base": "tiny", "set": [f"data.corpus={corpus}"], "tokens_per_cell": 2560, "probe": False}
+    study["grids"] = [{"name": "g", "axes": {"model.scheme": ["span"]}}]
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    out = tmp_path / "st"
+    assert main(["study", "--config", str(tmp_path / "study.yaml"), "--out", str(out), "--quiet"]) == 0
+    run = next((out / "cells").iterdir())
+    (run / name).write_text(content)
+    paths = {"RUN": str(run), "STUDY": str(tmp_path / "study.yaml"), "OUT": str(out)}
+    one_line_error(capsys, [paths.get(a, a) for a in argv], name)
