@@ -117,6 +117,11 @@ TARGETS = {  # name -> (file under the tree, argv (TREE: the copy), whether the 
         ["study", "--config", "TREE/study.yaml"],
         False,
     ),
+    "cell init.json": (
+        "study/cells/span_L2_lr0.003_s1337/init.json",
+        ["study", "--config", "TREE/study.yaml", "--out", "TREE/study", "--quiet"],
+        False,
+    ),
     "study yaml": ("study.yaml", ["study", "--config", "TREE/study.yaml", "--out", "TREE/new", "--report-only"], True),
     "folder config.json": ("hf/config.json", ["eval", "TREE/hf", "--text", "TREE/text.txt"], True),
     "folder spannorm_run.yaml": ("hf/spannorm_run.yaml", ["eval", "TREE/hf", "--text", "TREE/text.txt"], False),

@@ -111,3 +111,17 @@ def test_valid_json_of_the_wrong_shape_is_one_line(corpus, tmp_path, capsys, nam
     (run / name).write_text(content)
     paths = {"RUN": str(run), "STUDY": str(tmp_path / "study.yaml"), "OUT": str(out)}
     one_line_error(capsys, [paths.get(a, a) for a in argv], name)
+
+
+def test_a_run_of_another_init_recipe_is_not_reused(corpus, tmp_path, capsys, monkeypatch):
+    """A run records the weight stds it was initialized with (init.json): once a scheme's recipe changes in the code, a
+    compare or a study refuses to reuse the run under its old name, which would mix two recipes in one table."""
+    from spannorm import run as run_module
+
+    out = tmp_path / "cmp"
+    argv = ["compare", "--config", "tiny", "--corpus", str(corpus), "--out", str(out), "--quiet", "--schemes", "span"]
+    assert main([*argv, "--set", "train.max_steps=6"]) == 0
+    assert main([*argv, "--set", "train.max_steps=6"]) == 0  # (the same recipe: reused)
+    recipe = run_module.weight_stds
+    monkeypatch.setattr(run_module, "weight_stds", lambda cfg, i: {r: 2 * s for r, s in recipe(cfg, i).items()})
+    one_line_error(capsys, [*argv, "--set", "train.max_steps=6"], "initialized by another recipe")

@@ -29,6 +29,8 @@ A run directory::
     data.json           the dataset it trains on (data.dataset_identity: its name holds a hash of the documents
                         and settings; its files' sha256): a resume, an eval of its validation split and an
                         export are refused when data.corpus now gives other data
+    init.json           the weight stds its model was initialized with (init_record): a study or compare refuses to
+                        reuse a run whose recipe has changed in the code since
     tokenizer.json      the BPE tokenizer it was trained with (BPE runs): export, generate and eval use it, never
                         one trained again from the corpus as it is now
     run_id              the run's random id, also in each of its checkpoints' state.pt: a checkpoint of another
@@ -94,6 +96,7 @@ from .files import (
     sweep_temp,
 )
 from .model_config import ModelConfig
+from .schemes import weight_stds
 
 MAX_DIST_TIMEOUT_S = 30 * 24 * 3600  # torch.distributed's timeouts overflow beyond finite, bounded values
 SEED_RANGE = "an integer in [0, 2**64)"  # what torch.manual_seed takes
@@ -366,6 +369,15 @@ def summary_problem(summary) -> str | None:
     return shape_problem(summary, SUMMARY_FIELDS, SUMMARY_REQUIRED)
 
 
+def init_record(cfg: ModelConfig) -> dict:
+    """The init recipe of ``cfg`` as the code gives it now: each block's weight stds by role."""
+    return {"weight_stds": [{r.value: std for r, std in weight_stds(cfg, i).items()} for i in range(cfg.n_layers)]}
+
+
+def init_problem(record) -> str | None:
+    return shape_problem(record, {}, ("weight_stds",))  # (any other damage: not the recipe of today, refused)
+
+
 def data_problem(data) -> str | None:
     return shape_problem(data, {"dataset": "str", "corpus": "str"}, ("dataset",))
 
@@ -388,6 +400,7 @@ class RunDir:
         self.run_id_file = self.path / "run_id"
         self.data_file = self.path / "data.json"
         self.tokenizer_file = self.path / "tokenizer.json"
+        self.init_file = self.path / "init.json"
 
     def __str__(self) -> str:
         return str(self.path)
@@ -426,12 +439,20 @@ class RunDir:
         "--out 'x' holds {what} with another config"); a directory without a run passes."""
         if self.has_run() and not same_experiment(self.config(), cfg):
             raise ConfigError(f"{what} with another config: choose another --out (or delete it)")
+        if self.has_run() and self.init_file.is_file():
+            fix = "restore it, or delete it (the run's init is then not checked)"
+            if read_json(self.init_file, fix, init_problem) != init_record(cfg.model):
+                raise ConfigError(
+                    f"{what} initialized by another recipe: model.scheme={cfg.model.scheme.value}'s init stds have "
+                    "changed in the code since it ran; delete it to train it with today's recipe"
+                )
 
     def start(self, cfg: RunConfig, dataset: Path) -> None:
         """Write the config of a new run, its id, what it trains on (``dataset``, prepared from ``cfg.data``: its
         identity and its tokenizer) and its empty logs."""
         atomic_write_text(self.run_id_file, uuid.uuid4().hex)
         atomic_write_text(self.data_file, dumps(dataset_identity(dataset, cfg.data.corpus), indent=1))
+        atomic_write_text(self.init_file, dumps(init_record(cfg.model), indent=1))
         if (dataset / "tokenizer.json").is_file():
             atomic_write_text(self.tokenizer_file, (dataset / "tokenizer.json").read_text())
         atomic_write_text(self.config_file, yaml.safe_dump(to_dict(cfg), sort_keys=False))
