@@ -677,6 +677,19 @@ def cmd_track(args) -> None:
     print(f"{args.run_dir}: {n_metrics} metrics rows, {n_diagnostics} diagnostics rows -> {', '.join(names)}")
 
 
+FITTED_THREADS = {"train", "compare", "study", "probe", "eval", "generate"}  # (bench times threads of its own)
+
+
+def _fit_threads() -> None:
+    """torch's threads: the cores not busy with other work (spannorm.threads); train.threads still decides a run's."""
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
+    import torch
+
+    from .threads import fit_threads
+
+    torch.set_num_threads(fit_threads())
+
+
 def _one_line(message: str) -> str:
     """``message`` on one line that any stream can write (a lone surrogate, from a file's bad escape, escaped)."""
     return " ".join(message.split()).encode("utf-8", "backslashreplace").decode("utf-8")
@@ -700,6 +713,8 @@ def main(argv: list[str] | None = None) -> int:
         "track": cmd_track,
     }[args.command]
     try:
+        if args.command in FITTED_THREADS and "OMP_NUM_THREADS" not in os.environ:
+            _fit_threads()
         handler(args)
         sys.stdout.flush()  # here, so that a closed pipe (spannorm schemes | head) is caught below
     except BrokenPipeError:  # the reader went away: end quietly, as a process ended by SIGPIPE

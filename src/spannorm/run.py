@@ -144,7 +144,9 @@ class TrainConfig:
     eval_interval: int = 100  # steps between validation passes (and one at the end)
     eval_batches: int = 8  # validation batches per pass
     ckpt_interval: int = 100  # steps between checkpoints (and one at the end)
-    threads: int | None = None  # torch intra-op threads; None: torch's default
+    threads: int | None = (
+        None  # torch intra-op threads; None: the CLI's fit (spannorm.threads), the API's torch default
+    )
     compile: bool = False  # torch.compile the training forward (probing steps and evaluation stay eager)
     probe_interval: int = 50  # steps between rows of diagnostics.jsonl (per-block training diagnostics); 0: off
     # after warmup, stop when the loss stays >= the first step's for 5 steps;
