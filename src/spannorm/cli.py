@@ -14,6 +14,7 @@ from . import __version__
 from .config import ConfigError, SpannormError, coerce_enum, read_bounded
 from .files import atomic_write_text, dumps, os_error
 from .model_config import Scheme
+from .threads import fit_threads
 
 
 class Parser(argparse.ArgumentParser):
@@ -684,8 +685,6 @@ def _fit_threads() -> None:
     """torch's threads: the cores not busy with other work (spannorm.threads); train.threads still decides a run's."""
     # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     import torch
-
-    from .threads import fit_threads
 
     torch.set_num_threads(fit_threads())
 
