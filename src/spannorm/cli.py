@@ -163,7 +163,8 @@ def build_parser() -> Parser:
     st.add_argument(
         "--report-only",
         action="store_true",
-        help="train nothing: write results.csv, plots and report.md from the cells finished so far",
+        help="train and probe nothing: write results.csv, plots and report.md from the cells finished so far (and "
+        "the init probes the study saved; missing ones are named)",
     )
     st.add_argument(
         "--jobs",

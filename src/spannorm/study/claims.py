@@ -32,9 +32,10 @@ INIT_VARIANTS = {
 }
 
 
-def init_probe(cfg: RunConfig, depths: list[int], path: Path) -> list[dict]:
+def init_probe(cfg: RunConfig, depths: list[int], path: Path, compute: bool = True) -> list[dict] | None:
     """:func:`spannorm.probe.probe` of fresh models (pre, post, span, span without scaling) at the study's
-    depths and model size (``cfg``: the study's base config); cached in ``path`` for the same inputs."""
+    depths and model size (``cfg``: the study's base config); cached in ``path`` for the same inputs. Without
+    ``compute`` (``--report-only``), a missing or stale cache is None: nothing is probed."""
     key = {
         "model": to_dict(cfg.model),
         "data": to_dict(cfg.data),
@@ -47,6 +48,8 @@ def init_probe(cfg: RunConfig, depths: list[int], path: Path) -> list[dict]:
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
             return cached["runs"]
+    if not compute:
+        return None
     x, y = next(TokenData(prepare(cfg.data), cfg.train.seq_len).val_batches(PROBE_BATCH, 1))
     runs = []
     for label, change in INIT_VARIANTS.items():

@@ -277,6 +277,13 @@ def report(
         "data do not decide.",
         "",
     ]
+    if not counts.get("init probes", True):
+        lines += [
+            "**`init_probe.json` is missing or was made for another config: this `--report-only` run probed "
+            "nothing, so claims 1 and 2 are judged without the probes at init.** Run the study (it trains only "
+            "the cells not run yet) to make it.",
+            "",
+        ]
     if found:  # the generic rules compare series at equal (depth, lr): not the comparison a search makes
         lines += [
             "This study searches each series' own best (above), so its claims are judged by the rules written in "

@@ -88,14 +88,21 @@ def _run_study(plan: Plan, cells: list[Cell], out: Path, command: str, jobs: int
     write_results(out / "results.csv", cells, rows)
     plots = plot_study(out, cells, rows)
     depths = sorted({c.cfg.model.n_layers for c in cells})
-    init = init_probe(plan.base_cfg, depths, out / "init_probe.json")
+    init = init_probe(plan.base_cfg, depths, out / "init_probe.json", compute=not report_only)
+    if init is None:  # (--report-only probes nothing: the claims that use the probes at init say so)
+        log(
+            f"spannorm: warning: {out / 'init_probe.json'} is missing or was made for another config: --report-only "
+            "probes nothing, so claims 1 and 2 are judged without the probes at init (run the study to make it)"
+        )
     not_run = sum(e == "not run" for e in failed.values())
     counts = {
         "trained": len([c for c in cells if c.name not in before and c.name not in failed]),
         "reused": len(before),
         "failed": len(failed) - not_run,
         "not run": not_run,
+        "init probes": init is not None,
     }
+    init = init or []
     found = searches(plan, out, failed) if any(grid.search for grid in study.grids) else []
     fair = verdicts_report(plan, found, out, failed, init) if found else ""
     text = report(plan, cells, rows, command, plots, claims(cells, rows, out, init), counts, found, fair)
