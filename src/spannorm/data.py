@@ -13,6 +13,7 @@ import ast
 import base64
 import contextlib
 import enum
+import gzip
 import hashlib
 import html.parser
 import http.client
@@ -27,6 +28,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -55,6 +57,8 @@ class DataConfig:
     vocab_size: int = 4096  # BPE vocabulary size (ignored for byte; byte uses 256)
     val_fraction: float = 0.1  # fraction of documents held out for validation
     cache_dir: str | None = None  # where corpora and datasets live; None: $SPANNORM_CACHE or ~/.cache/spannorm
+    text_field: str = "text"  # .jsonl, .jsonl.gz, .parquet and datasets folders: the field that holds a document
+    name_field: str | None = None  # ... and the one that names it (the split hashes names); None: file:row number
 
     def __post_init__(self):
         self.tokenizer = coerce_enum(Tokenizer, "data.tokenizer", self.tokenizer)
@@ -70,6 +74,14 @@ class DataConfig:
             self.vocab_size,
             "an integer >= 257",
         )
+        for field in ("text_field", "name_field"):
+            value = getattr(self, field)
+            require(
+                (isinstance(value, str) and value != "") or (value is None and field == "name_field"),
+                f"data.{field}",
+                value,
+                "a field name" + (" or null" if field == "name_field" else ""),
+            )
         require(
             isinstance(self.val_fraction, float) and 0.0 < self.val_fraction <= 0.5,
             "data.val_fraction",
@@ -360,8 +372,8 @@ def dataset_identity(dataset: Path, corpus: str) -> dict:
     return {"dataset": dataset.name, "corpus": corpus, "files": {f: v["sha256"] for f, v in files.items()}}
 
 
-def load_documents(corpus: str, cache: Path) -> list[tuple[str, str]]:
-    """(name, text) pairs, sorted by name; a file is one document, a directory's files are many."""
+def load_documents(corpus: str, cache: Path, fields=None) -> list[tuple[str, str]]:
+    """(name, text) pairs (:func:`documents_at`; ``fields``: :class:`Fields`, default text and file:row names)."""
     if corpus == DEFAULT_CORPUS:
         root = fetch_shakespeare(cache)
     else:
@@ -371,31 +383,125 @@ def load_documents(corpus: str, cache: Path) -> list[tuple[str, str]]:
                 f"data.corpus={corpus!r} does not exist: expected {DEFAULT_CORPUS!r} "
                 "or a path to a text file or directory"
             )
-    return documents_at(root, f"data.corpus={corpus!r}", "corpus file")
+    return documents_at(root, f"data.corpus={corpus!r}", "corpus file", fields)
 
 
-def documents_at(root: Path, what: str, file_word: str) -> list[tuple[str, str]]:
-    """(name, text) pairs of a text file or of a directory's files (``what``, ``file_word``: how errors call them).
-    A path is always a path: ``./shakespeare`` is the user's directory, never the default corpus."""
-    if root.is_file():
-        paths = [root]
+class Fields(NamedTuple):
+    """Where a document is in a record (a JSON line, a Parquet or datasets row): data.text_field, data.name_field."""
+
+    text: str = "text"
+    name: str | None = None
+
+
+def documents_at(root: Path, what: str, file_word: str, fields: Fields | None = None) -> list[tuple[str, str]]:
+    """(name, text) pairs of a file or of a directory's files (``what``, ``file_word``: how errors call them): a text
+    file is one document; a .jsonl, .jsonl.gz or .parquet file and a Hugging Face datasets folder (save_to_disk)
+    hold one per record, named by ``fields.name`` or by file and row number. A path is always a path:
+    ``./shakespeare`` is the user's directory, never the default corpus."""
+    fields = fields or Fields()
+    if root.is_dir() and (root / "dataset_info.json").is_file() and (root / "state.json").is_file():
+        docs = _records(_datasets_rows(root, fields), root.name, f"the datasets folder {str(root)!r}", fields)
+        paths = []
+    elif root.is_file():
+        docs, paths = [], [root]
     else:
-        paths = sorted(
-            p
-            for p in root.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        docs, paths = (
+            [],
+            sorted(
+                p
+                for p in root.rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+            ),
         )
-    docs = []
     for p in paths:
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError(f"{file_word} {str(p)!r} is not UTF-8 text") from None
-        if text.strip():
-            docs.append((str(p.relative_to(root)) if root.is_dir() else p.name, text))
+        name = str(p.relative_to(root)) if root.is_dir() else p.name
+        where = f"{file_word} {str(p)!r}"
+        if p.name.endswith((".jsonl", ".jsonl.gz")):
+            docs += _records(_jsonl_rows(p, where), name, where, fields)
+        elif p.suffix == ".parquet":
+            docs += _records(_parquet_rows(p, where, fields), name, where, fields)
+        elif p.suffix in (".json", ".arrow", ".gz", ".zst", ".bz2", ".xz", ".zip", ".tar"):
+            raise ConfigError(
+                f"{where} is not text, and not a format spannorm reads: expected text files, .jsonl, .jsonl.gz, "
+                ".parquet or a datasets folder (save_to_disk)"
+            )
+        else:
+            try:
+                text = p.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise ConfigError(f"{where} is not UTF-8 text") from None
+            if "\0" in text:
+                raise ConfigError(f"{where} holds NUL bytes: a binary file, not text")
+            if text.strip():
+                docs.append((name, text))
     if not docs:
-        raise ConfigError(f"{what} is empty: it holds no non-empty text file")
+        raise ConfigError(f"{what} is empty: it holds no non-empty text file or record")
     return docs
+
+
+def _records(rows, name: str, where: str, fields: Fields) -> list[tuple[str, str]]:
+    """(name, text) of each record of ``rows`` (dicts) with a non-empty text: one line names a missing field."""
+    docs = []
+    for i, row in enumerate(rows, 1):
+        text = row.get(fields.text) if isinstance(row, dict) else None
+        if not isinstance(text, str):
+            raise ConfigError(
+                f"{where} record {i} has no text field {fields.text!r} (data.text_field) holding a string"
+            )
+        label = f"{name}:{i}"
+        if fields.name is not None:
+            if not isinstance(row.get(fields.name), (str, int)):
+                raise ConfigError(f"{where} record {i} has no name field {fields.name!r} (data.name_field)")
+            label = str(row[fields.name])
+        if text.strip():
+            docs.append((label, text))
+    return docs
+
+
+def _jsonl_rows(path: Path, where: str):
+    """The JSON value of each non-blank line of a .jsonl (or gzip-compressed .jsonl.gz) file."""
+    try:
+        with (
+            gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
+        ) as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except ValueError:
+                        raise ConfigError(f"{where} line {i} is not JSON: expected one JSON object a line") from None
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
+        raise ConfigError(f"{where} cannot be read as JSON lines ({type(e).__name__})") from None
+
+
+def _parquet_rows(path: Path, where: str, fields: Fields):
+    try:
+        import pyarrow.parquet as pq  # (here: pyarrow, an optional dependency, only for Parquet corpora)
+    except ImportError:
+        raise ConfigError(f"{where}: reading Parquet needs pyarrow: pip install 'spannorm[data]'") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # (pyarrow's ArrowInvalid and kin)
+        raise ConfigError(f"{where} cannot be read as Parquet ({type(e).__name__})") from None
+    keep = [c for c in (fields.text, fields.name) if c is not None and c in table.column_names]
+    return table.select(keep).to_pylist()
+
+
+def _datasets_rows(root: Path, fields: Fields):
+    try:
+        import datasets  # (here: an optional dependency, only for datasets folders; it never reaches a hub here)
+    except ImportError:
+        raise ConfigError(
+            f"{str(root)!r}: reading a datasets folder needs datasets: pip install 'spannorm[data]'"
+        ) from None
+    try:
+        dataset = datasets.load_from_disk(str(root))
+    except Exception as e:  # (datasets raises many kinds)
+        raise ConfigError(f"{str(root)!r} cannot be read as a datasets folder ({type(e).__name__})") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        raise ConfigError(f"{str(root)!r} holds the splits {sorted(dataset)}: give one split's folder")
+    keep = [c for c in (fields.text, fields.name) if c is not None and c in dataset.column_names]
+    return dataset.select_columns(keep).to_list()
 
 
 def split_documents(docs: list[tuple[str, str]], val_fraction: float):
@@ -452,7 +558,7 @@ def prepare(cfg: DataConfig, verify: bool = False) -> Path:
     sha256); a damaged one is rebuilt. Disk errors (a full disk) are one-line errors naming the dataset.
     """
     cache = cfg.cache()
-    docs = load_documents(cfg.corpus, cache)
+    docs = load_documents(cfg.corpus, cache, Fields(cfg.text_field, cfg.name_field))
     key = hashlib.sha256()
     for name, text in docs:
         key.update(name.encode() + b"\0" + hashlib.sha256(text.encode()).digest())

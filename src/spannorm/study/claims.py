@@ -32,13 +32,17 @@ INIT_VARIANTS = {
 }
 
 
+# data fields added after studies cached their probes, left out of the key at their defaults (their caches stay valid)
+LATER_DEFAULTS = {("text_field", "text"), ("name_field", None)}
+
+
 def init_probe(cfg: RunConfig, depths: list[int], path: Path, compute: bool = True) -> list[dict] | None:
     """:func:`spannorm.probe.probe` of fresh models (pre, post, span, span without scaling) at the study's
     depths and model size (``cfg``: the study's base config); cached in ``path`` for the same inputs. Without
     ``compute`` (``--report-only``), a missing or stale cache is None: nothing is probed."""
     key = {
         "model": to_dict(cfg.model),
-        "data": to_dict(cfg.data),
+        "data": {k: v for k, v in to_dict(cfg.data).items() if (k, v) not in LATER_DEFAULTS},
         "seed": cfg.train.seed,
         "seq_len": cfg.train.seq_len,
         "depths": depths,
