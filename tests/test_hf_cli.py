@@ -288,3 +288,29 @@ def test_eval_needs_text_without_a_run_config(runs, tmp_path, capsys):
     byte_tokenizer().save_pretrained(tmp_path / "bare")
     assert main(["eval", str(tmp_path / "bare"), "--device", "cpu"]) == 2
     assert "--seq-len" in capsys.readouterr().err
+
+
+def test_an_export_is_readable_by_colleagues_and_says_what_it_is(runs, tmp_path):
+    """Issue 26: every file of an exported folder has the umask's permissions (safetensors wrote 0600), a model card
+    (README.md with the Hub's metadata block, the run's numbers, no local path), eos in generation_config.json, and
+    the tokenizer's model_max_length is the training sequence length."""
+    import os
+    import stat
+
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "hf"
+    assert main(["export", str(runs / "pre-bpe"), str(out)]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in out.iterdir()} == {
+        f.name: oct(0o666 & ~umask) for f in out.iterdir()
+    }
+    card = (out / "README.md").read_text()
+    summary = json.loads((runs / "pre-bpe" / "summary.json").read_text())
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation\n")
+    assert f"final validation loss {summary['final_val_loss']:.4f}" in card and str(tmp_path.parent) not in card
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert tokenizer.model_max_length == load_config(runs / "pre-bpe" / "config.yaml").train.seq_len

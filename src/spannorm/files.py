@@ -144,6 +144,7 @@ def atomic_dir(dest: Path):
         yield tmp
         for path in sorted(tmp.rglob("*"), reverse=True):  # files before the directories that hold them
             if path.is_file():
+                os.chmod(path, 0o666 & ~_umask())  # (what a library wrote 0600, safetensors: readable as any file)
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
             else:

@@ -333,14 +333,60 @@ def export(run_dir: Path, out_dir: Path, to: str = "spannorm") -> Path:
         model = to_llama(model.lm, cfg.train.seq_len, tokenizer.eos_token_id)
     elif to != "spannorm":
         raise ConfigError(f"--to {to!r} is invalid: expected spannorm or llama")
+    tokenizer.model_max_length = cfg.train.seq_len  # (what it was trained on; RoPE itself has no limit)
+    if tokenizer.eos_token_id is not None:  # (BPE: <|endoftext|> ends a generation; bytes have no such token)
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    card = model_card(cfg, RunDir(run_dir, "RUN_DIR").summary(), type(model).__name__)
     try:
         with atomic_dir(out_dir) as tmp, safetensors_os_errors(out_dir / "model.safetensors"):
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             shutil.copyfile(Path(run_dir) / "config.yaml", tmp / RUN_FILE)
+            (tmp / "README.md").write_text(card)
     except OSError as e:
         raise os_error(e, f"OUT_DIR {str(out_dir)!r}", "nothing was written there") from None
     return out_dir
+
+
+def model_card(cfg, summary: dict | None, kind: str) -> str:
+    """README.md of an exported folder: the Hub's metadata block, then what the model is, what it was trained on
+    and how well, and how to load and reproduce it. It names no local path (the corpus by its name only)."""
+    m, block = cfg.model, SCHEMES[cfg.model.scheme]
+    corpus = Path(cfg.data.corpus).name
+    moe = f", MoE: {m.n_experts} experts, top-{m.top_k}" if m.moe else ""
+    s = summary or {}
+    trained = (
+        f"{s['steps']:,} steps, {s['tokens']:,} tokens; final validation loss {s['final_val_loss']:.4f} nats/token"
+        if s.get("final_val_loss") is not None and "tokens" in s
+        else "the run had not finished when it was exported"
+    )
+    load = (
+        "`transformers.AutoModelForCausalLM.from_pretrained(folder)` (plain transformers)"
+        if kind == "LlamaForCausalLM"
+        else "`import spannorm.hf`, then `transformers.AutoModelForCausalLM.from_pretrained(folder)`"
+    )
+    return "\n".join(
+        [
+            "---",
+            "library_name: transformers",
+            "pipeline_tag: text-generation",
+            f"tags: [spannorm, {m.scheme.value}, {m.norm.value}]",
+            "---",
+            "",
+            f"# {m.scheme.value} ({kind}), trained with spannorm",
+            "",
+            f"- **Block:** {block.equation} (N: {m.norm.value}), {block.reference}",
+            f"- **Size:** {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads{moe}"
+            + (f", {s['n_params']:,} parameters" if "n_params" in s else ""),
+            f"- **Data:** {corpus}, {cfg.data.tokenizer.value} tokenizer (vocabulary {cfg.data.model_vocab_size}), "
+            f"sequences of {cfg.train.seq_len} tokens",
+            f"- **Training:** {trained}",
+            f"- **Load:** {load}",
+            "- **Reproduce:** `spannorm train --config spannorm_run.yaml` (the run's config, in this folder; its "
+            "data.corpus names the exporting machine's path)",
+            "",
+        ]
+    )
 
 
 # --- generation ------------------------------------------------------------------------------
