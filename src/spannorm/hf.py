@@ -217,6 +217,24 @@ def from_folder(path: Path):
     return model, tokenizer
 
 
+def folder_weights(path: Path, what: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(ModelConfig, LM state dict) of a folder ``spannorm export`` wrote (``what`` names it in errors); a Llama
+    folder or any other model type is refused in one line."""
+    from safetensors.torch import load_file
+
+    try:
+        config = SpanNormConfig.from_pretrained(path)
+        if config.model_type != SpanNormConfig.model_type:
+            raise ValueError(f"model_type {config.model_type!r}")
+        weights = load_file(path / "model.safetensors")
+    except Exception as e:  # (a folder of another model, or damaged)
+        raise SpannormError(
+            f"{what} is not a folder of `spannorm export --to spannorm` ({type(e).__name__}: {short(str(e), 120)})"
+        ) from None
+    lm = {k.removeprefix("lm."): v for k, v in weights.items()}
+    return config.model_config(), lm
+
+
 def load(path: Path, device: torch.device | str = "cpu"):
     """(model, tokenizer, RunConfig or None) of a run directory or of a Hugging Face folder
     (``spannorm export``'s, or any causal LM folder with a tokenizer)."""

@@ -166,6 +166,7 @@ class TrainConfig:
     distributed: Distributed = Distributed.NONE  # under torchrun: ddp (the global batch: batch_size × ranks × accum)
     # under torchrun: how long a rank waits for the others at a collective before the job fails (a hung rank)
     dist_timeout_s: float = 1800.0
+    init_from: str | None = None  # a run directory or a spannorm export folder: a new run starts from its weights
 
     def __post_init__(self):
         self.precision = coerce_enum(Precision, "train.precision", self.precision)
@@ -204,6 +205,12 @@ class TrainConfig:
         require(0 <= self.beta2 < 1, "train.beta2", self.beta2, "a number in [0, 1)")
         require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "a number >= 0 (0 disables clipping)")
         require(self.threads is None or self.threads > 0, "train.threads", self.threads, "a positive integer or null")
+        require(
+            self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
+            "train.init_from",
+            self.init_from,
+            "a run directory, a spannorm export folder, or null",
+        )
         require(self.probe_interval >= 0, "train.probe_interval", self.probe_interval, "an integer >= 0 (0: off)")
         require(
             isinstance(self.stop_on_divergence, bool),

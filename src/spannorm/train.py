@@ -57,6 +57,7 @@ from .device import set_tf32, to_device
 from .distributed import Ranks
 from .files import disk_full, dumps, os_error
 from .model import LM, build_model
+from .model_config import ModelConfig
 from .probe import forward_stats, grad_norms, snapshot, taps, update_ratios
 from .run import (
     Distributed,
@@ -140,11 +141,46 @@ def check_memory(
         )
 
 
-def initial_model(cfg: RunConfig) -> LM:
+def initial_model(cfg: RunConfig, warm: bool = True) -> LM:
     """The run's initial weights: torch seeded with ``train.seed``, then the model built on the CPU (the same
-    weights on every device)."""
+    weights on every device); with ``train.init_from`` (and ``warm``), that run's or folder's weights instead."""
     torch.manual_seed(cfg.train.seed)
-    return build_model(cfg.model)
+    lm = build_model(cfg.model)
+    if warm and cfg.train.init_from is not None:
+        warm_loader(cfg.model, Path(cfg.train.init_from).expanduser())(lm)
+    return lm
+
+
+# model fields that only initialize or weight the loss: a warm start may change them (its weights replace the init)
+NOT_ARCHITECTURE = {"init", "init_std", "init_scale", "dyt_alpha0", "dyt_alpha0_attn", "dyt_alpha0_other"}
+NOT_ARCHITECTURE |= {"moe_aux_coef", "moe_z_coef", "capacity_factor"}
+
+
+def warm_loader(model: ModelConfig, source: Path):
+    """What loads into a model built from ``model`` the weights of ``source``: a run directory (its newest
+    checkpoint that verifies) or a folder of ``spannorm export`` (model.safetensors). The two models must be the
+    same architecture, or the refusal names the first field that differs (checked here, before any loading)."""
+    what = f"train.init_from={str(source)!r}"
+    if (source / "config.yaml").is_file():
+        theirs, load = RunDir(source, "train.init_from").config().model, RunDir(source, "train.init_from").load_weights
+    elif (source / "config.json").is_file():
+        from .hf import folder_weights  # (here: spannorm.hf imports transformers, an optional dependency)
+
+        theirs, weights = folder_weights(source, what)
+
+        def load(lm: LM) -> None:
+            lm.load_state_dict(weights)
+
+    else:
+        raise ConfigError(f"{what} is neither a run directory (config.yaml) nor an exported folder (config.json)")
+    ours, other = to_dict(model), to_dict(theirs)
+    for key in ours:
+        if key not in NOT_ARCHITECTURE and ours[key] != other.get(key):
+            raise ConfigError(
+                f"{what} is a model with model.{key}={other.get(key)!r}, this run's has {ours[key]!r}: a warm start "
+                "takes the weights of the same architecture"
+            )
+    return load
 
 
 def is_diverged(rows: list[dict]) -> bool:
@@ -402,11 +438,18 @@ class Trainer:
     """Trains one run: the model, AdamW, the data order and the parts above, in ``run``'s directory."""
 
     def __init__(
-        self, cfg: RunConfig, run: RunDir, dataset: TokenData, device: torch.device, progress: bool, ranks: Ranks
+        self,
+        cfg: RunConfig,
+        run: RunDir,
+        dataset: TokenData,
+        device: torch.device,
+        progress: bool,
+        ranks: Ranks,
+        resume: bool = False,
     ):
         t = self.t = cfg.train
         self.cfg, self.run, self.dataset, self.device, self.ranks = cfg, run, dataset, device, ranks
-        self.model = initial_model(cfg).to(device)
+        self.model = initial_model(cfg, warm=not resume).to(device)  # (a resume loads its checkpoint instead)
         self.sharded = ranks.joined and t.distributed is Distributed.FSDP
         if self.sharded:  # FSDP2: each block's weights sharded over the ranks, then the rest (embedding, head)
             for block in self.model.blocks:
@@ -472,7 +515,7 @@ class Trainer:
         process or DDP) goes into a sharded model through a whole copy, whose state every rank then shards."""
         if not self.sharded or sharded(ckpt):
             return load_checkpoint(ckpt, self.model, self.opt, self.gen)
-        whole = initial_model(self.cfg)
+        whole = initial_model(self.cfg, warm=False)  # (the checkpoint's weights replace them)
         whole_opt = make_optimizer(whole, self.t)
         state = load_checkpoint(ckpt, whole, whole_opt, self.gen)
         model_state, opt_state = get_state_dict(whole, whole_opt)
@@ -744,6 +787,8 @@ def train(
             "set train.compile=false"
         )
     check_trackers(t.trackers)  # (a missing package: before the run directory exists)
+    if t.init_from is not None and not resume:
+        warm_loader(cfg.model, Path(t.init_from).expanduser())  # (its checks, before the run directory exists)
     device = resolve_device(t.device)
     check_memory(cfg)
     ranks = distributed.start(t, device)
@@ -764,7 +809,7 @@ def train(
             if device.type == "cuda":
                 set_tf32(t.tf32)
             torch.set_flush_denormal(True)
-            trainer = Trainer(cfg, run, dataset, device, progress, ranks)
+            trainer = Trainer(cfg, run, dataset, device, progress, ranks, resume)
             if not resume and ranks.main:
                 run.start(cfg, data_dir)
             elif resume:
