@@ -263,3 +263,37 @@ def test_a_rank_killed_inside_a_sharded_checkpoint_write_loses_nothing(corpus, t
     for name, tensor in weights[0].items():
         torch.testing.assert_close(weights[1][name], tensor, atol=1e-5, rtol=1e-4, msg=name)
     assert not [p for p in cut.rglob("*") if ".tmp-" in p.name], "a temporary file or directory was left behind"
+
+
+def test_under_nccl_each_rank_sets_its_gpu_and_hands_collectives_cuda_tensors(monkeypatch):
+    """Issue 29 (without a GPU: NCCL and CUDA faked): the rank's GPU (LOCAL_RANK) is set before the process group
+    starts, and Ranks.mean hands all_reduce a tensor on it (NCCL refuses CPU tensors; it all-reduced a CPU one)."""
+    import torch
+    import torch.distributed as dist
+
+    from spannorm import distributed
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    ranks = distributed.start(tiny("unused", "train.distributed=ddp").train, torch.device("cuda"))
+    assert calls == [("set_device", 1), ("init", "nccl")] and ranks.device == "cuda:1"
+
+    seen = []
+
+    def all_reduce(t):
+        seen.append(str(t.device))
+        t.mul_(2)
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    gloo = distributed.Ranks(rank=0, world=2, joined=True)  # (gloo: CPU tensors; a CUDA one cannot be made here)
+    assert gloo.mean(3.0) == 3.0 and seen == ["cpu"]
+    made = []  # (the device the reduced tensor is made on: a stand-in on the CPU is reduced)
+    monkeypatch.setattr(torch, "tensor", lambda data, dtype, device: made.append(device) or torch.zeros(1))
+    ranks.mean(3.0)
+    assert made == ["cuda:1"]

@@ -27,6 +27,7 @@ class Ranks:
     rank: int = 0
     world: int = 1
     joined: bool = False  # in torchrun's process group (then DDP or FSDP2 wraps the model, even for one rank)
+    device: str = "cpu"  # where the tensors handed to collectives live: gloo's CPU, or NCCL's cuda:LOCAL_RANK
 
     @property
     def main(self) -> bool:
@@ -42,7 +43,7 @@ class Ranks:
         """The mean of ``x`` over the ranks (``x`` itself for one process)."""
         if self.world == 1:
             return x
-        t = torch.tensor([x], dtype=torch.float64)
+        t = torch.tensor([x], dtype=torch.float64, device=self.device)  # (NCCL reduces only CUDA tensors)
         dist.all_reduce(t)
         return t.item() / self.world
 
@@ -75,10 +76,15 @@ def start(t: TrainConfig, device: torch.device) -> Ranks:
         return Ranks()
     if not launched():
         return Ranks()  # (train.distributed=ddp in one plain process: one rank)
+    collectives = "cpu"
+    if device.type == "cuda":  # one GPU a process: its own, set before NCCL starts (its barriers and object
+        local = int(os.environ.get("LOCAL_RANK", "0"))  # broadcasts run on the current device, else all on cuda:0)
+        torch.cuda.set_device(local)
+        collectives = f"cuda:{local}"
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=t.dist_timeout_s))
-    return Ranks(dist.get_rank(), dist.get_world_size(), joined=True)
+    return Ranks(dist.get_rank(), dist.get_world_size(), joined=True, device=collectives)
 
 
 def stop(together: bool = False) -> None:

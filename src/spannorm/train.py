@@ -793,7 +793,7 @@ def train(
     check_memory(cfg)
     ranks = distributed.start(t, device)
     if ranks.joined and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # (torchrun: one GPU a process)
+        device = torch.device(ranks.device)  # (torchrun: one GPU a process, cuda:LOCAL_RANK)
     # validates before any file is written; a resume reads the data the run was trained on, or refuses
     data_dir = run.dataset(cfg) if resume else prepare(cfg.data)
     dataset = TokenData(data_dir, t.seq_len)
