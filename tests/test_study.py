@@ -3,6 +3,7 @@
 import csv
 import importlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -753,3 +754,29 @@ def test_report_only_of_every_committed_study_is_quick_probes_nothing_and_agrees
         assert [line for line in fresh if not line.startswith("Command: ")] == [
             line for line in committed if not line.startswith("Command: ")
         ], f"{COMMITTED[config]}/report.md is not what --report-only writes now: regenerate it"
+
+
+def test_each_study_slot_gets_its_own_gpus(corpus, monkeypatch):
+    """Issue 29 (CUDA faked): with --jobs J and nproc_per_cell N, worker slot i gets GPUs i·N .. i·N + N - 1 of the
+    visible ones (CUDA_VISIBLE_DEVICES, set in the worker before CUDA starts); more than the machine has is one line;
+    on the CPU nothing is set."""
+    import queue
+
+    import torch
+
+    cells_module = importlib.import_module("spannorm.study.cells")
+    cells = expand(plan_study(study_from_dict(small_study(corpus))))
+    assert cells_module.gpu_slots(2, 2, cells) is None  # (the CPU)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert cells_module.gpu_slots(2, 2, cells) == ["0,1", "2,3"]
+    assert cells_module.gpu_slots(4, 1, cells) == ["0", "1", "2", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert cells_module.gpu_slots(2, 2, cells) == ["4,5", "6,7"]
+    with pytest.raises(ConfigError, match="needs 6 GPUs .* this machine has 4: expected --jobs at most 2"):
+        cells_module.gpu_slots(3, 2, cells)
+    slots = queue.SimpleQueue()
+    slots.put("6,7")
+    cells_module._worker_init(slots, True)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "6,7"

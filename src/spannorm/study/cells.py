@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..config import SpannormError, to_dict
+from ..config import ConfigError, SpannormError, to_dict
 from ..data import prepare
+from ..device import resolve as resolve_device
 from ..files import atomic_write_text, dumps, temp_dir
 from ..probe_command import run_probe
 from ..run import RunConfig, RunDir, run_config_from_dict
@@ -138,8 +139,12 @@ def run_cells(study: StudyConfig, cells: list[Cell], out: Path, jobs: int, log) 
                 done(i, cell, None, f"{type(e).__name__}: {' '.join(str(e).split())}")
         return failed
 
+    context = multiprocessing.get_context("spawn")
+    gpus, slots = gpu_slots(jobs, nproc, cells), context.SimpleQueue()  # each worker takes one slot's GPUs
+    for slot in gpus or []:
+        slots.put(slot)
     pool = ProcessPoolExecutor(
-        max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_without_shared_locks
+        max_workers=jobs, mp_context=context, initializer=_worker_init, initargs=(slots, bool(gpus))
     )
     old_term = _sigterm_interrupts()
     try:
@@ -161,11 +166,30 @@ def run_cells(study: StudyConfig, cells: list[Cell], out: Path, jobs: int, log) 
     return failed
 
 
-def _worker_without_shared_locks() -> None:
-    """A cell worker's tqdm lock is a thread lock: the multiprocessing lock tqdm makes by default is a semaphore that a
-    worker terminated by a Ctrl-C or SIGTERM of the study never releases, which Python then warns about as leaked."""
+def gpu_slots(jobs: int, nproc: int, cells: list[Cell]) -> list[str] | None:
+    """With cells on CUDA and ``jobs`` worker slots of ``nproc`` processes each: each slot's own GPUs, as
+    CUDA_VISIBLE_DEVICES values (the ones already visible, in order); None on the CPU. More GPUs asked for than the
+    machine has is a one-line error."""
+    if jobs == 1 or not any(resolve_device(c.cfg.train.device).type == "cuda" for c in cells):
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    if jobs * nproc > len(gpus):
+        raise ConfigError(
+            f"--jobs {jobs} with nproc_per_cell {nproc} needs {jobs * nproc} GPUs (each cell its own), but this "
+            f"machine has {len(gpus)}: expected --jobs at most {max(1, len(gpus) // nproc)}"
+        )
+    return [",".join(gpus[i * nproc : (i + 1) * nproc]) for i in range(jobs)]
+
+
+def _worker_init(slots, on_gpus: bool) -> None:
+    """A cell worker: its slot's GPUs (before CUDA starts in it), and a thread lock for tqdm: the multiprocessing
+    lock tqdm makes by default is a semaphore that a worker terminated by a Ctrl-C or SIGTERM of the study never
+    releases, which Python then warns about as leaked."""
     from tqdm import tqdm
 
+    if on_gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = slots.get()
     tqdm.set_lock(threading.RLock())
 
 
