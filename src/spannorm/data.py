@@ -399,20 +399,15 @@ def documents_at(root: Path, what: str, file_word: str, fields: Fields | None = 
     hold one per record, named by ``fields.name`` or by file and row number. A path is always a path:
     ``./shakespeare`` is the user's directory, never the default corpus."""
     fields = fields or Fields()
+    docs: list[tuple[str, str]] = []
     if root.is_dir() and (root / "dataset_info.json").is_file() and (root / "state.json").is_file():
         docs = _records(_datasets_rows(root, fields), root.name, f"the datasets folder {str(root)!r}", fields)
         paths = []
     elif root.is_file():
-        docs, paths = [], [root]
+        paths = [root]
     else:
-        docs, paths = (
-            [],
-            sorted(
-                p
-                for p in root.rglob("*")
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-            ),
-        )
+        hidden = lambda p: any(part.startswith(".") for part in p.relative_to(root).parts)  # noqa: E731
+        paths = sorted(p for p in root.rglob("*") if p.is_file() and not hidden(p))
     for p in paths:
         name = str(p.relative_to(root)) if root.is_dir() else p.name
         where = f"{file_word} {str(p)!r}"

@@ -27,8 +27,8 @@ A run directory::
                         manifest.json (sha256). The newest train.keep_checkpoints of them are kept, and a resume
                         starts from the newest one whose files match their sha256
     data.json           the dataset it trains on (data.dataset_identity: its name holds a hash of the documents
-                        and settings; its files' sha256): a resume, an eval of its validation split and an
-                        export are refused when data.corpus now gives other data
+                        and settings; its files' sha256): a resume and an eval of its validation split are
+                        refused when data.corpus now gives other data
     init.json           the weight stds its model was initialized with (init_record): a study or compare refuses to
                         reuse a run whose recipe has changed in the code since
     tokenizer.json      the BPE tokenizer it was trained with (BPE runs): export, generate and eval use it, never
