@@ -314,3 +314,20 @@ def test_an_export_is_readable_by_colleagues_and_says_what_it_is(runs, tmp_path)
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert tokenizer.model_max_length == load_config(runs / "pre-bpe" / "config.yaml").train.seq_len
+
+
+@pytest.mark.parametrize(
+    "order",
+    ["import spannorm; import transformers", "import transformers; import spannorm"],
+    ids=["spannorm-first", "transformers-first"],
+)
+def test_import_spannorm_is_enough_for_the_auto_classes(runs, tmp_path, order):
+    """Issue 26: after `import spannorm` (in either order with transformers), AutoModelForCausalLM loads an exported
+    folder; `import spannorm` alone imports neither transformers nor torch."""
+    assert main(["export", str(runs / "span"), str(tmp_path / "hf")]) == 0
+    alone = "import sys, spannorm; assert 'transformers' not in sys.modules and 'torch' not in sys.modules"
+    load = f"{order}; m = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'hf')!r}); "
+    load += "assert type(m).__name__ == 'SpanNormForCausalLM'"
+    for code in (alone, load):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]

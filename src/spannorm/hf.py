@@ -1,7 +1,7 @@
 """Hugging Face integration: ``SpanNormConfig``, ``SpanNormForCausalLM``, tokenizers, loading and export.
 
-Importing this module imports ``transformers`` (``import spannorm`` does not) and registers the
-classes with ``AutoConfig`` / ``AutoModelForCausalLM``: after ``import spannorm.hf``,
+Importing this module imports ``transformers`` and registers the classes with ``AutoConfig`` /
+``AutoModelForCausalLM``; ``import spannorm`` imports it as soon as transformers is, never before. After it,
 ``AutoModelForCausalLM.from_pretrained(folder)`` loads any folder ``spannorm export`` wrote.
 
 ``SpanNormForCausalLM`` wraps the one model implementation, :class:`spannorm.model.LM`, as ``.lm``
@@ -381,7 +381,7 @@ def model_card(cfg, summary: dict | None, kind: str) -> str:
     load = (
         "`transformers.AutoModelForCausalLM.from_pretrained(folder)` (plain transformers)"
         if kind == "LlamaForCausalLM"
-        else "`import spannorm.hf`, then `transformers.AutoModelForCausalLM.from_pretrained(folder)`"
+        else "`import spannorm`, then `transformers.AutoModelForCausalLM.from_pretrained(folder)`"
     )
     return "\n".join(
         [
