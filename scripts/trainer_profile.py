@@ -26,6 +26,11 @@ SIZES = {  # name -> (preset, overrides): the lr study's cells and the compare p
         ["model.d_model=64", "model.n_heads=4", "model.n_layers=12", "train.probe_interval=8", "train.eval_batches=16"],
     ),
     "small preset (d_model 128, L = 8)": ("small", []),
+    "bench's standard size (d_model 256, L = 8, BPE 8192, batch 8 × 256), the default intervals": (
+        "small",
+        ["model.d_model=256", "data.tokenizer=bpe", "data.vocab_size=8192", "train.batch_size=8", "train.seq_len=256"]
+        + ["train.eval_batches=8", "train.ckpt_interval=100", "train.probe_interval=50"],
+    ),
 }
 STEPS = 200  # with the presets' intervals: 2 validations (eval_interval 100), 1-2 checkpoints
 

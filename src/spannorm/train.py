@@ -159,7 +159,7 @@ NOT_ARCHITECTURE |= {"moe_aux_coef", "moe_z_coef", "capacity_factor"}
 def warm_loader(model: ModelConfig, source: Path):
     """What loads into a model built from ``model`` the weights of ``source``: a run directory (its newest
     checkpoint that verifies) or a folder of ``spannorm export`` (model.safetensors). The two models must be the
-    same architecture, or the refusal names the first field that differs (checked here, before any loading)."""
+    same architecture, or the refusal names the first field that differs (checked here, before any model takes them)."""
     what = f"train.init_from={str(source)!r}"
     if (source / "config.yaml").is_file():
         theirs, load = RunDir(source, "train.init_from").config().model, RunDir(source, "train.init_from").load_weights
