@@ -297,3 +297,27 @@ def test_under_nccl_each_rank_sets_its_gpu_and_hands_collectives_cuda_tensors(mo
     monkeypatch.setattr(torch, "tensor", lambda data, dtype, device: made.append(device) or torch.zeros(1))
     ranks.mean(3.0)
     assert made == ["cuda:1"]
+
+
+def test_each_rank_scores_its_share_of_the_validation_batches(corpus, monkeypatch):
+    """Issue 29: every rank scored every validation window; now rank r scores batches r, r + world, ... and the
+    ranks' means are averaged (the same number as one process: test_ddp_on_two_processes_matches_one_process)."""
+    import torch.distributed as dist
+
+    from spannorm.data import TokenData, prepare
+    from spannorm.distributed import Ranks
+    from spannorm.model import build_model
+    from spannorm.train import evaluate
+
+    cfg = tiny(corpus)
+    data = TokenData(prepare(cfg.data), cfg.train.seq_len)
+    model = build_model(cfg.model)
+    seen = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda x, y: seen.append(x[0, :4].tolist()) or forward(x, y))
+    one = evaluate(model, data, cfg.train, micro=2)
+    everything, seen[:] = list(seen), []
+    monkeypatch.setattr(dist, "all_reduce", lambda t: t.mul_(1.0))  # (the other rank's mean: faked as 0)
+    half = evaluate(model, data, cfg.train, micro=2, ranks=Ranks(rank=1, world=2, joined=True))
+    assert seen == everything[1::2] and len(seen) == cfg.train.eval_batches
+    assert half == pytest.approx(one / 2, rel=0.2)  # (rank 1's mean, halved: as if rank 0's were 0)

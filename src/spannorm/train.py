@@ -106,17 +106,21 @@ def autocast(t: TrainConfig, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model: LM, data: TokenData, t: TrainConfig, micro: int = 1) -> float:
+def evaluate(model: LM, data: TokenData, t: TrainConfig, micro: int = 1, ranks: Ranks | None = None) -> float:
     """The mean validation loss over train.eval_batches global batches, each ``micro`` batches of batch_size
-    (the micro-batches of all ranks): the same windows however the global batch is split."""
+    (the micro-batches of all ranks): the same windows however the global batch is split. Each rank scores its
+    share of the batches (batch i on rank i mod world; ``micro`` is a multiple of the world size, so every rank
+    scores as many) and the ranks' means are averaged."""
+    ranks = ranks or Ranks()
     model.eval()
     device = model_device(model)
     losses = []
-    for batch in data.val_batches(t.batch_size, t.eval_batches * micro):
-        with autocast(t, device):
-            losses.append(model(*to_device(batch, device))[1].item())
+    for i, batch in enumerate(data.val_batches(t.batch_size, t.eval_batches * micro)):
+        if i % ranks.world == ranks.rank:
+            with autocast(t, device):
+                losses.append(model(*to_device(batch, device))[1].item())
     model.train()
-    return sum(losses) / len(losses)
+    return ranks.mean(sum(losses) / len(losses))
 
 
 def check_memory(
@@ -562,7 +566,8 @@ class Trainer:
                 done = self.step == t.max_steps or divergence is not None
                 val = None
                 if self.step % t.eval_interval == 0 or (done and divergence is None):
-                    val = self.last_val = evaluate(self.model, self.dataset, t, self.accum * self.ranks.world)
+                    micro = self.accum * self.ranks.world
+                    val = self.last_val = evaluate(self.model, self.dataset, t, micro, self.ranks)
                 if self.step % t.log_interval == 0 or done or val is not None:
                     self.logs.write("metrics", self.metrics_row(result, val))
                 progress.update(self.step, result.loss, val, self.tokens_per_step / seconds)
