@@ -20,6 +20,20 @@ WORDS = (
 ).split()
 
 
+def one_line_error(capsys, argv, *fragments, limit=None):
+    """``spannorm.cli.main(argv)`` exits 2 with one stderr line, no traceback, holding every one of ``fragments``
+    (and shorter than ``limit`` characters, when given); returns that line."""
+    from spannorm.cli import main  # (here: conftest is imported before any test, and needs the CLI only here)
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err[:2000]
+    assert all(f in err for f in fragments), err[:2000]
+    if limit is not None:
+        assert len(err) < limit, f"an error line of {len(err):,} characters"
+    return err
+
+
 def write_corpus(root, n_docs=6, words_per_doc=3000, seed=0):
     """A small deterministic multi-document corpus of pseudo-English."""
     rng = random.Random(seed)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import one_line_error
 from safetensors.torch import load_file, save_file
 
 from spannorm.cli import main
@@ -42,13 +43,6 @@ def strict_load(text):
         raise ValueError(f"not strict JSON: {name}")
 
     return json.loads(text, parse_constant=refuse)
-
-
-def one_line_error(capsys, argv, fragment):
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and fragment in err, err
-    return err
 
 
 @contextlib.contextmanager

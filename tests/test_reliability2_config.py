@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import one_line_error as shared_one_line_error
 
 from spannorm.cli import main
 
@@ -17,11 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def one_line_error(capsys, argv, fragment, limit=400):
     """``main(argv)`` exits 2 with one short stderr line holding ``fragment``."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and fragment in err, err[:2000]
-    assert len(err) < limit, f"an error line of {len(err):,} characters"
-    return err
+    return shared_one_line_error(capsys, argv, fragment, limit=limit)
 
 
 def train_args(corpus, tmp_path, *more):

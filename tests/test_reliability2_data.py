@@ -8,19 +8,13 @@ import os
 import shutil
 
 import pytest
-from conftest import write_corpus
+from conftest import one_line_error, write_corpus
 
 from spannorm.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 BPE = ["--set", "data.tokenizer=bpe", "--set", "data.vocab_size=300"]
-
-
-def one_line_error(capsys, argv, fragment):
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and fragment in err, err[:2000]
 
 
 def tokenizer_of(folder):

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import yaml
-from conftest import write_corpus
+from conftest import one_line_error, write_corpus
 
 from spannorm.cli import main
 from spannorm.run import load_config
@@ -36,14 +36,6 @@ def exported(corpus, tmp_path_factory):
         assert main(["export", str(root / name), str(root / f"{name}-hf")]) == 0
         out[name] = (root / name, root / f"{name}-hf")
     return out
-
-
-def one_line_error(capsys, argv, *fragments):
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err[:2000]
-    assert all(f in err for f in fragments), err
-    return err
 
 
 def scores(capsys, argv) -> dict:

@@ -6,18 +6,11 @@ import json
 import re
 
 import pytest
+from conftest import one_line_error
 
 from spannorm.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def one_line_error(capsys, argv, *fragments):
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err[:2000]
-    assert all(f in err for f in fragments), err
-    return err
 
 
 def test_the_compare_report_states_the_global_batch(corpus, tmp_path, capsys, monkeypatch):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import one_line_error
 
 from spannorm.cli import main
 from spannorm.config import ConfigError, SpannormError
@@ -25,13 +26,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny(corpus, *more):
     return load_config("tiny", [f"data.corpus={corpus}", *more])
-
-
-def one_line_error(capsys, argv, fragment):
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and fragment in err, err
-    return err
 
 
 def usage_error(capsys, argv, fragment):
