@@ -1,6 +1,7 @@
 """Width-aware recipes (issue 24): every scheme's base std σ is a rule of the width, checked at two widths and two
 depths against an independent table; model.init_std pins a number, model.init_scale multiplies every std."""
 
+import json
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from spannorm import ModelConfig, Scheme, build_model
 from spannorm.layers import Role
+from spannorm.run import init_record
 from spannorm.schemes import weight_stds
 
 FAN_IN = "fan-in"
@@ -31,6 +33,9 @@ RULE = {
     "siamese": FAN_IN,
     "deepscale": FAN_IN,
 }
+# the fair study's search put these schemes' best init scale at this factor of the authors' rule carried, at both
+# depths; the recommended rule carries it while model.init_std is null
+MEASURED = {"b2t": 2.0}
 GPT2_OUT_DOWN = {"pre", "peri", "sandwich", "hybrid", "hybrid_star"}  # out and down × 1/sqrt(2L)
 PLAIN = {"post", "admin", "lns", "residual", "siamese", "mixln"}  # every linear weight σ
 
@@ -41,8 +46,12 @@ def sigma(scheme: str, d: int) -> float:
 
 def expected(scheme: str, d: int, L: int, s: float | None = None) -> dict[Role, float]:
     """Roles whose std is σ (``s``, default the width rule's) or a multiple of it, and constants that do not
-    follow it, by scheme (the other roles: tests/test_peers.py)."""
-    s = sigma(scheme, d) if s is None else s
+    follow it, by scheme (the other roles: tests/test_peers.py); the width rule's carries the measured factor."""
+    stds = _expected(scheme, d, L, sigma(scheme, d) if s is None else s)
+    return {role: std * (MEASURED.get(scheme, 1.0) if s is None else 1.0) for role, std in stds.items()}
+
+
+def _expected(scheme: str, d: int, L: int, s: float) -> dict[Role, float]:
     if scheme in GPT2_OUT_DOWN:
         return {Role.EMBED: s, Role.ATTN_QK: s, Role.FFN_UP: s, Role.ATTN_OUT: s / math.sqrt(2 * L)}
     if scheme in PLAIN:
@@ -115,3 +124,38 @@ def test_the_code_s_width_rules_are_the_measured_ones():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("\n") == 2 + 7  # a row per screened scheme
+
+
+def test_relabel_proves_each_cell_the_same_model_before_it_renames_anything(tmp_path, monkeypatch):
+    """scripts/relabel_measured.py: a b2t cell trained at init_scale 1 before b2t's × 2 is today's recipe at 0.5;
+    a wrong factor fails the proof and nothing is renamed."""
+    import dataclasses
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    from spannorm.config import to_dict
+    from spannorm.files import atomic_write_text
+    from spannorm.run import load_config
+    from spannorm.schemes import SCHEMES
+
+    path = Path(__file__).resolve().parents[1] / "scripts/relabel_measured.py"
+    spec = importlib.util.spec_from_file_location("relabel_measured", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    cfg = load_config("tiny", ["model.scheme=b2t", "model.n_layers=2"])
+    cell = tmp_path / "cells" / "b2t_L2_lr0.001_s1"
+    cell.mkdir(parents=True)
+    atomic_write_text(cell / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    with monkeypatch.context() as m:  # the recipe before the factor
+        m.setattr(SCHEMES[Scheme.B2T], "measured", None)
+        atomic_write_text(cell / "init.json", json.dumps(init_record(cfg.model)))
+
+    with pytest.raises(SystemExit, match="not today's at init_scale 0.25"):
+        script.relabel(tmp_path, {"b2t": 4.0})
+    [(old, new, new_cfg)] = script.relabel(tmp_path, {"b2t": 2.0})
+    assert (old, new.name) == (cell, "b2t_L2_lr0.001_s1_init_scale-0.5")
+    assert new_cfg == to_dict(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_scale=0.5)))
+    assert cell.is_dir()  # relabel() only plans: main() renames

@@ -721,6 +721,7 @@ def test_report_only_probes_nothing_and_names_a_missing_init_probe(corpus, tmp_p
 COMMITTED = {  # study config -> its committed directory (README, docs/spannorm-lr.md)
     "fair-study": "docs/fair-study",
     "fair-recipes": "docs/fair-study/recipes",
+    "fair-measured": "docs/fair-study/measured",
     "lr": "docs/lr-study",
     "reference": "docs/results",
     "docs/spannorm-lr/screen.yaml": "docs/spannorm-lr/screen",

@@ -7,8 +7,10 @@ A scheme is one short block class whose ``forward`` reads like its equation, plu
     (state -> one tensor);
   * an init rule as data: ``init_stds(cfg, layer)`` maps each weight :class:`~spannorm.layers.Role`
     to a std; σ in a rule is its base std, ``base_std`` (a :class:`BaseStd`: a rule of the width, the
-    authors' constant and width named) unless ``model.init_std`` sets it; ``model.init_scale`` multiplies
-    every std (:func:`weight_stds`); ``reset_parameters`` initializes scheme-owned parameters (e.g. Admin's ω);
+    authors' constant and width named) unless ``model.init_std`` sets it; ``measured`` (a :class:`Measured`),
+    where the authors' rule carried to our width handicaps the scheme, a factor on every std of the rule,
+    measured at two widths and named; ``model.init_scale`` multiplies every std (:func:`weight_stds`);
+    ``reset_parameters`` initializes scheme-owned parameters (e.g. Admin's ω);
   * ``theory``: its closed-form signal propagation at init, where it has one (``spannorm probe``);
   * ``equation``, ``init_rule`` and ``reference`` strings for ``spannorm schemes``.
 Registering a scheme is one :class:`~spannorm.model_config.Scheme` value and one entry in ``SCHEMES``.
@@ -132,6 +134,18 @@ class BaseStd(NamedTuple):
         )
 
 
+class Measured(NamedTuple):
+    """A factor on every std of a scheme's recommended rule, chosen by measurement where the authors' rule carried
+    to our width left the scheme away from its own best init scale (``source`` says where it was measured). It
+    is part of the width rule: ``model.init_std`` (a number for σ) replaces both."""
+
+    factor: float
+    source: str
+
+    def describe(self) -> str:
+        return f"× {self.factor:g} on every std, measured ({self.source})"
+
+
 GPT2_STD = BaseStd(0.02, 768, "GPT-2's initializer_range at GPT-2 small's width")
 # fairseq draws token embeddings N(0, d^(-1/2)): already a fan-in rule (512: its transformer_lm width)
 FAIRSEQ_STD = BaseStd(512**-0.5, 512, "fairseq's embedding N(0, d^(-1/2)), already a fan-in rule")
@@ -159,10 +173,15 @@ def gpt2_init(cfg: ModelConfig) -> dict[Role, float]:
 
 
 def weight_stds(cfg: ModelConfig, layer: int) -> dict[Role, float]:
-    """Role -> std for block ``layer`` (layer 0's rule also covers embedding and head): the recommended or the
-    shared rule, every std × ``init_scale``."""
-    rule = shared_init(cfg) if cfg.init is InitMode.SHARED else SCHEMES[cfg.scheme].init_stds(cfg, layer)
-    return {role: std * cfg.init_scale for role, std in rule.items()}
+    """Role -> std for block ``layer`` (layer 0's rule also covers embedding and head): the recommended rule (×
+    its ``measured`` factor while ``init_std`` is null) or the shared rule, every std × ``init_scale``."""
+    if cfg.init is InitMode.SHARED:
+        rule, factor = shared_init(cfg), 1.0
+    else:
+        scheme = SCHEMES[cfg.scheme]
+        rule = scheme.init_stds(cfg, layer)
+        factor = scheme.measured.factor if scheme.measured and cfg.init_std is None else 1.0
+    return {role: std * factor * cfg.init_scale for role, std in rule.items()}
 
 
 def unit_variance_init(cfg: ModelConfig, target_rms: float) -> dict[Role, float]:
@@ -211,6 +230,7 @@ class Block(nn.Module):
     equation: ClassVar[str] = ""  # the block equation, for `spannorm schemes`
     init_rule: ClassVar[str] = ""  # the recommended init, in words
     base_std: ClassVar[BaseStd] = GPT2_STD  # the base std's width rule (model.init_std: null)
+    measured: ClassVar[Measured | None] = None  # a measured factor on the whole rule (model.init_std: null)
     reference: ClassVar[str] = ""  # the paper
     norms: ClassVar[tuple[str, ...]] = ("norm1", "norm2")  # norm modules this block owns
     attn_input: ClassVar[str | None] = None  # the norm of ``norms`` the attention reads (module docstring)
@@ -336,6 +356,8 @@ class PostNorm(Block):
         "BERT's initializer_range at BERT-base's width, a PostNorm LM; Vaswani et al. drew xavier",
         WidthRule.CARRIED,  # fan-in stalled at d = 64 (docs/fair-study/recipes/)
     )
+    # no measured factor: at d = 64, L = 48 its best init_scale was 0.5, but 0.5 cost 0.18 nats at d = 128, L = 12,
+    # where this rule was the best (docs/fair-study/measured): a constant found at one width is not a recipe
     tie_embeddings = False
 
     @classmethod
@@ -495,6 +517,11 @@ class B2T(Block):
     reference = "Takase et al. 2023, arXiv 2206.00330 (Findings of ACL 2023)"
     tie_embeddings = False
     base_std = FAIRSEQ_STD
+    measured = Measured(
+        2.0,
+        "the fair study's search at d = 64: best init_scale 2 at L = 12 and 48, docs/fair-study; "
+        "checked at d = 128, L = 12: within 0.05 nats of the best, docs/fair-study/measured",
+    )
 
     @classmethod
     def init_stds(cls, cfg, layer):
