@@ -9,6 +9,7 @@ import torch
 from spannorm.model_config import Scheme
 
 hf = pytest.importorskip("spannorm.hf")
+hf_model = pytest.importorskip("spannorm.hf_model")
 
 MOE = {"n_experts": 4, "top_k": 2, "n_shared_experts": 1}
 # every scheme; one MoE model; the norms and the DyT LLM recipe (its embedding scale)
@@ -92,9 +93,9 @@ def test_kv_cache_matches_full_forward(scheme, more):
     with torch.no_grad():
         full = model(seq).logits
         out = model(seq[:, :6], use_cache=True)
-        cache = getattr(out, hf.CACHE)
-        step = model(seq[:, 6:7], **{hf.CACHE: cache}).logits
-        rest = model(seq[:, 7:], **{hf.CACHE: cache}).logits
+        cache = getattr(out, hf_model.CACHE)
+        step = model(seq[:, 6:7], **{hf_model.CACHE: cache}).logits
+        rest = model(seq[:, 7:], **{hf_model.CACHE: cache}).logits
     torch.testing.assert_close(torch.cat([out.logits, step, rest], 1), full, rtol=1e-5, atol=1e-5)
 
 

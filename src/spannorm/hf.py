@@ -1,8 +1,10 @@
-"""Hugging Face integration: ``SpanNormConfig``, ``SpanNormForCausalLM``, tokenizers, loading and export.
+"""Hugging Face integration: tokenizers, loading and export; ``SpanNormConfig`` and ``SpanNormForCausalLM`` live in
+:mod:`spannorm.hf_model` (the file an export carries as its remote code).
 
 Importing this module imports ``transformers`` and registers the classes with ``AutoConfig`` /
 ``AutoModelForCausalLM``; ``import spannorm`` imports it as soon as transformers is, never before. After it,
-``AutoModelForCausalLM.from_pretrained(folder)`` loads any folder ``spannorm export`` wrote.
+``AutoModelForCausalLM.from_pretrained(folder)`` loads any folder ``spannorm export`` wrote; where spannorm is
+not installed, ``from_pretrained(folder, trust_remote_code=True)`` loads it from the code the folder carries.
 
 ``SpanNormForCausalLM`` wraps the one model implementation, :class:`spannorm.model.LM`, as ``.lm``
 (checkpoint keys ``lm.<LM key>``), every scheme, dense and MoE. Its KV cache: each attention's
@@ -18,6 +20,9 @@ A run directory becomes a Hugging Face folder (``export``)::
     tokenizer.json, tokenizer_config.json  a PreTrainedTokenizerFast (AutoTokenizer loads it)
     spannorm_run.yaml                    the run's config (data and seq_len: ``spannorm eval`` finds
                                          the validation split with it)
+    modeling_spannorm.py, config.py, ...  the remote code (config.json's ``auto_map``): hf_model.py and the
+                                         modules it imports (``REMOTE_MODULES``), verbatim, for trust_remote_code
+    README.md                            the model card: what was trained, on what, and how to load it
 
 ``to="llama"``: a plain ``LlamaForCausalLM`` folder for a ``pre`` model with RMSNorm (the only
 scheme, norm and FFN Llama's equations express; everything else is refused with the reason).
@@ -25,128 +30,29 @@ scheme, norm and FFN Llama's equations express; everything else is refused with 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
+import json
 import shutil
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    DynamicCache,
-    GenerationMixin,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-)
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from .config import ConfigError, SpannormError, short, to_dict
+from .config import ConfigError, SpannormError, short
 from .data import EOT, Tokenizer
 from .files import atomic_dir, os_error
+from .hf_model import REMOTE_MODULES, SpanNormConfig, SpanNormForCausalLM
 from .model import LM
 from .model_config import ModelConfig, NormType, Scheme
 from .run import RunDir, load_config, safetensors_os_errors
 from .schemes import SCHEMES, use_final_norm, use_tied_embeddings
 
-MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
-HF_NAMES = {"top_k": "moe_top_k"}  # ModelConfig field -> SpanNormConfig attribute (HF reads top_k as sampling's)
 RUN_FILE = "spannorm_run.yaml"  # the run config inside an exported folder
-# the cache's name in forward() and in the output: "cache" (transformers >= 5), "past_key_values" before
-CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
-class SpanNormConfig(PretrainedConfig):
-    """Every ``ModelConfig`` field as an attribute of the same name (``top_k``: ``moe_top_k``, since
-    Hugging Face reads ``top_k`` as a sampling parameter), enums as their strings; :meth:`model_config`
-    validates them back into a ``ModelConfig``."""
-
-    model_type = "spannorm"
-    attribute_map = {"hidden_size": "d_model", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads"}
-
-    def __init__(self, **kwargs):
-        defaults = to_dict(ModelConfig())
-        for name in MODEL_FIELDS:
-            key = HF_NAMES.get(name, name)
-            setattr(self, key, to_dict(kwargs.pop(key, defaults[name])))
-        kwargs.setdefault("tie_word_embeddings", use_tied_embeddings(self.model_config()))  # (informative)
-        super().__init__(**kwargs)
-
-    @classmethod
-    def from_model_config(cls, cfg: ModelConfig, **kwargs) -> SpanNormConfig:
-        return cls(**{HF_NAMES.get(name, name): value for name, value in to_dict(cfg).items()}, **kwargs)
-
-    def model_config(self) -> ModelConfig:
-        return ModelConfig(**{name: getattr(self, HF_NAMES.get(name, name)) for name in MODEL_FIELDS})
-
-
-@contextlib.contextmanager
-def kv_caching(lm: LM, cache):
-    """Within the block, every attention of ``lm`` stores its keys and values in ``cache`` (layer i
-    in cache layer i) and attends to the cached ones; nothing when ``cache`` is None."""
-    if cache is None:
-        yield
-        return
-    for i, block in enumerate(lm.blocks):
-        block.attn.kv_cache = functools.partial(cache.update, layer_idx=i)
-    try:
-        yield
-    finally:
-        for block in lm.blocks:
-            block.attn.kv_cache = None
-
-
-class SpanNormForCausalLM(PreTrainedModel, GenerationMixin):
-    """``spannorm.model.LM`` as a Hugging Face causal LM: logits = head_input · W_headᵀ;
-    with ``labels``, loss = mean CE(logits[:, t], labels[:, t+1]) over labels ≠ −100 (labels shifted
-    inside, as every HF causal LM), plus ``LM.moe_loss()`` in training mode (the trainer's objective)."""
-
-    config_class = SpanNormConfig
-    base_model_prefix = "lm"
-    main_input_name = "input_ids"
-
-    def __init__(self, config: SpanNormConfig):
-        super().__init__(config)
-        self.lm = LM(config.model_config())  # initialized by the scheme's own rule
-        self.post_init()
-
-    def _init_weights(self, module):
-        """Nothing: ``LM`` initializes itself with its scheme's rule when it is built."""
-
-    def get_input_embeddings(self):
-        return self.lm.embed
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        labels=None,
-        use_cache: bool | None = None,
-        logits_to_keep: int = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("SpanNormForCausalLM does not support padding: pass one prompt, or prompts of one length")
-        if cache is None and use_cache:
-            cache = DynamicCache()
-        start = cache.get_seq_length() if cache is not None else 0
-        with kv_caching(self.lm, cache):
-            x = self.lm.head_input(input_ids, start)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        logits = F.linear(x, self.lm.head_weight)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-            if self.training:
-                loss = loss + self.lm.moe_loss()
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE: cache})
-
+REMOTE_FILE = "modeling_spannorm.py"  # an exported folder's copy of hf_model.py, its remote code (auto_map)
+AUTO_MAP = {
+    "AutoConfig": "modeling_spannorm.SpanNormConfig",
+    "AutoModelForCausalLM": "modeling_spannorm.SpanNormForCausalLM",
+}
 
 AutoConfig.register(SpanNormConfig.model_type, SpanNormConfig)
 AutoModelForCausalLM.register(SpanNormConfig, SpanNormForCausalLM)
@@ -355,15 +261,37 @@ def export(run_dir: Path, out_dir: Path, to: str = "spannorm") -> Path:
     if tokenizer.eos_token_id is not None:  # (BPE: <|endoftext|> ends a generation; bytes have no such token)
         model.generation_config.eos_token_id = tokenizer.eos_token_id
     card = model_card(cfg, RunDir(run_dir, "RUN_DIR").summary(), type(model).__name__)
+    if to == "spannorm":
+        model.config.auto_map = AUTO_MAP
     try:
         with atomic_dir(out_dir) as tmp, safetensors_os_errors(out_dir / "model.safetensors"):
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            portable_tokenizer_config(tmp / "tokenizer_config.json")
+            if to == "spannorm":
+                write_remote_code(tmp)
             shutil.copyfile(Path(run_dir) / "config.yaml", tmp / RUN_FILE)
             (tmp / "README.md").write_text(card)
     except OSError as e:
         raise os_error(e, f"OUT_DIR {str(out_dir)!r}", "nothing was written there") from None
     return out_dir
+
+
+def portable_tokenizer_config(path: Path) -> None:
+    """Name the tokenizer class that transformers 4.x and 5.x both know: transformers 5 writes its own
+    ``TokenizersBackend``, which AutoTokenizer of transformers 4 cannot find; both load ``PreTrainedTokenizerFast``."""
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_remote_code(folder: Path) -> None:
+    """The folder's remote code (config.json's ``auto_map``): hf_model.py as ``modeling_spannorm.py`` and verbatim
+    copies of the package modules it imports, so transformers loads the folder where spannorm is not installed."""
+    package = Path(__file__).parent
+    shutil.copyfile(package / "hf_model.py", folder / REMOTE_FILE)
+    for name in REMOTE_MODULES:
+        shutil.copyfile(package / f"{name}.py", folder / f"{name}.py")
 
 
 def model_card(cfg, summary: dict | None, kind: str) -> str:
@@ -381,7 +309,9 @@ def model_card(cfg, summary: dict | None, kind: str) -> str:
     load = (
         "`transformers.AutoModelForCausalLM.from_pretrained(folder)` (plain transformers)"
         if kind == "LlamaForCausalLM"
-        else "`import spannorm`, then `transformers.AutoModelForCausalLM.from_pretrained(folder)`"
+        else "`transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` and "
+        "`AutoTokenizer.from_pretrained(folder, trust_remote_code=True)` (the folder's modeling_spannorm.py; spannorm "
+        "need not be installed), or `import spannorm` first and no remote code"
     )
     return "\n".join(
         [
