@@ -69,7 +69,7 @@ def test_presets_load_and_overrides_apply():
         (["train.lr=fast"], "train.lr='fast' is invalid: expected a number"),
         (["train.max_steps=1.5"], "train.max_steps=1.5 is invalid: expected an integer"),
         (["model.vocab_size=100"], "model.vocab_size=100 is invalid"),
-        (["data.tokenizer=wordpiece"], "data.tokenizer='wordpiece' is invalid: expected one of byte, bpe"),
+        (["data.tokenizer=wordpiece"], "data.tokenizer='wordpiece' is invalid: expected byte, bpe, or a path to a"),
         (["lr"], "--set 'lr' is invalid: expected KEY=VALUE"),
     ],
 )

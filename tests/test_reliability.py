@@ -433,19 +433,19 @@ def disk_full(path="?"):
 def test_a_full_disk_in_data_prepare_is_one_line(corpus, tmp_path, capsys, monkeypatch):
     from spannorm import data
 
-    write = data._write_tokens
+    write = data._TokenFile.write
 
-    def fill_up(path, ids):  # some bytes land, then the disk is full
-        path.write_bytes(b"\x93NUMPY" + bytes(100))
-        raise disk_full(path)
+    def fill_up(self, ids):  # some bytes land, then the disk is full
+        self.f.write(bytes(100))
+        raise disk_full(self.f.name)
 
     cache = tmp_path / "cache"
     argv = ["data", "prepare", "--corpus", str(corpus), "--set", f"data.cache_dir={cache}"]
-    monkeypatch.setattr(data, "_write_tokens", fill_up)
+    monkeypatch.setattr(data._TokenFile, "write", fill_up)
     err = one_line_error(capsys, argv, "the disk is full (No space left on device)")
     assert f"{cache / 'datasets'}/byte256-" in err
     assert temp_files(cache) == [] and list((cache / "datasets").iterdir()) == []
-    monkeypatch.setattr(data, "_write_tokens", write)  # space freed: it works
+    monkeypatch.setattr(data._TokenFile, "write", write)  # space freed: it works
     assert main(argv) == 0
 
 

@@ -13,10 +13,12 @@ import ast
 import base64
 import contextlib
 import enum
+import functools
 import gzip
 import hashlib
 import html.parser
 import http.client
+import io
 import json
 import os
 import ssl
@@ -28,12 +30,13 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import tqdm
 
-from .config import ConfigError, SpannormError, coerce_enum, require
+from .config import ConfigError, SpannormError, coerce_enum, invalid, require
 from .files import _umask, atomic_dir, atomic_write_text, dumps, fsync_dir, os_error, remove_dir
 
 DEFAULT_CORPUS = "shakespeare"
@@ -50,18 +53,26 @@ class Tokenizer(str, enum.Enum):
     BPE = "bpe"  # byte-level BPE trained on the training documents with Hugging Face tokenizers
 
 
+TOKENIZERS = "byte, bpe, or a path to a tokenizer.json or to a folder holding one"
+EOS_NAMES = (EOT, "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")  # an eos a tokenizer.json may name, in order
+
+
 @dataclass
 class DataConfig:
     corpus: str = DEFAULT_CORPUS  # "shakespeare" (the default corpus) or a path to a text file or directory
-    tokenizer: Tokenizer = Tokenizer.BYTE  # byte or bpe
-    vocab_size: int = 4096  # BPE vocabulary size (ignored for byte; byte uses 256)
+    tokenizer: Any = Tokenizer.BYTE  # byte, bpe, or a tokenizer.json (or a folder holding one): kept as its path
+    vocab_size: int = 4096  # BPE vocabulary size (ignored for byte, 256, and for a tokenizer file: its own)
     val_fraction: float = 0.1  # fraction of documents held out for validation
     cache_dir: str | None = None  # where corpora and datasets live; None: $SPANNORM_CACHE or ~/.cache/spannorm
     text_field: str = "text"  # .jsonl, .jsonl.gz, .parquet and datasets folders: the field that holds a document
     name_field: str | None = None  # ... and the one that names it (the split hashes names); None: file:row number
 
     def __post_init__(self):
-        self.tokenizer = coerce_enum(Tokenizer, "data.tokenizer", self.tokenizer)
+        if isinstance(self.tokenizer, str) and self.tokenizer not in {t.value for t in Tokenizer}:
+            self.tokenizer = str(tokenizer_path(self.tokenizer))
+            file_tokenizer(self.tokenizer)  # (a file tokenizers cannot read: refused here, in one line)
+        else:
+            self.tokenizer = coerce_enum(Tokenizer, "data.tokenizer", self.tokenizer)
         require(
             isinstance(self.corpus, str) and self.corpus != "",
             "data.corpus",
@@ -90,8 +101,15 @@ class DataConfig:
         )
 
     @property
+    def tokenizer_kind(self) -> str:
+        """byte, bpe or file (data.tokenizer is a tokenizer.json)."""
+        return self.tokenizer.value if isinstance(self.tokenizer, Tokenizer) else "file"
+
+    @property
     def model_vocab_size(self) -> int:
         """The vocabulary the model needs for this tokenizer."""
+        if self.tokenizer_kind == "file":
+            return file_tokenizer(self.tokenizer).get_vocab_size(with_added_tokens=True)
         return 256 if self.tokenizer is Tokenizer.BYTE else self.vocab_size
 
     def cache(self) -> Path:
@@ -99,6 +117,52 @@ class DataConfig:
         if path.exists() and not path.is_dir():
             raise ConfigError(f"the cache {str(path)!r} (data.cache_dir, else $SPANNORM_CACHE) is not a directory")
         return path
+
+
+def tokenizer_path(value: str) -> Path:
+    """The absolute tokenizer.json a data.tokenizer path names: the file, or a folder's tokenizer.json (the fast
+    tokenizer AutoTokenizer saves; a folder of a slow tokenizer alone is refused: convert it first)."""
+    path = Path(value).expanduser().absolute()
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise invalid("data.tokenizer", value, f"{TOKENIZERS} (no {str(path)!r})")
+    return path
+
+
+@functools.lru_cache(maxsize=8)
+def _read_tokenizer(path: str, stamp: tuple[int, int]):
+    from tokenizers import Tokenizer as HFTokenizer  # (here: only for a tokenizer file)
+
+    try:
+        return HFTokenizer.from_file(path)
+    except Exception as e:  # (tokenizers raises its own Exception for a file it cannot read)
+        raise ConfigError(f"data.tokenizer={path!r} is not a tokenizer.json tokenizers reads ({str(e)[:99]})") from None
+
+
+def file_tokenizer(path: str):
+    """The ``tokenizers.Tokenizer`` of a tokenizer.json (read again when the file changes)."""
+    stat = Path(path).stat()
+    return _read_tokenizer(path, (stat.st_mtime_ns, stat.st_size))
+
+
+def file_special_tokens(path: str) -> dict[str, str]:
+    """eos_token (, bos_token, pad_token) of a tokenizer.json: those its folder's tokenizer_config.json names, where
+    the tokenizer has them; else as eos the first of ``EOS_NAMES`` it has ({}: none, documents then run on)."""
+    tok, special = file_tokenizer(path), {}
+    config = Path(path).parent / "tokenizer_config.json"
+    try:
+        named = json.loads(config.read_text()) if config.is_file() else {}
+    except (OSError, ValueError):
+        named = {}
+    for key in ("eos_token", "bos_token", "pad_token"):
+        value = named.get(key) if isinstance(named, dict) else None
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str) and tok.token_to_id(value) is not None:
+            special[key] = value
+    if "eos_token" not in special and (eos := next((t for t in EOS_NAMES if tok.token_to_id(t) is not None), None)):
+        special["eos_token"] = eos
+    return special
 
 
 # --- corpora ---------------------------------------------------------------------------
@@ -355,7 +419,11 @@ def _reason(e: BaseException) -> str:
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):  # (in chunks: a token file may not fit in memory)
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def absolute_corpus(corpus: str) -> str:
@@ -368,12 +436,19 @@ def dataset_identity(dataset: Path, corpus: str) -> dict:
     """What a run records of the dataset it trains on: the prepared directory's name (tokenizer, vocabulary and
     a hash of every document's name and text and of the split's settings), its files' sha256 and ``corpus``
     (where it was read, :func:`absolute_corpus`)."""
-    files = json.loads((dataset / "meta.json").read_text()).get("files", {})
-    return {"dataset": dataset.name, "corpus": corpus, "files": {f: v["sha256"] for f, v in files.items()}}
+    meta = json.loads((dataset / "meta.json").read_text())
+    files = meta.get("files", {})
+    identity = {"dataset": dataset.name, "corpus": corpus, "files": {f: v["sha256"] for f, v in files.items()}}
+    return identity | ({"special_tokens": meta["special_tokens"]} if "special_tokens" in meta else {})
 
 
 def load_documents(corpus: str, cache: Path, fields=None) -> list[tuple[str, str]]:
     """(name, text) pairs (:func:`documents_at`; ``fields``: :class:`Fields`, default text and file:row names)."""
+    return list(iter_documents(corpus, cache, fields))
+
+
+def iter_documents(corpus: str, cache: Path, fields=None):
+    """:func:`load_documents` one document at a time (each pass reads the corpus again: bounded memory)."""
     if corpus == DEFAULT_CORPUS:
         root = fetch_shakespeare(cache)
     else:
@@ -383,7 +458,7 @@ def load_documents(corpus: str, cache: Path, fields=None) -> list[tuple[str, str
                 f"data.corpus={corpus!r} does not exist: expected {DEFAULT_CORPUS!r} "
                 "or a path to a text file or directory"
             )
-    return documents_at(root, f"data.corpus={corpus!r}", "corpus file", fields)
+    return iter_documents_at(root, f"data.corpus={corpus!r}", "corpus file", fields)
 
 
 class Fields(NamedTuple):
@@ -398,10 +473,17 @@ def documents_at(root: Path, what: str, file_word: str, fields: Fields | None = 
     file is one document; a .jsonl, .jsonl.gz or .parquet file and a Hugging Face datasets folder (save_to_disk)
     hold one per record, named by ``fields.name`` or by file and row number. A path is always a path:
     ``./shakespeare`` is the user's directory, never the default corpus."""
+    return list(iter_documents_at(root, what, file_word, fields))
+
+
+def iter_documents_at(root: Path, what: str, file_word: str, fields: Fields | None = None):
+    """:func:`documents_at` one document at a time; an empty corpus is refused when the pass ends."""
     fields = fields or Fields()
-    docs: list[tuple[str, str]] = []
+    found = False
     if root.is_dir() and (root / "dataset_info.json").is_file() and (root / "state.json").is_file():
-        docs = _records(_datasets_rows(root, fields), root.name, f"the datasets folder {str(root)!r}", fields)
+        for doc in _records(_datasets_rows(root, fields), root.name, f"the datasets folder {str(root)!r}", fields):
+            found = True
+            yield doc
         paths = []
     elif root.is_file():
         paths = [root]
@@ -412,9 +494,9 @@ def documents_at(root: Path, what: str, file_word: str, fields: Fields | None = 
         name = str(p.relative_to(root)) if root.is_dir() else p.name
         where = f"{file_word} {str(p)!r}"
         if p.name.endswith((".jsonl", ".jsonl.gz")):
-            docs += _records(_jsonl_rows(p, where), name, where, fields)
+            records = _records(_jsonl_rows(p, where), name, where, fields)
         elif p.suffix == ".parquet":
-            docs += _records(_parquet_rows(p, where, fields), name, where, fields)
+            records = _records(_parquet_rows(p, where, fields), name, where, fields)
         elif p.suffix in (".json", ".arrow", ".gz", ".zst", ".bz2", ".xz", ".zip", ".tar"):
             raise ConfigError(
                 f"{where} is not text, and not a format spannorm reads: expected text files, .jsonl, .jsonl.gz, "
@@ -427,16 +509,16 @@ def documents_at(root: Path, what: str, file_word: str, fields: Fields | None = 
                 raise ConfigError(f"{where} is not UTF-8 text") from None
             if "\0" in text:
                 raise ConfigError(f"{where} holds NUL bytes: a binary file, not text")
-            if text.strip():
-                docs.append((name, text))
-    if not docs:
+            records = [(name, text)] if text.strip() else []
+        for doc in records:
+            found = True
+            yield doc
+    if not found:
         raise ConfigError(f"{what} is empty: it holds no non-empty text file or record")
-    return docs
 
 
-def _records(rows, name: str, where: str, fields: Fields) -> list[tuple[str, str]]:
+def _records(rows, name: str, where: str, fields: Fields):
     """(name, text) of each record of ``rows`` (dicts) with a non-empty text: one line names a missing field."""
-    docs = []
     for i, row in enumerate(rows, 1):
         text = row.get(fields.text) if isinstance(row, dict) else None
         if not isinstance(text, str):
@@ -449,8 +531,7 @@ def _records(rows, name: str, where: str, fields: Fields) -> list[tuple[str, str
                 raise ConfigError(f"{where} record {i} has no name field {fields.name!r} (data.name_field)")
             label = str(row[fields.name])
         if text.strip():
-            docs.append((label, text))
-    return docs
+            yield label, text
 
 
 def _jsonl_rows(path: Path, where: str):
@@ -475,11 +556,13 @@ def _parquet_rows(path: Path, where: str, fields: Fields):
     except ImportError:
         raise ConfigError(f"{where}: reading Parquet needs pyarrow: pip install 'spannorm[data]'") from None
     try:
-        table = pq.read_table(path)
+        table = pq.ParquetFile(path)
+        names = table.schema_arrow.names
+        keep = [c for c in (fields.text, fields.name) if c is not None and c in names]
+        for batch in table.iter_batches(batch_size=1024, columns=keep):  # (one batch in memory at a time)
+            yield from batch.to_pylist()
     except Exception as e:  # (pyarrow's ArrowInvalid and kin)
         raise ConfigError(f"{where} cannot be read as Parquet ({type(e).__name__})") from None
-    keep = [c for c in (fields.text, fields.name) if c is not None and c in table.column_names]
-    return table.select(keep).to_pylist()
 
 
 def _datasets_rows(root: Path, fields: Fields):
@@ -496,7 +579,11 @@ def _datasets_rows(root: Path, fields: Fields):
     if isinstance(dataset, datasets.DatasetDict):
         raise ConfigError(f"{str(root)!r} holds the splits {sorted(dataset)}: give one split's folder")
     keep = [c for c in (fields.text, fields.name) if c is not None and c in dataset.column_names]
-    return dataset.select_columns(keep).to_list()
+    if not keep:  # (no such column: every row lacks the field, which _records names)
+        yield from ({} for _ in range(len(dataset)))
+        return
+    for batch in dataset.select_columns(keep).iter(batch_size=1024):  # (memory-mapped; a batch at a time)
+        yield from (dict(zip(keep, values)) for values in zip(*(batch[c] for c in keep)))
 
 
 def split_documents(docs: list[tuple[str, str]], val_fraction: float):
@@ -506,13 +593,23 @@ def split_documents(docs: list[tuple[str, str]], val_fraction: float):
     validation (reported in the dataset's meta.json as ``split: position``).
     """
     if len(docs) == 1:
-        name, text = docs[0]
-        cut = int(len(text) * (1 - val_fraction))
-        return [(name, text[:cut])], [(name, text[cut:])], "position"
-    n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
-    ranked = sorted(docs, key=lambda d: hashlib.sha256(d[0].encode()).hexdigest())
-    val_names = {name for name, _ in ranked[:n_val]}
+        return (*split_position(docs[0], val_fraction), "position")
+    val_names = validation_names([name for name, _ in docs], val_fraction)
     return ([d for d in docs if d[0] not in val_names], [d for d in docs if d[0] in val_names], "document")
+
+
+def split_position(doc: tuple[str, str], val_fraction: float):
+    """([train part], [validation part]) of a one-document corpus: its last ``val_fraction`` is validation."""
+    name, text = doc
+    cut = int(len(text) * (1 - val_fraction))
+    return [(name, text[:cut])], [(name, text[cut:])]
+
+
+def validation_names(names: list[str], val_fraction: float) -> set[str]:
+    """The names of the validation documents: the round(val_fraction · n) (at least 1, at most n − 1) whose
+    names' sha256 rank first (independent of the listing order)."""
+    n_val = min(len(names) - 1, max(1, round(val_fraction * len(names))))
+    return set(sorted(names, key=lambda n: hashlib.sha256(n.encode()).hexdigest())[:n_val])
 
 
 # --- tokenization and datasets ------------------------------------------------------------
@@ -535,15 +632,49 @@ def _train_bpe(texts: list[str], vocab_size: int):
     return tok
 
 
-def _encode(docs: list[tuple[str, str]], cfg: DataConfig, bpe) -> np.ndarray:
+class _TokenFile:
+    """An .npy file of token ids written in pieces, with plain writes (a sparse memmap would die of SIGBUS on a full
+    disk): the header is written for the largest length first and rewritten, the same size, for the real one."""
+
+    def __init__(self, path: Path, dtype):
+        self.f, self.dtype, self.size, self.first = open(path, "wb"), np.dtype(dtype), 0, True
+        self.f.write(self._header(10**18))
+
+    def _header(self, n: int) -> bytes:
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": self.dtype.str, "fortran_order": False, "shape": (n,)})
+        return header.getvalue()
+
+    def write(self, ids) -> None:
+        ids = np.asarray(ids, dtype=self.dtype)
+        self.f.write(ids.tobytes())
+        self.size += ids.size
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        with self.f:
+            if kind is None:  # (the real length's header, once every id is written)
+                header = self._header(self.size)
+                assert len(header) == self.f.seek(0, io.SEEK_END) - self.size * self.dtype.itemsize  # (same size)
+                self.f.seek(0)
+                self.f.write(header)
+
+
+def _encode(docs, cfg: DataConfig, tok, eos: str | None, out: _TokenFile) -> None:
+    """The documents' token ids into ``out``: bytes joined by a blank line, or each document's ids (special tokens
+    of the tokenizer's template not added) followed by ``eos`` (BPE's: <|endoftext|>); batch by batch."""
     if cfg.tokenizer is Tokenizer.BYTE:
-        return np.frombuffer("\n\n".join(t for _, t in docs).encode("utf-8"), dtype=np.uint8)
-    eot = bpe.token_to_id(EOT)
-    ids: list[int] = []
-    for enc in bpe.encode_batch([t for _, t in docs]):
-        ids.extend(enc.ids)
-        ids.append(eot)
-    return np.asarray(ids, dtype=np.uint16 if cfg.vocab_size <= 65536 else np.uint32)
+        for _, text in docs:
+            if not out.first:
+                out.write(np.frombuffer(b"\n\n", dtype=np.uint8))
+            out.write(np.frombuffer(text.encode("utf-8"), dtype=np.uint8))
+            out.first = False
+        return
+    after = [] if eos is None else [tok.token_to_id(eos)]
+    for enc in tok.encode_batch([t for _, t in docs], add_special_tokens=False):
+        out.write(enc.ids + after)
 
 
 def prepare(cfg: DataConfig, verify: bool = False) -> Path:
@@ -553,12 +684,16 @@ def prepare(cfg: DataConfig, verify: bool = False) -> Path:
     sha256); a damaged one is rebuilt. Disk errors (a full disk) are one-line errors naming the dataset.
     """
     cache = cfg.cache()
-    docs = load_documents(cfg.corpus, cache, Fields(cfg.text_field, cfg.name_field))
-    key = hashlib.sha256()
-    for name, text in docs:
+    docs = functools.partial(iter_documents, cfg.corpus, cache, Fields(cfg.text_field, cfg.name_field))
+    key, names = hashlib.sha256(), []
+    for name, text in docs():  # (pass 1: the names, and the key of every name and text)
         key.update(name.encode() + b"\0" + hashlib.sha256(text.encode()).digest())
-    key.update(json.dumps([cfg.tokenizer.value, cfg.model_vocab_size, cfg.val_fraction]).encode())
-    out = cache / "datasets" / f"{cfg.tokenizer.value}{cfg.model_vocab_size}-{key.hexdigest()[:16]}"
+        names.append(name)
+    settings = [cfg.tokenizer_kind, cfg.model_vocab_size, cfg.val_fraction]
+    if cfg.tokenizer_kind == "file":  # (the tokenizer's bytes and its special tokens, not its path)
+        settings += [_sha256(Path(cfg.tokenizer)), file_special_tokens(cfg.tokenizer)]
+    key.update(json.dumps(settings).encode())
+    out = cache / "datasets" / f"{cfg.tokenizer_kind}{cfg.model_vocab_size}-{key.hexdigest()[:16]}"
     if out.exists() or out.is_symlink():
         if (problem := dataset_damage(out, hashes=verify)) is None:
             return out
@@ -573,34 +708,58 @@ def prepare(cfg: DataConfig, verify: bool = False) -> Path:
                 f"({e.strerror}): delete it and retry"
             ) from None
     try:
-        _build(cfg, docs, out)
+        _build(cfg, docs, names, out)
     except OSError as e:
         raise os_error(e, f"the dataset {str(out)!r}", "free space or choose another data.cache_dir") from None
     return out
 
 
-def _build(cfg: DataConfig, docs: list[tuple[str, str]], out: Path) -> None:
-    train_docs, val_docs, split = split_documents(docs, cfg.val_fraction)
-    bpe = _train_bpe([t for _, t in train_docs], cfg.vocab_size) if cfg.tokenizer is Tokenizer.BPE else None
+def _build(cfg: DataConfig, docs, names: list[str], out: Path) -> None:
+    """The dataset of ``docs()`` (each call a new pass over the corpus, whose document names are ``names``) in
+    ``out``, streamed: memory holds the names and a batch of documents, never the corpus (but for a one-document
+    corpus, which is split by position)."""
+    if len(names) == 1:
+        train_part, val_part = split_position(next(iter(docs())), cfg.val_fraction)
+        labelled = lambda: [("train", d) for d in train_part] + [("val", d) for d in val_part]  # noqa: E731
+        split = "position"
+    else:
+        val_names, split = validation_names(names, cfg.val_fraction), "document"
+        labelled = lambda: ((("val" if d[0] in val_names else "train"), d) for d in docs())  # noqa: E731
+    tok, special = None, {}
+    if cfg.tokenizer is Tokenizer.BPE:  # (pass 2: BPE learns its merges from the training documents)
+        train_texts = (d[1] for part, d in labelled() if part == "train")
+        tok, special = _train_bpe(train_texts, cfg.vocab_size), {"eos_token": EOT}
+    elif cfg.tokenizer_kind == "file":
+        tok, special = file_tokenizer(cfg.tokenizer), file_special_tokens(cfg.tokenizer)
+        if "eos_token" not in special:
+            print(
+                f"spannorm: data.tokenizer={cfg.tokenizer!r} names no eos token: documents follow each other "
+                "with no separator",
+                file=sys.stderr,
+            )
+    dtype = np.uint8 if tok is None else np.uint16 if cfg.model_vocab_size <= 65536 else np.uint32
     with atomic_dir(out) as tmp:
-        counts = {}
-        for part, part_docs in (("train", train_docs), ("val", val_docs)):
-            ids = _encode(part_docs, cfg, bpe)
-            _write_tokens(tmp / f"{part}.npy", ids)
-            counts[part] = int(ids.size)
-        if bpe is not None:
-            bpe.save(str(tmp / "tokenizer.json"))
+        in_part = {"train": [], "val": []}
+        progress = tqdm.tqdm(labelled(), total=len(names), unit="doc", desc="tokenizing", disable=None, leave=False)
+        with _TokenFile(tmp / "train.npy", dtype) as train, _TokenFile(tmp / "val.npy", dtype) as val:
+            files = {"train": train, "val": val}
+            for part, batch in _parts(progress, in_part):  # (the last pass: every document into its split's file)
+                _encode(batch, cfg, tok, special.get("eos_token"), files[part])
+        counts = {part: f.size for part, f in files.items()}
+        if tok is not None:
+            tok.save(str(tmp / "tokenizer.json"))
         files = {
             f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
-            for f in ("train.npy", "val.npy") + (("tokenizer.json",) if bpe is not None else ())
+            for f in ("train.npy", "val.npy") + (("tokenizer.json",) if tok is not None else ())
         }
         meta = {
             "corpus": cfg.corpus,
-            "tokenizer": cfg.tokenizer.value,
+            "tokenizer": cfg.tokenizer_kind,
+            **({"tokenizer_file": cfg.tokenizer, "special_tokens": special} if cfg.tokenizer_kind == "file" else {}),
             "vocab_size": cfg.model_vocab_size,
             "split": split,
-            "train_documents": [n for n, _ in train_docs],
-            "val_documents": [n for n, _ in val_docs],
+            "train_documents": in_part["train"],
+            "val_documents": in_part["val"],
             "train_tokens": counts["train"],
             "val_tokens": counts["val"],
             "files": files,
@@ -608,18 +767,19 @@ def _build(cfg: DataConfig, docs: list[tuple[str, str]], out: Path) -> None:
         atomic_write_text(tmp / "meta.json", dumps(meta, indent=1))
 
 
-class _Writes:
-    """A file seen only through its write(): numpy then writes with Python's file writes, whose errors carry
-    their errno (a full disk is ENOSPC), not with C fwrite (an OSError saying how many bytes were written)."""
-
-    def __init__(self, f):
-        self.write = f.write
-
-
-def _write_tokens(path: Path, ids: np.ndarray) -> None:
-    """An .npy file written with plain writes (a sparse memmap would die of SIGBUS on a full disk)."""
-    with open(path, "wb") as f:
-        np.save(_Writes(f), ids, allow_pickle=False)
+def _parts(labelled, names: dict[str, list[str]], chars: int = 1 << 22):
+    """(split, documents): consecutive documents of one split, about ``chars`` characters at most (a tokenizer
+    encodes a list in parallel), each document's name added to ``names``."""
+    batch, size, at = [], 0, None
+    for part, doc in labelled:
+        if batch and (part != at or size >= chars):
+            yield at, batch
+            batch, size = [], 0
+        batch.append(doc)
+        names[part].append(doc[0])
+        size, at = size + len(doc[1]), part
+    if batch:
+        yield at, batch
 
 
 def _npy_size(path: Path) -> tuple[tuple[int, ...], int]:
@@ -638,7 +798,7 @@ def dataset_damage(out: Path, hashes: bool = False) -> str | None:
     try:
         meta = json.loads((out / "meta.json").read_text())
         files = meta.get("files", {})
-        needed = ["train.npy", "val.npy"] + (["tokenizer.json"] if meta["tokenizer"] == Tokenizer.BPE.value else [])
+        needed = ["train.npy", "val.npy"] + (["tokenizer.json"] if meta["tokenizer"] != Tokenizer.BYTE.value else [])
         for name in needed:
             path = out / name
             if not path.is_file():
@@ -696,7 +856,11 @@ class TokenData:
     def unigram_entropy(self) -> float:
         """Entropy (nats/token) of the training tokens' frequencies: the loss of a model that learned
         only how often each token occurs."""
-        counts = np.bincount(np.asarray(self.train, dtype=np.int64))
+        counts = np.zeros(1, dtype=np.int64)
+        for i in range(0, self.train.size, 1 << 24):  # (in chunks: the split may not fit in memory)
+            chunk = np.bincount(np.asarray(self.train[i : i + (1 << 24)], dtype=np.int64))
+            counts = np.pad(counts, (0, max(0, chunk.size - counts.size)))
+            counts[: chunk.size] += chunk
         p = counts[counts > 0] / counts.sum()
         return float(-(p * np.log(p)).sum())
 

@@ -8,7 +8,8 @@ before it (at most T of them, the context length the model trained with). Over t
     loss = total nats / tokens,   perplexity = exp(loss),   bits per byte = total nats / (ln 2 · bytes)
 
 where bytes is the UTF-8 length of the text the predicted tokens stand for: 1 per byte-tokenizer
-token, the byte string of each byte-level BPE token, 0 for a special token (``<|endoftext|>``,
+token, the byte string of each byte-level BPE token, what each token adds to a decoded text for any other
+tokenizer (:func:`token_bytes`), 0 for a special token (``<|endoftext|>``,
 BPE's document separator, is predicted but stands for no text). Loss and perplexity depend on the
 tokenizer; bits per byte does not: a byte run and a BPE run scoring the same text divide by the
 same bytes (up to the first token's, which neither predicts).
@@ -17,6 +18,7 @@ same bytes (up to the first token's, which neither predicts).
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,20 +36,30 @@ def windows(ids: np.ndarray, seq_len: int) -> list[np.ndarray]:
 
 
 def token_bytes(tokenizer, vocab_size: int) -> np.ndarray:
-    """UTF-8 bytes each token id stands for (0 for special tokens and ids beyond the tokenizer), read
-    from the byte-level alphabet of its token strings (GPT-2's: ``hf.byte_chars``)."""
+    """UTF-8 bytes each token id stands for (0 for special tokens and ids beyond the tokenizer). A byte-level
+    tokenizer's (GPT-2's alphabet, ``hf.byte_chars``): the bytes its token string spells. Any other's (a
+    SentencePiece-style ▁ word piece, WordPiece, ...): a byte-fallback token <0xNN> is 1, and token t is the bytes
+    that decoding (anchor, t) adds to decoding the anchor alone, the anchor a plain token ("a"), so that a leading
+    space a decoder drops at the start of a text is counted as the text has it."""
     from .hf import byte_chars  # (here: spannorm.hf imports transformers, an optional dependency)
 
     value = {c: b for b, c in enumerate(byte_chars())}
     special = set(tokenizer.all_special_ids)
     out = np.zeros(max(vocab_size, len(tokenizer)), dtype=np.int64)
-    for i in range(len(tokenizer)):
-        if i in special:
-            continue
-        piece = tokenizer.convert_ids_to_tokens(i)
-        if piece is None or any(c not in value for c in piece):
-            raise ConfigError(f"bits per byte needs a byte-level tokenizer; token {i} ({piece!r}) is not byte-level")
-        out[i] = len(piece)
+    pieces = {i: tokenizer.convert_ids_to_tokens(i) for i in range(len(tokenizer)) if i not in special}
+    if all(p is not None and all(c in value for c in p) for p in pieces.values()):
+        for i, piece in pieces.items():
+            out[i] = len(piece)
+        return out
+    anchor = tokenizer("a", add_special_tokens=False).input_ids[-1:]
+    if len(anchor) != 1 or anchor[0] in special:
+        raise ConfigError("bits per byte needs a tokenizer that encodes 'a' as a plain token; this one does not")
+    base = len(tokenizer.decode(anchor, clean_up_tokenization_spaces=False).encode())
+    for i, piece in pieces.items():
+        if piece is not None and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            out[i] = 1
+        elif piece is not None:
+            out[i] = len(tokenizer.decode(anchor + [i], clean_up_tokenization_spaces=False).encode()) - base
     return out
 
 

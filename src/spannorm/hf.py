@@ -83,14 +83,19 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 def run_tokenizer(cfg, run_dir: Path) -> PreTrainedTokenizerFast:
     """A run's tokenizer (``cfg``: its RunConfig): the byte tokenizer, or the BPE it was trained with
-    (``<|endoftext|>``, the document separator, as eos): the copy in the run directory, else (a run written
-    before runs kept one) its dataset's, refused when the corpus changed since (:meth:`RunDir.dataset`)."""
+    (``<|endoftext|>``, the document separator, as eos) or the tokenizer.json it was given (its special tokens as
+    the run's data.json recorded them): the copy in the run directory, else (a run written before runs kept one)
+    its dataset's, refused when the corpus changed since (:meth:`RunDir.dataset`)."""
     if cfg.data.tokenizer is Tokenizer.BYTE:
         return byte_tokenizer()
     run = RunDir(run_dir, "run")
     path = run.tokenizer_file if run.tokenizer_file.is_file() else run.dataset(cfg) / "tokenizer.json"
+    special = {"eos_token": EOT}
+    if cfg.data.tokenizer_kind == "file":
+        recorded = run.data_file if run.data_file.is_file() else run.dataset(cfg) / "meta.json"
+        special = json.loads(recorded.read_text()).get("special_tokens", {})
     try:
-        return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=EOT)
+        return PreTrainedTokenizerFast(tokenizer_file=str(path), **special)
     except Exception as e:  # (tokenizers raises its own Exception for a damaged file)
         raise SpannormError(f"the run's tokenizer {str(path)!r} cannot be read ({short(str(e))})") from None
 
@@ -326,7 +331,7 @@ def model_card(cfg, summary: dict | None, kind: str) -> str:
             f"- **Block:** {block.equation} (N: {m.norm.value}), {block.reference}",
             f"- **Size:** {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads{moe}"
             + (f", {s['n_params']:,} parameters" if "n_params" in s else ""),
-            f"- **Data:** {corpus}, {cfg.data.tokenizer.value} tokenizer (vocabulary {cfg.data.model_vocab_size}), "
+            f"- **Data:** {corpus}, {cfg.data.tokenizer_kind} tokenizer (vocabulary {cfg.data.model_vocab_size}), "
             f"sequences of {cfg.train.seq_len} tokens",
             f"- **Training:** {trained}",
             f"- **Load:** {load}",
