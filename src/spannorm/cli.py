@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .config import ConfigError, SpannormError, coerce_enum, read_bounded
+from .config import ConfigError, SpannormError, coerce_enum, read_bounded, short
 from .files import atomic_write_text, dumps, os_error
 from .model_config import Scheme
 from .threads import fit_threads
@@ -79,6 +79,14 @@ def build_parser() -> Parser:
     tr.add_argument("--out", type=_path, help="run directory (default runs/<config>-<scheme>-<time>)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.add_argument(
+        "--from-hf-config",
+        type=_path,
+        metavar="PATH",
+        help="the model's shape from a Hugging Face Llama config.json (the file, or a local folder holding one; never "
+        "the Hub): Llama's block, scheme pre with RMSNorm, before the --set overrides (--set model.scheme=span: any "
+        "scheme)",
+    )
     _device_arg(tr)
 
     pr = sub.add_parser("probe", help="signal propagation at init (or on a checkpoint), measured and predicted")
@@ -284,6 +292,27 @@ def cmd_data_prepare(args) -> None:
     )
 
 
+MAX_HF_CONFIG_BYTES = 1 << 20  # a Llama config.json is about a kilobyte; /dev/zero or a log given by mistake is not one
+
+
+def _hf_config(path: Path) -> dict:
+    """``--from-hf-config``'s config.json (the file, or the one in a local folder; the Hub is never asked) as a dict."""
+    import json  # (only this option reads JSON)
+
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"--from-hf-config {str(path)!r} is a folder without a config.json")
+        path = path / "config.json"
+    raw = read_bounded(path, MAX_HF_CONFIG_BYTES, "--from-hf-config")  # (a missing file: a one-line error)
+    try:
+        config = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # (bad JSON, bad UTF-8, or nested too deep)
+        raise ConfigError(f"--from-hf-config {str(path)!r} is not valid JSON ({short(str(e), 120)})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"--from-hf-config {str(path)!r} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
 def cmd_train(args) -> None:
     # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from .device import resolve as resolve_device
@@ -293,8 +322,10 @@ def cmd_train(args) -> None:
     if args.resume:
         if args.out is None:
             raise ConfigError("--resume needs --out RUN_DIR, the run to continue")
-        if args.config or args.overrides or args.corpus:
-            raise ConfigError("--resume uses the run's saved config.yaml: drop --config, --set and --corpus")
+        if args.config or args.overrides or args.corpus or args.from_hf_config:
+            raise ConfigError(
+                "--resume uses the run's saved config.yaml: drop --config, --set, --corpus and --from-hf-config"
+            )
         cfg = load_run(args.out)
         if args.device:  # a run may resume on another device: its checkpoint loads anywhere
             resolve_device(args.device, "--device")  # a one-line error for a bad value or a missing GPU
@@ -303,7 +334,16 @@ def cmd_train(args) -> None:
     else:
         if not args.config:
             raise ConfigError("--config is required: a YAML file or a preset name (tiny, small, moe-tiny, moe-small)")
+        if args.from_hf_config:  # (the Llama shape first: an explicit --set wins)
+            what = f"--from-hf-config {str(args.from_hf_config)!r}"
+            hf_config = _hf_config(args.from_hf_config)
+            args.overrides = _hf().model_overrides_from_llama(hf_config, what) + list(args.overrides)
         cfg = _load(args)
+        if args.from_hf_config and cfg.train.seq_len > (hf_config.get("max_position_embeddings") or math.inf):
+            raise ConfigError(
+                f"{what}: max_position_embeddings={hf_config['max_position_embeddings']} is below "
+                f"train.seq_len={cfg.train.seq_len}: --set train.seq_len to at most that"
+            )
         out = (
             args.out
             or Path("runs") / f"{Path(args.config).stem}-{cfg.model.scheme.value}-{time.strftime('%Y%m%d-%H%M%S')}"

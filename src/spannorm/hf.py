@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from .config import ConfigError, SpannormError, short
+from .config import ConfigError, SpannormError, require, short
 from .data import EOT, Tokenizer
 from .files import atomic_dir, os_error
 from .hf_model import REMOTE_MODULES, SpanNormConfig, SpanNormForCausalLM
@@ -246,6 +246,67 @@ def to_llama(lm: LM, max_positions: int, eos_token_id: int | None):
     model = LlamaForCausalLM(config)
     model.load_state_dict(llama_state_dict(lm))
     return model.eval()
+
+
+def model_overrides_from_llama(config: dict, what: str = "config.json") -> list[str]:
+    """``--set`` overrides (``model.*``) for a model of the shape of a Hugging Face Llama ``config.json``
+    (``config``: its parsed JSON; ``what`` names it in errors): :func:`to_llama`'s correspondence read the other
+    way, and Llama's block (scheme pre, RMSNorm, a dense FFN; a later override picks any other scheme). What
+    spannorm cannot express (grouped-query attention, an activation but silu, biases, dropout, scaled RoPE, a
+    head_dim of its own, another model_type) is refused in one line naming the field; an absent (or null) field
+    takes LlamaConfig's default. model.vocab_size is checked against the tokenizer's vocabulary when the run config
+    is built; max_position_embeddings is no model field (it is only checked to be a positive integer here)."""
+    sizes = {  # Llama field: ModelConfig field (to_llama: intermediate_size = ffn_dim)
+        "vocab_size": "vocab_size",
+        "hidden_size": "d_model",
+        "num_hidden_layers": "n_layers",
+        "num_attention_heads": "n_heads",
+        "intermediate_size": "d_ff",
+    }
+    config = {key: value for key, value in config.items() if value is not None}  # (null: absent, as LlamaConfig)
+    for key in sizes:
+        if key not in config:
+            raise ConfigError(f"{what} has no {key}: expected a Llama config.json")
+    for key in [*sizes, "max_position_embeddings"]:
+        value = config.get(key)
+        ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+        require(ok, f"{what}: {key}", value, "a positive integer")
+    n_heads, head_dim = config["num_attention_heads"], config["hidden_size"] // config["num_attention_heads"]
+    fixed = {  # Llama field: (the one value spannorm expresses, which is LlamaConfig's default, and why)
+        "model_type": ("llama", "expected a Llama config.json"),
+        "hidden_act": ("silu", "spannorm's FFN is SwiGLU (hidden_act silu)"),
+        "num_key_value_heads": (n_heads, f"spannorm has no grouped-query attention (expected {n_heads})"),
+        "head_dim": (head_dim, f"spannorm's head size is hidden_size / num_attention_heads (expected {head_dim})"),
+        "attention_bias": (False, "spannorm's attention has no biases"),
+        "mlp_bias": (False, "spannorm's FFN has no biases"),
+        "attention_dropout": (0.0, "spannorm has no dropout"),
+    }
+    for key, (value, why) in fixed.items():
+        if config.get(key, value) != value:
+            raise ConfigError(f"{what}: {key}={short(config[key])} cannot be expressed: {why}")
+    rope = {}  # (transformers 5 writes rope_parameters, with rope_theta; transformers 4 rope_theta and rope_scaling)
+    for key in ("rope_parameters", "rope_scaling"):
+        require(isinstance(config.get(key, {}), dict), f"{what}: {key}", config.get(key), "a mapping or null")
+        rope |= config.get(key, {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(f"{what}: rope_type={short(rope_type)} cannot be expressed: spannorm's RoPE is unscaled")
+    numbers = {  # ModelConfig field: (Llama field, its value or LlamaConfig's default)
+        "norm_eps": ("rms_norm_eps", config.get("rms_norm_eps", 1e-6)),
+        "rope_theta": ("rope_theta", config.get("rope_theta", rope.get("rope_theta", 10000.0))),
+    }
+    for key, value in numbers.values():
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+        require(ok, f"{what}: {key}", value, "a positive number")
+    tied = config.get("tie_word_embeddings", False)
+    require(isinstance(tied, bool), f"{what}: tie_word_embeddings", tied, "true or false")
+    model = (
+        {"scheme": Scheme.PRE.value, "norm": NormType.RMS.value, "n_experts": 0}
+        | {ours: config[key] for key, ours in sizes.items()}
+        | {ours: value for ours, (_, value) in numbers.items()}
+        | {"tie_embeddings": tied}
+    )
+    return [f"model.{key}={json.dumps(value)}" for key, value in model.items()]
 
 
 def export(run_dir: Path, out_dir: Path, to: str = "spannorm") -> Path:
