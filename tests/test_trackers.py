@@ -7,6 +7,7 @@ import struct
 
 import pytest
 import yaml
+from conftest import one_line_error
 
 from spannorm.cli import main
 from spannorm.config import ConfigError, to_dict
@@ -139,10 +140,27 @@ def wandb_records(run_dir):
                 chunk = b""
 
 
-def test_replay_to_wandb_offline(run_dir, monkeypatch, capsys):
+@pytest.fixture
+def wandb_home(tmp_path, monkeypatch):
+    """W&B's folders under tmp_path, and no login (no API key, no ~/.netrc)."""
     pytest.importorskip("wandb")
     for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(var, str(run_dir.parent / var.lower()))
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_ID", "WANDB_RESUME"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def wandb_runs(run_dir) -> list[tuple[str, str, str]]:
+    """(run id, project, display name) of each offline W&B run in RUN_DIR/wandb, oldest first."""
+    return [
+        (r.run.run_id, r.run.project, r.run.display_name)
+        for r in wandb_records(run_dir)
+        if r.WhichOneof("record_type") == "run"
+    ]
+
+
+def test_replay_to_wandb_offline(run_dir, wandb_home, capsys):
     assert main(["track", str(run_dir), "--to", "wandb"]) == 0
     history, config = [], {}
     for record in wandb_records(run_dir):
@@ -199,12 +217,56 @@ def test_train_trackers_is_checked_when_the_config_loads(corpus):
         load_config("tiny", [f"data.corpus={corpus}", "train.trackers=[mlflow]"])
 
 
-def test_a_quiet_run_with_wandb_prints_nothing_of_wandb(corpus, tmp_path, monkeypatch, capfd):
-    pytest.importorskip("wandb")
-    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+def test_a_quiet_run_with_wandb_prints_nothing_of_wandb(corpus, tmp_path, wandb_home, capfd):
     sets = ["--set", f"data.corpus={corpus}", "--set", "train.max_steps=3", "--set", "train.trackers=[wandb]"]
+    sets += ["--set", "train.wandb_project=my-project"]
     assert main(["train", "--config", "tiny", *sets, "--out", str(tmp_path / "run"), "--quiet"]) == 0
     out, err = capfd.readouterr()
     assert "wandb:" not in out + err and out.count("\n") == 1, out + err  # the trainer's one line
-    assert wandb_records(tmp_path / "run")  # (the W&B run is written all the same)
+    # (the W&B run is written all the same: in the project asked for, with the run's id, which a resume continues)
+    assert wandb_runs(tmp_path / "run") == [((tmp_path / "run" / "run_id").read_text(), "my-project", "run")]
+
+
+def test_a_replay_supersedes_the_previous_one(run_dir, wandb_home, monkeypatch, capsys):
+    """Two replays leave one (the second); a previous online replay is deleted on the server (W&B's Api faked)."""
+    import wandb
+
+    for _ in range(2):
+        assert main(["track", str(run_dir), "--to", "wandb", "--wandb-project", "replays"]) == 0
+    (replay,) = wandb_runs(run_dir)
+    record = json.loads((run_dir / "wandb" / "replay.json").read_text())
+    assert replay[1:] == ("replays", "run") and record["id"] == replay[0] and record["mode"] == "offline"
+    deleted = []
+
+    class Api:
+        def run(self, path):
+            return type("Run", (), {"delete": lambda self: deleted.append(path)})()
+
+    monkeypatch.setattr(wandb, "Api", Api)
+    online = {"id": "run-replay-0123abcd", "mode": "online", "project": "replays", "entity": "me"}
+    (run_dir / "wandb" / "replay.json").write_text(json.dumps(online))
+    assert main(["track", str(run_dir), "--to", "wandb"]) == 0
+    assert deleted == ["me/replays/run-replay-0123abcd"] and len(wandb_runs(run_dir)) == 2  # (that one was online)
+    monkeypatch.setattr(wandb, "Api", lambda: 1 / 0)  # (no connection, say): the new replay stands, one warning
+    (run_dir / "wandb" / "replay.json").write_text(json.dumps(online))
+    capsys.readouterr()
+    assert main(["track", str(run_dir), "--to", "wandb"]) == 0
+    ours = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("wandb:")]
+    assert len(ours) == 1 and "me/replays/run-replay-0123abcd is still there (ZeroDivisionError)" in ours[0], ours
+
+
+def test_wandb_mode_and_project_errors_are_one_line(run_dir, corpus, tmp_path, wandb_home, capsys):
+    sets = ["--set", f"data.corpus={corpus}", "--set", "train.max_steps=2", "--set", "train.trackers=[wandb]"]
+    disabled = ["--set", "train.wandb_mode=disabled"]
+    assert main(["train", "--config", "tiny", *sets, *disabled, "--out", str(tmp_path / "off"), "--quiet"]) == 0
+    assert not (tmp_path / "off" / "wandb").exists()  # disabled: no W&B at all
+    capsys.readouterr()
+    for args, words in [
+        (["--wandb-mode", "nope"], ["train.wandb_mode='nope' is invalid", "offline or online or disabled"]),
+        (["--wandb-project", "a/b"], ["train.wandb_project='a/b' is invalid", "without any of"]),
+        (["--wandb-mode", "disabled"], ["replays nothing"]),
+        (["--wandb-mode", "online"], ["train.wandb_mode=online failed", "wandb login"]),  # (no login here)
+    ]:
+        one_line_error(capsys, ["track", str(run_dir), "--to", "wandb", *args], *words)
+    argv = ["train", "--config", "tiny", *sets, "--set", "train.wandb_mode=online", "--out", str(tmp_path / "on")]
+    one_line_error(capsys, argv, "train.wandb_mode=online failed", "wandb login")

@@ -249,17 +249,17 @@ def build_parser() -> Parser:
     ev.add_argument("--limit", type=int, metavar="N", help="--lm-eval: score only the first N items of each task")
     _model_device_arg(ev)
 
-    tk = sub.add_parser(
-        "track", help="replay a run's metrics.jsonl and diagnostics.jsonl into TensorBoard or an offline W&B run"
-    )
+    tk = sub.add_parser("track", help="replay a run's metrics.jsonl and diagnostics.jsonl into TensorBoard or W&B")
     tk.add_argument("run_dir", type=_path, metavar="RUN_DIR", help="the run directory")
     tk.add_argument(
         "--to",
         required=True,
         metavar="TRACKERS",
         help="comma-separated: tensorboard (RUN_DIR/tensorboard; pip install 'spannorm[tensorboard]') and/or "
-        "wandb (offline, RUN_DIR/wandb; pip install 'spannorm[wandb]')",
+        "wandb (RUN_DIR/wandb; pip install 'spannorm[wandb]')",
     )
+    tk.add_argument("--wandb-mode", help="offline, online or disabled (default: the run's train.wandb_mode)")
+    tk.add_argument("--wandb-project", help="the W&B project (default: the run's train.wandb_project)")
     return parser
 
 
@@ -716,7 +716,8 @@ def cmd_track(args) -> None:
     names = [n.strip() for n in args.to.split(",") if n.strip()]
     if not names:
         raise ConfigError(f"--to {args.to!r} is invalid: expected tensorboard and/or wandb")
-    n_metrics, n_diagnostics = replay(args.run_dir, names)
+    wandb = {"wandb_mode": args.wandb_mode, "wandb_project": args.wandb_project}
+    n_metrics, n_diagnostics = replay(args.run_dir, names, {k: v for k, v in wandb.items() if v is not None})
     print(f"{args.run_dir}: {n_metrics} metrics rows, {n_diagnostics} diagnostics rows -> {', '.join(names)}")
 
 

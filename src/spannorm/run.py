@@ -107,6 +107,8 @@ def valid_seed(seed) -> bool:
 
 
 TRACKERS = ("tensorboard", "wandb")  # train.trackers: each needs the package, and the spannorm extra, of its name
+WANDB_MODES = ("offline", "online", "disabled")  # train.wandb_mode (disabled: train.trackers' wandb is left out)
+WANDB_FORBIDDEN = "/\\#?%:"  # characters W&B refuses in a project name
 
 
 class Distributed(str, enum.Enum):
@@ -162,6 +164,10 @@ class TrainConfig:
     guard_lr_factor: float = 1.0  # each rollback multiplies the learning rate (from then on) by this, in (0, 1]
     guard_max_rollbacks: int = 3  # rollbacks allowed in the run; then a skip streak makes the run diverged
     trackers: list[str] = field(default_factory=list)  # experiment trackers that mirror the logs: tensorboard, wandb
+    wandb_mode: str = (
+        "offline"  # wandb's: offline (RUN_DIR/wandb, `wandb sync` later), online (needs a login), disabled
+    )
+    wandb_project: str = "spannorm"  # the W&B project (online: of your default entity, or WANDB_ENTITY's)
     grad_accum_steps: int = 1  # micro-batches of batch_size per optimizer step, in each process
     distributed: Distributed = Distributed.NONE  # under torchrun: ddp (the global batch: batch_size × ranks × accum)
     # under torchrun: how long a rank waits for the others at a collective before the job fails (a hung rank)
@@ -173,6 +179,10 @@ class TrainConfig:
         self.distributed = coerce_enum(Distributed, "train.distributed", self.distributed)
         for name in self.trackers:
             require(name in TRACKERS, "train.trackers", self.trackers, f"a list of {', '.join(TRACKERS)}")
+        require(self.wandb_mode in WANDB_MODES, "train.wandb_mode", self.wandb_mode, " or ".join(WANDB_MODES))
+        project = self.wandb_project
+        ok = isinstance(project, str) and 0 < len(project) <= 128 and not set(project) & set(WANDB_FORBIDDEN)
+        require(ok, "train.wandb_project", project, f"a name of 1 to 128 characters without any of {WANDB_FORBIDDEN}")
         for name in (
             "batch_size",
             "grad_accum_steps",
@@ -322,14 +332,17 @@ def read_run_config(path: Path) -> RunConfig:
     return run_config_from_dict(data)
 
 
+NOT_IDENTITY = ("device", "trackers", "wandb_mode", "wandb_project", "dist_timeout_s")  # train.*: where and who watches
+
+
 def same_experiment(a: RunConfig, b: RunConfig) -> bool:
     """Whether two configs describe the same run, wherever it trains and whatever watches it: equal but for
-    ``train.device``, ``train.trackers`` and ``train.dist_timeout_s`` (a run, a compare or a study started on
+    ``train.device``, the trackers' settings and ``train.dist_timeout_s`` (a run, a compare or a study started on
     one device may resume on another)."""
 
     def key(cfg: RunConfig) -> dict:
         d = to_dict(cfg)
-        d["train"] = {k: v for k, v in d["train"].items() if k not in ("device", "trackers", "dist_timeout_s")}
+        d["train"] = {k: v for k, v in d["train"].items() if k not in NOT_IDENTITY}
         d["data"]["corpus"] = absolute_corpus(d["data"]["corpus"])  # (a relative path: where it is now)
         return d
 

@@ -325,7 +325,12 @@ class Logs:
             yield self
             return
         self.trackers = make_trackers(
-            self.cfg.train.trackers, self.run.path, to_dict(self.cfg), start_step=step, quiet=self.quiet
+            self.cfg.train.trackers,
+            self.run.path,
+            to_dict(self.cfg),
+            start_step=step,
+            quiet=self.quiet,
+            run_id=self.run.run_id(),  # (W&B: a resumed session continues the run's W&B run)
         )
         self._open()
         try:
@@ -791,7 +796,7 @@ def train(
             f"train.compile=true is not supported with MoE (model.n_experts={cfg.model.n_experts}): "
             "set train.compile=false"
         )
-    check_trackers(t.trackers)  # (a missing package: before the run directory exists)
+    check_trackers(t.trackers, t.wandb_mode)  # (a missing package: before the run directory exists)
     if t.init_from is not None and not resume:
         warm_loader(cfg.model, Path(t.init_from).expanduser())  # (its checks, before the run directory exists)
     device = resolve_device(t.device)
