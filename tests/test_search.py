@@ -98,6 +98,35 @@ def test_a_search_where_nothing_trains_steps_down_the_lr(corpus, tmp_path):
     assert "train.lr reached its limit min=0.0005" in s.limits
 
 
+def ridge(cell):
+    """A fake val loss in a narrow valley where a smaller init lets a higher lr train: u = x + y steep, v = x - y
+    shallow (x, y: log2 of lr / 4e-3 and of init scale), its minimum at lr 1.6e-2, scale 0.25. From the start
+    every step on one axis climbs out of the valley; only a diagonal step goes down it."""
+    x, y = math.log2(cell.cfg.train.lr / 4e-3), math.log2(cell.cfg.model.init_scale)
+    return 2 + 10 * (x + y) ** 2 + (x - y - 4) ** 2
+
+
+def test_a_search_with_diagonals_finds_the_best_a_cross_misses(corpus, tmp_path):
+    """Issue 24: a one-axis-at-a-time search stops at its start on a diagonal valley; with ``diagonals`` it goes
+    down the valley to the true best, bracketed on all 8 sides; the report states the rule."""
+    best = {}
+    for diagonals in (False, True):
+        plan = plan_study(study_from_dict(search_study(corpus, warm_start=None, diagonals=diagonals)))
+        out = tmp_path / str(diagonals)
+        fake_train(plan, out, loss=ridge)
+        found = searches(plan, out)
+        assert [s.state for s in found] == ["done"] * 4
+        best[diagonals] = {tuple(s.values(s.best).values()) for s in found}
+        if diagonals:
+            s = found[0]
+            i, j = s.best
+            ring = [(i + a, j + b) for a in (-1, 0, 1) for b in (-1, 0, 1) if (a, b) != (0, 0)]
+            assert all(s.tried[c][1]["final_val_loss"] > s.tried[s.best][1]["final_val_loss"] for c in ring)
+    assert best == {False: {(4e-3, 1.0)}, True: {(1.6e-2, 0.25)}}
+    with pytest.raises(ConfigError, match=r"grids\[0\].diagonals=True is invalid: expected false in a grid without"):
+        plan_study(study_from_dict(search_study(corpus, search={}, warm_start=None, confirm=None, diagonals=True)))
+
+
 @pytest.mark.parametrize(
     "change, fragment",
     [

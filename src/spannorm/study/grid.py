@@ -89,6 +89,9 @@ class Grid:
     # an axis of ``axes`` (e.g. model.n_layers): a point's search starts at the best of the point with the previous
     # value on it, once that one is done (the first value starts at the search's start)
     warm_start: str | None = None
+    # the search also brackets its best diagonally (all 8 neighbours for two axes, not the cross of 4), so that a
+    # best where one axis trades against the other (a smaller init that lets a higher lr train) is found
+    diagonals: bool = False
     confirm: Confirm | None = None  # cells at each searched point's best (needs search)
     peer: Peer | None = None  # adds the best peer of an earlier grid to model.scheme (needs search)
 
@@ -115,6 +118,8 @@ class Grid:
             f"one of the grid's axes {list(self.axes)}, in a grid with a search",
         )
         require(self.confirm is None or bool(self.search), f"{where}.confirm", "set", "a grid with a search (search:)")
+        require(isinstance(self.diagonals, bool), f"{where}.diagonals", self.diagonals, "true or false")
+        require(not self.diagonals or bool(self.search), f"{where}.diagonals", True, "false in a grid without a search")
         if self.confirm is not None:
             self.confirm.check(f"{where}.confirm")
         require(
@@ -239,6 +244,7 @@ class StudyConfig:
                 ("best_lr_seeds", []),
                 ("search", {}),
                 ("warm_start", None),
+                ("diagonals", False),
                 ("confirm", None),
                 ("peer", None),
             ):

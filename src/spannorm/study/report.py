@@ -154,6 +154,18 @@ def lr_sensitivity(cells: list[Cell], rows: list[dict]) -> str:
     return "\n".join(lines).rstrip()
 
 
+def _diagonals(study) -> str:
+    """The search rule's sentence for grids with ``diagonals: true`` (none: nothing)."""
+    names = [f"`{g.name}`" for g in study.grids if g.diagonals]
+    if not names:
+        return ""
+    return (
+        f" In grid{'s' if len(names) > 1 else ''} {', '.join(names)} (`diagonals: true`) a neighbour is also one step "
+        "away on both axes at once (8 around the best, the first cells a square of 9), so the best is bracketed "
+        "diagonally too."
+    )
+
+
 def report(
     plan: Plan,
     cells: list[Cell],
@@ -221,9 +233,10 @@ def report(
             "before it); the best is the lowest final val loss among cells neither diverged nor stalled; while a "
             "neighbour of the best one step away on any axis is not trained, train it. *Bracketed*: the best was "
             "compared with a worse or failed cell on both sides of every axis; otherwise the axis limit that "
-            f"stopped it. *Recipe − best*: at the best lr, the recipe's own init scale against the best (within "
-            f"{RECIPE_MARGIN} nats: ok). *Confirmation*: mean ± std of the confirm seeds at the best, on the "
-            "confirm budget. Below the table, every cell each search tried (the best in bold; … not finished).",
+            f"stopped it.{_diagonals(study)} *Recipe − best*: at the best lr, the recipe's own init scale against "
+            f"the best (within {RECIPE_MARGIN} nats: ok). *Confirmation*: mean ± std of the confirm seeds at the "
+            "best, on the confirm budget. Below the table, every cell each search tried (the best in bold; … not "
+            "finished).",
             "",
             search_report(found, cells, rows),
             "",

@@ -10,7 +10,9 @@ is a point plus one lattice value per axis, trained on the study's tokens_per_ce
      (ties: the earlier lattice position). While any of its neighbours one step away on each axis is not
      yet trained, those are added; so the search moves until the best has been compared with a worse (or
      failed) cell on both sides of every axis: it is *bracketed*. A neighbour outside [min, max] is not
-     added, and the report says which axis reached its limit.
+     added, and the report says which axis reached its limit. With ``diagonals`` (a grid's option) the
+     neighbours are also those one step away on two axes at once (8 for two axes), and the first cells a
+     square of 9: a best where the axes trade against each other is no longer missed.
   3. If no cell trained, the search steps down the first axis (a lower learning rate) from its lowest
      value tried, until one trains or the limit is reached.
   4. A point whose search is done gets ``confirm`` cells at its best: each of the confirm seeds, on the
@@ -54,14 +56,21 @@ def _trained(row: dict) -> bool:
 
 
 def _neighbours(grid: Grid, coords: Coords) -> tuple[list[Coords], list[str]]:
-    """The lattice neighbours of ``coords`` one step away on each axis, and the limits that left some out."""
+    """The lattice neighbours of ``coords`` one step away on each axis (and, with ``grid.diagonals``, on several
+    at once, after those), and the limits that left some out."""
     out, limits = [], []
+    axes = list(grid.search.values())
     for i, (path, axis) in enumerate(grid.search.items()):
         for step, bound in ((-1, "min"), (1, "max")):
             c = coords[:i] + (coords[i] + step,) + coords[i + 1 :]
             if axis.at(c[i]) is None:
                 limits.append(f"{path} reached its limit {bound}={getattr(axis, bound):g}")
             else:
+                out.append(c)
+    if grid.diagonals:
+        for steps in itertools.product((-1, 0, 1), repeat=len(axes)):
+            c = tuple(k + s for k, s in zip(coords, steps))
+            if sum(s != 0 for s in steps) > 1 and all(axis.at(k) is not None for axis, k in zip(axes, c)):
                 out.append(c)
     return out, limits
 
