@@ -36,18 +36,21 @@ RULE = {
 # the fair study's search put these schemes' best init scale at this factor of the authors' rule carried, at both
 # depths; the recommended rule carries it while model.init_std is null
 MEASURED = {"b2t": 2.0}
+# carried in depth too: × sqrt(12/L), BERT-base's depth (post's best init_scale was 0.5 at L = 48, at two widths)
+DEPTH = {"post": 12}
 GPT2_OUT_DOWN = {"pre", "peri", "sandwich", "hybrid", "hybrid_star"}  # out and down × 1/sqrt(2L)
 PLAIN = {"post", "admin", "lns", "residual", "siamese", "mixln"}  # every linear weight σ
 
 
-def sigma(scheme: str, d: int) -> float:
-    return d**-0.5 if RULE[scheme] == FAN_IN else 0.02 * math.sqrt(768 / d)
+def sigma(scheme: str, d: int, L: int) -> float:
+    width = d**-0.5 if RULE[scheme] == FAN_IN else 0.02 * math.sqrt(768 / d)
+    return width * math.sqrt(DEPTH[scheme] / L) if scheme in DEPTH else width
 
 
 def expected(scheme: str, d: int, L: int, s: float | None = None) -> dict[Role, float]:
     """Roles whose std is σ (``s``, default the width rule's) or a multiple of it, and constants that do not
     follow it, by scheme (the other roles: tests/test_peers.py); the width rule's carries the measured factor."""
-    stds = _expected(scheme, d, L, sigma(scheme, d) if s is None else s)
+    stds = _expected(scheme, d, L, sigma(scheme, d, L) if s is None else s)
     return {role: std * (MEASURED.get(scheme, 1.0) if s is None else 1.0) for role, std in stds.items()}
 
 
@@ -98,7 +101,7 @@ def test_init_scale_multiplies_the_measured_weights_and_not_the_norms(scheme):
 def test_shared_init_uses_the_width_rule():
     for d in (64, 256):
         cfg = ModelConfig(d_model=d, n_heads=4, n_layers=4, scheme="b2t", init="shared")
-        assert all(v == pytest.approx(sigma("pre", d)) for v in weight_stds(cfg, 0).values())
+        assert all(v == pytest.approx(sigma("pre", d, 4)) for v in weight_stds(cfg, 0).values())
 
 
 @pytest.mark.parametrize("value", [0, -0.1, float("nan"), "big", True])
