@@ -129,13 +129,19 @@ def test_the_code_s_width_rules_are_the_measured_ones():
     assert done.stdout.count("\n") == 2 + 7  # a row per screened scheme
 
 
-def test_relabel_proves_each_cell_the_same_model_before_it_renames_anything(tmp_path, monkeypatch):
-    """scripts/relabel_measured.py: a b2t cell trained at init_scale 1 before b2t's × 2 is today's recipe at 0.5;
-    a wrong factor fails the proof and nothing is renamed."""
-    import dataclasses
+def relabel_script():
     import importlib.util
     from pathlib import Path
 
+    path = Path(__file__).resolve().parents[1] / "scripts/relabel_measured.py"
+    spec = importlib.util.spec_from_file_location("relabel_measured", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def old_cell(tmp_path, monkeypatch, name, sets, attr, old):
+    """A study cell of ``sets`` whose init.json was written while its scheme's class attribute ``attr`` was ``old``."""
     import yaml
 
     from spannorm.config import to_dict
@@ -143,18 +149,26 @@ def test_relabel_proves_each_cell_the_same_model_before_it_renames_anything(tmp_
     from spannorm.run import load_config
     from spannorm.schemes import SCHEMES
 
-    path = Path(__file__).resolve().parents[1] / "scripts/relabel_measured.py"
-    spec = importlib.util.spec_from_file_location("relabel_measured", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-
-    cfg = load_config("tiny", ["model.scheme=b2t", "model.n_layers=2"])
-    cell = tmp_path / "cells" / "b2t_L2_lr0.001_s1"
+    cfg = load_config("tiny", sets)
+    cell = tmp_path / "cells" / name
     cell.mkdir(parents=True)
     atomic_write_text(cell / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    with monkeypatch.context() as m:  # the recipe before the factor
-        m.setattr(SCHEMES[Scheme.B2T], "measured", None)
+    with monkeypatch.context() as m:  # the recipe before the change
+        m.setattr(SCHEMES[cfg.model.scheme], attr, old)
         atomic_write_text(cell / "init.json", json.dumps(init_record(cfg.model)))
+    return cell, cfg
+
+
+def test_relabel_proves_each_cell_the_same_model_before_it_renames_anything(tmp_path, monkeypatch):
+    """scripts/relabel_measured.py: a b2t cell trained at init_scale 1 before b2t's × 2 is today's recipe at 0.5;
+    a wrong factor fails the proof and nothing is renamed."""
+    import dataclasses
+
+    from spannorm.config import to_dict
+
+    script = relabel_script()
+    sets = ["model.scheme=b2t", "model.n_layers=2"]
+    cell, cfg = old_cell(tmp_path, monkeypatch, "b2t_L2_lr0.001_s1", sets, "measured", None)
 
     with pytest.raises(SystemExit, match="not today's at init_scale 0.25"):
         script.relabel(tmp_path, {"b2t": 4.0})
@@ -162,3 +176,25 @@ def test_relabel_proves_each_cell_the_same_model_before_it_renames_anything(tmp_
     assert (old, new.name) == (cell, "b2t_L2_lr0.001_s1_init_scale-0.5")
     assert new_cfg == to_dict(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_scale=0.5)))
     assert cell.is_dir()  # relabel() only plans: main() renames
+
+
+def test_relabel_takes_a_depth_factor_from_each_cell_s_init_json(tmp_path, monkeypatch):
+    """A bare ``post``: post's cells trained under its width rule alone are relabelled by the depth rule's factor
+    at their own depth (× 0.5 at L = 48: init_scale 0.5 becomes 1), a cell at L = 12 (factor 1) is left, and a cell
+    whose init.json is not the recipe at any scale fails the proof."""
+    from spannorm.schemes import SCHEMES
+
+    script = relabel_script()
+    width_only = SCHEMES[Scheme.POST].base_std._replace(depth=None)
+    sets = ["model.scheme=post", "model.n_layers=48", "model.init_scale=0.5"]
+    deep, _ = old_cell(tmp_path, monkeypatch, "post_L48_lr0.004_s1_init_scale-0.5", sets, "base_std", width_only)
+    sets = ["model.scheme=post", "model.n_layers=12"]
+    old_cell(tmp_path, monkeypatch, "post_L12_lr0.004_s1", sets, "base_std", width_only)
+    [(old, new, new_cfg)] = script.relabel(tmp_path, {"post": None})
+    assert (old, new.name, new_cfg["model"]["init_scale"]) == (deep, "post_L48_lr0.004_s1", 1.0)
+
+    record = json.loads((deep / "init.json").read_text())
+    record["weight_stds"][-1] = {role: 2 * std for role, std in record["weight_stds"][-1].items()}
+    (deep / "init.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match="not today's at init_scale 1"):
+        script.relabel(tmp_path, {"post": None})
