@@ -47,18 +47,22 @@ def rope(x, theta):
     return out
 
 
-def attention(x, w_qkv, w_out, n_heads, theta, qkv_norms=None):
+def attention(x, w_qkv, w_out, n_heads, theta, qkv_norms=None, qk_all=None):
     """Causal multi-head softmax attention with RoPE on queries and keys; optional per-head
-    norms on q, k, v (before RoPE)."""
+    norms on q, k, v (before RoPE; None for one of them: not normalized), or ``qk_all``, two norms on the
+    whole q = x·W_qᵀ and k = x·W_kᵀ (all heads at once) before they are split into heads."""
     B, T, D = x.shape
     hd = D // n_heads
     wq, wk, wv = w_qkv[:D], w_qkv[D : 2 * D], w_qkv[2 * D :]
+    q_all, k_all = x @ wq.T, x @ wk.T
+    if qk_all is not None:
+        q_all, k_all = qk_all[0](q_all), qk_all[1](k_all)
     heads = []
     for h in range(n_heads):
         sl = slice(h * hd, (h + 1) * hd)
-        q, k, v = x @ wq[sl].T, x @ wk[sl].T, x @ wv[sl].T
+        q, k, v = q_all[..., sl], k_all[..., sl], x @ wv[sl].T
         if qkv_norms is not None:
-            q, k, v = (nq(t) for nq, t in zip(qkv_norms, (q, k, v)))
+            q, k, v = (t if nq is None else nq(t) for nq, t in zip(qkv_norms, (q, k, v)))
         q, k = rope(q, theta), rope(k, theta)
         scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
         mask = torch.ones(T, T, dtype=torch.bool).triu(1)
@@ -75,14 +79,17 @@ def swiglu(x, w_up, w_down):
 
 def sublayers(block, cfg):
     """Attn, FFN and a norm-applier N(name, x) of a block, from its raw weights."""
-    qkv = None
-    if hasattr(block.attn, "q_norm"):
-        qkv = [
-            lambda t, m=m: norm(t, m, cfg.norm_eps) for m in (block.attn.q_norm, block.attn.k_norm, block.attn.v_norm)
-        ]
+    qkv = qk_all = None
+    a = block.attn
+    if hasattr(a, "v_norm"):  # HybridNorm: q, k and v per head
+        qkv = [lambda t, m=m: norm(t, m, cfg.norm_eps) for m in (a.q_norm, a.k_norm, a.v_norm)]
+    elif cfg.qk_norm.value == "head":
+        qkv = [lambda t, m=m: norm(t, m, cfg.norm_eps) for m in (a.q_norm, a.k_norm)] + [None]
+    elif cfg.qk_norm.value == "all":
+        qk_all = [lambda t, m=m: norm(t, m, cfg.norm_eps) for m in (a.q_norm, a.k_norm)]
 
     def A(x):
-        return attention(x, block.attn.qkv.weight, block.attn.out.weight, cfg.n_heads, cfg.rope_theta, qkv)
+        return attention(x, a.qkv.weight, a.out.weight, cfg.n_heads, cfg.rope_theta, qkv, qk_all)
 
     def F(x):
         return swiglu(x, block.ffn.up.weight, block.ffn.down.weight)

@@ -17,6 +17,8 @@ VARIANTS = [(s.value, {}) for s in Scheme] + [
     ("span", MOE),
     ("pre", {"norm": "layer"}),
     ("span", {"norm": "dyt", "dyt_recipe": "llm"}),
+    ("pre", {"qk_norm": "head"}),  # issue 31: Qwen3's axis
+    ("span", {"qk_norm": "all"}),  # OLMo 2's
 ]
 IDS = [s + "".join(f"-{k}={v}" for k, v in more.items()) for s, more in VARIANTS]
 
@@ -53,6 +55,7 @@ def test_config_carries_every_model_field():
         capacity_factor=1.5,
         final_norm=True,
         tie_embeddings=False,
+        qk_norm="all",
     )
     config = hf.SpanNormConfig.from_model_config(cfg)
     assert config.scheme == "deepnorm" and config.moe_top_k == 1 and config.hidden_size == 64

@@ -154,7 +154,15 @@ def test_export_to_llama_refuses_what_llama_cannot_express(runs, tmp_path, capsy
 
 
 @pytest.mark.parametrize(
-    "more", [{"norm": "layer"}, {"n_experts": 4}, {"final_norm": False}, {"norm": "dyt", "dyt_recipe": "llm"}], ids=str
+    "more",
+    [
+        {"norm": "layer"},
+        {"n_experts": 4},
+        {"final_norm": False},
+        {"norm": "dyt", "dyt_recipe": "llm"},
+        {"qk_norm": "head"},
+    ],
+    ids=str,
 )
 def test_llama_refusal_names_the_option(more):
     from spannorm.hf import llama_refusal

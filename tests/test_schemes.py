@@ -1,5 +1,6 @@
 """Each scheme's forward against a direct transcription of its equations (tests/reference.py)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -68,6 +69,38 @@ def test_model_logits_match_equation(scheme, norm):
     torch.testing.assert_close(logits, want, **TOL)
     ce = torch.nn.functional.cross_entropy(want.reshape(-1, cfg.vocab_size), idx.reshape(-1))
     torch.testing.assert_close(loss, ce, **TOL)
+
+
+QK_SCHEMES = [s.value for s in Scheme if s.value not in ("hybrid", "hybrid_star")]
+
+
+@pytest.mark.parametrize("norm", ["rms", "layer", "dyt"])
+@pytest.mark.parametrize("qk_norm", ["head", "all"])
+@pytest.mark.parametrize("scheme", QK_SCHEMES)
+def test_qk_norm_matches_equation_with_every_scheme(scheme, qk_norm, norm):
+    """Issue 31: model.qk_norm normalizes q and k (not v) before RoPE, per head or over all heads, in every
+    scheme's attention; its gains are random, so a norm on the wrong axis or on v cannot pass."""
+    cfg = tiny(scheme, qk_norm=qk_norm, norm=norm, n_heads=4)
+    model = randomized(cfg, seed=2)
+    attn = model.blocks[0].attn
+    size = cfg.d_model if qk_norm == "all" else cfg.d_model // cfg.n_heads
+    assert attn.q_norm.weight.shape == attn.k_norm.weight.shape == (size,) and not hasattr(attn, "v_norm")
+    idx = torch.randint(0, cfg.vocab_size, (2, 6))
+    torch.testing.assert_close(model(idx)[0], reference.lm_logits(idx, model, cfg), **TOL)
+    plain = dataclasses.replace(cfg, qk_norm="none")
+    with torch.no_grad():
+        other = randomized(plain, seed=2)
+        assert not torch.allclose(other(idx)[0], model(idx)[0])  # (the norms change the output)
+
+
+@pytest.mark.parametrize("scheme", ["hybrid", "hybrid_star"])
+def test_qk_norm_is_refused_where_q_k_v_are_already_normalized(scheme):
+    from spannorm import ConfigError
+
+    with pytest.raises(ConfigError, match=f"model.qk_norm='head' is invalid: expected none with model.scheme={scheme}"):
+        tiny(scheme, qk_norm="head")
+    with pytest.raises(ConfigError, match="model.qk_norm='both' is invalid: expected one of none, head, all"):
+        tiny("pre", qk_norm="both")
 
 
 @pytest.mark.parametrize("span_scale", ["init", "multiplier", "norm", "none"])

@@ -15,12 +15,22 @@ import sys
 import warnings
 
 from .config import ConfigError, SpannormError
-from .model_config import InitMode, ModelConfig, NormType, Scheme, SpanScale
+from .model_config import InitMode, ModelConfig, NormType, QKNorm, Scheme, SpanScale
 
 __version__ = "0.1.0"
 
 _LAZY = {"LM": "model", "build_model": "model", "SCHEMES": "schemes"}  # public name: the module that defines it
-__all__ = [*_LAZY, "ModelConfig", "Scheme", "SpanScale", "InitMode", "NormType", "SpannormError", "ConfigError"]
+__all__ = [
+    *_LAZY,
+    "ModelConfig",
+    "Scheme",
+    "SpanScale",
+    "InitMode",
+    "NormType",
+    "QKNorm",
+    "SpannormError",
+    "ConfigError",
+]
 
 
 def __getattr__(name: str):

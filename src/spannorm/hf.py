@@ -43,7 +43,7 @@ from .data import EOT, Tokenizer
 from .files import atomic_dir, os_error
 from .hf_model import REMOTE_MODULES, SpanNormConfig, SpanNormForCausalLM
 from .model import LM
-from .model_config import ModelConfig, NormType, Scheme
+from .model_config import ModelConfig, NormType, QKNorm, Scheme
 from .run import RunDir, load_config, safetensors_os_errors
 from .schemes import SCHEMES, use_final_norm, use_tied_embeddings
 
@@ -183,6 +183,8 @@ def llama_refusal(lm: LM) -> str | None:
         return f"model.norm={cfg.norm.value}: Llama's norm is RMSNorm (model.norm=rms)"
     if cfg.moe:
         return f"model.n_experts={cfg.n_experts}: Llama's FFN is one dense SwiGLU (model.n_experts=0)"
+    if cfg.qk_norm is not QKNorm.NONE:
+        return f"model.qk_norm={cfg.qk_norm.value}: Llama has no query or key norm (model.qk_norm=none)"
     if not use_final_norm(cfg):
         return "model.final_norm=false: Llama always applies a final RMSNorm before the head"
     if SCHEMES[cfg.scheme].embed_norm or lm.embed_scale is not None or lm.head_scale != 1.0:

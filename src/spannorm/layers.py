@@ -130,7 +130,9 @@ class Attention(nn.Module):
     """Multi-head causal self-attention with RoPE, fused QKV and SDPA; no biases.
 
     ``qkv_norm``: a norm module factory; if given, each head's q, k and v are normalized
-    (HybridNorm) before RoPE.
+    (HybridNorm) before RoPE. ``qk_norm``: ``head`` or ``all`` (``model.qk_norm``), with ``norm`` its norm
+    factory: q and k (not v) are normalized before RoPE, per head over the head size (``q_norm`` and ``k_norm``
+    of head size, shared by the heads) or over all heads at once (of size d_model, before the split into heads).
 
     ``record``: None (the default: no cost), or a list to which each forward appends (q, k) of the
     first sequence, detached, as SDPA gets them (after qkv-norm and RoPE), shape (1, H, T, hd);
@@ -143,12 +145,17 @@ class Attention(nn.Module):
     keys j ≤ S − T + i (``hf.py`` sets it for incremental generation).
     """
 
-    def __init__(self, d_model: int, n_heads: int, qkv_norm=None):
+    def __init__(self, d_model: int, n_heads: int, qkv_norm=None, qk_norm: str = "none", norm=None):
         super().__init__()
         self.n_heads = n_heads
         if qkv_norm is not None:
             self.q_norm, self.k_norm, self.v_norm = (qkv_norm(d_model // n_heads) for _ in range(3))
         self.qkv_norm = qkv_norm is not None
+        self.qk_norm = qk_norm
+        if qk_norm != "none":
+            assert not self.qkv_norm, "q, k and v are already normalized"
+            dim = d_model if qk_norm == "all" else d_model // n_heads
+            self.q_norm, self.k_norm = norm(dim), norm(dim)
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.qkv.role = (Role.ATTN_QK, Role.ATTN_QK, Role.ATTN_V)  # row blocks q, k, v
         self.out = nn.Linear(d_model, d_model, bias=False)
@@ -158,9 +165,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         B, T, D = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
+        qkv = self.qkv(x)
+        if self.qk_norm == "all":
+            q, k, v = qkv.split(D, dim=-1)
+            qkv = torch.cat((self.q_norm(q), self.k_norm(k), v), dim=-1)
+        qkv = qkv.view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
         if self.qkv_norm:
             qkv = torch.stack((self.q_norm(qkv[0]), self.k_norm(qkv[1]), self.v_norm(qkv[2])))
+        elif self.qk_norm == "head":
+            qkv = torch.stack((self.q_norm(qkv[0]), self.k_norm(qkv[1]), qkv[2]))
         q, k, v = qkv.unbind(0)  # unbind, not slicing: its backward is one stack, not zero-fills and adds
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.record is not None:

@@ -42,6 +42,18 @@ class SpanScale(str, enum.Enum):
     NONE = "none"  # no depth scaling: unit-RMS branch
 
 
+class QKNorm(str, enum.Enum):
+    """Norms on the queries and keys, before RoPE (orthogonal to the placement)."""
+
+    NONE = "none"
+    HEAD = "head"  # per head, over the head size; one gain shared by the heads (Qwen3, torchtitan's qk_norm)
+    ALL = "all"  # over all heads at once, the d_model-wide q and k (OLMo 2: HF Olmo2Attention, OLMo-core)
+
+
+# schemes whose attention already normalizes q, k and v per head (HybridNorm): model.qk_norm must be none
+QKV_NORMED = {Scheme.HYBRID, Scheme.HYBRID_STAR}
+
+
 class InitMode(str, enum.Enum):
     """Which init rule the model uses."""
 
@@ -103,6 +115,9 @@ class ModelConfig:
     # True with init=shared (one recipe for every scheme)
     tie_embeddings: bool | None = None
     rope_theta: float = 10000.0  # rotary embedding base
+    # norms of type `norm` on the queries and keys before RoPE, with any scheme: none, head (per head, over the head
+    # size, a gain shared by the heads: Qwen3, torchtitan) or all (over all heads, d_model wide: OLMo 2)
+    qk_norm: QKNorm = QKNorm.NONE
     init: InitMode = InitMode.RECOMMENDED  # recommended (each scheme's own rule) or shared
     # base std of the init rules; null: the scheme's width rule (`spannorm schemes`: the fan-in 1/sqrt(d_model), or
     # its authors' constant carried from the width they tuned it at); a number: that std at every width
@@ -125,6 +140,13 @@ class ModelConfig:
         self.init = coerce_enum(InitMode, "model.init", self.init)
         self.span_scale = coerce_enum(SpanScale, "model.span_scale", self.span_scale)
         self.dyt_recipe = coerce_enum(DyTRecipe, "model.dyt_recipe", self.dyt_recipe)
+        self.qk_norm = coerce_enum(QKNorm, "model.qk_norm", self.qk_norm)
+        require(
+            self.qk_norm is QKNorm.NONE or self.scheme not in QKV_NORMED,
+            "model.qk_norm",
+            self.qk_norm.value,
+            f"none with model.scheme={self.scheme.value}, whose attention already normalizes q, k and v per head",
+        )
         for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
             value = getattr(self, name)
             require(

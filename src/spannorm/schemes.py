@@ -247,7 +247,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer = layer  # 0-based index of this block
         qkv_norm = (lambda dim: make_norm(cfg, dim)) if self.qkv_norm else None
-        self.attn = Attention(cfg.d_model, cfg.n_heads, qkv_norm)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, qkv_norm, cfg.qk_norm.value, lambda dim: make_norm(cfg, dim))
         self.ffn = (
             MoE(cfg.d_model, cfg.expert_dim, cfg.n_experts, cfg.top_k, cfg.n_shared_experts, cfg.capacity_factor)
             if cfg.moe

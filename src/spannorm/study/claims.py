@@ -32,8 +32,8 @@ INIT_VARIANTS = {
 }
 
 
-# data fields added after studies cached their probes, left out of the key at their defaults (their caches stay valid)
-LATER_DEFAULTS = {("text_field", "text"), ("name_field", None)}
+# fields added after studies cached their probes, left out of the key at their defaults (their caches stay valid)
+LATER_DEFAULTS = {("text_field", "text"), ("name_field", None), ("qk_norm", "none")}
 
 
 def init_probe(cfg: RunConfig, depths: list[int], path: Path, compute: bool = True) -> list[dict] | None:
@@ -41,7 +41,7 @@ def init_probe(cfg: RunConfig, depths: list[int], path: Path, compute: bool = Tr
     depths and model size (``cfg``: the study's base config); cached in ``path`` for the same inputs. Without
     ``compute`` (``--report-only``), a missing or stale cache is None: nothing is probed."""
     key = {
-        "model": to_dict(cfg.model),
+        "model": {k: v for k, v in to_dict(cfg.model).items() if (k, v) not in LATER_DEFAULTS},
         "data": {k: v for k, v in to_dict(cfg.data).items() if (k, v) not in LATER_DEFAULTS},
         "seed": cfg.train.seed,
         "seq_len": cfg.train.seq_len,
