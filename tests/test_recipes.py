@@ -36,7 +36,7 @@ RULE = {
 # the fair study's search put these schemes' best init scale at this factor of the authors' rule carried, at both
 # depths; the recommended rule carries it while model.init_std is null
 MEASURED = {"b2t": 2.0}
-# carried in depth too: × sqrt(12/L), BERT-base's depth (post's best init_scale was 0.5 at L = 48, at two widths)
+# carried to deeper models too: × sqrt(12/L) above BERT-base's depth 12, × 1 below (docs/fair-study/depth/)
 DEPTH = {"post": 12}
 GPT2_OUT_DOWN = {"pre", "peri", "sandwich", "hybrid", "hybrid_star"}  # out and down × 1/sqrt(2L)
 PLAIN = {"post", "admin", "lns", "residual", "siamese", "mixln"}  # every linear weight σ
@@ -44,7 +44,7 @@ PLAIN = {"post", "admin", "lns", "residual", "siamese", "mixln"}  # every linear
 
 def sigma(scheme: str, d: int, L: int) -> float:
     width = d**-0.5 if RULE[scheme] == FAN_IN else 0.02 * math.sqrt(768 / d)
-    return width * math.sqrt(DEPTH[scheme] / L) if scheme in DEPTH else width
+    return width * min(1.0, math.sqrt(DEPTH[scheme] / L)) if scheme in DEPTH else width
 
 
 def expected(scheme: str, d: int, L: int, s: float | None = None) -> dict[Role, float]:

@@ -115,8 +115,8 @@ class BaseStd(NamedTuple):
     ``carried``, std·sqrt(width/d) (GPT-2's 0.02 at 768 is 0.554/sqrt(d): 0.069 at d = 64). A constant tuned
     at one width is not a recipe at another: at d = 64, 0.02 is 6× below the fan-in scale. Which rule a
     scheme uses was chosen by measurement (docs/fair-study/recipes/). With ``depth`` (the depth the authors
-    tuned it at), the rule is also carried in depth: × sqrt(depth/L), the L^(-1/2) of GPT-2's and B2T's depth
-    scaling (chosen by measurement: docs/fair-study/depth/)."""
+    tuned it at), the rule is also carried to deeper models: × sqrt(depth/L) for L > depth (the L^(-1/2) of
+    GPT-2's and B2T's depth scaling), × 1 for shallower ones (by measurement: docs/fair-study/depth/)."""
 
     std: float
     width: int
@@ -126,14 +126,14 @@ class BaseStd(NamedTuple):
 
     def __call__(self, d_model: int, n_layers: int) -> float:
         std = self.std * math.sqrt(self.width / d_model) if self.rule is WidthRule.CARRIED else d_model**-0.5
-        return std * math.sqrt(self.depth / n_layers) if self.depth else std
+        return std * math.sqrt(self.depth / max(n_layers, self.depth)) if self.depth else std
 
     def describe(self) -> str:
         """The rule in words, for `spannorm schemes`."""
         rule = "1/sqrt(d)" if self.rule is WidthRule.FAN_IN else f"{self.std:g}·sqrt({self.width}/d)"
         at = f"width {self.width}"
         if self.depth:
-            rule, at = f"{rule}·sqrt({self.depth}/L)", f"{at}, depth {self.depth}"
+            rule, at = f"{rule}·sqrt({self.depth}/max(L, {self.depth}))", f"{at}, depth {self.depth}"
         return f"base std {rule} ({self.rule.value}; authors' constant: {self.std:g} at {at}, {self.source})"
 
 
@@ -349,7 +349,7 @@ class PostNorm(Block):
 
     equation = "h = N(x + Attn(x)); x' = N(h + FFN(h))"
     init_rule = (
-        "N(0, σ), σ carried in width and depth; needs learning-rate warmup; untied head "
+        "N(0, σ), σ carried in width and to deeper models; needs learning-rate warmup; untied head "
         "(fairseq LM default; tying it stalls in the unigram phase)"
     )
     reference = "Vaswani et al. 2017, arXiv 1706.03762"
@@ -358,7 +358,7 @@ class PostNorm(Block):
         768,
         "BERT's initializer_range at BERT-base's width and depth, a PostNorm LM; Vaswani et al. drew xavier",
         WidthRule.CARRIED,  # fan-in stalled at d = 64 (docs/fair-study/recipes/)
-        12,  # carried in depth: the best init_scale was 0.5 at L = 48, at d = 64 and 128 (docs/fair-study/measured)
+        12,  # carried in depth: its best init_scale was 0.5 at L = 48 at d = 64 and 128, ≤ 1 at L = 6 (fair-depth.yaml)
     )
     tie_embeddings = False
 
