@@ -81,11 +81,13 @@ def sublayers(block, cfg):
     """Attn, FFN and a norm-applier N(name, x) of a block, from its raw weights."""
     qkv = qk_all = None
     a = block.attn
+    # model.qk_norm, or the scheme's recipe: OLMo 2 normalizes q and k over all heads
+    qk_norm = cfg.qk_norm.value if cfg.qk_norm is not None else ("all" if cfg.scheme.value == "olmo2" else "none")
     if hasattr(a, "v_norm"):  # HybridNorm: q, k and v per head
         qkv = [lambda t, m=m: norm(t, m, cfg.norm_eps) for m in (a.q_norm, a.k_norm, a.v_norm)]
-    elif cfg.qk_norm.value == "head":
+    elif qk_norm == "head":
         qkv = [lambda t, m=m: norm(t, m, cfg.norm_eps) for m in (a.q_norm, a.k_norm)] + [None]
-    elif cfg.qk_norm.value == "all":
+    elif qk_norm == "all":
         qk_all = [lambda t, m=m: norm(t, m, cfg.norm_eps) for m in (a.q_norm, a.k_norm)]
 
     def A(x):
@@ -202,6 +204,13 @@ def deepscale_block(x, block, cfg, i):
     return lam * h + beta * F(N("norm2", h))
 
 
+def olmo2_block(x, block, cfg, i):
+    """OLMo 2: h = x + N(Attn(x)); x' = h + N(FFN(h)) (q and k normalized inside Attn)."""
+    A, F, N = sublayers(block, cfg)
+    h = x + N("norm1", A(x))
+    return h + N("norm2", F(h))
+
+
 BLOCKS = {
     "pre": pre_block,
     "post": post_block,
@@ -218,9 +227,10 @@ BLOCKS = {
     "residual": residual_block,
     "siamese": siamese_block,
     "deepscale": deepscale_block,
+    "olmo2": olmo2_block,
 }
 EMBED_NORM = {"span", "peri"}
-FINAL_NORM = {"pre", "peri", "sandwich", "mixln", "hybrid", "hybrid_star", "lns", "deepscale"}
+FINAL_NORM = {"pre", "peri", "sandwich", "mixln", "hybrid", "hybrid_star", "lns", "deepscale", "olmo2"}
 TWO_STREAM = {"residual", "siamese"}
 
 

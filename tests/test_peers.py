@@ -317,6 +317,7 @@ TIED = {
     "residual": True,
     "siamese": True,
     "deepscale": True,
+    "olmo2": False,
 }
 
 

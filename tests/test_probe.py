@@ -57,6 +57,14 @@ def test_prenorm_stream_grows_with_depth_without_scaled_init():
     assert r["skip_gain_measured"] == pytest.approx(1.0, abs=1e-9)  # PreNorm's skip is the identity
 
 
+def test_olmo2_stream_grows_by_two_unit_branches_a_block():
+    """Issue 31: OLMo 2's normalized branches add RMS 1 each, Var(x_L) = Var(x_0) + 2L (theory within 10 %)."""
+    for L in (4, 16):
+        r = probed("olmo2", L)
+        assert r["stream_rms"] == pytest.approx(r["stream_rms_theory"], rel=0.1)
+        assert r["skip_gain_measured"] == pytest.approx(1.0, abs=1e-9)  # the identity skip
+
+
 @pytest.mark.parametrize("scheme", ["post", "deepnorm"])
 def test_post_and_deepnorm_skip_gain_theory(scheme):
     r = probed(scheme, 8)

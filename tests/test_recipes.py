@@ -32,6 +32,7 @@ RULE = {
     "residual": FAN_IN,
     "siamese": FAN_IN,
     "deepscale": FAN_IN,
+    "olmo2": FAN_IN,  # not screened yet
 }
 # the fair study's search put these schemes' best init scale at this factor of the authors' rule carried, at both
 # depths; the recommended rule carries it while model.init_std is null
@@ -39,7 +40,7 @@ MEASURED = {"b2t": 2.0}
 # carried to deeper models too: × sqrt(12/L) above BERT-base's depth 12, × 1 below (docs/fair-study/depth/)
 DEPTH = {"post": 12}
 GPT2_OUT_DOWN = {"pre", "peri", "sandwich", "hybrid", "hybrid_star"}  # out and down × 1/sqrt(2L)
-PLAIN = {"post", "admin", "lns", "residual", "siamese", "mixln"}  # every linear weight σ
+PLAIN = {"post", "admin", "lns", "residual", "siamese", "mixln", "olmo2"}  # every linear weight σ
 
 
 def sigma(scheme: str, d: int, L: int) -> float:

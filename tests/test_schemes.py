@@ -74,6 +74,13 @@ def test_model_logits_match_equation(scheme, norm):
 QK_SCHEMES = [s.value for s in Scheme if s.value not in ("hybrid", "hybrid_star")]
 
 
+def test_olmo2_normalizes_q_and_k_over_all_heads_unless_told_otherwise():
+    """Issue 31: OLMo 2's recipe has qk-norm over all heads; model.qk_norm overrides it (none: plain attention)."""
+    attn = build_model(tiny("olmo2", n_heads=4)).blocks[0].attn
+    assert attn.q_norm.weight.shape == (16,) and attn.k_norm.weight.shape == (16,)
+    assert not hasattr(build_model(tiny("olmo2", qk_norm="none")).blocks[0].attn, "q_norm")
+
+
 @pytest.mark.parametrize("norm", ["rms", "layer", "dyt"])
 @pytest.mark.parametrize("qk_norm", ["head", "all"])
 @pytest.mark.parametrize("scheme", QK_SCHEMES)
@@ -97,7 +104,9 @@ def test_qk_norm_matches_equation_with_every_scheme(scheme, qk_norm, norm):
 def test_qk_norm_is_refused_where_q_k_v_are_already_normalized(scheme):
     from spannorm import ConfigError
 
-    with pytest.raises(ConfigError, match=f"model.qk_norm='head' is invalid: expected none with model.scheme={scheme}"):
+    with pytest.raises(
+        ConfigError, match=f"model.qk_norm='head' is invalid: expected none or null with model.scheme={scheme}"
+    ):
         tiny(scheme, qk_norm="head")
     with pytest.raises(ConfigError, match="model.qk_norm='both' is invalid: expected one of none, head, all"):
         tiny("pre", qk_norm="both")

@@ -45,7 +45,7 @@ from .hf_model import REMOTE_MODULES, SpanNormConfig, SpanNormForCausalLM
 from .model import LM
 from .model_config import ModelConfig, NormType, QKNorm, Scheme
 from .run import RunDir, load_config, safetensors_os_errors
-from .schemes import SCHEMES, use_final_norm, use_tied_embeddings
+from .schemes import SCHEMES, use_final_norm, use_qk_norm, use_tied_embeddings
 
 RUN_FILE = "spannorm_run.yaml"  # the run config inside an exported folder
 REMOTE_FILE = "modeling_spannorm.py"  # an exported folder's copy of hf_model.py, its remote code (auto_map)
@@ -183,8 +183,8 @@ def llama_refusal(lm: LM) -> str | None:
         return f"model.norm={cfg.norm.value}: Llama's norm is RMSNorm (model.norm=rms)"
     if cfg.moe:
         return f"model.n_experts={cfg.n_experts}: Llama's FFN is one dense SwiGLU (model.n_experts=0)"
-    if cfg.qk_norm is not QKNorm.NONE:
-        return f"model.qk_norm={cfg.qk_norm.value}: Llama has no query or key norm (model.qk_norm=none)"
+    if use_qk_norm(cfg) is not QKNorm.NONE:
+        return f"model.qk_norm={use_qk_norm(cfg).value}: Llama has no query or key norm (model.qk_norm=none)"
     if not use_final_norm(cfg):
         return "model.final_norm=false: Llama always applies a final RMSNorm before the head"
     if SCHEMES[cfg.scheme].embed_norm or lm.embed_scale is not None or lm.head_scale != 1.0:

@@ -31,6 +31,7 @@ class Scheme(str, enum.Enum):
     RESIDUAL = "residual"
     SIAMESE = "siamese"
     DEEPSCALE = "deepscale"
+    OLMO2 = "olmo2"
 
 
 class SpanScale(str, enum.Enum):
@@ -116,8 +117,9 @@ class ModelConfig:
     tie_embeddings: bool | None = None
     rope_theta: float = 10000.0  # rotary embedding base
     # norms of type `norm` on the queries and keys before RoPE, with any scheme: none, head (per head, over the head
-    # size, a gain shared by the heads: Qwen3, torchtitan) or all (over all heads, d_model wide: OLMo 2)
-    qk_norm: QKNorm = QKNorm.NONE
+    # size, a gain shared by the heads: Qwen3, torchtitan) or all (over all heads, d_model wide: OLMo 2); None: the
+    # scheme's recipe (all for olmo2, none for the others)
+    qk_norm: QKNorm | None = None
     init: InitMode = InitMode.RECOMMENDED  # recommended (each scheme's own rule) or shared
     # base std of the init rules; null: the scheme's width rule (`spannorm schemes`: the fan-in 1/sqrt(d_model), or
     # its authors' constant carried from the width they tuned it at); a number: that std at every width
@@ -140,12 +142,13 @@ class ModelConfig:
         self.init = coerce_enum(InitMode, "model.init", self.init)
         self.span_scale = coerce_enum(SpanScale, "model.span_scale", self.span_scale)
         self.dyt_recipe = coerce_enum(DyTRecipe, "model.dyt_recipe", self.dyt_recipe)
-        self.qk_norm = coerce_enum(QKNorm, "model.qk_norm", self.qk_norm)
+        if self.qk_norm is not None:
+            self.qk_norm = coerce_enum(QKNorm, "model.qk_norm", self.qk_norm)
         require(
-            self.qk_norm is QKNorm.NONE or self.scheme not in QKV_NORMED,
+            self.qk_norm in (None, QKNorm.NONE) or self.scheme not in QKV_NORMED,
             "model.qk_norm",
-            self.qk_norm.value,
-            f"none with model.scheme={self.scheme.value}, whose attention already normalizes q, k and v per head",
+            getattr(self.qk_norm, "value", None),
+            f"none or null with model.scheme={self.scheme.value}, whose attention already normalizes q, k and v",
         )
         for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
             value = getattr(self, name)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import Attention, Role, Site, SwiGLU, make_norm
-from .model_config import InitMode, ModelConfig, Scheme, SpanScale
+from .model_config import InitMode, ModelConfig, QKNorm, Scheme, SpanScale
 from .moe import MoE
 
 # --- init calibration -------------------------------------------------------------------
@@ -240,6 +240,7 @@ class Block(nn.Module):
     qkv_norm: ClassVar[bool] = False  # per-head norms on q, k, v inside attention
     embed_norm: ClassVar[bool] = False  # apply N_0 to the token embedding
     final_norm: ClassVar[bool] = False  # apply N before the LM head (ModelConfig.final_norm overrides)
+    qk_norm: ClassVar[QKNorm] = QKNorm.NONE  # norms on q and k in the recipe (ModelConfig.qk_norm overrides)
     tie_embeddings: ClassVar[bool] = True  # head shares the embedding (ModelConfig.tie_embeddings overrides)
     Exit: ClassVar[type[nn.Module] | None] = None  # merges a two-stream state before the head
 
@@ -247,7 +248,9 @@ class Block(nn.Module):
         super().__init__()
         self.layer = layer  # 0-based index of this block
         qkv_norm = (lambda dim: make_norm(cfg, dim)) if self.qkv_norm else None
-        self.attn = Attention(cfg.d_model, cfg.n_heads, qkv_norm, cfg.qk_norm.value, lambda dim: make_norm(cfg, dim))
+        self.attn = Attention(
+            cfg.d_model, cfg.n_heads, qkv_norm, use_qk_norm(cfg).value, lambda dim: make_norm(cfg, dim)
+        )
         self.ffn = (
             MoE(cfg.d_model, cfg.expert_dim, cfg.n_experts, cfg.top_k, cfg.n_shared_experts, cfg.capacity_factor)
             if cfg.moe
@@ -825,6 +828,48 @@ class SiameseNorm(Block):
         return Streams(x + self.z_scale * z, y + z)
 
 
+class OLMo2(Block):
+    """OLMo 2's reordered norm (OLMo et al. 2025, "2 OLMo 2 Furious", arXiv 2501.00656): the norms move from the
+    sublayer inputs to their outputs, and the queries and keys are normalized (QK-norm, over all heads).
+
+        h  = x + N_1(Attn(x))
+        x' = h + N_2(FFN(h))            q, k normalized over all heads before RoPE; final N before the head
+
+    x ──┬──────────────────(+)──┬─────────────────(+)──► x'
+        └─ Attn ─ N_1 ──────┘   └─ FFN ─ N_2 ──────┘
+
+    Recipe (the paper, section 2; HF ``Olmo2`` for the q/k axis and the final norm): every parameter N(0, 0.02)
+    (their 7B width 4096; the width rule is not yet measured here, fan-in as most schemes'), no depth scaling,
+    RMSNorm, QK-norm over all heads, untied head (OLMo 2 7B does not tie); its z-loss is not part of the block.
+    """
+
+    equation = "h = x + N(Attn(x)); x' = h + N(FFN(h)); q, k normalized (all heads); final N before the head"
+    init_rule = "N(0, σ) for every weight, no depth scaling; qk_norm=all; untied head"
+    reference = "OLMo et al. 2025, arXiv 2501.00656 (OLMo 2)"
+    base_std = BaseStd(0.02, 4096, "OLMo 2's every-parameter N(0, 0.02) at OLMo 2 7B's width; rule not yet screened")
+    final_norm = True
+    tie_embeddings = False
+    qk_norm = QKNorm.ALL
+
+    @classmethod
+    def init_stds(cls, cfg, layer):
+        return shared_init(cfg)
+
+    @classmethod
+    def theory(cls, blocks, stream_rms0, attn_rms, ffn_rms, stream_rms):
+        """Each branch is normalized (RMS 1 with unit gains) and uncorrelated with the stream at init:
+        Var(x_{l+1}) = Var(x_l) + 2; skip gain 1."""
+        var, pred = stream_rms0**2, []
+        for _ in attn_rms:
+            var += 2.0
+            pred.append(math.sqrt(var))
+        return Theory(pred, 1.0)
+
+    def forward(self, x, rope):
+        h = x + self.norm1(self.attn(x, rope))
+        return h + self.norm2(self.ffn(h))
+
+
 class DeepScale(Block):
     """DeepScaleLM (Kedia et al. 2024, "Transformers Get Stable: An End-to-End Signal Propagation
     Theory for Language Models"), PreNorm form: variance-preserving residual mixing.
@@ -886,6 +931,7 @@ SCHEMES: dict[Scheme, type[Block]] = {
     Scheme.RESIDUAL: ResiDual,
     Scheme.SIAMESE: SiameseNorm,
     Scheme.DEEPSCALE: DeepScale,
+    Scheme.OLMO2: OLMo2,
 }
 
 
@@ -896,6 +942,11 @@ SHARED_STD = SCHEMES[Scheme.PRE].base_std
 def use_final_norm(cfg: ModelConfig) -> bool:
     """``final_norm`` resolved: the explicit value, else the scheme's default."""
     return SCHEMES[cfg.scheme].final_norm if cfg.final_norm is None else cfg.final_norm
+
+
+def use_qk_norm(cfg: ModelConfig) -> QKNorm:
+    """``qk_norm`` resolved: the explicit value, else the scheme's recipe."""
+    return SCHEMES[cfg.scheme].qk_norm if cfg.qk_norm is None else cfg.qk_norm
 
 
 def use_tied_embeddings(cfg: ModelConfig) -> bool:
