@@ -24,8 +24,15 @@ def dyt(x, alpha, g, b=None):
     return y if b is None else y + b
 
 
+def derf(x, alpha, s, g, b):
+    """γ·erf(α·x + s) + β."""
+    return g * torch.erf(alpha * x + s) + b
+
+
 def norm(x, module, eps):
-    """N(x) with the gain (and bias, α) taken from a norm module's parameters."""
+    """N(x) with the gain (and bias, α, shift) taken from a norm module's parameters."""
+    if hasattr(module, "shift"):
+        return derf(x, module.alpha, module.shift, module.weight, module.bias)
     if hasattr(module, "alpha"):
         return dyt(x, module.alpha, module.weight, module.bias)
     if getattr(module, "bias", None) is not None:
@@ -240,7 +247,7 @@ def lm_logits(idx, model, cfg):
     name = cfg.scheme.value
     eps = cfg.norm_eps
     x = model.embed.weight[idx]
-    if cfg.norm.value == "dyt" and cfg.dyt_recipe.value == "llm":
+    if cfg.norm.value in ("dyt", "derf") and cfg.dyt_recipe.value == "llm":
         x = x * model.embed_scale
     if name in EMBED_NORM:
         x = norm(x, model.embed_norm, eps)

@@ -18,6 +18,7 @@ VARIANTS = [(s.value, {}) for s in Scheme] + [
     ("pre", {"norm": "layer"}),
     ("span", {"norm": "dyt", "dyt_recipe": "llm"}),
     ("pre", {"qk_norm": "head"}),  # issue 31: Qwen3's axis
+    ("pre", {"norm": "derf", "dyt_recipe": "llm"}),  # issue 31: Derf
     ("span", {"qk_norm": "all"}),  # OLMo 2's
 ]
 IDS = [s + "".join(f"-{k}={v}" for k, v in more.items()) for s, more in VARIANTS]

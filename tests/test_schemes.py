@@ -18,6 +18,8 @@ NORMS = {
     "layer": dict(norm="layer"),
     "dyt": dict(norm="dyt"),
     "dyt_llm": dict(norm="dyt", dyt_recipe="llm"),
+    "derf": dict(norm="derf"),
+    "derf_llm": dict(norm="derf", dyt_recipe="llm"),
 }
 # The model is float64 but its RoPE tables are float32 (as in every LM), hence 1e-6, not 1e-12;
 # a wrong equation is off by O(1).

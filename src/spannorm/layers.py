@@ -60,6 +60,31 @@ class DyT(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class Derf(nn.Module):
+    """Derf(x) = γ · erf(α·x + s) + β, α and s learnable scalars initialized to α₀ and 0 (Chen et al. 2025,
+    "Stronger Normalization-Free Transformers", arXiv 2512.10938; their code, zlab-princeton/Derf
+    ``Dynamic_erf``: α₀ 0.5 by default, per site in their GPT-2 patch, which keeps β and scales the embedding by a
+    learnable sqrt(d): ``dyt_recipe=llm`` here, β kept)."""
+
+    def __init__(self, dim: int, alpha0: float):
+        super().__init__()
+        self.alpha0 = alpha0  # a plain float, re-applied by reset_parameters
+        self.alpha = nn.Parameter(torch.empty(1))
+        self.shift = nn.Parameter(torch.empty(1))
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.bias = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.alpha, self.alpha0)
+        nn.init.zeros_(self.shift)
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.bias, self.weight, torch.erf(self.alpha * x + self.shift))
+
+
 class _RMSNorm(torch.autograd.Function):
     """y = x · r · γ with r = (mean(x²) + eps)^(-1/2), and its backward written out:
     dγ = Σ g·x̂,  dx = r · (g·γ − x̂ · mean(g·γ·x̂)) with x̂ = x·r. Computed in fp32 (or the input's
@@ -92,21 +117,23 @@ class RMSNorm(nn.RMSNorm):
         return _RMSNorm.apply(x, self.weight, self.eps)
 
 
-NORMS = (RMSNorm, nn.LayerNorm, DyT)  # the modules make_norm builds
+NORMS = (RMSNorm, nn.LayerNorm, DyT, Derf)  # the modules make_norm builds
 
 
 def make_norm(cfg, dim: int | None = None, site: Site = Site.OTHER) -> nn.Module:
     """N(x) of type ``cfg.norm`` over the last dimension (``dim``, default ``cfg.d_model``).
 
-    ``site`` matters only to DyT under ``dyt_recipe=llm``: no bias, α₀ = ``dyt_alpha0_attn`` at
-    the attention-input site, ``dyt_alpha0_other`` elsewhere; ``plain``: bias, α₀ = ``dyt_alpha0``."""
+    ``site`` matters only to DyT and Derf under ``dyt_recipe=llm``: α₀ = ``dyt_alpha0_attn`` at the
+    attention-input site, ``dyt_alpha0_other`` elsewhere (DyT without bias); ``plain``: bias, α₀ = ``dyt_alpha0``."""
     dim = cfg.d_model if dim is None else dim
     if cfg.norm is NormType.RMS:
         return RMSNorm(dim, eps=cfg.norm_eps)
     if cfg.norm is NormType.LAYER:
         return nn.LayerNorm(dim, eps=cfg.norm_eps)
     if cfg.dyt_recipe is DyTRecipe.PLAIN:
-        return DyT(dim, cfg.dyt_alpha0)
+        return (Derf if cfg.norm is NormType.DERF else DyT)(dim, cfg.dyt_alpha0)
+    if cfg.norm is NormType.DERF:
+        return Derf(dim, cfg.dyt_alpha0_attn if site == Site.ATTN else cfg.dyt_alpha0_other)
     return DyT(dim, cfg.dyt_alpha0_attn if site == Site.ATTN else cfg.dyt_alpha0_other, bias=False)
 
 

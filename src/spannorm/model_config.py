@@ -68,6 +68,7 @@ class NormType(str, enum.Enum):
     RMS = "rms"  # RMSNorm: x / rms(x) · γ
     LAYER = "layer"  # LayerNorm: (x − mean) / std · γ + β
     DYT = "dyt"  # Dynamic Tanh: γ · tanh(α·x) + β, α learnable from α₀ (not a normalization)
+    DERF = "derf"  # Dynamic erf: γ · erf(α·x + s) + β, α and s learnable scalars from α₀ and 0 (Chen et al. 2025)
 
 
 class DyTRecipe(str, enum.Enum):
@@ -100,11 +101,11 @@ class ModelConfig:
     n_heads: int = 4  # attention heads; must divide d_model, head size must be even (RoPE)
     d_ff: int | None = None  # SwiGLU hidden width; None: 8/3·d_model rounded up to a multiple of 32
     scheme: Scheme = Scheme.SPAN  # normalization placement (see `spannorm schemes`)
-    norm: NormType = NormType.RMS  # norm type N: rms, layer or dyt
+    norm: NormType = NormType.RMS  # norm type N: rms, layer, dyt or derf
     norm_eps: float = 1e-6  # epsilon inside every rms/layer norm
-    dyt_alpha0: float = 0.5  # initial α of the dyt norm type (dyt_recipe=plain)
-    # norm=dyt only: plain (γ·tanh(α·x) + β, α₀ = dyt_alpha0 at every site) or llm (Zhu et al.'s LLaMA recipe:
-    # no β, α₀ per site, a learnable scalar sqrt(d) after the embedding); no effect with norm=rms or layer
+    dyt_alpha0: float = 0.5  # initial α of the dyt and derf norm types (dyt_recipe=plain)
+    # norm=dyt or derf only: plain (γ·tanh(α·x) + β, α₀ = dyt_alpha0 at every site) or llm (Zhu et al.'s LLaMA
+    # recipe: no β, α₀ per site, a learnable scalar sqrt(d) after the embedding; derf keeps β); no effect otherwise
     dyt_recipe: DyTRecipe = DyTRecipe.PLAIN
     # dyt_recipe=llm: α₀ of the attention-input DyT and of every other DyT. Defaults: the authors' LLaMA2-7B
     # values (13B: 0.6/0.15; 34B, 70B: 0.2/0.05). Our models are far narrower, and the authors found α₀ should
@@ -280,4 +281,4 @@ class ModelConfig:
     @property
     def use_embed_scale(self) -> bool:
         """Whether a learnable scalar, initialized to sqrt(d), multiplies the token embedding (DyT LLM recipe)."""
-        return self.norm is NormType.DYT and self.dyt_recipe is DyTRecipe.LLM
+        return self.norm in (NormType.DYT, NormType.DERF) and self.dyt_recipe is DyTRecipe.LLM
