@@ -718,6 +718,27 @@ def test_report_only_probes_nothing_and_names_a_missing_init_probe(corpus, tmp_p
     assert not (out / "init_probe.json").exists()
 
 
+def test_an_init_probe_made_under_another_recipe_is_stale(corpus, tmp_path, monkeypatch):
+    """A recipe changed in the code since the init probes were made (the cache key names the config, not the
+    recipe): --report-only names the cache stale and probes nothing; a run remakes it with today's stds."""
+    from spannorm.model_config import Scheme
+    from spannorm.schemes import SCHEMES, Measured
+
+    data = small_study(corpus, grids=[{"name": "g", "axes": {"model.scheme": ["pre", "span"]}}], probe=False)
+    out = tmp_path / "st"
+    run_study(study_from_dict(data), out, "cmd", log=lambda *a: None)
+    before = json.loads((out / "init_probe.json").read_text())
+    monkeypatch.setattr(SCHEMES[Scheme.POST], "measured", Measured(2.0, "a test"))  # post is probed, not trained
+    said = []
+    run_study(study_from_dict(data), out, "cmd", log=said.append, report_only=True)
+    assert any("init_probe.json is missing or was made for another config or init recipe" in line for line in said)
+    run_study(study_from_dict(data), out, "cmd", log=lambda *a: None)
+    after = json.loads((out / "init_probe.json").read_text())
+    assert after["key"] == before["key"] and after["init"] != before["init"]
+    post = [r for r in after["runs"] if r["variant"] == "post"]
+    assert post != [r for r in before["runs"] if r["variant"] == "post"]
+
+
 COMMITTED = {  # study config -> its committed directory (README, docs/spannorm-lr.md)
     "fair-study": "docs/fair-study",
     "fair-recipes": "docs/fair-study/recipes",

@@ -18,7 +18,7 @@ from ..files import atomic_write_text, dumps
 from ..model import build_model
 from ..output import num
 from ..probe import probe
-from ..run import RunConfig
+from ..run import RunConfig, init_record
 from .grid import PROBE_BATCH, Cell, series_label
 from .results import aggregate, read_probe
 
@@ -39,7 +39,9 @@ LATER_DEFAULTS = {("text_field", "text"), ("name_field", None), ("qk_norm", None
 def init_probe(cfg: RunConfig, depths: list[int], path: Path, compute: bool = True) -> list[dict] | None:
     """:func:`spannorm.probe.probe` of fresh models (pre, post, span, span without scaling) at the study's
     depths and model size (``cfg``: the study's base config); cached in ``path`` for the same inputs. Without
-    ``compute`` (``--report-only``), a missing or stale cache is None: nothing is probed."""
+    ``compute`` (``--report-only``), a missing or stale cache is None: nothing is probed. The cache also records
+    each probed model's init stds (``init``): a cache whose recipes the code has changed since is stale (caches
+    made before that record are judged by their key alone)."""
     key = {
         "model": {k: v for k, v in to_dict(cfg.model).items() if (k, v) not in LATER_DEFAULTS},
         "data": {k: v for k, v in to_dict(cfg.data).items() if (k, v) not in LATER_DEFAULTS},
@@ -48,29 +50,34 @@ def init_probe(cfg: RunConfig, depths: list[int], path: Path, compute: bool = Tr
         "depths": depths,
         "variants": INIT_VARIANTS,
     }
+    models = {
+        (label, depth): dataclasses.replace(cfg.model, n_layers=depth, **change)
+        for label, change in INIT_VARIANTS.items()
+        for depth in depths
+    }
+    init = [init_record(m) for m in models.values()]
     if path.is_file():
         cached = json.loads(path.read_text())
-        if cached.get("key") == key:
+        if cached.get("key") == key and cached.get("init", init) == init:
             return cached["runs"]
     if not compute:
         return None
     x, y = next(TokenData(prepare(cfg.data), cfg.train.seq_len).val_batches(PROBE_BATCH, 1))
     runs = []
-    for label, change in INIT_VARIANTS.items():
-        for depth in depths:
-            torch.manual_seed(cfg.train.seed)
-            model = build_model(dataclasses.replace(cfg.model, n_layers=depth, **change))
-            row = probe(model, x, y)
-            runs.append(
-                {
-                    "variant": label,
-                    **{
-                        k: row[k]
-                        for k in ("depth", "stream_rms", "presum_rms", "grad_ratio_first_last", "skip_gain_measured")
-                    },
-                }
-            )
-    atomic_write_text(path, dumps({"key": key, "runs": runs}))
+    for (label, _), model_cfg in models.items():
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(model_cfg)
+        row = probe(model, x, y)
+        runs.append(
+            {
+                "variant": label,
+                **{
+                    k: row[k]
+                    for k in ("depth", "stream_rms", "presum_rms", "grad_ratio_first_last", "skip_gain_measured")
+                },
+            }
+        )
+    atomic_write_text(path, dumps({"key": key, "init": init, "runs": runs}))
     return runs
 
 

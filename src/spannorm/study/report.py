@@ -292,8 +292,8 @@ def report(
     ]
     if not counts.get("init probes", True):
         lines += [
-            "**`init_probe.json` is missing or was made for another config: this `--report-only` run probed "
-            "nothing, so claims 1 and 2 are judged without the probes at init.** Run the study (it trains only "
+            "**`init_probe.json` is missing or was made for another config or init recipe: this `--report-only` run "
+            "probed nothing, so claims 1 and 2 are judged without the probes at init.** Run the study (it trains only "
             "the cells not run yet) to make it.",
             "",
         ]

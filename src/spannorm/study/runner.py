@@ -91,8 +91,9 @@ def _run_study(plan: Plan, cells: list[Cell], out: Path, command: str, jobs: int
     init = init_probe(plan.base_cfg, depths, out / "init_probe.json", compute=not report_only)
     if init is None:  # (--report-only probes nothing: the claims that use the probes at init say so)
         log(
-            f"spannorm: warning: {out / 'init_probe.json'} is missing or was made for another config: --report-only "
-            "probes nothing, so claims 1 and 2 are judged without the probes at init (run the study to make it)"
+            f"spannorm: warning: {out / 'init_probe.json'} is missing or was made for another config or init recipe: "
+            "--report-only probes nothing, so claims 1 and 2 are judged without the probes at init "
+            "(run the study to make it)"
         )
     not_run = sum(e == "not run" for e in failed.values())
     counts = {
