@@ -746,6 +746,7 @@ COMMITTED = {  # study config -> its committed directory (README, docs/spannorm-
     "lr": "docs/lr-study",
     "reference": "docs/results",
     "docs/spannorm-lr/screen.yaml": "docs/spannorm-lr/screen",
+    "fair-depth": "docs/fair-study/depth",
     "docs/fair-study/depth/first-rule/study.yaml": "docs/fair-study/depth/first-rule",
 }
 STALE = {"docs/spannorm-lr/screen.yaml"}  # its cells predate the width-aware recipes: its report is kept as it ran
