@@ -247,10 +247,11 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer  # 0-based index of this block
-        qkv_norm = (lambda dim: make_norm(cfg, dim)) if self.qkv_norm else None
-        self.attn = Attention(
-            cfg.d_model, cfg.n_heads, qkv_norm, use_qk_norm(cfg).value, lambda dim: make_norm(cfg, dim)
-        )
+
+        def norm(dim):
+            return make_norm(cfg, dim)
+
+        self.attn = Attention(cfg.d_model, cfg.n_heads, norm if self.qkv_norm else None, use_qk_norm(cfg).value, norm)
         self.ffn = (
             MoE(cfg.d_model, cfg.expert_dim, cfg.n_experts, cfg.top_k, cfg.n_shared_experts, cfg.capacity_factor)
             if cfg.moe
