@@ -1,10 +1,15 @@
 """`spannorm study`: grid expansion, results/report/plots, reuse, resume, divergence, --jobs, bad YAML."""
 
 import csv
+import hashlib
 import importlib
+import io
 import json
+import lzma
 import os
 import shutil
+import subprocess
+import tarfile
 import time
 from pathlib import Path
 
@@ -339,7 +344,7 @@ def test_bad_study_yaml_is_a_one_line_error(corpus, tmp_path, capsys, change, fr
 
 
 # each imports only earlier ones
-STUDY_MODULES = ("grid", "cells", "results", "search", "claims", "verdicts", "plots", "report", "runner")
+STUDY_MODULES = ("grid", "cells", "archive", "results", "search", "claims", "verdicts", "plots", "report", "runner")
 
 
 def test_study_modules_import_one_way():
@@ -761,7 +766,8 @@ def test_report_only_of_every_committed_study_is_quick_probes_nothing_and_agrees
 
     root = Path(__file__).parents[1]
     copy = tmp_path / "study"
-    shutil.copytree(root / COMMITTED[config], copy)
+    # (without the cells/ a study run here leaves: a fresh checkout has only the archive, which this unpacks)
+    shutil.copytree(root / COMMITTED[config], copy, ignore=shutil.ignore_patterns("cells"))
 
     def refuse(*args, **kwargs):
         raise AssertionError("--report-only trained or probed")
@@ -778,6 +784,69 @@ def test_report_only_of_every_committed_study_is_quick_probes_nothing_and_agrees
         assert [line for line in fresh if not line.startswith("Command: ")] == [
             line for line in committed if not line.startswith("Command: ")
         ], f"{COMMITTED[config]}/report.md is not what --report-only writes now: regenerate it"
+
+
+def test_committed_studies_are_small_archives_that_pack_to_the_same_bytes():
+    """Issue 27: docs/ holds under 10 MB in under 300 files; each committed study keeps its cells in one archive
+    (no cells/ tracked by git), and its manifest's hashes are the archive's."""
+    root = Path(__file__).parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout (what git tracks is what this checks)")
+    tracked = subprocess.run(["git", "ls-files", "docs"], cwd=root, capture_output=True, text=True, check=True)
+    files = tracked.stdout.split()
+    assert len(files) < 300 and sum((root / f).stat().st_size for f in files) < 10 * 2**20
+    assert not [f for f in files if "/cells/" in f]
+    for study in COMMITTED.values():
+        manifest = json.loads((root / study / "manifest.json").read_text())
+        packed = (root / study / "cells.tar.xz").read_bytes()
+        assert hashlib.sha256(packed).hexdigest() == manifest["sha256"]
+        assert hashlib.sha256(lzma.decompress(packed)).hexdigest() == manifest["tar_sha256"]
+
+
+def test_archive_round_trip(corpus, tmp_path, capsys):
+    """Issue 27: a study packs its finished cells into cells.tar.xz (no checkpoints; diagnostics.jsonl with the
+    fields a study reads); where cells/ is gone, the study unpacks it and reports and plots the same; the same
+    cells pack to the same bytes; a damaged or foreign archive is a one-line error."""
+    out = tmp_path / "st"
+    data = small_study(corpus)
+    data["grids"] = data["grids"][:1]
+    argv = ["study", "--config", str(write_study(tmp_path, data)), "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    archive = (out / "cells.tar.xz").read_bytes()
+    with tarfile.open(out / "cells.tar.xz") as tar:
+        names = tar.getnames()
+        diag = tar.extractfile("pre_L2_lr0.01_s1/diagnostics.jsonl").read().decode().splitlines()
+    assert len({n.split("/")[0] for n in names}) == 8 and not [n for n in names if "checkpoints" in n]
+    full = [
+        json.loads(line) for line in (out / "cells" / "pre_L2_lr0.01_s1" / "diagnostics.jsonl").read_text().splitlines()
+    ]
+    kept = [json.loads(line) for line in diag]
+    assert [set(r) for r in kept] == [{"step", "grad_norm", "stream_rms"}] * len(full)
+    assert kept[0]["grad_norm"] == pytest.approx(full[0]["grad_norm"], rel=1e-6) and "attn_rms" in full[0]
+    report_only = argv[:-1] + ["--report-only", "--quiet"]
+    assert main(report_only) == 0
+    report, results = (out / "report.md").read_text(), (out / "results.csv").read_text()
+    plots = {p.name: p.read_bytes() for p in (out / "plots").iterdir()}
+    shutil.rmtree(out / "cells")
+    assert main(report_only) == 0
+    assert (out / "report.md").read_text() == report and (out / "results.csv").read_text() == results
+    assert (out / "cells.tar.xz").read_bytes() == archive
+    assert {p.name: p.read_bytes() for p in (out / "plots").iterdir()} == plots
+    # a resumed study reads the unpacked cells as finished: it trains nothing
+    capsys.readouterr()
+    shutil.rmtree(out / "cells")
+    assert main(argv) == 0 and (out / "cells.tar.xz").read_bytes() == archive
+    # a damaged archive, an archive with a path out of the study
+    shutil.rmtree(out / "cells")
+    (out / "cells.tar.xz").write_bytes(archive[:100])
+    assert main(argv) == 2
+    assert "cells.tar.xz' is not a readable archive" in capsys.readouterr().err and not (out / "cells").exists()
+    with tarfile.open(out / "cells.tar.xz", "w:xz") as tar:
+        info = tarfile.TarInfo("../escape")
+        tar.addfile(info, io.BytesIO(b""))
+    assert main(argv) == 2
+    assert "holds '../escape', which spannorm does not archive" in capsys.readouterr().err
+    assert not (tmp_path / "escape").exists() and not (out / "cells").exists()
 
 
 def test_each_study_slot_gets_its_own_gpus(corpus, monkeypatch):

@@ -5,6 +5,7 @@ A study is a directory::
     study.yaml      the resolved study config (loadable again with --config)
     cells/<name>/   one run directory per cell (config.yaml, metrics.jsonl, summary.json, ...)
                     plus probe.json (trained-model probe) and cell.json (wall time)
+    cells.tar.xz    the finished cells in one archive, and manifest.json (what a repository commits: archive)
     init_probe.json probes of freshly initialized models at the study's depths (claims 1 and 2)
     results.csv     one row per cell
     report.md       tables (mean ± std over seeds), plots, and a verdict on each claim of SPANNORM.md
@@ -20,6 +21,7 @@ The modules, each importing only the ones before it:
 
     grid      StudyConfig, Grid, loading and validation; the plan (the base config, resolved once); cells
     cells     running cells: reuse, resume, --jobs
+    archive   cells.tar.xz: the finished cells packed, and unpacked where cells/ is missing
     results   results.csv, the best lr and stable range, the second phase, seed groups
     claims    the init probe and the six claims' verdicts
     plots     plots/*.png

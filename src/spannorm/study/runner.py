@@ -9,6 +9,7 @@ import yaml
 
 from ..config import SpannormError, require
 from ..files import atomic_write_text, locked, no_links, sweep_temp
+from .archive import ARCHIVE, pack, unpack
 from .cells import run_cells
 from .claims import claims, init_probe
 from .grid import Cell, Plan, StudyConfig, expand, plan_study
@@ -38,11 +39,13 @@ def run_study(
     cells = expand(plan)  # validates before any file is written
     no_links(out, "--out")  # (nothing in a study directory is followed out of it)
     if report_only:
+        unpack(out)
         return _run_study(plan, cells, out, command, jobs, log, report_only)
     with locked(out, "--out"):
         no_links(out, "--out")  # (again, under the lock)
         # (each cell's checkpoints: when train resumes it)
         sweep_temp(out, out / "plots", out / "cells", *out.glob("cells/*"))
+        unpack(out)
         return _run_study(plan, cells, out, command, jobs, log, report_only)
 
 
@@ -86,6 +89,8 @@ def _run_study(plan: Plan, cells: list[Cell], out: Path, command: str, jobs: int
                 break
         rows = [cell_result(c, out, failed.get(c.name)) for c in cells]
     write_results(out / "results.csv", cells, rows)
+    if not report_only or not (out / ARCHIVE).is_file():  # (--report-only changes no cell: it packs a study once)
+        pack(out)
     plots = plot_study(out, cells, rows)
     depths = sorted({c.cfg.model.n_layers for c in cells})
     init = init_probe(plan.base_cfg, depths, out / "init_probe.json", compute=not report_only)
