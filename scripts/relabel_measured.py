@@ -1,14 +1,15 @@
-"""Relabel a study's cells of the schemes whose recipe gained a factor (``schemes.Measured``, ``BaseStd.depth``).
+"""Relabel a study's cells of the schemes whose recipe gained or lost a factor (``schemes.Measured``, a depth rule).
 
 A cell trained at init_scale s under the old recipe is the model the new recipe gives at s / factor: every std
 is the same number (the factors are powers of two, so the products are exact). This script proves it for each
 cell, with the init stds the cell recorded (init.json) against today's code at the new scale, and then renames
 the cell and rewrites its config.yaml; a cell that fails the proof stops the script before anything is written.
 ``scheme=f`` names the factor (a factor f removed is the recipe × 1/f: ``post=2`` after post lost its 0.5); a bare
-``scheme`` takes each cell's from its init.json (a factor that depends on the depth: post's sqrt(12/L)), and
-leaves the cells whose recipe did not change. Run once after a recipe changes, then ``spannorm study --config ...
---report-only`` (the search visits the relabelled cells; the ones it no longer visits are left out of the report
-and its summary line's count: delete them):
+``scheme`` takes each cell's from its init.json (a factor that depends on the depth, as post's short-lived depth
+rules did, or any change), and leaves the cells whose recipe did not change; then it remakes the study's archive.
+Run once after a recipe changes, then ``spannorm study --config ... --report-only`` (the search visits the
+relabelled cells; the ones it no longer visits are left out of the report and its summary line's count: delete
+them, then run the study without --report-only, which trains what the search still needs and remakes the archive):
 
     python scripts/relabel_measured.py docs/fair-study b2t=2
     python scripts/relabel_measured.py docs/fair-study post
@@ -27,6 +28,7 @@ from spannorm.config import to_dict
 from spannorm.files import atomic_write_text, read_json
 from spannorm.output import value
 from spannorm.run import RunDir, init_problem, init_record
+from spannorm.study.archive import ARCHIVE, pack
 
 
 def derived_scale(model, recorded: dict) -> float:
@@ -76,6 +78,8 @@ def main() -> None:
             sys.exit(f"{new} exists; {staged} holds {old.name}, relabelled")
         staged.rename(new)
         print(f"{old.name} -> {new.name}")
+    if pack(Path(study)):  # (the archive a repository commits; --report-only does not remake one)
+        print(f"{Path(study) / ARCHIVE} remade")
 
 
 if __name__ == "__main__":

@@ -37,15 +37,12 @@ RULE = {
 # the fair study's search put these schemes' best init scale at this factor of the authors' rule carried, at both
 # depths; the recommended rule carries it while model.init_std is null
 MEASURED = {"b2t": 2.0}
-# carried to deeper models too: × sqrt(12/L) above BERT-base's depth 12, × 1 below (docs/fair-study/depth/)
-DEPTH = {"post": 12}
 GPT2_OUT_DOWN = {"pre", "peri", "sandwich", "hybrid", "hybrid_star"}  # out and down × 1/sqrt(2L)
 PLAIN = {"post", "admin", "lns", "residual", "siamese", "mixln", "olmo2"}  # every linear weight σ
 
 
 def sigma(scheme: str, d: int, L: int) -> float:
-    width = d**-0.5 if RULE[scheme] == FAN_IN else 0.02 * math.sqrt(768 / d)
-    return width * min(1.0, math.sqrt(DEPTH[scheme] / L)) if scheme in DEPTH else width
+    return d**-0.5 if RULE[scheme] == FAN_IN else 0.02 * math.sqrt(768 / d)  # (no scheme's depends on L)
 
 
 def expected(scheme: str, d: int, L: int, s: float | None = None) -> dict[Role, float]:
@@ -179,23 +176,24 @@ def test_relabel_proves_each_cell_the_same_model_before_it_renames_anything(tmp_
     assert cell.is_dir()  # relabel() only plans: main() renames
 
 
-def test_relabel_takes_a_depth_factor_from_each_cell_s_init_json(tmp_path, monkeypatch):
-    """A bare ``post``: post's cells trained under its width rule alone are relabelled by the depth rule's factor
-    at their own depth (× 0.5 at L = 48: init_scale 0.5 becomes 1), a cell at L = 12 (factor 1) is left, and a cell
-    whose init.json is not the recipe at any scale fails the proof."""
+def test_relabel_takes_each_cell_s_factor_from_its_init_json(tmp_path, monkeypatch):
+    """A bare ``post``: each cell's factor comes from its own init.json. A L = 48 cell trained while post's recipe
+    had × 0.5 there (as its short-lived depth rule did) is relabelled × 2 (init_scale 1 becomes 0.5), a cell whose
+    recipe did not change is left, and a cell whose init.json is not the recipe at any scale fails the proof."""
     from spannorm.schemes import SCHEMES
 
     script = relabel_script()
-    width_only = SCHEMES[Scheme.POST].base_std._replace(depth=None)
-    sets = ["model.scheme=post", "model.n_layers=48", "model.init_scale=0.5"]
-    deep, _ = old_cell(tmp_path, monkeypatch, "post_L48_lr0.004_s1_init_scale-0.5", sets, "base_std", width_only)
+    today = SCHEMES[Scheme.POST].base_std
+    halved = today._replace(std=today.std / 2)
+    sets = ["model.scheme=post", "model.n_layers=48"]
+    deep, _ = old_cell(tmp_path, monkeypatch, "post_L48_lr0.004_s1", sets, "base_std", halved)
     sets = ["model.scheme=post", "model.n_layers=12"]
-    old_cell(tmp_path, monkeypatch, "post_L12_lr0.004_s1", sets, "base_std", width_only)
+    old_cell(tmp_path, monkeypatch, "post_L12_lr0.004_s1", sets, "base_std", today)
     [(old, new, new_cfg)] = script.relabel(tmp_path, {"post": None})
-    assert (old, new.name, new_cfg["model"]["init_scale"]) == (deep, "post_L48_lr0.004_s1", 1.0)
+    assert (old, new.name, new_cfg["model"]["init_scale"]) == (deep, "post_L48_lr0.004_s1_init_scale-0.5", 0.5)
 
     record = json.loads((deep / "init.json").read_text())
     record["weight_stds"][-1] = {role: 2 * std for role, std in record["weight_stds"][-1].items()}
     (deep / "init.json").write_text(json.dumps(record))
-    with pytest.raises(SystemExit, match="not today's at init_scale 1"):
+    with pytest.raises(SystemExit, match="not today's at init_scale 0.5"):
         script.relabel(tmp_path, {"post": None})

@@ -552,7 +552,6 @@ def cmd_schemes(args) -> None:
             "base_std_rule": cls.base_std.rule.value,
             "authors_std": cls.base_std.std,
             "authors_width": cls.base_std.width,
-            "authors_depth": cls.base_std.depth,
             "tied_head": cls.tie_embeddings,
             "reference": cls.reference,
         }

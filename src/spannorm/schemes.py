@@ -114,27 +114,24 @@ class BaseStd(NamedTuple):
     (``source`` says whose), and the ``rule`` that carries it to width d: ``fan-in``, 1/sqrt(d), or
     ``carried``, std·sqrt(width/d) (GPT-2's 0.02 at 768 is 0.554/sqrt(d): 0.069 at d = 64). A constant tuned
     at one width is not a recipe at another: at d = 64, 0.02 is 6× below the fan-in scale. Which rule a
-    scheme uses was chosen by measurement (docs/fair-study/recipes/). With ``depth`` (the depth the authors
-    tuned it at), the rule is also carried to deeper models: × sqrt(depth/L) for L > depth (the L^(-1/2) of
-    GPT-2's and B2T's depth scaling), × 1 for shallower ones (by measurement: docs/fair-study/depth/)."""
+    scheme uses was chosen by measurement (docs/fair-study/recipes/)."""
 
     std: float
     width: int
     source: str
     rule: WidthRule = WidthRule.FAN_IN
-    depth: int | None = None
 
-    def __call__(self, d_model: int, n_layers: int) -> float:
-        std = self.std * math.sqrt(self.width / d_model) if self.rule is WidthRule.CARRIED else d_model**-0.5
-        return std * math.sqrt(self.depth / max(n_layers, self.depth)) if self.depth else std
+    def __call__(self, d_model: int) -> float:
+        if self.rule is WidthRule.CARRIED:
+            return self.std * math.sqrt(self.width / d_model)
+        return d_model**-0.5
 
     def describe(self) -> str:
         """The rule in words, for `spannorm schemes`."""
         rule = "1/sqrt(d)" if self.rule is WidthRule.FAN_IN else f"{self.std:g}·sqrt({self.width}/d)"
-        at = f"width {self.width}"
-        if self.depth:
-            rule, at = f"{rule}·sqrt({self.depth}/max(L, {self.depth}))", f"{at}, depth {self.depth}"
-        return f"base std {rule} ({self.rule.value}; authors' constant: {self.std:g} at {at}, {self.source})"
+        return (
+            f"base std {rule} ({self.rule.value}; authors' constant: {self.std:g} at width {self.width}, {self.source})"
+        )
 
 
 class Measured(NamedTuple):
@@ -160,7 +157,7 @@ def base_std(cfg: ModelConfig) -> float:
     if cfg.init_std is not None:
         return cfg.init_std
     rule = SHARED_STD if cfg.init is InitMode.SHARED else SCHEMES[cfg.scheme].base_std
-    return rule(cfg.d_model, cfg.n_layers)
+    return rule(cfg.d_model)
 
 
 def shared_init(cfg: ModelConfig) -> dict[Role, float]:
@@ -353,17 +350,19 @@ class PostNorm(Block):
 
     equation = "h = N(x + Attn(x)); x' = N(h + FFN(h))"
     init_rule = (
-        "N(0, σ), σ carried in width and to deeper models; needs learning-rate warmup; untied head "
+        "N(0, σ), no depth scaling; needs learning-rate warmup; untied head "
         "(fairseq LM default; tying it stalls in the unigram phase)"
     )
     reference = "Vaswani et al. 2017, arXiv 1706.03762"
     base_std = BaseStd(
         0.02,
         768,
-        "BERT's initializer_range at BERT-base's width and depth, a PostNorm LM; Vaswani et al. drew xavier",
+        "BERT's initializer_range at BERT-base's width, a PostNorm LM; Vaswani et al. drew xavier",
         WidthRule.CARRIED,  # fan-in stalled at d = 64 (docs/fair-study/recipes/)
-        12,  # carried in depth: its best init_scale was 0.5 at L = 48 at d = 64 and 128, ≤ 1 at L = 6 (fair-depth.yaml)
     )
+    # no depth rule and no measured factor: its best init_scale was 0.5 at L = 48 (d = 64 and 128), but × 0.5 cost
+    # 0.18 nats at d = 128, L = 12 (docs/fair-study/measured), and two depth rules written before their data,
+    # × sqrt(12/L) and × sqrt(12/max(L, 12)), failed at L = 6 and L = 96 (fair-depth.yaml): a handicap at L = 48
     tie_embeddings = False
 
     @classmethod
