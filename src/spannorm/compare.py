@@ -11,7 +11,8 @@ import yaml
 from .config import to_dict
 from .files import atomic_write_text
 from .model_config import Scheme
-from .output import md_table, num, pyplot, save_figure
+from .output import md_table, num
+from .plotting import figure_legend, panel_grid, pyplot, save_figure, unigram_line
 from .run import Distributed, RunConfig, read_metrics
 from .train import train_or_reuse
 
@@ -34,19 +35,24 @@ def table(rows: list[dict]) -> str:
     return md_table(list(COLUMNS), [cells(s) for s in rows])
 
 
-def plot(out: Path, runs: dict[str, list[dict]]) -> None:
-    fig, (ax_train, ax_val) = pyplot().subplots(1, 2, figsize=(11, 4))
-    for scheme, rows in runs.items():
-        ax_train.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=scheme)
+def plot(out: Path, runs: dict[str, list[dict]], unigram: float | None = None) -> None:
+    """Training and validation loss against the step, one colour per scheme, on one y scale, with the unigram
+    line (where a stalled run ends)."""
+    fig, axes = panel_grid(pyplot(), 2, 5.5, 4, sharey=True)
+    ax_train, ax_val = axes[0]
+    for i, (scheme, rows) in enumerate(runs.items()):
+        color = f"C{i % 10}"
+        ax_train.plot([r["step"] for r in rows], [r["loss"] for r in rows], color=color, label=scheme)
         val = [r for r in rows if r["val_loss"] is not None]
-        ax_val.plot([r["step"] for r in val], [r["val_loss"] for r in val], marker="o", label=scheme)
+        ax_val.plot([r["step"] for r in val], [r["val_loss"] for r in val], marker="o", color=color, label=scheme)
     for ax, title in ((ax_train, "training loss"), (ax_val, "validation loss")):
+        unigram_line(ax, unigram)
         ax.set_xlabel("step")
         ax.set_ylabel("cross-entropy (nats/token)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend()
-    save_figure(fig, out, dpi=110)
+    figure_legend(fig, axes)
+    save_figure(fig, out, dpi=110, tight=True)
 
 
 def budget(t) -> str:
@@ -81,7 +87,8 @@ def compare(
         )
         summaries.append(summary)
         curves[scheme.value] = read_metrics(out / scheme.value)
-    plot(out / "loss_curves.png", curves)
+    unigram = next((s["unigram_entropy"] for s in summaries if s.get("unigram_entropy") is not None), None)
+    plot(out / "loss_curves.png", curves, unigram)
     t = base.train
     report = "\n".join(
         [

@@ -19,7 +19,8 @@ from .data import TokenData, prepare
 from .device import resolve, to_device
 from .model import LM, build_model
 from .model_config import Scheme
-from .output import md_table, num, pyplot, save_figure
+from .output import md_table, num
+from .plotting import figure_legend, integer_ticks, panel_grid, pyplot, save_figure
 from .probe import layer_drop, probe
 from .run import RunConfig, RunDir
 
@@ -101,27 +102,31 @@ def probe_table(runs: list[dict]) -> str:
 
 
 def plot_probe(runs: list[dict], out: Path) -> None:
-    """Per-layer curves: stream RMS (theory dashed), gradient norm, adjacent-block cosine."""
+    """Per-block curves: stream RMS (theory dashed, drawn over the measured line), gradient norm, adjacent-block
+    cosine; each quantity on its y axis, one legend beside the figure, whole-numbered block axes."""
     plt = pyplot()
     panels = [
-        ("stream_rms", "residual stream RMS (dashed: theory)", True),
-        ("grad_norm", "gradient norm per block", True),
-        ("adjacent_cosine", "cosine(block l, block l+1)", False),
+        ("stream_rms", "residual stream RMS", "RMS after block l (dashed: theory)", True),
+        ("grad_norm", "gradient norm per block", "‖∂loss/∂W‖ of block l", True),
+        ("adjacent_cosine", "adjacent-block similarity", "cosine(block l, block l+1)", False),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4))
-    for ax, (key, title, log) in zip(axes, panels):
+    fig, axes = panel_grid(plt, len(panels), 5, 4)
+    for ax, (key, title, ylabel, log) in zip(axes.flat, panels):
         for run in runs:
             blocks = range(1, len(run[key]) + 1)
-            (line,) = ax.plot(blocks, run[key], label=f"{run['scheme']} L={run['depth']}")
-            if key == "stream_rms" and run.get("stream_rms_theory"):
-                ax.plot(blocks, run["stream_rms_theory"], "--", color=line.get_color())
+            marker = "o" if len(blocks) < 4 else None  # (at L = 2 there is one cosine: a line alone shows nothing)
+            ax.plot(blocks, run[key], marker=marker, label=f"{run['scheme']} L={run['depth']}")
+            if key == "stream_rms" and run.get("stream_rms_theory"):  # black, over the measured lines
+                ax.plot(blocks, run["stream_rms_theory"], "k--", linewidth=1, zorder=3, label="theory (dashed)")
         ax.set_title(title)
-        ax.set_xlabel("block")
+        ax.set_xlabel("block l")
+        ax.set_ylabel(ylabel)
+        integer_ticks(ax.xaxis)
         if log:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    save_figure(fig, out)
+    figure_legend(fig, axes)
+    save_figure(fig, out, tight=True)
 
 
 def read_diagnostics(run_dir) -> list[dict]:
@@ -140,5 +145,6 @@ def plot_heatmaps(rows: list[dict], out: Path) -> None:
         ax.set_title(f"log10 {key}")
         ax.set_xlabel("step")
         ax.set_ylabel("block")
-        fig.colorbar(im, ax=ax)
+        integer_ticks(ax.yaxis)
+        fig.colorbar(im, ax=ax, label=f"log10 {key}")
     save_figure(fig, out)

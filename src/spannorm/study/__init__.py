@@ -9,6 +9,7 @@ A study is a directory::
     init_probe.json probes of freshly initialized models at the study's depths (claims 1 and 2)
     results.csv     one row per cell
     report.md       tables (mean ± std over seeds), plots, and a verdict on each claim of SPANNORM.md
+    report.html     report.md as one self-contained page (plots embedded, sortable tables)
     plots/*.png
 
 Every cell trains for the same number of tokens. A finished cell (summary.json present, same
@@ -26,6 +27,7 @@ The modules, each importing only the ones before it:
     claims    the init probe and the six claims' verdicts
     plots     plots/*.png
     report    report.md
+    webpage   report.html, from report.md
     run       run_study: all of the above, in order
 """
 

@@ -233,6 +233,11 @@ def _left_out(cells: list[Cell], out: Path, ok: set[str], schemes: tuple[str, ..
     return ("; left out, diverged or stalled: " + ", ".join(bad)) if bad else ""
 
 
+def _by_depth(values: dict[int, float]) -> str:
+    """``{depth: value}`` as "L=12: 1.09, L=48: 1.05"; "none yet" where there is none (no empty list)."""
+    return ", ".join(f"L={d}: {v:.3g}" for d, v in sorted(values.items())) or "none yet"
+
+
 def claim_signal(cells: list[Cell], out: Path, init: list[dict], ok: set[str]) -> Claim:
     rule = (
         "needs 2+ depths; supported if SpanNorm's largest pre-norm-sum RMS (probes of the cells that trained, "
@@ -250,14 +255,8 @@ def claim_signal(cells: list[Cell], out: Path, init: list[dict], ok: set[str]) -
     init_span = {r["depth"]: _max_presum(r) for r in init if r["variant"] == "span"}
     init_pre = {r["depth"]: r["stream_rms"][-1] for r in init if r["variant"] == "pre"}
     ev = (
-        "trained: span max pre-norm-sum RMS "
-        + ", ".join(f"L={d}: {v:.3g}" for d, v in sorted(span_max.items()))
-        + "; pre final stream RMS "
-        + ", ".join(f"L={d}: {v:.3g}" for d, v in sorted(pre_rms.items()))
-        + ". At init: span "
-        + ", ".join(f"L={d}: {v:.3g}" for d, v in sorted(init_span.items()))
-        + "; pre "
-        + ", ".join(f"L={d}: {v:.3g}" for d, v in sorted(init_pre.items()))
+        f"trained: span max pre-norm-sum RMS {_by_depth(span_max)}; pre final stream RMS {_by_depth(pre_rms)}. "
+        f"At init: span {_by_depth(init_span)}; pre {_by_depth(init_pre)}"
         + _left_out(cells, out, ok, ("span",), _max_presum)
     )
     if len(span_max) < 2 or len(pre_rms) < 2:

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..output import pyplot, save_figure
+from ..plotting import figure_legend, integer_ticks, panel_grid, pyplot, save_figure, unigram_line
 from ..run import RunDir, read_metrics
 from .grid import Cell
 from .results import aggregate, best_lr, best_lr_points, first_seed, read_probe, scaling_depths, scaling_series
 
 DPI = 90  # every plot's; tight (cropped to the drawn area) keeps a legend placed beside the axes
+DECADES = 6  # the gradient heatmaps' colour range: 1e-6 of the largest norms and below are one colour, "vanished"
 
 
 def plotted_series(cells: list[Cell]) -> list[str]:
@@ -41,10 +42,9 @@ def plot_val(path: Path, cells: list[Cell], rows: list[dict], x: str, key=None, 
         return False
     unigram = next((r["unigram_entropy"] for r in rows if r.get("unigram_entropy") is not None), None)
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        if unigram is not None:  # the level of a model that learned only token frequencies
-            ax.axhline(unigram, color="0.6", linestyle="--", linewidth=1, label="unigram entropy (stalled)")
+    fig, axes = panel_grid(plt, len(panels), 4.5, 3.8, sharey=True)
+    for ax, panel in zip(axes.flat, panels):
+        unigram_line(ax, unigram)
         for i, s in enumerate(series):
             color = f"C{i % 10}"  # the same in every panel
             ks = sorted(
@@ -79,43 +79,44 @@ def plot_val(path: Path, cells: list[Cell], rows: list[dict], x: str, key=None, 
         ax.minorticks_off()
         ax.set_ylabel("final val loss (nats/token)")
         ax.grid(alpha=0.3)
-    handles = {}
-    for ax in axes[0]:
-        handles.update(zip(*reversed(ax.get_legend_handles_labels())))
-    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    figure_legend(fig, axes)
     fig.suptitle("validation loss (mean ± std over seeds; diverged cells left out)", fontsize=9)
     save_figure(fig, path, dpi=DPI, tight=True)
     return True
 
 
 def plot_curves(path: Path, cells: list[Cell], out: Path) -> bool:
-    """Training loss curves, one panel per (depth, lr), one line per series (the smallest seed)."""
+    """Training loss curves (lines) and validation loss (dots), one panel per (depth, lr), one colour per series
+    (the smallest seed), one y scale: from the lowest loss to 1.1 × the highest first loss (a spike above it is
+    cut, and says so)."""
     series = plotted_series(cells)
     firsts = {k: c for k, c in first_seed(cells).items() if k[0] in series}
-    panels = sorted({k[1:] for k in firsts})
+    curves = {k: read_metrics(out / "cells" / c.name) for k, c in firsts.items()}
+    panels = sorted({k[1:] for k, rows in curves.items() if rows})  # (a panel whose cells have not run: none)
     if not panels:
         return False
+    finite = [r["loss"] for rows in curves.values() for r in rows if r["loss"] is not None and math.isfinite(r["loss"])]
+    starts = [rows[0]["loss"] for rows in curves.values() if rows and rows[0]["loss"] is not None]
+    top = 1.1 * max((x for x in starts if math.isfinite(x)), default=max(finite, default=1.0))
     plt = pyplot()
-    cols = min(3, len(panels))
-    nrows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.5 * nrows), squeeze=False)
+    fig, axes = panel_grid(plt, len(panels), 4.5, 3.5, sharey=True)
     for ax, panel in zip(axes.flat, panels):
-        top = 0.0
-        for s in series:
-            if (s, *panel) in firsts:
-                rows = read_metrics(out / "cells" / firsts[(s, *panel)].name)
-                ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=s)
-                if rows and rows[0]["loss"] is not None and math.isfinite(rows[0]["loss"]):
-                    top = max(top, rows[0]["loss"])
-        if top:
-            ax.set_ylim(top=top * 1.1)
-        ax.set_title(f"L = {panel[0]}, lr {panel[1]:g}")
+        for i, s in enumerate(series):
+            rows = curves.get((s, *panel))
+            if not rows:
+                continue
+            color = f"C{i % 10}"  # the same in every panel
+            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color=color, linewidth=1, label=s)
+            val = [r for r in rows if r.get("val_loss") is not None]
+            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o", color=color, markersize=3)
+        ax.set_ylim(min(finite, default=0.0) * 0.95, top)
+        ax.set_title(f"L = {panel[0]}, lr {panel[1]:g}", fontsize=9)
         ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
+        ax.set_ylabel("loss (nats/token)")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
-    axes[0][0].legend(fontsize=7)
+    axes.flat[0].plot([], [], "o", color="0.3", markersize=3, label="validation loss (dots)")
+    figure_legend(fig, axes)
+    fig.suptitle(f"training loss (lines) and validation loss (dots); cut above {top:.2f}", fontsize=9)
     save_figure(fig, path, dpi=DPI, tight=True)
     return True
 
@@ -169,9 +170,13 @@ def plot_grad_heatmaps(path: Path, cells: list[Cell], out: Path) -> bool:
     names = [s for s in series if any(k[0] == s for k in heatmaps)]
     lrs = sorted({k[2] for k in heatmaps})
     finite = np.concatenate([norms[np.isfinite(norms)] for norms, _, _ in heatmaps.values()])
-    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (-3.0, 1.0)
+    # one scale for every panel, its top at the 98th percentile and at most DECADES below it: a vanished gradient
+    # (1e-28) would otherwise stretch it so far that every healthy run shows one colour
+    vmax = float(np.percentile(finite, 98)) if finite.size else 1.0
+    vmin = max(float(np.percentile(finite, 2)), vmax - DECADES) if finite.size else vmax - DECADES
     plt = pyplot()
-    fig, axes = plt.subplots(len(names), len(lrs), figsize=(4 * len(lrs) + 1, 2.2 * len(names) + 0.8), squeeze=False)
+    size = (4 * len(lrs) + 1, 2.2 * len(names) + 0.8)
+    fig, axes = plt.subplots(len(names), len(lrs), figsize=size, squeeze=False)
     im = None
     for i, s in enumerate(names):
         for j, lr in enumerate(lrs):
@@ -189,11 +194,15 @@ def plot_grad_heatmaps(path: Path, cells: list[Cell], out: Path) -> bool:
                 extent=(first, max(last, first + 1), 0.5, norms.shape[0] + 0.5),
             )
             ax.set_title(f"{s}, lr {lr:g}", fontsize=8)
-            ax.set_ylabel("block", fontsize=7)
+            if j == 0:
+                ax.set_ylabel("block", fontsize=7)
+            integer_ticks(ax.yaxis)
             ax.tick_params(labelsize=6)
-    fig.subplots_adjust(hspace=0.5, right=0.85)
-    fig.colorbar(im, ax=axes, shrink=0.8, label="log10 grad norm")
-    fig.suptitle(f"per-block gradient norm during training, L = {depth} (x: step)", fontsize=9)
+            ax.label_outer()  # (tick labels on the outer panels only: 54 panels' labels are most of the drawing)
+    fig.subplots_adjust(hspace=0.5, right=0.85, top=1 - 0.7 / fig.get_figheight(), bottom=0.5 / fig.get_figheight())
+    fig.colorbar(im, ax=axes, shrink=0.8, extend="both", label=f"log10 grad norm (at most {DECADES} decades)")
+    title = f"per-block gradient norm during training, L = {depth} (x: step)"
+    fig.suptitle(title, fontsize=9, y=1 - 0.25 / fig.get_figheight())
     save_figure(fig, path, dpi=DPI, layout=False)  # laid out above, by hand: no tight_layout, no cropping
     return True
 
@@ -211,34 +220,43 @@ def plot_similarity(path: Path, cells: list[Cell], out: Path) -> bool:
         return False
     names = [s for s in series if any(k[0] == s for k in probes)]
     lrs = sorted({k[1] for k in probes})
-    plt = pyplot()
-    fig, axes = plt.subplots(2, len(lrs), figsize=(5 * len(lrs) + 1, 0.35 * len(names) * 2 + 2.5), squeeze=False)
-    for j, lr in enumerate(lrs):
-        for i, (key, title, cmap) in enumerate(
-            (
-                ("adjacent_cosine", "cosine(block l, block l+1)", "viridis"),
-                ("layer_drop", "val loss increase without block l", "magma"),
-            )
-        ):
-            width = depth - 1 if key == "adjacent_cosine" else depth
+    quantities = (
+        ("adjacent_cosine", "cosine(block l, block l+1)", "viridis", depth - 1),
+        ("layer_drop", "val loss increase without block l (nats)", "magma", depth),
+    )
+    grids = {}
+    for key, _, _, width in quantities:
+        for lr in lrs:
             grid = np.full((len(names), width), np.nan)
             for r, s in enumerate(names):
                 ps = [p[key] for p in probes.get((s, lr), []) if p.get(key)]
                 if ps:
                     grid[r] = np.mean(np.array(ps, dtype=float), axis=0)
+            grids[key, lr] = grid
+    plt = pyplot()
+    fig, axes = plt.subplots(2, len(lrs), figsize=(5 * len(lrs) + 1, 0.35 * len(names) * 2 + 2.5), squeeze=False)
+    for i, (key, title, cmap, width) in enumerate(quantities):
+        # one scale per row, so that its panels compare by colour; from its 2nd to its 98th percentile, so that a
+        # few extreme cells do not wash the others out
+        values = np.concatenate([grids[key, lr][np.isfinite(grids[key, lr])] for lr in lrs])
+        vmin, vmax = (float(np.percentile(values, 2)), float(np.percentile(values, 98))) if values.size else (0, 1)
+        for j, lr in enumerate(lrs):
             ax = axes[i][j]
             im = ax.imshow(
-                grid,
+                grids[key, lr],
                 aspect="auto",
                 cmap=cmap,
                 interpolation="nearest",
+                vmin=vmin,
+                vmax=max(vmax, vmin + 1e-9),
                 extent=(0.5, width + 0.5, len(names) - 0.5, -0.5),
             )
-            ax.set_yticks(range(len(names)), names, fontsize=7)
+            ax.set_yticks(range(len(names)), names if j == 0 else [], fontsize=7)  # (the rows: the same series)
+            integer_ticks(ax.xaxis)
             ax.set_xlabel("block l", fontsize=8)
             ax.set_title(f"{title}, L = {depth}, lr {lr:g}", fontsize=8)
-            fig.colorbar(im, ax=ax)
-    save_figure(fig, path, dpi=DPI, tight=True)
+        fig.colorbar(im, ax=list(axes[i]), extend="both")
+    save_figure(fig, path, dpi=DPI, layout=False, tight=True)
     return True
 
 

@@ -18,6 +18,7 @@ from .report import report
 from .results import best_lr_follow, cell_result, write_results
 from .search import search_follow, searches
 from .verdicts import verdicts_report
+from .webpage import html_report
 
 
 def run_study(
@@ -113,6 +114,7 @@ def _run_study(plan: Plan, cells: list[Cell], out: Path, command: str, jobs: int
     fair = verdicts_report(plan, found, out, failed, init) if found else ""
     text = report(plan, cells, rows, command, plots, claims(cells, rows, out, init), counts, found, fair)
     atomic_write_text(out / "report.md", text)
+    atomic_write_text(out / "report.html", html_report(text, out))
     if failed and not report_only:
         raise SpannormError(
             f"{len(failed)} of {len(cells)} cells failed ({', '.join(sorted(failed))}); "
