@@ -20,10 +20,8 @@ the repository's history (docs/README.md says where).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
-import json
 import lzma
 import os
 import re
@@ -31,7 +29,7 @@ import tarfile
 from pathlib import Path
 
 from ..config import SpannormError
-from ..files import atomic_write_bytes, atomic_write_text, dumps, os_error, read_json, temp_dir
+from ..files import atomic_write_bytes, atomic_write_text, dumps, os_error, read_json, read_jsonl, temp_dir
 
 ARCHIVE = "cells.tar.xz"
 MANIFEST = "manifest.json"
@@ -48,14 +46,9 @@ def _digits(value):
 
 def _kept(path: Path) -> bytes:
     """What the archive keeps of one file of a cell."""
-    data = path.read_bytes()
     if path.name != "diagnostics.jsonl":
-        return data
-    rows = []
-    for line in data.splitlines():
-        with contextlib.suppress(ValueError):  # (a last row cut short by a kill: dropped, as read_jsonl does)
-            row = json.loads(line)
-            rows.append({k: _digits(row[k]) for k in ARCHIVED_DIAGNOSTICS if k in row})
+        return path.read_bytes()
+    rows = [{k: _digits(row[k]) for k in ARCHIVED_DIAGNOSTICS if k in row} for row in read_jsonl(path)]
     return "".join(dumps(r) + "\n" for r in rows).encode()
 
 
