@@ -146,3 +146,20 @@ def test_transformers_trainer_trains(tmp_path, more):
     assert len(losses) == args.max_steps and all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] and result.global_step == args.max_steps
     assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items() if k.endswith("qkv.weight"))
+
+
+def test_the_byte_tokenizer_pads_and_keeps_a_text_s_own_characters(tmp_path):
+    """Issue 26: padding=True works with the byte tokenizer (pad: byte 0, attention mask 0 there; 256 ids, as the
+    model has), a text holding byte 0's stand-in "Ā" still encodes to its UTF-8 bytes, and both hold after
+    save_pretrained and AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    for tok in (hf.byte_tokenizer(), None):
+        if tok is None:
+            hf.byte_tokenizer().save_pretrained(tmp_path)
+            tok = AutoTokenizer.from_pretrained(tmp_path)
+        batch = tok(["ab", "abcd"], padding=True)
+        assert batch["input_ids"] == [[97, 98, 0, 0], [97, 98, 99, 100]]
+        assert batch["attention_mask"] == [[1, 1, 0, 0], [1, 1, 1, 1]]
+        assert tok("Āb")["input_ids"] == list("Āb".encode()) and len(tok) == 256
+        assert tok.decode(tok("naïve Ā")["input_ids"]) == "naïve Ā"

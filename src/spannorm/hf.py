@@ -72,13 +72,17 @@ def byte_chars() -> list[str]:
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """The byte tokenizer (token id = UTF-8 byte value, 0..255) as a ``tokenizers`` byte-level
     tokenizer: ByteLevel pre-tokenizer (no regex split, no prefix space), a BPE with the 256 byte
-    symbols and no merges, ByteLevel decoder."""
+    symbols and no merges, ByteLevel decoder. Its pad token is byte 0 (NUL, which no corpus spannorm trains on
+    holds: a file with NUL bytes is refused as binary), so that ``padding=True`` works with the 256 ids the
+    model has; ``split_special_tokens`` keeps a text's own "Ā" (byte 0's stand-in) two bytes, never the pad.
+    No eos: bytes have no end-of-document convention, and the byte runs put none between documents."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    tok = Tokenizer(models.BPE(vocab={c: b for b, c in enumerate(byte_chars())}, merges=[]))
+    chars = byte_chars()
+    tok = Tokenizer(models.BPE(vocab={c: b for b, c in enumerate(chars)}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=chars[0], split_special_tokens=True)
 
 
 def run_tokenizer(cfg, run_dir: Path) -> PreTrainedTokenizerFast:
@@ -328,6 +332,8 @@ def export(run_dir: Path, out_dir: Path, to: str = "spannorm") -> Path:
     tokenizer.model_max_length = cfg.train.seq_len  # (what it was trained on; RoPE itself has no limit)
     if tokenizer.eos_token_id is not None:  # (BPE: <|endoftext|> ends a generation; bytes have no such token)
         model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if tokenizer.pad_token_id is not None:  # (bytes: NUL)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     card = model_card(cfg, RunDir(run_dir, "RUN_DIR").summary(), type(model).__name__)
     if to == "spannorm":
         model.config.auto_map = AUTO_MAP
