@@ -846,7 +846,8 @@ class OLMo2(Block):
     equation = "h = x + N(Attn(x)); x' = h + N(FFN(h)); q, k normalized (all heads); final N before the head"
     init_rule = "N(0, σ) for every weight, no depth scaling; qk_norm=all; untied head"
     reference = "OLMo et al. 2025, arXiv 2501.00656 (OLMo 2)"
-    base_std = BaseStd(0.02, 4096, "OLMo 2's every-parameter N(0, 0.02) at OLMo 2 7B's width; rule not yet screened")
+    # fan-in: 0.016 nats below the carried 0.02·sqrt(4096/d) = 0.16 at d = 64 (docs/fair-study/recipes/)
+    base_std = BaseStd(0.02, 4096, "OLMo 2's every-parameter N(0, 0.02) at OLMo 2 7B's width")
     final_norm = True
     tie_embeddings = False
     qk_norm = QKNorm.ALL
