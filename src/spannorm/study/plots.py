@@ -194,11 +194,15 @@ def plot_grad_heatmaps(path: Path, cells: list[Cell], out: Path) -> bool:
                 extent=(first, max(last, first + 1), 0.5, norms.shape[0] + 0.5),
             )
             ax.set_title(f"{s}, lr {lr:g}", fontsize=8)
+            ax.tick_params(labelsize=6)
+            # ticks on the outer panels only (the panels share their axes' ranges; ticks are most of the drawing)
             if j == 0:
                 ax.set_ylabel("block", fontsize=7)
-            integer_ticks(ax.yaxis)
-            ax.tick_params(labelsize=6)
-            ax.label_outer()  # (tick labels on the outer panels only: 54 panels' labels are most of the drawing)
+                integer_ticks(ax.yaxis)
+            else:
+                ax.set_yticks([])
+            if i < len(names) - 1:
+                ax.set_xticks([])
     fig.subplots_adjust(hspace=0.5, right=0.85, top=1 - 0.7 / fig.get_figheight(), bottom=0.5 / fig.get_figheight())
     fig.colorbar(im, ax=axes, shrink=0.8, extend="both", label=f"log10 grad norm (at most {DECADES} decades)")
     title = f"per-block gradient norm during training, L = {depth} (x: step)"
