@@ -766,6 +766,7 @@ COMMITTED = {  # study config -> its committed directory (README, docs/spannorm-
     "docs/spannorm-lr/screen.yaml": "docs/spannorm-lr/screen",
     "fair-depth": "docs/fair-study/depth",
     "docs/fair-study/depth/first-rule/study.yaml": "docs/fair-study/depth/first-rule",
+    "peers-2026": "docs/peers-2026",
 }
 STALE = {"docs/spannorm-lr/screen.yaml"}  # its cells predate the width-aware recipes: its report is kept as it ran
 
