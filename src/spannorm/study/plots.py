@@ -99,7 +99,7 @@ def plot_curves(path: Path, cells: list[Cell], out: Path) -> bool:
     starts = [rows[0]["loss"] for rows in curves.values() if rows and rows[0]["loss"] is not None]
     top = 1.1 * max((x for x in starts if math.isfinite(x)), default=max(finite, default=1.0))
     plt = pyplot()
-    fig, axes = panel_grid(plt, len(panels), 4.5, 3.5, sharey=True)
+    fig, axes = panel_grid(plt, len(panels), 4.5, 3.5)  # (one y scale: the limits set on every panel below)
     for ax, panel in zip(axes.flat, panels):
         for i, s in enumerate(series):
             rows = curves.get((s, *panel))
