@@ -11,7 +11,8 @@ import torch
 from spannorm import ModelConfig, build_model
 from spannorm.cli import main
 from spannorm.layers import rope_cache
-from spannorm.probe import frozen_branches, probe, skip_gains
+from spannorm.model_config import Scheme
+from spannorm.probe import frozen_branches, layer_drop, probe, skip_gains
 
 FIELDS = {
     "scheme",
@@ -167,3 +168,27 @@ def test_probe_bad_inputs(capsys, tmp_path):
     assert "--scheme='bogus' is invalid" in capsys.readouterr().err
     assert main(["probe", "--checkpoint", str(tmp_path)]) == 2
     assert "holds no run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scheme", [s.value for s in Scheme])
+def test_layer_drop_reuses_the_states_between_blocks_and_gives_the_numbers_of_full_forwards(scheme):
+    """Each block dropped by a hook that returns its input, through L + 1 full forwards (the definition)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(d_model=32, n_heads=2, n_layers=4, scheme=scheme))
+    for p in model.parameters():  # trained-like weights: every block matters
+        p.data += 0.05 * torch.randn_like(p)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(x, x.roll(-1, dims=1)) for x in torch.randint(0, 256, (3, 2, 16), generator=gen)]
+
+    def loss() -> float:
+        return sum(model(x, y)[1].item() for x, y in batches) / len(batches)
+
+    model.eval()
+    with torch.no_grad():
+        base, full = loss(), []
+        for block in model.blocks:
+            hook = block.register_forward_hook(lambda m, args, out: args[0])
+            full.append(loss() - base)
+            hook.remove()
+    assert layer_drop(model, batches) == full
+    assert all(x != 0 for x in full)

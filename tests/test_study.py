@@ -927,3 +927,16 @@ def test_each_study_slot_gets_its_own_gpus(corpus, monkeypatch):
     slots.put("6,7")
     cells_module._worker_init(slots, True)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "6,7"
+
+
+def test_the_throughput_study_times_cells_of_the_fair_study():
+    """docs/throughput/study.yaml (docs/performance.md) trains the fair study's own cells: the same names and configs."""
+    from spannorm.run import run_config_from_dict, same_experiment
+
+    root = Path(__file__).resolve().parent.parent
+    cells = expand(plan_study(load_study(str(root / "docs/throughput/study.yaml"))))
+    with tarfile.open(root / "docs/fair-study/cells.tar.xz") as tar:
+        for cell in cells:
+            committed = yaml.safe_load(tar.extractfile(f"{cell.name}/config.yaml"))
+            assert same_experiment(run_config_from_dict(committed), cell.cfg), cell.name
+    assert len(cells) == 4

@@ -5,12 +5,15 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
 
+from spannorm.config import ConfigError
 from spannorm.run import TrainConfig, load_config, load_run, read_metrics
-from spannorm.train import lr_at, train
+from spannorm.train import Part, Verdict, lr_at, train
 
 
 def tiny(corpus, *more):
@@ -192,3 +195,55 @@ def test_compiled_training_matches_eager(corpus, tmp_path):
         train(cfg, tmp_path / str(compiled), progress=False)
         losses[compiled] = [r["loss"] for r in read_metrics(tmp_path / str(compiled))]
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(corpus, tmp_path, monkeypatch, capsys, native):
+    """bf16 matmuls without AVX-512 BF16 or AMX take a reference path, many times slower than fp32."""
+    import spannorm.device
+
+    monkeypatch.setattr(spannorm.device, "cpu_bf16_is_native", lambda: native)
+    cfg = tiny(corpus, "train.precision=bf16", "train.max_steps=1", "train.eval_batches=1")
+    train(cfg, tmp_path / "run", progress=False)
+    err = capsys.readouterr().err
+    assert ("train.precision=bf16 on a CPU without AVX-512 BF16 or AMX" in err) is not native
+    fp32 = tiny(corpus, "train.max_steps=1", "train.eval_batches=1")
+    monkeypatch.setattr(spannorm.device, "cpu_bf16_is_native", lambda: False)
+    train(fp32, tmp_path / "fp32", progress=False)
+    assert "warning" not in capsys.readouterr().err
+
+
+@dataclass
+class LossCeiling(Part):
+    """A new monitor, in one class: counts the steps it saw (saved in checkpoints), logs the count in every metrics
+    row and the summary, and ends a run whose training loss rises above ``limit``."""
+
+    name: ClassVar[str] = "ceiling"
+    limit: float = 100.0
+    seen: int = 0
+
+    def after_step(self, trainer, result):
+        self.seen += 1
+        return Verdict(diverged=f"loss {result.loss:.2f} above {self.limit}") if result.loss > self.limit else None
+
+    def metrics(self):
+        return {"ceiling_seen": self.seen}
+
+    def summary(self, t):
+        return {"ceiling_seen": self.seen}
+
+
+def test_a_new_part_is_one_class_kept_by_checkpoints_logs_and_summary(corpus, tmp_path):
+    cfg = tiny(corpus)  # 40 steps, a checkpoint every 20
+    assert not train(cfg, tmp_path / "run", progress=False, stop_after=20, parts=[LossCeiling()])["finished"]
+    summary = train(cfg, tmp_path / "run", resume=True, progress=False, parts=[LossCeiling()])
+    assert summary["finished"] and summary["ceiling_seen"] == 40  # its count went on from the checkpoint's 20
+    rows = read_metrics(tmp_path / "run")
+    assert [r["ceiling_seen"] for r in rows] == [r["step"] for r in rows]
+    ended = train(cfg, tmp_path / "low", progress=False, parts=[LossCeiling(limit=1.0)])
+    assert ended["diverged"] and ended["diverged_step"] == 1 and ended["diverged_reason"].endswith("above 1.0")
+
+
+def test_parts_need_distinct_names(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="distinct names"):
+        train(tiny(corpus), tmp_path / "run", progress=False, parts=[LossCeiling(), LossCeiling()])

@@ -495,6 +495,7 @@ def cmd_bench(args) -> None:
     # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from .bench import DEPTHS, GPU_DEPTHS, cases, markdown, moe_cases, moe_ratios, ratios, run
     from .device import resolve as resolve_device
+    from .device import slow_bf16_warning
 
     schemes = [s.value for s in _schemes("--schemes", args.schemes)]
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -516,9 +517,11 @@ def cmd_bench(args) -> None:
             ) from None
         print(text)
         return
-    resolve_device(args.device, "--device")  # a one-line error for a bad value or a missing GPU
+    device = resolve_device(args.device, "--device")  # a one-line error for a bad value or a missing GPU
     if args.device == "auto":
         raise ConfigError("--device 'auto' is invalid for bench: expected cpu, cuda or cuda:N (it sets the size)")
+    if "bf16" in dtypes and (warning := slow_bf16_warning(device, "--dtypes bf16")):
+        print(warning, file=sys.stderr)
     if args.moe:
         result = run(moe_cases(dtypes, device=args.device, tf32=args.tf32), args.reps)
         print("\n".join(moe_ratios(result)))

@@ -46,6 +46,23 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
+def cpu_bf16_is_native() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX). Without either, bf16 matmuls take a
+    reference path: on an AVX2-only AMD EPYC they ran 26-111× slower than fp32 (docs/performance.md)."""
+    cpu = torch.cpu
+    return any(getattr(cpu, name, lambda: True)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def slow_bf16_warning(device: torch.device, what: str) -> str | None:
+    """The warning for bf16 on a CPU without native bf16 (``what``: the setting that asked for it), else None."""
+    if device.type != "cpu" or cpu_bf16_is_native():
+        return None
+    return (
+        f"spannorm: warning: {what} on a CPU without AVX-512 BF16 or AMX ({torch.backends.cpu.get_cpu_capability()}): "
+        "bf16 matmuls run many times slower than fp32 here (docs/performance.md); fp32 is faster on this machine"
+    )
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls on ``x`` run in: the autocast dtype of x's device when autocast is on
     there, else x's own (devices without autocast, such as ``meta``, use x's)."""

@@ -136,7 +136,11 @@ class LM(nn.Module):
         x = self.head_input(idx)
         if targets is None:
             return F.linear(x, self.head_weight), None
-        return None, linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.head_weight, targets.reshape(-1))
+        return None, self.head_loss(x, targets)
+
+    def head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Step 4, the state the LM head reads -> the mean cross-entropy against ``targets`` (no logits kept)."""
+        return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.head_weight, targets.reshape(-1))
 
 
 def init_roles(root: nn.Module, stds: dict[Role, float]) -> None:

@@ -149,7 +149,7 @@ class TrainConfig:
     threads: int | None = (
         None  # torch intra-op threads; None: the CLI's fit (spannorm.threads), the API's torch default
     )
-    compile: bool = False  # torch.compile the training forward (probing steps and evaluation stay eager)
+    compile: bool = False  # torch.compile each block of the training forward (probing steps, evaluation: eager)
     probe_interval: int = 50  # steps between rows of diagnostics.jsonl (per-block training diagnostics); 0: off
     # after warmup, stop when the loss stays >= the first step's for 5 steps;
     # a non-finite loss always stops (unless train.guard saves it)
@@ -332,13 +332,14 @@ def read_run_config(path: Path) -> RunConfig:
     return run_config_from_dict(data)
 
 
-NOT_IDENTITY = ("device", "trackers", "wandb_mode", "wandb_project", "dist_timeout_s")  # train.*: where and who watches
+# train.*: where and how a run computes (its numbers move by float rounding at most) and who watches it
+NOT_IDENTITY = ("device", "threads", "compile", "trackers", "wandb_mode", "wandb_project", "dist_timeout_s")
 
 
 def same_experiment(a: RunConfig, b: RunConfig) -> bool:
-    """Whether two configs describe the same run, wherever it trains and whatever watches it: equal but for
-    ``train.device``, the trackers' settings and ``train.dist_timeout_s`` (a run, a compare or a study started on
-    one device may resume on another)."""
+    """Whether two configs describe the same run, wherever and however it computes and whatever watches it: equal
+    but for ``train.device``, ``threads``, ``compile``, the trackers' settings and ``train.dist_timeout_s`` (a run, a
+    compare or a study started on one device, or eager, may resume on another, or compiled)."""
 
     def key(cfg: RunConfig) -> dict:
         d = to_dict(cfg)

@@ -1,7 +1,9 @@
 """Training: AdamW with warmup + cosine, a loop over small stateful parts, checkpoints and resume.
 
 The loop (:meth:`Trainer.fit`) reads like the algorithm; each part owns its state and saves it in every
-checkpoint (``state_dict`` / ``load_state_dict``), so a resume continues exactly where a kill left the run:
+checkpoint (``state_dict`` / ``load_state_dict``), so a resume continues exactly where a kill left the run. The
+first three are parts (:class:`Part`), called by the loop after each step, for each metrics row, for the summary and
+after a rollback; a new monitor is one more ``Part`` (``train(..., parts=[...])``), with no edit to the loop:
 
     DivergenceMonitor   the divergence verdict: a non-finite loss, or the loss at or above the first step's
                         for PATIENCE steps in a row after warmup
@@ -27,6 +29,7 @@ verdict). When it does not fire, the guard changes no number of the run.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import os
@@ -36,6 +39,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch.distributed.checkpoint.state_dict import (
@@ -53,7 +57,7 @@ from .config import ConfigError, to_dict
 from .data import TokenData, absolute_corpus, prepare
 from .device import autocast as device_autocast
 from .device import resolve as resolve_device
-from .device import set_tf32, to_device
+from .device import set_tf32, slow_bf16_warning, to_device
 from .distributed import Ranks
 from .files import disk_full, dumps, os_error
 from .model import LM, build_model
@@ -94,6 +98,18 @@ def make_optimizer(model: LM, t: TrainConfig) -> torch.optim.AdamW:
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=True)  # fused: one kernel per step
+
+
+def compiled_blocks(model: LM) -> LM:
+    """The training forward of ``train.compile``: the same model (the same parameters) with each block compiled on
+    its own, as torchtitan does. The blocks of a stack share their code, so inductor compiles one graph per block
+    kind and reuses it at every depth, where compiling the whole model unrolls all L blocks (at L = 48, d_model 64:
+    seconds instead of minutes, and 1.12× the eager step on one AVX2 core, docs/performance.md). The model itself
+    stays eager: probing steps (their hooks) and evaluation use it."""
+    fast = copy.copy(model)
+    fast._modules = dict(model._modules)  # (a shallow copy shares the dict: the model's own blocks stay eager)
+    fast.blocks = torch.nn.ModuleList(torch.compile(block) for block in model.blocks)
+    return fast
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -201,8 +217,29 @@ def is_diverged(rows: list[dict]) -> bool:
 # --- the trainer's parts -------------------------------------------------------------------
 
 
-class Stateful:
-    """A part of the trainer whose state is its dataclass fields, saved in every checkpoint."""
+@dataclass
+class Verdict:
+    """What a part concludes after a step: roll the weights back (``rollback``: why), or end the run as diverged
+    (``diverged``: why)."""
+
+    rollback: str | None = None
+    diverged: str | None = None
+
+
+class Part:
+    """A part of the trainer (a dataclass): its state is its fields, saved in every checkpoint under ``name``,
+    and the loop calls it at fixed points. A new monitor is one subclass, passed in ``train(..., parts=[...])``;
+    every hook has a default that does nothing.
+
+        after_step(trainer, result)  each step, every part in order: a Verdict, or None to train on (the
+                                     first part's verdict wins)
+        metrics()                    keys for the next metrics.jsonl row
+        summary(t)                   keys for summary.json
+        rolled_back(saved, t)        the guard rolled the weights back to a checkpoint whose state of this part is
+                                     ``saved`` (None: the start of the run); a run-wide count keeps its value
+    """
+
+    name: ClassVar[str]
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -211,15 +248,36 @@ class Stateful:
         for key, value in (state or {}).items():
             setattr(self, key, value)
 
+    def after_step(self, trainer: Trainer, result: StepResult) -> Verdict | None:
+        return None
+
+    def metrics(self) -> dict:
+        return {}
+
+    def summary(self, t: TrainConfig) -> dict:
+        return {}
+
+    def rolled_back(self, saved: dict | None, t: TrainConfig) -> None:
+        pass
+
 
 @dataclass
-class DivergenceMonitor(Stateful):
+class DivergenceMonitor(Part):
     """The divergence verdict. A non-finite loss diverges the run at once; with ``train.stop_on_divergence``,
     so does a loss at or above the first step's for PATIENCE steps in a row after warmup (one spike is not
-    enough)."""
+    enough). A step the guard skipped gets no verdict (the guard saved it)."""
 
+    name: ClassVar[str] = "divergence"
     first_loss: float | None = None  # the reference: the first step's loss (the first finite one, with the guard)
     above: int = 0  # steps in a row at or above first_loss, up to now
+
+    def after_step(self, trainer: Trainer, result: StepResult) -> Verdict | None:
+        if self.first_loss is None and (math.isfinite(result.loss) or not trainer.t.guard):
+            self.first_loss = result.loss
+        if result.skipped:
+            return None
+        why = self.verdict(trainer.step, result.loss, trainer.t)
+        return None if why is None else Verdict(diverged=why)
 
     def verdict(self, step: int, loss: float, t: TrainConfig) -> str | None:
         """Why the run diverged at ``step`` (None: it trains on)."""
@@ -230,19 +288,36 @@ class DivergenceMonitor(Stateful):
             return ABOVE_INITIAL if self.above >= PATIENCE else None
         return None
 
+    def rolled_back(self, saved: dict | None, t: TrainConfig) -> None:
+        self.above = (saved or {}).get("above", 0)  # (first_loss is the run's: it stays)
+
 
 @dataclass
-class TrainingGuard(Stateful):
+class TrainingGuard(Part):
     """The training guard (``train.guard``). ``skipped``, ``rollbacks`` and ``lr_scale`` count over the whole
     run; ``streak``, ``unlogged`` and ``window`` belong to the weights' trajectory: a rollback takes them back
-    to the checkpoint's."""
+    to the checkpoint's. Off, it does nothing (a step is never skipped then)."""
 
+    name: ClassVar[str] = "guard"
     skipped: int = 0  # steps skipped (non-finite loss or gradient: no update)
     rollbacks: int = 0  # rollbacks made
     lr_scale: float = 1.0  # multiplies the learning rate schedule: guard_lr_factor ** rollbacks
     streak: int = 0  # skipped steps in a row, up to now
     unlogged: int = 0  # skipped steps since the last metrics row (its "skipped" key)
     window: list = field(default_factory=list)  # the losses of the last guard_window steps taken
+
+    def after_step(self, trainer: Trainer, result: StepResult) -> Verdict | None:
+        t = trainer.t
+        if not t.guard:
+            return None
+        why = self.judge(trainer.step, result.loss, result.skipped, t)
+        if result.skipped:
+            trainer.logs.write("metrics", {"step": trainer.step, "kind": "skip", "reason": skip_reason(result)})
+        if why is None:
+            return None
+        if self.rollbacks < t.guard_max_rollbacks:
+            return Verdict(rollback=why)
+        return Verdict(diverged=f"{skip_reason(result)} ({why}; no rollback left)")  # (as without the guard)
 
     def judge(self, step: int, loss: float, skipped: bool, t: TrainConfig) -> str | None:
         """Account for the step just taken (or skipped); returns why the weights must roll back, if they must."""
@@ -276,17 +351,23 @@ class TrainingGuard(Stateful):
         saved.load_state_dict(state)
         self.streak, self.unlogged, self.window = 0, saved.unlogged, saved.window
 
-    def take_unlogged(self) -> dict:
+    def metrics(self) -> dict:
         """The "skipped" key of the next metrics row (empty if no step was skipped since the last row)."""
         row = {"skipped": self.unlogged} if self.unlogged else {}
         self.unlogged = 0
         return row
 
+    def summary(self, t: TrainConfig) -> dict:
+        if not t.guard:
+            return {}
+        return {"guard_skipped": self.skipped, "guard_rollbacks": self.rollbacks, "guard_lr_scale": self.lr_scale}
+
 
 @dataclass
-class Throughput(Stateful):
+class Throughput(Part):
     """Tokens per second: of the interval since the last metrics row, and of the whole run (timed steps)."""
 
+    name: ClassVar[str] = "throughput"
     time: float = 0.0  # seconds spent in timed steps, over the run
     tokens: int = 0  # tokens of the timed steps, over the run
     interval_time: float = 0.0  # the same since the last metrics row
@@ -298,14 +379,17 @@ class Throughput(Stateful):
         self.interval_time += seconds
         self.interval_tokens += tokens
 
-    def interval(self) -> float:
-        """The tokens per second since the last call, which starts the next interval."""
+    def after_step(self, trainer: Trainer, result: StepResult) -> None:
+        self.add(result.seconds, trainer.tokens_per_step)
+
+    def metrics(self) -> dict:
+        """The tokens per second since the last row, which starts the next interval."""
         rate = self.interval_tokens / self.interval_time
         self.interval_time, self.interval_tokens = 0.0, 0
-        return rate
+        return {"tokens_per_s": rate}
 
-    def run(self) -> float | None:
-        return self.tokens / self.time if self.time else None
+    def summary(self, t: TrainConfig) -> dict:
+        return {"tokens_per_s": self.tokens / self.time if self.time else None}
 
 
 class Logs:
@@ -441,6 +525,7 @@ class StepResult:
     grad_norm: float  # the global gradient norm before clipping
     skipped: bool  # the guard skipped the update (a non-finite loss or gradient)
     moe: dict  # MoE runs: this step's aux_loss, z_loss (unweighted means over layers), moe_imbalance
+    seconds: float = 0.0  # the step's wall time (set by the loop)
 
 
 class Trainer:
@@ -455,6 +540,7 @@ class Trainer:
         progress: bool,
         ranks: Ranks,
         resume: bool = False,
+        parts: list[Part] = (),
     ):
         t = self.t = cfg.train
         self.cfg, self.run, self.dataset, self.device, self.ranks = cfg, run, dataset, device, ranks
@@ -465,16 +551,17 @@ class Trainer:
                 fully_shard(block)
             fully_shard(self.model)
         self.opt = make_optimizer(self.model, t)  # (after sharding: over each rank's shards)
-        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.forward = compiled_blocks(self.model) if t.compile else self.model
         if ranks.joined and not self.sharded:  # DDP: the same initial weights everywhere, gradients averaged
             self.forward = DistributedDataParallel(self.forward)
         self.accum = t.grad_accum_steps  # micro-batches per step here: the global batch is batch_size × ranks × accum
         self.gen = torch.Generator().manual_seed(t.seed)  # the data order
         self.step = 0
         self.last_val = None  # the newest validation loss
-        self.divergence = DivergenceMonitor()
-        self.guard = TrainingGuard()
-        self.throughput = Throughput()
+        self.guard, self.divergence, self.throughput = TrainingGuard(), DivergenceMonitor(), Throughput()
+        self.parts: list[Part] = [self.guard, self.divergence, self.throughput, *parts]
+        if len({p.name for p in self.parts}) < len(self.parts):
+            raise ConfigError(f"the trainer's parts need distinct names: {[p.name for p in self.parts]}")
         self.logs = Logs(run, cfg, ranks.main, quiet=not progress)
         self.show_progress = progress and ranks.main
 
@@ -491,9 +578,7 @@ class Trainer:
             **({} if self.sharded else {"optimizer": self.opt.state_dict()}),
             **rng_states(self.model, self.gen),
             "last_val": self.last_val,
-            "divergence": self.divergence.state_dict(),
-            "guard": self.guard.state_dict(),
-            "throughput": self.throughput.state_dict(),
+            **{part.name: part.state_dict() for part in self.parts},
             "ranks": self.ranks.world,
             "micro_batches": self.accum * self.ranks.world,  # a step's global batch, kept by every resume
         }
@@ -502,11 +587,8 @@ class Trainer:
         """Load a checkpoint into the model, the optimizer, the RNGs and the parts; returns its state."""
         state = self.load(ckpt)
         self.step, self.last_val = int(state["step"]), state.get("last_val")
-        # (checkpoints written before the parts had names keep the divergence state at the top level)
-        legacy = {"first_loss": state.get("first_loss"), "above": state.get("above", 0)}
-        self.divergence.load_state_dict(state.get("divergence") or legacy)
-        self.guard.load_state_dict(state.get("guard"))
-        self.throughput.load_state_dict(state.get("throughput"))
+        for part in self.parts:
+            part.load_state_dict(part_state(state, part))
         # the global batch of the saved run (micro-batches of batch_size; checkpoints before micro_batches was
         # recorded: grad_accum_steps in each of its processes, which a resume on other processes did not keep) ...
         self.accum = state.get("micro_batches", self.t.grad_accum_steps * state.get("ranks", 1))
@@ -561,8 +643,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 result = self.train_step()
                 self.step += 1
-                seconds = time.perf_counter() - t0
-                self.throughput.add(seconds, self.tokens_per_step)
+                result.seconds = seconds = time.perf_counter() - t0
                 rollback, divergence = self.judge(result)
                 if rollback is not None:
                     self.roll_back(rollback)
@@ -599,21 +680,11 @@ class Trainer:
         return self.summary(None)
 
     def judge(self, result: StepResult) -> tuple[str | None, str | None]:
-        """After a step: (why the guard rolls the weights back, why the run diverged), each None if not."""
-        t = self.t
-        if self.divergence.first_loss is None and (math.isfinite(result.loss) or not t.guard):
-            self.divergence.first_loss = result.loss
-        if t.guard:
-            why = self.guard.judge(self.step, result.loss, result.skipped, t)
-            if result.skipped:
-                self.logs.write("metrics", {"step": self.step, "kind": "skip", "reason": skip_reason(result)})
-            if why is not None and self.guard.rollbacks < t.guard_max_rollbacks:
-                return why, None
-            if why is not None:  # the rollbacks are spent: the run is diverged as without the guard
-                return None, f"{skip_reason(result)} ({why}; no rollback left)"
-        if result.skipped:  # the guard saved the step: no verdict on it
-            return None, None
-        return None, self.divergence.verdict(self.step, result.loss, t)
+        """After a step, every part in order: (why the weights roll back, why the run diverged), each None if
+        not; the first part's verdict wins."""
+        verdicts = [part.after_step(self, result) for part in self.parts]
+        first = next((v for v in verdicts if v is not None), Verdict())
+        return first.rollback, first.diverged
 
     def train_step(self) -> StepResult:
         """One optimizer step on the next batch (with a diagnostics row every ``probe_interval`` steps)."""
@@ -688,9 +759,9 @@ class Trainer:
             self.opt.state.clear()
             state = {"step": 0}
         self.gen.set_state(data_rng)
-        self.guard.rolled_back(state.get("guard"), self.t)
+        for part in self.parts:
+            part.rolled_back(part_state(state, part), self.t)
         self.step, self.last_val = int(state["step"]), state.get("last_val")
-        self.divergence.above = (state.get("divergence") or {"above": state.get("above", 0)})["above"]
         self.logs.truncate(self.step)
         self.logs.write("metrics", {"step": rolled_from, "kind": "rollback", "reason": why, "to_step": self.step})
 
@@ -701,9 +772,8 @@ class Trainer:
             "val_loss": val,
             "lr": lr_at(self.step - 1, self.t) * self.guard.lr_scale,
             "grad_norm": result.grad_norm,
-            "tokens_per_s": self.throughput.interval(),
             **result.moe,
-            **self.guard.take_unlogged(),
+            **{key: value for part in self.parts for key, value in part.metrics().items()},
         }
 
     def summary(self, divergence: str | None) -> dict:
@@ -730,17 +800,20 @@ class Trainer:
             "diverged_reason": divergence,
             "unigram_entropy": unigram,
             "stalled": divergence is None and last_val is not None and last_val >= unigram - STALL_MARGIN,
-            "tokens_per_s": self.throughput.run(),
             "n_params": sum(p.numel() for p in self.model.parameters()),
         }
-        if self.t.guard:
-            summary |= {
-                "guard_skipped": self.guard.skipped,
-                "guard_rollbacks": self.guard.rollbacks,
-                "guard_lr_scale": self.guard.lr_scale,
-            }
+        for part in self.parts:
+            summary |= part.summary(self.t)
         self.run.write_summary(summary)
         return summary
+
+
+def part_state(state: dict, part: Part) -> dict | None:
+    """A part's state in a checkpoint's (checkpoints written before the parts had names keep the divergence
+    state at the top level)."""
+    if part.name == DivergenceMonitor.name and part.name not in state:
+        return {"first_loss": state.get("first_loss"), "above": state.get("above", 0)}
+    return state.get(part.name)
 
 
 def diverged_at(summary: dict) -> str:
@@ -762,8 +835,12 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     cli: bool = False,
+    parts: list[Part] = (),
 ) -> dict:
     """Train (or with ``resume`` continue) the run in ``run_dir``; returns the summary.
+
+    ``parts``: more parts of the trainer (:class:`Part`: a monitor, a callback), after the built-in ones; a resume
+    must pass the same (their state is in the checkpoints).
 
     ``stop_after`` ends the session after that many total steps without finishing the run,
     as if it had been killed right after a checkpoint (used by tests).
@@ -800,6 +877,8 @@ def train(
     if t.init_from is not None and not resume:
         warm_loader(cfg.model, Path(t.init_from).expanduser())  # (its checks, before the run directory exists)
     device = resolve_device(t.device)
+    if t.precision is Precision.BF16 and (warning := slow_bf16_warning(device, "train.precision=bf16")):
+        print(warning, file=sys.stderr)
     check_memory(cfg)
     ranks = distributed.start(t, device)
     if ranks.joined and device.type == "cuda":
@@ -819,7 +898,7 @@ def train(
             if device.type == "cuda":
                 set_tf32(t.tf32)
             torch.set_flush_denormal(True)
-            trainer = Trainer(cfg, run, dataset, device, progress, ranks, resume)
+            trainer = Trainer(cfg, run, dataset, device, progress, ranks, resume, parts)
             if not resume and ranks.main:
                 run.start(cfg, data_dir)
             elif resume:
