@@ -930,7 +930,7 @@ def test_each_study_slot_gets_its_own_gpus(corpus, monkeypatch):
 
 
 def test_the_throughput_study_times_cells_of_the_fair_study():
-    """docs/throughput/study.yaml (docs/performance.md) trains the fair study's own cells: the same names and configs."""
+    """docs/throughput/study.yaml (docs/performance.md) trains the fair study's own cells: same names, same configs."""
     from spannorm.run import run_config_from_dict, same_experiment
 
     root = Path(__file__).resolve().parent.parent
