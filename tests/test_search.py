@@ -298,3 +298,33 @@ def test_a_recipe_that_does_not_train_at_the_best_lr_is_a_handicap(corpus, tmp_p
     pre, span = (next(s for s in searches(plan, tmp_path) if s.point["model.scheme"] == k) for k in ("pre", "span"))
     assert recipe_gap(pre) == math.inf and recipe_text(pre) == "stalled **handicap**"
     assert recipe_gap(span) == pytest.approx(1.0) and recipe_text(span) == "+1.000 **handicap**"  # (scale 1 vs 2)
+
+
+def test_a_searched_studys_plots_show_each_scheme_at_its_best_init_scale(corpus, tmp_path):
+    """Issue 32: a searched study's val_vs_lr draws one line per scheme at its best init scale at each lr (every
+    init_scale tried was a line of its own); best_lr.png, which drew every variant, is not drawn (and an earlier
+    report's is removed, not left to be read as this one's)."""
+    from spannorm.study.plots import best_over_init, plot_study
+    from spannorm.study.results import cell_result
+
+    def status(c):  # pre at scale 0.5 (its best elsewhere) stalls at lr 8e-3: the best of the rest is taken there
+        bad = c.cfg.model.scheme.value == "pre" and c.cfg.model.init_scale == 0.5 and c.cfg.train.lr == 8e-3
+        return "stalled" if bad else "ok"
+
+    plan = plan_study(study_from_dict(search_study(corpus, warm_start=None, confirm=None)))
+    fake_train(plan, tmp_path, status=status)
+    cells = expand(plan, search_follow(searches(plan, tmp_path)))
+    rows = [cell_result(c, tmp_path) for c in cells]
+    best = best_over_init(cells, rows)
+    for (where, scheme, depth, lr), (_, group) in best.items():
+        assert where == ""
+        mine = [(r, c) for r, c in zip(rows, cells) if c.depth_lr == (depth, lr) and c.cfg.model.scheme.value == scheme]
+        trained = [r for r, _ in mine if r["status"] == "ok"]
+        assert group.mean == min(r["final_val_loss"] for r in trained)
+    assert best[("", "pre", 2, 1.6e-2)][0] == 0.5 and best[("", "span", 3, 2e-3)][0] == 2.0
+    tried = {c.cfg.model.init_scale for c in cells if c.name.startswith("pre_L2_lr0.008_")}
+    assert 0.5 in tried and len(tried) > 1 and best[("", "pre", 2, 8e-3)][0] != 0.5  # (0.5 stalled there)
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "best_lr.png").write_bytes(b"an earlier report's")
+    assert plot_study(tmp_path, cells, rows) == ["plots/val_vs_depth.png", "plots/val_vs_lr.png"]
+    assert not (tmp_path / "plots" / "best_lr.png").exists()

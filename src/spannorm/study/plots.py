@@ -10,7 +10,7 @@ import numpy as np
 
 from ..plotting import figure_legend, integer_ticks, panel_grid, pyplot, save_figure, unigram_line
 from ..run import RunDir, read_metrics
-from .grid import Cell
+from .grid import Cell, series_label
 from .results import aggregate, best_lr, best_lr_points, first_seed, read_probe, scaling_depths, scaling_series
 
 DPI = 90  # every plot's; tight (cropped to the drawn area) keeps a legend placed beside the axes
@@ -81,6 +81,118 @@ def plot_val(path: Path, cells: list[Cell], rows: list[dict], x: str, key=None, 
         ax.grid(alpha=0.3)
     figure_legend(fig, axes)
     fig.suptitle("validation loss (mean ± std over seeds; diverged cells left out)", fontsize=9)
+    save_figure(fig, path, dpi=DPI, tight=True)
+    return True
+
+
+SEARCHED = "model.init_scale"  # the axis a study's search varies besides lr (fair-study.yaml)
+
+
+def is_searched(cells: list[Cell]) -> bool:
+    """Whether the study searches init_scale: its plots then show each scheme at its best init scale."""
+    return any(SEARCHED in c.extras for c in cells)
+
+
+def setting(c: Cell) -> str:
+    """What a cell varies besides scheme, depth, lr and the searched init scale ("" for the base setting, else
+    e.g. "d_model=128"): one row of panels in a searched study's plots."""
+    return series_label("", {k: v for k, v in c.extras.items() if k != SEARCHED}).strip()
+
+
+def best_over_init(cells: list[Cell], rows: list[dict]) -> dict:
+    """{(setting, scheme, depth, lr): (init_scale, SeedGroup)} of the best init scale at each point of the study's
+    own budget (confirmation cells, with a budget of their own, left out): the lowest mean val loss among the
+    scales that trained, else (every scale diverged or stalled) the lowest one."""
+    groups = aggregate(
+        cells,
+        rows,
+        lambda c: None if c.tokens else (setting(c), c.cfg.model.scheme.value, *c.depth_lr, c.cfg.model.init_scale),
+    )
+    best: dict = {}
+    for (where, scheme, depth, lr, init), group in groups.items():
+        rank = (group.failed, math.inf if group.mean is None else group.mean)
+        k = (where, scheme, depth, lr)
+        if k not in best or rank < best[k][0]:
+            best[k] = (rank, init, group)
+    return {k: (init, group) for k, (_, init, group) in best.items()}
+
+
+def plot_searched(path: Path, cells: list[Cell], rows: list[dict], x: str) -> bool:
+    """A searched study's answer at a glance, one line per scheme (its colour the same everywhere), each point at
+    the scheme's best init scale there. x='lr': val loss against lr, a panel per (setting, depth), a star at each
+    scheme's best (labelled with its init scale where it is not 1); x='depth': each scheme's best over lr and
+    init scale against depth, a panel per setting with two or more depths. Points that diverged or stalled are
+    crosses on the unigram line, named beside it."""
+    best = best_over_init(cells, rows)
+    if x == "depth":
+        tops: dict = {}
+        for (where, scheme, depth, lr), (init, group) in best.items():
+            k = (where, scheme, depth)
+            if group.mean is not None and (k not in tops or (group.failed, group.mean) < tops[k][:2]):
+                tops[k] = (group.failed, group.mean, lr, init, group)
+        points = {(w, sch, d): (lr, init, g) for (w, sch, d), (_, _, lr, init, g) in tops.items()}
+        depths = {w: {k[2] for k in points if k[0] == w} for w in {k[0] for k in points}}
+        panels = sorted(w for w in depths if len(depths[w]) > 1)
+    else:
+        points = {k: (k[3], init, g) for k, (init, g) in best.items()}
+        panels = sorted({(k[0], k[2]) for k in points})
+    if not panels:
+        return False
+    schemes = list(dict.fromkeys(k[1] for k in points))
+    colour = {scheme: f"C{i % 10}" for i, scheme in enumerate(schemes)}
+    unigram = next((r["unigram_entropy"] for r in rows if r.get("unigram_entropy") is not None), None)
+    trained = [g.mean for _, _, g in points.values() if not g.failed and g.mean is not None]
+    low, high = min(trained, default=0.0) - 0.05, max(trained, default=1.0) + 0.15
+    # the trained points fill the panels; the failed ones sit on the unigram line, or at the top edge above it
+    fail_at = high - 0.03 if unigram is None or unigram > high else unigram
+    base = next((f"d_model {c.cfg.model.d_model}" for c in cells if not setting(c)), "base")
+    plt = pyplot()
+    fig, axes = panel_grid(plt, len(panels), 4.5, 3.8, sharey=True)
+    for ax, panel in zip(axes.flat, panels):
+        if fail_at == unigram:
+            unigram_line(ax, unigram)
+        mine = {k: v for k, v in points.items() if (k[0] if x == "depth" else (k[0], k[2])) == panel}
+        x_of = (lambda k: k[2]) if x == "depth" else (lambda k: k[3])
+        failed: dict = {}
+        for scheme in schemes:
+            ks = sorted((k for k in mine if k[1] == scheme), key=x_of)
+            good = [k for k in ks if not mine[k][2].failed]
+            if good:
+                xs, ys = [x_of(k) for k in good], [mine[k][2].mean for k in good]
+                ax.plot(xs, ys, "o-", color=colour[scheme], label=scheme)
+            for k in ks:
+                if mine[k][2].failed:
+                    failed.setdefault(x_of(k), []).append(scheme)
+                    ax.plot([x_of(k)], [fail_at], "x", color=colour[scheme], markersize=8)
+            if x == "lr" and good:
+                star = min(good, key=lambda k: mine[k][2].mean)
+                at = (x_of(star), mine[star][2].mean)
+                ax.plot(*at, "*", color=colour[scheme], markersize=13)
+                if mine[star][1] != 1.0:
+                    offset = {"xytext": (5, -10), "textcoords": "offset points"}
+                    ax.annotate(f"×{mine[star][1]:g}", at, fontsize=6, color=colour[scheme], **offset)
+        for at, names in failed.items():  # the crosses, named
+            offset = {"xytext": (0, -7), "textcoords": "offset points", "ha": "center", "va": "top"}
+            ax.annotate("\n".join(names), (at, fail_at), fontsize=6, color="0.3", **offset)
+        ax.set_ylim(low, high)
+        ticks = sorted({x_of(k) for k in mine})
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+        name = (panel if x == "depth" else panel[0]) or base
+        ax.set_title(name if x == "depth" else f"{name}, L = {panel[1]}", fontsize=9)
+        ax.set_xlabel("depth L" if x == "depth" else "peak learning rate")
+        ax.set_ylabel("final val loss (nats/token)")
+        ax.grid(alpha=0.3)
+    if x == "lr":
+        axes.flat[0].plot([], [], "k*", markersize=10, label="its best lr (×s: at init_scale s)")
+    if any(g.failed for _, _, g in points.values()):
+        where = "on the unigram line" if fail_at == unigram else "at the top edge"
+        where += f"; unigram entropy {unigram:.2f}" if unigram and fail_at != unigram else ""
+        axes.flat[0].plot([], [], "kx", label=f"diverged or stalled ({where}), named")
+    figure_legend(fig, axes)
+    what = "over lr and init_scale" if x == "depth" else "over init_scale at each lr"
+    fig.suptitle(f"validation loss, each scheme at its best {what} (mean over seeds)", fontsize=9)
     save_figure(fig, path, dpi=DPI, tight=True)
     return True
 
@@ -268,13 +380,20 @@ def plot_study(out: Path, cells: list[Cell], rows: list[dict]) -> list[str]:
     """Write every plot the study has data for into ``out/plots``; returns their paths relative to ``out``."""
     if not cells:
         return []
+    searched = is_searched(cells)
     plots = {
-        "val_vs_depth.png": lambda path: plot_val(path, cells, rows, "depth"),
-        "val_vs_lr.png": lambda path: plot_val(path, cells, rows, "lr"),
+        "val_vs_depth.png": lambda path: (plot_searched if searched else plot_val)(path, cells, rows, "depth"),
+        "val_vs_lr.png": lambda path: (plot_searched if searched else plot_val)(path, cells, rows, "lr"),
         "ablation.png": lambda path: plot_ablation(path, cells, rows),
-        "best_lr.png": lambda path: plot_best_lr(path, cells, rows),
+        "best_lr.png": lambda path: not searched and plot_best_lr(path, cells, rows),  # (searched: in val_vs_lr)
         "loss_curves.png": lambda path: plot_curves(path, cells, out),
         "grad_heatmaps.png": lambda path: plot_grad_heatmaps(path, cells, out),
         "similarity.png": lambda path: plot_similarity(path, cells, out),
     }
-    return [f"plots/{name}" for name, plot in plots.items() if plot(out / "plots" / name)]
+    written = []
+    for name, plot in plots.items():
+        if plot(out / "plots" / name):
+            written.append(f"plots/{name}")
+        else:  # (one an earlier report drew would be read as this one's)
+            (out / "plots" / name).unlink(missing_ok=True)
+    return written
