@@ -18,7 +18,7 @@ STEPS = 400
 VARIANTS = {"fitted (default)": {}, "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"}}
 VARIANTS[f"OMP_NUM_THREADS={os.cpu_count()} (torch's default)"] = {"OMP_NUM_THREADS": str(os.cpu_count())}
 BACKGROUND = """
-from spannorm.run import load_config
+from spannorm.run_config import load_config
 from spannorm.train import train
 train(load_config("small", ["train.max_steps=1000000"]), {out!r}, progress=False)
 """

@@ -18,7 +18,7 @@ from collections import defaultdict
 import torch
 
 from spannorm import train as train_module
-from spannorm.run import load_config
+from spannorm.run_config import load_config
 
 SIZES = {  # name -> (preset, overrides): the lr study's cells and the compare preset
     "lr study (d_model 64, L = 12)": (

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from spannorm import ConfigError, ModelConfig, Scheme, build_model
-from spannorm.run import load_config, preset_names, run_config_from_dict
+from spannorm.run_config import load_config, preset_names, run_config_from_dict
 
 
 def test_public_api_builds_each_scheme():

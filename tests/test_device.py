@@ -10,7 +10,8 @@ from spannorm.device import resolve, valid_device
 from spannorm.model import build_model
 from spannorm.model_config import ModelConfig, NormType, Scheme
 from spannorm.moe import MoE
-from spannorm.run import load_config, read_metrics
+from spannorm.run import read_metrics
+from spannorm.run_config import load_config
 from spannorm.train import train
 
 
@@ -112,7 +113,7 @@ def test_grouped_expert_gemm_matches_the_loop(capacity):
 def test_device_is_not_part_of_a_runs_identity(corpus):
     """A compare or study directory started on one device resumes on another; any other change is
     another experiment."""
-    from spannorm.run import same_experiment
+    from spannorm.run_config import same_experiment
 
     base = [f"data.corpus={corpus}"]
     cpu, auto = (load_config("tiny", base + [f"train.device={d}"]) for d in ("cpu", "auto"))

@@ -22,7 +22,7 @@ from spannorm.probe import (
     update_ratios,
 )
 from spannorm.probe_command import read_diagnostics
-from spannorm.run import load_config
+from spannorm.run_config import load_config
 from spannorm.train import train
 
 ROLES = ["attn.qk", "attn.v", "attn.out", "ffn.up", "ffn.down", "norm"]

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from spannorm.files import read_jsonl
-from spannorm.run import load_config, read_metrics
+from spannorm.run import read_metrics
+from spannorm.run_config import load_config
 from spannorm.train import train
 
 TOL = 1e-5
@@ -34,7 +35,7 @@ def torchrun(tmp_path, script: str, nproc: int = 2) -> subprocess.CompletedProce
 
 
 JOB = """
-from spannorm.run import load_config
+from spannorm.run_config import load_config
 from spannorm.train import train
 cfg = load_config("tiny", {sets!r})
 print(train(cfg, {out!r}, resume={resume}, progress=False, stop_after={stop_after}))

@@ -11,7 +11,7 @@ from conftest import one_line_error  # noqa: E402
 from spannorm.cli import main  # noqa: E402
 from spannorm.hf import model_overrides_from_llama  # noqa: E402
 from spannorm.model import build_model  # noqa: E402
-from spannorm.run import load_config  # noqa: E402
+from spannorm.run_config import load_config  # noqa: E402
 from spannorm.schemes import use_final_norm, use_tied_embeddings  # noqa: E402
 from spannorm.train import train  # noqa: E402
 

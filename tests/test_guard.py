@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from spannorm.config import ConfigError
 from spannorm.data import TokenData, prepare
 from spannorm.model import LM
-from spannorm.run import RunDir, load_config, read_metrics
+from spannorm.run import RunDir, read_metrics
+from spannorm.run_config import load_config
 from spannorm.train import lr_at, train
 
 NAN = float("nan")

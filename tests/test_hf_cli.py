@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 
 from spannorm.cli import main  # noqa: E402
 from spannorm.model_config import Scheme  # noqa: E402
-from spannorm.run import load_config  # noqa: E402
+from spannorm.run_config import load_config  # noqa: E402
 from spannorm.schemes import use_tied_embeddings  # noqa: E402
 from spannorm.train import train  # noqa: E402
 

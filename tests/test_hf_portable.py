@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 
 from spannorm.cli import main  # noqa: E402
 from spannorm.hf_model import REMOTE_MODULES  # noqa: E402
-from spannorm.run import load_config  # noqa: E402
+from spannorm.run_config import load_config  # noqa: E402
 from spannorm.train import train  # noqa: E402
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "spannorm"

@@ -13,7 +13,7 @@ pytest.importorskip("lm_eval")
 
 from spannorm.cli import main  # noqa: E402
 from spannorm.harness import TASKS_DIR  # noqa: E402
-from spannorm.run import load_config  # noqa: E402
+from spannorm.run_config import load_config  # noqa: E402
 from spannorm.train import train  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,7 +13,8 @@ from spannorm.cli import main
 from spannorm.layers import Role, SwiGLU
 from spannorm.moe import MoE
 from spannorm.probe import taps
-from spannorm.run import load_config, preset_names, read_metrics
+from spannorm.run import read_metrics
+from spannorm.run_config import load_config, preset_names
 from spannorm.train import train
 
 

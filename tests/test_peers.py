@@ -233,7 +233,8 @@ def test_schemes_command(capsys):
 @pytest.mark.parametrize("norm", ["rms", "layer", "dyt", "derf"])
 @pytest.mark.parametrize("scheme", [s.value for s in Scheme])
 def test_every_scheme_and_norm_trains(corpus, tmp_path, scheme, norm):
-    from spannorm.run import load_config, read_metrics
+    from spannorm.run import read_metrics
+    from spannorm.run_config import load_config
     from spannorm.train import train
 
     cfg = load_config(
@@ -345,7 +346,7 @@ def test_shared_init_is_plain_for_every_weight():
 
 
 def test_tie_embeddings_from_config_file():
-    from spannorm.run import load_config
+    from spannorm.run_config import load_config
 
     assert use_tied_embeddings(load_config("tiny", ["model.scheme=post"]).model) is False
     assert use_tied_embeddings(load_config("tiny", ["model.scheme=post", "model.tie_embeddings=true"]).model) is True

@@ -13,7 +13,7 @@ from spannorm.config import ConfigError
 from spannorm.data import DataConfig
 from spannorm.model import build_model
 from spannorm.model_config import ModelConfig
-from spannorm.run import TrainConfig, load_config
+from spannorm.run_config import TrainConfig, load_config
 
 KEYS = (
     [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)]

@@ -144,7 +144,7 @@ def old_cell(tmp_path, monkeypatch, name, sets, attr, old):
 
     from spannorm.config import to_dict
     from spannorm.files import atomic_write_text
-    from spannorm.run import load_config
+    from spannorm.run_config import load_config
     from spannorm.schemes import SCHEMES
 
     cfg = load_config("tiny", sets)

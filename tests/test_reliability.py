@@ -19,7 +19,8 @@ from conftest import one_line_error
 from safetensors.torch import load_file, save_file
 
 from spannorm.cli import main
-from spannorm.run import RunDir, load_config, load_run, read_metrics
+from spannorm.run import RunDir, load_run, read_metrics
+from spannorm.run_config import load_config
 from spannorm.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -456,7 +457,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_resumable(corpus, tmp_path,
     import torch
     from safetensors import SafetensorError
 
-    import spannorm.run as run_mod
+    import spannorm.checkpoint as checkpoint_mod
 
     run = tmp_path / "run"
     argv = ["train", "--config", "tiny", "--corpus", str(corpus), "--out", str(run), "--quiet"]
@@ -473,7 +474,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_resumable(corpus, tmp_path,
 
     with monkeypatch.context() as m:
         if where == "weights":
-            m.setattr(run_mod, "save_model", full_weights)
+            m.setattr(checkpoint_mod, "save_model", full_weights)
         else:
             m.setattr(torch, "save", full_state)
         err = one_line_error(capsys, argv, "the disk is full (No space left on device)")

@@ -64,7 +64,7 @@ def test_aliases_are_allowed_and_copied():
 
 def test_every_shipped_config_and_study_loads():
     # (imported here: a test of what the package ships)
-    from spannorm.run import PRESETS, load_config, shipped_names
+    from spannorm.run_config import PRESETS, load_config, shipped_names
     from spannorm.study.grid import STUDIES, load_study, plan_study
 
     assert shipped_names(PRESETS) and shipped_names(STUDIES)

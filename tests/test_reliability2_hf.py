@@ -10,7 +10,7 @@ import yaml
 from conftest import one_line_error, write_corpus
 
 from spannorm.cli import main
-from spannorm.run import load_config
+from spannorm.run_config import load_config
 from spannorm.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_the_compare_report_states_the_global_batch(corpus, tmp_path, capsys, monkeypatch):
     """Defect 9: with grad_accum_steps > 1 (and under torchrun) a step trains on more than batch_size sequences."""
     from spannorm.compare import budget  # (the sentence under torchrun: WORLD_SIZE set, no process group needed)
-    from spannorm.run import load_config
+    from spannorm.run_config import load_config
 
     out = tmp_path / "cmp"
     argv = ["compare", "--config", "tiny", "--corpus", str(corpus), "--out", str(out), "--quiet", "--schemes", "span"]

@@ -18,7 +18,8 @@ from conftest import one_line_error
 from spannorm.cli import main
 from spannorm.config import ConfigError, SpannormError
 from spannorm.files import atomic_dir, locked
-from spannorm.run import RunDir, load_config, read_metrics
+from spannorm.run import RunDir, read_metrics
+from spannorm.run_config import load_config
 from spannorm.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -19,7 +19,8 @@ import yaml
 
 from spannorm.cli import main
 from spannorm.config import ConfigError
-from spannorm.run import load_config, preset_names, read_metrics
+from spannorm.run import read_metrics
+from spannorm.run_config import load_config, preset_names
 from spannorm.study import expand, load_study, plan_study, run_study, study_from_dict, study_names
 from spannorm.train import PATIENCE, train
 
@@ -931,7 +932,7 @@ def test_each_study_slot_gets_its_own_gpus(corpus, monkeypatch):
 
 def test_the_throughput_study_times_cells_of_the_fair_study():
     """docs/throughput/study.yaml (docs/performance.md) trains the fair study's own cells: same names, same configs."""
-    from spannorm.run import run_config_from_dict, same_experiment
+    from spannorm.run_config import run_config_from_dict, same_experiment
 
     root = Path(__file__).resolve().parent.parent
     cells = expand(plan_study(load_study(str(root / "docs/throughput/study.yaml"))))

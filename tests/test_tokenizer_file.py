@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 
 from spannorm.cli import main  # noqa: E402
 from spannorm.data import DataConfig, prepare  # noqa: E402
-from spannorm.run import load_config  # noqa: E402
+from spannorm.run_config import load_config  # noqa: E402
 from spannorm.train import train  # noqa: E402
 
 TEXT = "The king — and 'honour'! 日本\nA fool.\n"  # 日本: not in the training text, so byte fallback

@@ -12,7 +12,8 @@ from conftest import one_line_error
 from spannorm.cli import main
 from spannorm.config import ConfigError, to_dict
 from spannorm.files import dumps
-from spannorm.run import load_config, read_metrics
+from spannorm.run import read_metrics
+from spannorm.run_config import load_config
 from spannorm.trackers import make_trackers, scalars
 from spannorm.train import train
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from spannorm.config import ConfigError
-from spannorm.run import TrainConfig, load_config, load_run, read_metrics
+from spannorm.run import load_run, read_metrics
+from spannorm.run_config import TrainConfig, load_config
 from spannorm.train import Part, Verdict, lr_at, train
 
 

@@ -9,7 +9,8 @@ import torch
 
 from spannorm.cli import main
 from spannorm.model import build_model
-from spannorm.run import RunDir, load_config, read_metrics
+from spannorm.run import RunDir, read_metrics
+from spannorm.run_config import load_config
 from spannorm.train import initial_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

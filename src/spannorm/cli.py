@@ -272,7 +272,7 @@ def _shortcuts(args) -> list[str]:
 
 def _load(args):
     # imported here, not above: the CLI starts (--help, argument errors) without loading torch
-    from .run import load_config
+    from .run_config import load_config
 
     return load_config(args.config, list(args.overrides) + _shortcuts(args))
 
@@ -621,7 +621,7 @@ def cmd_generate(args) -> None:
     # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from transformers import TextStreamer
 
-    from .run import SEED_RANGE, valid_seed  # (run loads torch)
+    from .run_config import SEED_RANGE, valid_seed  # (run_config loads torch)
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens} is invalid: expected a positive integer")

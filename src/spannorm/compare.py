@@ -13,7 +13,8 @@ from .files import atomic_write_text
 from .model_config import Scheme
 from .output import md_table, num
 from .plotting import figure_legend, panel_grid, pyplot, save_figure, unigram_line
-from .run import Distributed, RunConfig, read_metrics
+from .run import read_metrics
+from .run_config import Distributed, RunConfig
 from .train import train_or_reuse
 
 COLUMNS = ("scheme", "final val loss", "diverged", "tokens/s", "steps", "params")

@@ -1,6 +1,6 @@
 """Configuration plumbing: user-facing errors, enum/field coercion, YAML presets, ``--set`` overrides.
 
-Every config is a dataclass whose fields carry a comment. Values are validated once, at the
+Every config is a dataclass whose fields carry their doc (:func:`option`). Values are validated once, at the
 edge: an invalid value raises :class:`ConfigError` naming the field, the value and what is
 valid. Unknown keys are errors that list the valid ones.
 """
@@ -98,6 +98,24 @@ def _coerce(tp: Any, field: str, value: Any) -> Any:
         require(isinstance(value, str), field, value, "a string")
         return value
     raise TypeError(f"unsupported config type {tp!r} for {field}")  # a bug, not user input
+
+
+def option(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A config field declared with its doc (dataclass field metadata): ``spannorm config show`` and the CLI's help
+    print the doc, so a field is described once, where it is defined."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"doc": doc})
+
+
+def described(obj: Any, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(key, value, doc) of every field of a config dataclass, nested sections flattened (``model.d_model``)."""
+    rows = []
+    for f in dataclasses.fields(obj):
+        key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += described(value, key + ".")
+        else:
+            rows.append((key, to_dict(value), f.metadata.get("doc", "")))
+    return rows
 
 
 def from_dict(cls: type, data: Any, prefix: str) -> Any:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
-from .run import Distributed, TrainConfig
+from .run_config import Distributed, TrainConfig
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import yaml
 
 from .config import ConfigError, short
 from .files import temp_dir
-from .run import load_config
+from .run_config import load_config
 
 TASKS_DIR = Path(__file__).parent / "eval_tasks"  # lm-eval tasks shipped with spannorm
 

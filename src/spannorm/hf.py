@@ -38,13 +38,15 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from .checkpoint import safetensors_os_errors
 from .config import ConfigError, SpannormError, require, short
 from .data import EOT, Tokenizer
 from .files import atomic_dir, os_error
 from .hf_model import REMOTE_MODULES, SpanNormConfig, SpanNormForCausalLM
 from .model import LM
 from .model_config import ModelConfig, NormType, QKNorm, Scheme
-from .run import RunDir, load_config, safetensors_os_errors
+from .run import RunDir
+from .run_config import load_config
 from .schemes import SCHEMES, use_final_norm, use_qk_norm, use_tied_embeddings
 
 RUN_FILE = "spannorm_run.yaml"  # the run config inside an exported folder

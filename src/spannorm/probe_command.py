@@ -22,7 +22,8 @@ from .model_config import Scheme
 from .output import md_table, num
 from .plotting import figure_legend, integer_ticks, panel_grid, pyplot, save_figure
 from .probe import layer_drop, probe
-from .run import RunConfig, RunDir
+from .run import RunDir
+from .run_config import RunConfig
 
 
 def load_checkpoint_model(run_dir) -> tuple[LM, RunConfig]:

@@ -36,7 +36,8 @@ from pathlib import Path
 
 from .config import ConfigError, to_dict
 from .files import atomic_write_text, dumps, os_error
-from .run import TRACKERS, RunDir, run_config_from_dict
+from .run import RunDir
+from .run_config import TRACKERS, run_config_from_dict
 
 REPLAY_FILE = "replay.json"  # RUN_DIR/wandb/replay.json: the W&B run of the last `spannorm track --to wandb`
 

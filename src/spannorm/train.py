@@ -53,6 +53,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import distributed
+from .checkpoint import load_checkpoint, rng_states, save_shards, sharded
 from .config import ConfigError, to_dict
 from .data import TokenData, absolute_corpus, prepare
 from .device import autocast as device_autocast
@@ -63,17 +64,8 @@ from .files import disk_full, dumps, os_error
 from .model import LM, build_model
 from .model_config import ModelConfig
 from .probe import forward_stats, grad_norms, snapshot, taps, update_ratios
-from .run import (
-    Distributed,
-    Precision,
-    RunConfig,
-    RunDir,
-    TrainConfig,
-    load_checkpoint,
-    rng_states,
-    save_shards,
-    sharded,
-)
+from .run import RunDir
+from .run_config import Distributed, Precision, RunConfig, TrainConfig
 from .trackers import Tracker, check_trackers, make_trackers
 
 NON_FINITE = "non-finite loss"

@@ -26,7 +26,8 @@ from ..data import prepare
 from ..device import resolve as resolve_device
 from ..files import atomic_write_text, dumps, temp_dir
 from ..probe_command import run_probe
-from ..run import RunConfig, RunDir, run_config_from_dict
+from ..run import RunDir
+from ..run_config import RunConfig, run_config_from_dict
 from ..train import diverged_at, train_or_reuse
 from .grid import PROBE_BATCH, Cell, StudyConfig
 

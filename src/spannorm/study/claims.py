@@ -18,7 +18,8 @@ from ..files import atomic_write_text, dumps
 from ..model import build_model
 from ..output import num
 from ..probe import probe
-from ..run import RunConfig, init_record
+from ..run import init_record
+from ..run_config import RunConfig
 from .grid import PROBE_BATCH, Cell, series_label
 from .results import aggregate, read_probe
 

@@ -19,7 +19,14 @@ from typing import Any, NamedTuple
 
 from ..config import ConfigError, apply_overrides, from_dict, read_yaml, require, to_dict
 from ..output import value
-from ..run import Distributed, RunConfig, resolve_config_path, resolve_shipped, run_config_from_dict, shipped_names
+from ..run_config import (
+    Distributed,
+    RunConfig,
+    resolve_config_path,
+    resolve_shipped,
+    run_config_from_dict,
+    shipped_names,
+)
 
 STUDIES = resources.files("spannorm") / "configs" / "studies"
 CORE = ("model.scheme", "model.n_layers", "train.lr", "train.seed")  # named in every cell's directory name
