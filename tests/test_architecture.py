@@ -1,6 +1,7 @@
 """The package's imports flow one way: no import cycle among spannorm's modules (counting the imports inside
 functions, which would otherwise hide one), and an import inside a function says why on its line or the line
-above (the CLI's start-up time, an optional dependency)."""
+above (the CLI's start-up time, an optional dependency). No function is over 60 lines and no class over 200,
+unless a comment at its top says why ("# long: ...")."""
 
 import ast
 from pathlib import Path
@@ -100,3 +101,42 @@ def test_no_import_cycle():
 def test_imports_inside_functions_say_why():
     _, silent = graph()
     assert silent == [], "\n".join(f"{m}:{line}: {text}" for m, line, text in silent)
+
+
+FUNCTION_LINES, CLASS_LINES = 60, 200
+LONG = "# long: "  # a comment at the top of a function or class (before its first statement) that says why
+
+
+def says_why_long(lines: list[str], node: ast.AST) -> bool:
+    """Whether a comment "# long: <why>" stands between the def/class line and its first statement after the
+    docstring."""
+    body = node.body[1:] if ast.get_docstring(node) is not None and len(node.body) > 1 else node.body
+    return any(line.strip().startswith(LONG) for line in lines[node.lineno - 1 : body[0].lineno - 1])
+
+
+def too_long(source: str) -> list[tuple[str, int, int]]:
+    """(name, line, lines) of each function over FUNCTION_LINES and class over CLASS_LINES that does not say why."""
+    lines, found = source.splitlines(), []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            n = node.end_lineno - node.lineno + 1
+            limit = CLASS_LINES if isinstance(node, ast.ClassDef) else FUNCTION_LINES
+            if n > limit and not says_why_long(lines, node):
+                found.append((node.name, node.lineno, n))
+    return found
+
+
+def test_the_length_check_can_fail():
+    body = "\n".join(f"    x{i} = {i}" for i in range(60))
+    assert too_long(f"def f():\n{body}\n") == [("f", 1, 61)]
+    assert too_long(f'def f():\n    """Doc."""\n    # long: a table, one row a line\n{body}\n') == []
+    assert too_long(f"def f():\n    x = 1\n    # long: too late, below its first statement\n{body}\n") != []
+
+
+def test_no_long_function_or_class_without_a_reason():
+    found = [
+        f"{path.relative_to(PACKAGE.parent)}:{line} {name}: {n} lines"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for name, line, n in too_long(path.read_text())
+    ]
+    assert found == [], "\n".join(found)

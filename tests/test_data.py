@@ -8,7 +8,8 @@ import pytest
 from spannorm import ConfigError, SpannormError
 from spannorm import corpus_fetch as fetch_mod
 from spannorm.cli import main
-from spannorm.data import DataConfig, TokenData, load_documents, prepare, split_documents
+from spannorm.data import TokenData, load_documents, prepare, split_documents
+from spannorm.data_config import DataConfig
 
 
 def test_split_is_by_document_and_deterministic(corpus, tmp_path):

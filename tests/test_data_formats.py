@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from spannorm.cli import main
-from spannorm.data import DataConfig, prepare
+from spannorm.data import prepare
+from spannorm.data_config import DataConfig
 
 DOCS = {f"doc{i}.txt": f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * (40 + i) for i in range(8)}
 

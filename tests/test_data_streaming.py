@@ -9,12 +9,14 @@ import sys
 import numpy as np
 import pytest
 
-from spannorm.data import DataConfig, load_documents, prepare, split_documents
+from spannorm.data import load_documents, prepare, split_documents
+from spannorm.data_config import DataConfig
 
 MEASURE = """
 import json, sys, time
 from pathlib import Path
-from spannorm.data import DataConfig, prepare
+from spannorm.data import prepare
+from spannorm.data_config import DataConfig
 
 def status(key):
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key)) * 1024

@@ -165,7 +165,7 @@ def test_probe_bad_inputs(capsys, tmp_path):
     assert main(["probe", "--depths", "12,x"]) == 2
     assert "--depths '12,x' is invalid" in capsys.readouterr().err
     assert main(["probe", "--scheme", "bogus"]) == 2
-    assert "--scheme='bogus' is invalid" in capsys.readouterr().err
+    assert "--schemes='bogus' is invalid" in capsys.readouterr().err
     assert main(["probe", "--checkpoint", str(tmp_path)]) == 2
     assert "holds no run" in capsys.readouterr().err
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from spannorm.cli import main
 from spannorm.config import ConfigError
-from spannorm.data import DataConfig
+from spannorm.data_config import DataConfig
 from spannorm.model import build_model
 from spannorm.model_config import ModelConfig
 from spannorm.run_config import TrainConfig, load_config

@@ -12,7 +12,8 @@ from conftest import one_line_error, write_corpus
 pytest.importorskip("transformers")
 
 from spannorm.cli import main  # noqa: E402
-from spannorm.data import DataConfig, prepare  # noqa: E402
+from spannorm.data import prepare  # noqa: E402
+from spannorm.data_config import DataConfig
 from spannorm.run_config import load_config  # noqa: E402
 from spannorm.train import train  # noqa: E402
 

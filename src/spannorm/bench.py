@@ -62,6 +62,27 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _hf_llama(s: dict, depth: int):
+    """Hugging Face's LlamaForCausalLM of our standard size ``s`` (the reference every scheme is timed against)."""
+    from transformers import LlamaConfig, LlamaForCausalLM  # (here: only the reference needs transformers)
+
+    cfg = LlamaConfig(
+        vocab_size=s["vocab_size"],
+        hidden_size=s["d_model"],
+        intermediate_size=ModelConfig(d_model=s["d_model"], n_heads=s["n_heads"]).ffn_dim,
+        num_hidden_layers=depth,
+        num_attention_heads=s["n_heads"],
+        num_key_value_heads=s["n_heads"],
+        max_position_embeddings=s["seq_len"],
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        mlp_bias=False,
+    )
+    cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(cfg)
+
+
 def _build(case: Case):
     """The model, a step function (forward + backward + AdamW; it waits for the device) and the
     training forward alone (returns the loss), on a fixed batch."""
@@ -69,24 +90,7 @@ def _build(case: Case):
     if device.type == "cuda":
         set_tf32(case.tf32)
     if case.impl == "hf-llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        ffn = ModelConfig(d_model=s["d_model"], n_heads=s["n_heads"]).ffn_dim
-        cfg = LlamaConfig(
-            vocab_size=s["vocab_size"],
-            hidden_size=s["d_model"],
-            intermediate_size=ffn,
-            num_hidden_layers=case.depth,
-            num_attention_heads=s["n_heads"],
-            num_key_value_heads=s["n_heads"],
-            max_position_embeddings=s["seq_len"],
-            rms_norm_eps=1e-6,
-            tie_word_embeddings=True,
-            attention_bias=False,
-            mlp_bias=False,
-        )
-        cfg._attn_implementation = "sdpa"
-        model = LlamaForCausalLM(cfg).to(device)
+        model = _hf_llama(s, case.depth).to(device)
         forward = torch.compile(model) if case.compile else model
 
         def loss_fn(x, y):
@@ -285,19 +289,8 @@ def run(all_cases: list[Case], reps: int = 5, log=print) -> dict:
     return {"matmul_peak_flops": peaks, "rows": rows}
 
 
-def ratios(result: dict) -> list[str]:
-    """The headline ratios (eager unless marked): span vs pre, pre vs HF Llama, compiled vs eager,
-    and a linear fit of step time over depth."""
-    import numpy as np
-
-    rows = result["rows"]
-    L0 = (
-        size(
-            Case(**{k: rows[0][k] for k in ("impl", "scheme", "depth", "dtype")}, device=rows[0].get("device", "cpu"))
-        )["n_layers"]
-        if rows
-        else STANDARD["n_layers"]
-    )
+def _finder(rows: list[dict], L0: int):
+    """find(impl, scheme, dtype, compiled, depth, group): the row of that case in ``rows`` (None: not timed)."""
 
     def find(impl, scheme, dtype, compiled=False, depth=L0, group="main"):
         return next(
@@ -310,6 +303,90 @@ def ratios(result: dict) -> list[str]:
             None,
         )
 
+    return find
+
+
+def _by_depth(find, rows: list[dict], dtype: str) -> list[str]:
+    """Each headline ratio at every depth of the sweep (one depth's ratio is as noisy as the machine)."""
+    lines = []
+    ours_pre, ours_span, hf_pre = ("spannorm", "pre"), ("spannorm", "span"), ("hf-llama", "pre")
+    for name, numerator, denominator, attr in (
+        ("span/pre step time", ours_span, ours_pre, "step_s"),
+        ("span/pre saved activations", ours_span, ours_pre, "saved_mb"),
+        ("spannorm pre / HF Llama tokens/s", ours_pre, hf_pre, "tokens_per_s"),
+        ("spannorm pre / HF Llama saved activations", ours_pre, hf_pre, "saved_mb"),
+    ):
+        by_depth = {}
+        for d in sorted({r["depth"] for r in rows}):
+            a, b = find(*numerator, dtype, depth=d), find(*denominator, dtype, depth=d)
+            if a and b and a.get(attr) and b.get(attr):  # saved_mb: absent in older results
+                by_depth[d] = a[attr] / b[attr]
+        if len(by_depth) > 1:
+            geo = math.exp(sum(math.log(v) for v in by_depth.values()) / len(by_depth))
+            lines.append(
+                f"{dtype}: {name} by depth: "
+                + ", ".join(f"L={d} {v:.3f}x" for d, v in by_depth.items())
+                + f" (geometric mean {geo:.3f}x)"
+            )
+    return lines
+
+
+def _compiled(find, dtype: str) -> list[str]:
+    """The compiled ratios: spannorm pre against HF Llama, span against pre, and each compiled against eager."""
+    lines = []
+    cpre, chf = (find(impl, "pre", dtype, True, group="compile") for impl in ("spannorm", "hf-llama"))
+    if cpre and chf:
+        lines.append(
+            f"{dtype} compiled: spannorm pre / HF Llama tokens/s {cpre['tokens_per_s'] / chf['tokens_per_s']:.3f}x"
+        )
+    cspan = find("spannorm", "span", dtype, True, group="compile")
+    if cpre and cspan:
+        lines.append(f"{dtype} compiled: span/pre step time {cspan['step_s'] / cpre['step_s']:.3f}x")
+    for impl, scheme in (("spannorm", "pre"), ("spannorm", "span"), ("hf-llama", "pre")):
+        eager, compiled = (find(impl, scheme, dtype, c, group="compile") for c in (False, True))
+        if eager and compiled:
+            lines.append(
+                f"{dtype}: {impl} {scheme} compiled / eager tokens/s "
+                f"{compiled['tokens_per_s'] / eager['tokens_per_s']:.3f}x"
+            )
+    return lines
+
+
+def _depth_fits(rows: list[dict], dtype: str) -> list[str]:
+    """A linear fit of eager step time over depth, for pre, span and HF Llama (three depths or more)."""
+    import numpy as np  # (here: the CLI starts without numpy)
+
+    lines = []
+    for impl, scheme in (("spannorm", "pre"), ("spannorm", "span"), ("hf-llama", "pre")):
+        pts = sorted(
+            (r["depth"], r["step_s"])
+            for r in rows
+            if (r["impl"], r["scheme"], r["dtype"]) == (impl, scheme, dtype)
+            and not r.get("compile", False)
+            and r.get("group", "main") == "main"
+        )
+        if len(pts) >= 3:
+            x, y = np.array(pts, dtype=float).T
+            slope, icpt = np.polyfit(x, y, 1)
+            r2 = 1 - ((y - (slope * x + icpt)) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+            lines.append(
+                f"{dtype}: {impl} {scheme} step time = {icpt * 1e3:.1f} ms + {slope * 1e3:.2f} ms × L (R² {r2:.4f})"
+            )
+    return lines
+
+
+def ratios(result: dict) -> list[str]:
+    """The headline ratios (eager unless marked): span vs pre, pre vs HF Llama, compiled vs eager,
+    and a linear fit of step time over depth."""
+    rows = result["rows"]
+    L0 = (
+        size(
+            Case(**{k: rows[0][k] for k in ("impl", "scheme", "depth", "dtype")}, device=rows[0].get("device", "cpu"))
+        )["n_layers"]
+        if rows
+        else STANDARD["n_layers"]
+    )
+    find = _finder(rows, L0)
     lines = []
     for dtype in ("fp32", "bf16"):
         pre, span, hf = find("spannorm", "pre", dtype), find("spannorm", "span", dtype), find("hf-llama", "pre", dtype)
@@ -320,40 +397,7 @@ def ratios(result: dict) -> list[str]:
             )
         if pre and hf:
             lines.append(f"{dtype}: spannorm pre / HF Llama tokens/s {pre['tokens_per_s'] / hf['tokens_per_s']:.3f}x")
-        ours_pre, ours_span, hf_pre = ("spannorm", "pre"), ("spannorm", "span"), ("hf-llama", "pre")
-        for name, numerator, denominator, attr in (
-            ("span/pre step time", ours_span, ours_pre, "step_s"),
-            ("span/pre saved activations", ours_span, ours_pre, "saved_mb"),
-            ("spannorm pre / HF Llama tokens/s", ours_pre, hf_pre, "tokens_per_s"),
-            ("spannorm pre / HF Llama saved activations", ours_pre, hf_pre, "saved_mb"),
-        ):
-            by_depth = {}  # the ratio at every depth of the sweep: one depth's ratio is as noisy as the machine
-            for d in sorted({r["depth"] for r in rows}):
-                a, b = find(*numerator, dtype, depth=d), find(*denominator, dtype, depth=d)
-                if a and b and a.get(attr) and b.get(attr):  # saved_mb: absent in older results
-                    by_depth[d] = a[attr] / b[attr]
-            if len(by_depth) > 1:
-                geo = math.exp(sum(math.log(v) for v in by_depth.values()) / len(by_depth))
-                lines.append(
-                    f"{dtype}: {name} by depth: "
-                    + ", ".join(f"L={d} {v:.3f}x" for d, v in by_depth.items())
-                    + f" (geometric mean {geo:.3f}x)"
-                )
-        cpre, chf = (find(impl, "pre", dtype, True, group="compile") for impl in ("spannorm", "hf-llama"))
-        if cpre and chf:
-            lines.append(
-                f"{dtype} compiled: spannorm pre / HF Llama tokens/s {cpre['tokens_per_s'] / chf['tokens_per_s']:.3f}x"
-            )
-        cspan = find("spannorm", "span", dtype, True, group="compile")
-        if cpre and cspan:
-            lines.append(f"{dtype} compiled: span/pre step time {cspan['step_s'] / cpre['step_s']:.3f}x")
-        for impl, scheme in (("spannorm", "pre"), ("spannorm", "span"), ("hf-llama", "pre")):
-            eager, compiled = (find(impl, scheme, dtype, c, group="compile") for c in (False, True))
-            if eager and compiled:
-                lines.append(
-                    f"{dtype}: {impl} {scheme} compiled / eager tokens/s "
-                    f"{compiled['tokens_per_s'] / eager['tokens_per_s']:.3f}x"
-                )
+        lines += _by_depth(find, rows, dtype) + _compiled(find, dtype)
         peers = [r for r in rows if r.get("group") == "peers" and r["dtype"] == dtype]
         anchor = next((r for r in peers if r["scheme"] == "pre"), None)
         if anchor:
@@ -361,21 +405,7 @@ def ratios(result: dict) -> list[str]:
                 f"{dtype}: step time / pre's, every scheme at L={L0}: "
                 + ", ".join(f"{r['scheme']} {r['step_s'] / anchor['step_s']:.2f}" for r in peers if r is not anchor)
             )
-        for impl, scheme in (("spannorm", "pre"), ("spannorm", "span"), ("hf-llama", "pre")):
-            pts = sorted(
-                (r["depth"], r["step_s"])
-                for r in rows
-                if (r["impl"], r["scheme"], r["dtype"]) == (impl, scheme, dtype)
-                and not r.get("compile", False)
-                and r.get("group", "main") == "main"
-            )
-            if len(pts) >= 3:
-                x, y = np.array(pts, dtype=float).T
-                slope, icpt = np.polyfit(x, y, 1)
-                r2 = 1 - ((y - (slope * x + icpt)) ** 2).sum() / ((y - y.mean()) ** 2).sum()
-                lines.append(
-                    f"{dtype}: {impl} {scheme} step time = {icpt * 1e3:.1f} ms + {slope * 1e3:.2f} ms × L (R² {r2:.4f})"
-                )
+        lines += _depth_fits(rows, dtype)
     return lines
 
 

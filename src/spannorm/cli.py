@@ -18,10 +18,24 @@ from .threads import fit_threads
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit code 2, no usage dump)."""
+    """argparse with one-line errors (exit code 2, no usage dump); a command that takes --config lists, in its
+    --help, every config key with its doc (from the fields' declarations: :func:`spannorm.config.option`)."""
+
+    lists_config_keys = False
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def format_help(self) -> str:
+        if not self.lists_config_keys:
+            return super().format_help()
+        # (here: only a help that lists the keys reads the config layer, which imports neither torch nor the model)
+        from .config import described
+        from .run_config import RunConfig
+
+        keys = [f"  {key} (default {short(value)}): {doc}" for key, value, doc in described(RunConfig())]
+        head = "config keys (--set KEY=VALUE; spannorm config show prints a config's values with these docs):"
+        return super().format_help() + "\n" + "\n".join([head, *keys]) + "\n"
 
 
 def _path(text: str) -> Path:
@@ -31,7 +45,8 @@ def _path(text: str) -> Path:
     return Path(text)
 
 
-def _config_args(p: argparse.ArgumentParser, default: str | None) -> None:
+def _config_args(p: Parser, default: str | None) -> None:
+    p.lists_config_keys = True
     p.add_argument(
         "--config",
         default=default,
@@ -64,16 +79,22 @@ def _model_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto (CUDA when available, else CPU; the default), cpu, cuda or cuda:N")
 
 
-def build_parser() -> Parser:
-    parser = Parser(prog="spannorm", description="Train and compare normalization schemes for deep Transformers.")
-    parser.add_argument("--version", action="version", version=f"spannorm {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-
+def _data_command(sub) -> None:
     data = sub.add_parser("data", help="corpus and tokenizer tools")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
     prep = data_sub.add_parser("prepare", help="fetch the corpus and tokenize it into memmaps (cached)")
     _config_args(prep, "tiny")
 
+
+def _config_command(sub) -> None:
+    conf = sub.add_parser("config", help="configs: show one resolved, each field with its doc")
+    conf_sub = conf.add_subparsers(dest="config_command", required=True, parser_class=Parser)
+    show = conf_sub.add_parser("show", help="print a config resolved (preset or file, --set) as YAML with each doc")
+    _config_args(show, "tiny")
+    _device_arg(show)
+
+
+def _train_command(sub) -> None:
     tr = sub.add_parser("train", help="train one model")
     _config_args(tr, None)
     tr.add_argument("--out", type=_path, help="run directory (default runs/<config>-<scheme>-<time>)")
@@ -89,17 +110,28 @@ def build_parser() -> Parser:
     )
     _device_arg(tr)
 
+
+def _probe_command(sub) -> None:
     pr = sub.add_parser("probe", help="signal propagation at init (or on a checkpoint), measured and predicted")
     _config_args(pr, "small")
-    pr.add_argument("--scheme", default="pre,post,span", help="comma-separated schemes (default pre,post,span)")
+    pr.add_argument(  # (--scheme: its name before every command said --schemes)
+        "--schemes", "--scheme", dest="schemes", default="pre,post,span", help="comma-separated (default pre,post,span)"
+    )
     pr.add_argument("--depths", default="12,48,96", help="comma-separated depths L (default 12,48,96)")
     pr.add_argument("--d-model", type=int, help="width (default: the config's model.d_model)")
     _device_arg(pr)
-    pr.add_argument("--batch", type=int, default=4, help="sequences in the probe batch (default 4)")
+    pr.add_argument(  # (--batch: its name before every command said --batch-size)
+        "--batch-size",
+        "--batch",
+        dest="batch_size",
+        type=int,
+        default=4,
+        help="sequences in the probe batch (default 4)",
+    )
     pr.add_argument(
         "--checkpoint",
         type=_path,
-        help="a run directory: probe its latest checkpoint (with its own config; --scheme, "
+        help="a run directory: probe its latest checkpoint (with its own config; --schemes, "
         "--depths, --d-model and --config are not used) and add layer-drop sensitivity",
     )
     pr.add_argument(
@@ -109,6 +141,8 @@ def build_parser() -> Parser:
         help="output JSON (default runs/probe/probe.json); PNG plots are written beside it",
     )
 
+
+def _bench_command(sub) -> None:
     be = sub.add_parser("bench", help="training-step speed and memory of every scheme and of HF Llama")
     be.add_argument("--schemes", default=",".join(s.value for s in Scheme), help="comma-separated (default: all)")
     be.add_argument(
@@ -144,11 +178,15 @@ def build_parser() -> Parser:
         "with the same active parameters (3 interleaved rounds per dtype; --schemes, --depths, HF unused)",
     )
 
+
+def _schemes_command(sub) -> None:
     sch = sub.add_parser("schemes", help="list every normalization scheme with its equation, init and reference")
     fmt = sch.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print a JSON list of {name, equation, init, reference}")
     fmt.add_argument("--markdown", action="store_true", help="print a Markdown table (as in the README)")
 
+
+def _compare_command(sub) -> None:
     cmp_ = sub.add_parser("compare", help="train several schemes and compare them (the main job)")
     _config_args(cmp_, "small")
     cmp_.add_argument("--schemes", default="pre,post,span", help="comma-separated schemes (default pre,post,span)")
@@ -156,6 +194,8 @@ def build_parser() -> Parser:
     cmp_.add_argument("--quiet", action="store_true", help="no progress bars")
     _device_arg(cmp_)
 
+
+def _study_command(sub) -> None:
     st = sub.add_parser(
         "study",
         help="a grid of runs (schemes × depths × lrs × seeds) with results.csv, "
@@ -192,6 +232,8 @@ def build_parser() -> Parser:
     st.add_argument("--quiet", action="store_true", help="no per-cell progress lines")
     _device_arg(st)
 
+
+def _export_command(sub) -> None:
     ex = sub.add_parser(
         "export", help="a run's newest checkpoint as a Hugging Face folder (config, safetensors, tokenizer)"
     )
@@ -205,6 +247,8 @@ def build_parser() -> Parser:
         "LlamaForCausalLM: pre models with RMSNorm and a dense FFN only)",
     )
 
+
+def _generate_command(sub) -> None:
     ge = sub.add_parser("generate", help="continue a prompt with a run or a Hugging Face folder, streaming the tokens")
     ge.add_argument("model", type=_path, metavar="RUN_OR_HF_DIR", help="a run directory or a Hugging Face folder")
     ge.add_argument("--prompt", required=True, help="the text to continue")
@@ -219,6 +263,8 @@ def build_parser() -> Parser:
     ge.add_argument("--seed", type=int, help="seed of the sampling (default: unseeded)")
     _model_device_arg(ge)
 
+
+def _eval_command(sub) -> None:
     ev = sub.add_parser("eval", help="loss, perplexity and bits per byte over the validation split and text files")
     ev.add_argument("model", type=_path, metavar="RUN_OR_HF_DIR", help="a run directory or a Hugging Face folder")
     ev.add_argument(
@@ -249,6 +295,8 @@ def build_parser() -> Parser:
     ev.add_argument("--limit", type=int, metavar="N", help="--lm-eval: score only the first N items of each task")
     _model_device_arg(ev)
 
+
+def _track_command(sub) -> None:
     tk = sub.add_parser("track", help="replay a run's metrics.jsonl and diagnostics.jsonl into TensorBoard or W&B")
     tk.add_argument("run_dir", type=_path, metavar="RUN_DIR", help="the run directory")
     tk.add_argument(
@@ -260,7 +308,35 @@ def build_parser() -> Parser:
     )
     tk.add_argument("--wandb-mode", help="offline, online or disabled (default: the run's train.wandb_mode)")
     tk.add_argument("--wandb-project", help="the W&B project (default: the run's train.wandb_project)")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="spannorm", description="Train and compare normalization schemes for deep Transformers.")
+    parser.add_argument("--version", action="version", version=f"spannorm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    _data_command(sub)
+    _config_command(sub)
+    _train_command(sub)
+    _probe_command(sub)
+    _bench_command(sub)
+    _schemes_command(sub)
+    _compare_command(sub)
+    _study_command(sub)
+    _export_command(sub)
+    _generate_command(sub)
+    _eval_command(sub)
+    _track_command(sub)
     return parser
+
+
+def synopsis(parser: argparse.ArgumentParser | None = None) -> str:
+    """One usage line per command, as argparse writes it (the README's command synopsis, checked by a test)."""
+    parser = parser or build_parser()
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if sub is not None:
+        return "\n".join(synopsis(p) for p in sub.choices.values())
+    parser.formatter_class = lambda prog: argparse.HelpFormatter(prog, width=10**4)  # (one line a command)
+    return parser.format_usage().strip().removeprefix("usage: ").replace(" [-h]", "")
 
 
 def _shortcuts(args) -> list[str]:
@@ -275,6 +351,13 @@ def _load(args):
     from .run_config import load_config
 
     return load_config(args.config, list(args.overrides) + _shortcuts(args))
+
+
+def cmd_config_show(args) -> None:
+    from .config import commented_yaml  # (here: the CLI starts without the config layer)
+
+    command = shlex.join(["spannorm", *args.argv])
+    print(f"# {command}: a config --config reads back\n{commented_yaml(_load(args))}")
 
 
 def cmd_data_prepare(args) -> None:
@@ -433,19 +516,19 @@ def cmd_probe(args) -> None:
     # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from .probe_command import plot_heatmaps, plot_probe, probe_table, read_diagnostics, run_probe
 
-    if args.batch < 1:
-        raise ConfigError(f"--batch {args.batch} is invalid: expected a positive integer")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size} is invalid: expected a positive integer")
     _output_file("--json", args.json)
     if args.checkpoint is not None:
         schemes, depths, cfg = [], [], None
     else:
-        schemes = _schemes("--scheme", args.scheme)
+        schemes = _schemes("--schemes", args.schemes)
         depths = _int_list("--depths", args.depths)
         if args.d_model is not None:
             args.overrides = list(args.overrides) + [f"model.d_model={args.d_model}"]
         cfg = _load(args)
-        _check_probe_size(cfg, schemes, depths, args.batch)
-    runs = run_probe(cfg, schemes, depths, args.batch, checkpoint=args.checkpoint, device=args.device)
+        _check_probe_size(cfg, schemes, depths, args.batch_size)
+    runs = run_probe(cfg, schemes, depths, args.batch_size, checkpoint=args.checkpoint, device=args.device)
     atomic_write_text(args.json, dumps({"runs": runs}, indent=1))
     plots = [args.json.with_suffix(".png")]
     plot_probe(runs, plots[0])
@@ -745,6 +828,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     handler = {
+        "config": cmd_config_show,
         "data": cmd_data_prepare,
         "train": cmd_train,
         "compare": cmd_compare,

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import os
+import re
 import select
 import stat
+import textwrap
 import time
 import types
 import typing
@@ -100,10 +103,61 @@ def _coerce(tp: Any, field: str, value: Any) -> Any:
     raise TypeError(f"unsupported config type {tp!r} for {field}")  # a bug, not user input
 
 
-def option(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
-    """A config field declared with its doc (dataclass field metadata): ``spannorm config show`` and the CLI's help
-    print the doc, so a field is described once, where it is defined."""
-    return dataclasses.field(default=default, default_factory=factory, metadata={"doc": doc})
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
+
+
+def valid_device(spec) -> bool:
+    """Whether ``spec`` is a device setting: auto, cpu, cuda or cuda:N (N a device index, at most 4 digits)."""
+    return isinstance(spec, str) and re.fullmatch(r"auto|cpu|cuda(:\d{1,4})?", spec) is not None
+
+
+class Bound(typing.NamedTuple):
+    """What a config field's value must be (``ok``) and the words an error names it with (``valid``)."""
+
+    ok: typing.Callable[[Any], bool]
+    valid: str
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+BOOL = Bound(lambda v: isinstance(v, bool), "true or false")
+POSITIVE_INT = Bound(lambda v: is_int(v) and v > 0, "a positive integer")
+POSITIVE_NUMBER = Bound(lambda v: is_number(v) and v > 0, "a positive number")
+
+
+def int_at_least(low: int, valid: str | None = None) -> Bound:
+    return Bound(lambda v: is_int(v) and v >= low, valid or f"an integer >= {low}")
+
+
+def number_in(interval: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> Bound:
+    """A number in ``interval`` (its text: "[0, 1)"), from ``low`` to ``high``, each end open or closed."""
+
+    def ok(v) -> bool:
+        return is_number(v) and (low < v if low_open else low <= v) and (v < high if high_open else v <= high)
+
+    return Bound(ok, f"a number in {interval}")
+
+
+def option(
+    default: Any = dataclasses.MISSING, doc: str = "", bound: Bound | None = None, *, factory: Any = dataclasses.MISSING
+) -> Any:
+    """A config field declared with its doc and, where it has one, its bound (dataclass field metadata):
+    ``spannorm config show`` and the CLI's help print the doc, :func:`check_bounds` applies the bound."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"doc": doc, "bound": bound})
+
+
+def check_bounds(obj: Any, prefix: str) -> None:
+    """Refuse, in one line, the first field of a config dataclass whose value is out of its declared bound."""
+    for f in dataclasses.fields(obj):
+        if (bound := f.metadata.get("bound")) is not None:
+            value = getattr(obj, f.name)
+            require(bound.ok(value), f"{prefix}.{f.name}", value, bound.valid)
 
 
 def described(obj: Any, prefix: str = "") -> list[tuple[str, Any, str]]:
@@ -116,6 +170,20 @@ def described(obj: Any, prefix: str = "") -> list[tuple[str, Any, str]]:
         else:
             rows.append((key, to_dict(value), f.metadata.get("doc", "")))
     return rows
+
+
+def commented_yaml(obj: Any, indent: int = 0) -> str:
+    """A config dataclass as the YAML ``--config`` reads back, each field under its doc (as comments)."""
+    pad, lines = "  " * indent, []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        lines += [f"{pad}# {line}" for line in textwrap.wrap(f.metadata.get("doc", ""), 118 - len(pad))]
+        if dataclasses.is_dataclass(value):
+            lines += [f"{pad}{f.name}:", commented_yaml(value, indent + 1)]
+        else:  # (a one-element flow list, unwrapped: the scalar or list as YAML writes it inline)
+            inline = yaml.safe_dump([to_dict(value)], default_flow_style=True, width=math.inf).strip()[1:-1]
+            lines.append(f"{pad}{f.name}: {inline}")
+    return "\n".join(lines)
 
 
 def from_dict(cls: type, data: Any, prefix: str) -> Any:

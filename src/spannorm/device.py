@@ -8,18 +8,10 @@ initial weights on every device; the data order comes from a CPU generator, so i
 from __future__ import annotations
 
 import contextlib
-import re
 
 import torch
 
-from .config import ConfigError
-
-DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
-
-
-def valid_device(spec) -> bool:
-    """Whether ``spec`` is a device setting: auto, cpu, cuda or cuda:N (N a device index, at most 4 digits)."""
-    return isinstance(spec, str) and re.fullmatch(r"auto|cpu|cuda(:\d{1,4})?", spec) is not None
+from .config import DEVICE_FORMS, ConfigError, valid_device
 
 
 def resolve(spec: str, field: str = "train.device") -> torch.device:

@@ -40,7 +40,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from .checkpoint import safetensors_os_errors
 from .config import ConfigError, SpannormError, require, short
-from .data import EOT, Tokenizer
+from .data_config import EOT, Tokenizer
 from .files import atomic_dir, os_error
 from .hf_model import REMOTE_MODULES, SpanNormConfig, SpanNormForCausalLM
 from .model import LM

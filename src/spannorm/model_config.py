@@ -10,7 +10,7 @@ import enum
 import math
 from dataclasses import dataclass
 
-from .config import coerce_enum, require
+from .config import POSITIVE_NUMBER, Bound, check_bounds, coerce_enum, is_int, is_number, option, require
 
 
 class Scheme(str, enum.Enum):
@@ -91,51 +91,95 @@ class DyTRecipe(str, enum.Enum):
 
 MAX_EXPERTS = 4096  # routed or shared experts per MoE layer (today's largest models use a few hundred)
 MAX_SIZE = 2**20  # vocab, width, depth, heads, FFN width: above it a weight matrix could not even be indexed
+SIZE = Bound(lambda v: is_int(v) and 0 < v <= MAX_SIZE, f"a positive integer (at most {MAX_SIZE:,})")
+SIZE_OR_NULL = Bound(lambda v: v is None or SIZE.ok(v), f"{SIZE.valid} or null")
+# (the init of an MoE draws 2^16 router samples per expert: a bound keeps that finite)
+EXPERTS = Bound(lambda v: is_int(v) and 0 <= v <= MAX_EXPERTS, f"an integer in [0, {MAX_EXPERTS}]")
 
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 256  # number of token ids (256 for the byte tokenizer)
-    d_model: int = 128  # width of the residual stream
-    n_layers: int = 6  # number of transformer blocks L
-    n_heads: int = 4  # attention heads; must divide d_model, head size must be even (RoPE)
-    d_ff: int | None = None  # SwiGLU hidden width; None: 8/3·d_model rounded up to a multiple of 32
-    scheme: Scheme = Scheme.SPAN  # normalization placement (see `spannorm schemes`)
-    norm: NormType = NormType.RMS  # norm type N: rms, layer, dyt or derf
-    norm_eps: float = 1e-6  # epsilon inside every rms/layer norm
-    dyt_alpha0: float = 0.5  # initial α of the dyt and derf norm types (dyt_recipe=plain)
-    # norm=dyt or derf only: plain (γ·tanh(α·x) + β, α₀ = dyt_alpha0 at every site) or llm (Zhu et al.'s LLaMA
-    # recipe: no β, α₀ per site, a learnable scalar sqrt(d) after the embedding; derf keeps β); no effect otherwise
-    dyt_recipe: DyTRecipe = DyTRecipe.PLAIN
-    # dyt_recipe=llm: α₀ of the attention-input DyT and of every other DyT. Defaults: the authors' LLaMA2-7B
-    # values (13B: 0.6/0.15; 34B, 70B: 0.2/0.05). Our models are far narrower, and the authors found α₀ should
-    # grow as the width shrinks (the paper; not verified here), so these are likely too small for us.
-    dyt_alpha0_attn: float = 0.8
-    dyt_alpha0_other: float = 0.2
-    final_norm: bool | None = None  # norm before the LM head; None: the scheme's default
-    # share the token embedding with the LM head; None: the scheme's recommended choice with init=recommended,
-    # True with init=shared (one recipe for every scheme)
-    tie_embeddings: bool | None = None
-    rope_theta: float = 10000.0  # rotary embedding base
-    # norms of type `norm` on the queries and keys before RoPE, with any scheme: none, head (per head, over the head
-    # size, a gain shared by the heads: Qwen3, torchtitan) or all (over all heads, d_model wide: OLMo 2); None: the
-    # scheme's recipe (all for olmo2, none for the others)
-    qk_norm: QKNorm | None = None
-    init: InitMode = InitMode.RECOMMENDED  # recommended (each scheme's own rule) or shared
-    # base std of the init rules; null: the scheme's width rule (`spannorm schemes`: the fan-in 1/sqrt(d_model), or
-    # its authors' constant carried from the width they tuned it at); a number: that std at every width
-    init_std: float | None = None
-    init_scale: float = 1.0  # every weight std of the init rule × this (the fair study's init axis); norms untouched
-    span_scale: SpanScale = SpanScale.NORM  # SpanNorm scaling: norm, multiplier, init or none (docs/spannorm-lr.md)
-    span_c: float = 1.0  # SpanNorm's c: target branch variance c/L
-    deepscale_k: float = 1.0  # DeepScaleLM's k: branch weight β² = k/L (at most L)
-    n_experts: int = 0  # 0: dense SwiGLU FFN; >= 1: MoE FFN with this many routed experts
-    top_k: int = 2  # routed experts per token (at most n_experts)
-    n_shared_experts: int = 0  # experts every token passes through, besides the routed ones
-    expert_d_ff: int | None = None  # hidden width of one expert; None: ceil(ffn_dim / (top_k + n_shared_experts))
-    capacity_factor: float | None = None  # None: dropless; c: an expert takes at most ceil(c·N·k/E) assignments
-    moe_aux_coef: float = 0.01  # weight of the load-balancing loss E·Σ f_i·P_i (mean over MoE layers)
-    moe_z_coef: float = 0.001  # weight of the router z-loss mean(logsumexp(logits)²) (mean over MoE layers)
+    vocab_size: int = option(256, "number of token ids (256 for the byte tokenizer)", SIZE)
+    d_model: int = option(128, "width of the residual stream", SIZE)
+    n_layers: int = option(6, "number of transformer blocks L", SIZE)
+    n_heads: int = option(4, "attention heads; must divide d_model, head size must be even (RoPE)", SIZE)
+    d_ff: int | None = option(
+        None, "SwiGLU hidden width; None: 8/3·d_model rounded up to a multiple of 32", SIZE_OR_NULL
+    )
+    scheme: Scheme = option(Scheme.SPAN, "normalization placement (see `spannorm schemes`)")
+    norm: NormType = option(NormType.RMS, "norm type N: rms, layer, dyt or derf")
+    norm_eps: float = option(1e-6, "epsilon inside every rms/layer norm", POSITIVE_NUMBER)
+    dyt_alpha0: float = option(0.5, "initial α of the dyt and derf norm types (dyt_recipe=plain)", POSITIVE_NUMBER)
+    dyt_recipe: DyTRecipe = option(
+        DyTRecipe.PLAIN,
+        "norm=dyt or derf only: plain (γ·tanh(α·x) + β, α₀ = dyt_alpha0 at every site) or llm (Zhu et al.'s LLaMA "
+        "recipe: no β, α₀ per site, a learnable scalar sqrt(d) after the embedding; derf keeps β); no effect "
+        "otherwise",
+    )
+    # (the defaults: the authors' LLaMA2-7B values; 13B: 0.6/0.15; 34B, 70B: 0.2/0.05. Our models are far narrower,
+    # and the authors found α₀ should grow as the width shrinks (the paper; not verified here): likely too small)
+    dyt_alpha0_attn: float = option(
+        0.8, "dyt_recipe=llm: α₀ of the attention-input DyT (the authors' LLaMA2-7B value)", POSITIVE_NUMBER
+    )
+    dyt_alpha0_other: float = option(
+        0.2, "dyt_recipe=llm: α₀ of every other DyT (the authors' LLaMA2-7B value)", POSITIVE_NUMBER
+    )
+    final_norm: bool | None = option(None, "norm before the LM head; None: the scheme's default")
+    tie_embeddings: bool | None = option(
+        None,
+        "share the token embedding with the LM head; None: the scheme's recommended choice with init=recommended, "
+        "True with init=shared (one recipe for every scheme)",
+    )
+    rope_theta: float = option(10000.0, "rotary embedding base", POSITIVE_NUMBER)
+    qk_norm: QKNorm | None = option(
+        None,
+        "norms of type `norm` on the queries and keys before RoPE, with any scheme: none, head (per head, over the "
+        "head size, a gain shared by the heads: Qwen3, torchtitan) or all (over all heads, d_model wide: OLMo 2); "
+        "None: the scheme's recipe (all for olmo2, none for the others)",
+    )
+    init: InitMode = option(InitMode.RECOMMENDED, "recommended (each scheme's own rule) or shared")
+    init_std: float | None = option(
+        None,
+        "base std of the init rules; null: the scheme's width rule (`spannorm schemes`: the fan-in 1/sqrt(d_model), "
+        "or its authors' constant carried from the width they tuned it at); a number: that std at every width",
+        Bound(
+            lambda v: v is None or (is_number(v) and v > 0), "a positive number, or null for the scheme's width rule"
+        ),
+    )
+    init_scale: float = option(
+        1.0,
+        "every weight std of the init rule × this (the fair study's init axis); norms untouched",
+        POSITIVE_NUMBER,
+    )
+    span_scale: SpanScale = option(
+        SpanScale.NORM,
+        "SpanNorm scaling: norm, multiplier, init or none (docs/spannorm-lr.md)",
+    )
+    span_c: float = option(1.0, "SpanNorm's c: target branch variance c/L", POSITIVE_NUMBER)
+    deepscale_k: float = option(1.0, "DeepScaleLM's k: branch weight β² = k/L (at most L)", POSITIVE_NUMBER)
+    n_experts: int = option(0, "0: dense SwiGLU FFN; >= 1: MoE FFN with this many routed experts", EXPERTS)
+    top_k: int = option(2, "routed experts per token (at most n_experts)")
+    n_shared_experts: int = option(0, "experts every token passes through, besides the routed ones", EXPERTS)
+    expert_d_ff: int | None = option(
+        None,
+        "hidden width of one expert; None: ceil(ffn_dim / (top_k + n_shared_experts))",
+        SIZE_OR_NULL,
+    )
+    capacity_factor: float | None = option(
+        None,
+        "None: dropless; c: an expert takes at most ceil(c·N·k/E) assignments",
+        Bound(lambda v: v is None or (is_number(v) and v > 0), "a positive number or null (dropless)"),
+    )
+    moe_aux_coef: float = option(
+        0.01,
+        "weight of the load-balancing loss E·Σ f_i·P_i (mean over MoE layers)",
+        Bound(lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    )
+    moe_z_coef: float = option(
+        0.001,
+        "weight of the router z-loss mean(logsumexp(logits)²) (mean over MoE layers)",
+        Bound(lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    )
 
     def __post_init__(self):
         self.scheme = coerce_enum(Scheme, "model.scheme", self.scheme)
@@ -151,14 +195,7 @@ class ModelConfig:
             getattr(self.qk_norm, "value", None),
             f"none or null with model.scheme={self.scheme.value}, whose attention already normalizes q, k and v",
         )
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
-            value = getattr(self, name)
-            require(
-                isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_SIZE,
-                f"model.{name}",
-                value,
-                f"a positive integer (at most {MAX_SIZE:,})",
-            )
+        check_bounds(self, "model")
         require(
             self.d_model % self.n_heads == 0,
             "model.d_model",
@@ -170,80 +207,6 @@ class ModelConfig:
             "model.n_heads",
             self.n_heads,
             f"a divisor of d_model={self.d_model} that leaves an even head size (RoPE)",
-        )
-        require(
-            self.d_ff is None or (isinstance(self.d_ff, int) and 0 < self.d_ff <= MAX_SIZE),
-            "model.d_ff",
-            self.d_ff,
-            f"a positive integer (at most {MAX_SIZE:,}) or null",
-        )
-        require(
-            self.init_std is None
-            or (
-                isinstance(self.init_std, (int, float))
-                and not isinstance(self.init_std, bool)
-                and math.isfinite(self.init_std)
-                and self.init_std > 0
-            ),
-            "model.init_std",
-            self.init_std,
-            "a positive number, or null for the scheme's width rule",
-        )
-        for name in (
-            "norm_eps",
-            "init_scale",
-            "span_c",
-            "rope_theta",
-            "dyt_alpha0",
-            "dyt_alpha0_attn",
-            "dyt_alpha0_other",
-            "deepscale_k",
-        ):
-            value = getattr(self, name)
-            require(
-                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
-                f"model.{name}",
-                value,
-                "a positive number",
-            )
-        self._validate_moe()
-        require(
-            self.deepscale_k <= self.n_layers,
-            "model.deepscale_k",
-            self.deepscale_k,
-            f"a number in (0, n_layers={self.n_layers}] (β² = k/L must not exceed 1)",
-        )
-
-    def _validate_moe(self) -> None:
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        for name in ("n_experts", "n_shared_experts"):
-            value = getattr(self, name)
-            # (the init of an MoE draws 2^16 router samples per expert: a bound keeps that finite)
-            require(
-                is_int(value) and 0 <= value <= MAX_EXPERTS, f"model.{name}", value, f"an integer in [0, {MAX_EXPERTS}]"
-            )
-        for name in ("moe_aux_coef", "moe_z_coef"):
-            value = getattr(self, name)
-            require(
-                isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
-                f"model.{name}",
-                value,
-                "a number >= 0",
-            )
-        require(
-            self.expert_d_ff is None or (is_int(self.expert_d_ff) and 0 < self.expert_d_ff <= MAX_SIZE),
-            "model.expert_d_ff",
-            self.expert_d_ff,
-            f"a positive integer (at most {MAX_SIZE:,}) or null",
-        )
-        cf = self.capacity_factor
-        require(
-            cf is None or (isinstance(cf, (int, float)) and math.isfinite(cf) and cf > 0),
-            "model.capacity_factor",
-            cf,
-            "a positive number or null (dropless)",
         )
         if self.n_experts == 0:
             for name in ("n_shared_experts", "expert_d_ff", "capacity_factor"):
@@ -259,6 +222,12 @@ class ModelConfig:
             "model.top_k",
             self.top_k,
             f"an integer in [1, n_experts={self.n_experts}]" if self.moe else "a positive integer",
+        )
+        require(
+            self.deepscale_k <= self.n_layers,
+            "model.deepscale_k",
+            self.deepscale_k,
+            f"a number in (0, n_layers={self.n_layers}] (β² = k/L must not exceed 1)",
         )
 
     @property

@@ -5,13 +5,30 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .config import ConfigError, apply_overrides, coerce_enum, from_dict, read_yaml, require, to_dict
-from .data import DataConfig, absolute_corpus
-from .device import DEVICE_FORMS, valid_device
+from .config import (
+    BOOL,
+    DEVICE_FORMS,
+    POSITIVE_INT,
+    POSITIVE_NUMBER,
+    Bound,
+    ConfigError,
+    apply_overrides,
+    check_bounds,
+    coerce_enum,
+    from_dict,
+    int_at_least,
+    number_in,
+    option,
+    read_yaml,
+    require,
+    to_dict,
+    valid_device,
+)
+from .data_config import DataConfig, absolute_corpus
 from .model_config import ModelConfig
 
 MAX_DIST_TIMEOUT_S = 30 * 24 * 3600  # torch.distributed's timeouts overflow beyond finite, bounded values
@@ -44,136 +61,134 @@ class Precision(str, enum.Enum):
 
 @dataclass
 class TrainConfig:
-    seed: int = 1337  # seeds the init and the data order
-    batch_size: int = 16  # sequences per step
-    seq_len: int = 128  # tokens per sequence
-    max_steps: int = 500  # optimizer steps in the run
-    lr: float = 3e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr (cosine decay)
-    warmup_steps: int = 50  # linear warmup steps
-    weight_decay: float = 0.1  # AdamW decoupled weight decay, on weight matrices only
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.95  # AdamW beta2
-    grad_clip: float = 1.0  # clip the global gradient norm to this value; 0 disables
-    precision: Precision = Precision.FP32  # fp32 or bf16 (autocast)
-    device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda or cuda:N
-    tf32: bool = False  # CUDA: fp32 matmuls in TF32 (faster, ~1e-3 relative error); fp32 means fp32 by default
-    log_interval: int = 10  # steps between metrics rows
-    eval_interval: int = 100  # steps between validation passes (and one at the end)
-    eval_batches: int = 8  # validation batches per pass
-    ckpt_interval: int = 100  # steps between checkpoints (and one at the end)
-    threads: int | None = (
-        None  # torch intra-op threads; None: the CLI's fit (spannorm.threads), the API's torch default
+    """Optimization and bookkeeping: each field with its doc and its bound (spannorm config show prints them)."""
+
+    seed: int = option(1337, "seeds the init and the data order", Bound(valid_seed, SEED_RANGE))
+    batch_size: int = option(16, "sequences per step", POSITIVE_INT)
+    seq_len: int = option(128, "tokens per sequence", POSITIVE_INT)
+    max_steps: int = option(500, "optimizer steps in the run", POSITIVE_INT)
+    lr: float = option(3e-3, "peak learning rate", POSITIVE_NUMBER)
+    min_lr_ratio: float = option(
+        0.1, "final learning rate as a fraction of lr (cosine decay)", number_in("[0, 1]", 0, 1)
     )
-    compile: bool = False  # torch.compile each block of the training forward (probing steps, evaluation: eager)
-    probe_interval: int = 50  # steps between rows of diagnostics.jsonl (per-block training diagnostics); 0: off
-    # after warmup, stop when the loss stays >= the first step's for 5 steps;
-    # a non-finite loss always stops (unless train.guard saves it)
-    stop_on_divergence: bool = True
-    keep_checkpoints: int = (
-        2  # the newest checkpoints kept (>= 2: a resume falls back to the previous one if the newest is damaged)
+    warmup_steps: int = option(50, "linear warmup steps", int_at_least(0))
+    weight_decay: float = option(
+        0.1, "AdamW decoupled weight decay, on weight matrices only", Bound(lambda v: v >= 0, "a number >= 0")
     )
-    guard: bool = False  # training guard: skip non-finite steps, roll back on repeated skips or a loss spike
-    guard_skip_limit: int = 3  # skipped (non-finite) steps in a row that make the guard roll back
-    guard_spike_z: float = 6.0  # a loss this many standard deviations above the window's mean rolls back; 0: off
-    guard_window: int = 50  # the losses (of steps taken) the spike's z-score is computed over; checked once full
-    guard_lr_factor: float = 1.0  # each rollback multiplies the learning rate (from then on) by this, in (0, 1]
-    guard_max_rollbacks: int = 3  # rollbacks allowed in the run; then a skip streak makes the run diverged
-    trackers: list[str] = field(default_factory=list)  # experiment trackers that mirror the logs: tensorboard, wandb
-    wandb_mode: str = (
-        "offline"  # wandb's: offline (RUN_DIR/wandb, `wandb sync` later), online (needs a login), disabled
+    beta1: float = option(0.9, "AdamW beta1", number_in("[0, 1)", 0, 1, high_open=True))
+    beta2: float = option(0.95, "AdamW beta2", number_in("[0, 1)", 0, 1, high_open=True))
+    grad_clip: float = option(
+        1.0,
+        "clip the global gradient norm to this value; 0 disables",
+        Bound(lambda v: v >= 0, "a number >= 0 (0 disables clipping)"),
     )
-    wandb_project: str = "spannorm"  # the W&B project (online: of your default entity, or WANDB_ENTITY's)
-    grad_accum_steps: int = 1  # micro-batches of batch_size per optimizer step, in each process
-    distributed: Distributed = Distributed.NONE  # under torchrun: ddp (the global batch: batch_size × ranks × accum)
-    # under torchrun: how long a rank waits for the others at a collective before the job fails (a hung rank)
-    dist_timeout_s: float = 1800.0
-    init_from: str | None = None  # a run directory or a spannorm export folder: a new run starts from its weights
+    precision: Precision = option(Precision.FP32, "fp32 or bf16 (autocast)")
+    device: str = option(
+        "auto", "auto (CUDA when available, else CPU), cpu, cuda or cuda:N", Bound(valid_device, DEVICE_FORMS)
+    )
+    tf32: bool = option(False, "CUDA: fp32 matmuls in TF32 (faster, ~1e-3 relative error); fp32 means fp32 by default")
+    log_interval: int = option(10, "steps between metrics rows", POSITIVE_INT)
+    eval_interval: int = option(100, "steps between validation passes (and one at the end)", POSITIVE_INT)
+    eval_batches: int = option(8, "validation batches per pass", POSITIVE_INT)
+    ckpt_interval: int = option(100, "steps between checkpoints (and one at the end)", POSITIVE_INT)
+    threads: int | None = option(
+        None,
+        "torch intra-op threads; None: the CLI's fit (spannorm.threads), the API's torch default",
+        Bound(lambda v: v is None or v > 0, "a positive integer or null"),
+    )
+    compile: bool = option(False, "torch.compile each block of the training forward (probing steps, evaluation: eager)")
+    probe_interval: int = option(
+        50,
+        "steps between rows of diagnostics.jsonl (per-block training diagnostics); 0: off",
+        Bound(lambda v: v >= 0, "an integer >= 0 (0: off)"),
+    )
+    stop_on_divergence: bool = option(
+        True,
+        "after warmup, stop when the loss stays >= the first step's for 5 steps; a non-finite loss always stops "
+        "(unless train.guard saves it)",
+        BOOL,
+    )
+    keep_checkpoints: int = option(
+        2,
+        "the newest checkpoints kept (>= 2: a resume falls back to the previous one if the newest is damaged)",
+        Bound(lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
+    )
+    guard: bool = option(
+        False, "training guard: skip non-finite steps, roll back on repeated skips or a loss spike", BOOL
+    )
+    guard_skip_limit: int = option(
+        3, "skipped (non-finite) steps in a row that make the guard roll back", int_at_least(1)
+    )
+    guard_spike_z: float = option(
+        6.0,
+        "a loss this many standard deviations above the window's mean rolls back; 0: off",
+        Bound(lambda v: math.isfinite(v) and v >= 0, "a number >= 0 (0: no spike check)"),
+    )
+    guard_window: int = option(
+        50,
+        "the losses (of steps taken) the spike's z-score is computed over; checked once full",
+        int_at_least(2),
+    )
+    guard_lr_factor: float = option(
+        1.0,
+        "each rollback multiplies the learning rate (from then on) by this, in (0, 1]",
+        Bound(lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    )
+    guard_max_rollbacks: int = option(
+        3, "rollbacks allowed in the run; then a skip streak makes the run diverged", int_at_least(0)
+    )
+    trackers: list[str] = option(
+        doc="experiment trackers that mirror the logs: tensorboard, wandb",
+        bound=Bound(lambda v: all(name in TRACKERS for name in v), f"a list of {', '.join(TRACKERS)}"),
+        factory=list,
+    )
+    wandb_mode: str = option(
+        "offline",
+        "wandb's: offline (RUN_DIR/wandb, `wandb sync` later), online (needs a login), disabled",
+        Bound(lambda v: v in WANDB_MODES, " or ".join(WANDB_MODES)),
+    )
+    wandb_project: str = option(
+        "spannorm",
+        "the W&B project (online: of your default entity, or WANDB_ENTITY's)",
+        Bound(
+            lambda v: isinstance(v, str) and 0 < len(v) <= 128 and not set(v) & set(WANDB_FORBIDDEN),
+            f"a name of 1 to 128 characters without any of {WANDB_FORBIDDEN}",
+        ),
+    )
+    grad_accum_steps: int = option(1, "micro-batches of batch_size per optimizer step, in each process", POSITIVE_INT)
+    distributed: Distributed = option(
+        Distributed.NONE,
+        "under torchrun: none, ddp (every rank holds the model; the global batch: batch_size × ranks × accum) or "
+        "fsdp (FSDP2: weights, gradients and optimizer state sharded over the ranks)",
+    )
+    dist_timeout_s: float = option(
+        1800.0,
+        "under torchrun: how long a rank waits for the others at a collective before the job fails (a hung rank)",
+        Bound(
+            lambda v: isinstance(v, (int, float)) and 0 < v <= MAX_DIST_TIMEOUT_S,
+            f"a positive number of seconds, at most {MAX_DIST_TIMEOUT_S:,} (30 days)",
+        ),
+    )
+    init_from: str | None = option(
+        None,
+        "a run directory or a spannorm export folder: a new run starts from its weights",
+        Bound(
+            lambda v: v is None or (isinstance(v, str) and v != ""),
+            "a run directory, a spannorm export folder, or null",
+        ),
+    )
 
     def __post_init__(self):
         self.precision = coerce_enum(Precision, "train.precision", self.precision)
         self.distributed = coerce_enum(Distributed, "train.distributed", self.distributed)
-        for name in self.trackers:
-            require(name in TRACKERS, "train.trackers", self.trackers, f"a list of {', '.join(TRACKERS)}")
-        require(self.wandb_mode in WANDB_MODES, "train.wandb_mode", self.wandb_mode, " or ".join(WANDB_MODES))
-        project = self.wandb_project
-        ok = isinstance(project, str) and 0 < len(project) <= 128 and not set(project) & set(WANDB_FORBIDDEN)
-        require(ok, "train.wandb_project", project, f"a name of 1 to 128 characters without any of {WANDB_FORBIDDEN}")
-        for name in (
-            "batch_size",
-            "grad_accum_steps",
-            "seq_len",
-            "max_steps",
-            "log_interval",
-            "eval_interval",
-            "eval_batches",
-            "ckpt_interval",
-        ):
-            value = getattr(self, name)
-            require(isinstance(value, int) and value > 0, f"train.{name}", value, "a positive integer")
-        require(
-            isinstance(self.dist_timeout_s, (int, float)) and 0 < self.dist_timeout_s <= MAX_DIST_TIMEOUT_S,
-            "train.dist_timeout_s",
-            self.dist_timeout_s,
-            f"a positive number of seconds, at most {MAX_DIST_TIMEOUT_S:,} (30 days)",
-        )
-        require(valid_seed(self.seed), "train.seed", self.seed, SEED_RANGE)
-        require(
-            isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
-            "train.warmup_steps",
-            self.warmup_steps,
-            "an integer >= 0",
-        )
-        require(math.isfinite(self.lr) and self.lr > 0, "train.lr", self.lr, "a positive number")
-        require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
-        require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
-        require(0 <= self.beta1 < 1, "train.beta1", self.beta1, "a number in [0, 1)")
-        require(0 <= self.beta2 < 1, "train.beta2", self.beta2, "a number in [0, 1)")
-        require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "a number >= 0 (0 disables clipping)")
-        require(self.threads is None or self.threads > 0, "train.threads", self.threads, "a positive integer or null")
-        require(
-            self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
-            "train.init_from",
-            self.init_from,
-            "a run directory, a spannorm export folder, or null",
-        )
-        require(self.probe_interval >= 0, "train.probe_interval", self.probe_interval, "an integer >= 0 (0: off)")
-        require(
-            isinstance(self.stop_on_divergence, bool),
-            "train.stop_on_divergence",
-            self.stop_on_divergence,
-            "true or false",
-        )
-        require(valid_device(self.device), "train.device", self.device, DEVICE_FORMS)
-        require(
-            isinstance(self.keep_checkpoints, int) and self.keep_checkpoints >= 2,
-            "train.keep_checkpoints",
-            self.keep_checkpoints,
-            "an integer >= 2",
-        )
-        require(isinstance(self.guard, bool), "train.guard", self.guard, "true or false")
-        for name, low in (("guard_skip_limit", 1), ("guard_window", 2), ("guard_max_rollbacks", 0)):
-            value = getattr(self, name)
-            require(
-                isinstance(value, int) and not isinstance(value, bool) and value >= low,
-                f"train.{name}",
-                value,
-                f"an integer >= {low}",
-            )
-        require(
-            math.isfinite(self.guard_spike_z) and self.guard_spike_z >= 0,
-            "train.guard_spike_z",
-            self.guard_spike_z,
-            "a number >= 0 (0: no spike check)",
-        )
-        require(0 < self.guard_lr_factor <= 1, "train.guard_lr_factor", self.guard_lr_factor, "a number in (0, 1]")
+        check_bounds(self, "train")
 
 
 @dataclass
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)  # the model (vocab_size comes from data)
-    data: DataConfig = field(default_factory=DataConfig)  # corpus and tokenizer
-    train: TrainConfig = field(default_factory=TrainConfig)  # optimization and bookkeeping
+    model: ModelConfig = option(doc="the model (vocab_size comes from data)", factory=ModelConfig)
+    data: DataConfig = option(doc="corpus and tokenizer", factory=DataConfig)
+    train: TrainConfig = option(doc="optimization and bookkeeping", factory=TrainConfig)
 
 
 PRESETS = resources.files("spannorm") / "configs"

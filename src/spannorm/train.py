@@ -1,15 +1,18 @@
 """Training: AdamW with warmup + cosine, a loop over small stateful parts, checkpoints and resume.
 
-The loop (:meth:`Trainer.fit`) reads like the algorithm; each part owns its state and saves it in every
-checkpoint (``state_dict`` / ``load_state_dict``), so a resume continues exactly where a kill left the run. The
-first three are parts (:class:`Part`), called by the loop after each step, for each metrics row, for the summary and
-after a rollback; a new monitor is one more ``Part`` (``train(..., parts=[...])``), with no edit to the loop:
+The loop (:meth:`Trainer.fit`) reads like the algorithm, and a step (:meth:`Trainer.train_step`) is its math; each
+part owns its state and saves it in every checkpoint (``state_dict`` / ``load_state_dict``), so a resume continues
+exactly where a kill left the run. The parts (:class:`Part`) are called around each micro-batch's forward, before
+and after the optimizer step, after each step, for each metrics row, for the summary and after a rollback; a new
+monitor is one more ``Part`` (``train(..., parts=[...])``), with no edit to the loop:
 
-    DivergenceMonitor   the divergence verdict: a non-finite loss, or the loss at or above the first step's
-                        for PATIENCE steps in a row after warmup
+    MoEStatistics       MoE runs: the step's aux and z losses and the worst layer's imbalance, in each metrics row
     TrainingGuard       train.guard (off by default): skips non-finite steps, rolls back on repeated skips or
                         a loss spike
+    DivergenceMonitor   the divergence verdict: a non-finite loss, or the loss at or above the first step's
+                        for PATIENCE steps in a row after warmup
     Throughput          tokens per second, of each logged interval and of the whole run
+    Diagnostics         diagnostics.jsonl: every train.probe_interval steps, per-block measurements of the step
     Logs                metrics.jsonl and diagnostics.jsonl (appended; fsynced before each checkpoint)
     Progress            the progress bar on a terminal, a line per validation otherwise
 
@@ -55,7 +58,8 @@ from tqdm import tqdm
 from . import distributed
 from .checkpoint import load_checkpoint, rng_states, save_shards, sharded
 from .config import ConfigError, to_dict
-from .data import TokenData, absolute_corpus, prepare
+from .data import TokenData, prepare
+from .data_config import absolute_corpus
 from .device import autocast as device_autocast
 from .device import resolve as resolve_device
 from .device import set_tf32, slow_bf16_warning, to_device
@@ -223,6 +227,10 @@ class Part:
     and the loop calls it at fixed points. A new monitor is one subclass, passed in ``train(..., parts=[...])``;
     every hook has a default that does nothing.
 
+        micro_batch(trainer, i)      before micro-batch i's forward: a context manager it runs in, or None
+                                     (a part that enters one gets the eager model: it watches the forward)
+        before_optimizer_step(trainer)  the gradients of the step are in, unclipped
+        after_optimizer_step(trainer, skipped)  the weights are updated (skipped: the guard kept them)
         after_step(trainer, result)  each step, every part in order: a Verdict, or None to train on (the
                                      first part's verdict wins)
         metrics()                    keys for the next metrics.jsonl row
@@ -239,6 +247,15 @@ class Part:
     def load_state_dict(self, state: dict | None) -> None:
         for key, value in (state or {}).items():
             setattr(self, key, value)
+
+    def micro_batch(self, trainer: Trainer, micro: int) -> contextlib.AbstractContextManager | None:
+        return None
+
+    def before_optimizer_step(self, trainer: Trainer) -> None:
+        pass
+
+    def after_optimizer_step(self, trainer: Trainer, skipped: bool) -> None:
+        pass
 
     def after_step(self, trainer: Trainer, result: StepResult) -> Verdict | None:
         return None
@@ -384,6 +401,72 @@ class Throughput(Part):
         return {"tokens_per_s": self.tokens / self.time if self.time else None}
 
 
+@dataclass
+class MoEStatistics(Part):
+    """MoE runs: each metrics row's aux_loss and z_loss (this step's, unweighted means over the MoE layers) and
+    moe_imbalance (the worst layer's)."""
+
+    name: ClassVar[str] = "moe"
+
+    def __post_init__(self):
+        self.row: dict = {}  # (the step's: not state)
+
+    def before_optimizer_step(self, trainer: Trainer) -> None:
+        self.row = {}
+        if trainer.cfg.model.moe:
+            aux, z = trainer.model.moe_terms()
+            worst = max(s["imbalance"] for s in trainer.model.moe_stats())
+            self.row = {"aux_loss": aux.item(), "z_loss": z.item(), "moe_imbalance": worst}
+
+    def metrics(self) -> dict:
+        return self.row
+
+
+@dataclass
+class Diagnostics(Part):
+    """diagnostics.jsonl: every ``train.probe_interval`` steps, one row of per-block measurements of the step (its
+    first micro-batch's forward, its gradients before clipping, the update it made; the keys: spannorm.run)."""
+
+    name: ClassVar[str] = "diagnostics"
+
+    def __post_init__(self):
+        self.rec = self.row = self.before = None  # (the step's: not state)
+
+    def probing(self, trainer: Trainer) -> bool:
+        t = trainer.t
+        return t.probe_interval > 0 and (trainer.step + 1) % t.probe_interval == 0
+
+    def micro_batch(self, trainer: Trainer, micro: int) -> contextlib.AbstractContextManager | None:
+        return self.tapped(trainer.model) if micro == 0 and self.probing(trainer) else None
+
+    @contextlib.contextmanager
+    def tapped(self, model: LM):
+        with taps(model) as rec:
+            yield
+        self.rec = rec
+
+    def before_optimizer_step(self, trainer: Trainer) -> None:
+        if (rec := self.rec) is None:
+            return
+        model = trainer.model
+        self.row = {
+            "step": trainer.step + 1,
+            "grad_norm": [g["total"] for g in grad_norms(model)],
+            "stream_rms": [s.float().pow(2).mean().sqrt().item() for s in rec["stream"]],
+        }
+        self.row |= forward_stats(model, rec)
+        if trainer.cfg.model.moe:
+            self.row["moe"] = model.moe_stats()
+        self.before = snapshot(model)
+
+    def after_optimizer_step(self, trainer: Trainer, skipped: bool) -> None:
+        if self.rec is None:
+            return
+        self.row["update_ratio"] = update_ratios(trainer.model, self.before)
+        trainer.logs.write("diagnostics", self.row)  # (rank 0's)
+        self.rec = self.row = self.before = None
+
+
 class Logs:
     """metrics.jsonl and diagnostics.jsonl, open for appending while the trainer runs, and the experiment
     trackers (``train.trackers``) that mirror their rows (the files stay the record)."""
@@ -516,12 +599,29 @@ class StepResult:
     loss: float  # the pure cross-entropy (what is logged)
     grad_norm: float  # the global gradient norm before clipping
     skipped: bool  # the guard skipped the update (a non-finite loss or gradient)
-    moe: dict  # MoE runs: this step's aux_loss, z_loss (unweighted means over layers), moe_imbalance
     seconds: float = 0.0  # the step's wall time (set by the loop)
+
+
+def placed(model: LM, t: TrainConfig, ranks: Ranks) -> tuple[torch.nn.Module, bool]:
+    """How the trainer runs ``model``: (its training forward, whether its weights are sharded). Under torchrun,
+    FSDP2 shards each block's weights over the ranks, then the rest (in place), or DDP wraps the forward (the same
+    initial weights everywhere, gradients averaged); ``train.compile`` compiles each block."""
+    sharded = ranks.joined and t.distributed is Distributed.FSDP
+    if sharded:
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+    forward = compiled_blocks(model) if t.compile else model
+    if ranks.joined and not sharded:
+        forward = DistributedDataParallel(forward)
+    return forward, sharded
 
 
 class Trainer:
     """Trains one run: the model, AdamW, the data order and the parts above, in ``run``'s directory."""
+
+    # long: one run's life cycle (the loop, a step's math, the state it checkpoints, restores and rolls back) reads
+    # as one; what can stand alone already does (the parts, Logs, Progress, the checkpoint format)
 
     def __init__(
         self,
@@ -537,21 +637,15 @@ class Trainer:
         t = self.t = cfg.train
         self.cfg, self.run, self.dataset, self.device, self.ranks = cfg, run, dataset, device, ranks
         self.model = initial_model(cfg, warm=not resume).to(device)  # (a resume loads its checkpoint instead)
-        self.sharded = ranks.joined and t.distributed is Distributed.FSDP
-        if self.sharded:  # FSDP2: each block's weights sharded over the ranks, then the rest (embedding, head)
-            for block in self.model.blocks:
-                fully_shard(block)
-            fully_shard(self.model)
+        self.forward, self.sharded = placed(self.model, t, ranks)
         self.opt = make_optimizer(self.model, t)  # (after sharding: over each rank's shards)
-        self.forward = compiled_blocks(self.model) if t.compile else self.model
-        if ranks.joined and not self.sharded:  # DDP: the same initial weights everywhere, gradients averaged
-            self.forward = DistributedDataParallel(self.forward)
         self.accum = t.grad_accum_steps  # micro-batches per step here: the global batch is batch_size × ranks × accum
         self.gen = torch.Generator().manual_seed(t.seed)  # the data order
         self.step = 0
         self.last_val = None  # the newest validation loss
         self.guard, self.divergence, self.throughput = TrainingGuard(), DivergenceMonitor(), Throughput()
-        self.parts: list[Part] = [self.guard, self.divergence, self.throughput, *parts]
+        builtin = [MoEStatistics(), self.guard, self.divergence, self.throughput, Diagnostics()]
+        self.parts: list[Part] = [*builtin, *parts]
         if len({p.name for p in self.parts}) < len(self.parts):
             raise ConfigError(f"the trainer's parts need distinct names: {[p.name for p in self.parts]}")
         self.logs = Logs(run, cfg, ranks.main, quiet=not progress)
@@ -561,6 +655,18 @@ class Trainer:
     def tokens_per_step(self) -> int:
         """The global batch's tokens."""
         return self.t.batch_size * self.t.seq_len * self.accum * self.ranks.world
+
+    def begin(self, dataset: Path, resume: bool) -> None:
+        """A new run: its directory started (``dataset``: what it trains on); a resumed one: at its newest
+        checkpoint (none yet: at step 0), its logs' rows past it forgotten."""
+        if not resume and self.ranks.main:
+            self.run.start(self.cfg, dataset)
+        elif resume:
+            if (ckpt := self.run.find_checkpoint()) is not None:
+                self.restore(ckpt)
+            if self.ranks.main:
+                self.run.truncate_logs(self.step)
+        self.ranks.barrier()
 
     # state
 
@@ -679,61 +785,44 @@ class Trainer:
         return first.rollback, first.diverged
 
     def train_step(self) -> StepResult:
-        """One optimizer step on the next batch (with a diagnostics row every ``probe_interval`` steps)."""
-        t, model, moe = self.t, self.model, self.cfg.model.moe
+        """One optimizer step on the next batch: its math, with the parts' hooks around it."""
+        t, model = self.t, self.model
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, t) * self.guard.lr_scale  # (x * 1.0 is x: no change without a rollback)
         # every rank draws the same global batch and trains on its rows, in accum micro-batches of batch_size
         x, y = self.dataset.sample(self.gen, t.batch_size * self.accum * self.ranks.world)
         rows = self.ranks.rows(len(x))
         x, y = to_device((x[rows], y[rows]), self.device)
-        probing = t.probe_interval > 0 and (self.step + 1) % t.probe_interval == 0
-        losses, rec = [], None
+        losses = []
         for micro in range(self.accum):
             part = slice(micro * t.batch_size, (micro + 1) * t.batch_size)
-            tapped = probing and micro == 0  # (the diagnostics' forward statistics: the first micro-batch)
+            watched = [c for p in self.parts if (c := p.micro_batch(self, micro)) is not None]
             last = micro == self.accum - 1  # DDP averages the gradients over the ranks after the last one
             if self.sharded:
                 model.set_requires_gradient_sync(last)
             with (
                 autocast(t, self.device),
-                taps(model) if tapped else contextlib.nullcontext() as tapped_rec,
+                contextlib.ExitStack() as stack,
                 contextlib.nullcontext() if last or not self.ranks.joined or self.sharded else self.forward.no_sync(),
             ):
-                _, loss = (self.forward if not tapped or self.ranks.joined else model)(x[part], y[part])
-            ((loss + model.moe_loss() if moe else loss) / self.accum).backward()
+                for context in watched:
+                    stack.enter_context(context)
+                _, loss = (self.forward if not watched or self.ranks.joined else model)(x[part], y[part])
+            ((loss + model.moe_loss() if self.cfg.model.moe else loss) / self.accum).backward()
             losses.append(loss.detach())
-            rec = tapped_rec if tapped else rec
         loss = torch.stack(losses).mean()
-        moe_row = {}
-        if moe:  # this step's auxiliary terms (unweighted means over layers) and the worst layer's imbalance
-            aux, z = model.moe_terms()
-            moe_row = {
-                "aux_loss": aux.item(),
-                "z_loss": z.item(),
-                "moe_imbalance": max(s["imbalance"] for s in model.moe_stats()),
-            }
-        if probing:  # before clipping: the raw per-block gradient norms
-            row = {
-                "step": self.step + 1,
-                "grad_norm": [g["total"] for g in grad_norms(model)],
-                "stream_rms": [s.float().pow(2).mean().sqrt().item() for s in rec["stream"]],
-            }
-            row |= forward_stats(model, rec)
-            if moe:
-                row["moe"] = model.moe_stats()
-            before = snapshot(model)
+        for p in self.parts:
+            p.before_optimizer_step(self)
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
         loss_value = self.ranks.mean(loss.item())  # (the gradients, averaged by DDP, are the same on every rank)
         skipped = t.guard and not (math.isfinite(loss_value) and math.isfinite(grad_norm))
         if not skipped:
             self.opt.step()
-        if probing:
-            row["update_ratio"] = update_ratios(model, before)
-            self.logs.write("diagnostics", row)  # (rank 0's)
+        for p in self.parts:
+            p.after_optimizer_step(self, skipped)
         self.opt.zero_grad(set_to_none=True)
-        return StepResult(loss_value, grad_norm, skipped, moe_row)
+        return StepResult(loss_value, grad_norm, skipped)
 
     def roll_back(self, why: str) -> None:
         """The guard's rollback: the weights, optimizer and torch RNG back to the newest checkpoint (the initial
@@ -764,7 +853,6 @@ class Trainer:
             "val_loss": val,
             "lr": lr_at(self.step - 1, self.t) * self.guard.lr_scale,
             "grad_norm": result.grad_norm,
-            **result.moe,
             **{key: value for part in self.parts for key, value in part.metrics().items()},
         }
 
@@ -834,16 +922,10 @@ def train(
     ``parts``: more parts of the trainer (:class:`Part`: a monitor, a callback), after the built-in ones; a resume
     must pass the same (their state is in the checkpoints).
 
-    ``stop_after`` ends the session after that many total steps without finishing the run,
-    as if it had been killed right after a checkpoint (used by tests).
-
-    Denormal floats (below 1.2e-38) are flushed to zero in this thread (``torch.set_flush_denormal``):
-    where gradients vanish (PostNorm, unscaled deep stacks) they are otherwise computed 10-20x
-    slower by the CPU, and a run that cannot learn would take hours.
-
+    ``stop_after`` ends the session after that many total steps, as if killed right after a checkpoint (tests);
     ``cli``: errors name the command line's options (--out, --resume), not this function's arguments.
     """
-    out, again = ("--out", "--resume") if cli else ("run_dir", "resume=True")
+    out = "--out" if cli else "run_dir"
     if not str(run_dir).strip():  # (Path("") is the current directory)
         raise ConfigError(f"{out} '' is invalid: expected the path of a run directory")
     run = RunDir(run_dir, out)
@@ -851,27 +933,9 @@ def train(
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, corpus=absolute_corpus(cfg.data.corpus)))
     t = cfg.train
 
-    def ended() -> dict | None:
-        if not resume and run.has_run():
-            raise ConfigError(
-                f"{out} {str(run)!r} already holds a run: pass {again} to continue it or choose another {out}"
-            )
-        return run.summary() if resume else None
-
-    if (summary := ended()) is not None:
+    if (summary := ended_summary(run, resume, cli)) is not None:
         return summary
-    if t.compile and cfg.model.moe:
-        raise ConfigError(
-            f"train.compile=true is not supported with MoE (model.n_experts={cfg.model.n_experts}): "
-            "set train.compile=false"
-        )
-    check_trackers(t.trackers, t.wandb_mode)  # (a missing package: before the run directory exists)
-    if t.init_from is not None and not resume:
-        warm_loader(cfg.model, Path(t.init_from).expanduser())  # (its checks, before the run directory exists)
-    device = resolve_device(t.device)
-    if t.precision is Precision.BF16 and (warning := slow_bf16_warning(device, "train.precision=bf16")):
-        print(warning, file=sys.stderr)
-    check_memory(cfg)
+    device = preflight(cfg, resume)
     ranks = distributed.start(t, device)
     if ranks.joined and device.type == "cuda":
         device = torch.device(ranks.device)  # (torchrun: one GPU a process, cuda:LOCAL_RANK)
@@ -880,7 +944,7 @@ def train(
     dataset = TokenData(data_dir, t.seq_len)
     dataset.check_val(t.batch_size, t.eval_batches)
     with run.lock() if ranks.main else contextlib.nullcontext():  # (rank 0 writes the run directory)
-        summary = ended()  # (again: another process may have got here first)
+        summary = ended_summary(run, resume, cli)  # (again: another process may have got here first)
         ranks.barrier()  # (every rank has looked before rank 0 writes)
         if summary is not None:
             return summary
@@ -889,16 +953,11 @@ def train(
                 torch.set_num_threads(t.threads)
             if device.type == "cuda":
                 set_tf32(t.tf32)
+            # denormal floats (below 1.2e-38) flushed to zero in this thread: where gradients vanish (PostNorm,
+            # unscaled deep stacks) the CPU computes them 10-20x slower, and a run that cannot learn takes hours
             torch.set_flush_denormal(True)
             trainer = Trainer(cfg, run, dataset, device, progress, ranks, resume, parts)
-            if not resume and ranks.main:
-                run.start(cfg, data_dir)
-            elif resume:
-                if (ckpt := run.find_checkpoint()) is not None:
-                    trainer.restore(ckpt)
-                if ranks.main:
-                    run.truncate_logs(trainer.step)  # forget the rows past the checkpoint
-            ranks.barrier()
+            trainer.begin(data_dir, resume)
             summary = trainer.fit(stop_after)
             del trainer  # (its DDP wrapper is freed while the process group still exists)
             distributed.stop(together=True)
@@ -908,6 +967,35 @@ def train(
             raise os_error(e, f"the run {str(run)!r}", fix) from None
         finally:
             distributed.stop()  # (after an error: at once, no barrier; torchrun ends the other ranks)
+
+
+def ended_summary(run: RunDir, resume: bool, cli: bool) -> dict | None:
+    """The summary of a resumed run that has ended (None: it goes on); a new run where one is, refused (``cli``:
+    the error names the command line's options)."""
+    out, again = ("--out", "--resume") if cli else ("run_dir", "resume=True")
+    if not resume and run.has_run():
+        raise ConfigError(
+            f"{out} {str(run)!r} already holds a run: pass {again} to continue it or choose another {out}"
+        )
+    return run.summary() if resume else None
+
+
+def preflight(cfg: RunConfig, resume: bool) -> torch.device:
+    """The checks a run passes before its directory is written (each a one-line error); returns its device."""
+    t = cfg.train
+    if t.compile and cfg.model.moe:
+        raise ConfigError(
+            f"train.compile=true is not supported with MoE (model.n_experts={cfg.model.n_experts}): "
+            "set train.compile=false"
+        )
+    check_trackers(t.trackers, t.wandb_mode)  # (a missing package)
+    if t.init_from is not None and not resume:
+        warm_loader(cfg.model, Path(t.init_from).expanduser())  # (its checks)
+    device = resolve_device(t.device)
+    if t.precision is Precision.BF16 and (warning := slow_bf16_warning(device, "train.precision=bf16")):
+        print(warning, file=sys.stderr)
+    check_memory(cfg)
+    return device
 
 
 def train_or_reuse(cfg: RunConfig, run_dir: Path, progress: bool, what: str) -> dict:

@@ -101,6 +101,19 @@ def _cell_threads(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
+def _outcome(summary: dict) -> str:
+    """What a progress line says of a finished cell: reused or trained, its val loss, its verdict."""
+    val = summary["final_val_loss"]
+    verdict = (
+        f"{diverged_at(summary)} ({summary['diverged_reason']})"
+        if summary["diverged"]
+        else "stalled"
+        if summary.get("stalled")
+        else "ok"
+    )
+    return f"{'reused' if summary['reused'] else 'trained'}, val loss {'—' if val is None else f'{val:.4f}'}, {verdict}"
+
+
 def run_cells(study: StudyConfig, cells: list[Cell], out: Path, jobs: int, log) -> dict[str, str]:
     """Run every cell; returns {cell name: error} for the cells that failed (the others are on disk)."""
     for cell in cells:  # a cell directory of another config is a user error: refuse before any training
@@ -115,18 +128,7 @@ def run_cells(study: StudyConfig, cells: list[Cell], out: Path, jobs: int, log) 
             failed[cell.name] = error
             log(f"[{i}/{n}] {cell.name}: FAILED: {error}")
             return
-        val = summary["final_val_loss"]
-        verdict = (
-            f"{diverged_at(summary)} ({summary['diverged_reason']})"
-            if summary["diverged"]
-            else "stalled"
-            if summary.get("stalled")
-            else "ok"
-        )
-        log(
-            f"[{i}/{n}] {cell.name}: {'reused' if summary['reused'] else 'trained'}, val loss "
-            f"{'—' if val is None else f'{val:.4f}'}, {verdict}"
-        )
+        log(f"[{i}/{n}] {cell.name}: {_outcome(summary)}")
 
     def args(cell: Cell) -> tuple:
         return (to_dict(cell.cfg), str(out / "cells" / cell.name), study.probe, study.keep_checkpoints)

@@ -117,25 +117,50 @@ def best_over_init(cells: list[Cell], rows: list[dict]) -> dict:
     return {k: (init, group) for k, (_, init, group) in best.items()}
 
 
+def searched_points(cells: list[Cell], rows: list[dict], x: str) -> tuple[dict, list]:
+    """What :func:`plot_searched` draws: {key: (lr, init_scale, SeedGroup)} and its panels. x='lr': a key is
+    (setting, scheme, depth, lr), a panel (setting, depth); x='depth': a key is (setting, scheme, depth) at its
+    best lr, a panel a setting with two or more depths."""
+    best = best_over_init(cells, rows)
+    if x == "lr":
+        points = {k: (k[3], init, g) for k, (init, g) in best.items()}
+        return points, sorted({(k[0], k[2]) for k in points})
+    tops: dict = {}
+    for (where, scheme, depth, lr), (init, group) in best.items():
+        k = (where, scheme, depth)
+        if group.mean is not None and (k not in tops or (group.failed, group.mean) < tops[k][:2]):
+            tops[k] = (group.failed, group.mean, lr, init, group)
+    points = {(w, sch, d): (lr, init, g) for (w, sch, d), (_, _, lr, init, g) in tops.items()}
+    depths = {w: {k[2] for k in points if k[0] == w} for w in {k[0] for k in points}}
+    return points, sorted(w for w in depths if len(depths[w]) > 1)
+
+
+def _draw_scheme(ax, mine: dict, x_of, colour: str, fail_at: float, star: bool) -> None:
+    """One scheme's line in a panel of :func:`plot_searched` (``mine``: its points there), a cross for each failed
+    point, and (``star``) a star at its best, labelled with its init scale where it is not 1."""
+    ks = sorted(mine, key=x_of)
+    good = [k for k in ks if not mine[k][2].failed]
+    if good:
+        ax.plot([x_of(k) for k in good], [mine[k][2].mean for k in good], "o-", color=colour, label=ks[0][1])
+    for k in ks:
+        if mine[k][2].failed:
+            ax.plot([x_of(k)], [fail_at], "x", color=colour, markersize=8)
+    if star and good:
+        best = min(good, key=lambda k: mine[k][2].mean)
+        at = (x_of(best), mine[best][2].mean)
+        ax.plot(*at, "*", color=colour, markersize=13)
+        if mine[best][1] != 1.0:
+            offset = {"xytext": (5, -10), "textcoords": "offset points"}
+            ax.annotate(f"×{mine[best][1]:g}", at, fontsize=6, color=colour, **offset)
+
+
 def plot_searched(path: Path, cells: list[Cell], rows: list[dict], x: str) -> bool:
     """A searched study's answer at a glance, one line per scheme (its colour the same everywhere), each point at
     the scheme's best init scale there. x='lr': val loss against lr, a panel per (setting, depth), a star at each
     scheme's best (labelled with its init scale where it is not 1); x='depth': each scheme's best over lr and
     init scale against depth, a panel per setting with two or more depths. Points that diverged or stalled are
     crosses on the unigram line, named beside it."""
-    best = best_over_init(cells, rows)
-    if x == "depth":
-        tops: dict = {}
-        for (where, scheme, depth, lr), (init, group) in best.items():
-            k = (where, scheme, depth)
-            if group.mean is not None and (k not in tops or (group.failed, group.mean) < tops[k][:2]):
-                tops[k] = (group.failed, group.mean, lr, init, group)
-        points = {(w, sch, d): (lr, init, g) for (w, sch, d), (_, _, lr, init, g) in tops.items()}
-        depths = {w: {k[2] for k in points if k[0] == w} for w in {k[0] for k in points}}
-        panels = sorted(w for w in depths if len(depths[w]) > 1)
-    else:
-        points = {k: (k[3], init, g) for k, (init, g) in best.items()}
-        panels = sorted({(k[0], k[2]) for k in points})
+    points, panels = searched_points(cells, rows, x)
     if not panels:
         return False
     schemes = list(dict.fromkeys(k[1] for k in points))
@@ -155,22 +180,11 @@ def plot_searched(path: Path, cells: list[Cell], rows: list[dict], x: str) -> bo
         x_of = (lambda k: k[2]) if x == "depth" else (lambda k: k[3])
         failed: dict = {}
         for scheme in schemes:
-            ks = sorted((k for k in mine if k[1] == scheme), key=x_of)
-            good = [k for k in ks if not mine[k][2].failed]
-            if good:
-                xs, ys = [x_of(k) for k in good], [mine[k][2].mean for k in good]
-                ax.plot(xs, ys, "o-", color=colour[scheme], label=scheme)
-            for k in ks:
-                if mine[k][2].failed:
+            theirs = {k: v for k, v in mine.items() if k[1] == scheme}
+            _draw_scheme(ax, theirs, x_of, colour[scheme], fail_at, x == "lr")
+            for k in sorted(theirs, key=x_of):
+                if theirs[k][2].failed:
                     failed.setdefault(x_of(k), []).append(scheme)
-                    ax.plot([x_of(k)], [fail_at], "x", color=colour[scheme], markersize=8)
-            if x == "lr" and good:
-                star = min(good, key=lambda k: mine[k][2].mean)
-                at = (x_of(star), mine[star][2].mean)
-                ax.plot(*at, "*", color=colour[scheme], markersize=13)
-                if mine[star][1] != 1.0:
-                    offset = {"xytext": (5, -10), "textcoords": "offset points"}
-                    ax.annotate(f"×{mine[star][1]:g}", at, fontsize=6, color=colour[scheme], **offset)
         for at, names in failed.items():  # the crosses, named
             offset = {"xytext": (0, -7), "textcoords": "offset points", "ha": "center", "va": "top"}
             ax.annotate("\n".join(names), (at, fail_at), fontsize=6, color="0.3", **offset)

@@ -113,27 +113,10 @@ def lr_sensitivity(cells: list[Cell], rows: list[dict]) -> str:
         removes, missing = [], any(k[1] == depth for k in not_run)
         series = [("pre", pre)] + [(s, points) for s in dict.fromkeys(k[0] for k in points if k[1] == depth)]
         for name, src in series:
-            a, b = src.get((name, depth, lo)), src.get((name, depth, hi))
-            change = (
-                f"{b.mean - a.mean:+.3f}"
-                if a and b and a.mean is not None and b.mean is not None and not a.failed and not b.failed
-                else "—"
-            )
-            if name == "pre":
-                verdict = "(reference)"
-            elif b is None and (name, depth, hi) not in not_run:
-                verdict = f"no cell at lr={hi:g}"  # a series of another grid that does not sweep this lr
-            elif b is None or ref is None or ref.mean is None:
-                verdict, missing = "not run yet", True  # pre's or this cell's highest-lr cells
-            else:
-                ok = not b.failed and b.mean is not None and b.mean <= ref.mean
-                verdict = "yes" if ok else "no"
-                removes += [name] if ok else []
-            cell_text = [
-                g.text() if g else "not run" if name == "pre" or (name, depth, rate) in not_run else "—"
-                for g, rate in ((a, lo), (b, hi))
-            ]
-            table.append([name, *cell_text, change, verdict])
+            row = _sensitivity_row(name, src, depth, (lo, hi), ref, not_run)
+            table.append(row)
+            removes += [name] if row[-1] == "yes" else []
+            missing = missing or row[-1] == "not run yet"
         summary = (
             f"Scalings that remove the sensitivity at L={depth} (train at lr={hi:g} with a val loss at most "
             f"PreNorm's{f' {ref.mean:.3f}' if ref and ref.mean is not None else ''}): "
@@ -154,6 +137,31 @@ def lr_sensitivity(cells: list[Cell], rows: list[dict]) -> str:
     return "\n".join(lines).rstrip()
 
 
+def _sensitivity_row(name: str, src: dict, depth: int, lrs: tuple, ref, not_run: set) -> list[str]:
+    """One series' row of :func:`lr_sensitivity`'s table at ``depth`` between ``lrs`` (lowest, highest), the
+    verdict last: yes, no, (reference), not run yet, or no cell at the highest lr."""
+    lo, hi = lrs
+    a, b = src.get((name, depth, lo)), src.get((name, depth, hi))
+    change = (
+        f"{b.mean - a.mean:+.3f}"
+        if a and b and a.mean is not None and b.mean is not None and not a.failed and not b.failed
+        else "—"
+    )
+    if name == "pre":
+        verdict = "(reference)"
+    elif b is None and (name, depth, hi) not in not_run:
+        verdict = f"no cell at lr={hi:g}"  # a series of another grid that does not sweep this lr
+    elif b is None or ref is None or ref.mean is None:
+        verdict = "not run yet"  # pre's or this cell's highest-lr cells
+    else:
+        verdict = "yes" if not b.failed and b.mean is not None and b.mean <= ref.mean else "no"
+    cell_text = [
+        g.text() if g else "not run" if name == "pre" or (name, depth, rate) in not_run else "—"
+        for g, rate in ((a, lo), (b, hi))
+    ]
+    return [name, *cell_text, change, verdict]
+
+
 def _diagonals(study) -> str:
     """The search rule's sentence for grids with ``diagonals: true`` (none: nothing)."""
     names = [f"`{g.name}`" for g in study.grids if g.diagonals]
@@ -166,20 +174,8 @@ def _diagonals(study) -> str:
     )
 
 
-def report(
-    plan: Plan,
-    cells: list[Cell],
-    rows: list[dict],
-    command: str,
-    plots: list[str],
-    claim_list: list[tuple[str, Claim]],
-    counts: dict,
-    found: list[Search] = (),
-    verdicts: str = "",
-) -> str:
-    """The text of report.md: ``cells`` and their ``rows`` (results.csv), ``plots`` (paths relative to the
-    study directory), the claims' verdicts, ``counts`` of cells trained, reused, failed and not run, and the
-    grids' searches (``found``) with their ``verdicts`` (:func:`spannorm.study.verdicts.verdicts_report`)."""
+def _header(plan: Plan, cells: list[Cell], rows: list[dict], command: str, counts: dict) -> list[str]:
+    """report.md's title, command, budget, interventions of the guard, training time and how to read entries."""
     study, t = plan.study, plan.base_cfg.train
     unigram = next((r["unigram_entropy"] for r in rows if r.get("unigram_entropy") is not None), None)
     lines = ["# spannorm study", ""] + ([f"> **Note.** {' '.join(study.note.split())}", ""] if study.note else [])
@@ -221,26 +217,12 @@ def report(
         + ", i.e. the model learned little more than token frequencies.",
         "",
     ]
-    for grid in study.grids:
-        if not grid.search:
-            lines += [f"## Grid `{grid.name}`", "", grid_table(grid, cells, rows), ""]
-    if found:
-        lines += [
-            "## Searches",
-            "",
-            "Each point's best over its searched axes, by the rule of `spannorm.study.search` (fixed before the "
-            "data): start with a cross around the start (or, with `warm_start`, around the best of the point "
-            "before it); the best is the lowest final val loss among cells neither diverged nor stalled; while a "
-            "neighbour of the best one step away on any axis is not trained, train it. *Bracketed*: the best was "
-            "compared with a worse or failed cell on both sides of every axis; otherwise the axis limit that "
-            f"stopped it.{_diagonals(study)} *Recipe − best*: at the best lr, the recipe's own init scale against "
-            f"the best (within {RECIPE_MARGIN} nats: ok). *Confirmation*: mean ± std of the confirm seeds at the "
-            "best, on the confirm budget. Below the table, every cell each search tried (the best in bold; … not "
-            "finished).",
-            "",
-            search_report(found, cells, rows),
-            "",
-        ]
+    return lines
+
+
+def _failed(rows: list[dict]) -> list[str]:
+    """The section naming each diverged, stalled and failed cell (none: no section)."""
+    lines = []
     bad = [r for r in rows if r.get("status") not in ("ok", "not run")]
     if bad:
         lines += ["## Diverged, stalled and failed cells", ""]
@@ -255,33 +237,12 @@ def report(
                 detail = r["status"]
             lines.append(f"- `{r['name']}`: {detail}")
         lines.append("")
-    if best := best_lr_table(cells, rows):
-        lines += [
-            "## Each scheme at its best learning rate",
-            "",
-            "The rule, fixed before the data: for each series and depth, the *best lr* is the one whose first "
-            "seed's final validation loss is the lowest among the cells that neither diverged nor stalled "
-            "(*none* if all did). The val loss there is the mean ± std over every seed run at that lr (n seeds; "
-            "a grid with `best_lr_seeds` runs those seeds at the best lr after the grid). The *stable range* "
-            f"is the lrs whose first seed trained (neither diverged nor stalled) to within {STABLE_MARGIN} nats "
-            "of the best lr's, lowest – highest (k of the lrs tried); the last column lists the lrs whose first "
-            "seed diverged or stalled.",
-            "",
-            best,
-            "",
-        ]
-    if sens := lr_sensitivity(cells, rows):
-        lines += [
-            "## Learning-rate sensitivity of SpanNorm's scalings",
-            "",
-            "The prototype in SPANNORM.md found SpanNorm ahead of PreNorm at the lower lr and behind it at the "
-            "higher one. Which scaling, if any, removes that sensitivity:",
-            "",
-            sens,
-            "",
-        ]
-    if plots:
-        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
+    return lines
+
+
+def _claims(claim_list: list[tuple[str, Claim]], counts: dict, found: list[Search], verdicts: str) -> list[str]:
+    """The claims' section: each verdict by the generic rules, or (a study that searches) by its study file's."""
+    lines = []
     lines += [
         "## Claims (SPANNORM.md)",
         "",
@@ -309,6 +270,12 @@ def report(
     else:
         for i, (title, c) in enumerate(claim_list, 1):
             lines += [f"{i}. **{title}: {c.verdict}.** {c.evidence}", f"   - Rule: {c.rule}."]
+    return lines
+
+
+def _configs(plan: Plan) -> list[str]:
+    """The base config and the study config, as YAML."""
+    study, lines = plan.study, []
     lines += [
         "",
         "## Base config",
@@ -324,4 +291,87 @@ def report(
         "```",
         "",
     ]
+    return lines
+
+
+def _searches(study, found: list[Search], cells: list[Cell], rows: list[dict]) -> list[str]:
+    """The searches' section: the rule, then each point's best (none: no section)."""
+    lines = []
+    if found:
+        lines += [
+            "## Searches",
+            "",
+            "Each point's best over its searched axes, by the rule of `spannorm.study.search` (fixed before the "
+            "data): start with a cross around the start (or, with `warm_start`, around the best of the point "
+            "before it); the best is the lowest final val loss among cells neither diverged nor stalled; while a "
+            "neighbour of the best one step away on any axis is not trained, train it. *Bracketed*: the best was "
+            "compared with a worse or failed cell on both sides of every axis; otherwise the axis limit that "
+            f"stopped it.{_diagonals(study)} *Recipe − best*: at the best lr, the recipe's own init scale against "
+            f"the best (within {RECIPE_MARGIN} nats: ok). *Confirmation*: mean ± std of the confirm seeds at the "
+            "best, on the confirm budget. Below the table, every cell each search tried (the best in bold; … not "
+            "finished).",
+            "",
+            search_report(found, cells, rows),
+            "",
+        ]
+    return lines
+
+
+def _per_scheme(cells: list[Cell], rows: list[dict]) -> list[str]:
+    """Each scheme at its best learning rate, and the lr sensitivity of SpanNorm's scalings (where there are)."""
+    lines = []
+    if best := best_lr_table(cells, rows):
+        lines += [
+            "## Each scheme at its best learning rate",
+            "",
+            "The rule, fixed before the data: for each series and depth, the *best lr* is the one whose first "
+            "seed's final validation loss is the lowest among the cells that neither diverged nor stalled "
+            "(*none* if all did). The val loss there is the mean ± std over every seed run at that lr (n seeds; "
+            "a grid with `best_lr_seeds` runs those seeds at the best lr after the grid). The *stable range* "
+            f"is the lrs whose first seed trained (neither diverged nor stalled) to within {STABLE_MARGIN} nats "
+            "of the best lr's, lowest – highest (k of the lrs tried); the last column lists the lrs whose first "
+            "seed diverged or stalled.",
+            "",
+            best,
+            "",
+        ]
+    if sens := lr_sensitivity(cells, rows):
+        lines += [
+            "## Learning-rate sensitivity of SpanNorm's scalings",
+            "",
+            "The prototype in SPANNORM.md found SpanNorm ahead of PreNorm at the lower lr and behind it at the "
+            "higher one. Which scaling, if any, removes that sensitivity:",
+            "",
+            sens,
+            "",
+        ]
+    return lines
+
+
+def report(
+    plan: Plan,
+    cells: list[Cell],
+    rows: list[dict],
+    command: str,
+    plots: list[str],
+    claim_list: list[tuple[str, Claim]],
+    counts: dict,
+    found: list[Search] = (),
+    verdicts: str = "",
+) -> str:
+    """The text of report.md: ``cells`` and their ``rows`` (results.csv), ``plots`` (paths relative to the
+    study directory), the claims' verdicts, ``counts`` of cells trained, reused, failed and not run, and the
+    grids' searches (``found``) with their ``verdicts`` (:func:`spannorm.study.verdicts.verdicts_report`)."""
+    study = plan.study
+    lines = _header(plan, cells, rows, command, counts)
+    for grid in study.grids:
+        if not grid.search:
+            lines += [f"## Grid `{grid.name}`", "", grid_table(grid, cells, rows), ""]
+    lines += _searches(study, found, cells, rows)
+    lines += _failed(rows)
+    lines += _per_scheme(cells, rows)
+    if plots:
+        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
+    lines += _claims(claim_list, counts, found, verdicts)
+    lines += _configs(plan)
     return "\n".join(lines)

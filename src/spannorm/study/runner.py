@@ -50,6 +50,48 @@ def run_study(
         return _run_study(plan, cells, out, command, jobs, log, report_only)
 
 
+def _write_outputs(
+    plan: Plan,
+    cells: list[Cell],
+    rows: list[dict],
+    out: Path,
+    command: str,
+    failed: dict,
+    before: set,
+    report_only: bool,
+    log,
+) -> None:
+    """A study's outputs from its cells: results.csv, the archive, the plots, the init probe (made unless
+    ``report_only``), report.md and report.html; ``failed``: the cells that failed or were not run, ``before``:
+    those finished before this session."""
+    write_results(out / "results.csv", cells, rows)
+    if not report_only or not (out / ARCHIVE).is_file():  # (--report-only changes no cell: it packs a study once)
+        pack(out)
+    plots = plot_study(out, cells, rows)
+    depths = sorted({c.cfg.model.n_layers for c in cells})
+    init = init_probe(plan.base_cfg, depths, out / "init_probe.json", compute=not report_only)
+    if init is None:  # (--report-only probes nothing: the claims that use the probes at init say so)
+        log(
+            f"spannorm: warning: {out / 'init_probe.json'} is missing or was made for another config or init recipe: "
+            "--report-only probes nothing, so claims 1 and 2 are judged without the probes at init "
+            "(run the study to make it)"
+        )
+    not_run = sum(e == "not run" for e in failed.values())
+    counts = {
+        "trained": len([c for c in cells if c.name not in before and c.name not in failed]),
+        "reused": len(before),
+        "failed": len(failed) - not_run,
+        "not run": not_run,
+        "init probes": init is not None,
+    }
+    init = init or []
+    found = searches(plan, out, failed) if any(grid.search for grid in plan.study.grids) else []
+    fair = verdicts_report(plan, found, out, failed, init) if found else ""
+    text = report(plan, cells, rows, command, plots, claims(cells, rows, out, init), counts, found, fair)
+    atomic_write_text(out / "report.md", text)
+    atomic_write_text(out / "report.html", html_report(text, out))
+
+
 def _run_study(plan: Plan, cells: list[Cell], out: Path, command: str, jobs: int, log, report_only: bool) -> list[dict]:
     """The body of :func:`run_study`."""
     study = plan.study
@@ -89,32 +131,7 @@ def _run_study(plan: Plan, cells: list[Cell], out: Path, command: str, jobs: int
             if report_only:
                 break
         rows = [cell_result(c, out, failed.get(c.name)) for c in cells]
-    write_results(out / "results.csv", cells, rows)
-    if not report_only or not (out / ARCHIVE).is_file():  # (--report-only changes no cell: it packs a study once)
-        pack(out)
-    plots = plot_study(out, cells, rows)
-    depths = sorted({c.cfg.model.n_layers for c in cells})
-    init = init_probe(plan.base_cfg, depths, out / "init_probe.json", compute=not report_only)
-    if init is None:  # (--report-only probes nothing: the claims that use the probes at init say so)
-        log(
-            f"spannorm: warning: {out / 'init_probe.json'} is missing or was made for another config or init recipe: "
-            "--report-only probes nothing, so claims 1 and 2 are judged without the probes at init "
-            "(run the study to make it)"
-        )
-    not_run = sum(e == "not run" for e in failed.values())
-    counts = {
-        "trained": len([c for c in cells if c.name not in before and c.name not in failed]),
-        "reused": len(before),
-        "failed": len(failed) - not_run,
-        "not run": not_run,
-        "init probes": init is not None,
-    }
-    init = init or []
-    found = searches(plan, out, failed) if any(grid.search for grid in study.grids) else []
-    fair = verdicts_report(plan, found, out, failed, init) if found else ""
-    text = report(plan, cells, rows, command, plots, claims(cells, rows, out, init), counts, found, fair)
-    atomic_write_text(out / "report.md", text)
-    atomic_write_text(out / "report.html", html_report(text, out))
+    _write_outputs(plan, cells, rows, out, command, failed, before, report_only, log)
     if failed and not report_only:
         raise SpannormError(
             f"{len(failed)} of {len(cells)} cells failed ({', '.join(sorted(failed))}); "

@@ -273,9 +273,8 @@ def recipe_text(search: Search) -> str:
     return f"{gap:+.3f}" + (" ok" if gap <= RECIPE_MARGIN else " **handicap**")
 
 
-def search_report(found: list[Search], cells: list[Cell], rows: list[dict]) -> str:
-    """Markdown: one summary row per searched point, then each point's search history (every cell it tried); a
-    point that another grid searched with the same cells (e.g. a warm start's first value) is shown once."""
+def _unique(found: list[Search]) -> list[Search]:
+    """The searches, less those that tried the same cells as one before (a point two grids searched alike)."""
     seen: set = set()
     unique = []
     for s in found:
@@ -283,7 +282,13 @@ def search_report(found: list[Search], cells: list[Cell], rows: list[dict]) -> s
         if not same or same not in seen:
             unique.append(s)
         seen.add(same)
-    found = unique
+    return unique
+
+
+def search_report(found: list[Search], cells: list[Cell], rows: list[dict]) -> str:
+    """Markdown: one summary row per searched point, then each point's search history (every cell it tried); a
+    point that another grid searched with the same cells (e.g. a warm start's first value) is shown once."""
+    found = _unique(found)
     if not found:
         return ""
     row_of = {c.name: r for c, r in zip(cells, rows)}
