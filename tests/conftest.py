@@ -71,3 +71,43 @@ def corpus(tmp_path_factory):
 def tiny_overrides(corpus):
     """--set overrides that make the tiny preset train on the local test corpus."""
     return [f"data.corpus={corpus}"]
+
+
+def check_page(page_path, shot_name):
+    """A report.html: self-contained (every plot a data URI, no file or network reference), the tables of its
+    report.md; then headless Chromium renders it without a console error, loads every image, finds every table, and
+    a screenshot ``shot_name`` is written (to $SPANNORM_ARTIFACTS where set). Skipped where Chromium is missing."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    page, md = page_path.read_text(), page_path.with_suffix(".md").read_text()
+    images = len(re.findall(r"!\[[^]]*\]\((?!https?:)[^)]+\.png\)", md))
+    assert images >= 1 and page.count('src="data:image/png;base64,') == images
+    assert not re.search(r"<(script|link|img)[^>]+(src|href)=\"(https?:|//|file:|[^\"]+\.png)", page)
+    tables = page.count("<table>")
+    assert tables == md.count("\n|---") >= 1
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("headless Chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)")
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000"]
+    url = page_path.as_uri()
+    dom = subprocess.run(
+        [*flags, "--enable-logging=stderr", "--v=0", "--dump-dom", url], capture_output=True, text=True, timeout=120
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    body = re.search(r"<body([^>]*)>", dom.stdout).group(1)
+    assert f'data-tables="{tables}"' in body and f'data-images="{images}"' in body, body
+    assert f'data-images-loaded="{images}"' in body, body
+    errors = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not errors, errors
+    shot = Path(os.environ.get("SPANNORM_ARTIFACTS", page_path.parent)) / shot_name
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        [*flags, "--hide-scrollbars", "--window-size=1280,1600", f"--screenshot={shot}", url],
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,5 +1,7 @@
 import re
 
+from conftest import check_page
+
 from spannorm.cli import main
 
 
@@ -22,6 +24,7 @@ def test_compare_trains_reports_and_reuses(capsys, tmp_path, corpus):
     assert re.findall(r"^\| (?:pre|post|span) \| [0-9.]+ \|", again, re.M) == re.findall(
         r"^\| (?:pre|post|span) \| [0-9.]+ \|", printed, re.M
     )
+    check_page(out / "report.html", "compare_report_html.png")  # (issue 32: compare's page too; last: it may skip)
 
 
 def test_compare_refuses_a_directory_of_another_config(capsys, tmp_path, corpus):

@@ -16,6 +16,7 @@ from .plotting import figure_legend, panel_grid, pyplot, save_figure, unigram_li
 from .run import read_metrics
 from .run_config import Distributed, RunConfig
 from .train import train_or_reuse
+from .webpage import html_report
 
 COLUMNS = ("scheme", "final val loss", "diverged", "tokens/s", "steps", "params")
 
@@ -73,7 +74,7 @@ def budget(t) -> str:
 def compare(
     base: RunConfig, schemes: list[Scheme], out: Path, command: str, progress: bool = True, log=print
 ) -> list[dict]:
-    """Train ``base`` once per scheme into ``out/<scheme>``; write report.md and loss_curves.png."""
+    """Train ``base`` once per scheme into ``out/<scheme>``; write report.md, report.html and loss_curves.png."""
     out = Path(out)
     summaries, curves = [], {}
     for scheme in schemes:
@@ -115,4 +116,5 @@ def compare(
         ]
     )
     atomic_write_text(out / "report.md", report)
+    atomic_write_text(out / "report.html", html_report(report, out, "spannorm compare"))
     return summaries

@@ -26,8 +26,7 @@ The modules, each importing only the ones before it:
     results   results.csv, the best lr and stable range, the second phase, seed groups
     claims    the init probe and the six claims' verdicts
     plots     plots/*.png
-    report    report.md
-    webpage   report.html, from report.md
+    report    report.md (report.html from it: spannorm.webpage)
     run       run_study: all of the above, in order
 """
 

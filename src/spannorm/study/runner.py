@@ -9,6 +9,7 @@ import yaml
 
 from ..config import SpannormError, require
 from ..files import atomic_write_text, locked, no_links, sweep_temp
+from ..webpage import html_report
 from .archive import ARCHIVE, pack, unpack
 from .cells import run_cells
 from .claims import claims, init_probe
@@ -18,7 +19,6 @@ from .report import report
 from .results import best_lr_follow, cell_result, write_results
 from .search import search_follow, searches
 from .verdicts import verdicts_report
-from .webpage import html_report
 
 
 def run_study(

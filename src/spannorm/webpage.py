@@ -1,5 +1,5 @@
-"""report.html of a study: report.md as one self-contained web page (its plots embedded as data URIs, no network
-access), with sortable tables. Made from the Markdown text itself, so the two never disagree."""
+"""report.html of a study or a compare: its report.md as one self-contained web page (its plots embedded as data
+URIs, no network access), with sortable tables. Made from the Markdown text itself, so the two never disagree."""
 
 from __future__ import annotations
 
