@@ -347,6 +347,7 @@ def test_bad_study_yaml_is_a_one_line_error(corpus, tmp_path, capsys, change, fr
 
 # each imports only earlier ones
 STUDY_MODULES = (
+    "launch",
     "grid",
     "cells",
     "archive",

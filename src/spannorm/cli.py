@@ -228,6 +228,21 @@ def _study_command(sub) -> None:
         metavar="KEY=VALUE",
         help="append an override to the study's base config, e.g. --set data.corpus=PATH (repeatable)",
     )
+    st.add_argument(
+        "--launcher",
+        choices=["local", "slurm"],
+        default="local",
+        help="local (the default: cells run here, --jobs at once) or slurm (each cell its own Slurm job through "
+        "submitit, the study directory on a shared filesystem; pip install 'spannorm[cluster]')",
+    )
+    st.add_argument(
+        "--slurm",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--launcher slurm: a submitit parameter, e.g. slurm_partition=gpu, timeout_min=240, gpus_per_node=1, "
+        "cpus_per_task=8 (repeatable; defaults timeout_min=1440, cpus_per_task=1)",
+    )
     st.add_argument("--corpus", help="train every cell on this text file or directory (same as --set data.corpus=PATH)")
     st.add_argument("--quiet", action="store_true", help="no per-cell progress lines")
     _device_arg(st)
@@ -457,12 +472,26 @@ def cmd_compare(args) -> None:
     print(f"\nreport: {args.out / 'report.md'}  plot: {args.out / 'loss_curves.png'}")
 
 
+def _launcher(args):
+    """--launcher slurm's launcher (None: local); --slurm settings without it, or --jobs with it, refused."""
+    if args.launcher == "local":
+        if args.slurm:
+            raise ConfigError(f"--slurm {args.slurm[0]!r} is only read with --launcher slurm")
+        return None
+    if args.jobs != 1:
+        raise ConfigError(f"--jobs {args.jobs} is not used with --launcher slurm: every cell is a job of its own")
+    from .study.launch import Slurm, slurm_parameters  # (here: the CLI starts without loading torch)
+
+    return Slurm(slurm_parameters(args.slurm))
+
+
 def cmd_study(args) -> None:
     # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from .study import load_study, run_study
 
     if args.jobs < 1:
         raise ConfigError(f"--jobs {args.jobs} is invalid: expected a positive integer")
+    launcher = _launcher(args)
     study = load_study(args.config, list(args.overrides) + _shortcuts(args))
     command = "spannorm " + " ".join(shlex.quote(a) for a in args.argv)
     rows = run_study(
@@ -472,6 +501,7 @@ def cmd_study(args) -> None:
         jobs=args.jobs,
         log=(lambda *a: None) if args.quiet else print,
         report_only=args.report_only,
+        launcher=launcher,
     )
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "stalled", "diverged", "not run")}
     print(

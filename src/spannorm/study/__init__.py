@@ -20,6 +20,7 @@ its (series, depth) points' best lr (:func:`follow_ups`, found again from the ce
 
 The modules, each importing only the ones before it:
 
+    launch    --launcher slurm: each cell a job of a Slurm cluster, through submitit
     grid      StudyConfig, Grid, loading and validation; the plan (the base config, resolved once); cells
     cells     running cells: reuse, resume, --jobs
     archive   cells.tar.xz: the finished cells packed, and unpacked where cells/ is missing

@@ -114,8 +114,9 @@ def _outcome(summary: dict) -> str:
     return f"{'reused' if summary['reused'] else 'trained'}, val loss {'—' if val is None else f'{val:.4f}'}, {verdict}"
 
 
-def run_cells(study: StudyConfig, cells: list[Cell], out: Path, jobs: int, log) -> dict[str, str]:
-    """Run every cell; returns {cell name: error} for the cells that failed (the others are on disk)."""
+def run_cells(study: StudyConfig, cells: list[Cell], out: Path, jobs: int, log, launcher=None) -> dict[str, str]:
+    """Run every cell (in this process, in ``jobs`` workers, or each a job of ``launcher``'s cluster:
+    :class:`spannorm.study.launch.Slurm`); returns {cell name: error} for the cells that failed."""
     for cell in cells:  # a cell directory of another config is a user error: refuse before any training
         RunDir(out / "cells" / cell.name).check_config(cell.cfg, f"--out {str(out)!r} holds a cell {cell.name!r}")
     for data in {json.dumps(to_dict(c.cfg.data), sort_keys=True): c.cfg.data for c in cells}.values():
@@ -134,12 +135,28 @@ def run_cells(study: StudyConfig, cells: list[Cell], out: Path, jobs: int, log) 
         return (to_dict(cell.cfg), str(out / "cells" / cell.name), study.probe, study.keep_checkpoints)
 
     nproc = study.nproc_per_cell
-    if jobs == 1:
-        for i, cell in enumerate(cells, 1):
+
+    def here(todo: list[Cell]) -> None:
+        for i, cell in enumerate(todo, 1):
             try:
                 done(i, cell, run_cell(*args(cell), nproc=nproc), None)
             except (SpannormError, RuntimeError, OSError, ValueError) as e:
                 done(i, cell, None, f"{type(e).__name__}: {' '.join(str(e).split())}")
+
+    if launcher is not None:  # the finished cells reused here, the others each a job of the cluster's
+        finished = [c for c in cells if (out / "cells" / c.name / "summary.json").is_file()]
+        here(finished)
+        todo = [c for c in cells if c not in finished]
+        launcher.run(
+            todo,
+            out,
+            run_cell,
+            lambda cell: (*args(cell), launcher.threads, nproc),
+            lambda i, *ended: done(len(finished) + i, *ended),
+        )
+        return failed
+    if jobs == 1:
+        here(cells)
         return failed
 
     context = multiprocessing.get_context("spawn")

@@ -22,13 +22,20 @@ from .verdicts import verdicts_report
 
 
 def run_study(
-    study: StudyConfig, out: Path, command: str, jobs: int = 1, log=print, report_only: bool = False
+    study: StudyConfig,
+    out: Path,
+    command: str,
+    jobs: int = 1,
+    log=print,
+    report_only: bool = False,
+    launcher=None,
 ) -> list[dict]:
     """Run (or resume) every cell of ``study`` into ``out/cells``; write results.csv, plots and report.md.
 
     Cells run seed by seed and shallow depths first, so a study stopped early has covered every
     scheme; then the follow_ups of grids with best_lr_seeds, the same way. ``report_only``: train
-    nothing; report the cells finished so far (the rest "not run").
+    nothing; report the cells finished so far (the rest "not run"). ``launcher``: each cell a job of a cluster
+    (:class:`spannorm.study.launch.Slurm`) instead of ``jobs`` processes here.
 
     A study that trains holds the lock of ``out`` (a second one into it is refused) and first deletes the
     temporary files that kills left; ``report_only`` takes no lock (it trains nothing, and every file it
@@ -47,7 +54,7 @@ def run_study(
         # (each cell's checkpoints: when train resumes it)
         sweep_temp(out, out / "plots", out / "cells", *out.glob("cells/*"))
         unpack(out)
-        return _run_study(plan, cells, out, command, jobs, log, report_only)
+        return _run_study(plan, cells, out, command, jobs, log, report_only, launcher)
 
 
 def _write_outputs(
@@ -92,7 +99,9 @@ def _write_outputs(
     atomic_write_text(out / "report.html", html_report(text, out))
 
 
-def _run_study(plan: Plan, cells: list[Cell], out: Path, command: str, jobs: int, log, report_only: bool) -> list[dict]:
+def _run_study(
+    plan: Plan, cells: list[Cell], out: Path, command: str, jobs: int, log, report_only: bool, launcher=None
+) -> list[dict]:
     """The body of :func:`run_study`."""
     study = plan.study
     before = {c.name for c in cells if (out / "cells" / c.name / "summary.json").is_file()}
@@ -106,7 +115,7 @@ def _run_study(plan: Plan, cells: list[Cell], out: Path, command: str, jobs: int
             failed.update({c.name: "not run" for c in todo if c.name not in before})
         else:
             order = sorted(todo, key=lambda c: (c.cfg.train.seed, c.cfg.model.n_layers))  # stable: grid order otherwise
-            failed.update(run_cells(study, order, out, jobs, log))
+            failed.update(run_cells(study, order, out, jobs, log, launcher))
 
     run(cells)
     rows = [cell_result(c, out, failed.get(c.name)) for c in cells]
