@@ -318,6 +318,7 @@ TIED = {
     "siamese": True,
     "deepscale": True,
     "olmo2": False,
+    "mhc": True,
 }
 
 

@@ -32,6 +32,7 @@ class Scheme(str, enum.Enum):
     SIAMESE = "siamese"
     DEEPSCALE = "deepscale"
     OLMO2 = "olmo2"
+    MHC = "mhc"
 
 
 class SpanScale(str, enum.Enum):
@@ -90,6 +91,8 @@ class DyTRecipe(str, enum.Enum):
 
 
 MAX_EXPERTS = 4096  # routed or shared experts per MoE layer (today's largest models use a few hundred)
+# mhc's residual streams: the paper's n is 4; each stream is a copy of the d-wide state and H_res has n² entries a token
+MAX_STREAMS = 64
 MAX_SIZE = 2**20  # vocab, width, depth, heads, FFN width: above it a weight matrix could not even be indexed
 
 
@@ -129,6 +132,7 @@ class ModelConfig:
     span_scale: SpanScale = SpanScale.NORM  # SpanNorm scaling: norm, multiplier, init or none (docs/spannorm-lr.md)
     span_c: float = 1.0  # SpanNorm's c: target branch variance c/L
     deepscale_k: float = 1.0  # DeepScaleLM's k: branch weight β² = k/L (at most L)
+    hc_streams: int = 4  # mHC's residual streams n (the paper's 4); no effect with other schemes
     n_experts: int = 0  # 0: dense SwiGLU FFN; >= 1: MoE FFN with this many routed experts
     top_k: int = 2  # routed experts per token (at most n_experts)
     n_shared_experts: int = 0  # experts every token passes through, besides the routed ones
@@ -206,6 +210,14 @@ class ModelConfig:
                 value,
                 "a positive number",
             )
+        require(
+            isinstance(self.hc_streams, int)
+            and not isinstance(self.hc_streams, bool)
+            and 2 <= self.hc_streams <= MAX_STREAMS,
+            "model.hc_streams",
+            self.hc_streams,
+            f"an integer in [2, {MAX_STREAMS}] (mhc's residual streams)",
+        )
         self._validate_moe()
         require(
             self.deepscale_k <= self.n_layers,
