@@ -873,13 +873,13 @@ class OLMo2(Block):
 
 def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     """Sinkhorn–Knopp over the last two dimensions: M = exp(logits), then ``iters`` times every row, then every
-    column, divided by its sum (mHC's projection onto the doubly stochastic matrices). Run in the log domain: the
-    same iterates, without exp's overflow or a row that underflows to 0."""
-    m = logits
+    column, divided by its sum (mHC's projection onto the doubly stochastic matrices). Each row's max is subtracted
+    before exp (the same iterates, as the first row step divides it out; no overflow, no row of zeros)."""
+    m = torch.exp(logits - logits.amax(-1, keepdim=True))
     for _ in range(iters):
-        m = m - m.logsumexp(-1, keepdim=True)
-        m = m - m.logsumexp(-2, keepdim=True)
-    return m.exp()
+        m = m / m.sum(-1, keepdim=True)
+        m = m / m.sum(-2, keepdim=True)
+    return m
 
 
 class HyperConnection(nn.Module):
