@@ -883,8 +883,8 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
 
 
 class HyperConnection(nn.Module):
-    """mHC's connection around one sublayer F (Xie et al. 2025, arXiv 2512.24880, eqs. 3, 7, 8) on n streams x
-    (..., n, d), each token's n×d matrix:
+    """mHC's connection around one sublayer F (Xie et al. 2025, arXiv 2512.24880) on n streams x (..., n, d), each
+    token's n×d matrix:
 
         z = vec(x) / rms(vec(x))                                the n·d row, RMS-normalized (its gain absorbed in φ)
         H_pre  = σ(α_pre·z·φ_pre + b_pre)                       1×n: how F's input reads the streams
@@ -892,14 +892,14 @@ class HyperConnection(nn.Module):
         H_res  = Sinkhorn-Knopp(α_res·mat(z·φ_res) + b_res)     n×n, doubly stochastic: how the streams mix
         x' = H_res·x + H_postᵀ·F(H_pre·x)
 
-    Both parts, as the paper: static (the biases b) and dynamic (α·z·φ, per token). Init: α = 0.01, the paper's; the
-    rest is our reading (Megatron-LM's): b_pre = logit(1/n) (F reads the streams' mean), b_post = 0 (H_post = 1: F's
-    output added to every stream), b_res 0 on the diagonal and ``RES_OFF`` off it (H_res near the identity), φ
-    N(0, 1/sqrt(n·d)) (z·φ of RMS 1: α alone sets the dynamic part's size). On equal streams this is PreNorm's
-    x + F(x), but for the dynamic part.
+    Both parts, as the paper: static (the biases b) and dynamic (α·z·φ, per token). Init: α = 0.01 (the paper's, as
+    Megatron-LM's default); the rest is our reading (Megatron-LM's): b_pre = logit(1/n) (F reads the streams' mean),
+    b_post = 0 (H_post = 1: F's output added to every stream), b_res 0 on the diagonal and ``RES_OFF`` off it (H_res
+    near the identity), φ N(0, 1/sqrt(n·d)) (z·φ of RMS 1: α alone sets the dynamic part's size). On equal streams
+    this is PreNorm's x + F(x), but for the dynamic part.
     """
 
-    ALPHA = 0.01  # the gating factors' init (the paper's hyper-parameters)
+    ALPHA = 0.01  # the gating factors' init
     RES_OFF = -5.0  # b_res off the diagonal: H_res's diagonal 0.98 at n = 4 (Megatron-LM's init)
     SINKHORN_ITERS = 20  # the paper's t_max
 
@@ -963,8 +963,8 @@ class MHC(Block):
     x ─┬──── H_res ─────────────────────────────(+)─┬── H_res ───────────────────────(+)──► x'   (n×d a token)
        └─ H_pre ─ N_1 ─ Attn ─ H_postᵀ ──────────┘   └─ H_pre ─ N_2 ─ FFN ─ H_postᵀ ───┘
 
-    Recipe: PreNorm's (GPT-2 init, tied head), so that mhc and pre differ only by the connections; the paper's
-    models (DeepSeek-V3's recipe, untied head) are not carried. ``probe``'s stream RMS is over all n streams.
+    Recipe: PreNorm's (GPT-2 init, tied head), so that mhc and pre differ only by the connections; the paper's own
+    model recipe is not carried. ``probe``'s stream RMS is over all n streams.
     """
 
     equation = (
