@@ -218,6 +218,42 @@ def olmo2_block(x, block, cfg, i):
     return h + N("norm2", F(h))
 
 
+SINKHORN_ITERS = 20  # mHC's t_max (the paper's hyper-parameters)
+
+
+def sinkhorn_knopp(logits, iters=SINKHORN_ITERS):
+    """exp, then ``iters`` times: each row divided by its sum, then each column."""
+    m = torch.exp(logits)
+    for _ in range(iters):
+        m = m / m.sum(-1, keepdim=True)
+        m = m / m.sum(-2, keepdim=True)
+    return m
+
+
+def hyper_connection(x, hc, F, eps):
+    """mHC around a sublayer F, on streams x (B, T, n, d): from z = vec(x)/rms(vec(x)) and c = z·φ (columns
+    [pre | post | res]), H_pre = σ(α_pre·c_pre + b_pre), H_post = 2σ(α_post·c_post + b_post),
+    H_res = SK(α_res·mat(c_res) + b_res); output stream i: Σ_j H_res[i, j]·x_j + H_post[i]·F(Σ_j H_pre[j]·x_j)."""
+    B, T, n, d = x.shape
+    z = x.reshape(B, T, n * d)
+    z = z / torch.sqrt((z * z).mean(-1, keepdim=True) + eps)
+    c = z @ hc.phi
+    a, b = hc.alpha, hc.bias
+    h_pre = torch.sigmoid(a[0] * c[..., :n] + b[:n])
+    h_post = 2 * torch.sigmoid(a[1] * c[..., n : 2 * n] + b[n : 2 * n])
+    h_res = sinkhorn_knopp((a[2] * c[..., 2 * n :] + b[2 * n :]).reshape(B, T, n, n))
+    y = F(sum(h_pre[..., j, None] * x[..., j, :] for j in range(n)))
+    out = [sum(h_res[..., i, j, None] * x[..., j, :] for j in range(n)) + h_post[..., i, None] * y for i in range(n)]
+    return torch.stack(out, dim=-2)
+
+
+def mhc_block(x, block, cfg, i):
+    """mHC, PreNorm placement: each sublayer inside a hyper-connection, x (B, T, n, d)."""
+    A, F, N = sublayers(block, cfg)
+    h = hyper_connection(x, block.hc1, lambda u: A(N("norm1", u)), cfg.norm_eps)
+    return hyper_connection(h, block.hc2, lambda u: F(N("norm2", u)), cfg.norm_eps)
+
+
 BLOCKS = {
     "pre": pre_block,
     "post": post_block,
@@ -235,10 +271,12 @@ BLOCKS = {
     "siamese": siamese_block,
     "deepscale": deepscale_block,
     "olmo2": olmo2_block,
+    "mhc": mhc_block,
 }
 EMBED_NORM = {"span", "peri"}
-FINAL_NORM = {"pre", "peri", "sandwich", "mixln", "hybrid", "hybrid_star", "lns", "deepscale", "olmo2"}
+FINAL_NORM = {"pre", "peri", "sandwich", "mixln", "hybrid", "hybrid_star", "lns", "deepscale", "olmo2", "mhc"}
 TWO_STREAM = {"residual", "siamese"}
+MULTI_STREAM = {"mhc"}  # n = cfg.hc_streams streams, (B, T, n, d): n copies of x_0 in, their mean out
 
 
 def lm_logits(idx, model, cfg):
@@ -252,6 +290,8 @@ def lm_logits(idx, model, cfg):
     if name in EMBED_NORM:
         x = norm(x, model.embed_norm, eps)
     state = (x, x) if name in TWO_STREAM else x
+    if name in MULTI_STREAM:
+        state = torch.stack([x] * cfg.hc_streams, dim=-2)
     for i, block in enumerate(model.blocks):
         state = BLOCKS[name](state, block, cfg, i)
     if name == "residual":  # a_L + N(d_L)
@@ -260,6 +300,8 @@ def lm_logits(idx, model, cfg):
         x = norm(
             norm(state[0], model.exit.norm_a, eps) + norm(state[1], model.exit.norm_b, eps), model.exit.norm_f, eps
         )
+    elif name in MULTI_STREAM:
+        x = state.mean(-2)
     else:
         x = state
     if name in FINAL_NORM:

@@ -174,6 +174,16 @@ def test_llama_refusal_names_the_option(more):
     assert llama_refusal(build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, scheme="pre"))) is None
 
 
+def test_llama_refuses_mhc_in_one_line():
+    """Issue 31: Llama has one residual stream; mHC's n streams and their mixing do not map onto it."""
+    from spannorm.hf import llama_refusal
+    from spannorm.model import build_model
+    from spannorm.model_config import ModelConfig
+
+    reason = llama_refusal(build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, scheme="mhc")))
+    assert "model.scheme=mhc" in reason and "\n" not in reason
+
+
 def test_export_refuses_an_existing_folder(runs, tmp_path, capsys):
     assert main(["export", str(runs / "span"), str(tmp_path)]) == 2
     assert "already exists" in capsys.readouterr().err

@@ -319,6 +319,7 @@ TIED = {
     "siamese": True,
     "deepscale": True,
     "olmo2": False,
+    "mhc": True,
 }
 
 

@@ -66,6 +66,15 @@ def test_olmo2_stream_grows_by_two_unit_branches_a_block():
         assert r["skip_gain_measured"] == pytest.approx(1.0, abs=1e-9)  # the identity skip
 
 
+def test_mhc_stream_grows_as_prenorm_at_init():
+    """Issue 31: mHC's n equal streams at init (H_post = 1, a doubly stochastic H_res, H_pre their mean) grow as
+    PreNorm's stream, but for the dynamic part (α = 0.01): theory within 10 %, skip gain 1 within 1 %."""
+    for L in (4, 16):
+        r = probed("mhc", L)
+        assert r["stream_rms"] == pytest.approx(r["stream_rms_theory"], rel=0.1)
+        assert r["skip_gain_measured"] == pytest.approx(1.0, rel=0.01)
+
+
 @pytest.mark.parametrize("scheme", ["post", "deepnorm"])
 def test_post_and_deepnorm_skip_gain_theory(scheme):
     r = probed(scheme, 8)

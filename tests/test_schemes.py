@@ -51,6 +51,8 @@ def test_block_matches_equation(scheme, norm):
     x = torch.randn(2, 5, cfg.d_model, dtype=torch.float64) * 3
     if scheme in reference.TWO_STREAM:
         x = Streams(x, torch.randn_like(x))
+    if scheme in reference.MULTI_STREAM:  # n different streams
+        x = torch.randn(2, 5, cfg.hc_streams, cfg.d_model, dtype=torch.float64) * 3
     rope = tuple(t.double() for t in rope_cache(5, cfg.d_model // cfg.n_heads, cfg.rope_theta))
     for layer in (0, 1):  # Mix-LN: block 0 is PostNorm, block 1 PreNorm; LNS, SiameseNorm depend on l
         got = model.blocks[layer](x, rope)
@@ -81,6 +83,42 @@ def test_olmo2_normalizes_q_and_k_over_all_heads_unless_told_otherwise():
     attn = build_model(tiny("olmo2", n_heads=4)).blocks[0].attn
     assert attn.q_norm.weight.shape == (16,) and attn.k_norm.weight.shape == (16,)
     assert not hasattr(build_model(tiny("olmo2", qk_norm="none")).blocks[0].attn, "q_norm")
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_mhc_matches_equation_with_other_stream_counts(n):
+    """Issue 31: model.hc_streams sets mHC's n (the equation tests above run the default)."""
+    cfg = tiny("mhc", hc_streams=n)
+    model = randomized(cfg, seed=3)
+    assert model.blocks[0].hc1.phi.shape == (n * cfg.d_model, n * n + 2 * n)
+    idx = torch.randint(0, cfg.vocab_size, (2, 6))
+    torch.testing.assert_close(model(idx)[0], reference.lm_logits(idx, model, cfg), **TOL)
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_mhc_sinkhorn_rows_and_columns_sum_to_one(n):
+    """H_res is doubly stochastic to 1e-6 after the paper's 20 iterations for logits of spread 0.5; the columns are
+    exact in the model (the last step), the rows converge more slowly the nearer H_res is to a permutation (at
+    init, near the identity: docs/peers-2026.md, "mHC", gives the gap)."""
+    from spannorm.schemes import HyperConnection, sinkhorn
+
+    logits = 0.5 * torch.randn(1000, n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    h = sinkhorn(logits, HyperConnection.SINKHORN_ITERS)
+    assert (h >= 0).all()
+    for dim in (-1, -2):
+        torch.testing.assert_close(h.sum(dim), torch.ones(1000, n, dtype=torch.float64), rtol=0, atol=1e-6)
+    cfg = tiny("mhc", hc_streams=n)
+    x = torch.randn(2, 5, n, cfg.d_model, dtype=torch.float64)
+    h = build_model(cfg).double().blocks[0].hc1.coefficients(x)[2]
+    torch.testing.assert_close(h.sum(-2), torch.ones(2, 5, n, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("value", [1, 0, -4, 2.5, "4", True, 65])
+def test_bad_hc_streams_is_a_one_line_error(value):
+    from spannorm import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.hc_streams=.* is invalid: expected an integer in \[2, 64\]"):
+        tiny("mhc", hc_streams=value)
 
 
 @pytest.mark.parametrize("norm", ["rms", "layer", "dyt"])

@@ -32,6 +32,7 @@ class Scheme(str, enum.Enum):
     SIAMESE = "siamese"
     DEEPSCALE = "deepscale"
     OLMO2 = "olmo2"
+    MHC = "mhc"
 
 
 class SpanScale(str, enum.Enum):
@@ -90,6 +91,8 @@ class DyTRecipe(str, enum.Enum):
 
 
 MAX_EXPERTS = 4096  # routed or shared experts per MoE layer (today's largest models use a few hundred)
+# mhc's residual streams: the paper's n is 4; each stream is a copy of the d-wide state and H_res has n² entries a token
+MAX_STREAMS = 64
 MAX_SIZE = 2**20  # vocab, width, depth, heads, FFN width: above it a weight matrix could not even be indexed
 SIZE = Bound(lambda v: is_int(v) and 0 < v <= MAX_SIZE, f"a positive integer (at most {MAX_SIZE:,})")
 SIZE_OR_NULL = Bound(lambda v: v is None or SIZE.ok(v), f"{SIZE.valid} or null")
@@ -157,6 +160,13 @@ class ModelConfig:
     )
     span_c: float = option(1.0, "SpanNorm's c: target branch variance c/L", POSITIVE_NUMBER)
     deepscale_k: float = option(1.0, "DeepScaleLM's k: branch weight β² = k/L (at most L)", POSITIVE_NUMBER)
+    hc_streams: int = option(
+        4,
+        "mHC's residual streams n (the paper's 4); no effect with other schemes",
+        Bound(
+            lambda v: is_int(v) and 2 <= v <= MAX_STREAMS, f"an integer in [2, {MAX_STREAMS}] (mhc's residual streams)"
+        ),
+    )
     n_experts: int = option(0, "0: dense SwiGLU FFN; >= 1: MoE FFN with this many routed experts", EXPERTS)
     top_k: int = option(2, "routed experts per token (at most n_experts)")
     n_shared_experts: int = option(0, "experts every token passes through, besides the routed ones", EXPERTS)

@@ -85,3 +85,18 @@ def integer_ticks(axis) -> None:
     from matplotlib.ticker import MaxNLocator  # (matplotlib: imported only when a plot is drawn)
 
     axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def log_y(ax) -> None:
+    """A log y axis whose ticks read as plain numbers (1.05, 1.2, 0.4) where the data span less than two decades,
+    instead of 1.2×10⁰ (the default labels only powers of ten, and their mantissas where it has too few)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocator  # (only when a plot is drawn)
+
+    ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    if not 0 < low < high < 100 * low:
+        return
+    # within a decade: evenly spaced round values; within two: 1, 2, 5 times the powers of ten
+    ax.yaxis.set_major_locator(MaxNLocator(6) if high < 10 * low else LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))

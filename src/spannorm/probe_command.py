@@ -20,7 +20,7 @@ from .device import resolve, to_device
 from .model import LM, build_model
 from .model_config import Scheme
 from .output import md_table, num
-from .plotting import figure_legend, integer_ticks, panel_grid, pyplot, save_figure
+from .plotting import figure_legend, integer_ticks, log_y, panel_grid, pyplot, save_figure
 from .probe import layer_drop, probe
 from .run import RunDir
 from .run_config import RunConfig
@@ -124,7 +124,7 @@ def plot_probe(runs: list[dict], out: Path) -> None:
         ax.set_ylabel(ylabel)
         integer_ticks(ax.xaxis)
         if log:
-            ax.set_yscale("log")
+            log_y(ax)
         ax.grid(alpha=0.3)
     figure_legend(fig, axes)
     save_figure(fig, out, tight=True)

@@ -871,6 +871,142 @@ class OLMo2(Block):
         return h + self.norm2(self.ffn(h))
 
 
+def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """Sinkhorn–Knopp over the last two dimensions: M = exp(logits), then ``iters`` times every row, then every
+    column, divided by its sum (mHC's projection onto the doubly stochastic matrices). Each row's max is subtracted
+    before exp (the same iterates, as the first row step divides it out; no overflow, no row of zeros)."""
+    m = torch.exp(logits - logits.amax(-1, keepdim=True))
+    for _ in range(iters):
+        m = m / m.sum(-1, keepdim=True)
+        m = m / m.sum(-2, keepdim=True)
+    return m
+
+
+class HyperConnection(nn.Module):
+    """mHC's connection around one sublayer F (Xie et al. 2025, arXiv 2512.24880) on n streams x (..., n, d), each
+    token's n×d matrix:
+
+        z = vec(x) / rms(vec(x))                                the n·d row, RMS-normalized (its gain absorbed in φ)
+        H_pre  = σ(α_pre·z·φ_pre + b_pre)                       1×n: how F's input reads the streams
+        H_post = 2σ(α_post·z·φ_post + b_post)                   1×n: how F's output is written to them
+        H_res  = Sinkhorn-Knopp(α_res·mat(z·φ_res) + b_res)     n×n, doubly stochastic: how the streams mix
+        x' = H_res·x + H_postᵀ·F(H_pre·x)
+
+    Both parts, as the paper: static (the biases b) and dynamic (α·z·φ, per token). Init: α = 0.01 (the paper's, as
+    Megatron-LM's default); the rest is our reading (Megatron-LM's): b_pre = logit(1/n) (F reads the streams' mean),
+    b_post = 0 (H_post = 1: F's output added to every stream), b_res 0 on the diagonal and ``RES_OFF`` off it (H_res
+    near the identity), φ N(0, 1/sqrt(n·d)) (z·φ of RMS 1: α alone sets the dynamic part's size). On equal streams
+    this is PreNorm's x + F(x), but for the dynamic part.
+    """
+
+    ALPHA = 0.01  # the gating factors' init
+    RES_OFF = -5.0  # b_res off the diagonal: H_res's diagonal 0.98 at n = 4 (Megatron-LM's init)
+    SINKHORN_ITERS = 20  # the paper's t_max
+
+    def __init__(self, n: int, d: int, eps: float):
+        super().__init__()
+        self.n, self.eps = n, eps
+        self.phi = nn.Parameter(torch.empty(n * d, n * (n + 2)))  # [φ_pre | φ_post | φ_res]
+        self.alpha = nn.Parameter(torch.empty(3))  # α_pre, α_post, α_res
+        self.bias = nn.Parameter(torch.empty(n * (n + 2)))  # [b_pre | b_post | b_res]
+
+    def reset_parameters(self) -> None:
+        n = self.n
+        nn.init.normal_(self.phi, std=self.phi.shape[0] ** -0.5)
+        nn.init.constant_(self.alpha, self.ALPHA)
+        b_pre, b_post, b_res = self.bias.detach().split([n, n, n * n])
+        b_pre.fill_(-math.log(n - 1))  # σ(b_pre) = 1/n
+        b_post.fill_(0.0)
+        b_res.view(n, n).fill_(self.RES_OFF).fill_diagonal_(0.0)
+
+    def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """H_pre (..., n), H_post (..., n) and H_res (..., n, n) of streams x (..., n, d)."""
+        n = self.n
+        z = x.flatten(-2)
+        z = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + self.eps)
+        pre, post, res = (z @ self.phi).to(x.dtype).split([n, n, n * n], -1)  # (autocast: the coefficients in x's)
+        b_pre, b_post, b_res = self.bias.split([n, n, n * n])
+        a_pre, a_post, a_res = self.alpha
+        return (
+            torch.sigmoid(a_pre * pre + b_pre),
+            2 * torch.sigmoid(a_post * post + b_post),
+            sinkhorn((a_res * res + b_res).unflatten(-1, (n, n)), self.SINKHORN_ITERS),
+        )
+
+    def forward(self, x: torch.Tensor, sublayer) -> torch.Tensor:
+        h_pre, h_post, h_res = self.coefficients(x)
+        y = sublayer((h_pre.unsqueeze(-2) @ x).squeeze(-2))
+        return h_res @ x + h_post.unsqueeze(-1) * y.unsqueeze(-2)
+
+
+class StreamMean(nn.Module):
+    """mHC's output: the mean of the n streams (Hyper-Connections sum them before the final norm: the same after
+    an RMSNorm, but for its ε; the mean keeps the scale with ``final_norm=false``)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(-2)
+
+
+class MHC(Block):
+    """Manifold-constrained hyper-connections (Xie et al. 2025, DeepSeek, "mHC: Manifold-Constrained
+    Hyper-Connections", arXiv 2512.24880), PreNorm placement: n residual streams (``model.hc_streams``), each
+    sublayer wrapped in a :class:`HyperConnection` that reads its input from the streams (H_pre), writes its output
+    back (H_post) and mixes the streams by a doubly stochastic H_res (Sinkhorn-Knopp, 20 iterations).
+
+        h  = H_res,1·x + H_post,1ᵀ·Attn(N_1(H_pre,1·x))
+        x' = H_res,2·h + H_post,2ᵀ·FFN(N_2(H_pre,2·h))        H's static + dynamic (per token)
+        x_0 = n copies of the embedding;  output: the streams' mean, then the final N
+
+    x ─┬──── H_res ─────────────────────────────(+)─┬── H_res ───────────────────────(+)──► x'   (n×d a token)
+       └─ H_pre ─ N_1 ─ Attn ─ H_postᵀ ──────────┘   └─ H_pre ─ N_2 ─ FFN ─ H_postᵀ ───┘
+
+    Recipe: PreNorm's (GPT-2 init, tied head), so that mhc and pre differ only by the connections; the paper's own
+    model recipe is not carried. ``probe``'s stream RMS is over all n streams.
+    """
+
+    equation = (
+        "per sublayer F: x' = H_res·x + H_postᵀ·F(N(H_pre·x)) on n streams (model.hc_streams); H_pre = σ(·), "
+        "H_post = 2σ(·), H_res = Sinkhorn-Knopp(·), each α·(rms-normalized x)·φ + b; x_0 = n copies of the "
+        "embedding; output the streams' mean; final N"
+    )
+    init_rule = "as PreNorm (GPT-2); α = 0.01, H_pre = 1/n, H_post = 1, H_res ≈ I (near PreNorm at init); tied head"
+    reference = "Xie et al. 2025, arXiv 2512.24880 (mHC, DeepSeek); Zhu et al. 2024, arXiv 2409.19606 (HC)"
+    base_std = BaseStd(0.02, 768, "GPT-2's, as PreNorm; the paper's own init not carried")
+    attn_input = "norm1"
+    final_norm = True
+    Exit = StreamMean
+
+    def __init__(self, cfg, layer):
+        super().__init__(cfg, layer)
+        self.n = cfg.hc_streams
+        self.hc1, self.hc2 = (HyperConnection(cfg.hc_streams, cfg.d_model, cfg.norm_eps) for _ in range(2))
+
+    @classmethod
+    def init_stds(cls, cfg, layer):
+        return gpt2_init(cfg)
+
+    def reset_parameters(self):
+        self.hc1.reset_parameters()
+        self.hc2.reset_parameters()
+
+    def enter(self, x):
+        return x.unsqueeze(-2).expand(*x.shape[:-1], self.n, x.shape[-1])
+
+    @classmethod
+    def theory(cls, blocks, stream_rms0, attn_rms, ffn_rms, stream_rms):
+        """PreNorm's: at init the streams are equal (n copies; F's output written to each with H_post = 1, and a
+        doubly stochastic H_res maps equal streams to themselves) and H_pre reads their mean, but for the dynamic
+        part (α = 0.01)."""
+        return PreNorm.theory(blocks, stream_rms0, attn_rms, ffn_rms, stream_rms)
+
+    def forward(self, x, rope):
+        h = self.hc1(x, lambda u: self.attn(self.norm1(u), rope))
+        return self.hc2(h, lambda u: self.ffn(self.norm2(u)))
+
+
 class DeepScale(Block):
     """DeepScaleLM (Kedia et al. 2024, "Transformers Get Stable: An End-to-End Signal Propagation
     Theory for Language Models"), PreNorm form: variance-preserving residual mixing.
@@ -933,6 +1069,7 @@ SCHEMES: dict[Scheme, type[Block]] = {
     Scheme.SIAMESE: SiameseNorm,
     Scheme.DEEPSCALE: DeepScale,
     Scheme.OLMO2: OLMo2,
+    Scheme.MHC: MHC,
 }
 
 

@@ -159,6 +159,13 @@ def run_cells(study: StudyConfig, cells: list[Cell], out: Path, jobs: int, log, 
         here(cells)
         return failed
 
+    _in_workers(cells, jobs, nproc, args, done)
+    return failed
+
+
+def _in_workers(cells: list[Cell], jobs: int, nproc: int, args, done) -> None:
+    """:func:`run_cells` with ``jobs`` > 1: every cell in one of ``jobs`` spawned worker processes (on CUDA, each
+    worker slot with its own GPUs), ``done(i, cell, summary, error)`` as each ends."""
     context = multiprocessing.get_context("spawn")
     gpus, slots = gpu_slots(jobs, nproc, cells), context.SimpleQueue()  # each worker takes one slot's GPUs
     for slot in gpus or []:
@@ -183,7 +190,6 @@ def run_cells(study: StudyConfig, cells: list[Cell], out: Path, jobs: int, log, 
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
     pool.shutdown()
-    return failed
 
 
 def gpu_slots(jobs: int, nproc: int, cells: list[Cell]) -> list[str] | None:
