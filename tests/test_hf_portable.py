@@ -56,7 +56,11 @@ def test_the_remote_modules_import_only_each_other():
         assert relative <= set(REMOTE_MODULES), (name, relative - set(REMOTE_MODULES))
 
 
-@pytest.mark.parametrize("overrides", [[], ["model.n_experts=4", "model.top_k=2"]], ids=["span", "span-moe"])
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["model.n_experts=4", "model.top_k=2"], ["model.scheme=ngpt"]],  # ngpt: its q/k, FFN and logit scales
+    ids=["span", "span-moe", "ngpt"],
+)
 def test_an_export_loads_without_spannorm(corpus, tmp_path, overrides):
     cfg = load_config(
         "tiny",
