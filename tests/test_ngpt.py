@@ -151,3 +151,15 @@ def test_the_probe_s_attention_entropy_is_that_of_ngpt_s_softmax():
     logp = (q @ k.transpose(-1, -2) * 4.0).masked_fill(future, -math.inf).log_softmax(-1)
     want = -(logp.exp() * logp.masked_fill(future, 0)).sum(-1).mean().item()
     assert forward_stats(m, rec)["attn_entropy"][0] == pytest.approx(want, rel=1e-5)
+
+
+def test_fsdp_is_refused_in_one_line():
+    """FSDP shards the columns nGPT renormalizes: refused before any sharding (DDP keeps whole weights)."""
+    from spannorm.distributed import Ranks
+    from spannorm.run_config import TrainConfig
+    from spannorm.train import placed
+
+    model = build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, scheme="ngpt"))
+    with pytest.raises(ConfigError, match="train.distributed=fsdp is invalid with model.scheme=ngpt") as e:
+        placed(model, TrainConfig(distributed="fsdp"), Ranks(joined=True))
+    assert "\n" not in str(e.value)

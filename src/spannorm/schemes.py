@@ -905,12 +905,13 @@ class NGPT(Block):
     (``unit_axes``).
 
     The authors' recipe beyond the model, which a scheme cannot set (train.*): no learning-rate warmup and no weight
-    decay. Our defaults (train.warmup_steps 50, train.weight_decay 0.1 on the matrices, which the renormalization
-    mostly undoes) stay unless the config sets train.warmup_steps=0 and train.weight_decay=0, as ``init_rule`` says
-    (the way PostNorm's warmup is stated). Our reading: U as the paper writes it (NVIDIA's code also takes |α|; here
-    α is not clamped), with F.normalize's 1e-12 floor on ‖x‖. model.norm has no effect (nGPT has no norm modules),
-    nor do init_std and init_scale on the normalized matrices (only the draw's direction remains). Refused: MoE and
-    model.qk_norm (config), FSDP (the renormalization needs whole columns).
+    decay. Our defaults (train.warmup_steps 50; train.weight_decay 0.1 on the matrices, whose shrinking the
+    renormalization undoes: it only enlarges the step's update relative to the weight by 1/(1 − lr·wd)) stay unless
+    the config sets train.warmup_steps=0 and train.weight_decay=0, as ``init_rule`` says (as PostNorm's warmup is).
+    Our reading: U as the paper writes it (NVIDIA's code also takes |α|; here α is not clamped), with F.normalize's
+    1e-12 floor on ‖x‖. model.norm has no effect (nGPT has no norm modules), nor do init_std and init_scale on the
+    normalized matrices (only the draw's direction remains). Refused: MoE and model.qk_norm (config), FSDP (the
+    renormalization needs whole columns).
     """
 
     equation = (
