@@ -285,8 +285,9 @@ class SwiGLU(nn.Module):
         self.s_uv: ScaleVector | None = None  # nGPT's block sets it: a learned factor per row of W_up·x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.up(x)
-        return self.down(silu_gate(h if self.s_uv is None else h * self.s_uv()))
+        # (s_uv scales W_up's rows: (W·x) ⊙ s = (s ⊙ W)·x, a d_ff × d product instead of a tokens × d_ff one)
+        h = self.up(x) if self.s_uv is None else F.linear(x, self.up.weight * self.s_uv()[:, None])
+        return self.down(silu_gate(h))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
