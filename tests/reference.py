@@ -54,10 +54,12 @@ def rope(x, theta):
     return out
 
 
-def attention(x, w_qkv, w_out, n_heads, theta, qkv_norms=None, qk_all=None):
+def attention(x, w_qkv, w_out, n_heads, theta, qkv_norms=None, qk_all=None, s_qk=None):
     """Causal multi-head softmax attention with RoPE on queries and keys; optional per-head
     norms on q, k, v (before RoPE; None for one of them: not normalized), or ``qk_all``, two norms on the
-    whole q = x·W_qᵀ and k = x·W_kᵀ (all heads at once) before they are split into heads."""
+    whole q = x·W_qᵀ and k = x·W_kᵀ (all heads at once) before they are split into heads; or ``s_qk`` (nGPT,
+    a d-vector): after RoPE each head's q and k divided by their L2 norm and times s_qk's slice of that head,
+    scores q·kᵀ·sqrt(hd)."""
     B, T, D = x.shape
     hd = D // n_heads
     wq, wk, wv = w_qkv[:D], w_qkv[D : 2 * D], w_qkv[2 * D :]
@@ -71,7 +73,9 @@ def attention(x, w_qkv, w_out, n_heads, theta, qkv_norms=None, qk_all=None):
         if qkv_norms is not None:
             q, k, v = (t if nq is None else nq(t) for nq, t in zip(qkv_norms, (q, k, v)))
         q, k = rope(q, theta), rope(k, theta)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
+        if s_qk is not None:
+            q, k = q / q.norm(dim=-1, keepdim=True) * s_qk[sl], k / k.norm(dim=-1, keepdim=True) * s_qk[sl]
+        scores = q @ k.transpose(-1, -2) * (math.sqrt(hd) if s_qk is not None else 1 / math.sqrt(hd))
         mask = torch.ones(T, T, dtype=torch.bool).triu(1)
         scores = scores.masked_fill(mask, float("-inf"))
         heads.append(torch.softmax(scores, dim=-1) @ v)
@@ -254,6 +258,27 @@ def mhc_block(x, block, cfg, i):
     return hyper_connection(h, block.hc2, lambda u: F(N("norm2", u)), cfg.norm_eps)
 
 
+def sphere(x):
+    """nGPT's Norm: x / ‖x‖₂ over the last dimension."""
+    return x / torch.sqrt((x * x).sum(-1, keepdim=True))
+
+
+def ngpt_block(x, block, cfg, i):
+    """nGPT: h ← Norm(h + α_A(Norm(h_A) − h)), h ← Norm(h + α_M(Norm(h_M) − h)); each learned vector is its raw
+    parameter θ times init/scale: α 0.05·sqrt(d), s_qk sqrt(d); s_v and s_u (the halves of the model's s_uv, which
+    carries sqrt(d) on both, NVIDIA's form) 1; the paper's FFN: u·s_u, gate v·s_v·sqrt(d)."""
+    d, a, f = cfg.d_model, block.attn, block.ffn
+    s_qk = a.s_qk.theta * math.sqrt(d)
+    h_a = attention(x, a.qkv.weight, a.out.weight, cfg.n_heads, cfg.rope_theta, s_qk=s_qk)
+    h = sphere(x + block.alpha_attn.theta * 0.05 * math.sqrt(d) * (sphere(h_a) - x))
+    d_ff = f.down.weight.shape[1]
+    s_v, s_u = f.s_uv.theta[:d_ff], f.s_uv.theta[d_ff:]
+    v = (h @ f.up.weight[:d_ff].T) * s_v * math.sqrt(d)  # the gate
+    u = (h @ f.up.weight[d_ff:].T) * s_u
+    h_m = (u * v * torch.sigmoid(v)) @ f.down.weight.T
+    return sphere(h + block.alpha_ffn.theta * 0.05 * math.sqrt(d) * (sphere(h_m) - h))
+
+
 BLOCKS = {
     "pre": pre_block,
     "post": post_block,
@@ -272,6 +297,7 @@ BLOCKS = {
     "deepscale": deepscale_block,
     "olmo2": olmo2_block,
     "mhc": mhc_block,
+    "ngpt": ngpt_block,
 }
 EMBED_NORM = {"span", "peri"}
 FINAL_NORM = {"pre", "peri", "sandwich", "mixln", "hybrid", "hybrid_star", "lns", "deepscale", "olmo2", "mhc"}
@@ -289,6 +315,8 @@ def lm_logits(idx, model, cfg):
         x = x * model.embed_scale
     if name in EMBED_NORM:
         x = norm(x, model.embed_norm, eps)
+    if name == "ngpt":
+        x = sphere(x)
     state = (x, x) if name in TWO_STREAM else x
     if name in MULTI_STREAM:
         state = torch.stack([x] * cfg.hc_streams, dim=-2)
@@ -309,4 +337,6 @@ def lm_logits(idx, model, cfg):
     if name == "deepscale":
         x = x * math.sqrt(0.3 / cfg.d_model)
     head = model.embed.weight if model.head is None else model.head.weight
+    if name == "ngpt":  # s_z per token: θ·sqrt(d)
+        return (x @ head.T) * model.logit_scale.theta * math.sqrt(cfg.d_model)
     return x @ head.T

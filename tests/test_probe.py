@@ -75,6 +75,14 @@ def test_mhc_stream_grows_as_prenorm_at_init():
         assert r["skip_gain_measured"] == pytest.approx(1.0, rel=0.01)
 
 
+def test_ngpt_stays_on_the_sphere_and_its_skip_gain_matches_theory():
+    """Issue 31: nGPT's states have RMS 1/sqrt(d); each sum passes (1 − α)/sqrt((1 − α)² + α²) (theory within 1 %)."""
+    for L in (4, 16):
+        r = probed("ngpt", L)
+        assert r["stream_rms"] == pytest.approx(r["stream_rms_theory"], rel=1e-6)
+        assert r["skip_gain_measured"] == pytest.approx(r["skip_gain_theory"], rel=0.01)
+
+
 @pytest.mark.parametrize("scheme", ["post", "deepnorm"])
 def test_post_and_deepnorm_skip_gain_theory(scheme):
     r = probed(scheme, 8)

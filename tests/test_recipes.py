@@ -34,12 +34,13 @@ RULE = {
     "deepscale": FAN_IN,
     "olmo2": FAN_IN,
     "mhc": FAN_IN,  # as pre
+    "ngpt": FAN_IN,  # (its matrices are normalized after the draw: only its direction counts)
 }
 # the fair study's search put these schemes' best init scale at this factor of the authors' rule carried, at both
 # depths; the recommended rule carries it while model.init_std is null
 MEASURED = {"b2t": 2.0}
 GPT2_OUT_DOWN = {"pre", "peri", "sandwich", "hybrid", "hybrid_star", "mhc"}  # out and down × 1/sqrt(2L)
-PLAIN = {"post", "admin", "lns", "residual", "siamese", "mixln", "olmo2"}  # every linear weight σ
+PLAIN = {"post", "admin", "lns", "residual", "siamese", "mixln", "olmo2", "ngpt"}  # every linear weight σ
 
 
 def sigma(scheme: str, d: int, L: int) -> float:

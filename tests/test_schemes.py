@@ -75,7 +75,7 @@ def test_model_logits_match_equation(scheme, norm):
     torch.testing.assert_close(loss, ce, **TOL)
 
 
-QK_SCHEMES = [s.value for s in Scheme if s.value not in ("hybrid", "hybrid_star")]
+QK_SCHEMES = [s.value for s in Scheme if s.value not in ("hybrid", "hybrid_star", "ngpt")]
 
 
 def test_olmo2_normalizes_q_and_k_over_all_heads_unless_told_otherwise():
@@ -140,7 +140,7 @@ def test_qk_norm_matches_equation_with_every_scheme(scheme, qk_norm, norm):
         assert not torch.allclose(other(idx)[0], model(idx)[0])  # (the norms change the output)
 
 
-@pytest.mark.parametrize("scheme", ["hybrid", "hybrid_star"])
+@pytest.mark.parametrize("scheme", ["hybrid", "hybrid_star", "ngpt"])
 def test_qk_norm_is_refused_where_q_k_v_are_already_normalized(scheme):
     from spannorm import ConfigError
 

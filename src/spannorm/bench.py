@@ -120,9 +120,13 @@ def _build(case: Case):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.dtype == "bf16"):
             return loss_fn(x, x)
 
+    # the trainer's step: nGPT's matrices back on the unit sphere after AdamW (nothing for the other schemes)
+    renormalize = model.normalize_weights if case.impl != "hf-llama" else lambda: None
+
     def step():
         forward_loss().backward()
         opt.step()
+        renormalize()
         opt.zero_grad(set_to_none=True)
         synchronize(device)
 

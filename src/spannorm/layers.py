@@ -7,6 +7,7 @@ any scheme's init rule (``schemes.py``) without knowing the module tree.
 from __future__ import annotations
 
 import enum
+import math
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +118,24 @@ class RMSNorm(nn.RMSNorm):
         return _RMSNorm.apply(x, self.weight, self.eps)
 
 
+class ScaleVector(nn.Module):
+    """A learned vector s of nGPT (Loshchilov et al. 2025, section 2.6) in its reparametrization: the parameter θ
+    starts at ``scale`` and s = θ · init/scale, so s starts at ``init`` and moves init/scale times as fast as θ
+    (one global learning rate suits them all). ``init`` and ``scale`` are plain floats."""
+
+    def __init__(self, dim: int, init: float, scale: float):
+        super().__init__()
+        self.init, self.scale = init, scale
+        self.theta = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.theta, self.scale)
+
+    def forward(self) -> torch.Tensor:
+        return self.theta * (self.init / self.scale)
+
+
 NORMS = (RMSNorm, nn.LayerNorm, DyT, Derf)  # the modules make_norm builds
 
 
@@ -170,6 +189,10 @@ class Attention(nn.Module):
     rope tables must hold the new tokens' absolute positions) and returns them with the S − T
     cached ones before: shape (B, H, S, hd). Query i (absolute position S − T + i) then attends
     keys j ≤ S − T + i (``hf.py`` sets it for incremental generation).
+
+    ``s_qk``: None, or a :class:`ScaleVector` of size d_model that nGPT's block sets (``schemes.NGPT``): then each
+    head's q and k are L2-normalized after RoPE and multiplied by s_qk (per head and dimension), and the softmax
+    scale is sqrt(hd) instead of 1/sqrt(hd).
     """
 
     def __init__(self, d_model: int, n_heads: int, qkv_norm=None, qk_norm: str = "none", norm=None):
@@ -189,6 +212,7 @@ class Attention(nn.Module):
         self.out.role = Role.ATTN_OUT
         self.record: list | None = None
         self.kv_cache = None
+        self.s_qk: ScaleVector | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         B, T, D = x.shape
@@ -203,15 +227,21 @@ class Attention(nn.Module):
             qkv = torch.stack((self.q_norm(qkv[0]), self.k_norm(qkv[1]), qkv[2]))
         q, k, v = qkv.unbind(0)  # unbind, not slicing: its backward is one stack, not zero-fills and adds
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.record is not None:
-            self.record.append((q[:1].detach(), k[:1].detach()))
+        scale = None  # SDPA's 1/sqrt(hd)
+        if self.s_qk is not None:
+            s = self.s_qk().view(self.n_heads, 1, -1)  # (H, 1, hd)
+            q, k = F.normalize(q, dim=-1) * s, F.normalize(k, dim=-1) * s
+            scale = math.sqrt(D // self.n_heads)
+        if self.record is not None:  # (the probe reads q·kᵀ/sqrt(hd) as the logits: an nGPT q is rescaled to give them)
+            q_seen = q[:1] if scale is None else q[:1] * (scale * math.sqrt(D // self.n_heads))
+            self.record.append((q_seen.detach(), k[:1].detach()))
         if self.kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         else:
             k, v = self.kv_cache(k, v)
             S = k.shape[-2]
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)  # key j ≤ S − T + i
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -243,7 +273,8 @@ def silu_gate(h: torch.Tensor) -> torch.Tensor:
 
 
 class SwiGLU(nn.Module):
-    """FFN(x) = W_down (silu(W_gate x) ⊙ W_up x), with W_gate and W_up fused in one matmul."""
+    """FFN(x) = W_down (silu(W_gate x) ⊙ W_up x), with W_gate and W_up fused in one matmul; with ``s_uv`` (nGPT),
+    W_up·x (gate and up rows) is multiplied by it first."""
 
     def __init__(self, d_model: int, d_ff: int):
         super().__init__()
@@ -251,9 +282,12 @@ class SwiGLU(nn.Module):
         self.up.role = Role.FFN_UP
         self.down = nn.Linear(d_ff, d_model, bias=False)
         self.down.role = Role.FFN_DOWN
+        self.s_uv: ScaleVector | None = None  # nGPT's block sets it: a learned factor per row of W_up·x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(silu_gate(self.up(x)))
+        # (s_uv scales W_up's rows: (W·x) ⊙ s = (s ⊙ W)·x, a d_ff × d product instead of a tokens × d_ff one)
+        h = self.up(x) if self.s_uv is None else F.linear(x, self.up.weight * self.s_uv()[:, None])
+        return self.down(silu_gate(h))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

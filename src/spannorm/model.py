@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .device import compute_dtype
-from .layers import NORMS, Role, linear_cross_entropy, make_norm, rope_cache
+from .layers import NORMS, Role, ScaleVector, linear_cross_entropy, make_norm, rope_cache
 from .model_config import ModelConfig
 from .moe import MoE
 from .schemes import SCHEMES, use_final_norm, use_tied_embeddings, weight_stds
@@ -40,6 +40,7 @@ class LM(nn.Module):
         self.exit = block.Exit(cfg) if block.Exit is not None else nn.Identity()
         self.final_norm = make_norm(cfg) if use_final_norm(cfg) else nn.Identity()
         self.head_scale = block.head_scale(cfg)  # a plain float, part of the scheme's equation
+        self.logit_scale = block.logit_scale(cfg)  # nGPT's learned s_z, a factor per token's logit (else None)
         self.head = None
         if not use_tied_embeddings(cfg):
             self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -53,7 +54,7 @@ class LM(nn.Module):
     def reset_parameters(self) -> None:
         """Apply the init rule: a std per weight role, norms to their defaults, scheme parameters."""
         for module in self.modules():
-            if isinstance(module, NORMS):
+            if isinstance(module, (*NORMS, ScaleVector)):
                 module.reset_parameters()
         init_roles(self.embed, self.init_rule(0))
         if self.embed_scale is not None:
@@ -63,11 +64,24 @@ class LM(nn.Module):
         for block in self.blocks:
             init_roles(block, self.init_rule(block.layer))
             block.reset_parameters()
+        self.normalize_weights()
+
+    @torch.no_grad()
+    def normalize_weights(self) -> None:
+        """Each weight whose role the scheme lists in ``unit_axes`` divided by its L2 norm along that axis (nGPT's
+        matrices back on the unit sphere); nothing for the other schemes. After init, and after each optimizer step
+        (the trainer's ``UnitWeights`` part): the model's, since only the model knows which weight is which."""
+        axes = SCHEMES[self.cfg.scheme].unit_axes
+        for module in self.modules() if axes else ():
+            role = getattr(module, "role", None)
+            if role is not None:  # (a fused weight's row blocks share their axis)
+                module.weight.copy_(F.normalize(module.weight, dim=axes[role[0] if isinstance(role, tuple) else role]))
 
     @property
     def head_weight(self) -> torch.Tensor:
-        """The LM head's weight: the token embedding when tied."""
-        return self.embed.weight if self.head is None else self.head.weight
+        """The LM head's weight: the token embedding when tied; nGPT's s_z scales its rows (z_v·s_v = h·(s_v·w_v))."""
+        weight = self.embed.weight if self.head is None else self.head.weight
+        return weight if self.logit_scale is None else weight * self.logit_scale()[:, None]
 
     def moe_layers(self) -> list[MoE]:
         """The MoE FFN of every block (empty for a dense model)."""

@@ -33,6 +33,7 @@ class Scheme(str, enum.Enum):
     DEEPSCALE = "deepscale"
     OLMO2 = "olmo2"
     MHC = "mhc"
+    NGPT = "ngpt"
 
 
 class SpanScale(str, enum.Enum):
@@ -206,6 +207,7 @@ class ModelConfig:
             f"none or null with model.scheme={self.scheme.value}, whose attention already normalizes q, k and v",
         )
         check_bounds(self, "model")
+        self.check_ngpt()
         require(
             self.d_model % self.n_heads == 0,
             "model.d_model",
@@ -238,6 +240,23 @@ class ModelConfig:
             "model.deepscale_k",
             self.deepscale_k,
             f"a number in (0, n_layers={self.n_layers}] (β² = k/L must not exceed 1)",
+        )
+
+    def check_ngpt(self) -> None:
+        """What nGPT's normalization does not define (scheme ngpt): q/k norms of its own kind, MoE experts."""
+        if self.scheme is not Scheme.NGPT:
+            return
+        require(
+            self.qk_norm in (None, QKNorm.NONE),
+            "model.qk_norm",
+            getattr(self.qk_norm, "value", None),
+            "none or null with model.scheme=ngpt, whose attention already normalizes q and k (per head)",
+        )
+        require(
+            self.n_experts == 0,
+            "model.n_experts",
+            self.n_experts,
+            "0 with model.scheme=ngpt: nGPT's normalization is defined for dense matrices, not experts or a router",
         )
 
     @property

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Attention, Role, Site, SwiGLU, make_norm
+from .layers import Attention, Role, ScaleVector, Site, SwiGLU, make_norm
 from .model_config import InitMode, ModelConfig, QKNorm, Scheme, SpanScale
 from .moe import MoE
 
@@ -240,6 +240,9 @@ class Block(nn.Module):
     qk_norm: ClassVar[QKNorm] = QKNorm.NONE  # norms on q and k in the recipe (ModelConfig.qk_norm overrides)
     tie_embeddings: ClassVar[bool] = True  # head shares the embedding (ModelConfig.tie_embeddings overrides)
     Exit: ClassVar[type[nn.Module] | None] = None  # merges a two-stream state before the head
+    # role -> the axis (the d_model one) along which each weight of that role is kept at unit L2 norm, after init and
+    # after every optimizer step (LM.normalize_weights); None: no weight is (nGPT's only)
+    unit_axes: ClassVar[dict[Role, int] | None] = None
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -272,6 +275,11 @@ class Block(nn.Module):
     def head_scale(cfg: ModelConfig) -> float:
         """Fixed factor on the final state before the LM head (part of the equation, 1 for most schemes)."""
         return 1.0
+
+    @staticmethod
+    def logit_scale(cfg: ModelConfig) -> ScaleVector | None:
+        """A learned factor on each token's logit (nGPT's s_z), or None (most schemes)."""
+        return None
 
     def reset_parameters(self) -> None:
         """Initialize parameters the scheme itself owns (none by default)."""
@@ -1007,6 +1015,96 @@ class MHC(Block):
         return self.hc2(h, lambda u: self.ffn(self.norm2(u)))
 
 
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """x / ‖x‖ over the last dimension: nGPT's Norm, onto the unit sphere (no gain)."""
+    return F.normalize(x, dim=-1)
+
+
+class NGPT(Block):
+    """nGPT (Loshchilov et al. 2025, "nGPT: Normalized Transformer with Representation Learning on the Hypersphere",
+    ICLR 2025): the state h stays on the unit sphere; each sublayer moves it toward its normalized output by learned
+    per-dimension eigen learning rates α, and every matrix is kept at unit norm along the embedding dimension.
+
+        h ← U(h + α_A ⊙ (U(Attn(h)) − h))       U(x) = x/‖x‖
+        h ← U(h + α_M ⊙ (U(FFN(h)) − h))        x_0 = U(embed(tokens)); logits = s_z ⊙ (E_out·h_L); no final norm
+
+    h ──┬──────────────────────(+)─ U ──┬──────────────────────(+)─ U ──► h'
+        ├─ Attn ─ U ─(−h)─ ×α_A ─┘      ├─ FFN ─ U ─(−h)─ ×α_M ─┘
+
+    Attn: each head's q and k normalized after RoPE, times s_qk, softmax scale sqrt(d_head) (``Attention.s_qk``).
+    FFN: SwiGLU with u·s_u and the gate v·s_v·sqrt(d), computed as NVIDIA/ngpt's model.py does: one vector
+    s_uv = [s_v; s_u]·sqrt(d) (``SwiGLU.s_uv``); its sqrt(d) on u only scales FFN(h), which U undoes: the paper's
+    model. α, s_qk, s_uv and s_z are :class:`ScaleVector` modules, (init, scale) = (0.05, 1/sqrt(d)) for α,
+    (1, 1/sqrt(d)) for s_qk and s_z, (1, 1) for s_u and s_v (the paper's section 2.6; NVIDIA/ngpt's model.py).
+    After init and after every optimizer step (the trainer's ``UnitWeights`` part) each matrix is normalized along
+    its d_model axis: rows of q, k, v, FFN up and both embeddings, columns of attention out and FFN down
+    (``unit_axes``).
+
+    The authors' recipe beyond the model, which a scheme cannot set (train.*): no learning-rate warmup and no weight
+    decay. Our defaults (train.warmup_steps 50; train.weight_decay 0.1 on the matrices, whose shrinking the
+    renormalization undoes: it only enlarges the step's update relative to the weight by 1/(1 − lr·wd)) stay unless
+    the config sets train.warmup_steps=0 and train.weight_decay=0, as ``init_rule`` says (as PostNorm's warmup is).
+    Our reading: U as the paper writes it (NVIDIA's code also takes |α|; here α is not clamped), with F.normalize's
+    1e-12 floor on ‖x‖. model.norm has no effect (nGPT has no norm modules), nor do init_std and init_scale on the
+    normalized matrices (only the draw's direction remains). Refused: MoE and model.qk_norm (config), FSDP (the
+    renormalization needs whole columns).
+    """
+
+    equation = (
+        "h ← U(h + α_A⊙(U(Attn(h)) − h)); h ← U(h + α_M⊙(U(FFN(h)) − h)); U(x) = x/‖x‖; q, k per head U·s_qk, "
+        "softmax scale sqrt(d_head); FFN u·s_u, gate·s_v·sqrt(d); U on the embedding; logits × s_z; no final N"
+    )
+    init_rule = (
+        "every matrix N(0, 1/sqrt(d)), then unit along d (rows of q, k, v, up, embeddings; columns of out, down), "
+        "again after each optimizer step; α = 0.05, s_qk = s_z = 1 (scale 1/sqrt(d)), s_u = s_v = 1; untied head; "
+        "the authors train without warmup or weight decay (train.warmup_steps=0, train.weight_decay=0)"
+    )
+    reference = "Loshchilov et al. 2025, arXiv 2410.01131 (nGPT, ICLR 2025)"
+    base_std = BaseStd(1024**-0.5, 1024, "NVIDIA/ngpt's base_scale 1/sqrt(n_embd), a fan-in rule")
+    norms = ()
+    tie_embeddings = False
+    unit_axes = {
+        Role.EMBED: 1,
+        Role.HEAD: 1,
+        Role.ATTN_QK: 1,
+        Role.ATTN_V: 1,
+        Role.FFN_UP: 1,
+        Role.ATTN_OUT: 0,
+        Role.FFN_DOWN: 0,
+    }
+
+    def __init__(self, cfg, layer):
+        super().__init__(cfg, layer)
+        d, scale = cfg.d_model, cfg.d_model**-0.5
+        self.alpha_attn, self.alpha_ffn = ScaleVector(d, 0.05, scale), ScaleVector(d, 0.05, scale)
+        self.attn.s_qk = ScaleVector(d, 1.0, scale)
+        self.ffn.s_uv = ScaleVector(2 * cfg.ffn_dim, math.sqrt(d), 1.0)  # [s_v; s_u]·sqrt(d), the docstring's
+        self.sqrt_d = math.sqrt(d)
+
+    @staticmethod
+    def enter(x):
+        return unit(x)
+
+    @staticmethod
+    def logit_scale(cfg):
+        return ScaleVector(cfg.vocab_size, 1.0, cfg.d_model**-0.5)
+
+    @classmethod
+    def theory(cls, blocks, stream_rms0, attn_rms, ffn_rms, stream_rms):
+        """Every state on the unit sphere: RMS 1/sqrt(d). Each sum (1 − α)·h + α·U(F), with U(F) uncorrelated with h
+        at init, has norm sqrt((1 − α)² + α²) and passes a tangent perturbation of h with gain (1 − α)/that norm
+        (0.9986 for α = 0.05); α: the mean of each block's α vector."""
+        gain = 1.0
+        for block in blocks:
+            for alpha in (block.alpha_attn().mean().item(), block.alpha_ffn().mean().item()):
+                gain *= (1 - alpha) / math.hypot(1 - alpha, alpha)
+        return Theory([1 / block.sqrt_d for block in blocks], gain)
+
+    def forward(self, h, rope):
+        h = unit(h + self.alpha_attn() * (unit(self.attn(h, rope)) - h))
+        return unit(h + self.alpha_ffn() * (unit(self.ffn(h)) - h))
+
+
 class DeepScale(Block):
     """DeepScaleLM (Kedia et al. 2024, "Transformers Get Stable: An End-to-End Signal Propagation
     Theory for Language Models"), PreNorm form: variance-preserving residual mixing.
@@ -1070,6 +1168,7 @@ SCHEMES: dict[Scheme, type[Block]] = {
     Scheme.DEEPSCALE: DeepScale,
     Scheme.OLMO2: OLMo2,
     Scheme.MHC: MHC,
+    Scheme.NGPT: NGPT,
 }
 
 

@@ -6,6 +6,7 @@ exactly where a kill left the run. The parts (:class:`Part`) are called around e
 and after the optimizer step, after each step, for each metrics row, for the summary and after a rollback; a new
 monitor is one more ``Part`` (``train(..., parts=[...])``), with no edit to the loop:
 
+    UnitWeights         nGPT: the matrices back on the unit sphere after each optimizer step (LM.normalize_weights)
     MoEStatistics       MoE runs: the step's aux and z losses and the worst layer's imbalance, in each metrics row
     TrainingGuard       train.guard (off by default): skips non-finite steps, rolls back on repeated skips or
                         a loss spike
@@ -70,6 +71,7 @@ from .model_config import ModelConfig
 from .probe import forward_stats, grad_norms, snapshot, taps, update_ratios
 from .run import RunDir
 from .run_config import Distributed, Precision, RunConfig, TrainConfig
+from .schemes import SCHEMES
 from .trackers import Tracker, check_trackers, make_trackers
 
 NON_FINITE = "non-finite loss"
@@ -402,6 +404,19 @@ class Throughput(Part):
 
 
 @dataclass
+class UnitWeights(Part):
+    """Schemes that keep their matrices at unit norm (nGPT's ``unit_axes``): after each optimizer step that updated
+    the weights, ``LM.normalize_weights`` puts them back; first among the parts, so that the others see the weights
+    the next step uses. Nothing for the other schemes."""
+
+    name: ClassVar[str] = "unit_weights"
+
+    def after_optimizer_step(self, trainer: Trainer, skipped: bool) -> None:
+        if not skipped:
+            trainer.model.normalize_weights()
+
+
+@dataclass
 class MoEStatistics(Part):
     """MoE runs: each metrics row's aux_loss and z_loss (this step's, unweighted means over the MoE layers) and
     moe_imbalance (the worst layer's)."""
@@ -607,6 +622,11 @@ def placed(model: LM, t: TrainConfig, ranks: Ranks) -> tuple[torch.nn.Module, bo
     FSDP2 shards each block's weights over the ranks, then the rest (in place), or DDP wraps the forward (the same
     initial weights everywhere, gradients averaged); ``train.compile`` compiles each block."""
     sharded = ranks.joined and t.distributed is Distributed.FSDP
+    if sharded and SCHEMES[model.cfg.scheme].unit_axes:
+        raise ConfigError(
+            f"train.distributed=fsdp is invalid with model.scheme={model.cfg.scheme.value}: its weights are normalized "
+            "along whole rows and columns after each step, which FSDP shards; use ddp or none"
+        )
     if sharded:
         for block in model.blocks:
             fully_shard(block)
@@ -644,7 +664,7 @@ class Trainer:
         self.step = 0
         self.last_val = None  # the newest validation loss
         self.guard, self.divergence, self.throughput = TrainingGuard(), DivergenceMonitor(), Throughput()
-        builtin = [MoEStatistics(), self.guard, self.divergence, self.throughput, Diagnostics()]
+        builtin = [UnitWeights(), MoEStatistics(), self.guard, self.divergence, self.throughput, Diagnostics()]
         self.parts: list[Part] = [*builtin, *parts]
         if len({p.name for p in self.parts}) < len(self.parts):
             raise ConfigError(f"the trainer's parts need distinct names: {[p.name for p in self.parts]}")
