@@ -44,7 +44,8 @@ from .data_config import EOT, Tokenizer
 from .files import atomic_dir, os_error
 from .hf_model import REMOTE_MODULES, SpanNormConfig, SpanNormForCausalLM
 from .model import LM
-from .model_config import ModelConfig, NormType, QKNorm, Scheme
+from .model_config import ModelConfig, NormType, Parametrization, QKNorm, Scheme
+from .parametrization import recipe_config
 from .run import RunDir
 from .run_config import load_config
 from .schemes import SCHEMES, use_final_norm, use_qk_norm, use_tied_embeddings
@@ -193,6 +194,11 @@ def llama_refusal(lm: LM) -> str | None:
         return f"model.qk_norm={use_qk_norm(cfg).value}: Llama has no query or key norm (model.qk_norm=none)"
     if not use_final_norm(cfg):
         return "model.final_norm=false: Llama always applies a final RMSNorm before the head"
+    if cfg.parametrization is not Parametrization.STANDARD and lm.cfg != recipe_config(cfg):
+        return (
+            f"model.parametrization={cfg.parametrization.value} away from its base shape: its multipliers on the "
+            "attention logits, the logits or the branches are not Llama's"
+        )
     if SCHEMES[cfg.scheme].embed_norm or lm.embed_scale is not None or lm.head_scale != 1.0:
         return "the model scales or normalizes the embedding or the head input, which Llama does not"
     return None

@@ -23,7 +23,7 @@ from .model_config import ModelConfig
 from .schemes import use_tied_embeddings
 
 # the package's modules an exported folder copies beside this file (its remote code): this file's imports, closed
-REMOTE_MODULES = ("config", "device", "model_config", "layers", "moe", "schemes", "model")
+REMOTE_MODULES = ("config", "device", "model_config", "layers", "moe", "parametrization", "schemes", "model")
 MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
 HF_NAMES = {"top_k": "moe_top_k"}  # ModelConfig field -> SpanNormConfig attribute (HF reads top_k as sampling's)
 # the cache's name in forward() and in the output: "cache" (transformers >= 5), "past_key_values" before

@@ -195,9 +195,13 @@ class Attention(nn.Module):
     scale is sqrt(hd) instead of 1/sqrt(hd).
     """
 
-    def __init__(self, d_model: int, n_heads: int, qkv_norm=None, qk_norm: str = "none", norm=None):
+    def __init__(
+        self, d_model: int, n_heads: int, qkv_norm=None, qk_norm: str = "none", norm=None, scale: float | None = None
+    ):
         super().__init__()
         self.n_heads = n_heads
+        self.scale = scale  # the softmax scale; None: SDPA's 1/sqrt(hd) (µP's sqrt(hd_b)/hd: spannorm.parametrization)
+        self.multiplier = 1.0  # a factor on the output (CompleteP's branch multiplier)
         if qkv_norm is not None:
             self.q_norm, self.k_norm, self.v_norm = (qkv_norm(d_model // n_heads) for _ in range(3))
         self.qkv_norm = qkv_norm is not None
@@ -227,13 +231,13 @@ class Attention(nn.Module):
             qkv = torch.stack((self.q_norm(qkv[0]), self.k_norm(qkv[1]), qkv[2]))
         q, k, v = qkv.unbind(0)  # unbind, not slicing: its backward is one stack, not zero-fills and adds
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        scale = None  # SDPA's 1/sqrt(hd)
+        scale = self.scale
         if self.s_qk is not None:
             s = self.s_qk().view(self.n_heads, 1, -1)  # (H, 1, hd)
             q, k = F.normalize(q, dim=-1) * s, F.normalize(k, dim=-1) * s
             scale = math.sqrt(D // self.n_heads)
         if self.record is not None:  # (the probe reads q·kᵀ/sqrt(hd) as the logits: an nGPT q is rescaled to give them)
-            q_seen = q[:1] if scale is None else q[:1] * (scale * math.sqrt(D // self.n_heads))
+            q_seen = q[:1] if scale is None else q[:1] * (scale * math.sqrt(D // self.n_heads))  # (and a µP q)
             self.record.append((q_seen.detach(), k[:1].detach()))
         if self.kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
@@ -242,7 +246,8 @@ class Attention(nn.Module):
             S = k.shape[-2]
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)  # key j ≤ S − T + i
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        return self.out(y.transpose(1, 2).reshape(B, T, D))
+        y = self.out(y.transpose(1, 2).reshape(B, T, D))
+        return y if self.multiplier == 1.0 else y * self.multiplier
 
 
 class _SiluGate(torch.autograd.Function):
@@ -283,11 +288,13 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(d_ff, d_model, bias=False)
         self.down.role = Role.FFN_DOWN
         self.s_uv: ScaleVector | None = None  # nGPT's block sets it: a learned factor per row of W_up·x
+        self.multiplier = 1.0  # a factor on the output (CompleteP's branch multiplier)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (s_uv scales W_up's rows: (W·x) ⊙ s = (s ⊙ W)·x, a d_ff × d product instead of a tokens × d_ff one)
         h = self.up(x) if self.s_uv is None else F.linear(x, self.up.weight * self.s_uv()[:, None])
-        return self.down(silu_gate(h))
+        y = self.down(silu_gate(h))
+        return y if self.multiplier == 1.0 else y * self.multiplier
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -12,6 +12,7 @@ from .device import compute_dtype
 from .layers import NORMS, Role, ScaleVector, linear_cross_entropy, make_norm, rope_cache
 from .model_config import ModelConfig
 from .moe import MoE
+from .parametrization import output_multiplier, recipe_config
 from .schemes import SCHEMES, use_final_norm, use_tied_embeddings, weight_stds
 
 
@@ -39,7 +40,8 @@ class LM(nn.Module):
         self.blocks = nn.ModuleList(block(cfg, layer) for layer in range(cfg.n_layers))
         self.exit = block.Exit(cfg) if block.Exit is not None else nn.Identity()
         self.final_norm = make_norm(cfg) if use_final_norm(cfg) else nn.Identity()
-        self.head_scale = block.head_scale(cfg)  # a plain float, part of the scheme's equation
+        # a plain float: the scheme's (at the base shape), × µP's 1/m on the logits (spannorm.parametrization)
+        self.head_scale = block.head_scale(recipe_config(cfg)) * output_multiplier(cfg)
         self.logit_scale = block.logit_scale(cfg)  # nGPT's learned s_z, a factor per token's logit (else None)
         self.head = None
         if not use_tied_embeddings(cfg):

@@ -91,6 +91,20 @@ class DyTRecipe(str, enum.Enum):
     LLM = "llm"  # Zhu et al.'s LLaMA recipe: no β; α₀ per site; learnable scalar sqrt(d) on the embedding
 
 
+class Parametrization(str, enum.Enum):
+    """How the tuned lr and init carry across width and depth (``spannorm.parametrization``)."""
+
+    STANDARD = "standard"  # every rule at the model's own shape
+    MUP = "mup"  # µP: the recipe at base_width, carried in width (Tensor Programs V)
+    COMPLETEP = "completep"  # µP, and the recipe at base_depth carried in depth: branches × L_b/L (CompleteP, α = 1)
+
+
+# schemes that take no parametrization but standard, and why (ModelConfig.check_parametrization)
+STANDARD_ONLY = {
+    Scheme.NGPT: "nGPT's unit-norm matrices are a width rule of their own",
+    Scheme.MHC: "mHC's hyper-connection matrices have no µP rule here",
+}
+
 MAX_EXPERTS = 4096  # routed or shared experts per MoE layer (today's largest models use a few hundred)
 # mhc's residual streams: the paper's n is 4; each stream is a copy of the d-wide state and H_res has n² entries a token
 MAX_STREAMS = 64
@@ -103,6 +117,7 @@ EXPERTS = Bound(lambda v: is_int(v) and 0 <= v <= MAX_EXPERTS, f"an integer in [
 
 @dataclass
 class ModelConfig:
+    # long: every option of the model, each declared once with its doc and bound, then their cross-field checks
     vocab_size: int = option(256, "number of token ids (256 for the byte tokenizer)", SIZE)
     d_model: int = option(128, "width of the residual stream", SIZE)
     n_layers: int = option(6, "number of transformer blocks L", SIZE)
@@ -168,6 +183,19 @@ class ModelConfig:
             lambda v: is_int(v) and 2 <= v <= MAX_STREAMS, f"an integer in [2, {MAX_STREAMS}] (mhc's residual streams)"
         ),
     )
+    parametrization: Parametrization = option(
+        Parametrization.STANDARD,
+        "standard, mup (µP: the scheme's recipe at base_width, carried to d_model) or completep (µP, and the recipe "
+        "at base_depth carried to n_layers, branches × base_depth/n_layers); see `spannorm.parametrization`",
+    )
+    base_width: int | None = option(
+        None,
+        "mup, completep: the width the lr and init were tuned at; null: d_model (no effect under standard)",
+        SIZE_OR_NULL,
+    )
+    base_depth: int | None = option(
+        None, "completep: the depth the lr and init were tuned at; null: n_layers (no effect otherwise)", SIZE_OR_NULL
+    )
     n_experts: int = option(0, "0: dense SwiGLU FFN; >= 1: MoE FFN with this many routed experts", EXPERTS)
     top_k: int = option(2, "routed experts per token (at most n_experts)")
     n_shared_experts: int = option(0, "experts every token passes through, besides the routed ones", EXPERTS)
@@ -198,6 +226,7 @@ class ModelConfig:
         self.init = coerce_enum(InitMode, "model.init", self.init)
         self.span_scale = coerce_enum(SpanScale, "model.span_scale", self.span_scale)
         self.dyt_recipe = coerce_enum(DyTRecipe, "model.dyt_recipe", self.dyt_recipe)
+        self.parametrization = coerce_enum(Parametrization, "model.parametrization", self.parametrization)
         if self.qk_norm is not None:
             self.qk_norm = coerce_enum(QKNorm, "model.qk_norm", self.qk_norm)
         require(
@@ -208,6 +237,7 @@ class ModelConfig:
         )
         check_bounds(self, "model")
         self.check_ngpt()
+        self.check_parametrization()
         require(
             self.d_model % self.n_heads == 0,
             "model.d_model",
@@ -235,11 +265,35 @@ class ModelConfig:
             self.top_k,
             f"an integer in [1, n_experts={self.n_experts}]" if self.moe else "a positive integer",
         )
+        depth = "n_layers" if self.recipe_depth == self.n_layers else "base_depth"
         require(
-            self.deepscale_k <= self.n_layers,
+            self.deepscale_k <= self.recipe_depth,
             "model.deepscale_k",
             self.deepscale_k,
-            f"a number in (0, n_layers={self.n_layers}] (β² = k/L must not exceed 1)",
+            f"a number in (0, {depth}={self.recipe_depth}] (β² = k/L must not exceed 1)",
+        )
+
+    def check_parametrization(self) -> None:
+        """What mup and completep do not define (``spannorm.parametrization``), refused in one line; and a base
+        width whose heads could not be built."""
+        if self.parametrization is Parametrization.STANDARD:
+            return
+        name = self.parametrization.value
+        why = STANDARD_ONLY.get(self.scheme)
+        require(why is None, "model.parametrization", name, f"standard with model.scheme={self.scheme.value} ({why})")
+        require(
+            not self.use_embed_scale,
+            "model.parametrization",
+            name,
+            f"standard with model.norm={self.norm.value} and model.dyt_recipe=llm (its sqrt(d) embedding scalar is a "
+            "width rule of its own; dyt_recipe=plain takes any)",
+        )
+        width = self.d_model if self.base_width is None else self.base_width
+        require(
+            width % self.n_heads == 0 and (width // self.n_heads) % 2 == 0,
+            "model.base_width",
+            width,
+            f"a multiple of model.n_heads={self.n_heads} that leaves an even head size (the base model's heads)",
         )
 
     def check_ngpt(self) -> None:
@@ -258,6 +312,13 @@ class ModelConfig:
             self.n_experts,
             "0 with model.scheme=ngpt: nGPT's normalization is defined for dense matrices, not experts or a router",
         )
+
+    @property
+    def recipe_depth(self) -> int:
+        """The depth a scheme's depth constants are evaluated at: base_depth under completep, else n_layers."""
+        if self.parametrization is Parametrization.COMPLETEP and self.base_depth is not None:
+            return self.base_depth
+        return self.n_layers
 
     @property
     def moe(self) -> bool:

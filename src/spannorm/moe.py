@@ -77,6 +77,7 @@ class MoE(nn.Module):
         self.shared = SwiGLU(d_model, n_shared * d_ff) if n_shared > 0 else None
         self.aux_loss = self.z_loss = None
         self.stats: dict | None = None
+        self.multiplier = 1.0  # a factor on the output (CompleteP's branch multiplier)
 
     def __getstate__(self):  # the stored losses hold a graph: not part of a copy or a pickle
         return super().__getstate__() | {"aux_loss": None, "z_loss": None}
@@ -150,4 +151,5 @@ class MoE(nn.Module):
             "imbalance": max(n_assigned) / mean,
             "dropped": N * k - sum(kept),
         }
-        return out.view(y.shape[:-1] + out.shape[-1:])
+        out = out.view(y.shape[:-1] + out.shape[-1:])
+        return out if self.multiplier == 1.0 else out * self.multiplier

@@ -41,6 +41,7 @@ from torch import nn
 from .layers import Attention, Role, ScaleVector, Site, SwiGLU, make_norm
 from .model_config import InitMode, ModelConfig, QKNorm, Scheme, SpanScale
 from .moe import MoE
+from .parametrization import attention_scale, branch_multiplier, init_multiplier, recipe_config
 
 # --- init calibration -------------------------------------------------------------------
 
@@ -98,8 +99,8 @@ def attn_out_std(cfg: ModelConfig, v_std: float, target_rms: float) -> float:
 
 
 def span_factor(cfg: ModelConfig) -> float:
-    """SpanNorm's depth scale sqrt(c/L)."""
-    return math.sqrt(cfg.span_c / cfg.n_layers)
+    """SpanNorm's depth scale sqrt(c/L) (L: the recipe's depth, ``ModelConfig.recipe_depth``)."""
+    return math.sqrt(cfg.span_c / cfg.recipe_depth)
 
 
 class WidthRule(str, enum.Enum):
@@ -174,14 +175,16 @@ def gpt2_init(cfg: ModelConfig) -> dict[Role, float]:
 
 def weight_stds(cfg: ModelConfig, layer: int) -> dict[Role, float]:
     """Role -> std for block ``layer`` (layer 0's rule also covers embedding and head): the recommended rule (×
-    its ``measured`` factor while ``init_std`` is null) or the shared rule, every std × ``init_scale``."""
+    its ``measured`` factor while ``init_std`` is null) or the shared rule, every std × ``init_scale``; under mup
+    and completep the rule at the base shape, × the parametrization's factor per role."""
+    recipe = recipe_config(cfg)
     if cfg.init is InitMode.SHARED:
-        rule, factor = shared_init(cfg), 1.0
+        rule, factor = shared_init(recipe), 1.0
     else:
         scheme = SCHEMES[cfg.scheme]
-        rule = scheme.init_stds(cfg, layer)
+        rule = scheme.init_stds(recipe, layer)
         factor = scheme.measured.factor if scheme.measured and cfg.init_std is None else 1.0
-    return {role: std * factor * cfg.init_scale for role, std in rule.items()}
+    return {role: std * factor * cfg.init_scale * init_multiplier(cfg, role) for role, std in rule.items()}
 
 
 def unit_variance_init(cfg: ModelConfig, target_rms: float) -> dict[Role, float]:
@@ -251,12 +254,20 @@ class Block(nn.Module):
         def norm(dim):
             return make_norm(cfg, dim)
 
-        self.attn = Attention(cfg.d_model, cfg.n_heads, norm if self.qkv_norm else None, use_qk_norm(cfg).value, norm)
+        self.attn = Attention(
+            cfg.d_model,
+            cfg.n_heads,
+            norm if self.qkv_norm else None,
+            use_qk_norm(cfg).value,
+            norm,
+            attention_scale(cfg),
+        )
         self.ffn = (
             MoE(cfg.d_model, cfg.expert_dim, cfg.n_experts, cfg.top_k, cfg.n_shared_experts, cfg.capacity_factor)
             if cfg.moe
             else SwiGLU(cfg.d_model, cfg.ffn_dim)
         )
+        self.attn.multiplier = self.ffn.multiplier = branch_multiplier(cfg)  # (completep's 1/m_L; else 1)
         attn_input = self.attn_input_norm(cfg, layer)
         for name in self.norms:
             setattr(self, name, make_norm(cfg, site=Site.ATTN if name == attn_input else Site.OTHER))
@@ -477,7 +488,7 @@ class DeepNorm(Block):
 
     def __init__(self, cfg, layer):
         super().__init__(cfg, layer)
-        self.alpha = (2 * cfg.n_layers) ** 0.25
+        self.alpha = (2 * cfg.recipe_depth) ** 0.25
 
     @classmethod
     def init_stds(cls, cfg, layer):
@@ -576,7 +587,7 @@ class Admin(Block):
 
     def __init__(self, cfg, layer):
         super().__init__(cfg, layer)
-        n = 2 * cfg.n_layers
+        n = 2 * cfg.recipe_depth
         self.omega0 = math.sqrt((n + 1) / math.log(n + 1) - 1)
         self.omega1 = nn.Parameter(torch.empty(cfg.d_model))
         self.omega2 = nn.Parameter(torch.empty(cfg.d_model))
@@ -1134,7 +1145,7 @@ class DeepScale(Block):
 
     def __init__(self, cfg, layer):
         super().__init__(cfg, layer)
-        self.beta = math.sqrt(cfg.deepscale_k / cfg.n_layers)
+        self.beta = math.sqrt(cfg.deepscale_k / cfg.recipe_depth)
         self.lam = math.sqrt(1.0 - self.beta**2)
 
     @classmethod

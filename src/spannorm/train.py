@@ -68,6 +68,7 @@ from .distributed import Ranks
 from .files import disk_full, dumps, os_error
 from .model import LM, build_model
 from .model_config import ModelConfig
+from .parametrization import param_groups
 from .probe import forward_stats, grad_norms, snapshot, taps, update_ratios
 from .run import RunDir
 from .run_config import Distributed, Precision, RunConfig, TrainConfig
@@ -92,9 +93,9 @@ def lr_at(step: int, t: TrainConfig) -> float:
 
 
 def make_optimizer(model: LM, t: TrainConfig) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW over the parametrization's groups (``parametrization.param_groups``: decay on matrices only; under mup
+    and completep each group's lr_scale, decay and ε of its rule)."""
+    groups = param_groups(model, t.weight_decay)
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=True)  # fused: one kernel per step
 
 
@@ -808,7 +809,8 @@ class Trainer:
         """One optimizer step on the next batch: its math, with the parts' hooks around it."""
         t, model = self.t, self.model
         for group in self.opt.param_groups:
-            group["lr"] = lr_at(self.step, t) * self.guard.lr_scale  # (x * 1.0 is x: no change without a rollback)
+            # (x * 1.0 is x: no change without a rollback, nor under standard; a checkpoint from before lr_scale has none)
+            group["lr"] = lr_at(self.step, t) * self.guard.lr_scale * group.get("lr_scale", 1.0)
         # every rank draws the same global batch and trains on its rows, in accum micro-batches of batch_size
         x, y = self.dataset.sample(self.gen, t.batch_size * self.accum * self.ranks.world)
         rows = self.ranks.rows(len(x))
