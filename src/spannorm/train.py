@@ -809,7 +809,7 @@ class Trainer:
         """One optimizer step on the next batch: its math, with the parts' hooks around it."""
         t, model = self.t, self.model
         for group in self.opt.param_groups:
-            # (x * 1.0 is x: no change without a rollback, nor under standard; a checkpoint from before lr_scale has none)
+            # (x * 1.0 is x: no change without a rollback, nor under standard; checkpoints before lr_scale lack it)
             group["lr"] = lr_at(self.step, t) * self.guard.lr_scale * group.get("lr_scale", 1.0)
         # every rank draws the same global batch and trains on its rows, in accum micro-batches of batch_size
         x, y = self.dataset.sample(self.gen, t.batch_size * self.accum * self.ranks.world)
