@@ -13,7 +13,7 @@ from pathlib import Path
 from . import __version__
 from .config import ConfigError, SpannormError, coerce_enum, read_bounded, short
 from .files import atomic_write_text, dumps, os_error
-from .model_config import Scheme
+from .model_config import Parametrization, Scheme
 from .threads import fit_threads
 
 
@@ -117,7 +117,9 @@ def _probe_command(sub) -> None:
     pr.add_argument(  # (--scheme: its name before every command said --schemes)
         "--schemes", "--scheme", dest="schemes", default="pre,post,span", help="comma-separated (default pre,post,span)"
     )
-    pr.add_argument("--depths", default="12,48,96", help="comma-separated depths L (default 12,48,96)")
+    pr.add_argument(
+        "--depths", help="comma-separated depths L (default 12,48,96; --coord-check width: the one depth, default 2)"
+    )
     pr.add_argument("--d-model", type=int, help="width (default: the config's model.d_model)")
     _device_arg(pr)
     pr.add_argument(  # (--batch: its name before every command said --batch-size)
@@ -137,8 +139,28 @@ def _probe_command(sub) -> None:
     pr.add_argument(
         "--json",
         type=_path,
-        default=Path("runs/probe/probe.json"),
-        help="output JSON (default runs/probe/probe.json); PNG plots are written beside it",
+        help="output JSON (default runs/probe/probe.json, or coord_check_<axis>.json); PNG plots are written beside it",
+    )
+    pr.add_argument(
+        "--coord-check",
+        choices=("width", "depth"),
+        help="instead of the probe at init: a coordinate check (spannorm.coord_check) over --sizes, each scheme under "
+        "standard and --parametrization; width at --depths' one depth, depth at --d-model (default 64)",
+    )
+    pr.add_argument(
+        "--sizes",
+        help="--coord-check: comma-separated widths (default 64,128,256,512,1024) or depths "
+        "(default 4,8,16,32,64); the smallest is the base shape",
+    )
+    pr.add_argument(
+        "--parametrization",
+        choices=("mup", "completep"),
+        help="--coord-check: compared with standard (default mup for width, completep for depth)",
+    )
+    pr.add_argument("--steps", type=int, default=8, help="--coord-check: Adam steps before the measure (default 8)")
+    pr.add_argument("--lr", type=float, default=1e-2, help="--coord-check: the learning rate (default 1e-2)")
+    pr.add_argument(
+        "--seeds", default="1,2,3", help="--coord-check: comma-separated init seeds, averaged (default 1,2,3)"
     )
 
 
@@ -548,12 +570,15 @@ def cmd_probe(args) -> None:
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} is invalid: expected a positive integer")
+    if args.coord_check is not None:
+        return cmd_coord_check(args)
+    args.json = args.json or Path("runs/probe/probe.json")
     _output_file("--json", args.json)
     if args.checkpoint is not None:
         schemes, depths, cfg = [], [], None
     else:
         schemes = _schemes("--schemes", args.schemes)
-        depths = _int_list("--depths", args.depths)
+        depths = _int_list("--depths", args.depths or "12,48,96")
         if args.d_model is not None:
             args.overrides = list(args.overrides) + [f"model.d_model={args.d_model}"]
         cfg = _load(args)
@@ -575,6 +600,44 @@ def cmd_probe(args) -> None:
     bad = [f"{r['scheme']} L={r['depth']}" for r in runs if _has_nan(r) or not math.isfinite(r["loss"])]
     if bad:
         raise SpannormError(f"the probe of {', '.join(bad)} gave a non-finite loss or NaN values (null in {args.json})")
+
+
+def cmd_coord_check(args) -> None:
+    """``spannorm probe --coord-check``: the table, a JSON and a plot."""
+    from .coord_check import coord_table, plot_coord_check, run_coord_check
+    from .model_config import MAX_SIZE
+
+    axis = args.coord_check
+    sizes = _int_list("--sizes", args.sizes or ("64,128,256,512,1024" if axis == "width" else "4,8,16,32,64"))
+    if len(set(sizes)) < 2 or max(sizes) > MAX_SIZE:
+        raise ConfigError(f"--sizes {args.sizes!r} is invalid: expected at least two distinct sizes up to {MAX_SIZE:,}")
+    for flag, value in (("--steps", args.steps), ("--lr", args.lr)):
+        if not value > 0:
+            raise ConfigError(f"{flag} {value} is invalid: expected a positive number")
+    other = {"width": "model.n_layers", "depth": "model.d_model"}[axis]
+    fixed = _int_list("--depths", args.depths or "2") if axis == "width" else [args.d_model or 64]
+    if len(fixed) != 1:
+        raise ConfigError(f"--depths {args.depths!r} is invalid: --coord-check width takes one depth")
+    args.overrides = list(args.overrides) + [f"{other}={fixed[0]}"]
+    cfg = _load(args)
+    parametrization = args.parametrization or ("mup" if axis == "width" else "completep")
+    json_path = args.json or Path(f"runs/probe/coord_check_{axis}.json")
+    _output_file("--json", json_path)
+    rows = run_coord_check(
+        cfg,
+        axis,
+        sorted(set(sizes)),
+        _schemes("--schemes", args.schemes),
+        Parametrization(parametrization),
+        args.steps,
+        args.lr,
+        _int_list("--seeds", args.seeds),
+        args.batch_size,
+    )
+    atomic_write_text(json_path, dumps({"rows": rows}, indent=1))
+    plot_coord_check(rows, json_path.with_suffix(".png"))
+    print(coord_table(rows))
+    print(f"\njson: {json_path}  plot: {json_path.with_suffix('.png')}")
 
 
 def _check_probe_size(cfg, schemes: list, depths: list[int], batch: int) -> None:
