@@ -141,3 +141,29 @@ def test_standard_ignores_the_base_shape():
     m2 = build_model(b)
     assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
     assert m2.head_scale == 1.0 and m2.blocks[0].attn.scale is None
+
+
+def test_config_show_prints_the_parametrization_keys_with_their_docs(capsys):
+    """`spannorm config show --set model.parametrization=mup --set model.base_width=64`: the three keys under their
+    docs, the values set (base_depth null), and YAML that --config reads back to the same config."""
+    import dataclasses
+
+    from spannorm.cli import main
+    from spannorm.config import parse_yaml
+    from spannorm.run_config import load_config, run_config_from_dict
+
+    sets = ["model.parametrization=mup", "model.base_width=64"]
+    assert main(["config", "show", *[a for s in sets for a in ("--set", s)]]) == 0
+    shown = capsys.readouterr().out
+    cfg = load_config("tiny", sets)
+    assert run_config_from_dict(parse_yaml(shown, "shown")) == cfg and cfg.model.parametrization.value == "mup"
+    lines = shown.splitlines()
+    docs = {f.name: f.metadata["doc"] for f in dataclasses.fields(ModelConfig)}
+    for key, value in (("parametrization", "mup"), ("base_width", "64"), ("base_depth", "null")):
+        at = lines.index(f"  {key}: {value}")
+        above = []  # the comment lines right above the key: its doc
+        for line in reversed(lines[:at]):
+            if not line.lstrip().startswith("#"):
+                break
+            above.insert(0, line.strip().removeprefix("# "))
+        assert " ".join(above) == docs[key], key
