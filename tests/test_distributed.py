@@ -126,6 +126,26 @@ def test_fsdp_on_two_processes_matches_one_process(corpus, tmp_path):
     assert len(per_block[0]) == 4 and per_block[0] == pytest.approx(per_block[1], rel=1e-4)  # 2 rows × 2 blocks
 
 
+MUP = ["model.d_model=64", "model.parametrization=mup", "model.base_width=32"]  # (r = 1/2: lr_scale, decay, ε)
+
+
+def test_a_mup_model_under_fsdp_matches_one_process_and_resumes_from_its_shards(corpus, tmp_path):
+    """Issue 30: a mup model away from its base width, its AdamW groups over each rank's shards (lr_scale, decay
+    and ε per group): 2 FSDP ranks give one process's losses; stopped at step 5 and resumed on one process from
+    the shards, the same again."""
+    train(tiny(corpus, f"train.batch_size={2 * B}", *MUP), tmp_path / "one", progress=False)
+    sets = [f"train.batch_size={B}", "train.distributed=fsdp", "train.ckpt_interval=5", *MUP]
+    done = torchrun(tmp_path, job(corpus, tmp_path / "fsdp", *sets))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), abs=TOL)
+    cut = tmp_path / "cut"
+    done = torchrun(tmp_path, job(corpus, cut, *sets, stop_after=5))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (cut / "checkpoints" / "step-0000005" / "dcp" / ".metadata").is_file()
+    train(tiny(corpus, *sets), cut, resume=True, progress=False)
+    assert losses(cut) == pytest.approx(losses(tmp_path / "one"), abs=TOL)
+
+
 def test_a_sharded_checkpoint_resumes_on_one_process_and_the_reverse(corpus, tmp_path):
     sets = [f"train.batch_size={B}", "train.distributed=fsdp", "train.ckpt_interval=5"]
     full = tmp_path / "full"

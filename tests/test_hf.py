@@ -20,6 +20,9 @@ VARIANTS = [(s.value, {}) for s in Scheme] + [
     ("pre", {"qk_norm": "head"}),  # issue 31: Qwen3's axis
     ("pre", {"norm": "derf", "dyt_recipe": "llm"}),  # issue 31: Derf
     ("span", {"qk_norm": "all"}),  # OLMo 2's
+    # issue 30: away from the base shape (attention scale sqrt(hd_b)/hd, logits × 1/m, completep's branches × L_b/L)
+    ("pre", {"parametrization": "mup", "base_width": 16}),
+    ("span", {"parametrization": "completep", "base_width": 16, "base_depth": 2}),
 ]
 IDS = [s + "".join(f"-{k}={v}" for k, v in more.items()) for s, more in VARIANTS]
 
@@ -61,6 +64,22 @@ def test_config_carries_every_model_field():
     config = hf.SpanNormConfig.from_model_config(cfg)
     assert config.scheme == "deepnorm" and config.moe_top_k == 1 and config.hidden_size == 64
     assert hf.SpanNormConfig.from_dict(config.to_dict()).model_config() == cfg
+
+
+@pytest.mark.parametrize("parametrization", ["mup", "completep"])
+def test_config_carries_the_parametrization(parametrization):
+    """Issue 30: model.parametrization is an enum field like the others (its string in config.json, the enum back);
+    base_width and base_depth travel with it, and a config without them is the standard model's."""
+    from spannorm.model_config import ModelConfig, Parametrization
+
+    cfg = ModelConfig(d_model=64, n_layers=6, n_heads=4, parametrization=parametrization, base_width=32, base_depth=3)
+    config = hf.SpanNormConfig.from_model_config(cfg)
+    saved = config.to_dict()
+    assert (saved["parametrization"], saved["base_width"], saved["base_depth"]) == (parametrization, 32, 3)
+    back = hf.SpanNormConfig.from_dict(saved).model_config()
+    assert back == cfg and back.parametrization is Parametrization(parametrization)
+    old = {k: v for k, v in saved.items() if k not in ("parametrization", "base_width", "base_depth")}
+    assert hf.SpanNormConfig.from_dict(old).model_config().parametrization is Parametrization.STANDARD
 
 
 @pytest.mark.parametrize(("scheme", "more"), VARIANTS, ids=IDS)

@@ -174,6 +174,38 @@ def test_llama_refusal_names_the_option(more):
     assert llama_refusal(build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, scheme="pre"))) is None
 
 
+@pytest.mark.parametrize(
+    "more",
+    [
+        {"parametrization": "mup", "base_width": 16},
+        {"parametrization": "completep", "base_depth": 2},
+        {"parametrization": "completep", "base_width": 16, "base_depth": 4},  # (width alone)
+    ],
+    ids=["mup", "completep", "completep-width"],
+)
+def test_llama_refuses_a_parametrization_away_from_its_base_shape(more):
+    """Issue 30: µP's multipliers (attention scale, logits × 1/m) and CompleteP's (branches × L_b/L) are not Llama's:
+    refused in one line naming model.parametrization; at its base shape it is the standard model, and exports with
+    its logits (fp32, 1e-5)."""
+    from spannorm.hf import llama_refusal, to_llama
+    from spannorm.model import build_model
+    from spannorm.model_config import ModelConfig
+
+    shape = {"d_model": 32, "n_layers": 4, "n_heads": 2, "scheme": "pre", "tie_embeddings": False}
+    reason = llama_refusal(build_model(ModelConfig(**shape, **more)))
+    name = more["parametrization"]
+    assert reason.startswith(f"model.parametrization={name} away from its base shape") and "\n" not in reason
+    at_base = ModelConfig(**shape, **more | {"base_width": 32, "base_depth": 4})
+    torch.manual_seed(0)
+    lm = build_model(at_base).eval()
+    assert llama_refusal(lm) is None
+    with torch.no_grad():
+        for p in lm.parameters():  # (off their init values: a weight that failed to map would show)
+            p.add_(0.05 * torch.randn_like(p))
+        idx = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(to_llama(lm, 64, None)(idx).logits, lm(idx)[0], rtol=0, atol=1e-5)
+
+
 def test_llama_refuses_mhc_in_one_line():
     """Issue 31: Llama has one residual stream; mHC's n streams and their mixing do not map onto it."""
     from spannorm.hf import llama_refusal

@@ -139,3 +139,66 @@ print(json.dumps(got))
     done = run_in(venv / "bin" / "python", code, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == want
+
+
+PARAMETRIZED = {  # issue 30: models away from their base shape, whose multipliers config.json must carry
+    "mup": ["model.scheme=pre", "model.d_model=128", "model.n_heads=4", "model.parametrization=mup"]
+    + ["model.base_width=64"],
+    "completep": ["model.d_model=64", "model.n_layers=8", "model.parametrization=completep"]
+    + ["model.base_width=32", "model.base_depth=4"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(PARAMETRIZED))
+def test_a_mup_or_completep_export_keeps_the_logits(corpus, tmp_path, capsys, name):
+    """Issue 30: a mup model (pre, d 128 at base width 64) and a completep one (span, d 64 at 32, L 8 at 4), trained a
+    few steps and exported: config.json carries parametrization, base_width and base_depth, and transformers
+    reloads the checkpoint's logits (atol 1e-5) with spannorm installed and from the folder's remote code without
+    it. ``--to llama`` is refused in one line (the pre model's reason: its parametrization)."""
+    from conftest import one_line_error
+    from test_hf_cli import checkpoint_lm
+
+    cfg = load_config(
+        "tiny",
+        [f"data.corpus={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=4", *PARAMETRIZED[name]]
+        + ["train.eval_interval=4", "train.ckpt_interval=4", "train.probe_interval=0"],
+    )
+    train(cfg, tmp_path / "run", progress=False)
+    folder = tmp_path / "hf"
+    assert main(["export", str(tmp_path / "run"), str(folder)]) == 0
+    config = json.loads((folder / "config.json").read_text())
+    m = cfg.model
+    assert (config["parametrization"], config["base_width"], config["base_depth"]) == (
+        m.parametrization.value,
+        m.base_width,
+        m.base_depth,
+    )
+    lm, _ = checkpoint_lm(tmp_path / "run")
+    assert lm.head_scale != 1.0 and lm.blocks[0].attn.scale is not None  # (away from the base width)
+    ids = torch.randint(0, m.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = lm(ids)[0]
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        installed = AutoModelForCausalLM.from_pretrained(folder).eval()(ids).logits
+    torch.testing.assert_close(installed, want, atol=1e-5, rtol=0)
+
+    torch.save(ids, tmp_path / "ids.pt")
+    python = fresh_env(tmp_path / "env")
+    code = f"""
+import importlib.util, torch, transformers
+assert importlib.util.find_spec("spannorm") is None, "spannorm is importable"
+model = transformers.AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+assert type(model).__module__.endswith("modeling_spannorm"), type(model).__module__
+with torch.no_grad():
+    torch.save(model(torch.load({str(tmp_path / "ids.pt")!r})).logits, {str(tmp_path / "got.pt")!r})
+"""
+    done = run_in(python, code, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    torch.testing.assert_close(torch.load(tmp_path / "got.pt"), want, atol=1e-5, rtol=0)
+
+    capsys.readouterr()
+    why = "model.parametrization=mup away from its base shape" if name == "mup" else "model.scheme=span"
+    one_line_error(capsys, ["export", str(tmp_path / "run"), str(tmp_path / "llama"), "--to", "llama"], why)
+    assert not (tmp_path / "llama").exists()

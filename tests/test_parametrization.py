@@ -141,3 +141,50 @@ def test_standard_ignores_the_base_shape():
     m2 = build_model(b)
     assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
     assert m2.head_scale == 1.0 and m2.blocks[0].attn.scale is None
+
+
+def test_config_show_prints_the_parametrization_keys_with_their_docs(capsys):
+    """`spannorm config show --set model.parametrization=mup --set model.base_width=64`: the three keys under their
+    docs, the values set (base_depth null), and YAML that --config reads back to the same config."""
+    import dataclasses
+
+    from spannorm.cli import main
+    from spannorm.config import parse_yaml
+    from spannorm.run_config import load_config, run_config_from_dict
+
+    sets = ["model.parametrization=mup", "model.base_width=64"]
+    assert main(["config", "show", *[a for s in sets for a in ("--set", s)]]) == 0
+    shown = capsys.readouterr().out
+    cfg = load_config("tiny", sets)
+    assert run_config_from_dict(parse_yaml(shown, "shown")) == cfg and cfg.model.parametrization.value == "mup"
+    lines = shown.splitlines()
+    docs = {f.name: f.metadata["doc"] for f in dataclasses.fields(ModelConfig)}
+    for key, value in (("parametrization", "mup"), ("base_width", "64"), ("base_depth", "null")):
+        at = lines.index(f"  {key}: {value}")
+        above = []  # the comment lines right above the key: its doc
+        for line in reversed(lines[:at]):
+            if not line.lstrip().startswith("#"):
+                break
+            above.insert(0, line.strip().removeprefix("# "))
+        assert " ".join(above) == docs[key], key
+
+
+def test_the_schemes_constants_under_completep_and_mup_are_what_their_docstrings_say():
+    """Admin's ω and DeepScaleLM's β at base_depth (CompleteP's L_b/L carries the rest); DeepScaleLM's sqrt(0.3/d) at
+    base_width, × 1/m; LNS's 1/sqrt(l) by the block's index, beside CompleteP's multiplier; Mix-LN's ⌊L/4⌋ PostNorm
+    blocks of the real L."""
+    deep = {"n_layers": 16, "parametrization": "completep", "base_depth": 4}
+    admin = build_model(config(scheme="admin", **deep))
+    n = 2 * 4
+    assert admin.blocks[0].omega0 == pytest.approx(math.sqrt((n + 1) / math.log(n + 1) - 1))
+    assert admin.blocks[0].attn.multiplier == 0.25
+    deepscale = build_model(config(scheme="deepscale", d_model=256, base_width=64, **deep))
+    assert deepscale.blocks[0].beta == pytest.approx(math.sqrt(1 / 4))
+    assert deepscale.head_scale == pytest.approx(math.sqrt(0.3 / 64) / 4)
+    lns = build_model(config(scheme="lns", **deep))
+    assert [b.scale for b in lns.blocks[:3]] == pytest.approx([1, 2**-0.5, 3**-0.5])
+    assert lns.blocks[2].ffn.multiplier == 0.25
+    mixln = build_model(config(scheme="mixln", **deep))
+    assert [b.post for b in mixln.blocks] == [True] * 4 + [False] * 12  # ⌊16/4⌋, not ⌊4/4⌋
+    mup = build_model(config(scheme="mixln", d_model=128, n_layers=8, parametrization="mup", base_width=64))
+    assert [b.post for b in mup.blocks] == [True] * 2 + [False] * 6

@@ -73,6 +73,58 @@ def test_resume_reproduces_uninterrupted_run(corpus, tmp_path):
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
 
 
+@dataclass
+class AppliedLR(Part):
+    """Records, before each optimizer step, the lr AdamW applies to a hidden weight and to the embedding (this
+    session only: nothing in the checkpoints)."""
+
+    name: ClassVar[str] = "applied_lr"
+    seen: ClassVar[list] = []
+
+    def state_dict(self):
+        return {}
+
+    def before_optimizer_step(self, trainer):
+        lr = {id(p): g["lr"] for g in trainer.opt.param_groups for p in g["params"]}
+        model = trainer.model
+        AppliedLR.seen.append((trainer.step, lr[id(model.blocks[0].attn.qkv.weight)], lr[id(model.embed.weight)]))
+
+
+def test_resume_of_a_mup_run_is_exact_and_keeps_each_groups_lr_scale(corpus, tmp_path):
+    """Issue 30: a mup run away from its base width (d 64 at 32: r = 1/2), stopped at step 15 and resumed from its
+    checkpoint of step 10, ends with the uninterrupted run's losses and weights, exactly; every step after the
+    resume applies lr·r to a hidden weight and lr to the embedding, as before it."""
+    from safetensors.torch import load_file
+
+    cfg = tiny(
+        corpus,
+        "model.d_model=64",
+        "model.parametrization=mup",
+        "model.base_width=32",
+        "train.max_steps=20",
+        "train.ckpt_interval=10",
+        "train.eval_interval=10",
+    )
+    AppliedLR.seen.clear()
+    train(cfg, tmp_path / "full", progress=False, parts=[AppliedLR()])
+    full = list(AppliedLR.seen)
+    AppliedLR.seen.clear()
+    assert train(cfg, tmp_path / "cut", progress=False, stop_after=15, parts=[AppliedLR()])["finished"] is False
+    AppliedLR.seen.clear()
+    train(cfg, tmp_path / "cut", resume=True, progress=False, parts=[AppliedLR()])
+    resumed = list(AppliedLR.seen)
+    assert [step for step, *_ in resumed] == list(range(10, 20))
+    assert resumed == full[10:]
+    for step, hidden, embed in resumed:
+        assert embed == lr_at(step, cfg.train) > 0 and hidden == pytest.approx(embed / 2, rel=1e-12)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")  # exactly, not approximately
+    runs = (tmp_path / "full", tmp_path / "cut")
+    weights = [load_file(run / "checkpoints" / "step-0000020" / "model.safetensors") for run in runs]
+    assert weights[0].keys() == weights[1].keys()
+    for name, tensor in weights[0].items():
+        assert torch.equal(weights[1][name], tensor), name
+
+
 def test_divergence_verdict():
     from spannorm.train import is_diverged
 

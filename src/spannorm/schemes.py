@@ -418,6 +418,8 @@ class SpanNorm(Block):
     Why ``norm`` is the default (docs/spannorm-lr.md): with Adam, a branch's output weights grow at the
     learning rate whatever their init; above a learning-rate cliff the FFN branch outgrows the skip, the
     skip-path gain ∏(1 + σ_l²)^(-1/2) collapses and the model stalls at the unigram loss.
+    Under ``completep`` s = sqrt(c/L_b) (base_depth) and CompleteP's branch multiplier L_b/L carries the model beyond
+    it (CompleteP wins, not s's own 1/sqrt(L)); under ``mup`` s keeps the real L (only the width is carried).
     """
 
     equation = (
@@ -475,6 +477,8 @@ class DeepNorm(Block):
 
     Init: xavier_normal, gain β = (8L)^(-1/4) on v, out, FFN up and down; gain 1 on q, k (an MoE
     router takes the FFN up std; FFN fans are one expert's).
+    Under ``completep`` α and β are evaluated at L_b (base_depth) and CompleteP's branch multiplier L_b/L carries
+    the model beyond it (CompleteP wins); under ``mup`` they keep the real L (only the width is carried).
     """
 
     equation = "h = N(α·x + Attn(x)); x' = N(α·h + FFN(h)); α = (2L)^(1/4)"
@@ -574,6 +578,9 @@ class Admin(Block):
     h  = N_1(ω_1 ⊙ x + Attn(x))
     x' = N_2(ω_2 ⊙ h + FFN(h))      ω learnable vectors, initialized to
                                      ω = sqrt((n+1)/ln(n+1) − 1), n = 2L residual sublayers
+
+    Under ``completep`` ω's init is evaluated at n = 2·L_b (base_depth) and CompleteP's branch multiplier L_b/L
+    carries the model beyond it (CompleteP wins); under ``mup`` it keeps the real L (only the width is carried).
     """
 
     equation = "h = N(ω⊙x + Attn(x)); x' = N(ω⊙h + FFN(h)); ω learnable"
@@ -651,6 +658,8 @@ class MixLN(Block):
     an untied head (LlamaForCausalLM's own lm_head, N(0, σ)). Read in nikitus20/mixln, a copy of
     pengxiang-li/Mix-LN (``peft_pretraining/modeling_llama.py``, ``_init_weights``); the option
     ``scale_post_pre`` (PreNorm blocks' out and down × 1/sqrt(2L)) is not the default and not ours.
+    Under ``mup`` and ``completep`` the ⌊L/4⌋ split follows the real L (it is the architecture, not a constant of
+    the recipe); under ``completep`` every block's branches are × L_b/L as well.
     """
 
     equation = "blocks l < ⌊0.25·L⌋: PostNorm; the rest: PreNorm; final N"
@@ -738,6 +747,9 @@ class LNScaling(PreNorm):
 
         h  = x + Attn(N_1(x) / sqrt(l))
         x' = h + FFN(N_2(h) / sqrt(l))   final N before the head
+
+    1/sqrt(l) depends on the block's index, not on L: under ``completep`` it applies and so does CompleteP's branch
+    multiplier L_b/L (both); under ``mup`` nothing of it changes.
     """
 
     equation = "h = x + Attn(N(x)/sqrt(l)); x' = h + FFN(N(h)/sqrt(l)); l from 1; final N"
@@ -983,7 +995,8 @@ class MHC(Block):
        └─ H_pre ─ N_1 ─ Attn ─ H_postᵀ ──────────┘   └─ H_pre ─ N_2 ─ FFN ─ H_postᵀ ───┘
 
     Recipe: PreNorm's (GPT-2 init, tied head), so that mhc and pre differ only by the connections; the paper's own
-    model recipe is not carried. ``probe``'s stream RMS is over all n streams.
+    model recipe is not carried. ``probe``'s stream RMS is over all n streams. It takes only
+    ``model.parametrization=standard``: its hyper-connection matrix φ (n·d × n(n+2)) has no µP rule here.
     """
 
     equation = (
@@ -1058,7 +1071,8 @@ class NGPT(Block):
     Our reading: U as the paper writes it (NVIDIA's code also takes |α|; here α is not clamped), with F.normalize's
     1e-12 floor on ‖x‖. model.norm has no effect (nGPT has no norm modules), nor do init_std and init_scale on the
     normalized matrices (only the draw's direction remains). Refused: MoE and model.qk_norm (config), FSDP (the
-    renormalization needs whole columns).
+    renormalization needs whole columns), and any model.parametrization but standard: its unit-norm matrices and
+    learned scales are a width rule of their own.
     """
 
     equation = (
@@ -1130,6 +1144,9 @@ class DeepScale(Block):
     variance d). Our reading, not verified against the paper's code (arXiv 2403.09635): issue 13 names
     the factor 1/sqrt(0.3·d), which measured a first loss 2-4 nats above ln V at d = 64, 128 (logit
     variance 1/0.3); sqrt(0.3/d) is the reading that gives the first loss the issue asks for.
+    Under ``completep`` β² = k/L_b (base_depth) and CompleteP's branch multiplier L_b/L carries the model beyond it
+    (CompleteP wins); under ``mup`` and ``completep`` sqrt(0.3/d) is evaluated at the base width d_b and the logit
+    multiplier 1/m = d_b/d carries it.
     """
 
     equation = (
