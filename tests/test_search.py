@@ -328,3 +328,25 @@ def test_a_searched_studys_plots_show_each_scheme_at_its_best_init_scale(corpus,
     (tmp_path / "plots" / "best_lr.png").write_bytes(b"an earlier report's")
     assert plot_study(tmp_path, cells, rows) == ["plots/val_vs_depth.png", "plots/val_vs_lr.png"]
     assert not (tmp_path / "plots" / "best_lr.png").exists()
+
+
+def test_the_transfer_table_says_whether_the_best_lr_moves_along_the_warm_start(corpus, tmp_path):
+    """Issue 30: a one-axis lr search with a warm start reports its best at each value of that axis; pre's optimum
+    stays put (transfers), span's moves × 4 from L = 2 to L = 4 (moves)."""
+    from spannorm.study.search import transfer_report
+
+    grid = {"axes": {"model.scheme": ["pre", "span"], "model.n_layers": [2, 3, 4], "train.seed": [1]}}
+    grid["search"] = {"train.lr": {"start": 4e-3, "min": 5e-4, "max": 6.4e-2}}
+    plan = plan_study(study_from_dict(search_study(corpus, **grid, confirm=None)))
+
+    def loss(cell):
+        m, lr = cell.cfg.model, cell.cfg.train.lr
+        best = 8e-3 if m.scheme.value == "pre" else 2e-3 * 2 ** (m.n_layers - 2)
+        return 2 + math.log2(lr / best) ** 2
+
+    fake_train(plan, tmp_path, loss=loss)
+    table = transfer_report(searches(plan, tmp_path))
+    pre, span = (next(r for r in table.splitlines() if r.startswith(f"| scheme={s} ")) for s in ("pre", "span"))
+    assert "| 0.008 | 0.008 | 0.008 | +0 | transfers |" in pre
+    assert "| 0.002 | 0.004 | 0.008 | +2 | moves |" in span
+    assert "Grid fair (along n_layers)" in table

@@ -22,7 +22,7 @@ from .results import (
     scaling_series,
     stable_lrs,
 )
-from .search import RECIPE_MARGIN, Search, search_report
+from .search import RECIPE_MARGIN, Search, search_report, transfer_report
 
 
 def grid_table(grid: Grid, cells: list[Cell], rows: list[dict]) -> str:
@@ -312,6 +312,18 @@ def _searches(study, found: list[Search], cells: list[Cell], rows: list[dict]) -
             "finished).",
             "",
             search_report(found, cells, rows),
+            "",
+        ]
+    if transfer := transfer_report(found):
+        lines += [
+            "## Transfer",
+            "",
+            "How each series' best learning rate moves along its grid's warm-start axis (the rule, fixed before the "
+            "data: `spannorm.study.search.transfer_report`): *transfers* if the best at the last value is within "
+            "one lattice step of the best at the first, both bracketed; *moves* otherwise; — while either end is "
+            "still searched.",
+            "",
+            transfer,
             "",
         ]
     return lines

@@ -339,3 +339,36 @@ def search_report(found: list[Search], cells: list[Cell], rows: list[dict]) -> s
             "",
         ]
     return "\n".join(lines).rstrip()
+
+
+def transfer_report(found: list[Search]) -> str:
+    """Markdown: for each grid that searches one axis (the lr) with a ``warm_start``, how the best moves along the
+    warm-start axis (a width, a depth): a table per grid, a row per series (a point less that axis) with the best at
+    each of its values and the move from the first value to the last in lattice steps; *transfers*: at most one
+    step (a factor of the lattice's ``factor``), both ends bracketed. Empty if no grid is such."""
+    grids: dict[str, dict[tuple, dict]] = {}
+    for s in found:
+        if s.grid.warm_start is not None and len(s.grid.search) == 1:
+            rest = tuple((k, v) for k, v in s.point.items() if k != s.grid.warm_start)
+            grids.setdefault(s.grid.name, {}).setdefault(rest, {})[s.point[s.grid.warm_start]] = s
+    lines = []
+    for name, series in grids.items():
+        grid = next(iter(next(iter(series.values())).values())).grid
+        (path, lattice), axis = next(iter(grid.search.items())), grid.warm_start
+        values = grid.axes[axis]
+        rows = []
+        for rest, by_value in series.items():
+            bests = [
+                by_value[v].values(by_value[v].best)[path] if by_value[v].best is not None else None for v in values
+            ]
+            ends = (by_value[values[0]], by_value[values[-1]])
+            done = all(s.state == "done" and s.best is not None and not s.limits for s in ends)
+            steps = round(math.log(bests[-1] / bests[0], lattice.factor)) if done else None
+            verdict = "—" if steps is None else "transfers" if abs(steps) <= 1 else "moves"
+            label = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in rest if k != "train.seed")
+            best_text = [f"{b:g}" if b is not None else "…" for b in bests]
+            rows.append([label, *best_text, "—" if steps is None else f"{steps:+d}", verdict])
+        leaf = axis.rsplit(".", 1)[-1]
+        head = ["series", *(f"best {path.rsplit('.', 1)[-1]}, {leaf}={v}" for v in values), "move (steps)", "verdict"]
+        lines += [f"Grid {name} (along {leaf}):", "", md_table(head, rows), ""]
+    return "\n".join(lines).rstrip()
