@@ -333,6 +333,7 @@ def test_a_searched_studys_plots_show_each_scheme_at_its_best_init_scale(corpus,
 def test_the_transfer_table_says_whether_the_best_lr_moves_along_the_warm_start(corpus, tmp_path):
     """Issue 30: a one-axis lr search with a warm start reports its best at each value of that axis; pre's optimum
     stays put (transfers), span's moves × 4 from L = 2 to L = 4 (moves)."""
+    from spannorm.study.plots import plot_transfer
     from spannorm.study.search import transfer_report
 
     grid = {"axes": {"model.scheme": ["pre", "span"], "model.n_layers": [2, 3, 4], "train.seed": [1]}}
@@ -350,3 +351,6 @@ def test_the_transfer_table_says_whether_the_best_lr_moves_along_the_warm_start(
     assert "| 0.008 | 0.008 | 0.008 | +0 | transfers |" in pre
     assert "| 0.002 | 0.004 | 0.008 | +2 | moves |" in span
     assert "Grid fair (along n_layers)" in table
+    found = searches(plan, tmp_path)
+    assert plot_transfer(tmp_path / "transfer.png", found) and (tmp_path / "transfer.png").stat().st_size > 0
+    assert not plot_transfer(tmp_path / "none.png", [s for s in found if s.grid.warm_start is None])

@@ -390,8 +390,57 @@ def plot_similarity(path: Path, cells: list[Cell], out: Path) -> bool:
     return True
 
 
-def plot_study(out: Path, cells: list[Cell], rows: list[dict]) -> list[str]:
-    """Write every plot the study has data for into ``out/plots``; returns their paths relative to ``out``."""
+def plot_transfer(path: Path, found: list) -> bool:
+    """Final val loss against lr, a panel per series of each grid that searches the lr alone with a warm start
+    (``search.transfer_report``) and has a finished cell, a line per value of the warm-start axis (a width, a depth),
+    each best starred: the optimum staying put or moving as the model grows. ``found``: the study's searches."""
+    panels: dict[tuple, list] = {}
+    for s in found:
+        if s.grid.warm_start is not None and len(s.grid.search) == 1 and _finished(s):
+            rest = [
+                str(v) if k in ("model.scheme", "model.parametrization") else f"{k.rsplit('.', 1)[-1]}={v}"
+                for k, v in s.point.items()
+                if k not in (s.grid.warm_start, "train.seed")
+            ]
+            panels.setdefault((s.grid.name, " ".join(rest)), []).append(s)
+    if not panels:
+        return False
+    plt = pyplot()
+    fig, axes = panel_grid(plt, len(panels), 4.2, 3.4)
+    for ax, ((name, title), series) in zip(axes.flat, panels.items()):
+        lrs = set()
+        for s in series:
+            axis = s.grid.warm_start
+            colour = f"C{s.grid.axes[axis].index(s.point[axis]) % 10}"
+            done = _finished(s)
+            lrs |= {d[0] for d in done}
+            label = f"{axis.rsplit('.', 1)[-1]}={s.point[axis]}"
+            ax.plot([d[0] for d in done], [d[1] for d in done], marker="o", color=colour, label=label)
+            ax.plot([d[0] for d in done if d[2]], [d[1] for d in done if d[2]], "*", color=colour, markersize=14)
+        ax.set_title(f"{title} ({name}; ★ best)", fontsize=9)
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(lrs), [f"{x:g}" for x in sorted(lrs)], fontsize=7)
+        ax.minorticks_off()
+        ax.set_xlabel("peak learning rate")
+        ax.set_ylabel("final val loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    save_figure(fig, path, dpi=DPI, tight=True)
+    return True
+
+
+def _finished(search) -> list[tuple[float, float, bool]]:
+    """(lr, final val loss, is the best) of each cell a one-axis search trained, by lr."""
+    return sorted(
+        (search.values(k)[next(iter(search.grid.search))], float(row["final_val_loss"]), k == search.best)
+        for k, (_, row) in search.tried.items()
+        if row.get("status") == "ok" and row.get("final_val_loss") not in (None, "")
+    )
+
+
+def plot_study(out: Path, cells: list[Cell], rows: list[dict], found: list = ()) -> list[str]:
+    """Write every plot the study has data for into ``out/plots``; returns their paths relative to ``out``.
+    ``found``: the study's searches (``spannorm.study.search``), for the transfer plot."""
     if not cells:
         return []
     searched = is_searched(cells)
@@ -403,6 +452,7 @@ def plot_study(out: Path, cells: list[Cell], rows: list[dict]) -> list[str]:
         "loss_curves.png": lambda path: plot_curves(path, cells, out),
         "grad_heatmaps.png": lambda path: plot_grad_heatmaps(path, cells, out),
         "similarity.png": lambda path: plot_similarity(path, cells, out),
+        "transfer.png": lambda path: plot_transfer(path, found),
     }
     written = []
     for name, plot in plots.items():

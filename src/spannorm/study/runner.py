@@ -74,7 +74,8 @@ def _write_outputs(
     write_results(out / "results.csv", cells, rows)
     if not report_only or not (out / ARCHIVE).is_file():  # (--report-only changes no cell: it packs a study once)
         pack(out)
-    plots = plot_study(out, cells, rows)
+    found = searches(plan, out, failed) if any(grid.search for grid in plan.study.grids) else []
+    plots = plot_study(out, cells, rows, found)
     depths = sorted({c.cfg.model.n_layers for c in cells})
     init = init_probe(plan.base_cfg, depths, out / "init_probe.json", compute=not report_only)
     if init is None:  # (--report-only probes nothing: the claims that use the probes at init say so)
@@ -92,7 +93,6 @@ def _write_outputs(
         "init probes": init is not None,
     }
     init = init or []
-    found = searches(plan, out, failed) if any(grid.search for grid in plan.study.grids) else []
     fair = verdicts_report(plan, found, out, failed, init) if found else ""
     text = report(plan, cells, rows, command, plots, claims(cells, rows, out, init), counts, found, fair)
     atomic_write_text(out / "report.md", text)
