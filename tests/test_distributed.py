@@ -89,10 +89,10 @@ import os, signal
 import torch.distributed as dist
 from spannorm.train import Trainer
 step = Trainer.train_step
-def train_step(self):
+def train_step(self, *args):
     if self.step == 7 and dist.get_rank() == 1:  # rank 1 dies in the middle of the run
         os.kill(os.getpid(), signal.SIGKILL)
-    return step(self)
+    return step(self, *args)
 Trainer.train_step = train_step
 """
 
@@ -220,10 +220,10 @@ import time
 import torch.distributed as dist
 from spannorm.train import Trainer
 step = Trainer.train_step
-def train_step(self):
+def train_step(self, *args):
     if self.step == 3 and dist.get_rank() == 1:  # rank 1 hangs (alive, but never reaches the next collective)
         time.sleep(120)
-    return step(self)
+    return step(self, *args)
 Trainer.train_step = train_step
 """
 
@@ -342,3 +342,47 @@ def test_each_rank_scores_its_share_of_the_validation_batches(corpus, monkeypatc
     half = evaluate(model, data, cfg.train, micro=2, ranks=Ranks(rank=1, world=2, joined=True))
     assert seen == everything[1::2] and len(seen) == cfg.train.eval_batches
     assert half == pytest.approx(one / 2, rel=0.2)  # (rank 1's mean, halved: as if rank 0's were 0)
+
+
+COUNTED = """
+import os
+
+import torch.distributed as dist
+from spannorm.run_config import load_config
+from spannorm.train import Part, train
+
+calls = []
+for name in ("all_reduce", "broadcast", "broadcast_object_list", "all_gather", "all_gather_object", "barrier"):
+    setattr(dist, name, (lambda f, name: lambda *a, **k: calls.append(name) or f(*a, **k))(getattr(dist, name), name))
+
+
+class Count(Part):
+    name = "count"
+
+    def __init__(self):
+        self.at = []
+
+    def state_dict(self):
+        return {{}}
+
+    def after_step(self, trainer, result):
+        self.at.append(len(calls))
+
+
+count = Count()
+train(load_config("tiny", {sets!r}), {out!r}, progress=False, parts=[count])
+if os.environ["RANK"] == "0":  # (train left the process group)
+    print("collectives", [b - a for a, b in zip(count.at, count.at[1:])])
+"""
+
+
+def test_a_step_makes_one_collective_besides_the_gradients(corpus, tmp_path):
+    """Issue 29: under torchrun a step averages the loss and agrees on a Ctrl-C in one all-reduce (it made two:
+    the loss's all-reduce and a pickled broadcast of the interrupt flag); DDP's own gradient all-reduce runs in
+    its C++ reducer, not through these functions."""
+    sets = [f"data.corpus={corpus}", f"train.batch_size={B}", "train.distributed=ddp", "train.max_steps=8"]
+    sets += ["train.log_interval=1", "train.eval_interval=100", "train.ckpt_interval=100"]
+    done = torchrun(tmp_path, COUNTED.format(sets=sets, out=str(tmp_path / "run")))
+    assert done.returncode == 0, done.stderr[-3000:]
+    per_step = eval(done.stdout.split("collectives", 1)[1].strip().splitlines()[0])
+    assert per_step == [1] * 7, per_step  # between steps 1..8; the last step evaluates and checkpoints

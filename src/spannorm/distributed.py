@@ -47,6 +47,16 @@ class Ranks:
         dist.all_reduce(t)
         return t.item() / self.world
 
+    def mean_and_any(self, x: float, flag: bool) -> tuple[float, bool]:
+        """The mean of ``x`` over the ranks and whether any rank's ``flag`` is set, in one all-reduce (``x`` and
+        ``flag`` themselves for one process)."""
+        if self.world == 1:
+            return x, flag
+        t = torch.tensor([x, float(flag)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        total, flags = t.tolist()  # (one copy to the host)
+        return total / self.world, flags > 0
+
     def share(self, obj):
         """Rank 0's ``obj`` on every rank."""
         if self.world == 1:

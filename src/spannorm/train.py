@@ -616,6 +616,7 @@ class StepResult:
     grad_norm: float  # the global gradient norm before clipping
     skipped: bool  # the guard skipped the update (a non-finite loss or gradient)
     seconds: float = 0.0  # the step's wall time (set by the loop)
+    interrupted: bool = False  # several ranks: a Ctrl-C reached one of them before the loss was averaged
 
 
 def placed(model: LM, t: TrainConfig, ranks: Ranks) -> tuple[torch.nn.Module, bool]:
@@ -760,7 +761,7 @@ class Trainer:
         with DeferredInterrupt() as interrupt, self.logs.session(self.step), progress:
             while self.step < t.max_steps and (stop_after is None or self.step < stop_after):
                 t0 = time.perf_counter()
-                result = self.train_step()
+                result = self.train_step(lambda: interrupt.requested)
                 self.step += 1
                 result.seconds = seconds = time.perf_counter() - t0
                 rollback, divergence = self.judge(result)
@@ -781,7 +782,8 @@ class Trainer:
                     if self.ranks.share(interrupt.requested):  # (a Ctrl-C while the summary was written)
                         raise KeyboardInterrupt
                     return summary
-                interrupted = self.ranks.share(interrupt.requested)  # (every rank stops at the same step)
+                # every rank stops at the same step: several ranks agreed in the step's one all-reduce
+                interrupted = result.interrupted if self.ranks.world > 1 else interrupt.requested
                 if self.step % t.ckpt_interval == 0 or self.step == t.max_steps or interrupted:
                     self.checkpoint()
                     interrupted = self.ranks.share(interrupt.requested)  # (also a Ctrl-C while it was written)
@@ -805,8 +807,10 @@ class Trainer:
         first = next((v for v in verdicts if v is not None), Verdict())
         return first.rollback, first.diverged
 
-    def train_step(self) -> StepResult:
-        """One optimizer step on the next batch: its math, with the parts' hooks around it."""
+    def train_step(self, interrupt_requested=lambda: False) -> StepResult:
+        """One optimizer step on the next batch: its math, with the parts' hooks around it. Several ranks
+        average the loss and learn whether a Ctrl-C reached any of them (``interrupt_requested``) in one all-reduce,
+        the step's only collective besides the gradients'."""
         t, model = self.t, self.model
         for group in self.opt.param_groups:
             # (x * 1.0 is x: no change without a rollback, nor under standard; checkpoints before lr_scale lack it)
@@ -837,14 +841,15 @@ class Trainer:
             p.before_optimizer_step(self)
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-        loss_value = self.ranks.mean(loss.item())  # (the gradients, averaged by DDP, are the same on every rank)
+        # (the gradients, averaged by DDP, are the same on every rank)
+        loss_value, interrupted = self.ranks.mean_and_any(loss.item(), interrupt_requested())
         skipped = t.guard and not (math.isfinite(loss_value) and math.isfinite(grad_norm))
         if not skipped:
             self.opt.step()
         for p in self.parts:
             p.after_optimizer_step(self, skipped)
         self.opt.zero_grad(set_to_none=True)
-        return StepResult(loss_value, grad_norm, skipped)
+        return StepResult(loss_value, grad_norm, skipped, interrupted=interrupted)
 
     def roll_back(self, why: str) -> None:
         """The guard's rollback: the weights, optimizer and torch RNG back to the newest checkpoint (the initial
