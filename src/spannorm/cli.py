@@ -13,7 +13,7 @@ from pathlib import Path
 from . import __version__
 from .config import ConfigError, SpannormError, coerce_enum, read_bounded, short
 from .files import atomic_write_text, dumps, os_error
-from .model_config import Parametrization, Scheme
+from .model_config import MAX_SIZE, Parametrization, Scheme
 from .threads import fit_threads
 
 
@@ -604,8 +604,8 @@ def cmd_probe(args) -> None:
 
 def cmd_coord_check(args) -> None:
     """``spannorm probe --coord-check``: the table, a JSON and a plot."""
+    # imported here, not above: the CLI starts (--help, argument errors) without loading torch
     from .coord_check import coord_table, plot_coord_check, run_coord_check
-    from .model_config import MAX_SIZE
 
     axis = args.coord_check
     sizes = _int_list("--sizes", args.sizes or ("64,128,256,512,1024" if axis == "width" else "4,8,16,32,64"))
@@ -646,7 +646,6 @@ def _check_probe_size(cfg, schemes: list, depths: list[int], batch: int) -> None
     import dataclasses
 
     # imported here, not above: the CLI starts (--help, argument errors) without loading torch
-    from .model_config import MAX_SIZE
     from .train import check_memory
 
     if max(depths) > MAX_SIZE:

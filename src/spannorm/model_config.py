@@ -160,7 +160,8 @@ class ModelConfig:
     init_std: float | None = option(
         None,
         "base std of the init rules; null: the scheme's width rule (`spannorm schemes`: the fan-in 1/sqrt(d_model), "
-        "or its authors' constant carried from the width they tuned it at); a number: that std at every width",
+        "or its authors' constant carried from the width they tuned it at); a number: that std at every width (under "
+        "mup and completep: at base_width, then carried like the rule)",
         Bound(
             lambda v: v is None or (is_number(v) and v > 0), "a positive number, or null for the scheme's width rule"
         ),
