@@ -33,9 +33,9 @@ Decay is the decoupled decay of AdamW, lr·wd·W: wd / r keeps it per step what 
 GPT-2's rule, B2T's L^(-1/2)): the recipe as it was tuned, which the parametrization then carries. So under
 ``completep`` CompleteP's branch multiplier, not the scheme's own depth scaling, carries the model beyond L_b;
 LNS's 1/sqrt(l) depends on the block's index, not on L, and applies as well; Mix-LN's ⌊L/4⌋ PostNorm blocks
-are its architecture and follow L. Refused (:func:`check`): nGPT, whose unit-norm matrices and learned scales
-are a width rule of their own, mHC, whose hyper-connection matrices have no rule here, and the DyT/Derf LLM
-recipe, whose sqrt(d) embedding scalar is a width rule of its own (``ModelConfig.check_parametrization``).
+are its architecture and follow L. Refused in one line (``ModelConfig.check_parametrization``): nGPT, whose
+unit-norm matrices and learned scales are a width rule of their own, mHC, whose hyper-connection matrices have no
+rule here, and the DyT/Derf LLM recipe, whose sqrt(d) embedding scalar is a width rule of its own.
 """
 
 from __future__ import annotations
