@@ -63,9 +63,11 @@ class DyT(nn.Module):
 
 class Derf(nn.Module):
     """Derf(x) = γ · erf(α·x + s) + β, α and s learnable scalars initialized to α₀ and 0 (Chen et al. 2025,
-    "Stronger Normalization-Free Transformers", arXiv 2512.10938; their code, zlab-princeton/Derf
-    ``Dynamic_erf``: α₀ 0.5 by default, per site in their GPT-2 patch, which keeps β and scales the embedding by a
-    learnable sqrt(d): ``dyt_recipe=llm`` here, β kept)."""
+    "Stronger Normalization-Free Transformers", arXiv 2512.10938; their code, zlab-princeton/Derf at 8dd9ea3
+    ``Dynamic_erf``: α₀ 0.5 by default; their GPT-2 patch of nanoGPT, ``language model/model_derf.patch``, sets α₀
+    per site, attention input, FFN input and final norm, 1.0 each in its config (its README leaves the values to
+    the user), keeps β and scales the embedding by a learnable sqrt(d): here ``dyt_recipe=llm`` with
+    ``dyt_alpha0_attn=1`` and ``dyt_alpha0_other=1``, β kept)."""
 
     def __init__(self, dim: int, alpha0: float):
         super().__init__()
