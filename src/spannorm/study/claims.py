@@ -34,7 +34,15 @@ INIT_VARIANTS = {
 
 
 # fields added after studies cached their probes, left out of the key at their defaults (their caches stay valid)
-LATER_DEFAULTS = {("text_field", "text"), ("name_field", None), ("qk_norm", None), ("hc_streams", 4)}
+LATER_DEFAULTS = {
+    ("text_field", "text"),
+    ("name_field", None),
+    ("qk_norm", None),
+    ("hc_streams", 4),
+    ("parametrization", "standard"),
+    ("base_width", None),
+    ("base_depth", None),
+}
 
 
 def init_probe(cfg: RunConfig, depths: list[int], path: Path, compute: bool = True) -> list[dict] | None:

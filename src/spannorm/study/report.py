@@ -240,8 +240,9 @@ def _failed(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _claims(claim_list: list[tuple[str, Claim]], counts: dict, found: list[Search], verdicts: str) -> list[str]:
-    """The claims' section: each verdict by the generic rules, or (a study that searches) by its study file's."""
+def _claims(claim_list: list[tuple[str, Claim]], counts: dict, verdicts: str) -> list[str]:
+    """The claims' section: each verdict by the generic rules, or (a study that searches and confirms its bests:
+    ``verdicts``) by its study file's."""
     lines = []
     lines += [
         "## Claims (SPANNORM.md)",
@@ -258,7 +259,7 @@ def _claims(claim_list: list[tuple[str, Claim]], counts: dict, found: list[Searc
             "the cells not run yet) to make it.",
             "",
         ]
-    if found:  # the generic rules compare series at equal (depth, lr): not the comparison a search makes
+    if verdicts:  # the generic rules compare series at equal (depth, lr): not the comparison a confirmed search makes
         lines += [
             "This study searches each series' own best (above), so its claims are judged by the rules written in "
             "its study file (R1–R6), on the confirmation cells at each series' best, not by the generic rules "
@@ -384,6 +385,6 @@ def report(
     lines += _per_scheme(cells, rows)
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
-    lines += _claims(claim_list, counts, found, verdicts)
+    lines += _claims(claim_list, counts, verdicts)
     lines += _configs(plan)
     return "\n".join(lines)

@@ -93,7 +93,8 @@ def _write_outputs(
         "init probes": init is not None,
     }
     init = init or []
-    fair = verdicts_report(plan, found, out, failed, init) if found else ""
+    # (the fair study's R2-R6 judge confirmed bests: a study whose searches confirm nothing gets the generic claims)
+    fair = verdicts_report(plan, found, out, failed, init) if any(g.confirm for g in plan.study.grids) else ""
     text = report(plan, cells, rows, command, plots, claims(cells, rows, out, init), counts, found, fair)
     atomic_write_text(out / "report.md", text)
     atomic_write_text(out / "report.html", html_report(text, out))
