@@ -442,6 +442,8 @@ def test_ctrl_c_leaves_a_resumable_study(corpus, tmp_path, signame):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        # (a test run started in the background with & ignores SIGINT, and a child inherits that: the study's own)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     last = expand(plan_study(study_from_dict(data)))[-1].name
     latest = tmp_path / "cut" / "cells" / last / "checkpoints" / "latest"
