@@ -34,6 +34,12 @@ from .train import make_optimizer
 
 ROLES = ("embedding", "attention", "ffn", "stream", "logits")
 AXES = {"width": "d_model", "depth": "n_layers"}
+# a role is flat when its change grows or shrinks at most like size^FLAT over the sizes (µP's measured at widths
+# 64-1024: within ±0.12; standard's branches: 1.8 to 3.4, docs/coord-check.md)
+FLAT = 0.3
+# the roles judged on each axis: every one in width; in depth the model's (a branch's own F is reported, not judged:
+# at a finite depth its share of the update moves with L under every parametrization, docs/coord-check.md)
+JUDGED = {"width": ROLES, "depth": ("embedding", "stream", "logits")}
 
 
 def role_activations(model, idx: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -129,14 +135,6 @@ def coord_check(
             }
         )
     return rows
-
-
-# a role is flat when its change grows or shrinks at most like size^FLAT over the sizes (µP's measured at widths
-# 64-512: within ±0.12; standard's: 1 to 2.5, docs/coord-check.md)
-FLAT = 0.3
-# the roles judged on each axis: every one in width; in depth the model's (a branch's own F is reported, not judged:
-# at a finite depth its share of the update moves with L under every parametrization, docs/coord-check.md)
-JUDGED = {"width": ROLES, "depth": ("embedding", "stream", "logits")}
 
 
 def verdict(row: dict) -> str:
