@@ -72,8 +72,8 @@ def rms(x: torch.Tensor) -> float:
 
 
 def measure(cfg: ModelConfig, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float, seed: int) -> dict:
-    """For one model: the RMS of each role's activation and of its change since init, after each of the steps
-    (one Adam step per training batch after the first; the first batch is the fixed one measured)."""
+    """For one model: the RMS of each role's activation at init and of its change after one Adam step per training
+    batch (all but the first: the first batch is the fixed one measured)."""
     torch.manual_seed(seed)
     model = build_model(cfg)
     opt = make_optimizer(model, TrainConfig(lr=lr, weight_decay=0.0, warmup_steps=0))
@@ -82,16 +82,14 @@ def measure(cfg: ModelConfig, batches: list[tuple[torch.Tensor, torch.Tensor]], 
     fixed = batches[0][0]
     with torch.no_grad():
         start = role_activations(model, fixed)
-    rows = []
     for x, y in batches[1:]:
         _, loss = model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            now = role_activations(model, fixed)
-        rows.append({r: {"rms": rms(now[r]), "change": rms(now[r] - start[r])} for r in ROLES})
-    return {"start": {r: rms(start[r]) for r in ROLES}, "steps": rows}
+    with torch.no_grad():
+        now = role_activations(model, fixed)
+    return {"start": {r: rms(start[r]) for r in ROLES}, "change": {r: rms(now[r] - start[r]) for r in ROLES}}
 
 
 def exponent(sizes: list[int], values: list[float]) -> float:
@@ -120,7 +118,7 @@ def coord_check(
             shaped = dataclasses.replace(cfg, **{field: size}, parametrization=parametrization, **base)
             runs = [measure(shaped, batches, lr, seed) for seed in seeds]
             per_size.append(
-                {r: float(np.mean([run["steps"][-1][r]["change"] for run in runs])) for r in ROLES}
+                {r: float(np.mean([run["change"][r] for run in runs])) for r in ROLES}
                 | {f"{r} at init": float(np.mean([run["start"][r] for run in runs])) for r in ROLES}
             )
         rows.append(
