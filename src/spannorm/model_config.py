@@ -289,7 +289,7 @@ class ModelConfig:
             f"standard with model.norm={self.norm.value} and model.dyt_recipe=llm (its sqrt(d) embedding scalar is a "
             "width rule of its own; dyt_recipe=plain takes any)",
         )
-        width = self.d_model if self.base_width is None else self.base_width
+        width = self.recipe_width
         require(
             width % self.n_heads == 0 and (width // self.n_heads) % 2 == 0,
             "model.base_width",
@@ -313,6 +313,13 @@ class ModelConfig:
             self.n_experts,
             "0 with model.scheme=ngpt: nGPT's normalization is defined for dense matrices, not experts or a router",
         )
+
+    @property
+    def recipe_width(self) -> int:
+        """The width a scheme's width constants are evaluated at: base_width under mup and completep, else d_model."""
+        if self.parametrization is not Parametrization.STANDARD and self.base_width is not None:
+            return self.base_width
+        return self.d_model
 
     @property
     def recipe_depth(self) -> int:

@@ -49,14 +49,9 @@ from .model_config import ModelConfig, Parametrization
 HIDDEN = (Role.ATTN_QK, Role.ATTN_V, Role.ATTN_OUT, Role.FFN_UP, Role.FFN_DOWN)
 
 
-def base_width(cfg: ModelConfig) -> int:
-    """d_b: ``base_width``, or the model's own width (null)."""
-    return cfg.d_model if cfg.base_width is None else cfg.base_width
-
-
 def width_mult(cfg: ModelConfig) -> float:
     """m = d/d_b (1 under standard)."""
-    return 1.0 if cfg.parametrization is Parametrization.STANDARD else cfg.d_model / base_width(cfg)
+    return cfg.d_model / cfg.recipe_width
 
 
 def depth_mult(cfg: ModelConfig) -> float:
@@ -69,7 +64,7 @@ def recipe_config(cfg: ModelConfig) -> ModelConfig:
     FFN width scaled with it)."""
     if cfg.parametrization is Parametrization.STANDARD:
         return cfg
-    d_b = base_width(cfg)
+    d_b = cfg.recipe_width
 
     def scaled(width):
         return None if width is None else max(1, round(width * d_b / cfg.d_model))
@@ -101,9 +96,9 @@ def init_multiplier(cfg: ModelConfig, role: Role) -> float:
 
 def attention_scale(cfg: ModelConfig) -> float | None:
     """The softmax scale of attention: None (SDPA's 1/sqrt(hd)) under standard, µP's sqrt(hd_b)/hd otherwise."""
-    if cfg.parametrization is Parametrization.STANDARD or base_width(cfg) == cfg.d_model:
+    if cfg.recipe_width == cfg.d_model:
         return None
-    return math.sqrt(base_width(cfg) // cfg.n_heads) / (cfg.d_model // cfg.n_heads)
+    return math.sqrt(cfg.recipe_width // cfg.n_heads) / (cfg.d_model // cfg.n_heads)
 
 
 def output_multiplier(cfg: ModelConfig) -> float:
