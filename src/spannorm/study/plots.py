@@ -12,6 +12,7 @@ from ..plotting import figure_legend, integer_ticks, panel_grid, pyplot, save_fi
 from ..run import RunDir, read_metrics
 from .grid import Cell, series_label
 from .results import aggregate, best_lr, best_lr_points, first_seed, read_probe, scaling_depths, scaling_series
+from .search import transfer_series
 
 DPI = 90  # every plot's; tight (cropped to the drawn area) keeps a legend placed beside the axes
 DECADES = 6  # the gradient heatmaps' colour range: 1e-6 of the largest norms and below are one colour, "vanished"
@@ -391,23 +392,20 @@ def plot_similarity(path: Path, cells: list[Cell], out: Path) -> bool:
 
 
 def plot_transfer(path: Path, found: list) -> bool:
-    """Final val loss against lr, a panel per series of each grid that searches the lr alone with a warm start
-    (``search.transfer_report``) and has a finished cell, a line per value of the warm-start axis (a width, a depth),
-    each best starred: the optimum staying put or moving as the model grows. ``found``: the study's searches."""
-    panels: dict[tuple, list] = {}
-    for s in found:
-        if s.grid.warm_start is not None and len(s.grid.search) == 1 and _finished(s):
-            rest = [
-                str(v) if k in ("model.scheme", "model.parametrization") else f"{k.rsplit('.', 1)[-1]}={v}"
-                for k, v in s.point.items()
-                if k not in (s.grid.warm_start, "train.seed")
-            ]
-            panels.setdefault((s.grid.name, " ".join(rest)), []).append(s)
+    """Final val loss against lr, a panel per series of ``search.transfer_series`` that has a finished cell, a line
+    per value of the warm-start axis (a width, a depth), each best starred: the optimum staying put or moving as the
+    model grows. ``found``: the study's searches."""
+    panels = [
+        (name, rest, [s for s in by_value.values() if _finished(s)])
+        for name, series in transfer_series(found).items()
+        for rest, by_value in series.items()
+    ]
+    panels = [p for p in panels if p[2]]
     if not panels:
         return False
     plt = pyplot()
     fig, axes = panel_grid(plt, len(panels), 4.2, 3.4)
-    for ax, ((name, title), series) in zip(axes.flat, panels.items()):
+    for ax, (name, rest, series) in zip(axes.flat, panels):
         lrs = set()
         for s in series:
             axis = s.grid.warm_start
@@ -417,6 +415,11 @@ def plot_transfer(path: Path, found: list) -> bool:
             label = f"{axis.rsplit('.', 1)[-1]}={s.point[axis]}"
             ax.plot([d[0] for d in done], [d[1] for d in done], marker="o", color=colour, label=label)
             ax.plot([d[0] for d in done if d[2]], [d[1] for d in done if d[2]], "*", color=colour, markersize=14)
+        title = " ".join(
+            str(v) if k in ("model.scheme", "model.parametrization") else f"{k.rsplit('.', 1)[-1]}={v}"
+            for k, v in rest
+            if k != "train.seed"
+        )
         ax.set_title(f"{title} ({name}; ★ best)", fontsize=9)
         ax.set_xscale("log")
         ax.set_xticks(sorted(lrs), [f"{x:g}" for x in sorted(lrs)], fontsize=7)

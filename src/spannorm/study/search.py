@@ -341,18 +341,24 @@ def search_report(found: list[Search], cells: list[Cell], rows: list[dict]) -> s
     return "\n".join(lines).rstrip()
 
 
-def transfer_report(found: list[Search]) -> str:
-    """Markdown: for each grid that searches one axis (the lr) with a ``warm_start``, how the best moves along the
-    warm-start axis (a width, a depth): a table per grid, a row per series (a point less that axis) with the best at
-    each of its values and the move from the first value to the last in lattice steps; *transfers*: at most one
-    step (a factor of the lattice's ``factor``), both ends bracketed. Empty if no grid is such."""
+def transfer_series(found: list[Search]) -> dict[str, dict[tuple, dict]]:
+    """The searches of each grid that searches one axis (the lr) with a ``warm_start``: by grid name, then by series
+    (the point less the warm-start axis, as (key, value) pairs), then by the warm-start axis's value."""
     grids: dict[str, dict[tuple, dict]] = {}
     for s in found:
         if s.grid.warm_start is not None and len(s.grid.search) == 1:
             rest = tuple((k, v) for k, v in s.point.items() if k != s.grid.warm_start)
             grids.setdefault(s.grid.name, {}).setdefault(rest, {})[s.point[s.grid.warm_start]] = s
+    return grids
+
+
+def transfer_report(found: list[Search]) -> str:
+    """Markdown: for each grid of :func:`transfer_series`, how the best moves along the warm-start axis (a width, a
+    depth): a table per grid, a row per series with the best at each of its values and the move from the first value
+    to the last in lattice steps; *transfers*: at most one step (a factor of the lattice's ``factor``), both ends
+    bracketed. Empty if no grid is such."""
     lines = []
-    for name, series in grids.items():
+    for name, series in transfer_series(found).items():
         grid = next(iter(next(iter(series.values())).values())).grid
         (path, lattice), axis = next(iter(grid.search.items())), grid.warm_start
         values = grid.axes[axis]
