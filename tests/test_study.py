@@ -22,6 +22,7 @@ from spannorm.config import ConfigError
 from spannorm.run import read_metrics
 from spannorm.run_config import load_config, preset_names
 from spannorm.study import expand, load_study, plan_study, run_study, study_from_dict, study_names
+from spannorm.study.search import search_follow, searches
 from spannorm.train import PATIENCE, train
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -99,7 +100,7 @@ def test_expand_grid_dedup_names_and_steps(corpus):
     assert [c.cfg.train.max_steps for c in expand(plan_study(study_from_dict(data)))] == [20, 10]
 
 
-def test_shipped_studies_expand_and_are_not_presets():
+def test_shipped_studies_expand_and_are_not_presets(tmp_path):
     assert {"tiny", "reference"} <= set(study_names())
     assert "studies" not in preset_names() and "reference" not in preset_names()
     ref = expand(plan_study(load_study("reference")))
@@ -108,6 +109,9 @@ def test_shipped_studies_expand_and_are_not_presets():
     assert {c.cfg.model.n_layers for c in ref if c.extras and not c.cfg.model.moe} == {48}
     assert {(c.cfg.model.n_layers, c.cfg.model.n_experts) for c in ref if c.cfg.model.moe} == {(6, 8), (24, 8)}
     assert len(expand(plan_study(load_study("tiny")))) == 3 * 2 * 2 * 2 + 4 * 3 * 2 - 2
+    for name in study_names():  # every shipped study's first cells are valid (a typo shows here, not hours in)
+        plan = plan_study(load_study(name))
+        assert expand(plan, search_follow(searches(plan, tmp_path / name))), name
 
     lr = expand(plan_study(load_study("lr")))
     assert len(lr) == 9 * 2 * 6  # span (norm, the default), span init, span multiplier and 6 peers; 6 lrs
