@@ -774,7 +774,7 @@ COMMITTED = {  # study config -> its committed directory (README, docs/spannorm-
     "fair-depth": "docs/fair-study/depth",
     "docs/fair-study/depth/first-rule/study.yaml": "docs/fair-study/depth/first-rule",
     "peers-2026": "docs/peers-2026",
-    "transfer": "docs/transfer",  # (partial: its cells still train; the archive holds the finished ones)
+    "transfer": "docs/transfer",
 }
 STALE = {"docs/spannorm-lr/screen.yaml"}  # its cells predate the width-aware recipes: its report is kept as it ran
 
