@@ -25,7 +25,7 @@ def study(corpus, scalings=("init", "multiplier")):
                 "name": "abl",
                 "axes": {
                     "model.scheme": ["span"],
-                    "model.span_scale": list(scalings),
+                    "model.span_scale": list(scalings),  # (the old flat keys, as the committed lr study: still read)
                     "model.n_layers": [3],
                     "train.lr": lrs,
                     "train.seed": [1],

@@ -31,7 +31,7 @@ RESULT_COLUMNS = (
     "status",
     "guard_skipped",
     "guard_rollbacks",
-)  # the guard's columns: empty unless train.guard=true
+)  # the guard's columns: empty unless train.guard.enabled=true
 
 
 CELL_FIELDS = {"wall_s": "number?"}  # cell.json: the wall time of the session that finished the cell
