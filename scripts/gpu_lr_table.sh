@@ -18,8 +18,8 @@ import csv, sys
 rows = list(csv.DictReader(open(sys.argv[1])))
 lrs = sorted({float(r["train.lr"]) for r in rows})
 print("| series | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |\n|---|" + "---|" * len(lrs))
-for series in dict.fromkeys((r["model.scheme"], r["model.span_scale"] or "") for r in rows):
-    cell = {float(r["train.lr"]): r for r in rows if (r["model.scheme"], r["model.span_scale"] or "") == series}
+for series in dict.fromkeys((r["model.scheme"], r["model.span.scale"] or "") for r in rows):
+    cell = {float(r["train.lr"]): r for r in rows if (r["model.scheme"], r["model.span.scale"] or "") == series}
     fmt = lambda r: "—" if r is None or not r["final_val_loss"] else f"{float(r['final_val_loss']):.3f}" + (
         "" if r["status"] == "ok" else f" {r['status']}")
     print(f"| {' '.join(s for s in series if s)} | " + " | ".join(fmt(cell.get(lr)) for lr in lrs) + " |")

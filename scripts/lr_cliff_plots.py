@@ -6,7 +6,7 @@ logit RMS and embedding collapse (mean pairwise cosine). One color per run direc
     .venv/bin/python scripts/lr_cliff_plots.py RUN_DIR [RUN_DIR ...] --out lr_cliff.png [--table]
 
 ``--table`` also prints, per run, a Markdown table at a few steps of what enters SpanNorm's N_2: the
-FFN branch as it is added to the skip (s·f; s·f/rms(f) under span_scale=norm) relative to the block input,
+FFN branch as it is added to the skip (s·f; s·f/rms(f) under model.span.scale=norm) relative to the block input,
 σ_l² = rms(s·f_l)² / rms(x_l)², and the skip-path gain it predicts, ∏_l (1 + σ_l²)^(-1/2) (SPANNORM.md).
 """
 

@@ -130,10 +130,10 @@ def post_block(x, block, cfg, i):
 
 def span_block(x, block, cfg, i):
     A, F, N = sublayers(block, cfg)
-    s = math.sqrt(cfg.span_c / cfg.n_layers) if cfg.span_scale.value in ("multiplier", "norm") else 1.0
+    s = math.sqrt(cfg.span.c / cfg.n_layers) if cfg.span.scale.value in ("multiplier", "norm") else 1.0
     y = N("norm1", x + A(x))
     f = F(y)
-    if cfg.span_scale.value == "norm":  # the branch RMS-normalized, no gain
+    if cfg.span.scale.value == "norm":  # the branch RMS-normalized, no gain
         f = rms_norm(f, 1.0, cfg.norm_eps)
     return N("norm2", x + s * f)
 
@@ -311,7 +311,7 @@ def lm_logits(idx, model, cfg):
     name = cfg.scheme.value
     eps = cfg.norm_eps
     x = model.embed.weight[idx]
-    if cfg.norm.value in ("dyt", "derf") and cfg.dyt_recipe.value == "llm":
+    if cfg.norm.value in ("dyt", "derf") and cfg.dyt.recipe.value == "llm":
         x = x * model.embed_scale
     if name in EMBED_NORM:
         x = norm(x, model.embed_norm, eps)

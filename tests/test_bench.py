@@ -18,9 +18,9 @@ def test_a_group_is_timed_together_and_hf_has_the_same_size_as_pre():
         assert r["tokens_per_s"] > 0 and r["step_s"] > 0
         assert {"impl", "scheme", "depth", "dtype", "compile", "tokens_per_s", "n_params"} <= set(r)
     assert rows[0]["n_params"] == rows[1]["n_params"]
-    # HF Llama keeps more activations for the backward than PreNorm. SpanNorm's default (span_scale=norm)
+    # HF Llama keeps more activations for the backward than PreNorm. SpanNorm's default (model.span.scale=norm)
     # keeps PreNorm's plus what its branch normalization saves: the FFN output in fp32 (autocast runs
-    # rms_norm in fp32) and its (B, T, 1) inverse RMS, per block (span_scale=init or multiplier: none)
+    # rms_norm in fp32) and its (B, T, 1) inverse RMS, per block (span.scale=init or multiplier: none)
     assert 0 < rows[0]["saved_mb"] < rows[1]["saved_mb"]
     B, T, d = STANDARD["batch_size"], STANDARD["seq_len"], STANDARD["d_model"]
     assert rows[2]["saved_mb"] - rows[0]["saved_mb"] == pytest.approx((B * T * d * 4 + B * T * 4) / 2**20, rel=1e-6)

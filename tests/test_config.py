@@ -38,11 +38,16 @@ def test_model_config_imports_neither_torch_nor_the_model():
         (dict(d_model=30, n_heads=4), "model.d_model=30 is invalid: expected a multiple of model.n_heads=4"),
         (dict(d_model=12, n_heads=4), "model.n_heads=4"),  # head size 3 is odd: RoPE needs even
         (dict(n_layers=0), "model.n_layers=0 is invalid: expected a positive integer"),
-        (dict(span_c=-1.0), "model.span_c=-1.0 is invalid: expected a positive number"),
-        (dict(span_scale="sqrt"), "model.span_scale='sqrt' is invalid: expected one of init, multiplier, norm, none"),
+        (dict(span={"c": -1.0}), "model.span.c=-1.0 is invalid: expected a positive number"),
+        (
+            dict(span={"scale": "sqrt"}),
+            "model.span.scale='sqrt' is invalid: expected one of init, multiplier, norm, none",
+        ),
         (dict(init="xavier"), "model.init='xavier' is invalid: expected one of recommended, shared"),
-        (dict(dyt_recipe="llama"), "model.dyt_recipe='llama' is invalid: expected one of plain, llm"),
-        (dict(dyt_alpha0_attn=0.0), "model.dyt_alpha0_attn=0.0 is invalid: expected a positive number"),
+        (dict(dyt={"recipe": "llama"}), "model.dyt.recipe='llama' is invalid: expected one of plain, llm"),
+        (dict(dyt={"alpha0_attn": 0.0}), "model.dyt.alpha0_attn=0.0 is invalid: expected a positive number"),
+        (dict(moe={"top_k": 0}), "model.moe.top_k=0 is invalid: expected a positive integer"),
+        (dict(moe=3), "model.moe=3 is invalid: expected a mapping of n_experts, top_k"),
     ],
 )
 def test_model_config_errors_name_field_value_and_valid(kwargs, fragment):
@@ -100,13 +105,21 @@ def test_every_option_is_declared_once_with_its_doc_and_shown(capsys):
     show` prints the resolved config as YAML that --config reads back, each field under its doc, and the --help of a
     command that takes --config lists every key with its doc and default."""
     import dataclasses
+    import typing
 
     from spannorm.cli import main
     from spannorm.config import described, parse_yaml, short
     from spannorm.data_config import DataConfig
-    from spannorm.run_config import RunConfig, TrainConfig
+    from spannorm.model_config import DyTConfig, MoEConfig, SpanConfig
+    from spannorm.run_config import GuardConfig, RunConfig, TrainConfig
 
-    for cls in (RunConfig, ModelConfig, DataConfig, TrainConfig):
+    def leaves(cls) -> int:  # the fields that hold a value, those of the option groups included
+        hints = typing.get_type_hints(cls)
+        return sum(
+            leaves(hints[f.name]) if dataclasses.is_dataclass(hints[f.name]) else 1 for f in dataclasses.fields(cls)
+        )
+
+    for cls in (RunConfig, ModelConfig, DataConfig, TrainConfig, MoEConfig, DyTConfig, SpanConfig, GuardConfig):
         undocumented = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("doc")]
         assert not undocumented, f"{cls.__name__}: fields without a doc: {undocumented}"
     argv = ["config", "show", "--config", "tiny", "--set", "train.lr=0.01", "--set", "model.norm_eps=1e-5"]
@@ -116,9 +129,7 @@ def test_every_option_is_declared_once_with_its_doc_and_shown(capsys):
     assert run_config_from_dict(parse_yaml(shown, "shown")) == cfg
     flat = " ".join(line.strip().lstrip("# ") for line in shown.splitlines())
     rows = described(cfg)
-    assert len(rows) == len(dataclasses.fields(ModelConfig)) + len(dataclasses.fields(DataConfig)) + len(
-        dataclasses.fields(TrainConfig)
-    )
+    assert len(rows) == leaves(RunConfig) == 33 + 7 + 36  # (model, data, train: every option, as before the groups)
     for key, _, doc in rows:
         assert f"{key.rsplit('.', 1)[1]}: " in shown and doc in flat, key
     with pytest.raises(SystemExit):

@@ -109,7 +109,7 @@ def test_update_ratio_matches_a_frozen_copy():
 
 
 def test_update_ratio_splits_fused_rows_and_finds_the_router():
-    model = tiny_model("pre", n_experts=4)
+    model = tiny_model("pre", moe={"n_experts": 4})
     d = model.cfg.d_model
     before = snapshot(model)
     with torch.no_grad():
@@ -182,7 +182,7 @@ def test_lr_cliff_plots_script(runs, tmp_path):
     )
     assert res.returncode == 0, res.stderr
     assert out.stat().st_size > 10_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the span run's table: Σ σ_l² = c = 1 under span_scale=norm (the default), whatever the weights did
+    # the span run's table: Σ σ_l² = c = 1 under model.span.scale=norm (the default), whatever the weights did
     span_rows = res.stdout.split("hybrid_untied:")[0].splitlines()
     rows = [line.split(" | ") for line in span_rows if line.startswith("| ") and line[2].isdigit()]
     assert rows and all(float(r[2]) == pytest.approx(1.0, abs=0.02) for r in rows)

@@ -203,7 +203,7 @@ def test_a_failing_torchrun_cell_is_reported_in_one_line(corpus, tmp_path, capsy
         {
             "base": "tiny",
             # every rank refuses the config: compile is not supported with MoE
-            "set": [f"data.corpus={corpus}", "train.distributed=ddp", "model.n_experts=2", "train.compile=true"],
+            "set": [f"data.corpus={corpus}", "train.distributed=ddp", "model.moe.n_experts=2", "train.compile=true"],
             "tokens_per_cell": 5120,
             "nproc_per_cell": 2,
             "grids": [{"name": "g", "axes": {"model.scheme": ["span"]}}],

@@ -83,7 +83,7 @@ def test_round_trip_through_export_to_llama(exported, corpus):
     overrides = model_overrides_from_llama(json.loads((folder / "config.json").read_text()))
     cfg = load_config("tiny", [f"data.corpus={corpus}", *overrides])  # (the tiny preset: scheme span, d_model 32)
     assert shape(cfg.model) == shape(source.model)
-    assert (cfg.model.scheme.value, cfg.model.norm.value, cfg.model.moe, use_final_norm(cfg.model)) == (
+    assert (cfg.model.scheme.value, cfg.model.norm.value, cfg.model.moe.enabled, use_final_norm(cfg.model)) == (
         "pre",
         "rms",
         False,

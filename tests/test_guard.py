@@ -27,7 +27,7 @@ def tiny(corpus, *more):
 
 
 def guarded(corpus, *more):
-    return tiny(corpus, "train.guard=true", "train.guard_window=8", *more)
+    return tiny(corpus, "train.guard.enabled=true", "train.guard.window=8", *more)
 
 
 @dataclass
@@ -92,7 +92,7 @@ def test_non_finite_step_is_skipped(corpus, tmp_path):
 
 
 def test_skip_streak_rolls_back_past_the_batches(corpus, tmp_path):
-    cfg = guarded(corpus, "train.guard_lr_factor=0.5")
+    cfg = guarded(corpus, "train.guard.lr_factor=0.5")
     faults = inject(cfg, {23: NAN, 24: NAN, 25: NAN})
     summary = train(cfg, tmp_path / "run", progress=False, parts=[faults])
     assert RunDir(tmp_path / "run").interventions() == [
@@ -114,7 +114,7 @@ def test_skip_streak_rolls_back_past_the_batches(corpus, tmp_path):
 
 
 def test_rollbacks_spent_make_the_run_diverged(corpus, tmp_path):
-    cfg = guarded(corpus, "train.guard_max_rollbacks=1", "train.guard_skip_limit=2")
+    cfg = guarded(corpus, "train.guard.max_rollbacks=1", "train.guard.skip_limit=2")
     faults = inject(cfg, {13: NAN, 14: NAN, 17: NAN, 18: NAN})  # after the rollback: steps 13, 14
     summary = train(cfg, tmp_path / "run", progress=False, parts=[faults])
     kinds = [(r["step"], r["kind"]) for r in RunDir(tmp_path / "run").interventions()]
@@ -148,12 +148,12 @@ def test_loss_spike_rolls_back(corpus, tmp_path):
     assert summary["finished"] and not summary["diverged"] and math.isfinite(summary["final_val_loss"])
     assert (summary["guard_skipped"], summary["guard_rollbacks"]) == (0, 1)
     # the spike check can be turned off
-    off = train(guarded(corpus, "train.guard_spike_z=0"), tmp_path / "off", progress=False)
+    off = train(guarded(corpus, "train.guard.spike_z=0"), tmp_path / "off", progress=False)
     assert RunDir(tmp_path / "off").interventions() == [] and off["guard_rollbacks"] == 0
 
 
 def test_resume_after_rollbacks_is_exact(corpus, tmp_path):
-    cfg = guarded(corpus, "train.guard_lr_factor=0.5")
+    cfg = guarded(corpus, "train.guard.lr_factor=0.5")
     # NaN in batches 23-25: rollback at step 25 to 20; a spike in batch 38, met at step 33: rollback to 30
     faults = [inject(cfg, {23: NAN, 24: NAN, 25: NAN, 38: 10.0})]
     full = train(cfg, tmp_path / "full", progress=False, parts=faults)
@@ -184,7 +184,7 @@ def test_guard_never_fires_on_a_healthy_run(corpus, tmp_path):
     """On the tiny preset (a window of 8 steps: the spike check runs from step 9 on) the guard changes nothing."""
     golden = ["model.scheme=pre", "model.tie_embeddings=true", "model.init_std=0.02", "train.max_steps=20"]
     golden += ["train.log_interval=5"]  # test_train.py's golden curve, its former recipe pinned
-    for name, more in (("off", []), ("on", ["train.guard=true", "train.guard_window=8"])):
+    for name, more in (("off", []), ("on", ["train.guard.enabled=true", "train.guard.window=8"])):
         summary = train(tiny(corpus, *golden, *more), tmp_path / name, progress=False)
     assert RunDir(tmp_path / "on").interventions() == []
     assert curve(tmp_path / "on") == curve(tmp_path / "off")  # exactly
@@ -199,15 +199,15 @@ def test_guard_never_fires_on_a_healthy_run(corpus, tmp_path):
 @pytest.mark.parametrize(
     "value",
     [
-        "train.guard=1",
-        "train.guard_skip_limit=0",
-        "train.guard_window=1",
-        "train.guard_spike_z=-1",
-        "train.guard_spike_z=.inf",
-        "train.guard_lr_factor=0",
-        "train.guard_lr_factor=1.5",
-        "train.guard_max_rollbacks=-1",
-        "train.guard_window=true",
+        "train.guard.enabled=1",
+        "train.guard.skip_limit=0",
+        "train.guard.window=1",
+        "train.guard.spike_z=-1",
+        "train.guard.spike_z=.inf",
+        "train.guard.lr_factor=0",
+        "train.guard.lr_factor=1.5",
+        "train.guard.max_rollbacks=-1",
+        "train.guard.window=true",
     ],
 )
 def test_bad_guard_values_are_refused(value):
@@ -225,7 +225,12 @@ def test_a_study_reports_the_guards_interventions(corpus, tmp_path, monkeypatch)
     study = study_from_dict(
         {
             "base": "tiny",
-            "set": [f"data.corpus={corpus}", "train.guard=true", "train.guard_window=8", "train.ckpt_interval=10"],
+            "set": [
+                f"data.corpus={corpus}",
+                "train.guard.enabled=true",
+                "train.guard.window=8",
+                "train.ckpt_interval=10",
+            ],
             "tokens_per_cell": 40 * 8 * 32,
             "probe": False,
             "grids": [

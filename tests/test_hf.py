@@ -11,14 +11,14 @@ from spannorm.model_config import Scheme
 hf = pytest.importorskip("spannorm.hf")
 hf_model = pytest.importorskip("spannorm.hf_model")
 
-MOE = {"n_experts": 4, "top_k": 2, "n_shared_experts": 1}
+MOE = {"moe": {"n_experts": 4, "top_k": 2, "n_shared_experts": 1}}
 # every scheme; one MoE model; the norms and the DyT LLM recipe (its embedding scale)
 VARIANTS = [(s.value, {}) for s in Scheme] + [
     ("span", MOE),
     ("pre", {"norm": "layer"}),
-    ("span", {"norm": "dyt", "dyt_recipe": "llm"}),
+    ("span", {"norm": "dyt", "dyt": {"recipe": "llm"}}),
     ("pre", {"qk_norm": "head"}),  # issue 31: Qwen3's axis
-    ("pre", {"norm": "derf", "dyt_recipe": "llm"}),  # issue 31: Derf
+    ("pre", {"norm": "derf", "dyt": {"recipe": "llm"}}),  # issue 31: Derf
     ("span", {"qk_norm": "all"}),  # OLMo 2's
     # issue 30: away from the base shape (attention scale sqrt(hd_b)/hd, logits × 1/m, completep's branches × L_b/L)
     ("pre", {"parametrization": "mup", "base_width": 16}),
@@ -54,15 +54,13 @@ def test_config_carries_every_model_field():
         n_heads=4,
         scheme="deepnorm",
         norm="layer",
-        n_experts=4,
-        top_k=1,
-        capacity_factor=1.5,
+        moe={"n_experts": 4, "top_k": 1, "capacity_factor": 1.5},
         final_norm=True,
         tie_embeddings=False,
         qk_norm="all",
     )
     config = hf.SpanNormConfig.from_model_config(cfg)
-    assert config.scheme == "deepnorm" and config.moe_top_k == 1 and config.hidden_size == 64
+    assert config.scheme == "deepnorm" and config.moe["top_k"] == 1 and config.hidden_size == 64
     assert hf.SpanNormConfig.from_dict(config.to_dict()).model_config() == cfg
 
 

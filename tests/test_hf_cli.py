@@ -19,7 +19,7 @@ from spannorm.train import train  # noqa: E402
 
 RUNS = {  # name -> overrides of the tiny preset
     "span": [],
-    "moe": ["model.n_experts=4", "model.top_k=2"],
+    "moe": ["model.moe.n_experts=4", "model.moe.top_k=2"],
     "pre": ["model.scheme=pre", "model.tie_embeddings=false"],  # untied head: lm_head.weight of its own
     "pre-bpe": ["model.scheme=pre", "data.tokenizer=bpe", "data.vocab_size=320"],  # tied head
 }
@@ -157,20 +157,21 @@ def test_export_to_llama_refuses_what_llama_cannot_express(runs, tmp_path, capsy
     "more",
     [
         {"norm": "layer"},
-        {"n_experts": 4},
+        {"moe": {"n_experts": 4}},
         {"final_norm": False},
-        {"norm": "dyt", "dyt_recipe": "llm"},
+        {"norm": "dyt", "dyt": {"recipe": "llm"}},
         {"qk_norm": "head"},
     ],
     ids=str,
 )
 def test_llama_refusal_names_the_option(more):
+    from spannorm.config import dotted
     from spannorm.hf import llama_refusal
     from spannorm.model import build_model
     from spannorm.model_config import ModelConfig
 
     reason = llama_refusal(build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, scheme="pre", **more)))
-    assert f"model.{next(iter(more))}=" in reason
+    assert f"model.{next(iter(dotted(more)))}=" in reason  # (a group's option: model.moe.n_experts)
     assert llama_refusal(build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2, scheme="pre"))) is None
 
 

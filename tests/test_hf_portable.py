@@ -58,7 +58,12 @@ def test_the_remote_modules_import_only_each_other():
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["model.n_experts=4", "model.top_k=2"], ["model.scheme=mhc", "model.hc_streams=3"], ["model.scheme=ngpt"]],
+    [
+        [],
+        ["model.moe.n_experts=4", "model.moe.top_k=2"],
+        ["model.scheme=mhc", "model.hc_streams=3"],
+        ["model.scheme=ngpt"],
+    ],
     ids=["span", "span-moe", "mhc", "ngpt"],  # (ngpt: its q/k, FFN and logit scales)
 )
 def test_an_export_loads_without_spannorm(corpus, tmp_path, overrides):

@@ -110,7 +110,7 @@ def test_aux_loss_matches_formula_on_hand_made_routing():
 
 def test_gradients_reach_the_router():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(d_model=32, n_heads=2, n_layers=2, n_experts=4, top_k=2))
+    model = build_model(ModelConfig(d_model=32, n_heads=2, n_layers=2, moe={"n_experts": 4, "top_k": 2}))
     idx = torch.randint(0, 256, (2, 16))
     router = model.blocks[0].ffn.router.weight
     _, loss = model(idx, idx)
@@ -128,7 +128,9 @@ def test_router_role_is_in_every_init_rule_and_every_scheme_builds():
     for scheme in Scheme:
         if scheme is Scheme.NGPT:  # (it refuses MoE in one line: tests/test_ngpt.py)
             continue
-        cfg = ModelConfig(d_model=32, n_heads=2, n_layers=4, scheme=scheme, n_experts=4, top_k=2, n_shared_experts=1)
+        cfg = ModelConfig(
+            d_model=32, n_heads=2, n_layers=4, scheme=scheme, moe={"n_experts": 4, "top_k": 2, "n_shared_experts": 1}
+        )
         model = build_model(cfg)
         for layer in range(4):
             rule = model.init_rule(layer)
@@ -143,10 +145,10 @@ def test_router_role_is_in_every_init_rule_and_every_scheme_builds():
 @pytest.mark.parametrize(
     "kw",
     [
-        dict(n_experts=8, top_k=2),
-        dict(n_experts=8, top_k=1),
-        dict(n_experts=4, top_k=4),
-        dict(n_experts=8, top_k=2, n_shared_experts=1),
+        dict(moe={"n_experts": 8, "top_k": 2}),
+        dict(moe={"n_experts": 8, "top_k": 1}),
+        dict(moe={"n_experts": 4, "top_k": 4}),
+        dict(moe={"n_experts": 8, "top_k": 2, "n_shared_experts": 1}),
     ],
 )
 @pytest.mark.parametrize("L", [4, 16])
@@ -154,7 +156,7 @@ def test_span_branch_rms_at_init_with_moe(kw, L):
     """SpanNorm's calibrated down-projection gives FFN branch RMS ≈ sqrt(c/L) with MoE, as dense."""
     torch.manual_seed(0)
     model = build_model(
-        ModelConfig(d_model=128, n_heads=4, n_layers=L, scheme="span", span_scale="init", span_c=2.0, **kw)
+        ModelConfig(d_model=128, n_heads=4, n_layers=L, scheme="span", span={"scale": "init", "c": 2.0}, **kw)
     )
     with torch.no_grad(), taps(model) as rec:
         model(torch.randint(0, 256, (4, 64)))
@@ -163,27 +165,41 @@ def test_span_branch_rms_at_init_with_moe(kw, L):
 
 
 def test_active_parameters_match_dense_by_default():
-    cfg = ModelConfig(d_model=256, n_heads=4, n_experts=8, top_k=2)
-    assert cfg.expert_dim * cfg.top_k == cfg.ffn_dim == 704
-    assert ModelConfig(d_model=256, n_heads=4, n_experts=8, top_k=1, n_shared_experts=2).expert_dim == 235
+    cfg = ModelConfig(d_model=256, n_heads=4, moe={"n_experts": 8, "top_k": 2})
+    assert cfg.expert_dim * cfg.moe.top_k == cfg.ffn_dim == 704
+    assert (
+        ModelConfig(d_model=256, n_heads=4, moe={"n_experts": 8, "top_k": 1, "n_shared_experts": 2}).expert_dim == 235
+    )
 
 
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [
-        (dict(n_experts=-1), "model.n_experts=-1 is invalid: expected an integer in [0, 4096]"),
-        (dict(n_experts=4, top_k=5), "model.top_k=5 is invalid: expected an integer in [1, n_experts=4]"),
-        (dict(n_experts=1), "model.top_k=2 is invalid: expected an integer in [1, n_experts=1]"),
-        (dict(top_k=0), "model.top_k=0 is invalid: expected a positive integer"),
-        (dict(n_experts=4, capacity_factor=0.0), "model.capacity_factor=0.0 is invalid: expected a positive number"),
+        (dict(moe={"n_experts": -1}), "model.moe.n_experts=-1 is invalid: expected an integer in [0, 4096]"),
         (
-            dict(n_experts=4, expert_d_ff=0),
-            "model.expert_d_ff=0 is invalid: expected a positive integer (at most 1,048,576) or null",
+            dict(moe={"n_experts": 4, "top_k": 5}),
+            "model.moe.top_k=5 is invalid: expected an integer in [1, n_experts=4]",
         ),
-        (dict(n_experts=4, moe_aux_coef=-0.1), "model.moe_aux_coef=-0.1 is invalid: expected a number >= 0"),
-        (dict(n_experts=4, moe_z_coef=float("nan")), "model.moe_z_coef=nan is invalid"),
-        (dict(n_shared_experts=1), "model.n_shared_experts=1 is invalid: expected 0 with model.n_experts=0"),
-        (dict(capacity_factor=1.25), "model.capacity_factor=1.25 is invalid: expected null with model.n_experts=0"),
+        (dict(moe={"n_experts": 1}), "model.moe.top_k=2 is invalid: expected an integer in [1, n_experts=1]"),
+        (dict(moe={"top_k": 0}), "model.moe.top_k=0 is invalid: expected a positive integer"),
+        (
+            dict(moe={"n_experts": 4, "capacity_factor": 0.0}),
+            "model.moe.capacity_factor=0.0 is invalid: expected a positive number",
+        ),
+        (
+            dict(moe={"n_experts": 4, "expert_d_ff": 0}),
+            "model.moe.expert_d_ff=0 is invalid: expected a positive integer (at most 1,048,576) or null",
+        ),
+        (dict(moe={"n_experts": 4, "aux_coef": -0.1}), "model.moe.aux_coef=-0.1 is invalid: expected a number >= 0"),
+        (dict(moe={"n_experts": 4, "z_coef": float("nan")}), "model.moe.z_coef=nan is invalid"),
+        (
+            dict(moe={"n_shared_experts": 1}),
+            "model.moe.n_shared_experts=1 is invalid: expected 0 with model.moe.n_experts=0",
+        ),
+        (
+            dict(moe={"capacity_factor": 1.25}),
+            "model.moe.capacity_factor=1.25 is invalid: expected null with model.moe.n_experts=0",
+        ),
     ],
 )
 def test_moe_config_errors_are_one_line(kwargs, fragment):
@@ -204,13 +220,15 @@ def test_moe_preset_error_through_cli(capsys, corpus, tmp_path):
                 "--out",
                 str(tmp_path / "r"),
                 "--set",
-                "model.top_k=9",
+                "model.moe.top_k=9",
             ]
         )
         == 2
     )
     err = capsys.readouterr().err
-    assert err.strip().count("\n") == 0 and "model.top_k=9 is invalid: expected an integer in [1, n_experts=4]" in err
+    assert (
+        err.strip().count("\n") == 0 and "model.moe.top_k=9 is invalid: expected an integer in [1, n_experts=4]" in err
+    )
 
 
 def test_dense_model_is_unchanged_by_moe_fields():
@@ -218,7 +236,7 @@ def test_dense_model_is_unchanged_by_moe_fields():
     torch.manual_seed(0)
     a = build_model(ModelConfig(d_model=32, n_heads=2, n_layers=2))
     torch.manual_seed(0)
-    b = build_model(ModelConfig(d_model=32, n_heads=2, n_layers=2, top_k=3, moe_aux_coef=1.0))
+    b = build_model(ModelConfig(d_model=32, n_heads=2, n_layers=2, moe={"top_k": 3, "aux_coef": 1.0}))
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert a.moe_terms() is None and a.moe_loss() == 0.0 and a.moe_stats() is None
 
@@ -234,8 +252,8 @@ def test_every_scheme_trains_with_moe(corpus, tmp_path, scheme):
             "train.log_interval=1",
             "train.eval_interval=30",
             "train.ckpt_interval=30",
-            "model.n_shared_experts=1",
-            "model.capacity_factor=1.5",
+            "model.moe.n_shared_experts=1",
+            "model.moe.capacity_factor=1.5",
         ],
     )
     summary = train(cfg, tmp_path / "run", progress=False)
@@ -263,7 +281,7 @@ def test_stats_in_metrics_diagnostics_and_probe(corpus, tmp_path):
                 "--set",
                 "train.probe_interval=10",
                 "--set",
-                "model.capacity_factor=1.0",
+                "model.moe.capacity_factor=1.0",
             ]
         )
         == 0
@@ -318,7 +336,7 @@ def test_stats_in_metrics_diagnostics_and_probe(corpus, tmp_path):
 def test_moe_presets_exist_and_train(corpus, tmp_path):
     assert {"moe-tiny", "moe-small"} <= set(preset_names())
     small = load_config("moe-small").model
-    assert (small.n_experts, small.top_k, small.d_model, small.n_layers) == (8, 2, 128, 8)
+    assert (small.moe.n_experts, small.moe.top_k, small.d_model, small.n_layers) == (8, 2, 128, 8)
     summary = train(load_config("moe-tiny", [f"data.corpus={corpus}"]), tmp_path / "run", progress=False)
     assert not summary["diverged"] and math.isfinite(summary["final_val_loss"])
 
@@ -332,7 +350,7 @@ def test_training_loss_includes_the_weighted_moe_terms(corpus, tmp_path):
         train(cfg, tmp_path / name, progress=False)
         return [r["loss"] for r in read_metrics(tmp_path / name)]
 
-    base, big = run("a"), run("b", "model.moe_aux_coef=10.0")
+    base, big = run("a"), run("b", "model.moe.aux_coef=10.0")
     assert base[0] == big[0]  # the first logged loss is the CE of the same initial model
     assert base[-1] != big[-1]
 

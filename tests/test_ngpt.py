@@ -113,7 +113,7 @@ def test_first_loss_is_near_ln_vocab():
 @pytest.mark.parametrize(
     ("more", "message"),
     [
-        ({"n_experts": 4}, "model.n_experts=4 is invalid: expected 0 with model.scheme=ngpt"),
+        ({"moe": {"n_experts": 4}}, "model.moe.n_experts=4 is invalid: expected 0 with model.scheme=ngpt"),
         ({"qk_norm": "all"}, "model.qk_norm='all' is invalid: expected none or null with model.scheme=ngpt"),
     ],
     ids=["moe", "qk_norm"],

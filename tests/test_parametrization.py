@@ -34,7 +34,7 @@ def effective(model, t: TrainConfig) -> dict[str, tuple[float, float, float]]:
 @pytest.mark.parametrize("scheme", SCHEMES + ["pre-moe"])
 @pytest.mark.parametrize("parametrization", ["mup", "completep"])
 def test_at_the_base_shape_every_parametrization_is_the_standard_model(scheme, parametrization):
-    moe = {"n_experts": 4, "top_k": 2} if scheme.endswith("-moe") else {}
+    moe = {"moe": {"n_experts": 4, "top_k": 2}} if scheme.endswith("-moe") else {}
     standard = config(scheme=scheme.removesuffix("-moe"), **moe)
     other = config(scheme=standard.scheme, parametrization=parametrization, base_width=64, base_depth=4, **moe)
     models = []
@@ -63,8 +63,8 @@ def rms_of(model, role: Role) -> float:
 def test_mup_carries_the_base_recipe_by_the_table(scheme):
     """At m = 4: hidden stds × 1/2 (FFN down: sqrt of its fan-in ratio), the embedding's unchanged; hidden lr × r,
     decay / r, ε × r; embedding, norms: the base lr; attention logits × sqrt(hd_b)/hd, the logits × 1/m."""
-    base = config(scheme=scheme, n_experts=4, top_k=2)
-    wide = config(scheme=scheme, d_model=256, parametrization="mup", base_width=64, n_experts=4, top_k=2)
+    base = config(scheme=scheme, moe={"n_experts": 4, "top_k": 2})
+    wide = config(scheme=scheme, d_model=256, parametrization="mup", base_width=64, moe={"n_experts": 4, "top_k": 2})
     assert recipe_config(wide).d_model == 64 and recipe_config(wide).ffn_dim == base.ffn_dim
     rule, carried = weight_stds(base, 0), weight_stds(wide, 0)
     for role in (Role.ATTN_QK, Role.ATTN_V, Role.ATTN_OUT, Role.FFN_UP):
@@ -119,7 +119,7 @@ def test_completep_multiplies_each_branch_and_keeps_the_recipe_of_the_base_depth
     [
         ({"scheme": "ngpt", "parametrization": "mup"}, "model.parametrization"),
         ({"scheme": "mhc", "parametrization": "completep"}, "model.parametrization"),
-        ({"norm": "dyt", "dyt_recipe": "llm", "parametrization": "mup"}, "model.parametrization"),
+        ({"norm": "dyt", "dyt": {"recipe": "llm"}, "parametrization": "mup"}, "model.parametrization"),
         ({"parametrization": "mup", "base_width": 36}, "model.base_width"),
         ({"parametrization": "mup", "base_width": 0}, "model.base_width"),
         ({"parametrization": "muP"}, "model.parametrization"),

@@ -134,7 +134,7 @@ def test_hybrid_star_has_an_input_norm_only_in_block_0():
 
 
 def test_dyt_alpha0():
-    m = model("pre", 2, norm="dyt", dyt_alpha0=0.8)
+    m = model("pre", 2, norm="dyt", dyt={"alpha0": 0.8})
     assert m.blocks[0].norm1.alpha.item() == pytest.approx(0.8)
 
 
@@ -158,27 +158,27 @@ def dyts(m):
 
 @pytest.mark.parametrize("scheme", ATTN_INPUT)
 def test_dyt_llm_recipe_alpha0_per_site(scheme):
-    m = model(scheme, 4, norm="dyt", dyt_recipe="llm", dyt_alpha0_attn=0.9, dyt_alpha0_other=0.1)
+    m = model(scheme, 4, norm="dyt", dyt={"recipe": "llm", "alpha0_attn": 0.9, "alpha0_other": 0.1})
     found = dyts(m)
     assert set(found) >= ATTN_INPUT[scheme] and len(found) > len(ATTN_INPUT[scheme])
     got = {name: d.alpha.item() for name, d in found.items()}
     want = {name: 0.9 if name in ATTN_INPUT[scheme] else 0.1 for name in found}
     assert got == pytest.approx(want)
-    plain = model(scheme, 4, norm="dyt", dyt_alpha0=0.3)  # today's recipe: one α₀ everywhere
+    plain = model(scheme, 4, norm="dyt", dyt={"alpha0": 0.3})  # today's recipe: one α₀ everywhere
     assert all(d.alpha.item() == pytest.approx(0.3) for d in dyts(plain).values())
 
 
 def test_dyt_llm_recipe_defaults_are_the_authors_7b_values():
-    cfg = ModelConfig(norm="dyt", dyt_recipe="llm")
-    assert (cfg.dyt_alpha0_attn, cfg.dyt_alpha0_other) == (0.8, 0.2)
-    m = model("pre", 2, norm="dyt", dyt_recipe="llm")
+    cfg = ModelConfig(norm="dyt", dyt={"recipe": "llm"})
+    assert (cfg.dyt.alpha0_attn, cfg.dyt.alpha0_other) == (0.8, 0.2)
+    m = model("pre", 2, norm="dyt", dyt={"recipe": "llm"})
     assert m.blocks[1].norm1.alpha.item() == pytest.approx(0.8)
     assert m.blocks[1].norm2.alpha.item() == pytest.approx(0.2) and m.final_norm.alpha.item() == pytest.approx(0.2)
 
 
 @pytest.mark.parametrize("scheme", ["pre", "span"])
 def test_dyt_llm_recipe_has_no_bias(scheme):
-    m = model(scheme, 2, norm="dyt", dyt_recipe="llm")
+    m = model(scheme, 2, norm="dyt", dyt={"recipe": "llm"})
     assert dyts(m) and all(d.bias is None for d in dyts(m).values())
     assert not any(n.endswith("bias") for n, _ in m.named_parameters())
     assert all(d.bias is not None for d in dyts(model(scheme, 2, norm="dyt")).values())  # plain keeps β
@@ -186,7 +186,7 @@ def test_dyt_llm_recipe_has_no_bias(scheme):
 
 @pytest.mark.parametrize("scheme", ["pre", "span"])  # span: the scalar comes before the embedding norm
 def test_dyt_llm_recipe_embedding_scalar(scheme):
-    m = model(scheme, 2, norm="dyt", dyt_recipe="llm")
+    m = model(scheme, 2, norm="dyt", dyt={"recipe": "llm"})
     assert m.embed_scale.shape == (1,) and m.embed_scale.item() == pytest.approx(math.sqrt(D))
     assert any(p is m.embed_scale for p in m.parameters())  # learnable
     idx = torch.randint(0, m.cfg.vocab_size, (2, 8))
@@ -195,9 +195,9 @@ def test_dyt_llm_recipe_embedding_scalar(scheme):
         m.embed_scale.fill_(0.5 * math.sqrt(D))
         after = m(idx)[0]
     assert (after - before).abs().max() > 1e-3
-    # plain DyT and the other norm types have no scalar (dyt_recipe only concerns DyT)
+    # plain DyT and the other norm types have no scalar (model.dyt.recipe only concerns DyT)
     assert model(scheme, 2, norm="dyt").embed_scale is None
-    assert model(scheme, 2, norm="rms", dyt_recipe="llm").embed_scale is None
+    assert model(scheme, 2, norm="rms", dyt={"recipe": "llm"}).embed_scale is None
 
 
 @pytest.mark.parametrize("scheme", [s.value for s in Scheme])

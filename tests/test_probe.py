@@ -36,7 +36,7 @@ def probed(scheme, L, d=64, seed=0, **kw):
 @pytest.mark.parametrize("span_scale", ["norm", "multiplier", "init"])
 @pytest.mark.parametrize("L", [4, 8, 16])
 def test_span_with_scaling_matches_theory_and_stays_bounded(L, span_scale):
-    r = probed("span", L, span_scale=span_scale)
+    r = probed("span", L, span={"scale": span_scale})
     assert r["skip_gain_measured"] == pytest.approx(r["skip_gain_theory"], rel=0.05)
     assert 0.5 <= r["full_gain_measured"] <= 2.0
     assert 0.2 <= r["grad_ratio_first_last"] <= 5.0
@@ -44,7 +44,7 @@ def test_span_with_scaling_matches_theory_and_stays_bounded(L, span_scale):
 
 
 def test_span_without_scaling_loses_the_skip_path():
-    shallow, deep = probed("span", 4, span_scale="none"), probed("span", 16, span_scale="none")
+    shallow, deep = probed("span", 4, span={"scale": "none"}), probed("span", 16, span={"scale": "none"})
     # σ² ≈ 1 per block: the gain falls by about 2^(-1/2) per block, 2^(-6) = 1/64 over 12 more blocks
     assert deep["skip_gain_measured"] < shallow["skip_gain_measured"] / 30
     assert deep["grad_ratio_first_last"] > 5.0

@@ -9,7 +9,7 @@ from spannorm.study.plots import plot_ablation
 from spannorm.study.results import SeedGroup
 
 LO, HI = 1e-3, 1e-2
-DEFAULT = "span span_scale=norm span_c=1"  # the default span (model_config's span_scale and span_c)
+DEFAULT = "span span_scale=norm span_c=1"  # the default span (model_config's span.scale and span.c)
 
 
 def study(corpus, scalings=("init", "multiplier")):
@@ -25,7 +25,7 @@ def study(corpus, scalings=("init", "multiplier")):
                 "name": "abl",
                 "axes": {
                     "model.scheme": ["span"],
-                    "model.span_scale": list(scalings),
+                    "model.span_scale": list(scalings),  # (the old flat keys, as the committed lr study: still read)
                     "model.n_layers": [3],
                     "train.lr": lrs,
                     "train.seed": [1],
@@ -69,7 +69,7 @@ def made_up_rows(cells, seed2_delta=0.2):
     rows = []
     for c in cells:
         m, t = c.cfg.model, c.cfg.train
-        v = VALS[(m.scheme.value, m.span_scale.value, m.n_experts > 0)][0 if t.lr < 5e-3 else 1]
+        v = VALS[(m.scheme.value, m.span.scale.value, m.moe.enabled)][0 if t.lr < 5e-3 else 1]
         v += seed2_delta if t.seed == 2 else 0.0
         rows.append({"status": "stalled" if v > 3.2 else "ok", "final_val_loss": v})
     return rows

@@ -17,9 +17,9 @@ NORMS = {
     "rms": dict(norm="rms"),
     "layer": dict(norm="layer"),
     "dyt": dict(norm="dyt"),
-    "dyt_llm": dict(norm="dyt", dyt_recipe="llm"),
+    "dyt_llm": dict(norm="dyt", dyt={"recipe": "llm"}),
     "derf": dict(norm="derf"),
-    "derf_llm": dict(norm="derf", dyt_recipe="llm"),
+    "derf_llm": dict(norm="derf", dyt={"recipe": "llm"}),
 }
 # The model is float64 but its RoPE tables are float32 (as in every LM), hence 1e-6, not 1e-12;
 # a wrong equation is off by O(1).
@@ -154,14 +154,14 @@ def test_qk_norm_is_refused_where_q_k_v_are_already_normalized(scheme):
 
 @pytest.mark.parametrize("span_scale", ["init", "multiplier", "norm", "none"])
 def test_span_logits_match_equation_for_each_scaling(span_scale):
-    cfg = tiny("span", span_scale=span_scale, span_c=2.0)
+    cfg = tiny("span", span={"scale": span_scale, "c": 2.0})
     model = randomized(cfg, seed=1)
     idx = torch.randint(0, cfg.vocab_size, (2, 6))
     torch.testing.assert_close(model(idx)[0], reference.lm_logits(idx, model, cfg), **TOL)
 
 
 def test_span_multiplier_is_applied():
-    cfg = tiny("span", span_scale="multiplier", span_c=2.0, n_layers=8)
+    cfg = tiny("span", span={"scale": "multiplier", "c": 2.0}, n_layers=8)
     assert cfg.n_layers == 8
     model = build_model(cfg)
     assert all(b.s == pytest.approx(math.sqrt(2.0 / 8)) for b in model.blocks)
@@ -213,7 +213,7 @@ def _ffn_branch_rms(cfg, seed=0):
     model = build_model(cfg)
     seen = []
 
-    def branch(b, o):  # s·f as it enters N_2 (normalized first under span_scale=norm)
+    def branch(b, o):  # s·f as it enters N_2 (normalized first under span.scale=norm)
         return b.s * (torch.nn.functional.rms_norm(o, o.shape[-1:], eps=b.eps) if b.branch_norm else o)
 
     hooks = [
@@ -231,18 +231,20 @@ def _ffn_branch_rms(cfg, seed=0):
 @pytest.mark.parametrize("span_scale", ["init", "multiplier", "norm"])
 @pytest.mark.parametrize("L", [4, 16, 64])
 def test_span_branch_rms_is_sqrt_c_over_L_at_init(L, span_scale, c):
-    cfg = ModelConfig(vocab_size=256, d_model=64, n_heads=4, n_layers=L, scheme="span", span_scale=span_scale, span_c=c)
+    cfg = ModelConfig(
+        vocab_size=256, d_model=64, n_heads=4, n_layers=L, scheme="span", span={"scale": span_scale, "c": c}
+    )
     rms = _ffn_branch_rms(cfg)
     assert rms == pytest.approx(math.sqrt(c / L), rel=0.1)
 
 
 def test_span_norm_keeps_the_branch_at_sqrt_c_over_L_whatever_the_weights():
-    """span_scale=norm: growing the FFN weights (what Adam does above the cliff) changes nothing:
+    """span.scale=norm: growing the FFN weights (what Adam does above the cliff) changes nothing:
     the block output is invariant to the scale of W_down, and the branch entering N_2 stays at
     RMS sqrt(c/L); under multiplier the same growth takes the branch with it."""
     outputs = {}
     for span_scale in ("norm", "multiplier"):
-        cfg = ModelConfig(vocab_size=256, d_model=64, n_heads=4, n_layers=16, scheme="span", span_scale=span_scale)
+        cfg = ModelConfig(vocab_size=256, d_model=64, n_heads=4, n_layers=16, scheme="span", span={"scale": span_scale})
         torch.manual_seed(0)
         block = build_model(cfg).blocks[3]
         rope = rope_cache(8, cfg.d_model // cfg.n_heads, cfg.rope_theta)
@@ -254,14 +256,14 @@ def test_span_norm_keeps_the_branch_at_sqrt_c_over_L_whatever_the_weights():
     torch.testing.assert_close(outputs["norm"][1], outputs["norm"][0], rtol=1e-5, atol=1e-5)
     assert (outputs["multiplier"][1] - outputs["multiplier"][0]).abs().max() > 0.1
     rms = _ffn_branch_rms(
-        ModelConfig(vocab_size=256, d_model=64, n_heads=4, n_layers=16, scheme="span", span_scale="norm", span_c=2.0)
+        ModelConfig(vocab_size=256, d_model=64, n_heads=4, n_layers=16, scheme="span", span={"scale": "norm", "c": 2.0})
     )
     assert rms == pytest.approx(math.sqrt(2.0 / 16), rel=1e-3)
 
 
 @pytest.mark.parametrize("L", [4, 64])
 def test_span_without_scaling_has_unit_branch(L):
-    cfg = ModelConfig(vocab_size=256, d_model=64, n_heads=4, n_layers=L, scheme="span", span_scale="none")
+    cfg = ModelConfig(vocab_size=256, d_model=64, n_heads=4, n_layers=L, scheme="span", span={"scale": "none"})
     assert _ffn_branch_rms(cfg) == pytest.approx(1.0, rel=0.1)
 
 
@@ -291,7 +293,7 @@ def test_init_rules(L):
     post = stds(ModelConfig(d_model=d, n_layers=L, scheme="post", init_std=0.02))
     assert all(v == pytest.approx(0.02, rel=0.05) for v in post.values())
     for span_scale, target in (("init", math.sqrt(1 / L)), ("norm", 1.0), ("multiplier", 1.0)):
-        span = stds(ModelConfig(d_model=d, n_layers=L, scheme="span", span_scale=span_scale))
+        span = stds(ModelConfig(d_model=d, n_layers=L, scheme="span", span={"scale": span_scale}))
         assert span[Role.ATTN_QK] == pytest.approx(d**-0.5, rel=0.05)
         # attention out: RMS d·σ_v·σ_out = target (sqrt(1/L) or 1) for an identity mixing
         assert span[Role.ATTN_OUT] == pytest.approx(target / (d * d**-0.5), rel=0.05)

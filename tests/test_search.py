@@ -249,7 +249,7 @@ def test_fair_verdicts_compare_confirmed_bests_by_the_study_rules(corpus, tmp_pa
 def test_the_moe_claim_is_judged_on_the_moe_points(corpus, tmp_path):
     from spannorm.study.verdicts import verdicts_report
 
-    data = search_study(corpus, warm_start="model.n_experts")
+    data = search_study(corpus, warm_start="model.n_experts")  # (the old flat key, as fair-study.yaml: still read)
     data["grids"][0]["axes"] = {
         "model.scheme": ["span", "pre"],
         "model.n_experts": [0, 2],

@@ -54,7 +54,7 @@ def small_study(corpus, **changes):
                     "model.n_layers": [3],
                     "train.lr": [1e-2],
                     "train.seed": [1],
-                    "model.span_scale": ["norm", "none"],
+                    "model.span.scale": ["norm", "none"],
                 },
             },
         ],
@@ -92,8 +92,8 @@ def test_expand_grid_dedup_names_and_steps(corpus):
         "span_L3_lr0.01_s1_span_scale-none",
     ]
     shared = cells[names.index("span_L3_lr0.01_s1")]
-    assert shared.grids == ["main", "abl"] and shared.extras == {} and shared.axes["model.span_scale"] == "norm"
-    assert cells[-1].extras == {"model.span_scale": "none"} and cells[-1].series == "span span_scale=none"
+    assert shared.grids == ["main", "abl"] and shared.extras == {} and shared.axes["model.span.scale"] == "norm"
+    assert cells[-1].extras == {"model.span.scale": "none"} and cells[-1].series == "span span_scale=none"
     assert all(c.cfg.train.max_steps == 10 for c in cells)
     # a batch-size axis changes the step count, not the token budget
     data = small_study(corpus, grids=[{"name": "g", "axes": {"train.batch_size": [4, 8]}}])
@@ -106,8 +106,11 @@ def test_shipped_studies_expand_and_are_not_presets(tmp_path):
     ref = expand(plan_study(load_study("reference")))
     assert len(ref) == 8 * 3 * 2 * 2 + 2 * 9 - 2 + 2 * 2 * 2 * 2
     assert {c.cfg.model.d_model for c in ref} == {64} and {c.cfg.train.max_steps for c in ref} == {256}
-    assert {c.cfg.model.n_layers for c in ref if c.extras and not c.cfg.model.moe} == {48}
-    assert {(c.cfg.model.n_layers, c.cfg.model.n_experts) for c in ref if c.cfg.model.moe} == {(6, 8), (24, 8)}
+    assert {c.cfg.model.n_layers for c in ref if c.extras and not c.cfg.model.moe.enabled} == {48}
+    assert {(c.cfg.model.n_layers, c.cfg.model.moe.n_experts) for c in ref if c.cfg.model.moe.enabled} == {
+        (6, 8),
+        (24, 8),
+    }
     assert len(expand(plan_study(load_study("tiny")))) == 3 * 2 * 2 * 2 + 4 * 3 * 2 - 2
     for name in study_names():  # every shipped study's first cells are valid (a typo shows here, not hours in)
         plan = plan_study(load_study(name))
@@ -130,7 +133,7 @@ def test_study_runs_writes_outputs_and_reuses(corpus, tmp_path, capsys):
     rows = read_csv(out / "results.csv")
     assert [r["name"] for r in rows][-1] == "span_L3_lr0.01_s1_span_scale-none"
     assert len(rows) == 9 and {r["steps"] for r in rows} == {"10"} and {r["tokens"] for r in rows} == {"2560"}
-    assert rows[6]["grid"] == "main+abl" and rows[-1]["model.span_scale"] == "none"
+    assert rows[6]["grid"] == "main+abl" and rows[-1]["model.span.scale"] == "none"
     for r in rows:
         assert r["diverged"] == "False" and 2.0 < float(r["final_val_loss"]) < 5.0
         assert float(r["wall_s"]) > 0 and int(r["n_params"]) > 0 and r["status"] in ("ok", "stalled")
@@ -499,7 +502,7 @@ def test_lr_sensitivity_names_the_scalings_that_train_at_the_high_lr(corpus):
     data = small_study(corpus)
     data["grids"][0]["axes"]["train.lr"] = [1e-3, 1e-2]
     data["grids"][1]["axes"]["train.lr"] = [1e-3, 1e-2]
-    data["grids"][1]["axes"]["model.span_c"] = [1.0, 4.0]
+    data["grids"][1]["axes"]["model.span.c"] = [1.0, 4.0]
     cells = expand(plan_study(study_from_dict(data)))
     val = {
         ("pre", "norm", 1.0): (2.0, 2.5),
@@ -511,7 +514,7 @@ def test_lr_sensitivity_names_the_scalings_that_train_at_the_high_lr(corpus):
     rows = []
     for c in cells:
         m = c.cfg.model
-        lo, hi = val[(m.scheme.value, m.span_scale.value, m.span_c)]
+        lo, hi = val[(m.scheme.value, m.span.scale.value, m.span.c)]
         v = lo if c.cfg.train.lr < 5e-3 else hi
         status = "diverged" if v is None else "stalled" if v > 3.2 else "ok"
         rows.append({"status": status, "final_val_loss": v})
@@ -525,7 +528,7 @@ def test_lr_sensitivity_names_the_scalings_that_train_at_the_high_lr(corpus):
     assert line["span span_scale=none span_c=4"].endswith("| div (1/1) | — | no |")
     assert "at most PreNorm's 2.500): `span span_scale=none span_c=1`. With span_scale=none, span_c is not used" in text
     # a cell not run yet: the answer says it is provisional
-    rows[[c.name for c in cells].index(next(c.name for c in cells if c.cfg.model.span_c == 4.0))]["status"] = "not run"
+    rows[[c.name for c in cells].index(next(c.name for c in cells if c.cfg.model.span.c == 4.0))]["status"] = "not run"
     assert "so far; some cells are not run yet." in lr_sensitivity(cells, rows)
     # no scaling axis, no section
     main_only = [(c, r) for c, r in zip(cells, rows) if "abl" not in c.grids]

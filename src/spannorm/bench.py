@@ -437,16 +437,16 @@ def markdown(result: dict) -> str:
 
 # --- MoE: an 8-expert top-2 model against a dense one with the same active parameters ---------
 
-MOE = dict(n_experts=8, top_k=2)  # expert width: the default, dense ffn_dim / top_k
+MOE = {"moe": {"n_experts": 8, "top_k": 2}}  # expert width: the default, dense ffn_dim / top_k
 
 
 def moe_fields(impl: str, d_model: int, n_heads: int) -> dict:
     """Extra ModelConfig fields of the MoE comparison's two impls ({} for the others)."""
     if impl == "spannorm-moe":
-        return dict(MOE)
+        return {"moe": dict(MOE["moe"])}
     if impl == "spannorm-moe-dense":  # dense d_ff = top_k × expert width: the MoE's active FFN
         moe = ModelConfig(d_model=d_model, n_heads=n_heads, **MOE)
-        return {"d_ff": moe.top_k * moe.expert_dim}
+        return {"d_ff": moe.moe.top_k * moe.expert_dim}
     return {}
 
 

@@ -227,8 +227,95 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+# --- the old flat keys ----------------------------------------------------------------------
+
+# a key from before the option groups (issue 27) -> its key in its group now. Config files, presets, --set, study
+# files, saved runs and exported folders written with the old keys are read through this table (upgrade_config,
+# upgrade_key); nothing is written with them. (An old key that names a group now, train.guard, is the old key
+# where its value is not a mapping.)
+LEGACY_KEYS = {
+    "model.dyt_alpha0": "model.dyt.alpha0",
+    "model.dyt_recipe": "model.dyt.recipe",
+    "model.dyt_alpha0_attn": "model.dyt.alpha0_attn",
+    "model.dyt_alpha0_other": "model.dyt.alpha0_other",
+    "model.span_scale": "model.span.scale",
+    "model.span_c": "model.span.c",
+    "model.n_experts": "model.moe.n_experts",
+    "model.top_k": "model.moe.top_k",
+    "model.n_shared_experts": "model.moe.n_shared_experts",
+    "model.expert_d_ff": "model.moe.expert_d_ff",
+    "model.capacity_factor": "model.moe.capacity_factor",
+    "model.moe_aux_coef": "model.moe.aux_coef",
+    "model.moe_z_coef": "model.moe.z_coef",
+    "train.guard": "train.guard.enabled",  # (before the other guard keys: they go into the mapping it becomes)
+    "train.guard_skip_limit": "train.guard.skip_limit",
+    "train.guard_spike_z": "train.guard.spike_z",
+    "train.guard_window": "train.guard.window",
+    "train.guard_lr_factor": "train.guard.lr_factor",
+    "train.guard_max_rollbacks": "train.guard.max_rollbacks",
+}
+_OLD_KEYS = {new: old for old, new in LEGACY_KEYS.items()}
+
+
+def upgrade_key(key: str) -> str:
+    """A config key as it is now: an old flat one (``model.span_scale``) is its group's (``model.span.scale``)."""
+    return LEGACY_KEYS.get(key, key)
+
+
+def legacy_key(key: str) -> str:
+    """A dotted config key as it was before the option groups (the key itself where it did not move)."""
+    return _OLD_KEYS.get(key, key)
+
+
+def upgrade_config(data: dict) -> dict:
+    """A run config mapping (model, data, train) with each value under an old flat key (:data:`LEGACY_KEYS`) moved to
+    its place in its group; one given under both its old and its new key is a one-line ConfigError naming both. The
+    mapping is not changed: what changes is copied."""
+    data = dict(data)
+    for old, new in LEGACY_KEYS.items():
+        section, name = old.split(".")
+        node = data.get(section)
+        if (
+            not isinstance(node, dict)
+            or name not in node
+            or (new.startswith(old + ".") and isinstance(node[name], dict))
+        ):
+            continue
+        _, group, leaf = new.split(".")
+        node = data[section] = dict(node)
+        value = node.pop(name)
+        members = node.get(group, {})
+        require(isinstance(members, dict), f"{section}.{group}", members, "a mapping")
+        if leaf in members:
+            raise ConfigError(f"{old} and {new} are the same option, given twice: give it once, as {new}")
+        node[group] = {**members, leaf: value}
+    return data
+
+
+def legacy_view(section: str, data: dict) -> dict:
+    """A section's mapping (``to_dict`` of a ModelConfig: section ``model``) as it was before the option groups:
+    each grouped value under its old flat key (what keys made then, such as an init probe cache's, are made of)."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and any(k.startswith(f"{section}.{key}.") for k in _OLD_KEYS):
+            flat |= {legacy_key(f"{section}.{key}.{leaf}").split(".", 1)[1]: v for leaf, v in value.items()}
+        else:
+            flat[key] = value
+    return flat
+
+
+def dotted(data: dict, prefix: str = "") -> dict:
+    """A nested mapping flattened: each value that is not a mapping under its dotted key (``{"span": {"c": 1}}``:
+    ``{"span.c": 1}``)."""
+    flat = {}
+    for key, value in data.items():
+        flat |= dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return flat
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``section.key=value`` strings to a nested dict; values are parsed as YAML (:func:`parse_yaml`)."""
+    """Apply ``section.key=value`` strings to a nested dict; values are parsed as YAML (:func:`parse_yaml`). An old
+    flat key is its group's now (:func:`upgrade_key`): give ``data`` upgraded (:func:`upgrade_config`)."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -237,6 +324,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             value = parse_yaml(raw, f"--set {key}") if raw != "" else ""
         except yaml.YAMLError:  # (not YAML: the text itself)
             value = raw
+        key = key if isinstance(value, dict) else upgrade_key(key)  # (train.guard={...}: the group itself)
         node = data
         parts = key.split(".")
         for part in parts[:-1]:

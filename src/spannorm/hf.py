@@ -188,8 +188,8 @@ def llama_refusal(lm: LM) -> str | None:
         )
     if cfg.norm is not NormType.RMS:
         return f"model.norm={cfg.norm.value}: Llama's norm is RMSNorm (model.norm=rms)"
-    if cfg.moe:
-        return f"model.n_experts={cfg.n_experts}: Llama's FFN is one dense SwiGLU (model.n_experts=0)"
+    if cfg.moe.enabled:
+        return f"model.moe.n_experts={cfg.moe.n_experts}: Llama's FFN is one dense SwiGLU (model.moe.n_experts=0)"
     if use_qk_norm(cfg) is not QKNorm.NONE:
         return f"model.qk_norm={use_qk_norm(cfg).value}: Llama has no query or key norm (model.qk_norm=none)"
     if not use_final_norm(cfg):
@@ -315,7 +315,7 @@ def model_overrides_from_llama(config: dict, what: str = "config.json") -> list[
     tied = config.get("tie_word_embeddings", False)
     require(isinstance(tied, bool), f"{what}: tie_word_embeddings", tied, "true or false")
     model = (
-        {"scheme": Scheme.PRE.value, "norm": NormType.RMS.value, "n_experts": 0}
+        {"scheme": Scheme.PRE.value, "norm": NormType.RMS.value, "moe.n_experts": 0}
         | {ours: config[key] for key, ours in sizes.items()}
         | {ours: value for ours, (_, value) in numbers.items()}
         | {"tie_embeddings": tied}
@@ -381,7 +381,7 @@ def model_card(cfg, summary: dict | None, kind: str) -> str:
     and how well, and how to load and reproduce it. It names no local path (the corpus by its name only)."""
     m, block = cfg.model, SCHEMES[cfg.model.scheme]
     corpus = Path(cfg.data.corpus).name
-    moe = f", MoE: {m.n_experts} experts, top-{m.top_k}" if m.moe else ""
+    moe = f", MoE: {m.moe.n_experts} experts, top-{m.moe.top_k}" if m.moe.enabled else ""
     s = summary or {}
     trained = (
         f"{s['steps']:,} steps, {s['tokens']:,} tokens; final validation loss {s['final_val_loss']:.4f} nats/token"

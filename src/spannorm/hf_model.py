@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .config import to_dict
+from .config import LEGACY_KEYS, to_dict, upgrade_config
 from .model import LM
 from .model_config import ModelConfig
 from .schemes import use_tied_embeddings
@@ -25,33 +25,38 @@ from .schemes import use_tied_embeddings
 # the package's modules an exported folder copies beside this file (its remote code): this file's imports, closed
 REMOTE_MODULES = ("config", "device", "model_config", "layers", "moe", "parametrization", "schemes", "model")
 MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
-HF_NAMES = {"top_k": "moe_top_k"}  # ModelConfig field -> SpanNormConfig attribute (HF reads top_k as sampling's)
+# an attribute of a folder exported before the option groups -> its old flat ModelConfig key (LEGACY_KEYS): each of
+# those but top_k, which was moe_top_k (Hugging Face reads a top-level top_k as a sampling parameter)
+OLD_ATTRS = {("moe_top_k" if k == "model.top_k" else k[6:]): k[6:] for k in LEGACY_KEYS if k.startswith("model.")}
 # the cache's name in forward() and in the output: "cache" (transformers >= 5), "past_key_values" before
 CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class SpanNormConfig(PretrainedConfig):
-    """Every ``ModelConfig`` field as an attribute of the same name (``top_k``: ``moe_top_k``, since
-    Hugging Face reads ``top_k`` as a sampling parameter), enums as their strings; :meth:`model_config`
-    validates them back into a ``ModelConfig``."""
+    """Every ``ModelConfig`` field as an attribute of the same name, its option groups (``moe``, ``dyt``, ``span``)
+    as mappings, enums as their strings; :meth:`model_config` validates them back into a ``ModelConfig``. A
+    config.json exported before the groups (their fields flat: ``n_experts``, ``moe_top_k``, ``span_scale``) is read
+    as the same config."""
 
     model_type = "spannorm"
     attribute_map = {"hidden_size": "d_model", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads"}
 
     def __init__(self, **kwargs):
-        defaults = to_dict(ModelConfig())
-        for name in MODEL_FIELDS:
-            key = HF_NAMES.get(name, name)
-            setattr(self, key, to_dict(kwargs.pop(key, defaults[name])))
+        given = {OLD_ATTRS.get(k, k): kwargs.pop(k) for k in list(kwargs) if k in MODEL_FIELDS or k in OLD_ATTRS}
+        given = upgrade_config({"model": given})["model"]
+        for name, default in to_dict(ModelConfig()).items():
+            value = to_dict(given.get(name, default))
+            # (a group given in part: the rest at its defaults)
+            setattr(self, name, default | value if isinstance(default, dict) and isinstance(value, dict) else value)
         kwargs.setdefault("tie_word_embeddings", use_tied_embeddings(self.model_config()))  # (informative)
         super().__init__(**kwargs)
 
     @classmethod
     def from_model_config(cls, cfg: ModelConfig, **kwargs) -> SpanNormConfig:
-        return cls(**{HF_NAMES.get(name, name): value for name, value in to_dict(cfg).items()}, **kwargs)
+        return cls(**to_dict(cfg), **kwargs)
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig(**{name: getattr(self, HF_NAMES.get(name, name)) for name in MODEL_FIELDS})
+        return ModelConfig(**{name: getattr(self, name) for name in MODEL_FIELDS})
 
 
 @contextlib.contextmanager

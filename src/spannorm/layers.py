@@ -66,8 +66,8 @@ class Derf(nn.Module):
     "Stronger Normalization-Free Transformers", arXiv 2512.10938; their code, zlab-princeton/Derf at 8dd9ea3
     ``Dynamic_erf``: α₀ 0.5 by default; their GPT-2 patch of nanoGPT, ``language model/model_derf.patch``, sets α₀
     per site, attention input, FFN input and final norm, 1.0 each in its config (its README leaves the values to
-    the user), keeps β and scales the embedding by a learnable sqrt(d): here ``dyt_recipe=llm`` with
-    ``dyt_alpha0_attn=1`` and ``dyt_alpha0_other=1``, β kept)."""
+    the user), keeps β and scales the embedding by a learnable sqrt(d): here ``model.dyt.recipe=llm``
+    with ``alpha0_attn=1`` and ``alpha0_other=1``, β kept)."""
 
     def __init__(self, dim: int, alpha0: float):
         super().__init__()
@@ -144,18 +144,18 @@ NORMS = (RMSNorm, nn.LayerNorm, DyT, Derf)  # the modules make_norm builds
 def make_norm(cfg, dim: int | None = None, site: Site = Site.OTHER) -> nn.Module:
     """N(x) of type ``cfg.norm`` over the last dimension (``dim``, default ``cfg.d_model``).
 
-    ``site`` matters only to DyT and Derf under ``dyt_recipe=llm``: α₀ = ``dyt_alpha0_attn`` at the
-    attention-input site, ``dyt_alpha0_other`` elsewhere (DyT without bias); ``plain``: bias, α₀ = ``dyt_alpha0``."""
+    ``site`` matters only to DyT and Derf under ``model.dyt.recipe=llm``: α₀ = ``alpha0_attn`` at the
+    attention-input site, ``alpha0_other`` elsewhere (DyT without bias); ``plain``: bias, α₀ = ``alpha0``."""
     dim = cfg.d_model if dim is None else dim
     if cfg.norm is NormType.RMS:
         return RMSNorm(dim, eps=cfg.norm_eps)
     if cfg.norm is NormType.LAYER:
         return nn.LayerNorm(dim, eps=cfg.norm_eps)
-    if cfg.dyt_recipe is DyTRecipe.PLAIN:
-        return (Derf if cfg.norm is NormType.DERF else DyT)(dim, cfg.dyt_alpha0)
+    if cfg.dyt.recipe is DyTRecipe.PLAIN:
+        return (Derf if cfg.norm is NormType.DERF else DyT)(dim, cfg.dyt.alpha0)
     if cfg.norm is NormType.DERF:
-        return Derf(dim, cfg.dyt_alpha0_attn if site == Site.ATTN else cfg.dyt_alpha0_other)
-    return DyT(dim, cfg.dyt_alpha0_attn if site == Site.ATTN else cfg.dyt_alpha0_other, bias=False)
+        return Derf(dim, cfg.dyt.alpha0_attn if site == Site.ATTN else cfg.dyt.alpha0_other)
+    return DyT(dim, cfg.dyt.alpha0_attn if site == Site.ATTN else cfg.dyt.alpha0_other, bias=False)
 
 
 def rope_cache(

@@ -98,12 +98,12 @@ class LM(nn.Module):
         return (torch.stack([m.aux_loss for m in layers]).mean(), torch.stack([m.z_loss for m in layers]).mean())
 
     def moe_loss(self) -> torch.Tensor | float:
-        """moe_aux_coef · aux + moe_z_coef · z for the last forward; what the trainer adds to the
+        """moe.aux_coef · aux + moe.z_coef · z for the last forward; what the trainer adds to the
         cross-entropy it backpropagates (0.0 for a dense model)."""
         terms = self.moe_terms()
         if terms is None:
             return 0.0
-        return self.cfg.moe_aux_coef * terms[0] + self.cfg.moe_z_coef * terms[1]
+        return self.cfg.moe.aux_coef * terms[0] + self.cfg.moe.z_coef * terms[1]
 
     def moe_stats(self) -> list[dict] | None:
         """Per MoE layer, from the last forward: {layer, fraction, imbalance, dropped}; None if dense."""

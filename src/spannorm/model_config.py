@@ -10,7 +10,17 @@ import enum
 import math
 from dataclasses import dataclass
 
-from .config import POSITIVE_NUMBER, Bound, check_bounds, coerce_enum, is_int, is_number, option, require
+from .config import (
+    POSITIVE_NUMBER,
+    Bound,
+    check_bounds,
+    coerce_enum,
+    from_dict,
+    is_int,
+    is_number,
+    option,
+    require,
+)
 
 
 class Scheme(str, enum.Enum):
@@ -80,14 +90,14 @@ class DyTRecipe(str, enum.Enum):
     ``other_tasks/LLaMA``), read there: (1) the DyT module is γ·tanh(α·x), no β; (2) α₀ is set per
     site by three flags, attention-input norm, FFN-input norm and final norm, whose README commands
     give 0.8/0.2/0.2 (7B), 0.6/0.15/0.15 (13B), 0.2/0.05/0.05 (34B, 70B): FFN and final are always
-    equal, hence our two values ``dyt_alpha0_attn`` / ``dyt_alpha0_other``; (3) the embedding output is
+    equal, hence our two values ``model.dyt.alpha0_attn`` / ``alpha0_other``; (3) the embedding output is
     multiplied by a learnable scalar filled with sqrt(d). That α₀ should grow as the width shrinks is
     the paper's finding (not verified: we did not read the paper's text; the size table agrees).
     Our reading for sites LLaMA lacks: sublayer-output, stream, embedding and per-head q/k/v norms
     get α₀_other.
     """
 
-    PLAIN = "plain"  # γ·tanh(α·x) + β at every site, α₀ = dyt_alpha0
+    PLAIN = "plain"  # γ·tanh(α·x) + β at every site, α₀ = model.dyt.alpha0
     LLM = "llm"  # Zhu et al.'s LLaMA recipe: no β; α₀ per site; learnable scalar sqrt(d) on the embedding
 
 
@@ -116,6 +126,98 @@ EXPERTS = Bound(lambda v: is_int(v) and 0 <= v <= MAX_EXPERTS, f"an integer in [
 
 
 @dataclass
+class DyTConfig:
+    """``model.dyt``: the α₀ of the dyt and derf norm types and their recipe (:class:`DyTRecipe`)."""
+
+    alpha0: float = option(0.5, "initial α of the dyt and derf norm types (recipe=plain)", POSITIVE_NUMBER)
+    recipe: DyTRecipe = option(
+        DyTRecipe.PLAIN,
+        "norm=dyt or derf only: plain (γ·tanh(α·x) + β, α₀ = alpha0 at every site) or llm (Zhu et al.'s LLaMA "
+        "recipe: no β, α₀ per site, a learnable scalar sqrt(d) after the embedding; derf keeps β); no effect "
+        "otherwise",
+    )
+    # (the defaults: the authors' LLaMA2-7B values; 13B: 0.6/0.15; 34B, 70B: 0.2/0.05. Our models are far narrower,
+    # and the authors found α₀ should grow as the width shrinks (the paper; not verified here): likely too small)
+    alpha0_attn: float = option(
+        0.8, "recipe=llm: α₀ of the attention-input DyT (the authors' LLaMA2-7B value)", POSITIVE_NUMBER
+    )
+    alpha0_other: float = option(
+        0.2, "recipe=llm: α₀ of every other DyT (the authors' LLaMA2-7B value)", POSITIVE_NUMBER
+    )
+
+    def __post_init__(self):
+        self.recipe = coerce_enum(DyTRecipe, "model.dyt.recipe", self.recipe)
+        check_bounds(self, "model.dyt")
+
+
+@dataclass
+class SpanConfig:
+    """``model.span``: how SpanNorm (scheme span) scales its branch (see SPANNORM.md, "The scaling strategy")."""
+
+    scale: SpanScale = option(SpanScale.NORM, "SpanNorm scaling: norm, multiplier, init or none (docs/spannorm-lr.md)")
+    c: float = option(1.0, "SpanNorm's c: target branch variance c/L", POSITIVE_NUMBER)
+
+    def __post_init__(self):
+        self.scale = coerce_enum(SpanScale, "model.span.scale", self.scale)
+        check_bounds(self, "model.span")
+
+
+@dataclass
+class MoEConfig:
+    """``model.moe``: the FFN of every block as a mixture of experts (n_experts >= 1), or dense (0)."""
+
+    n_experts: int = option(0, "0: dense SwiGLU FFN; >= 1: MoE FFN with this many routed experts", EXPERTS)
+    top_k: int = option(2, "routed experts per token (at most n_experts)")
+    n_shared_experts: int = option(0, "experts every token passes through, besides the routed ones", EXPERTS)
+    expert_d_ff: int | None = option(
+        None,
+        "hidden width of one expert; None: ceil(ffn_dim / (top_k + n_shared_experts))",
+        SIZE_OR_NULL,
+    )
+    capacity_factor: float | None = option(
+        None,
+        "None: dropless; c: an expert takes at most ceil(c·N·k/E) assignments",
+        Bound(lambda v: v is None or (is_number(v) and v > 0), "a positive number or null (dropless)"),
+    )
+    aux_coef: float = option(
+        0.01,
+        "weight of the load-balancing loss E·Σ f_i·P_i (mean over MoE layers)",
+        Bound(lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    )
+    z_coef: float = option(
+        0.001,
+        "weight of the router z-loss mean(logsumexp(logits)²) (mean over MoE layers)",
+        Bound(lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    )
+
+    def __post_init__(self):
+        check_bounds(self, "model.moe")
+        if self.n_experts == 0:
+            for name in ("n_shared_experts", "expert_d_ff", "capacity_factor"):
+                value = getattr(self, name)
+                require(
+                    value in (0, None),
+                    f"model.moe.{name}",
+                    value,
+                    f"{'0' if name == 'n_shared_experts' else 'null'} with model.moe.n_experts=0 (dense FFN)",
+                )
+        require(
+            is_int(self.top_k) and 1 <= self.top_k <= (self.n_experts or self.top_k),
+            "model.moe.top_k",
+            self.top_k,
+            f"an integer in [1, n_experts={self.n_experts}]" if self.enabled else "a positive integer",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the FFN of every block is an MoE layer."""
+        return self.n_experts > 0
+
+
+GROUPS = {"dyt": DyTConfig, "span": SpanConfig, "moe": MoEConfig}  # ModelConfig's option groups: field -> class
+
+
+@dataclass
 class ModelConfig:
     # long: every option of the model, each declared once with its doc and bound, then their cross-field checks
     vocab_size: int = option(256, "number of token ids (256 for the byte tokenizer)", SIZE)
@@ -128,21 +230,7 @@ class ModelConfig:
     scheme: Scheme = option(Scheme.SPAN, "normalization placement (see `spannorm schemes`)")
     norm: NormType = option(NormType.RMS, "norm type N: rms, layer, dyt or derf")
     norm_eps: float = option(1e-6, "epsilon inside every rms/layer norm", POSITIVE_NUMBER)
-    dyt_alpha0: float = option(0.5, "initial α of the dyt and derf norm types (dyt_recipe=plain)", POSITIVE_NUMBER)
-    dyt_recipe: DyTRecipe = option(
-        DyTRecipe.PLAIN,
-        "norm=dyt or derf only: plain (γ·tanh(α·x) + β, α₀ = dyt_alpha0 at every site) or llm (Zhu et al.'s LLaMA "
-        "recipe: no β, α₀ per site, a learnable scalar sqrt(d) after the embedding; derf keeps β); no effect "
-        "otherwise",
-    )
-    # (the defaults: the authors' LLaMA2-7B values; 13B: 0.6/0.15; 34B, 70B: 0.2/0.05. Our models are far narrower,
-    # and the authors found α₀ should grow as the width shrinks (the paper; not verified here): likely too small)
-    dyt_alpha0_attn: float = option(
-        0.8, "dyt_recipe=llm: α₀ of the attention-input DyT (the authors' LLaMA2-7B value)", POSITIVE_NUMBER
-    )
-    dyt_alpha0_other: float = option(
-        0.2, "dyt_recipe=llm: α₀ of every other DyT (the authors' LLaMA2-7B value)", POSITIVE_NUMBER
-    )
+    dyt: DyTConfig = option(doc="the dyt and derf norm types' α₀ and recipe", factory=DyTConfig)
     final_norm: bool | None = option(None, "norm before the LM head; None: the scheme's default")
     tie_embeddings: bool | None = option(
         None,
@@ -171,11 +259,7 @@ class ModelConfig:
         "every weight std of the init rule × this (the fair study's init axis); norms untouched",
         POSITIVE_NUMBER,
     )
-    span_scale: SpanScale = option(
-        SpanScale.NORM,
-        "SpanNorm scaling: norm, multiplier, init or none (docs/spannorm-lr.md)",
-    )
-    span_c: float = option(1.0, "SpanNorm's c: target branch variance c/L", POSITIVE_NUMBER)
+    span: SpanConfig = option(doc="SpanNorm's branch scaling (scheme span)", factory=SpanConfig)
     deepscale_k: float = option(1.0, "DeepScaleLM's k: branch weight β² = k/L (at most L)", POSITIVE_NUMBER)
     hc_streams: int = option(
         4,
@@ -197,36 +281,15 @@ class ModelConfig:
     base_depth: int | None = option(
         None, "completep: the depth the lr and init were tuned at; null: n_layers (no effect otherwise)", SIZE_OR_NULL
     )
-    n_experts: int = option(0, "0: dense SwiGLU FFN; >= 1: MoE FFN with this many routed experts", EXPERTS)
-    top_k: int = option(2, "routed experts per token (at most n_experts)")
-    n_shared_experts: int = option(0, "experts every token passes through, besides the routed ones", EXPERTS)
-    expert_d_ff: int | None = option(
-        None,
-        "hidden width of one expert; None: ceil(ffn_dim / (top_k + n_shared_experts))",
-        SIZE_OR_NULL,
-    )
-    capacity_factor: float | None = option(
-        None,
-        "None: dropless; c: an expert takes at most ceil(c·N·k/E) assignments",
-        Bound(lambda v: v is None or (is_number(v) and v > 0), "a positive number or null (dropless)"),
-    )
-    moe_aux_coef: float = option(
-        0.01,
-        "weight of the load-balancing loss E·Σ f_i·P_i (mean over MoE layers)",
-        Bound(lambda v: is_number(v) and v >= 0, "a number >= 0"),
-    )
-    moe_z_coef: float = option(
-        0.001,
-        "weight of the router z-loss mean(logsumexp(logits)²) (mean over MoE layers)",
-        Bound(lambda v: is_number(v) and v >= 0, "a number >= 0"),
-    )
+    moe: MoEConfig = option(doc="mixture of experts: the FFN of every block (n_experts=0: dense)", factory=MoEConfig)
 
     def __post_init__(self):
+        for name, cls in GROUPS.items():  # (a group given as a mapping: its fields)
+            if not isinstance(getattr(self, name), cls):
+                setattr(self, name, from_dict(cls, getattr(self, name), f"model.{name}"))
         self.scheme = coerce_enum(Scheme, "model.scheme", self.scheme)
         self.norm = coerce_enum(NormType, "model.norm", self.norm)
         self.init = coerce_enum(InitMode, "model.init", self.init)
-        self.span_scale = coerce_enum(SpanScale, "model.span_scale", self.span_scale)
-        self.dyt_recipe = coerce_enum(DyTRecipe, "model.dyt_recipe", self.dyt_recipe)
         self.parametrization = coerce_enum(Parametrization, "model.parametrization", self.parametrization)
         if self.qk_norm is not None:
             self.qk_norm = coerce_enum(QKNorm, "model.qk_norm", self.qk_norm)
@@ -251,21 +314,6 @@ class ModelConfig:
             self.n_heads,
             f"a divisor of d_model={self.d_model} that leaves an even head size (RoPE)",
         )
-        if self.n_experts == 0:
-            for name in ("n_shared_experts", "expert_d_ff", "capacity_factor"):
-                value = getattr(self, name)
-                require(
-                    value in (0, None),
-                    f"model.{name}",
-                    value,
-                    f"{'0' if name == 'n_shared_experts' else 'null'} with model.n_experts=0 (dense FFN)",
-                )
-        require(
-            is_int(self.top_k) and 1 <= self.top_k <= (self.n_experts or self.top_k),
-            "model.top_k",
-            self.top_k,
-            f"an integer in [1, n_experts={self.n_experts}]" if self.moe else "a positive integer",
-        )
         depth = "n_layers" if self.recipe_depth == self.n_layers else "base_depth"
         require(
             self.deepscale_k <= self.recipe_depth,
@@ -286,8 +334,8 @@ class ModelConfig:
             not self.use_embed_scale,
             "model.parametrization",
             name,
-            f"standard with model.norm={self.norm.value} and model.dyt_recipe=llm (its sqrt(d) embedding scalar is a "
-            "width rule of its own; dyt_recipe=plain takes any)",
+            f"standard with model.norm={self.norm.value} and model.dyt.recipe=llm (its sqrt(d) embedding scalar is a "
+            "width rule of its own; recipe=plain takes any)",
         )
         width = self.recipe_width
         require(
@@ -308,9 +356,9 @@ class ModelConfig:
             "none or null with model.scheme=ngpt, whose attention already normalizes q and k (per head)",
         )
         require(
-            self.n_experts == 0,
-            "model.n_experts",
-            self.n_experts,
+            self.moe.n_experts == 0,
+            "model.moe.n_experts",
+            self.moe.n_experts,
             "0 with model.scheme=ngpt: nGPT's normalization is defined for dense matrices, not experts or a router",
         )
 
@@ -329,16 +377,11 @@ class ModelConfig:
         return self.n_layers
 
     @property
-    def moe(self) -> bool:
-        """Whether the FFN of every block is an MoE layer."""
-        return self.n_experts > 0
-
-    @property
     def expert_dim(self) -> int:
         """The hidden width of one expert (MoE models): active FFN parameters ≈ the dense model's."""
-        if self.expert_d_ff is not None:
-            return self.expert_d_ff
-        return math.ceil(self.ffn_dim / (self.top_k + self.n_shared_experts))
+        if self.moe.expert_d_ff is not None:
+            return self.moe.expert_d_ff
+        return math.ceil(self.ffn_dim / (self.moe.top_k + self.moe.n_shared_experts))
 
     @property
     def ffn_dim(self) -> int:
@@ -348,4 +391,4 @@ class ModelConfig:
     @property
     def use_embed_scale(self) -> bool:
         """Whether a learnable scalar, initialized to sqrt(d), multiplies the token embedding (DyT LLM recipe)."""
-        return self.norm in (NormType.DYT, NormType.DERF) and self.dyt_recipe is DyTRecipe.LLM
+        return self.norm in (NormType.DYT, NormType.DERF) and self.dyt.recipe is DyTRecipe.LLM

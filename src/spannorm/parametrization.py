@@ -70,14 +70,18 @@ def recipe_config(cfg: ModelConfig) -> ModelConfig:
         return None if width is None else max(1, round(width * d_b / cfg.d_model))
 
     return dataclasses.replace(
-        cfg, d_model=d_b, n_layers=cfg.recipe_depth, d_ff=scaled(cfg.d_ff), expert_d_ff=scaled(cfg.expert_d_ff)
+        cfg,
+        d_model=d_b,
+        n_layers=cfg.recipe_depth,
+        d_ff=scaled(cfg.d_ff),
+        moe=dataclasses.replace(cfg.moe, expert_d_ff=scaled(cfg.moe.expert_d_ff)),
     )
 
 
 def fan_in(cfg: ModelConfig, role: Role) -> int:
     """The fan-in of a weight of ``role``: the FFN width (one expert's) for FFN down, else d."""
     if role is Role.FFN_DOWN:
-        return cfg.expert_dim if cfg.moe else cfg.ffn_dim
+        return cfg.expert_dim if cfg.moe.enabled else cfg.ffn_dim
     return cfg.d_model
 
 

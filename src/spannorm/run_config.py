@@ -26,6 +26,7 @@ from .config import (
     read_yaml,
     require,
     to_dict,
+    upgrade_config,
     valid_device,
 )
 from .data_config import DataConfig, absolute_corpus
@@ -57,6 +58,37 @@ class Precision(str, enum.Enum):
 
     FP32 = "fp32"
     BF16 = "bf16"  # bf16 autocast (fast on CPUs with AMX)
+
+
+@dataclass
+class GuardConfig:
+    """``train.guard``: the training guard (``spannorm.train.TrainingGuard``), off unless enabled."""
+
+    enabled: bool = option(
+        False, "skip non-finite steps, roll back on repeated skips or a loss spike (off by default)", BOOL
+    )
+    skip_limit: int = option(3, "skipped (non-finite) steps in a row that make the guard roll back", int_at_least(1))
+    spike_z: float = option(
+        6.0,
+        "a loss this many standard deviations above the window's mean rolls back; 0: off",
+        Bound(lambda v: math.isfinite(v) and v >= 0, "a number >= 0 (0: no spike check)"),
+    )
+    window: int = option(
+        50,
+        "the losses (of steps taken) the spike's z-score is computed over; checked once full",
+        int_at_least(2),
+    )
+    lr_factor: float = option(
+        1.0,
+        "each rollback multiplies the learning rate (from then on) by this, in (0, 1]",
+        Bound(lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    )
+    max_rollbacks: int = option(
+        3, "rollbacks allowed in the run; then a skip streak makes the run diverged", int_at_least(0)
+    )
+
+    def __post_init__(self):
+        check_bounds(self, "train.guard")
 
 
 @dataclass
@@ -113,29 +145,8 @@ class TrainConfig:
         "the newest checkpoints kept (>= 2: a resume falls back to the previous one if the newest is damaged)",
         Bound(lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
     )
-    guard: bool = option(
-        False, "training guard: skip non-finite steps, roll back on repeated skips or a loss spike", BOOL
-    )
-    guard_skip_limit: int = option(
-        3, "skipped (non-finite) steps in a row that make the guard roll back", int_at_least(1)
-    )
-    guard_spike_z: float = option(
-        6.0,
-        "a loss this many standard deviations above the window's mean rolls back; 0: off",
-        Bound(lambda v: math.isfinite(v) and v >= 0, "a number >= 0 (0: no spike check)"),
-    )
-    guard_window: int = option(
-        50,
-        "the losses (of steps taken) the spike's z-score is computed over; checked once full",
-        int_at_least(2),
-    )
-    guard_lr_factor: float = option(
-        1.0,
-        "each rollback multiplies the learning rate (from then on) by this, in (0, 1]",
-        Bound(lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    )
-    guard_max_rollbacks: int = option(
-        3, "rollbacks allowed in the run; then a skip streak makes the run diverged", int_at_least(0)
+    guard: GuardConfig = option(
+        doc="training guard: skip non-finite steps, roll back on repeated skips or a loss spike", factory=GuardConfig
     )
     trackers: list[str] = option(
         doc="experiment trackers that mirror the logs: tensorboard, wandb",
@@ -181,6 +192,8 @@ class TrainConfig:
     def __post_init__(self):
         self.precision = coerce_enum(Precision, "train.precision", self.precision)
         self.distributed = coerce_enum(Distributed, "train.distributed", self.distributed)
+        if not isinstance(self.guard, GuardConfig):  # (given as a mapping: its fields)
+            self.guard = from_dict(GuardConfig, self.guard, "train.guard")
         check_bounds(self, "train")
 
 
@@ -221,7 +234,9 @@ def resolve_config_path(name: str) -> Path:
 
 
 def run_config_from_dict(data: dict) -> RunConfig:
-    """Validate a nested dict into a RunConfig; model.vocab_size is derived from the tokenizer."""
+    """Validate a nested dict into a RunConfig (old flat keys read: :func:`upgrade_config`); model.vocab_size is
+    derived from the tokenizer."""
+    data = upgrade_config(data)
     sections = ("model", "data", "train")
     for key in data:
         if key not in sections:
@@ -246,8 +261,13 @@ def run_config_from_dict(data: dict) -> RunConfig:
 
 
 def load_config(config: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """Load a preset or YAML file and apply ``section.key=value`` overrides."""
-    return run_config_from_dict(apply_overrides(read_yaml(resolve_config_path(str(config))), list(overrides)))
+    """Load a preset or YAML file and apply ``section.key=value`` overrides (either with the old flat keys, or both)."""
+    return run_config_from_dict(read_config_mapping(config, overrides))
+
+
+def read_config_mapping(config: str | Path, overrides: list[str] = ()) -> dict:
+    """The mapping of a preset or YAML file, upgraded (:func:`upgrade_config`), with ``overrides`` applied."""
+    return apply_overrides(upgrade_config(read_yaml(resolve_config_path(str(config)))), list(overrides))
 
 
 def read_run_config(path: Path) -> RunConfig:

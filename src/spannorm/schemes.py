@@ -21,9 +21,9 @@ Attn and FFN the sublayers of ``layers.py`` (FFN may be any FFN module).
 
 ``attn_input`` names the norm whose output the attention reads (PreNorm's N_1), None where the
 attention reads the stream itself (the PostNorm family: post, span, deepnorm, b2t, admin, hybrid,
-residual, Mix-LN's PostNorm blocks and HybridNorm*'s blocks 1..). Only the DyT LLM recipe (``dyt_recipe=llm``)
-uses it: that norm gets α₀ = dyt_alpha0_attn, every other norm (FFN input, sublayer-output, stream, embedding,
-final and per-head q/k/v norms) dyt_alpha0_other; a scheme without one has α₀_other everywhere.
+residual, Mix-LN's PostNorm blocks and HybridNorm*'s blocks 1..). Only the DyT LLM recipe (``model.dyt.recipe=llm``)
+uses it: that norm gets α₀ = alpha0_attn, every other norm (FFN input, sublayer-output, stream, embedding,
+final and per-head q/k/v norms) alpha0_other; a scheme without one has α₀_other everywhere.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def routed_weight_square(n_experts: int, top_k: int, var: float, samples: int = 
 
 def ffn_width(cfg: ModelConfig) -> int:
     """Hidden width of one FFN: the dense SwiGLU's, or one expert's in an MoE model."""
-    return cfg.expert_dim if cfg.moe else cfg.ffn_dim
+    return cfg.expert_dim if cfg.moe.enabled else cfg.ffn_dim
 
 
 def ffn_down_std(cfg: ModelConfig, up_std: float, target_rms: float) -> float:
@@ -82,8 +82,8 @@ def ffn_down_std(cfg: ModelConfig, up_std: float, target_rms: float) -> float:
     """
     v = cfg.d_model * up_std**2
     std = target_rms / math.sqrt(ffn_width(cfg) * silu_second_moment(v) * v)
-    if cfg.moe:
-        std /= math.sqrt(routed_weight_square(cfg.n_experts, cfg.top_k, v) + cfg.n_shared_experts)
+    if cfg.moe.enabled:
+        std /= math.sqrt(routed_weight_square(cfg.moe.n_experts, cfg.moe.top_k, v) + cfg.moe.n_shared_experts)
     return std
 
 
@@ -100,7 +100,7 @@ def attn_out_std(cfg: ModelConfig, v_std: float, target_rms: float) -> float:
 
 def span_factor(cfg: ModelConfig) -> float:
     """SpanNorm's depth scale sqrt(c/L) (L: the recipe's depth, ``ModelConfig.recipe_depth``)."""
-    return math.sqrt(cfg.span_c / cfg.recipe_depth)
+    return math.sqrt(cfg.span.c / cfg.recipe_depth)
 
 
 class WidthRule(str, enum.Enum):
@@ -263,8 +263,15 @@ class Block(nn.Module):
             attention_scale(cfg),
         )
         self.ffn = (
-            MoE(cfg.d_model, cfg.expert_dim, cfg.n_experts, cfg.top_k, cfg.n_shared_experts, cfg.capacity_factor)
-            if cfg.moe
+            MoE(
+                cfg.d_model,
+                cfg.expert_dim,
+                cfg.moe.n_experts,
+                cfg.moe.top_k,
+                cfg.moe.n_shared_experts,
+                cfg.moe.capacity_factor,
+            )
+            if cfg.moe.enabled
             else SwiGLU(cfg.d_model, cfg.ffn_dim)
         )
         self.attn.multiplier = self.ffn.multiplier = branch_multiplier(cfg)  # (completep's 1/m_L; else 1)
@@ -400,7 +407,7 @@ class SpanNorm(Block):
 
         a  = Attn(x)
         y  = N_1(x + a)                 PostNorm-style attention sub-block
-        f  = FFN(y) / rms(FFN(y))       (span_scale=norm, the default; f = FFN(y) otherwise)
+        f  = FFN(y) / rms(FFN(y))       (span.scale=norm, the default; f = FFN(y) otherwise)
         x' = N_2(x + s·f)               the skip spans the block: from x, never through N_1
 
         x ──┬──────────────────────────────────────────(+)─ N_2 ──► x'
@@ -408,7 +415,7 @@ class SpanNorm(Block):
             └────────┘
     Entry: x_0 = N_0(embed(tokens)); no final norm by default (x_L is already normalized).
 
-    Scaling (``span_scale``, ``span_c`` = c), keeping Var(s·f) ≈ c/L at init:
+    Scaling (``model.span.scale``, ``model.span.c`` = c), keeping Var(s·f) ≈ c/L at init:
       init:       out-projections of Attn and FFN initialized so that their output RMS ≈ sqrt(c/L), s = 1;
       multiplier: out-projections initialized for output RMS ≈ 1, s = sqrt(c/L);
       norm:       (the default) as multiplier, and the FFN branch is RMS-normalized without a gain before s:
@@ -423,12 +430,12 @@ class SpanNorm(Block):
     """
 
     equation = (
-        "y = N(x + Attn(x)); x' = N(x + s·f), f = FFN(y)/rms(FFN(y)) (span_scale=norm; FFN(y) "
+        "y = N(x + Attn(x)); x' = N(x + s·f), f = FFN(y)/rms(FFN(y)) (span.scale=norm; FFN(y) "
         "otherwise); N on the embedding, no final N"
     )
     init_rule = (
         "q, k, v, FFN up: 1/sqrt(d); attention out and FFN down calibrated to output RMS 1, "
-        "s = sqrt(c/L), c = 1, FFN branch RMS-normalized (span_scale=norm, the default; "
+        "s = sqrt(c/L), c = 1, FFN branch RMS-normalized (span.scale=norm, the default; "
         "multiplier: not normalized; init: out/down at RMS sqrt(c/L), s = 1); tied head"
     )
     reference = "Wang, Li et al. 2026, arXiv 2601.22580 (ICML 2026)"
@@ -438,23 +445,23 @@ class SpanNorm(Block):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__(cfg, layer)
         # s: a plain Python float, never a buffer
-        self.s = span_factor(cfg) if cfg.span_scale in (SpanScale.MULTIPLIER, SpanScale.NORM) else 1.0
-        self.branch_norm = cfg.span_scale is SpanScale.NORM  # f/rms(f), no gain
+        self.s = span_factor(cfg) if cfg.span.scale in (SpanScale.MULTIPLIER, SpanScale.NORM) else 1.0
+        self.branch_norm = cfg.span.scale is SpanScale.NORM  # f/rms(f), no gain
         self.eps = cfg.norm_eps
 
     @classmethod
     def init_stds(cls, cfg, layer):
-        return unit_variance_init(cfg, span_factor(cfg) if cfg.span_scale is SpanScale.INIT else 1.0)
+        return unit_variance_init(cfg, span_factor(cfg) if cfg.span.scale is SpanScale.INIT else 1.0)
 
     def entering_rms(self, ffn_rms: float) -> float:
-        """RMS of the FFN branch as it enters N_2 (s·f, or s·f/rms(f) under span_scale=norm), given the
+        """RMS of the FFN branch as it enters N_2 (s·f, or s·f/rms(f) under span.scale=norm), given the
         RMS of the FFN module's own output."""
         return self.s * (1.0 if self.branch_norm else ffn_rms)
 
     @classmethod
     def theory(cls, blocks, stream_rms0, attn_rms, ffn_rms, stream_rms):
         """Stream RMS 1; skip gain ∏_l 1/rms(x_l + s·f_l) = ∏_l (1 + σ_l²)^(-1/2) (f_l/rms(f_l) under
-        span_scale=norm)."""
+        span.scale=norm)."""
         ins = [stream_rms0] + stream_rms[:-1]
         gain = 1.0
         for block, f, x in zip(blocks, ffn_rms, ins):

@@ -22,11 +22,11 @@ on a global batch of batch_size × processes × train.grad_accum_steps sequences
 with train.distributed=ddp, :mod:`spannorm.distributed`; rank 0 alone writes the run directory).
 
 The training guard (``train.guard``, off by default): a step whose loss or global gradient norm is not finite
-is skipped (no update); ``guard_skip_limit`` skipped steps in a row, or a loss spike after warmup (a z-score
->= ``guard_spike_z`` over the last ``guard_window`` losses), roll the weights, optimizer and guard back to the
+is skipped (no update); ``guard.skip_limit`` skipped steps in a row, or a loss spike after warmup (a z-score
+>= ``guard.spike_z`` over the last ``guard.window`` losses), roll the weights, optimizer and guard back to the
 newest checkpoint (the initial weights if none) while the data keeps its place, so the batches consumed since
-are not replayed; the learning rate is then multiplied by ``guard_lr_factor`` (for the rest of the run). After
-``guard_max_rollbacks`` rollbacks, a skip streak makes the run diverged (a spike is left to the divergence
+are not replayed; the learning rate is then multiplied by ``guard.lr_factor`` (for the rest of the run). After
+``guard.max_rollbacks`` rollbacks, a skip streak makes the run diverged (a spike is left to the divergence
 verdict). When it does not fire, the guard changes no number of the run.
 """
 
@@ -58,7 +58,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .checkpoint import load_checkpoint, rng_states, save_shards, sharded
-from .config import ConfigError, to_dict
+from .config import ConfigError, dotted, to_dict
 from .data import TokenData, prepare
 from .data_config import absolute_corpus
 from .device import autocast as device_autocast
@@ -171,8 +171,8 @@ def initial_model(cfg: RunConfig, warm: bool = True) -> LM:
 
 
 # model fields that only initialize or weight the loss: a warm start may change them (its weights replace the init)
-NOT_ARCHITECTURE = {"init", "init_std", "init_scale", "dyt_alpha0", "dyt_alpha0_attn", "dyt_alpha0_other"}
-NOT_ARCHITECTURE |= {"moe_aux_coef", "moe_z_coef", "capacity_factor"}
+NOT_ARCHITECTURE = {"init", "init_std", "init_scale", "dyt.alpha0", "dyt.alpha0_attn", "dyt.alpha0_other"}
+NOT_ARCHITECTURE |= {"moe.aux_coef", "moe.z_coef", "moe.capacity_factor"}
 
 
 def warm_loader(model: ModelConfig, source: Path):
@@ -192,7 +192,7 @@ def warm_loader(model: ModelConfig, source: Path):
 
     else:
         raise ConfigError(f"{what} is neither a run directory (config.yaml) nor an exported folder (config.json)")
-    ours, other = to_dict(model), to_dict(theirs)
+    ours, other = dotted(to_dict(model)), dotted(to_dict(theirs))
     for key in ours:
         if key not in NOT_ARCHITECTURE and ours[key] != other.get(key):
             raise ConfigError(
@@ -284,7 +284,7 @@ class DivergenceMonitor(Part):
     above: int = 0  # steps in a row at or above first_loss, up to now
 
     def after_step(self, trainer: Trainer, result: StepResult) -> Verdict | None:
-        if self.first_loss is None and (math.isfinite(result.loss) or not trainer.t.guard):
+        if self.first_loss is None and (math.isfinite(result.loss) or not trainer.t.guard.enabled):
             self.first_loss = result.loss
         if result.skipped:
             return None
@@ -313,21 +313,21 @@ class TrainingGuard(Part):
     name: ClassVar[str] = "guard"
     skipped: int = 0  # steps skipped (non-finite loss or gradient: no update)
     rollbacks: int = 0  # rollbacks made
-    lr_scale: float = 1.0  # multiplies the learning rate schedule: guard_lr_factor ** rollbacks
+    lr_scale: float = 1.0  # multiplies the learning rate schedule: guard.lr_factor ** rollbacks
     streak: int = 0  # skipped steps in a row, up to now
     unlogged: int = 0  # skipped steps since the last metrics row (its "skipped" key)
-    window: list = field(default_factory=list)  # the losses of the last guard_window steps taken
+    window: list = field(default_factory=list)  # the losses of the last guard.window steps taken
 
     def after_step(self, trainer: Trainer, result: StepResult) -> Verdict | None:
         t = trainer.t
-        if not t.guard:
+        if not t.guard.enabled:
             return None
         why = self.judge(trainer.step, result.loss, result.skipped, t)
         if result.skipped:
             trainer.logs.write("metrics", {"step": trainer.step, "kind": "skip", "reason": skip_reason(result)})
         if why is None:
             return None
-        if self.rollbacks < t.guard_max_rollbacks:
+        if self.rollbacks < t.guard.max_rollbacks:
             return Verdict(rollback=why)
         return Verdict(diverged=f"{skip_reason(result)} ({why}; no rollback left)")  # (as without the guard)
 
@@ -337,28 +337,28 @@ class TrainingGuard(Part):
             self.skipped += 1
             self.streak += 1
             self.unlogged += 1
-            return f"{self.streak} skipped steps in a row" if self.streak >= t.guard_skip_limit else None
+            return f"{self.streak} skipped steps in a row" if self.streak >= t.guard.skip_limit else None
         self.streak = 0
         z = self.spike(loss, t) if step > t.warmup_steps else None
-        if z is not None and self.rollbacks < t.guard_max_rollbacks:
-            return f"loss spike: z={z:.1f} over the last {t.guard_window} losses"
-        self.window = (self.window + [loss])[-t.guard_window :]
+        if z is not None and self.rollbacks < t.guard.max_rollbacks:
+            return f"loss spike: z={z:.1f} over the last {t.guard.window} losses"
+        self.window = (self.window + [loss])[-t.guard.window :]
         return None
 
     def spike(self, loss: float, t: TrainConfig) -> float | None:
-        """The z-score of ``loss`` over the window if it is a spike (the window full, z >= guard_spike_z)."""
+        """The z-score of ``loss`` over the window if it is a spike (the window full, z >= guard.spike_z)."""
         w = self.window
-        if t.guard_spike_z <= 0 or len(w) < t.guard_window:
+        if t.guard.spike_z <= 0 or len(w) < t.guard.window:
             return None
         mean = sum(w) / len(w)
         std = math.sqrt(sum((x - mean) ** 2 for x in w) / len(w))
         z = (loss - mean) / std if std > 0 else 0.0
-        return z if z >= t.guard_spike_z else None
+        return z if z >= t.guard.spike_z else None
 
     def rolled_back(self, state: dict | None, t: TrainConfig) -> None:
         """One rollback made, to a checkpoint whose guard state is ``state`` (None: the start of the run)."""
         self.rollbacks += 1
-        self.lr_scale *= t.guard_lr_factor
+        self.lr_scale *= t.guard.lr_factor
         saved = TrainingGuard()
         saved.load_state_dict(state)
         self.streak, self.unlogged, self.window = 0, saved.unlogged, saved.window
@@ -370,7 +370,7 @@ class TrainingGuard(Part):
         return row
 
     def summary(self, t: TrainConfig) -> dict:
-        if not t.guard:
+        if not t.guard.enabled:
             return {}
         return {"guard_skipped": self.skipped, "guard_rollbacks": self.rollbacks, "guard_lr_scale": self.lr_scale}
 
@@ -429,7 +429,7 @@ class MoEStatistics(Part):
 
     def before_optimizer_step(self, trainer: Trainer) -> None:
         self.row = {}
-        if trainer.cfg.model.moe:
+        if trainer.cfg.model.moe.enabled:
             aux, z = trainer.model.moe_terms()
             worst = max(s["imbalance"] for s in trainer.model.moe_stats())
             self.row = {"aux_loss": aux.item(), "z_loss": z.item(), "moe_imbalance": worst}
@@ -471,7 +471,7 @@ class Diagnostics(Part):
             "stream_rms": [s.float().pow(2).mean().sqrt().item() for s in rec["stream"]],
         }
         self.row |= forward_stats(model, rec)
-        if trainer.cfg.model.moe:
+        if trainer.cfg.model.moe.enabled:
             self.row["moe"] = model.moe_stats()
         self.before = snapshot(model)
 
@@ -834,7 +834,7 @@ class Trainer:
                 for context in watched:
                     stack.enter_context(context)
                 _, loss = (self.forward if not watched or self.ranks.joined else model)(x[part], y[part])
-            ((loss + model.moe_loss() if self.cfg.model.moe else loss) / self.accum).backward()
+            ((loss + model.moe_loss() if self.cfg.model.moe.enabled else loss) / self.accum).backward()
             losses.append(loss.detach())
         loss = torch.stack(losses).mean()
         for p in self.parts:
@@ -843,7 +843,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
         # (the gradients, averaged by DDP, are the same on every rank)
         loss_value, interrupted = self.ranks.mean_and_any(loss.item(), interrupt_requested())
-        skipped = t.guard and not (math.isfinite(loss_value) and math.isfinite(grad_norm))
+        skipped = t.guard.enabled and not (math.isfinite(loss_value) and math.isfinite(grad_norm))
         if not skipped:
             self.opt.step()
         for p in self.parts:
@@ -1010,9 +1010,9 @@ def ended_summary(run: RunDir, resume: bool, cli: bool) -> dict | None:
 def preflight(cfg: RunConfig, resume: bool) -> torch.device:
     """The checks a run passes before its directory is written (each a one-line error); returns its device."""
     t = cfg.train
-    if t.compile and cfg.model.moe:
+    if t.compile and cfg.model.moe.enabled:
         raise ConfigError(
-            f"train.compile=true is not supported with MoE (model.n_experts={cfg.model.n_experts}): "
+            f"train.compile=true is not supported with MoE (model.moe.n_experts={cfg.model.moe.n_experts}): "
             "set train.compile=false"
         )
     check_trackers(t.trackers, t.wandb_mode)  # (a missing package)

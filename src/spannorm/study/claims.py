@@ -3,7 +3,6 @@ probes of freshly initialized models that claims 1 and 2 also read (init_probe.j
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import statistics
@@ -12,15 +11,16 @@ from pathlib import Path
 
 import torch
 
-from ..config import to_dict
+from ..config import from_dict, legacy_view, to_dict
 from ..data import TokenData, prepare
 from ..files import atomic_write_text, dumps
 from ..model import build_model
+from ..model_config import ModelConfig
 from ..output import num
 from ..probe import probe
 from ..run import init_record
 from ..run_config import RunConfig
-from .grid import PROBE_BATCH, Cell, series_label
+from .grid import PROBE_BATCH, Cell, canonical, series_label
 from .results import aggregate, read_probe
 
 # --- init probe (claims 1 and 2) -----------------------------------------------------------
@@ -29,7 +29,7 @@ INIT_VARIANTS = {
     "pre": {"scheme": "pre"},
     "post": {"scheme": "post"},
     "span": {"scheme": "span"},
-    "span span_scale=none": {"scheme": "span", "span_scale": "none"},
+    "span span_scale=none": {"scheme": "span", "span": {"scale": "none"}},
 }
 
 
@@ -45,24 +45,28 @@ LATER_DEFAULTS = {
 }
 
 
+def variant(model: ModelConfig, depth: int, change: dict) -> ModelConfig:
+    """``model`` at ``depth`` with the fields of ``change`` (a group's: a mapping of some of its fields) changed."""
+    d = to_dict(model) | {"n_layers": depth}
+    return from_dict(ModelConfig, d | {k: d[k] | v if isinstance(v, dict) else v for k, v in change.items()}, "model")
+
+
 def init_probe(cfg: RunConfig, depths: list[int], path: Path, compute: bool = True) -> list[dict] | None:
     """:func:`spannorm.probe.probe` of fresh models (pre, post, span, span without scaling) at the study's
     depths and model size (``cfg``: the study's base config); cached in ``path`` for the same inputs. Without
     ``compute`` (``--report-only``), a missing or stale cache is None: nothing is probed. The cache also records
     each probed model's init stds (``init``): a cache whose recipes the code has changed since is stale (caches
     made before that record are judged by their key alone)."""
-    key = {
-        "model": {k: v for k, v in to_dict(cfg.model).items() if (k, v) not in LATER_DEFAULTS},
+    key = {  # (the model and the variants as they were before the option groups: the keys caches hold)
+        "model": {k: v for k, v in legacy_view("model", to_dict(cfg.model)).items() if (k, v) not in LATER_DEFAULTS},
         "data": {k: v for k, v in to_dict(cfg.data).items() if (k, v) not in LATER_DEFAULTS},
         "seed": cfg.train.seed,
         "seq_len": cfg.train.seq_len,
         "depths": depths,
-        "variants": INIT_VARIANTS,
+        "variants": {label: legacy_view("model", change) for label, change in INIT_VARIANTS.items()},
     }
     models = {
-        (label, depth): dataclasses.replace(cfg.model, n_layers=depth, **change)
-        for label, change in INIT_VARIANTS.items()
-        for depth in depths
+        (label, depth): variant(cfg.model, depth, change) for label, change in INIT_VARIANTS.items() for depth in depths
     }
     init = [init_record(m) for m in models.values()]
     if path.is_file():
@@ -302,7 +306,8 @@ def claim_gradients(cells: list[Cell], out: Path, init: list[dict], ok: set[str]
         if scheme == "span" and not c.extras and c.name in ok:
             trained_span.append(p["grad_ratio_first_last"])
         elif c.cfg.model.n_layers == deepest and (
-            (scheme == "post" and not c.extras) or (scheme == "span" and c.extras == {"model.span_scale": "none"})
+            (scheme == "post" and not c.extras)
+            or (scheme == "span" and canonical(c.extras) == {"model.span.scale": "none"})
         ):
             trained_other.append(p["grad_ratio_first_last"])
     span_r += trained_span
@@ -330,13 +335,8 @@ def claims(cells: list[Cell], rows: list[dict], out: Path, init: list[dict]) -> 
     points = aggregate(cells, rows, lambda c: (c.series, *c.depth_lr))
     ok = {c.name for c, r in zip(cells, rows) if r.get("status") == "ok"}  # trained: neither diverged nor stalled
     dense = {}
-    moe_values = sorted(
-        {
-            c.extras["model.n_experts"]
-            for c in cells
-            if isinstance(c.extras.get("model.n_experts"), int) and c.extras["model.n_experts"] > 0
-        }
-    )
+    experts = [canonical(c.extras).get("model.moe.n_experts") for c in cells]
+    moe_values = sorted({k for k in experts if isinstance(k, int) and k > 0})
     result = [
         ("Bounded forward signal", claim_signal(cells, out, init, ok)),
         ("Bounded gradients", claim_gradients(cells, out, init, ok)),
@@ -353,7 +353,7 @@ def claims(cells: list[Cell], rows: list[dict], out: Path, init: list[dict]) -> 
     else:
         sub = []
         for k in moe_values:
-            ex = {"model.n_experts": k}
+            ex = {"model.moe.n_experts": k}
             has_post = any(key[0] == series_label("post", ex) for key in points)
             sub += ([claim_stability(points, ex)] if has_post else []) + [
                 claim_quality(points, ex),

@@ -17,12 +17,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..config import ConfigError, apply_overrides, from_dict, read_yaml, require, to_dict
+from ..config import ConfigError, apply_overrides, from_dict, legacy_key, read_yaml, require, to_dict, upgrade_key
 from ..output import value
 from ..run_config import (
     Distributed,
     RunConfig,
-    resolve_config_path,
+    read_config_mapping,
     resolve_shipped,
     run_config_from_dict,
     shipped_names,
@@ -105,7 +105,7 @@ class Grid:
     def _check_search(self, where: str) -> None:
         for path, axis in self.search.items():
             require(
-                path not in self.axes and path != "train.max_steps",
+                upgrade_key(path) not in canonical(self.axes) and path != "train.max_steps",
                 f"{where}.search key",
                 path,
                 "a config path that is not one of the grid's axes (nor train.max_steps)",
@@ -119,11 +119,13 @@ class Grid:
             "empty in a grid with a search (its confirm: seeds run at the best)",
         )
         require(
-            self.warm_start is None or (self.search and self.warm_start in self.axes),
+            self.warm_start is None or (self.search and upgrade_key(self.warm_start) in canonical(self.axes)),
             f"{where}.warm_start",
             self.warm_start,
             f"one of the grid's axes {list(self.axes)}, in a grid with a search",
         )
+        if self.warm_start is not None:  # (the axis as the grid spells it)
+            self.warm_start = next(p for p in self.axes if upgrade_key(p) == upgrade_key(self.warm_start))
         require(self.confirm is None or bool(self.search), f"{where}.confirm", "set", "a grid with a search (search:)")
         require(isinstance(self.diagonals, bool), f"{where}.diagonals", self.diagonals, "true or false")
         require(not self.diagonals or bool(self.search), f"{where}.diagonals", True, "false in a grid without a search")
@@ -134,6 +136,32 @@ class Grid:
             f"{where}.peer",
             "set",
             "a grid with a search and a model.scheme axis",
+        )
+
+    def _check_axis(self, where: str, path: str, values: list) -> None:
+        require(
+            re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", path) is not None,
+            f"{where}.axes key",
+            path,
+            "a dotted config path such as model.n_layers",
+        )
+        require(
+            path != "train.max_steps",
+            f"{where}.axes key",
+            path,
+            "any config path but train.max_steps, which tokens_per_cell sets",
+        )
+        require(  # (an old flat key and its new one: the same option)
+            [upgrade_key(p) for p in self.axes].count(upgrade_key(path)) == 1,
+            f"{where}.axes key",
+            path,
+            f"an option given once (its old flat key and {upgrade_key(path)} are the same option)",
+        )
+        require(
+            len(values) > 0 and all(_is_scalar(v) for v in values),
+            f"{where}.axes.{path}",
+            values,
+            "a non-empty list of scalar values",
         )
 
     def check(self, where: str) -> None:
@@ -151,24 +179,7 @@ class Grid:
             "a non-empty mapping of dotted config paths to lists of values",
         )
         for path, values in self.axes.items():
-            require(
-                re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", path) is not None,
-                f"{where}.axes key",
-                path,
-                "a dotted config path such as model.n_layers",
-            )
-            require(
-                path != "train.max_steps",
-                f"{where}.axes key",
-                path,
-                "any config path but train.max_steps, which tokens_per_cell sets",
-            )
-            require(
-                len(values) > 0 and all(_is_scalar(v) for v in values),
-                f"{where}.axes.{path}",
-                values,
-                "a non-empty list of scalar values",
-            )
+            self._check_axis(where, path, values)
         self._check_search(where)
         if not self.best_lr_seeds:
             return
@@ -263,7 +274,7 @@ class StudyConfig:
 def series_label(scheme: str, values: dict[str, Any]) -> str:
     """A series' name: the scheme, then ``leaf=value`` for each (dotted path: value) of ``values``
     (e.g. "span span_scale=none")."""
-    return " ".join([scheme] + [f"{_leaf(path)}={value(v)}" for path, v in values.items()])
+    return " ".join([scheme] + [f"{leaf(path)}={value(v)}" for path, v in values.items()])
 
 
 @dataclass
@@ -335,22 +346,31 @@ def load_study(name: str, extra_sets: list[str] = ()) -> StudyConfig:
 
 
 def _get(d: dict, path: str) -> Any:
-    for part in path.split("."):
+    for part in upgrade_key(path).split("."):
         d = d.get(part) if isinstance(d, dict) else None
     return d
 
 
 def _set(d: dict, path: str, v: Any) -> None:
-    *parents, leaf = path.split(".")
+    *parents, name = upgrade_key(path).split(".")
     for part in parents:
         d = d.setdefault(part, {})
         if not isinstance(d, dict):
             raise ConfigError(f"axis {path!r} is invalid: {part} is not a section")
-    d[leaf] = v
+    d[name] = v
 
 
-def _leaf(path: str) -> str:
-    return path.rsplit(".", 1)[-1]
+def leaf(path: str) -> str:
+    """What a cell's name, a series' label and a report call a config path: its last key, as the key was before
+    the option groups (``model.span.scale`` or ``model.span_scale``: span_scale), so that a study names its cells
+    as it did then, whichever spelling it uses."""
+    return legacy_key(upgrade_key(path)).rsplit(".", 1)[-1]
+
+
+def canonical(point: dict) -> dict:
+    """A mapping of config paths (a point, a cell's axes or extras) with each path as it is now (:func:`upgrade_key`),
+    to look a path up whichever spelling the study gave it."""
+    return {upgrade_key(k): v for k, v in point.items()}
 
 
 def _steps(study: StudyConfig, cfg: RunConfig, what: str, tokens: int | None = None) -> int:
@@ -393,7 +413,7 @@ class Plan:
 
 def plan_study(study: StudyConfig) -> Plan:
     """Resolve and validate ``study``'s base config (and the best_lr_seeds that depend on its seed)."""
-    base = apply_overrides(read_yaml(resolve_config_path(study.base)), list(study.set))
+    base = read_config_mapping(study.base, study.set)
     try:
         base_cfg = run_config_from_dict(copy.deepcopy(base))
     except ConfigError as e:
@@ -446,7 +466,7 @@ def build_cell(plan: Plan, follow: Follow) -> Cell:
     extras = {p: v for p, v in resolved.items() if p not in CORE and v != _get(base_flat, p)}
     m, t = cfg.model, cfg.train
     name = f"{m.scheme.value}_L{m.n_layers}_lr{t.lr:g}_s{t.seed}" + "".join(
-        f"_{_leaf(p)}-{value(v)}" for p, v in extras.items()
+        f"_{leaf(p)}-{value(v)}" for p, v in extras.items()
     )
     name += f"_tokens-{tokens}" if tokens else ""
     return Cell(re.sub(r"[^A-Za-z0-9._+-]", "-", name), [grid.name], resolved, extras, cfg, tokens)

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..plotting import figure_legend, integer_ticks, panel_grid, pyplot, save_figure, unigram_line
 from ..run import RunDir, read_metrics
-from .grid import Cell, series_label
+from .grid import Cell, leaf, series_label
 from .results import aggregate, best_lr, best_lr_points, first_seed, read_probe, scaling_depths, scaling_series
 from .search import transfer_series
 
@@ -412,11 +412,11 @@ def plot_transfer(path: Path, found: list) -> bool:
             colour = f"C{s.grid.axes[axis].index(s.point[axis]) % 10}"
             done = _finished(s)
             lrs |= {d[0] for d in done}
-            label = f"{axis.rsplit('.', 1)[-1]}={s.point[axis]}"
+            label = f"{leaf(axis)}={s.point[axis]}"
             ax.plot([d[0] for d in done], [d[1] for d in done], marker="o", color=colour, label=label)
             ax.plot([d[0] for d in done if d[2]], [d[1] for d in done if d[2]], "*", color=colour, markersize=14)
         title = " ".join(
-            str(v) if k in ("model.scheme", "model.parametrization") else f"{k.rsplit('.', 1)[-1]}={v}"
+            str(v) if k in ("model.scheme", "model.parametrization") else f"{leaf(k)}={v}"
             for k, v in rest
             if k != "train.seed"
         )

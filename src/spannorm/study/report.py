@@ -11,7 +11,7 @@ from ..config import to_dict
 from ..output import lr, md_table
 from ..train import STALL_MARGIN
 from .claims import Claim
-from .grid import CORE, Cell, Grid, Plan, series_label
+from .grid import CORE, Cell, Grid, Plan, canonical, series_label
 from .results import (
     SCALING_AXES,
     STABLE_MARGIN,
@@ -81,7 +81,7 @@ def best_lr_table(cells: list[Cell], rows: list[dict]) -> str:
 def lr_sensitivity(cells: list[Cell], rows: list[dict]) -> str:
     """Markdown: which SpanNorm scaling, if any, trains at the highest learning rate as well as PreNorm.
 
-    For every depth swept by a grid with a span_scale or span_c axis (:func:`scaling_depths`): each
+    For every depth swept by a grid with a model.span.scale or span.c axis (:func:`scaling_depths`): each
     scaling's mean val loss at that grid's lowest and highest lr and the change between them, beside
     PreNorm's (dense, same depth). Every dense span cell at those depths takes part, labelled by its
     scaling, so the default span of another grid is one of the rows. A scaling *removes the
@@ -97,12 +97,14 @@ def lr_sensitivity(cells: list[Cell], rows: list[dict]) -> str:
     pre = aggregate(cells, rows, lambda c: ("pre", *c.depth_lr) if c.series == "pre" else None)
     lines = []
     for depth in sorted(depths):
-        # the lrs of the ablation's grids (cells with a span_scale or span_c axis) at this depth
+        # the lrs of the ablation's grids (cells with a model.span.scale or span.c axis) at this depth
         lrs = sorted(
             {
                 c.cfg.train.lr
                 for c in cells
-                if c.name in label and c.cfg.model.n_layers == depth and any(p in c.axes for p in SCALING_AXES)
+                if c.name in label
+                and c.cfg.model.n_layers == depth
+                and any(p in canonical(c.axes) for p in SCALING_AXES)
             }
         )
         if len(lrs) < 2:

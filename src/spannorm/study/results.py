@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..files import atomic_write_text, read_json, shape_problem
-from ..output import value
 from ..run import SUMMARY_FIELDS
-from .grid import Cell, Follow, Plan, expand
+from .grid import Cell, Follow, Plan, canonical, expand, series_label
 
 RESULT_COLUMNS = (
     "steps",
@@ -32,7 +31,7 @@ RESULT_COLUMNS = (
     "status",
     "guard_skipped",
     "guard_rollbacks",
-)  # the guard's columns: empty unless train.guard=true
+)  # the guard's columns: empty unless train.guard.enabled=true
 
 
 CELL_FIELDS = {"wall_s": "number?"}  # cell.json: the wall time of the session that finished the cell
@@ -231,23 +230,24 @@ def aggregate(cells: list[Cell], rows: list[dict], key) -> dict:
     return groups
 
 
-SCALING_AXES = ("model.span_scale", "model.span_c")  # the axes of a SpanNorm scaling ablation
+SCALING_AXES = ("model.span.scale", "model.span.c")  # the axes of a SpanNorm scaling ablation (as canonical() keys)
 
 
 def scaling_series(c: Cell, depths: set[int]) -> str | None:
-    """The SpanNorm scaling of a dense span cell (no extra axes but span_scale and span_c) at one of the
+    """The SpanNorm scaling of a dense span cell (no extra axes but model.span.scale and span.c) at one of the
     scaling ablation's ``depths`` (:func:`scaling_depths`), e.g. "span span_scale=norm span_c=1" for the
     default span of another grid; else None."""
     if not _dense_span(c) or c.cfg.model.n_layers not in depths:
         return None
-    return f"span span_scale={c.cfg.model.span_scale.value} span_c={value(c.cfg.model.span_c)}"
+    span = c.cfg.model.span
+    return series_label("span", {"model.span.scale": span.scale.value, "model.span.c": span.c})
 
 
 def _dense_span(c: Cell) -> bool:
-    return c.cfg.model.scheme.value == "span" and all(p in SCALING_AXES for p in c.extras)
+    return c.cfg.model.scheme.value == "span" and all(p in SCALING_AXES for p in canonical(c.extras))
 
 
 def scaling_depths(cells: list[Cell]) -> set[int]:
     """The depths of the study's SpanNorm scaling ablation: those of its dense span cells in a grid with a
-    span_scale or span_c axis (none: the study has no such grid)."""
-    return {c.cfg.model.n_layers for c in cells if _dense_span(c) and any(p in c.axes for p in SCALING_AXES)}
+    model.span.scale or span.c axis (none: the study has no such grid)."""
+    return {c.cfg.model.n_layers for c in cells if _dense_span(c) and any(p in canonical(c.axes) for p in SCALING_AXES)}

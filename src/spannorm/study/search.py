@@ -27,8 +27,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import upgrade_key
 from ..output import md_table
-from .grid import Cell, Follow, Grid, Peer, Plan, build_cell
+from .grid import Cell, Follow, Grid, Peer, Plan, build_cell, canonical, leaf
 from .results import cell_result
 
 Coords = tuple[int, ...]
@@ -144,7 +145,7 @@ def best_peer(plan: Plan, peer: Peer, earlier: list[Search], out: Path, failed: 
         for s in earlier
         if s.grid.name == peer.grid
         and s.point.get("model.scheme") in peer.among
-        and all(s.point.get(k) == v for k, v in peer.at.items())
+        and all(canonical(s.point).get(upgrade_key(k)) == v for k, v in peer.at.items())
     ]
     scores = {}
     for s in mine:
@@ -218,9 +219,7 @@ RECIPE_MARGIN = 0.05  # nats: a recipe (the searched axes' start values) within 
 
 def _label(search: Search) -> str:
     p = search.point
-    rest = [
-        f"{k.rsplit('.', 1)[-1]}={v}" for k, v in p.items() if k not in ("model.scheme", "model.n_layers", "train.seed")
-    ]
+    rest = [f"{leaf(k)}={v}" for k, v in p.items() if k not in ("model.scheme", "model.n_layers", "train.seed")]
     return " ".join([str(p.get("model.scheme", "")), *rest]).strip() + (
         f", L={p['model.n_layers']}" if "model.n_layers" in p else ""
     )
@@ -293,7 +292,7 @@ def search_report(found: list[Search], cells: list[Cell], rows: list[dict]) -> s
         return ""
     row_of = {c.name: r for c, r in zip(cells, rows)}
     paths = list(found[0].grid.search)
-    leaf = [p.rsplit(".", 1)[-1] for p in paths]
+    leaves = [leaf(p) for p in paths]
     summary = []
     for s in found:
         best = s.values(s.best) if s.best is not None else {}
@@ -310,9 +309,9 @@ def search_report(found: list[Search], cells: list[Cell], rows: list[dict]) -> s
             + ([recipe_text(s)] if len(paths) > 1 else [])
             + [_confirm_text(s, cells, row_of)]
         )
-    head = ["point", *[f"best {name}" for name in leaf], "val loss there (search seed)", "bracketed"]
+    head = ["point", *[f"best {name}" for name in leaves], "val loss there (search seed)", "bracketed"]
     head += (
-        [f"recipe ({leaf[1]}={found[0].grid.search[paths[1]].start:g}) − best, at the best {leaf[0]}"]
+        [f"recipe ({leaves[1]}={found[0].grid.search[paths[1]].start:g}) − best, at the best {leaves[0]}"]
         if len(paths) > 1
         else []
     )
@@ -335,7 +334,9 @@ def search_report(found: list[Search], cells: list[Cell], rows: list[dict]) -> s
         lines += [
             f"{_label(s)} ({len(s.tried)} cells; {s.state}):",
             "",
-            md_table([f"{leaf[1]} \\ {leaf[0]}" if len(paths) > 1 else ""] + [f"{first.at(x):g}" for x in xs], table),
+            md_table(
+                [f"{leaves[1]} \\ {leaves[0]}" if len(paths) > 1 else ""] + [f"{first.at(x):g}" for x in xs], table
+            ),
             "",
         ]
     return "\n".join(lines).rstrip()
@@ -371,10 +372,10 @@ def transfer_report(found: list[Search]) -> str:
             done = all(s.state == "done" and s.best is not None and not s.limits for s in ends)
             steps = round(math.log(bests[-1] / bests[0], lattice.factor)) if done else None
             verdict = "—" if steps is None else "transfers" if abs(steps) <= 1 else "moves"
-            label = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in rest if k != "train.seed")
+            label = " ".join(f"{leaf(k)}={v}" for k, v in rest if k != "train.seed")
             best_text = [f"{b:g}" if b is not None else "…" for b in bests]
             rows.append([label, *best_text, "—" if steps is None else f"{steps:+d}", verdict])
-        leaf = axis.rsplit(".", 1)[-1]
-        head = ["series", *(f"best {path.rsplit('.', 1)[-1]}, {leaf}={v}" for v in values), "move (steps)", "verdict"]
-        lines += [f"Grid {name} (along {leaf}):", "", md_table(head, rows), ""]
+        along = leaf(axis)
+        head = ["series", *(f"best {leaf(path)}, {along}={v}" for v in values), "move (steps)", "verdict"]
+        lines += [f"Grid {name} (along {along}):", "", md_table(head, rows), ""]
     return "\n".join(lines).rstrip()

@@ -12,7 +12,7 @@ R1 (recipes) is :func:`spannorm.study.search.recipe_gap` in the searches' table.
       inconclusive if there is none.
   R5  claims 1, 2 and 5 (signal, gradients, collapse): the rules of spannorm.study.claims, on the probes of the
       dense d_model-64 confirmation cells, each series at its own best (claim 5 compares them as one lr).
-  R6  claim 6 (MoE): R3, R4 and R5's collapse rule on the MoE points (model.n_experts > 0): supported if all
+  R6  claim 6 (MoE): R3, R4 and R5's collapse rule on the MoE points (model.moe.n_experts > 0): supported if all
       are, not supported if any is not, else inconclusive.
 """
 
@@ -22,9 +22,10 @@ import dataclasses
 import statistics
 from pathlib import Path
 
+from ..config import upgrade_key
 from ..output import md_table
 from .claims import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Claim, claim_collapse, claim_gradients, claim_signal
-from .grid import Cell, Plan, build_cell
+from .grid import Cell, Plan, build_cell, canonical, leaf
 from .results import cell_result
 from .search import FINISHED, Search, best_peer, confirm_follow, confirmed
 
@@ -92,9 +93,7 @@ def pairs(plan: Plan, found: list[Search], out: Path, failed: dict) -> list[tupl
 
 
 def _where(s: Search) -> str:
-    return ", ".join(
-        f"{k.rsplit('.', 1)[-1]}={v}" for k, v in s.point.items() if k not in ("model.scheme", "train.seed")
-    )
+    return ", ".join(f"{leaf(k)}={v}" for k, v in s.point.items() if k not in ("model.scheme", "train.seed"))
 
 
 def comparison_table(plan: Plan, found: list[Search], out: Path, failed: dict) -> tuple[str, list]:
@@ -122,7 +121,7 @@ def comparison_table(plan: Plan, found: list[Search], out: Path, failed: dict) -
 
 
 def _moe(s: Search) -> bool:
-    return bool(s.point.get("model.n_experts"))
+    return bool(canonical(s.point).get("model.moe.n_experts"))
 
 
 def claim_quality(results: list, moe: bool = False) -> Claim:
@@ -166,7 +165,7 @@ def claim_stability(found: list[Search], moe: bool = False) -> Claim:
 
 def confirmation_views(plan: Plan, found: list[Search], out: Path, failed: dict) -> tuple[list[Cell], set[str]]:
     """The confirmation cells of every search, once each, seen as their scheme's plain series (extras other than
-    model.n_experts dropped, no budget label; cells of another width left out), and the names of those that trained,
+    model.moe.n_experts dropped, no budget label; cells of another width left out), and the names of those that trained,
     for the rules of spannorm.study.claims."""
     follow = [f for s in found for f in confirm_follow(s)]
     if not follow:
@@ -175,7 +174,7 @@ def confirmation_views(plan: Plan, found: list[Search], out: Path, failed: dict)
     for c in (build_cell(plan, f) for f in follow):
         if "model.d_model" in c.extras:
             continue
-        extras = {k: v for k, v in c.extras.items() if k == "model.n_experts"}
+        extras = {k: v for k, v in c.extras.items() if upgrade_key(k) == "model.moe.n_experts"}
         views[c.name] = dataclasses.replace(c, extras=extras, tokens=None)
         if cell_result(c, out, failed.get(c.name)).get("status") == "ok":
             ok.add(c.name)
@@ -187,7 +186,7 @@ def verdicts_report(plan: Plan, found: list[Search], out: Path, failed: dict, in
     table, results = comparison_table(plan, found, out, failed)
     views, ok = confirmation_views(plan, found, out, failed)
     collapse = claim_collapse(views, out, {}, ok, at_best=True)
-    moe_values = sorted({v for s in found if (v := s.point.get("model.n_experts"))})
+    moe_values = sorted({v for s in found if (v := canonical(s.point).get("model.moe.n_experts"))})
     moe_rule = (
         "R6: R3, R4 (where the MoE points include post) and R5's collapse rule on the MoE points: supported if all "
         "are, not supported if any is not, else inconclusive"
@@ -195,7 +194,7 @@ def verdicts_report(plan: Plan, found: list[Search], out: Path, failed: dict, in
     if moe_values:
         has_post = any(_moe(s) and s.point.get("model.scheme") == "post" for s in found)
         sub = [claim_quality(results, moe=True)] + ([claim_stability(found, moe=True)] if has_post else [])
-        sub += [claim_collapse(views, out, {"model.n_experts": k}, ok, at_best=True) for k in moe_values]
+        sub += [claim_collapse(views, out, {"model.moe.n_experts": k}, ok, at_best=True) for k in moe_values]
         verdicts = [c.verdict for c in sub]
         verdict = (
             SUPPORTED
