@@ -115,8 +115,10 @@ def test_first_loss_is_near_ln_vocab():
     [
         ({"moe": {"n_experts": 4}}, "model.moe.n_experts=4 is invalid: expected 0 with model.scheme=ngpt"),
         ({"qk_norm": "all"}, "model.qk_norm='all' is invalid: expected none or null with model.scheme=ngpt"),
+        ({"init_scale": 4.0}, "model.init_scale=4.0 is invalid: expected 1 with model.scheme=ngpt, whose matrices"),
+        ({"init_std": 0.5}, "model.init_std=0.5 is invalid: expected null with model.scheme=ngpt, whose matrices"),
     ],
-    ids=["moe", "qk_norm"],
+    ids=["moe", "qk_norm", "init_scale", "init_std"],
 )
 def test_what_ngpt_does_not_define_is_a_one_line_error(more, message):
     with pytest.raises(ConfigError, match=message) as e:

@@ -76,6 +76,8 @@ def test_every_scheme_base_std_follows_its_width_rule(scheme, d, L):
     got = weight_stds(cfg, L - 1)
     for role, std in expected(scheme, d, L).items():
         assert got[role] == pytest.approx(std, rel=1e-9), role
+    if scheme == "ngpt":  # (its matrices are normalized at init: a pinned or scaled std is refused, test_ngpt.py)
+        return
     # a number pins σ at every width; init_scale multiplies every std of the rule
     pinned = weight_stds(ModelConfig(d_model=d, n_heads=4, n_layers=L, scheme=scheme, init_std=0.02), L - 1)
     for role, std in expected(scheme, d, L, s=0.02).items():
