@@ -117,8 +117,9 @@ def test_first_loss_is_near_ln_vocab():
         ({"qk_norm": "all"}, "model.qk_norm='all' is invalid: expected none or null with model.scheme=ngpt"),
         ({"init_scale": 4.0}, "model.init_scale=4.0 is invalid: expected 1 with model.scheme=ngpt, whose matrices"),
         ({"init_std": 0.5}, "model.init_std=0.5 is invalid: expected null with model.scheme=ngpt, whose matrices"),
+        ({"norm": "layer"}, "model.norm='layer' is invalid: expected rms with model.scheme=ngpt"),
     ],
-    ids=["moe", "qk_norm", "init_scale", "init_std"],
+    ids=["moe", "qk_norm", "init_scale", "init_std", "norm"],
 )
 def test_what_ngpt_does_not_define_is_a_one_line_error(more, message):
     with pytest.raises(ConfigError, match=message) as e:

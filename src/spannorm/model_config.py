@@ -346,8 +346,9 @@ class ModelConfig:
         )
 
     def check_ngpt(self) -> None:
-        """What nGPT's normalization does not define (scheme ngpt): q/k norms of its own kind, MoE experts, and an
-        init std or scale (every matrix is normalized to the unit sphere at init: they would build the same model)."""
+        """What nGPT's normalization does not define (scheme ngpt): q/k norms of its own kind, MoE experts; and what
+        would change nothing: a norm type (it has no norm modules), an init std or scale (every matrix is normalized
+        to the unit sphere at init)."""
         if self.scheme is not Scheme.NGPT:
             return
         require(
@@ -363,6 +364,9 @@ class ModelConfig:
             "0 with model.scheme=ngpt: nGPT's normalization is defined for dense matrices, not experts or a router",
         )
         sphere = "with model.scheme=ngpt, whose matrices are normalized to the unit sphere at init (no effect)"
+        require(
+            self.norm is NormType.RMS, "model.norm", self.norm.value, "rms with model.scheme=ngpt (no norm modules)"
+        )
         require(self.init_std is None, "model.init_std", self.init_std, f"null {sphere}")
         require(self.init_scale == 1, "model.init_scale", self.init_scale, f"1 {sphere}")
 

@@ -1076,8 +1076,9 @@ class NGPT(Block):
     renormalization undoes: it only enlarges the step's update relative to the weight by 1/(1 − lr·wd)) stay unless
     the config sets train.warmup_steps=0 and train.weight_decay=0, as ``init_rule`` says (as PostNorm's warmup is).
     Our reading: U as the paper writes it (NVIDIA's code also takes |α|; here α is not clamped), with F.normalize's
-    1e-12 floor on ‖x‖. model.norm has no effect (nGPT has no norm modules), nor do init_std and init_scale on the
-    normalized matrices (only the draw's direction remains). Refused: MoE and model.qk_norm (config), FSDP (the
+    1e-12 floor on ‖x‖. Refused, as they would change nothing: model.norm but rms (nGPT has no norm modules),
+    model.init_std and init_scale (only the draw's direction remains on the normalized matrices). Refused as
+    undefined: MoE and model.qk_norm (config), FSDP (the
     renormalization needs whole columns), and any model.parametrization but standard: its unit-norm matrices and
     learned scales are a width rule of their own.
     """
