@@ -354,3 +354,29 @@ def test_the_transfer_table_says_whether_the_best_lr_moves_along_the_warm_start(
     found = searches(plan, tmp_path)
     assert plot_transfer(tmp_path / "transfer.png", found) and (tmp_path / "transfer.png").stat().st_size > 0
     assert not plot_transfer(tmp_path / "none.png", [s for s in found if s.grid.warm_start is None])
+
+
+def test_the_report_of_grids_that_search_different_axes(corpus, tmp_path):
+    """Issue 31: a grid that searches lr × init scale beside one that searches the lr alone (fair-peers-2026's nGPT,
+    whose init scale changes nothing): one summary table, — where a grid has no such axis (nor R1's recipe gap),
+    each history on its own axes."""
+    from spannorm.study.search import search_report
+
+    data = search_study(corpus, confirm=None)
+    data["grids"][0]["axes"] = {"model.scheme": ["pre"], "model.n_layers": [2], "train.seed": [1]}
+    data["grids"].append(
+        {
+            "name": "lr-only",
+            "axes": {"model.scheme": ["span"], "model.n_layers": [2], "train.seed": [1]},
+            "search": {"train.lr": {"start": 4e-3, "min": 5e-4, "max": 6.4e-2}},
+        }
+    )
+    plan = plan_study(study_from_dict(data))
+    fake_train(plan, tmp_path)
+    found = searches(plan, tmp_path)
+    cells = expand(plan, search_follow(found))
+    text = search_report(found, cells, [{} for _ in cells])
+    head, pre, span = (line for line in text.splitlines()[:4] if not line.startswith("|---"))
+    assert "| best lr | best init_scale |" in head and "| recipe (init_scale=1) − best, at the best lr |" in head
+    assert "| 0.016 | 0.5 |" in pre and "| 0.002 | — |" in span and "| — | — |" in span  # (no scale; no R1 gap)
+    assert "init_scale \\ lr |" in text.split("span (")[0] and "\n|  | 0.001 | 0.002 | 0.004 |" in text

@@ -291,7 +291,8 @@ def search_report(found: list[Search], cells: list[Cell], rows: list[dict]) -> s
     if not found:
         return ""
     row_of = {c.name: r for c, r in zip(cells, rows)}
-    paths = list(found[0].grid.search)
+    # the searched axes of every grid, in order (a grid may search fewer: its rows show — for the others)
+    paths = list(dict.fromkeys(p for s in found for p in s.grid.search))
     leaves = [leaf(p) for p in paths]
     summary = []
     for s in found:
@@ -306,40 +307,33 @@ def search_report(found: list[Search], cells: list[Cell], rows: list[dict]) -> s
         )
         summary.append(
             [_label(s), *[f"{best[p]:g}" if p in best else "—" for p in paths], val, bracket]
-            + ([recipe_text(s)] if len(paths) > 1 else [])
+            + ([recipe_text(s) if len(s.grid.search) > 1 else "—"] if len(paths) > 1 else [])
             + [_confirm_text(s, cells, row_of)]
         )
     head = ["point", *[f"best {name}" for name in leaves], "val loss there (search seed)", "bracketed"]
-    head += (
-        [f"recipe ({leaves[1]}={found[0].grid.search[paths[1]].start:g}) − best, at the best {leaves[0]}"]
-        if len(paths) > 1
-        else []
-    )
+    if len(paths) > 1:
+        start = next(s.grid.search[paths[1]].start for s in found if paths[1] in s.grid.search)
+        head += [f"recipe ({leaves[1]}={start:g}) − best, at the best {leaves[0]}"]
     head += ["confirmation: val loss"]
-    lines = [md_table(head, summary), ""]
-    for s in found:
-        if not s.tried:
-            continue
-        xs = sorted({c[0] for c in s.tried})
-        ys = sorted({c[1] for c in s.tried}) if len(paths) > 1 else [None]
-        table = []
-        for y in ys:
-            cells_y = []
-            for x in xs:
-                c = (x,) if y is None else (x, y)
-                e = _entry(s.tried[c][1]) if c in s.tried else ""
-                cells_y.append(f"**{e}**" if c == s.best else e)
-            table.append(([f"{found[0].grid.search[paths[1]].at(y):g}"] if y is not None else [""]) + cells_y)
-        first = found[0].grid.search[paths[0]]
-        lines += [
-            f"{_label(s)} ({len(s.tried)} cells; {s.state}):",
-            "",
-            md_table(
-                [f"{leaves[1]} \\ {leaves[0]}" if len(paths) > 1 else ""] + [f"{first.at(x):g}" for x in xs], table
-            ),
-            "",
-        ]
-    return "\n".join(lines).rstrip()
+    return "\n".join([md_table(head, summary), "", *(_history(s) for s in found if s.tried)]).rstrip()
+
+
+def _history(s: Search) -> str:
+    """Markdown: every cell a search tried, on its own axes (lr across; a second axis down), the best in bold."""
+    axes = list(s.grid.search.values())
+    names = [leaf(p) for p in s.grid.search]
+    xs = sorted({c[0] for c in s.tried})
+    ys = sorted({c[1] for c in s.tried}) if len(axes) > 1 else [None]
+    table = []
+    for y in ys:
+        cells_y = []
+        for x in xs:
+            c = (x,) if y is None else (x, y)
+            e = _entry(s.tried[c][1]) if c in s.tried else ""
+            cells_y.append(f"**{e}**" if c == s.best else e)
+        table.append(([f"{axes[1].at(y):g}"] if y is not None else [""]) + cells_y)
+    head = [f"{names[1]} \\ {names[0]}" if len(axes) > 1 else ""] + [f"{axes[0].at(x):g}" for x in xs]
+    return f"{_label(s)} ({len(s.tried)} cells; {s.state}):\n\n{md_table(head, table)}\n"
 
 
 def transfer_series(found: list[Search]) -> dict[str, dict[tuple, dict]]:
