@@ -778,7 +778,7 @@ COMMITTED = {  # study config -> its committed directory (README, docs/spannorm-
     "docs/fair-study/depth/first-rule/study.yaml": "docs/fair-study/depth/first-rule",
     "peers-2026": "docs/peers-2026",
     "transfer": "docs/transfer",
-    "fair-peers-2026": "docs/fair-study/peers-2026",  # (partial: its cells still train; the archive holds the finished ones)
+    "fair-peers-2026": "docs/fair-study/peers-2026",  # (partial: its cells still train)
 }
 STALE = {"docs/spannorm-lr/screen.yaml"}  # its cells predate the width-aware recipes: its report is kept as it ran
 
