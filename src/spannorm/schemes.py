@@ -1078,9 +1078,8 @@ class NGPT(Block):
     Our reading: U as the paper writes it (NVIDIA's code also takes |α|; here α is not clamped), with F.normalize's
     1e-12 floor on ‖x‖. Refused, as they would change nothing: model.norm but rms (nGPT has no norm modules),
     model.init_std and init_scale (only the draw's direction remains on the normalized matrices). Refused as
-    undefined: MoE and model.qk_norm (config), FSDP (the
-    renormalization needs whole columns), and any model.parametrization but standard: its unit-norm matrices and
-    learned scales are a width rule of their own.
+    undefined: MoE and model.qk_norm (config), FSDP (the renormalization needs whole columns), and any
+    model.parametrization but standard: its unit-norm matrices and learned scales are a width rule of their own.
     """
 
     equation = (
