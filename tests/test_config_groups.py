@@ -266,3 +266,19 @@ def test_build_cell_reads_the_nested_config_for_an_old_point_path(corpus):
     cell = build_cell(plan, Follow(plan.study.grids[0], {"model.scheme": "span", "model.span_c": 4.0}))
     assert cell.cfg.model.span.c == 4.0 and cell.axes == {"model.scheme": "span", "model.span_c": 4.0}
     assert cell.extras == {"model.span_c": 4.0} and cell.name.endswith("_span_c-4")
+
+
+@pytest.mark.parametrize("old", sorted(LEGACY_KEYS))
+def test_an_old_flat_keyword_in_the_python_api_names_its_new_place_in_one_line(old):
+    from spannorm.run_config import TrainConfig
+
+    section, name = old.split(".")
+    cls = {"model": ModelConfig, "train": TrainConfig}[section]
+    _, group, member = LEGACY_KEYS[old].split(".")
+    given = FLAT[section][name]
+    with pytest.raises(ConfigError) as error:
+        cls(**{name: given})
+    message = str(error.value)
+    assert "\n" not in message and LEGACY_KEYS[old] in message and f"{group}={{{member!r}: {given!r}}}" in message
+    nested = NESTED[section]  # (the spelling it names is taken, beside the group's other values)
+    assert to_dict(cls(**nested)) == to_dict(cls(**{**nested, group: {**nested[group], member: given}}))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 import os
 import re
@@ -290,6 +291,32 @@ def upgrade_config(data: dict) -> dict:
             raise ConfigError(f"{old} and {new} are the same option, given twice: give it once, as {new}")
         node[group] = {**members, leaf: value}
     return data
+
+
+def moved_keywords(section: str):
+    """A class decorator for a config dataclass of ``section``: its constructor called with an option under its old
+    flat name (:data:`LEGACY_KEYS`: ``ModelConfig(n_experts=4)``) raises a one-line ConfigError naming where it
+    moved and how to pass it (``moe={'n_experts': 4}``), not a bare TypeError."""
+
+    def decorate(cls: type) -> type:
+        init, fields = cls.__init__, {f.name for f in dataclasses.fields(cls)}
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            for name, value in kwargs.items():
+                new = LEGACY_KEYS.get(f"{section}.{name}")
+                if new is not None and (name not in fields or isinstance(value, bool)):
+                    _, group, leaf = new.split(".")
+                    raise ConfigError(
+                        f"{cls.__name__}({name}={short(value)}): {section}.{name} is now {new}; "
+                        f"pass {group}={{{leaf!r}: {short(value)}}}"
+                    )
+            init(self, *args, **kwargs)
+
+        cls.__init__ = __init__
+        return cls
+
+    return decorate
 
 
 def legacy_view(section: str, data: dict) -> dict:

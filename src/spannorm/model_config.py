@@ -18,6 +18,7 @@ from .config import (
     from_dict,
     is_int,
     is_number,
+    moved_keywords,
     option,
     require,
 )
@@ -217,6 +218,7 @@ class MoEConfig:
 GROUPS = {"dyt": DyTConfig, "span": SpanConfig, "moe": MoEConfig}  # ModelConfig's option groups: field -> class
 
 
+@moved_keywords("model")
 @dataclass
 class ModelConfig:
     # long: every option of the model, each declared once with its doc and bound, then their cross-field checks

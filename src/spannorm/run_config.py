@@ -21,6 +21,7 @@ from .config import (
     coerce_enum,
     from_dict,
     int_at_least,
+    moved_keywords,
     number_in,
     option,
     read_yaml,
@@ -91,6 +92,7 @@ class GuardConfig:
         check_bounds(self, "train.guard")
 
 
+@moved_keywords("train")
 @dataclass
 class TrainConfig:
     """Optimization and bookkeeping: each field with its doc and its bound (spannorm config show prints them)."""
