@@ -153,3 +153,19 @@ def test_a_commands_help_and_the_config_layer_load_no_torch():
         "loaded = {'torch', 'numpy', 'spannorm.data', 'spannorm.model'} & set(sys.modules); assert not loaded, loaded"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_one_set_takes_several_overrides_as_repeated_sets_do(capsys):
+    """`--set a=1 b=2` is `--set a=1 --set b=2` (a new user's first try was refused as "unrecognized arguments")."""
+    from spannorm.cli import main
+
+    shown = []
+    for sets in (
+        ["--set", "train.lr=0.01", "model.n_layers=3"],
+        ["--set", "train.lr=0.01", "--set", "model.n_layers=3"],
+    ):
+        assert main(["config", "show", "--config", "tiny", *sets]) == 0
+        shown.append(capsys.readouterr().out.split("\n", 1)[1])  # (its first line echoes the command)
+    assert shown[0] == shown[1] and "n_layers: 3" in shown[0] and "lr: 0.01" in shown[0]
+    assert main(["config", "show", "--config", "tiny", "--set", "train.lr=0.01", "oops"]) == 2
+    assert "--set 'oops' is invalid" in capsys.readouterr().err

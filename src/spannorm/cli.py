@@ -56,10 +56,11 @@ def _config_args(p: Parser, default: str | None) -> None:
     p.add_argument(
         "--set",
         dest="overrides",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config value, e.g. --set model.scheme=post (repeatable)",
+        help="override config values, e.g. --set model.scheme=post train.lr=4e-3 (one or more; repeatable)",
     )
     p.add_argument(
         "--corpus",
@@ -245,10 +246,11 @@ def _study_command(sub) -> None:
     st.add_argument(
         "--set",
         dest="overrides",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="append an override to the study's base config, e.g. --set data.corpus=PATH (repeatable)",
+        help="append overrides to the study's base config, e.g. --set data.corpus=PATH (one or more; repeatable)",
     )
     st.add_argument(
         "--launcher",
