@@ -159,3 +159,21 @@ def test_claim_quality_states_the_sign_of_its_difference(extras):
         "by more than the larger seed std, loses if above by more; supported if it wins at more than half of "
         "the points, not supported if it loses at half or more, else inconclusive; needs 2+ seeds"
     )
+
+
+def test_a_study_without_span_cells_judges_no_claim(corpus):
+    """A study of other schemes only (post's seeds, the 2026 peers) judged SpanNorm's claims from init probes alone
+    ("Bounded gradients: supported" in a post-only study): it now says it judges none."""
+    from spannorm.study import Claim, report
+
+    data = study(corpus)
+    data["grids"] = [{**data["grids"][1], "name": "main"}]
+    claim = [("Bounded gradients", Claim("supported", "at init only", "a rule"))]
+    for schemes, judged in ((["span", "pre"], True), (["pre"], False)):
+        data["grids"][0]["axes"]["model.scheme"] = schemes
+        plan = plan_study(study_from_dict(data))
+        cells = expand(plan)
+        text = report(plan, cells, made_up_rows(cells), "cmd", [], claim, {"trained": 0, "reused": 0, "failed": 0})
+        section = text.split("## Claims (SPANNORM.md)")[1].split("## Base config")[0]
+        assert ("**Bounded gradients: supported.**" in section) == judged
+        assert ("trains no SpanNorm (`span`) cell, so it judges none" in section) == (not judged)

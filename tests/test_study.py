@@ -779,6 +779,7 @@ COMMITTED = {  # study config -> its committed directory (README, docs/spannorm-
     "peers-2026": "docs/peers-2026",
     "transfer": "docs/transfer",
     "fair-peers-2026": "docs/fair-study/peers-2026",  # (partial: its cells still train)
+    "fair-post-seeds": "docs/fair-study/post-seeds",
 }
 STALE = {"docs/spannorm-lr/screen.yaml"}  # its cells predate the width-aware recipes: its report is kept as it ran
 

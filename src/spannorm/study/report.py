@@ -242,13 +242,16 @@ def _failed(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _claims(claim_list: list[tuple[str, Claim]], counts: dict, verdicts: str) -> list[str]:
+def _claims(claim_list: list[tuple[str, Claim]], counts: dict, verdicts: str, has_span: bool) -> list[str]:
     """The claims' section: each verdict by the generic rules, or (a study that searches and confirms its bests:
-    ``verdicts``) by its study file's."""
-    lines = []
+    ``verdicts``) by its study file's; none where the study trains no span cell (``has_span``)."""
+    lines = ["## Claims (SPANNORM.md)", ""]
+    if not has_span and not verdicts:
+        return lines + [
+            "This study trains no SpanNorm (`span`) cell, so it judges none of SPANNORM.md's claims: each compares "
+            "span with PreNorm or PostNorm (the studies that train span judge them).",
+        ]
     lines += [
-        "## Claims (SPANNORM.md)",
-        "",
         "Each verdict comes from the stated rule applied to this study's cells (and, for claims 1 and 2, to "
         "`init_probe.json`, probes of fresh models at the study's depths and size). *Inconclusive* means the "
         "data do not decide.",
@@ -387,6 +390,7 @@ def report(
     lines += _per_scheme(cells, rows)
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
-    lines += _claims(claim_list, counts, verdicts)
+    has_span = any(c.cfg.model.scheme == "span" for c in cells)
+    lines += _claims(claim_list, counts, verdicts, has_span)
     lines += _configs(plan)
     return "\n".join(lines)
