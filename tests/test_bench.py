@@ -45,6 +45,8 @@ def test_case_list():
         ("spannorm", "pre", 8, True, "compile"),
         ("spannorm", "span", 8, False, "compile"),
         ("spannorm", "span", 8, True, "compile"),
+        ("spannorm", "post", 8, False, "compile"),  # (every scheme asked for: mhc's cost compiled, issue 31)
+        ("spannorm", "post", 8, True, "compile"),
         ("hf-llama", "pre", 8, False, "compile"),
         ("hf-llama", "pre", 8, True, "compile"),
     ]
@@ -71,6 +73,8 @@ def test_ratios_and_depth_fit():
             ("spannorm", "pre", False, 0.026),
             ("spannorm", "pre", True, 0.013),
             ("spannorm", "span", True, 0.0143),
+            ("spannorm", "mhc", False, 0.104),
+            ("spannorm", "mhc", True, 0.052),
             ("hf-llama", "pre", False, 0.052),
             ("hf-llama", "pre", True, 0.039),
         ]
@@ -89,6 +93,10 @@ def test_ratios_and_depth_fit():
     assert "fp32: spannorm pre compiled / eager tokens/s 2.000x" in lines  # both from the compile group
     assert "fp32: hf-llama pre compiled / eager tokens/s 1.333x" in lines
     assert "fp32 compiled: span/pre step time 1.100x" in lines
+    assert (
+        "fp32 compiled: mhc/pre step time 4.000x" in lines
+        and "fp32: spannorm mhc compiled / eager tokens/s 2.000x" in lines
+    )
     assert "fp32: span/pre step time 1.100x, peak memory 1.030x" in lines
     assert "fp32: spannorm pre / HF Llama tokens/s 2.000x" in lines
     assert "fp32: spannorm pre step time = 10.0 ms + 2.00 ms × L (R² 1.0000)" in lines

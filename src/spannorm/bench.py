@@ -237,8 +237,8 @@ def cases(
 ) -> list[Case]:
     """pre, span and HF Llama over the depth sweep (the targets: few models per group, so that
     their steps interleave closely); the other schemes at the standard depth, each timed beside
-    pre (group "peers"); with ``compile``, pre, span and HF Llama at the standard depth, each eager and
-    compiled, in one group (group "compile")."""
+    pre (group "peers"); with ``compile``, every scheme asked for and HF Llama at the standard depth, each eager
+    and compiled, in one group (group "compile")."""
     out = []
     on = dict(device=device, tf32=tf32)
     L = (STANDARD if device == "cpu" else GPU_STANDARD)["n_layers"]
@@ -251,7 +251,8 @@ def cases(
         if peers:
             out += [Case("spannorm", s, L, dtype, group="peers", **on) for s in ["pre", *peers]]
         if compile:
-            impls = [("spannorm", s) for s in ("pre", "span") if s in schemes] + [("hf-llama", "pre")] * with_hf
+            ordered = [s for s in ("pre", "span") if s in schemes] + [s for s in schemes if s not in ("pre", "span")]
+            impls = [("spannorm", s) for s in ordered] + [("hf-llama", "pre")] * with_hf
             out += [Case(impl, s, L, dtype, c, group="compile", **on) for impl, s in impls for c in (False, True)]
     return out
 
@@ -335,18 +336,22 @@ def _by_depth(find, rows: list[dict], dtype: str) -> list[str]:
     return lines
 
 
-def _compiled(find, dtype: str) -> list[str]:
-    """The compiled ratios: spannorm pre against HF Llama, span against pre, and each compiled against eager."""
+def _compiled(find, rows: list[dict], dtype: str) -> list[str]:
+    """The compiled ratios: spannorm pre against HF Llama, every other scheme against pre, and each compiled
+    against eager."""
     lines = []
     cpre, chf = (find(impl, "pre", dtype, True, group="compile") for impl in ("spannorm", "hf-llama"))
     if cpre and chf:
         lines.append(
             f"{dtype} compiled: spannorm pre / HF Llama tokens/s {cpre['tokens_per_s'] / chf['tokens_per_s']:.3f}x"
         )
-    cspan = find("spannorm", "span", dtype, True, group="compile")
-    if cpre and cspan:
-        lines.append(f"{dtype} compiled: span/pre step time {cspan['step_s'] / cpre['step_s']:.3f}x")
-    for impl, scheme in (("spannorm", "pre"), ("spannorm", "span"), ("hf-llama", "pre")):
+    timed = [r["scheme"] for r in rows if r.get("group") == "compile" and r["impl"] == "spannorm"]
+    schemes = list(dict.fromkeys(timed))  # (in the order timed: pre, span, then the others)
+    for scheme in schemes[1:] if schemes[:1] == ["pre"] else []:
+        other = find("spannorm", scheme, dtype, True, group="compile")
+        if cpre and other:
+            lines.append(f"{dtype} compiled: {scheme}/pre step time {other['step_s'] / cpre['step_s']:.3f}x")
+    for impl, scheme in [("spannorm", s) for s in schemes] + [("hf-llama", "pre")]:
         eager, compiled = (find(impl, scheme, dtype, c, group="compile") for c in (False, True))
         if eager and compiled:
             lines.append(
@@ -401,7 +406,7 @@ def ratios(result: dict) -> list[str]:
             )
         if pre and hf:
             lines.append(f"{dtype}: spannorm pre / HF Llama tokens/s {pre['tokens_per_s'] / hf['tokens_per_s']:.3f}x")
-        lines += _by_depth(find, rows, dtype) + _compiled(find, dtype)
+        lines += _by_depth(find, rows, dtype) + _compiled(find, rows, dtype)
         peers = [r for r in rows if r.get("group") == "peers" and r["dtype"] == dtype]
         anchor = next((r for r in peers if r["scheme"] == "pre"), None)
         if anchor:
