@@ -173,7 +173,9 @@ def test_a_study_without_span_cells_judges_no_claim(corpus):
         data["grids"][0]["axes"]["model.scheme"] = schemes
         plan = plan_study(study_from_dict(data))
         cells = expand(plan)
-        text = report(plan, cells, made_up_rows(cells), "cmd", [], claim, {"trained": 0, "reused": 0, "failed": 0})
-        section = text.split("## Claims (SPANNORM.md)")[1].split("## Base config")[0]
-        assert ("**Bounded gradients: supported.**" in section) == judged
-        assert ("trains no SpanNorm (`span`) cell, so it judges none" in section) == (not judged)
+        counts = {"trained": 0, "reused": 0, "failed": 0}
+        for verdicts in ("", "- **Bounded gradients (claim 2, R5): supported.**"):  # (a searched study's own rules)
+            text = report(plan, cells, made_up_rows(cells), "cmd", [], claim, counts, verdicts=verdicts)
+            section = text.split("## Claims (SPANNORM.md)")[1].split("## Base config")[0]
+            assert ("Bounded gradients" in section) == judged
+            assert ("trains no SpanNorm (`span`) cell, so it judges none" in section) == (not judged)

@@ -244,9 +244,10 @@ def _failed(rows: list[dict]) -> list[str]:
 
 def _claims(claim_list: list[tuple[str, Claim]], counts: dict, verdicts: str, has_span: bool) -> list[str]:
     """The claims' section: each verdict by the generic rules, or (a study that searches and confirms its bests:
-    ``verdicts``) by its study file's; none where the study trains no span cell (``has_span``)."""
+    ``verdicts``) by its study file's; none where the study trains no span cell (``has_span``): every claim, and every
+    rule R1–R6 judges, compares span with another scheme."""
     lines = ["## Claims (SPANNORM.md)", ""]
-    if not has_span and not verdicts:
+    if not has_span:  # (its study file's rules too are judged on span's cells)
         return lines + [
             "This study trains no SpanNorm (`span`) cell, so it judges none of SPANNORM.md's claims: each compares "
             "span with PreNorm or PostNorm (the studies that train span judge them).",
