@@ -244,8 +244,8 @@ def _failed(rows: list[dict]) -> list[str]:
 
 def _claims(claim_list: list[tuple[str, Claim]], counts: dict, verdicts: str, has_span: bool) -> list[str]:
     """The claims' section: each verdict by the generic rules, or (a study that searches and confirms its bests:
-    ``verdicts``) by its study file's; none where the study trains no span cell (``has_span``): every claim, and every
-    rule R1–R6 judges, compares span with another scheme."""
+    ``verdicts``) by its study file's; none where the study trains no span cell (``has_span``): every claim compares
+    span with another scheme (a recipe's check, R1, is in the Searches table)."""
     lines = ["## Claims (SPANNORM.md)", ""]
     if not has_span:  # (its study file's rules too are judged on span's cells)
         return lines + [
