@@ -9,6 +9,8 @@ import re
 import statistics
 import sys
 
+from spannorm.study.verdicts import BETTER, WORSE, judge
+
 CONFIRM = "_tokens-2097152"
 
 
@@ -19,9 +21,8 @@ def confirmations(path: str) -> dict:
     rows = {r["name"]: r for r in csv.DictReader(open(path))}
     out = {}
     for name in rows:
-        m = re.fullmatch(
-            r"([a-z0-9]+)_L(\d+)_lr[0-9.e-]+_s1(_init_scale-[0-9.]+)?" + CONFIRM, name
-        )  # (d_model 64, dense)
+        # (d_model 64, dense: no axis in the name but the lr, the seed and the init scale)
+        m = re.fullmatch(r"([a-z0-9]+)_L(\d+)_lr[0-9.e-]+_s1(_init_scale-[0-9.]+)?" + CONFIRM, name)
         if not m:
             continue
         seeds = [rows.get(name.replace("_s1", f"_s{s}", 1)) for s in (1, 2, 3)]
@@ -38,20 +39,12 @@ def main(fair: str = "docs/fair-study/results.csv", peers: str = "docs/fair-stud
             if (ref, depth) not in base:
                 continue
             ref_losses, ref_search = base[ref, depth]
-            delta = statistics.mean(losses) - statistics.mean(ref_losses)
-            s = max(statistics.stdev(losses), statistics.stdev(ref_losses))
-            found = search - ref_search
-            verdict = (
-                f"{ref} better"
-                if delta > s and found > 0
-                else f"{x} better"
-                if delta < -s and found < 0
-                else "no difference at this budget"
-            )
+            r = judge(ref_losses, losses, search - ref_search)  # (R2's rule, as the study applies it)
+            verdict = {BETTER: f"{ref} better", WORSE: f"{x} better"}.get(r["verdict"], "no difference at this budget")
             print(
                 f"L={depth} {x} {statistics.mean(losses):.3f} ± {statistics.stdev(losses):.3f} vs {ref} "
                 f"{statistics.mean(ref_losses):.3f} ± {statistics.stdev(ref_losses):.3f}: "
-                f"Δ = {delta:+.3f} (s {s:.3f}), searches' Δ = {found:+.3f}: {verdict}"
+                f"Δ = {r['delta']:+.3f} (s {r['spread']:.3f}), searches' Δ = {r['search_delta']:+.3f}: {verdict}"
             )
 
 

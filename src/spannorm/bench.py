@@ -251,7 +251,7 @@ def cases(
         if peers:
             out += [Case("spannorm", s, L, dtype, group="peers", **on) for s in ["pre", *peers]]
         if compile:
-            ordered = [s for s in ("pre", "span") if s in schemes] + [s for s in schemes if s not in ("pre", "span")]
+            ordered = [s for s in ("pre", "span") if s in schemes] + peers
             impls = [("spannorm", s) for s in ordered] + [("hf-llama", "pre")] * with_hf
             out += [Case(impl, s, L, dtype, c, group="compile", **on) for impl, s in impls for c in (False, True)]
     return out
@@ -347,9 +347,9 @@ def _compiled(find, rows: list[dict], dtype: str) -> list[str]:
         )
     timed = [r["scheme"] for r in rows if r.get("group") == "compile" and r["impl"] == "spannorm"]
     schemes = list(dict.fromkeys(timed))  # (in the order timed: pre, span, then the others)
-    for scheme in schemes[1:] if schemes[:1] == ["pre"] else []:
+    for scheme in schemes:
         other = find("spannorm", scheme, dtype, True, group="compile")
-        if cpre and other:
+        if scheme != "pre" and cpre and other:
             lines.append(f"{dtype} compiled: {scheme}/pre step time {other['step_s'] / cpre['step_s']:.3f}x")
     for impl, scheme in [("spannorm", s) for s in schemes] + [("hf-llama", "pre")]:
         eager, compiled = (find(impl, scheme, dtype, c, group="compile") for c in (False, True))

@@ -305,6 +305,7 @@ def moved_keywords(section: str):
         def __init__(self, *args, **kwargs):
             for name, value in kwargs.items():
                 new = LEGACY_KEYS.get(f"{section}.{name}")
+                # (train.guard is a field again, the group: only its old value, a switch, is the old option)
                 if new is not None and (name not in fields or isinstance(value, bool)):
                     _, group, leaf = new.split(".")
                     raise ConfigError(

@@ -49,15 +49,21 @@ def compare(plan: Plan, span: Search, other: Search, out: Path, failed: dict) ->
     va, vb = _vals(a), _vals(b)
     if len(va) < 2 or len(vb) < 2:  # a series that failed in most seeds: no spread to judge by
         return result | {"verdict": SAME if va or vb else PENDING, "n": (len(va), len(vb))}
+    sd = None if _search_val(span) is None or _search_val(other) is None else _search_val(other) - _search_val(span)
+    return judge(va, vb, sd) | {"n": (len(va), len(vb))}
+
+
+def judge(va: list[float], vb: list[float], search_delta: float | None) -> dict:
+    """R2's arithmetic: span's confirmation losses ``va`` (2 or more) against the other's ``vb``, and the other's
+    search-seed loss minus span's (``search_delta``; None: unknown): the verdict, Δ and the spread."""
     delta = statistics.fmean(vb) - statistics.fmean(va)
     spread = max(statistics.stdev(va), statistics.stdev(vb))
-    sd = None if _search_val(span) is None or _search_val(other) is None else _search_val(other) - _search_val(span)
     verdict = SAME
-    if sd is not None and delta > spread and sd > 0:
+    if search_delta is not None and delta > spread and search_delta > 0:
         verdict = BETTER
-    elif sd is not None and delta < -spread and sd < 0:
+    elif search_delta is not None and delta < -spread and search_delta < 0:
         verdict = WORSE
-    return {"verdict": verdict, "delta": delta, "spread": spread, "search_delta": sd, "n": (len(va), len(vb))}
+    return {"verdict": verdict, "delta": delta, "spread": spread, "search_delta": search_delta}
 
 
 def _key(s: Search) -> tuple:
