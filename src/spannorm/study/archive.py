@@ -37,10 +37,11 @@ ARCHIVED_DIAGNOSTICS = ("step", "grad_norm", "stream_rms")  # what a study reads
 MEMBER = re.compile(r"[\w+=-][\w.+=-]*/[\w+=-][\w.+=-]*")  # <cell>/<file>: no folder, no dot file, no '..'
 
 
-def _digits(value):
-    """``value`` with each float to 7 significant digits (lists followed)."""
+def kept_digits(value):
+    """``value`` with each float to 7 significant digits (lists followed): what the archive keeps of a diagnostic, and
+    what the plots read of one, so that a study's plots are the same from its cells and from its archive."""
     if isinstance(value, list):
-        return [_digits(v) for v in value]
+        return [kept_digits(v) for v in value]
     return float(f"{value:.7g}") if isinstance(value, float) else value
 
 
@@ -48,7 +49,7 @@ def _kept(path: Path) -> bytes:
     """What the archive keeps of one file of a cell."""
     if path.name != "diagnostics.jsonl":
         return path.read_bytes()
-    rows = [{k: _digits(row[k]) for k in ARCHIVED_DIAGNOSTICS if k in row} for row in read_jsonl(path)]
+    rows = [{k: kept_digits(row[k]) for k in ARCHIVED_DIAGNOSTICS if k in row} for row in read_jsonl(path)]
     return "".join(dumps(r) + "\n" for r in rows).encode()
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..plotting import figure_legend, integer_ticks, panel_grid, pyplot, save_figure, unigram_line
 from ..run import RunDir, read_metrics
+from .archive import kept_digits
 from .grid import Cell, leaf, series_label
 from .results import aggregate, best_lr, best_lr_points, first_seed, read_probe, scaling_depths, scaling_series
 from .search import transfer_series
@@ -290,7 +291,8 @@ def plot_grad_heatmaps(path: Path, cells: list[Cell], out: Path) -> bool:
     for k, c in firsts.items():
         rows = RunDir(out / "cells" / c.name).diagnostics()
         if rows:
-            norms = np.log10(np.maximum(np.array([r["grad_norm"] for r in rows], dtype=float).T, 1e-30))
+            norms = np.array([kept_digits(r["grad_norm"]) for r in rows], dtype=float).T  # (the archive's digits)
+            norms = np.log10(np.maximum(norms, 1e-30))
             heatmaps[k] = (norms, rows[0]["step"], rows[-1]["step"])
     if not heatmaps:
         return False
