@@ -104,3 +104,42 @@ def test_silu_gate_matches_autograd():
     a, b = h.chunk(2, dim=-1)
     torch.testing.assert_close(_SiluGate.apply(h), F.silu(a) * b, rtol=0, atol=0)
     assert torch.autograd.gradcheck(_SiluGate.apply, (h,))
+
+
+@pytest.mark.parametrize("hd, T, fp32", [(16, 128, True), (64, 128, True), (16, 256, True), (64, 256, False)])
+def test_cpu_bf16_attention_runs_in_fp32_for_small_heads_or_few_keys(hd, T, fp32):
+    """Under CPU bf16 autocast, attention with heads under 64 or fewer than 256 keys is torch's fp32 kernel on the
+    bf16 inputs (its bf16 kernel is slower there), forward and backward; larger shapes keep the bf16 kernel."""
+    from spannorm.layers import attend
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, T, hd, generator=g).bfloat16() for _ in range(3))
+    dy = torch.randn(2, 2, T, hd, generator=g).bfloat16()
+    dtype = torch.float32 if fp32 else torch.bfloat16
+    leaves = [t.to(dtype).clone().requires_grad_() for t in (q, k, v)]
+    want = F.scaled_dot_product_attention(*leaves, is_causal=True)
+    want.backward(dy.to(dtype))
+    got_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attend(*got_leaves, is_causal=True)
+    got.backward(dy)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want.bfloat16(), rtol=0, atol=0)
+    for a, b in zip(got_leaves, leaves):
+        torch.testing.assert_close(a.grad, b.grad.bfloat16(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scheme", ["pre", "span"])
+def test_a_model_compiles_to_one_graph(scheme):
+    """torch.compile traces the whole training forward (and the backward it derives) without a graph break: a break
+    at each block's SwiGLU gate kept inductor from fusing across it (docs/performance.md, torch.compile)."""
+    import torch._dynamo
+
+    from spannorm.model import build_model
+    from spannorm.model_config import ModelConfig
+
+    model = build_model(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, scheme=scheme))
+    x = torch.randint(0, 64, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(model)(x, x)
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]

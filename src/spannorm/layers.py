@@ -242,14 +242,26 @@ class Attention(nn.Module):
             q_seen = q[:1] if scale is None else q[:1] * (scale * math.sqrt(D // self.n_heads))  # (and a µP q)
             self.record.append((q_seen.detach(), k[:1].detach()))
         if self.kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            y = attend(q, k, v, is_causal=True, scale=scale)
         else:
             k, v = self.kv_cache(k, v)
             S = k.shape[-2]
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)  # key j ≤ S − T + i
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            y = attend(q, k, v, attn_mask=mask, scale=scale)
         y = self.out(y.transpose(1, 2).reshape(B, T, D))
         return y if self.multiplier == 1.0 else y * self.multiplier
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``, but in fp32 on the CPU under bf16 autocast for heads under 64 or fewer
+    than 256 keys: there torch's bf16 kernel (forward and backward) is slower than its fp32 one, 5.4× at head size
+    16 and 128 tokens, the fair study's shape, and faster only from head size 64 with 256 keys
+    (``scripts/cpu_matmul.py``, docs/performance.md). The output has autocast's dtype either way."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu") and (q.shape[-1] < 64 or k.shape[-2] < 256):
+        with torch.autocast("cpu", enabled=False):
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw)
+        return y.to(torch.get_autocast_dtype("cpu"))
+    return F.scaled_dot_product_attention(q, k, v, **kw)
 
 
 class _SiluGate(torch.autograd.Function):
@@ -275,7 +287,12 @@ class _SiluGate(torch.autograd.Function):
 
 
 def silu_gate(h: torch.Tensor) -> torch.Tensor:
-    """SwiGLU's gating: silu(a) ⊙ b of h = [a, b] (the fused gate and up projections)."""
+    """SwiGLU's gating: silu(a) ⊙ b of h = [a, b] (the fused gate and up projections). Under torch.compile, the
+    composite ops, which inductor fuses: the written-out backward's ``out=`` into a strided half breaks the graph at
+    every block (8 graphs instead of 1 for a 2-block model)."""
+    if torch.compiler.is_compiling():
+        a, b = h.chunk(2, dim=-1)
+        return F.silu(a) * b
     return _SiluGate.apply(h)
 
 
