@@ -254,9 +254,9 @@ class Attention(nn.Module):
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
     """``F.scaled_dot_product_attention``, but in fp32 on the CPU under bf16 autocast for heads under 64 or fewer
-    than 256 keys: there torch's bf16 kernel (forward and backward) is slower than its fp32 one, 5.4× at head size
-    16 and 128 tokens, the fair study's shape, and faster only from head size 64 with 256 keys
-    (``scripts/cpu_matmul.py``, docs/performance.md). The output has autocast's dtype either way."""
+    than 256 keys: there torch's bf16 kernel (forward and backward) is slower than its fp32 one, 5.3× at head size
+    16 and 128 tokens, the fair study's shape; at head size 64 and 256 keys the two are about even, and bf16 wins
+    beyond (``scripts/cpu_matmul.py``, docs/performance.md). The output has autocast's dtype either way."""
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu") and (q.shape[-1] < 64 or k.shape[-2] < 256):
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw)
