@@ -95,7 +95,9 @@ def _write_outputs(
     init = init or []
     # (the fair study's R2-R6 judge confirmed bests: a study whose searches confirm nothing gets the generic claims)
     fair = verdicts_report(plan, found, out, failed, init) if any(g.confirm for g in plan.study.grids) else ""
-    text = report(plan, cells, rows, command, plots, claims(cells, rows, out, init), counts, found, fair)
+    # (a study without span cells judges no claim, report._claims: it reads no probe for them)
+    judged = claims(cells, rows, out, init) if any(c.cfg.model.scheme == "span" for c in cells) else []
+    text = report(plan, cells, rows, command, plots, judged, counts, found, fair)
     atomic_write_text(out / "report.md", text)
     atomic_write_text(out / "report.html", html_report(text, out))
 
