@@ -330,6 +330,11 @@ def claim_gradients(cells: list[Cell], out: Path, init: list[dict], ok: set[str]
     return Claim(SUPPORTED if other_r and max(off(x) for x in other_r) >= 2 else INCONCLUSIVE, "; ".join(ev), rule)
 
 
+def trains_span(cells: list[Cell]) -> bool:
+    """Whether a study has SpanNorm cells: only then does it judge SPANNORM.md's claims (each compares span)."""
+    return any(c.cfg.model.scheme == "span" for c in cells)
+
+
 def claims(cells: list[Cell], rows: list[dict], out: Path, init: list[dict]) -> list[tuple[str, Claim]]:
     """The six claims of SPANNORM.md, each with a verdict from an explicit rule over the study's data."""
     points = aggregate(cells, rows, lambda c: (c.series, *c.depth_lr))

@@ -10,7 +10,7 @@ import yaml
 from ..config import to_dict
 from ..output import lr, md_table
 from ..train import STALL_MARGIN
-from .claims import Claim
+from .claims import Claim, trains_span
 from .grid import CORE, Cell, Grid, Plan, canonical, series_label
 from .results import (
     SCALING_AXES,
@@ -391,7 +391,6 @@ def report(
     lines += _per_scheme(cells, rows)
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
-    has_span = any(c.cfg.model.scheme == "span" for c in cells)
-    lines += _claims(claim_list, counts, verdicts, has_span)
+    lines += _claims(claim_list, counts, verdicts, trains_span(cells))
     lines += _configs(plan)
     return "\n".join(lines)

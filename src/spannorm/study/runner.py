@@ -12,7 +12,7 @@ from ..files import atomic_write_text, locked, no_links, sweep_temp
 from ..webpage import html_report
 from .archive import ARCHIVE, pack, unpack
 from .cells import run_cells
-from .claims import claims, init_probe
+from .claims import claims, init_probe, trains_span
 from .grid import Cell, Plan, StudyConfig, expand, plan_study
 from .plots import plot_study
 from .report import report
@@ -95,8 +95,7 @@ def _write_outputs(
     init = init or []
     # (the fair study's R2-R6 judge confirmed bests: a study whose searches confirm nothing gets the generic claims)
     fair = verdicts_report(plan, found, out, failed, init) if any(g.confirm for g in plan.study.grids) else ""
-    # (a study without span cells judges no claim, report._claims: it reads no probe for them)
-    judged = claims(cells, rows, out, init) if any(c.cfg.model.scheme == "span" for c in cells) else []
+    judged = claims(cells, rows, out, init) if trains_span(cells) else []  # (none judged without span: report._claims)
     text = report(plan, cells, rows, command, plots, judged, counts, found, fair)
     atomic_write_text(out / "report.md", text)
     atomic_write_text(out / "report.html", html_report(text, out))

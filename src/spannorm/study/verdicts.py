@@ -49,8 +49,8 @@ def compare(plan: Plan, span: Search, other: Search, out: Path, failed: dict) ->
     va, vb = _vals(a), _vals(b)
     if len(va) < 2 or len(vb) < 2:  # a series that failed in most seeds: no spread to judge by
         return result | {"verdict": SAME if va or vb else PENDING, "n": (len(va), len(vb))}
-    sd = None if _search_val(span) is None or _search_val(other) is None else _search_val(other) - _search_val(span)
-    return judge(va, vb, sd) | {"n": (len(va), len(vb))}
+    sa, sb = _search_val(span), _search_val(other)
+    return judge(va, vb, None if sa is None or sb is None else sb - sa) | {"n": (len(va), len(vb))}
 
 
 def judge(va: list[float], vb: list[float], search_delta: float | None) -> dict:
